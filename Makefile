@@ -1,0 +1,41 @@
+# Kiln — the two commands of the README's quick start, plus helpers.
+#   make run   : set up (if needed) and run the whole pipeline (tiny profile)
+#   make test  : set up (if needed) and run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATASET ?= shapes
+PROFILE ?= tiny
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint clean
+
+# The stamp is rebuilt when pyproject.toml changes, so `make run` re-installs
+# only when the dependencies did.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	# Exactly 2.13.0: here that is the local CPU wheel; any looser spec would
+	# download the multi-GB CUDA build.
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# img2dataset depends on the Python-3.6 `dataclasses` backport, which shadows
+	# the standard library inside Prefect's ephemeral server. Remove it.
+	$(BIN)/pip uninstall --quiet -y dataclasses 2>/dev/null || true
+	$(BIN)/python -m training.doctor
+	@touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/kiln run --dataset $(DATASET) --profile $(PROFILE)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf data/raw data/clean data/models data/latents data/eval data/checkpoints mlflow.db mlartifacts

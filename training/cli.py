@@ -1,0 +1,324 @@
+"""``kiln``: the command line. Each stage command is a thin adapter: load the typed config,
+check inputs, open the MLflow run, call the phase's ``run()``, register what it made.
+
+Errors a user can fix (bad params, missing inputs, unwritable output, diverged
+training) end with one ``kiln: error: ...`` line and exit code 1; the stage's partial
+outputs are removed so nothing half-written looks valid. ``KILN_DEBUG=1`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.env import offline_defaults
+
+offline_defaults()
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Kiln: data-to-model pipeline for latent text-to-image diffusion.")
+
+DATA = Path("data")
+RAW, CLEAN, LATENTS, EVAL = DATA / "raw", DATA / "clean", DATA / "latents", DATA / "eval"
+MODELS = {"train_vae": DATA / "models" / "vae", "train_clip": DATA / "models" / "clip",
+          "train_unet": DATA / "models" / "unet"}
+CKPT, WORK, METRICS = DATA / "checkpoints", DATA / ".work", DATA / "metrics"
+PARAMS = Path("params.yaml")
+
+
+class UserError(Exception):
+    """An error the user can act on; printed as one line, no traceback."""
+
+
+def fail(msg: str) -> None:
+    typer.echo(f"kiln: error: {msg}", err=True)
+    raise typer.Exit(1)
+
+
+def _load_params(path: Path = PARAMS):
+    from training import config
+
+    return config.load(path)
+
+
+def _require(*paths: Path) -> None:
+    for p in paths:
+        if not p.exists() or (p.is_dir() and not any(p.iterdir())):
+            raise UserError(f"missing stage input {p}: run the upstream stage first "
+                            "(`dvc repro` or `kiln run`)")
+
+
+def _writable(*dirs: Path) -> None:
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / ".kiln-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"output directory {d} is not writable ({exc.strerror})") from None
+
+
+def run_stage(stage: str, outs: list[Path], inputs: list[Path],
+              body: Callable[..., dict], register: Callable | None = None) -> dict:
+    """The shared adapter: config -> checks -> MLflow run -> phase -> metrics/registry."""
+    from training import config, mechanics, tracking
+
+    t0 = time.perf_counter()
+    try:
+        params = _load_params()
+        _require(*inputs)
+        for out in outs:  # DVC removes outs before a run; do the same outside DVC
+            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+        _writable(*outs, METRICS)
+        resolved = outs[0] / "resolved_params.json"  # every run records its config
+        mechanics.write_json(resolved, params.to_dict())
+        with tracking.stage_run(stage, params.to_dict(), resolved) as tr:
+            metrics = body(params, tr)
+            metrics["stage_seconds"] = time.perf_counter() - t0
+            tr.log_metrics(metrics)
+            if register is not None:
+                metrics["registered_version"] = register(tr, metrics)
+            metrics["mlflow_run_id"] = tr.run_id
+        mechanics.write_json(METRICS / f"{stage}.json", metrics)
+        return metrics
+    except (config.ConfigError, UserError, mechanics.TrainingDiverged) as exc:
+        _cleanup(outs)
+        fail(str(exc))
+    except (FileNotFoundError, PermissionError, ValueError, RuntimeError) as exc:
+        _cleanup(outs)
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        fail(f"{stage}: {exc}")
+    except KeyboardInterrupt:
+        _cleanup(outs)
+        fail(f"{stage}: interrupted (training stages resume from their last checkpoint)")
+    return {}
+
+
+def _cleanup(outs: list[Path]) -> None:
+    for out in outs:
+        if out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.exists():
+            out.unlink()
+
+
+# ---- stage commands (what dvc.yaml runs) -----------------------------------------------
+@app.command()
+def ingest() -> None:
+    """Stage 1: fetch the configured source with img2dataset into webdataset shards."""
+    from training import ingest as phase
+
+    run_stage("ingest", [RAW], [], lambda p, tr: phase.run(p, RAW, WORK / "ingest"))
+
+
+@app.command()
+def validate() -> None:
+    """Stage 2: Great Expectations gate; writes clean train/val shards and rejects."""
+    from training import validate as phase
+
+    run_stage("validate", [CLEAN], [RAW], lambda p, tr: phase.run(p, RAW, CLEAN))
+
+
+def _register_dir(stage: str) -> Callable:
+    from training.tracking import MODEL_NAMES
+
+    return lambda tr, metrics: tr.register_dir(MODEL_NAMES[stage], MODELS[stage], metrics)
+
+
+@app.command("train-vae")
+def train_vae() -> None:
+    """Stage 3: train the AutoencoderKL; registers kiln-vae."""
+    from training import vae
+
+    out = MODELS["train_vae"]
+    run_stage("train_vae", [out], [CLEAN],
+              lambda p, tr: vae.run(p, CLEAN, out, CKPT / "train_vae", tr),
+              _register_dir("train_vae"))
+
+
+@app.command("train-clip")
+def train_clip() -> None:
+    """Stage 4: train the tokenizer and CLIPModel; registers kiln-clip."""
+    from training import clip
+
+    out = MODELS["train_clip"]
+    run_stage("train_clip", [out], [CLEAN],
+              lambda p, tr: clip.run(p, CLEAN, out, CKPT / "train_clip", tr),
+              _register_dir("train_clip"))
+
+
+@app.command("precompute-latents")
+def precompute_latents() -> None:
+    """Stage 5: VAE posteriors + CLIP text states for every clean sample."""
+    from training import latents
+
+    run_stage("precompute_latents", [LATENTS], [CLEAN, MODELS["train_vae"], MODELS["train_clip"]],
+              lambda p, tr: latents.run(p, CLEAN, MODELS["train_vae"], MODELS["train_clip"],
+                                        LATENTS))
+
+
+@app.command("train-unet")
+def train_unet() -> None:
+    """Stage 6: train the conditional U-Net on the latents; registers kiln-unet."""
+    from training import unet
+
+    out = MODELS["train_unet"]
+    run_stage("train_unet", [out], [LATENTS],
+              lambda p, tr: unet.run(p, LATENTS, out, CKPT / "train_unet", tr),
+              _register_dir("train_unet"))
+
+
+@app.command()
+def evaluate() -> None:
+    """Stage 7: sample the evaluation prompts, score them, register kiln-text2image."""
+    from training import evaluate as phase
+    from training.tracking import MODEL_NAMES
+
+    def register(tr, metrics: dict) -> str:
+        tr.log_artifacts(EVAL, "evaluation")
+        return tr.register_text2image(MODEL_NAMES["evaluate"], EVAL / "pipeline", metrics)
+
+    run_stage("evaluate", [EVAL], [CLEAN, *MODELS.values()],
+              lambda p, tr: phase.run(p, CLEAN, MODELS["train_vae"], MODELS["train_clip"],
+                                      MODELS["train_unet"], EVAL, tr),
+              register)
+
+
+# ---- user commands ---------------------------------------------------------------------
+@app.command("run")
+def run_pipeline(
+    dataset: Annotated[str | None, typer.Option(help="shapes | digits | url-list")] = None,
+    profile: Annotated[str | None, typer.Option(help="tiny | small | base")] = None,
+) -> None:
+    """Run the whole pipeline (Prefect flow over the DVC stages; DVC skips what is fresh).
+
+    --dataset/--profile are written into params.yaml first, where DVC tracks them.
+    """
+    from training import config, doctor
+
+    for problem in doctor.problems():  # fail in one line, not inside Prefect's server
+        fail(f"environment: {problem}")
+    updates = {k: v for k, v in (("ingest.dataset", dataset), ("profile", profile)) if v}
+    try:
+        changed = config.set_values(PARAMS, updates) if updates else {}
+        _load_params()
+    except config.ConfigError as exc:
+        fail(str(exc))
+    for key, (old, new) in changed.items():
+        typer.echo(f"params.yaml: {key}: {old} -> {new}")
+    from flows.pipeline import kiln_pipeline
+
+    try:
+        summary = kiln_pipeline()
+    except Exception as exc:  # the failing stage already printed its own error
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        fail(f"pipeline failed: {exc}")
+    typer.echo(summary["text"])
+
+
+def _pipeline_dir(model: str) -> Path:
+    """A StableDiffusionPipeline directory from a path, registry URI or alias."""
+    p = Path(model)
+    if not p.exists():
+        if not model.startswith("models:/"):
+            model = f"models:/{model}" if "/" in model or "@" in model else \
+                f"models:/kiln-text2image@{model}"
+        from training import tracking
+
+        try:
+            p = tracking.resolve_model_dir(model)
+        except Exception as exc:
+            raise UserError(f"cannot resolve model {model!r}: {exc}") from None
+    if (p / "MLmodel").is_file():
+        p = p / "artifacts" / "pipeline"
+    if not (p / "model_index.json").is_file():
+        raise UserError(f"{p} is not a StableDiffusionPipeline directory (no model_index.json)")
+    return p
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="one or more prompts")],
+    out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("samples"),
+    n: Annotated[int, typer.Option("-n", help="images per prompt")] = 1,
+    steps: Annotated[int, typer.Option(help="sampler steps")] = 20,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 4.0,
+    negative: Annotated[str, typer.Option(help="negative prompt")] = "",
+    seed: Annotated[int, typer.Option(help="seed of the first image; image k uses seed+k")] = 0,
+    scheduler: Annotated[str, typer.Option(help="dpm++ | ddim | ddpm | euler")] = "dpm++",
+    model: Annotated[str, typer.Option(help="models:/kiln-text2image/latest, an alias, "
+                                            "or a pipeline directory")]
+    = "models:/kiln-text2image/latest",
+) -> None:
+    """Generate PNGs plus manifest.jsonl (file, prompt, seed, steps, guidance, scheduler)."""
+    from training import sampling
+
+    try:
+        pipe_dir = _pipeline_dir(model)
+        _writable(out)
+        pipe = sampling.load(pipe_dir)
+        sampling.set_scheduler(pipe, scheduler)
+    except (UserError, ValueError) as exc:
+        fail(str(exc))
+    reqs = [sampling.Request(p, seed + k, steps, guidance, negative)
+            for p in prompts for k in range(n)]
+    images = sampling.generate(pipe, reqs)
+    with open(out / "manifest.jsonl", "a") as manifest:
+        for i, (r, img) in enumerate(zip(reqs, images, strict=True)):
+            name = f"{i:04d}-{sampling.slug(r.prompt)}-{r.seed}.png"
+            img.save(out / name)
+            manifest.write(json.dumps({"file": name, "prompt": r.prompt, "seed": r.seed,
+                                       "steps": r.steps, "guidance": r.guidance,
+                                       "negative_prompt": r.negative, "scheduler": scheduler,
+                                       "model": model, "model_dir": str(pipe_dir)}) + "\n")
+    typer.echo(f"wrote {len(images)} images and manifest.jsonl to {out}")
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="directory for the diffusers pipeline")],
+    model: Annotated[str, typer.Option(help="registry URI, alias or pipeline directory")]
+    = "models:/kiln-text2image/latest",
+) -> None:
+    """Write a diffusers StableDiffusionPipeline directory (loads offline with from_pretrained)."""
+    from training import sampling
+
+    try:
+        pipe = sampling.load(_pipeline_dir(model))
+        _writable(out)
+    except UserError as exc:
+        fail(str(exc))
+    pipe.save_pretrained(out, safe_serialization=True)
+    typer.echo(f"exported StableDiffusionPipeline to {out}")
+
+
+@app.command()
+def doctor() -> None:
+    """Check the environment for the known dependency traps."""
+    from training.doctor import main
+
+    raise typer.Exit(main())
+
+
+def main() -> None:  # pragma: no cover - console entry
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"kiln: error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

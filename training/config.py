@@ -1,0 +1,291 @@
+"""Typed configuration: ``params.yaml`` parsed once, at the edge, into frozen models.
+
+Resolution order for every stage section (later wins):
+
+1. the field defaults below (profile-independent knobs: learning rates, dropout, ...),
+2. the profile's sizes (``PROFILES[profile][section]``: image size, widths, steps, batch),
+3. the section in ``params.yaml``.
+
+Profiles change sizes, never code paths. Unknown keys and wrong types fail at load with
+one message naming the file and the key (``ConfigError``); nothing downstream ever sees
+a dict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ProfileName = Literal["tiny", "small", "base"]
+DatasetName = Literal["shapes", "digits", "url-list"]
+STAGES = (
+    "ingest",
+    "validate",
+    "train_vae",
+    "train_clip",
+    "precompute_latents",
+    "train_unet",
+    "evaluate",
+)
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file and key."""
+
+
+class Section(BaseModel):
+    # strict: "32" is not an int and 1 is not a bool; ints are still accepted for floats.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class IngestCfg(Section):
+    dataset: DatasetName = "shapes"
+    image_size: int = Field(32, ge=8, le=2048)
+    num_samples: int = Field(4000, ge=1, description="built-in sets: how many samples to render")
+    include_held_out: bool = False  # shapes: also render the held-out colour-shape pairs
+    url_list: str | None = None  # dataset=url-list: parquet/csv/tsv/jsonl file
+    url_col: str = "url"
+    caption_col: str = "caption"
+    resize_mode: Literal["border", "center_crop", "keep_ratio", "no"] = "border"
+    processes: int = Field(2, ge=1)
+    threads: int = Field(16, ge=1)
+    timeout_s: int = Field(10, ge=1)
+    retries: int = Field(1, ge=0)
+    samples_per_shard: int = Field(1000, ge=10)
+
+
+class ValidateCfg(Section):
+    min_side: int = Field(8, ge=1)
+    max_aspect_ratio: float = Field(2.0, ge=1.0)
+    min_caption_chars: int = Field(1, ge=0)
+    max_caption_chars: int = Field(300, ge=1)
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    samples_per_shard: int = Field(1000, ge=10)
+
+
+class VaeCfg(Section):
+    block_out_channels: tuple[int, ...] = (16, 32, 64)
+    layers_per_block: int = Field(1, ge=1)
+    latent_channels: int = Field(4, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    steps: int = Field(600, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    recon_loss: Literal["l1", "mse"] = "l1"
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(25, ge=1)
+
+
+class ClipCfg(Section):
+    vocab_size: int = Field(512, ge=300)  # byte alphabet (2 x 256) is always included
+    max_length: int = Field(24, ge=4)
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    vision_hidden_size: int = Field(64, ge=8)
+    vision_layers: int = Field(2, ge=1)
+    patch_size: int = Field(4, ge=1)
+    projection_dim: int = Field(64, ge=8)
+    batch_size: int = Field(128, ge=2)
+    steps: int = Field(400, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(25, ge=1)
+
+
+class LatentsCfg(Section):
+    batch_size: int = Field(256, ge=1)
+    samples_per_shard: int = Field(2000, ge=10)
+
+
+class UnetCfg(Section):
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = Field(8, ge=1)
+    norm_num_groups: int = Field(16, ge=1)
+    batch_size: int = Field(64, ge=1)
+    steps: int = Field(600, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    min_snr_gamma: float | None = Field(5.0, gt=0)
+    noise_offset: float = Field(0.0, ge=0.0)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(25, ge=1)
+
+
+class EvaluateCfg(Section):
+    scheduler: Literal["ddpm", "ddim", "dpm++", "euler"] = "dpm++"
+    steps: int = Field(20, ge=1)
+    guidance: float = Field(4.0, ge=0.0)
+    negative_prompt: str = ""
+    samples_per_prompt: int = Field(2, ge=1)
+    max_prompts: int | None = Field(None, ge=1)  # cap for quick runs; None = the full set
+    batch_size: int = Field(64, ge=1)
+
+
+class Params(BaseModel):
+    """The whole resolved parameter set; one attribute per DVC stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    profile: ProfileName = "tiny"
+    seed: int = 0
+    ingest: IngestCfg
+    validate_: ValidateCfg = Field(alias="validate")
+    train_vae: VaeCfg
+    train_clip: ClipCfg
+    precompute_latents: LatentsCfg
+    train_unet: UnetCfg
+    evaluate: EvaluateCfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json(by_alias=True))
+
+
+# Sizes per profile. `tiny` is a laptop CPU in minutes; `small` one GPU (64 px, SD-like
+# f=4 latents); `base` multi-GPU at SD's 256 px with f=8 latents.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {},  # the field defaults above are the tiny profile
+    "small": {
+        "ingest": {"image_size": 64, "num_samples": 20000, "processes": 4, "threads": 64},
+        "train_vae": {"block_out_channels": (64, 128, 128), "layers_per_block": 2,
+                      "norm_num_groups": 32, "batch_size": 64, "steps": 10000},
+        "train_clip": {"hidden_size": 256, "num_layers": 4, "num_heads": 4,
+                       "vision_hidden_size": 256, "vision_layers": 4, "patch_size": 8,
+                       "projection_dim": 256, "batch_size": 256, "steps": 10000},
+        "train_unet": {"block_out_channels": (128, 256, 256), "layers_per_block": 2,
+                       "norm_num_groups": 32, "batch_size": 128, "steps": 50000},
+        "evaluate": {"samples_per_prompt": 4},
+    },
+    "base": {
+        "ingest": {"image_size": 256, "num_samples": 100000, "processes": 16, "threads": 64},
+        "train_vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+                      "norm_num_groups": 32, "batch_size": 32, "steps": 100000},
+        "train_clip": {"vocab_size": 8192, "max_length": 77, "hidden_size": 512,
+                       "num_layers": 8, "num_heads": 8, "vision_hidden_size": 512,
+                       "vision_layers": 8, "patch_size": 16, "projection_dim": 512,
+                       "batch_size": 1024, "steps": 50000},
+        "train_unet": {"block_out_channels": (192, 384, 768, 768), "layers_per_block": 2,
+                       "attention_head_dim": 8, "norm_num_groups": 32, "batch_size": 256,
+                       "steps": 200000},
+        "evaluate": {"samples_per_prompt": 8},
+    },
+}
+# Which field of `Params` each params.yaml section fills.
+_SECTION_FIELDS = {"validate": "validate_"}
+
+
+def _format_error(source: str, section: str | None, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in ((section,) if section else ()) + tuple(e["loc"]))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{loc}'")
+        else:
+            got = e.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"{source}: {loc}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def resolve(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Turn the raw mapping of a params file into ``Params`` (profile sizes applied)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    known = {"profile", "seed", *STAGES}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key '{unknown[0]}' (sections are: {', '.join(sorted(known))})"
+        )
+    profile = raw.get("profile", "tiny")
+    if profile not in PROFILES:
+        raise ConfigError(
+            f"{source}: profile: unknown profile {profile!r} (choose {', '.join(PROFILES)})"
+        )
+    merged: dict[str, Any] = {"profile": profile, "seed": raw.get("seed", 0)}
+    for section in STAGES:
+        body = raw.get(section) or {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: {section}: expected a mapping, got {body!r}")
+        values = {**PROFILES[profile].get(section, {}), **body}
+        # YAML has no tuples; tuple-typed fields accept lists from the file.
+        field_model = Params.model_fields[_SECTION_FIELDS.get(section, section)].annotation
+        for name, info in field_model.model_fields.items():  # type: ignore[union-attr]
+            is_tuple = "tuple" in str(info.annotation)
+            if is_tuple and isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        try:
+            field_model.model_validate(values)  # type: ignore[union-attr]
+        except ValidationError as err:
+            raise ConfigError(_format_error(source, section, err)) from None
+        merged[section] = values
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, None, err)) from None
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    """Load and validate a params file; raises ``ConfigError`` with a one-screen message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return resolve(raw, source=str(path))
+
+
+def set_values(path: str | Path, updates: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Write dotted-key updates into a params file, keeping its comments and order.
+
+    DVC tracks params by file, so `kiln run --dataset digits` records the choice in
+    params.yaml (the DVC way) rather than in a side channel DVC cannot see. Returns
+    ``{key: (old, new)}`` for keys whose value actually changed. The file is validated
+    with the updates applied before anything is written.
+    """
+    from ruamel.yaml import YAML  # round-trip loader (ships with DVC) keeps comments
+
+    path = Path(path)
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(path.read_text())
+    changed: dict[str, tuple[Any, Any]] = {}
+    for dotted, value in updates.items():
+        node = doc
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        old = node.get(leaf)
+        if old != value:
+            node[leaf] = value
+            changed[dotted] = (old, value)
+    if changed:
+        import io
+
+        buf = io.StringIO()
+        rt.dump(doc, buf)
+        resolve(yaml.safe_load(buf.getvalue()) or {}, source=str(path))
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(buf.getvalue())
+        tmp.replace(path)
+    return changed

@@ -1,0 +1,45 @@
+"""Process-wide defaults: offline, no telemetry, quiet library progress bars.
+
+Kiln never downloads weights or data at run time, and several libraries in the stack
+phone home by default (Hugging Face hub, Great Expectations analytics, albumentations'
+update check inside img2dataset, MLflow and Prefect telemetry). Every entry point calls
+``offline_defaults()`` first; an explicit user setting always wins (``setdefault``).
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "GX_ANALYTICS_ENABLED": "False",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "MLFLOW_ENABLE_TELEMETRY": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def offline_defaults() -> None:
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+    except ImportError:  # pragma: no cover - only during a partial install
+        return
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()

@@ -1,0 +1,69 @@
+"""Image tensors, quality metrics and grids — the small helpers every phase shares."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def to_tensor(u8: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` -> float ``[N, 3, H, W]`` in [-1, 1] (diffusers' convention)."""
+    return torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float ``[N, 3, H, W]`` in [-1, 1] -> uint8 ``[N, H, W, 3]``."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak range 2)."""
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(4.0 / mse)).numpy()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
+    """Mean SSIM (Wang et al. 2004) with a Gaussian window, on [0, 1]-scaled images."""
+    a, b = (a + 1) / 2, (b + 1) / 2
+    sigma = 1.5
+    coords = torch.arange(window, dtype=torch.float32) - window // 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = (g / g.sum())[:, None] * (g / g.sum())[None, :]
+    kernel = g.expand(a.shape[1], 1, window, window)
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, kernel, groups=x.shape[1])
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    s = num / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(s.mean())
+
+
+def grid(images: Sequence[Image.Image], nrow: int, scale: int = 1, pad: int = 2) -> Image.Image:
+    """Tile PIL images row-major into one picture (nearest-neighbour upscaled)."""
+    w, h = images[0].size
+    w, h = w * scale, h * scale
+    rows = (len(images) + nrow - 1) // nrow
+    out = Image.new("RGB", (nrow * (w + pad) + pad, rows * (h + pad) + pad), (40, 40, 40))
+    for i, img in enumerate(images):
+        r, c = divmod(i, nrow)
+        out.paste(img.resize((w, h), Image.Resampling.NEAREST), (pad + c * (w + pad),
+                                                                 pad + r * (h + pad)))
+    return out
+
+
+def save_grid(x: torch.Tensor, path: str | Path, nrow: int, scale: int = 2) -> Path:
+    imgs = [Image.fromarray(a) for a in to_uint8(x)]
+    path = Path(path)
+    grid(imgs, nrow=nrow, scale=scale).save(path)
+    return path

@@ -1,0 +1,281 @@
+"""Training mechanics shared by the VAE, CLIP and U-Net phases — written once.
+
+* ``Trainer.fit`` is the loop: LR schedule, NaN/Inf guard, gradient clipping, EMA,
+  progress bar with loss and samples/s, per-step metrics, checkpoints, resume.
+* Randomness is a pure function of ``(seed, step)`` (``step_generator``), and batch
+  order a pure function of ``(seed, epoch)`` (``batch_indices``), so resuming at step k
+  needs only the weights and optimizer state: no RNG state, no data-loader position,
+  and a resumed run is bitwise identical to an uninterrupted one.
+* Checkpoints are safetensors + JSON, written atomically (temp dir, fsync, rename, then
+  a ``COMPLETE`` marker); the last two are kept; a corrupt newest one falls back to the
+  previous with a warning; a checkpoint made with a different config or data
+  (``fingerprint``) is never resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss became NaN/Inf: the stage stops and registers nothing."""
+
+
+class MetricLogger(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_image(self, path: str | Path, artifact_dir: str = "images") -> None: ...
+
+
+class NullLogger:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_image(self, path: str | Path, artifact_dir: str = "images") -> None:
+        pass
+
+
+def say(msg: str) -> None:
+    print(f"[kiln] {msg}", file=sys.stderr, flush=True)
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable hash of JSON-able parts (config dicts, data hashes)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A generator whose state depends only on (seed, step, stream)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream) % 2**63)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the batch at ``step``: epochs are seeded permutations, last partial
+    batch dropped (so every batch has the same size)."""
+    if n < batch_size:
+        batch_size = n
+    per_epoch = n // batch_size
+    epoch, j = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=step_generator(seed, epoch, stream=1))
+    return perm[j * batch_size: (j + 1) * batch_size]
+
+
+def cosine_lr(step: int, base_lr: float, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Linear warm-up then cosine decay to ``floor * base_lr`` (computed, not stored)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomic JSON write (temp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# ---- EMA ------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up on the decay
+    (``min(decay, (1 + n) / (10 + n))``) so early averages are not dominated by init."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        current = model.state_dict()
+        model.load_state_dict({k: v.to(current[k].dtype) for k, v in self.shadow.items()})
+
+
+# ---- checkpoints ---------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, v in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, k = name.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, fingerprint: str, keep: int = 2):
+        self.dir = Path(directory)
+        self.fp = fingerprint
+        self.keep = keep
+
+    def _complete(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.glob("step-*") if (p / "COMPLETE").is_file())
+
+    def save(self, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+             ema: EMA | None, extra: dict | None = None) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"step-{step:08d}"
+        tmp = self.dir / f".tmp-step-{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  tmp / "model.safetensors")
+        opt_tensors, opt_meta = _optimizer_to_flat(opt)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        if ema is not None:
+            save_file(ema.shadow, tmp / "ema.safetensors")
+        state = {"step": step, "fingerprint": self.fp, "optimizer": opt_meta,
+                 "ema_updates": ema.updates if ema else None, "extra": extra or {}}
+        (tmp / "state.json").write_text(json.dumps(state, default=str))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (final / "COMPLETE").write_text(self.fp)
+        _fsync_dir(final)
+        _fsync_dir(self.dir)
+        for old in self._complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                ema: EMA | None) -> int:
+        """Load the newest usable checkpoint; return the step to continue from (0 if none)."""
+        for ckpt in reversed(self._complete()):
+            try:
+                state = json.loads((ckpt / "state.json").read_text())
+                if state["fingerprint"] != self.fp:
+                    say(f"ignoring checkpoint {ckpt.name}: made with other config/data")
+                    continue
+                model.load_state_dict(load_file(ckpt / "model.safetensors"))
+                _optimizer_from_flat(opt, load_file(ckpt / "optimizer.safetensors"),
+                                     state["optimizer"])
+                if ema is not None:
+                    ema.shadow = load_file(ckpt / "ema.safetensors")
+                    ema.updates = int(state["ema_updates"])
+            except Exception as exc:  # corrupt/truncated files: fall back to the previous
+                say(f"WARNING: checkpoint {ckpt} is unreadable ({exc}); trying an older one")
+                continue
+            say(f"resuming from {ckpt.name}")
+            return int(state["step"])
+        return 0
+
+
+# ---- the loop -------------------------------------------------------------------------
+@dataclass
+class LoopCfg:
+    steps: int
+    lr: float
+    warmup_steps: int
+    grad_clip: float
+    batch_size: int
+    checkpoint_every: int
+    log_every: int
+
+
+@dataclass
+class Trainer:
+    """Runs ``step_fn(step) -> (loss, metrics)`` for ``cfg.steps`` steps.
+
+    ``step_fn`` builds its batch from ``step`` alone (see ``batch_indices`` /
+    ``step_generator``); everything else — LR, backward, clipping, optimizer, EMA,
+    logging, checkpointing, resume — happens here, identically for every phase.
+    """
+
+    name: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    cfg: LoopCfg
+    checkpoints: Checkpointer
+    log: MetricLogger = field(default_factory=NullLogger)
+    ema: EMA | None = None
+
+    def fit(self, step_fn: Callable[[int], tuple[torch.Tensor, dict[str, float]]]) -> dict:
+        from tqdm.auto import tqdm
+
+        start = self.checkpoints.restore(self.model, self.optimizer, self.ema)
+        self.model.train()
+        bar = tqdm(total=self.cfg.steps, initial=start, desc=self.name, unit="step",
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10,
+                   file=sys.stderr)
+        t0, seen, last = time.perf_counter(), 0, {}
+        for step in range(start, self.cfg.steps):
+            lr = cosine_lr(step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, metrics = step_fn(step)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise TrainingDiverged(
+                    f"{self.name}: loss is {loss.item()} at step {step}; stopping "
+                    "(lower the learning rate or check the data). Nothing was registered."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            seen += self.cfg.batch_size
+            bar.update(1)
+            if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.steps:
+                rate = seen / max(1e-9, time.perf_counter() - t0)
+                last = {"loss": float(loss.item()), "lr": lr, "grad_norm": float(grad_norm),
+                        "samples_per_s": rate, **metrics}
+                bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{rate:.0f}")
+                self.log.log_metrics({f"{self.name}/{k}": v for k, v in last.items()}, step + 1)
+            if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.cfg.steps:
+                self.checkpoints.save(step + 1, self.model, self.optimizer, self.ema)
+        bar.close()
+        if self.ema is not None:
+            self.ema.copy_to(self.model)
+        self.model.eval()
+        elapsed = time.perf_counter() - t0
+        return {"train_seconds": elapsed, "final_loss": last.get("loss", float("nan")),
+                "resumed_from_step": start}

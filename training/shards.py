@@ -1,0 +1,137 @@
+"""Webdataset shard I/O shared by every phase: one place that reads and writes samples.
+
+A sample is ``{"__key__": str, "png"/"jpg": bytes, "txt": caption, "json": metadata}``,
+the layout img2dataset writes. Reading never unpickles: only image, text and JSON
+members are decoded (``.pyd``/``.pickle`` members are refused), and ``pipe:`` URLs are
+not accepted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt")
+
+
+@dataclass
+class Record:
+    key: str
+    image_bytes: bytes
+    image_ext: str
+    caption: str
+    meta: dict
+
+    def image(self) -> Image.Image:
+        return Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
+
+
+def shard_paths(directory: str | Path) -> list[Path]:
+    paths = sorted(Path(directory).glob("*.tar"))
+    if not paths:
+        raise FileNotFoundError(f"no .tar shards in {directory}")
+    return paths
+
+
+def read(paths: Iterable[str | Path]) -> Iterator[Record]:
+    """Stream records from local tar shards in order (deterministic, no shuffling)."""
+    import webdataset as wds
+
+    urls = [str(p) for p in paths]
+    for url in urls:
+        if url.startswith("pipe:"):
+            raise ValueError(f"refusing pipe: URL {url!r}")
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        exts = {k for k in sample if not k.startswith("__")}
+        bad = exts & set(UNSAFE_EXTS)
+        if bad:
+            raise ValueError(f"{sample['__key__']}: refusing to load unsafe members {sorted(bad)}")
+        img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if img_ext is None:
+            continue
+        caption = sample.get("txt", b"")
+        meta = sample.get("json", b"{}")
+        yield Record(
+            key=str(sample["__key__"]),
+            image_bytes=bytes(sample[img_ext]),
+            image_ext=img_ext,
+            caption=caption.decode("utf-8", errors="replace") if isinstance(caption, bytes)
+            else str(caption),
+            meta=json.loads(meta) if meta else {},
+        )
+
+
+class ShardWriter:
+    """Writes records to ``{prefix}-%05d.tar``; each shard is written to a temp name and
+    renamed when complete, so a crash never leaves a partial shard under a final name."""
+
+    def __init__(self, directory: str | Path, prefix: str, per_shard: int):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.per_shard = prefix, per_shard
+        self.index, self.count, self.total = 0, 0, 0
+        self._tar = None
+        self._tmp: Path | None = None
+
+    def _open(self) -> None:
+        import webdataset as wds
+
+        self._tmp = self.dir / f".{self.prefix}-{self.index:05d}.tar.tmp"
+        self._tar = wds.TarWriter(str(self._tmp))
+
+    def _close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        final = self.dir / f"{self.prefix}-{self.index:05d}.tar"
+        with open(self._tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self._tmp, final)
+        self._tar, self.index, self.count = None, self.index + 1, 0
+
+    def write(self, rec: Record) -> None:
+        if self._tar is None:
+            self._open()
+        self._tar.write({
+            "__key__": rec.key,
+            rec.image_ext: rec.image_bytes,
+            "txt": rec.caption.encode("utf-8"),
+            "json": json.dumps(rec.meta, sort_keys=True).encode("utf-8"),
+        })
+        self.count += 1
+        self.total += 1
+        if self.count >= self.per_shard:
+            self._close()
+
+    def close(self) -> int:
+        self._close()
+        return self.total
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        elif self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+def load_images(directory: str | Path, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """All images of a split as uint8 ``[N, H, W, 3]`` plus captions (small sets only)."""
+    images, captions = [], []
+    for rec in read(shard_paths(directory)):
+        images.append(np.asarray(rec.image(), dtype=np.uint8))
+        captions.append(rec.caption)
+        if limit is not None and len(images) >= limit:
+            break
+    return np.stack(images), captions

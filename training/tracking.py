@@ -1,0 +1,272 @@
+"""MLflow tracking and registry — the only module (with the pyfunc wrapper) importing mlflow.
+
+* One MLflow run per stage, nested under the pipeline run when ``KILN_PARENT_RUN_ID`` is
+  set (the Prefect flow sets it). Each run gets the stage's params, per-step metrics,
+  the resolved config, the git commit and the DVC hashes of its inputs (from
+  ``dvc.lock``) as tags; the flow adds the stage's output hashes once DVC has locked them.
+* Embedded default: SQLite at ``<repo>/mlflow.db`` with artifacts in ``<repo>/mlartifacts``;
+  ``MLFLOW_TRACKING_URI`` points everything at a server instead.
+* Component models (``kiln-vae``, ``kiln-clip``, ``kiln-unet``) are registered as
+  directories of safetensors weights + configs; ``kiln-text2image`` is an MLflow pyfunc
+  logged as *code* (``training/text2image_model.py``), so loading it unpickles nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+EXPERIMENT = "kiln"
+PARENT_ENV = "KILN_PARENT_RUN_ID"
+MODEL_NAMES = {"train_vae": "kiln-vae", "train_clip": "kiln-clip", "train_unet": "kiln-unet",
+               "evaluate": "kiln-text2image"}
+
+
+def _quiet() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = (root or Path.cwd()).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def setup(root: Path | None = None):
+    """Point mlflow at the store and make sure the experiment exists; returns mlflow."""
+    _quiet()
+    import mlflow
+
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        location = None
+        if uri.startswith("sqlite:"):  # keep artifacts beside the DB, not in the cwd
+            location = ((root or Path.cwd()).resolve() / "mlartifacts").as_uri()
+        with contextlib.suppress(Exception):  # a concurrent creator may win the race
+            mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def dvc_lineage(stage: str, root: Path | None = None) -> dict[str, str]:
+    """``{"dvc.dep.<path>": md5}`` for a stage's data deps, from the outs DVC locked for
+    the upstream stages (so the hash is of exactly the data this run consumed)."""
+    import yaml
+
+    root = root or Path.cwd()
+    try:
+        stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+        lock = yaml.safe_load((root / "dvc.lock").read_text()).get("stages", {})
+    except (OSError, KeyError, TypeError, AttributeError):
+        return {}
+    locked = {o["path"]: o.get("md5", "") for s in lock.values() for o in s.get("outs", [])}
+    deps = stages.get(stage, {}).get("deps", [])
+    return {f"dvc.dep.{d}": locked[d] for d in deps if d in locked}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class StageRun:
+    """What a phase sees of tracking: metrics and images (``mechanics.MetricLogger``)."""
+
+    def __init__(self, mlflow, run):
+        self.mlflow, self.run = mlflow, run
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        self.mlflow.log_metrics(numeric, step=step)
+
+    def log_image(self, path: str | Path, artifact_dir: str = "images") -> None:
+        self.mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
+        self.mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
+
+    def register_dir(self, name: str, directory: Path, metrics: dict[str, Any]) -> str:
+        """Log a model directory and register it as a new version of ``name``."""
+        from mlflow import MlflowClient
+
+        self.log_artifacts(directory, "model")
+        client = MlflowClient()
+        with contextlib.suppress(Exception):
+            client.create_registered_model(name)
+        source = f"{self.run.info.artifact_uri}/model"
+        tags = {k: str(v) for k, v in _flatten({"metric": metrics}).items()}
+        tags.update({k: v for k, v in self.run.data.tags.items() if k.startswith(("dvc.", "git"))})
+        mv = client.create_model_version(name, source=source, run_id=self.run_id, tags=tags)
+        return str(mv.version)
+
+    def register_text2image(self, name: str, pipeline_dir: Path,
+                            metrics: dict[str, Any]) -> str:
+        """Log the assembled pipeline as a code-defined pyfunc and register it."""
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
+
+        import training
+
+        pkg = Path(training.__file__).parent
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("string", "prompt"),
+                           ColSpec("long", "seed", required=False),
+                           ColSpec("long", "steps", required=False),
+                           ColSpec("double", "guidance", required=False),
+                           ColSpec("string", "negative_prompt", required=False)]),
+            outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"),
+                            ColSpec("string", "image")]),
+        )
+        info = self.mlflow.pyfunc.log_model(
+            name="text2image",
+            python_model=str(pkg / "text2image_model.py"),
+            artifacts={"pipeline": str(pipeline_dir)},
+            code_paths=[str(pkg)],
+            signature=signature,
+            pip_requirements=_requirements(),
+            registered_model_name=name,
+            metadata={"kiln_metrics": {k: v for k, v in metrics.items()
+                                       if isinstance(v, int | float)}},
+        )
+        from mlflow import MlflowClient
+
+        version = str(info.registered_model_version)
+        client = MlflowClient()
+        for k, v in _flatten({"metric": metrics}).items():
+            client.set_model_version_tag(name, version, k, str(v))
+        for k, v in self.run.data.tags.items():
+            if k.startswith(("dvc.", "git")):
+                client.set_model_version_tag(name, version, k, v)
+        return version
+
+
+def _requirements() -> list[str]:
+    import importlib.metadata as md
+
+    pins = []
+    for dist in ("torch", "diffusers", "transformers", "safetensors", "pandas", "pillow",
+                 "tokenizers", "accelerate"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            pins.append(f"{dist}=={md.version(dist).split('+')[0]}")
+    return pins
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params_dict: dict[str, Any], resolved_config: Path,
+              root: Path | None = None) -> Iterator[StageRun]:
+    """An MLflow run for one stage, nested under the pipeline run if there is one."""
+    mlflow = setup(root)
+    parent = os.environ.get(PARENT_ENV) or None
+    tags = {"kiln.stage": stage, "git.commit": git_commit(root), **dvc_lineage(stage, root)}
+    if parent:
+        tags["kiln.pipeline_run_id"] = parent
+    with mlflow.start_run(run_name=stage, nested=bool(parent), parent_run_id=parent,
+                          tags=tags) as run:
+        section = params_dict.get(stage if stage != "validate" else "validate", {})
+        flat = {"profile": params_dict["profile"], "seed": params_dict["seed"],
+                **_flatten(section if isinstance(section, dict) else {})}
+        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        mlflow.log_artifact(str(resolved_config), artifact_path="config")
+        yield StageRun(mlflow, mlflow.get_run(run.info.run_id))
+
+
+@contextlib.contextmanager
+def pipeline_run(params_dict: dict[str, Any], root: Path | None = None) -> Iterator[str]:
+    """The parent run of one pipeline execution; yields its id (also exported in env)."""
+    mlflow = setup(root)
+    with mlflow.start_run(run_name="kiln-pipeline",
+                          tags={"kiln.stage": "pipeline", "git.commit": git_commit(root)}) as run:
+        mlflow.log_params({"profile": params_dict["profile"], "seed": params_dict["seed"],
+                           "dataset": params_dict["ingest"]["dataset"]})
+        os.environ[PARENT_ENV] = run.info.run_id
+        try:
+            yield run.info.run_id
+        finally:
+            os.environ.pop(PARENT_ENV, None)
+
+
+def tag_stage_outputs(parent_run_id: str, stage: str, root: Path | None = None) -> None:
+    """After DVC locked a stage, tag its run (if it ran) with the hashes of its outputs."""
+    import yaml
+    from mlflow import MlflowClient
+
+    mlflow = setup(root)
+    lock_path = (root or Path.cwd()) / "dvc.lock"
+    if not lock_path.is_file():
+        return
+    lock = yaml.safe_load(lock_path.read_text()).get("stages", {}).get(stage, {})
+    runs = mlflow.search_runs(
+        experiment_names=[EXPERIMENT], output_format="list", max_results=1,
+        filter_string=f"tags.`kiln.pipeline_run_id` = '{parent_run_id}' "
+                      f"and tags.`kiln.stage` = '{stage}'")
+    if not runs:
+        return
+    client = MlflowClient()
+    for out in lock.get("outs", []):
+        client.set_tag(runs[0].info.run_id, f"dvc.out.{out['path']}", out.get("md5", ""))
+
+
+def log_pipeline_summary(summary: dict[str, Any], markdown: str) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in _flatten(summary).items()
+                        if isinstance(v, int | float)})
+    mlflow.log_text(markdown, "summary.md")
+
+
+def latest_versions(root: Path | None = None) -> dict[str, str]:
+    """``{registered model name: newest version}`` for Kiln's models."""
+    from mlflow import MlflowClient
+
+    setup(root)
+    client = MlflowClient()
+    out = {}
+    for name in MODEL_NAMES.values():
+        with contextlib.suppress(Exception):
+            versions = client.search_model_versions(f"name = '{name}'")
+            if versions:
+                out[name] = str(max(int(v.version) for v in versions))
+    return out
+
+
+def resolve_model_dir(uri: str) -> Path:
+    """Local directory of a registered model (``models:/name/version|@alias``)."""
+    setup()
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))

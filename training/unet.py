@@ -1,0 +1,112 @@
+"""Phase ``train_unet``: ``diffusers.UNet2DConditionModel`` on precomputed latents.
+
+The latent-diffusion objective (Rombach et al. 2022, eq. 2): sample z0 from the VAE
+posterior (scaled by the measured scaling factor), a timestep t and noise eps; train
+the U-Net, cross-attending to CLIP text states, to predict eps (or v, Salimans & Ho
+2022) from the DDPM-noised z_t. Captions are dropped to the empty-prompt embedding
+with probability ``caption_dropout`` so one network learns both the conditional and
+unconditional scores that classifier-free guidance (Ho & Salimans 2022) combines.
+Min-SNR-gamma loss weighting (Hang et al. 2023) and offset noise are optional; the
+EMA of the weights is what gets saved and sampled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from training import mechanics as M
+from training.config import Params
+from training.latents import load_split
+
+
+def build(params: Params, latent_channels: int, latent_size: int,
+          text_dim: int) -> UNet2DConditionModel:
+    c = params.train_unet
+    n = len(c.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=c.block_out_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        layers_per_block=c.layers_per_block,
+        cross_attention_dim=text_dim,
+        attention_head_dim=c.attention_head_dim,
+        norm_num_groups=c.norm_num_groups,
+    )
+
+
+def noise_scheduler(params: Params) -> DDPMScheduler:
+    c = params.train_unet
+    return DDPMScheduler(num_train_timesteps=c.num_train_timesteps,
+                         beta_schedule=c.beta_schedule, prediction_type=c.prediction_type,
+                         clip_sample=False, steps_offset=1, timestep_spacing="trailing")
+
+
+def snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float,
+                prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weights expressed for the chosen prediction target."""
+    abar = sched.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    w = snr.clamp(max=gamma)
+    return w / snr if prediction_type == "epsilon" else w / (snr + 1)
+
+
+def run(params: Params, latent_dir: Path, out_dir: Path, ckpt_dir: Path,
+        log: M.MetricLogger | None = None) -> dict:
+    log = log or M.NullLogger()
+    c = params.train_unet
+    torch.manual_seed(params.seed)
+    manifest = json.loads((latent_dir / "manifest.json").read_text())
+    data = load_split(latent_dir, "train")
+    null_text = load_file(latent_dir / "null_text.safetensors")["text"]
+    scaling = float(manifest["vae"]["scaling_factor"])
+    n, ch, size, _ = data["mean"].shape
+    M.say(f"train_unet: {n} latents {ch}x{size}x{size}, text states "
+          f"{tuple(data['text'].shape[1:])}, scaling factor {scaling:.4f}")
+
+    model = build(params, ch, size, data["text"].shape[-1])
+    sched = noise_scheduler(params)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
+    trainer = M.Trainer(
+        name="train_unet", model=model, optimizer=opt,
+        cfg=M.LoopCfg(c.steps, c.lr, c.warmup_steps, c.grad_clip, c.batch_size,
+                      c.checkpoint_every, c.log_every),
+        checkpoints=M.Checkpointer(ckpt_dir, M.fingerprint(
+            params.to_dict()["train_unet"], params.seed, manifest)),
+        log=log,
+        ema=M.EMA(model, c.ema_decay),
+    )
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        g = M.step_generator(params.seed, step)
+        idx = M.batch_indices(n, c.batch_size, step, params.seed)
+        b = len(idx)
+        mean, std, text = data["mean"][idx], data["std"][idx], data["text"][idx]
+        z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
+        noise = torch.randn(z0.shape, generator=g)
+        if c.noise_offset > 0:  # offset noise: lets the model shift whole-image brightness
+            noise = noise + c.noise_offset * torch.randn((b, ch, 1, 1), generator=g)
+        t = torch.randint(0, c.num_train_timesteps, (b,), generator=g)
+        drop = torch.rand(b, generator=g) < c.caption_dropout
+        text = torch.where(drop[:, None, None], null_text.expand_as(text), text)
+        zt = sched.add_noise(z0, noise, t)
+        target = noise if c.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
+        pred = model(zt, t, encoder_hidden_states=text).sample
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        if c.min_snr_gamma is not None:
+            per_sample = per_sample * snr_weights(sched, t, c.min_snr_gamma, c.prediction_type)
+        return per_sample.mean(), {}
+
+    summary = trainer.fit(step_fn)  # leaves the EMA weights in `model`
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    sched.save_pretrained(out_dir)  # scheduler_config.json beside the U-Net config
+    return {"params": sum(p.numel() for p in model.parameters()), **summary}

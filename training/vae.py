@@ -1,0 +1,106 @@
+"""Phase ``train_vae``: a ``diffusers.AutoencoderKL`` trained from scratch.
+
+Loss = reconstruction (L1 or MSE) + beta * KL (Kingma & Welling; SD's first stage uses a
+tiny KL weight so the latent stays close to a deterministic code). After training the
+latent scaling factor is measured from data — 1 / std of training latents, as SD's
+0.18215 was — and written into the saved config, so the U-Net sees unit-variance inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from training import mechanics as M
+from training.config import Params
+from training.images import psnr, save_grid, ssim, to_tensor
+
+
+def build(params: Params) -> AutoencoderKL:
+    c = params.train_vae
+    n = len(c.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=c.block_out_channels,
+        layers_per_block=c.layers_per_block,
+        latent_channels=c.latent_channels,
+        norm_num_groups=c.norm_num_groups,
+        sample_size=params.ingest.image_size,
+    )
+
+
+def run(params: Params, clean_dir: Path, out_dir: Path, ckpt_dir: Path,
+        log: M.MetricLogger | None = None) -> dict:
+    """Train on ``clean_dir/train``, validate on ``clean_dir/val``, save to ``out_dir``."""
+    from training import shards
+
+    log = log or M.NullLogger()
+    c = params.train_vae
+    torch.manual_seed(params.seed)
+    train_u8, _ = shards.load_images(clean_dir / "train")
+    val_u8, _ = shards.load_images(clean_dir / "val")
+    train = to_tensor(train_u8)
+    val = to_tensor(val_u8)
+    M.say(f"train_vae: {len(train)} train / {len(val)} val images "
+          f"at {train.shape[-1]} px")
+
+    model = build(params)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
+    data_fp = M.fingerprint(len(train), float(train[:64].sum()))
+    trainer = M.Trainer(
+        name="train_vae", model=model, optimizer=opt,
+        cfg=M.LoopCfg(c.steps, c.lr, c.warmup_steps, c.grad_clip, c.batch_size,
+                      c.checkpoint_every, c.log_every),
+        checkpoints=M.Checkpointer(ckpt_dir, M.fingerprint(params.to_dict()["train_vae"],
+                                                           params.seed, data_fp)),
+        log=log,
+    )
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x = train[M.batch_indices(len(train), c.batch_size, step, params.seed)]
+        post = model.encode(x).latent_dist
+        eps = torch.randn(post.mean.shape, generator=M.step_generator(params.seed, step))
+        z = post.mean + post.std * eps
+        recon = model.decode(z).sample
+        rec = F.l1_loss(recon, x) if c.recon_loss == "l1" else F.mse_loss(recon, x)
+        kl = post.kl().mean() / x[0].numel()  # per-pixel, so beta is resolution-free
+        return rec + c.kl_weight * kl, {"recon": float(rec), "kl": float(kl)}
+
+    summary = trainer.fit(step_fn)
+
+    with torch.no_grad():
+        # Scaling factor from the data (posterior samples of up to 2k training images).
+        g = torch.Generator().manual_seed(params.seed)
+        sub = train[torch.randperm(len(train), generator=g)[:2048]]
+        lat = torch.cat([model.encode(b).latent_dist.sample(generator=g)
+                         for b in sub.split(256)])
+        scaling = float(1.0 / lat.std())
+        recon = torch.cat([model(b, sample_posterior=False).sample for b in val.split(256)])
+        recon = recon.clamp(-1, 1)
+    model.register_to_config(scaling_factor=scaling)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+    grid = out_dir / "reconstructions.png"
+    k = min(16, len(val))
+    save_grid(torch.cat([val[:k], recon[:k]]), grid, nrow=k)
+    log.log_image(grid)
+    metrics = {
+        "val_psnr": float(np.mean(psnr(recon, val))),
+        "val_ssim": float(ssim(recon, val)),
+        "scaling_factor": scaling,
+        "latent_shape": list(lat.shape[1:]),
+        "params": n_params,
+        **summary,
+    }
+    M.say(f"train_vae: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.3f}, "
+          f"scaling factor {scaling:.4f}")
+    return metrics
