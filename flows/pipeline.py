@@ -81,22 +81,46 @@ def _metrics(stage: str) -> dict:
 def summarize(params: dict, versions: dict[str, str]) -> tuple[str, str]:
     """(markdown for Prefect/MLflow, plain text for the terminal)."""
     ev = _metrics("evaluate")
-    keys = [k for k in ("acc_all", "acc_all_seen", "acc_all_held_out", "acc_shape",
-                        "acc_colour", "acc_size", "acc_position", "acc_digit",
-                        "clip_score", "vae_psnr", "images_per_s") if k in ev]
-    md = ["# Kiln pipeline", "",
-          f"dataset **{params['ingest']['dataset']}**, profile **{params['profile']}**", "",
-          "| metric | value |", "|---|---|"]
+    keys = [
+        k
+        for k in (
+            "acc_all",
+            "acc_all_seen",
+            "acc_all_held_out",
+            "acc_shape",
+            "acc_colour",
+            "acc_size",
+            "acc_position",
+            "acc_digit",
+            "clip_score",
+            "vae_psnr",
+            "images_per_s",
+        )
+        if k in ev
+    ]
+    md = [
+        "# Kiln pipeline",
+        "",
+        f"dataset **{params['ingest']['dataset']}**, profile **{params['profile']}**",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     md += [f"| {k} | {ev[k]:.3f} |" for k in keys]
     md += ["", "| registered model | version |", "|---|---|"]
     md += [f"| {name} | {v} |" for name, v in versions.items()]
-    text = ["", "Kiln pipeline finished.",
-            f"  dataset {params['ingest']['dataset']}, profile {params['profile']}",
-            "  registered models (MLflow registry):"]
+    text = [
+        "",
+        "Kiln pipeline finished.",
+        f"  dataset {params['ingest']['dataset']}, profile {params['profile']}",
+        "  registered models (MLflow registry):",
+    ]
     text += [f"    models:/{name}/{v}" for name, v in versions.items()]
     text += ["  evaluation:"] + [f"    {k:<18} {ev[k]:.3f}" for k in keys]
-    text += ["  report: data/eval/report.html",
-             "  next:   kiln generate \"a large red circle in the center\" -n 4 --out samples"]
+    text += [
+        "  report: data/eval/report.html",
+        '  next:   kiln generate "a large red circle in the center" -n 4 --out samples',
+    ]
     return "\n".join(md), "\n".join(text)
 
 
@@ -112,14 +136,14 @@ def kiln_pipeline() -> dict:
     with tracking.pipeline_run(params, ROOT) as parent:
         for stage in STAGES:
             (ingest_task if stage == "ingest" else stage_task.with_options(name=stage))(
-                **({} if stage == "ingest" else {"stage": stage}))
+                **({} if stage == "ingest" else {"stage": stage})
+            )
             tracking.tag_stage_outputs(parent, stage, ROOT)
         versions = tracking.latest_versions(ROOT)
         md, text = summarize(params, versions)
         tracking.log_pipeline_summary(_metrics("evaluate"), md)
     create_markdown_artifact(markdown=md, key="kiln-summary", description="Kiln pipeline summary")
-    return {"markdown": md, "text": text, "versions": versions,
-            "metrics": _metrics("evaluate")}
+    return {"markdown": md, "text": text, "versions": versions, "metrics": _metrics("evaluate")}
 
 
 if __name__ == "__main__":

@@ -71,8 +71,13 @@ class ShapeSpec:
         return f"a {self.size} {self.colour} {self.shape} {WHERE[(self.row, self.col)]}"
 
     def attributes(self) -> dict[str, str]:
-        return {"shape": self.shape, "colour": self.colour, "size": self.size,
-                "row": self.row, "col": self.col}
+        return {
+            "shape": self.shape,
+            "colour": self.colour,
+            "size": self.size,
+            "row": self.row,
+            "col": self.col,
+        }
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,11 @@ def shape_training_caption(spec: ShapeSpec, rng: np.random.Generator) -> str:
 def all_shape_specs(include_held_out: bool) -> list[ShapeSpec]:
     specs = [
         ShapeSpec(shape, colour, sz, row, col)
-        for shape in SHAPES for colour in COLOURS for sz in SIZES for row in ROWS for col in COLS
+        for shape in SHAPES
+        for colour in COLOURS
+        for sz in SIZES
+        for row in ROWS
+        for col in COLS
     ]
     return [s for s in specs if include_held_out or not s.held_out]
 
@@ -157,8 +166,9 @@ def shapes(n: int, size: int, seed: int, include_held_out: bool = False) -> Iter
         order.extend(rng.permutation(len(specs)).tolist())
     for i in order[:n]:
         spec = specs[i]
-        yield Sample(random_shape(spec, size, rng), shape_training_caption(spec, rng),
-                     spec.attributes())
+        yield Sample(
+            random_shape(spec, size, rng), shape_training_caption(spec, rng), spec.attributes()
+        )
 
 
 def digit_image(values: np.ndarray, size: int) -> Image.Image:
@@ -187,12 +197,14 @@ def digits(n: int, size: int, seed: int) -> Iterator[Sample]:
     rng = np.random.default_rng(seed)
     for i in rng.permutation(len(data.target))[: min(n, len(data.target))]:
         label = int(data.target[i])
-        yield Sample(digit_image(data.images[i], size), digit_caption(label, rng),
-                     {"digit": str(label)})
+        yield Sample(
+            digit_image(data.images[i], size), digit_caption(label, rng), {"digit": str(label)}
+        )
 
 
-def generate(dataset: str, n: int, size: int, seed: int,
-             include_held_out: bool = False) -> Iterator[Sample]:
+def generate(
+    dataset: str, n: int, size: int, seed: int, include_held_out: bool = False
+) -> Iterator[Sample]:
     if dataset == "shapes":
         return shapes(n, size, seed, include_held_out)
     if dataset == "digits":
@@ -217,8 +229,11 @@ def eval_prompts(dataset: str) -> list[EvalPrompt]:
     digits: each digit's canonical caption, 5 times (different seeds per sample).
     """
     if dataset == "digits":
-        return [EvalPrompt(f"a handwritten digit {DIGIT_WORDS[d]}", {"digit": str(d)})
-                for _ in range(5) for d in range(10)]
+        return [
+            EvalPrompt(f"a handwritten digit {DIGIT_WORDS[d]}", {"digit": str(d)})
+            for _ in range(5)
+            for d in range(10)
+        ]
     if dataset != "shapes":
         raise ValueError(f"no built-in evaluation prompts for dataset {dataset!r}")
     cells = [(r, c) for r in ROWS for c in COLS]

@@ -24,13 +24,20 @@ from training.env import offline_defaults
 
 offline_defaults()
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Kiln: data-to-model pipeline for latent text-to-image diffusion.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Kiln: data-to-model pipeline for latent text-to-image diffusion.",
+)
 
 DATA = Path("data")
 RAW, CLEAN, LATENTS, EVAL = DATA / "raw", DATA / "clean", DATA / "latents", DATA / "eval"
-MODELS = {"train_vae": DATA / "models" / "vae", "train_clip": DATA / "models" / "clip",
-          "train_unet": DATA / "models" / "unet"}
+MODELS = {
+    "train_vae": DATA / "models" / "vae",
+    "train_clip": DATA / "models" / "clip",
+    "train_unet": DATA / "models" / "unet",
+}
 CKPT, WORK, METRICS = DATA / "checkpoints", DATA / ".work", DATA / "metrics"
 PARAMS = Path("params.yaml")
 
@@ -53,8 +60,9 @@ def _load_params(path: Path = PARAMS):
 def _require(*paths: Path) -> None:
     for p in paths:
         if not p.exists() or (p.is_dir() and not any(p.iterdir())):
-            raise UserError(f"missing stage input {p}: run the upstream stage first "
-                            "(`dvc repro` or `kiln run`)")
+            raise UserError(
+                f"missing stage input {p}: run the upstream stage first (`dvc repro` or `kiln run`)"
+            )
 
 
 def _writable(*dirs: Path) -> None:
@@ -68,8 +76,13 @@ def _writable(*dirs: Path) -> None:
             raise UserError(f"output directory {d} is not writable ({exc.strerror})") from None
 
 
-def run_stage(stage: str, outs: list[Path], inputs: list[Path],
-              body: Callable[..., dict], register: Callable | None = None) -> dict:
+def run_stage(
+    stage: str,
+    outs: list[Path],
+    inputs: list[Path],
+    body: Callable[..., dict],
+    register: Callable | None = None,
+) -> dict:
     """The shared adapter: config -> checks -> MLflow run -> phase -> metrics/registry."""
     from training import config, mechanics, tracking
 
@@ -142,9 +155,13 @@ def train_vae() -> None:
     from training import vae
 
     out = MODELS["train_vae"]
-    run_stage("train_vae", [out], [CLEAN],
-              lambda p, tr: vae.run(p, CLEAN, out, CKPT / "train_vae", tr),
-              _register_dir("train_vae"))
+    run_stage(
+        "train_vae",
+        [out],
+        [CLEAN],
+        lambda p, tr: vae.run(p, CLEAN, out, CKPT / "train_vae", tr),
+        _register_dir("train_vae"),
+    )
 
 
 @app.command("train-clip")
@@ -153,9 +170,13 @@ def train_clip() -> None:
     from training import clip
 
     out = MODELS["train_clip"]
-    run_stage("train_clip", [out], [CLEAN],
-              lambda p, tr: clip.run(p, CLEAN, out, CKPT / "train_clip", tr),
-              _register_dir("train_clip"))
+    run_stage(
+        "train_clip",
+        [out],
+        [CLEAN],
+        lambda p, tr: clip.run(p, CLEAN, out, CKPT / "train_clip", tr),
+        _register_dir("train_clip"),
+    )
 
 
 @app.command("precompute-latents")
@@ -163,9 +184,12 @@ def precompute_latents() -> None:
     """Stage 5: VAE posteriors + CLIP text states for every clean sample."""
     from training import latents
 
-    run_stage("precompute_latents", [LATENTS], [CLEAN, MODELS["train_vae"], MODELS["train_clip"]],
-              lambda p, tr: latents.run(p, CLEAN, MODELS["train_vae"], MODELS["train_clip"],
-                                        LATENTS))
+    run_stage(
+        "precompute_latents",
+        [LATENTS],
+        [CLEAN, MODELS["train_vae"], MODELS["train_clip"]],
+        lambda p, tr: latents.run(p, CLEAN, MODELS["train_vae"], MODELS["train_clip"], LATENTS),
+    )
 
 
 @app.command("train-unet")
@@ -174,9 +198,13 @@ def train_unet() -> None:
     from training import unet
 
     out = MODELS["train_unet"]
-    run_stage("train_unet", [out], [LATENTS],
-              lambda p, tr: unet.run(p, LATENTS, out, CKPT / "train_unet", tr),
-              _register_dir("train_unet"))
+    run_stage(
+        "train_unet",
+        [out],
+        [LATENTS],
+        lambda p, tr: unet.run(p, LATENTS, out, CKPT / "train_unet", tr),
+        _register_dir("train_unet"),
+    )
 
 
 @app.command()
@@ -189,10 +217,15 @@ def evaluate() -> None:
         tr.log_artifacts(EVAL, "evaluation")
         return tr.register_text2image(MODEL_NAMES["evaluate"], EVAL / "pipeline", metrics)
 
-    run_stage("evaluate", [EVAL], [CLEAN, *MODELS.values()],
-              lambda p, tr: phase.run(p, CLEAN, MODELS["train_vae"], MODELS["train_clip"],
-                                      MODELS["train_unet"], EVAL, tr),
-              register)
+    run_stage(
+        "evaluate",
+        [EVAL],
+        [CLEAN, *MODELS.values()],
+        lambda p, tr: phase.run(
+            p, CLEAN, MODELS["train_vae"], MODELS["train_clip"], MODELS["train_unet"], EVAL, tr
+        ),
+        register,
+    )
 
 
 # ---- user commands ---------------------------------------------------------------------
@@ -233,8 +266,11 @@ def _pipeline_dir(model: str) -> Path:
     p = Path(model)
     if not p.exists():
         if not model.startswith("models:/"):
-            model = f"models:/{model}" if "/" in model or "@" in model else \
-                f"models:/kiln-text2image@{model}"
+            model = (
+                f"models:/{model}"
+                if "/" in model or "@" in model
+                else f"models:/kiln-text2image@{model}"
+            )
         from training import tracking
 
         try:
@@ -258,9 +294,9 @@ def generate(
     negative: Annotated[str, typer.Option(help="negative prompt")] = "",
     seed: Annotated[int, typer.Option(help="seed of the first image; image k uses seed+k")] = 0,
     scheduler: Annotated[str, typer.Option(help="dpm++ | ddim | ddpm | euler")] = "dpm++",
-    model: Annotated[str, typer.Option(help="models:/kiln-text2image/latest, an alias, "
-                                            "or a pipeline directory")]
-    = "models:/kiln-text2image/latest",
+    model: Annotated[
+        str, typer.Option(help="models:/kiln-text2image/latest, an alias, or a pipeline directory")
+    ] = "models:/kiln-text2image/latest",
 ) -> None:
     """Generate PNGs plus manifest.jsonl (file, prompt, seed, steps, guidance, scheduler)."""
     from training import sampling
@@ -272,25 +308,39 @@ def generate(
         sampling.set_scheduler(pipe, scheduler)
     except (UserError, ValueError) as exc:
         fail(str(exc))
-    reqs = [sampling.Request(p, seed + k, steps, guidance, negative)
-            for p in prompts for k in range(n)]
+    reqs = [
+        sampling.Request(p, seed + k, steps, guidance, negative) for p in prompts for k in range(n)
+    ]
     images = sampling.generate(pipe, reqs)
     with open(out / "manifest.jsonl", "a") as manifest:
         for i, (r, img) in enumerate(zip(reqs, images, strict=True)):
             name = f"{i:04d}-{sampling.slug(r.prompt)}-{r.seed}.png"
             img.save(out / name)
-            manifest.write(json.dumps({"file": name, "prompt": r.prompt, "seed": r.seed,
-                                       "steps": r.steps, "guidance": r.guidance,
-                                       "negative_prompt": r.negative, "scheduler": scheduler,
-                                       "model": model, "model_dir": str(pipe_dir)}) + "\n")
+            manifest.write(
+                json.dumps(
+                    {
+                        "file": name,
+                        "prompt": r.prompt,
+                        "seed": r.seed,
+                        "steps": r.steps,
+                        "guidance": r.guidance,
+                        "negative_prompt": r.negative,
+                        "scheduler": scheduler,
+                        "model": model,
+                        "model_dir": str(pipe_dir),
+                    }
+                )
+                + "\n"
+            )
     typer.echo(f"wrote {len(images)} images and manifest.jsonl to {out}")
 
 
 @app.command()
 def export(
     out: Annotated[Path, typer.Argument(help="directory for the diffusers pipeline")],
-    model: Annotated[str, typer.Option(help="registry URI, alias or pipeline directory")]
-    = "models:/kiln-text2image/latest",
+    model: Annotated[
+        str, typer.Option(help="registry URI, alias or pipeline directory")
+    ] = "models:/kiln-text2image/latest",
 ) -> None:
     """Write a diffusers StableDiffusionPipeline directory (loads offline with from_pretrained)."""
     from training import sampling

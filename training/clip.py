@@ -28,21 +28,27 @@ from training.images import to_tensor
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def train_tokenizer(captions: list[str], vocab_size: int, max_length: int,
-                    out_dir: Path) -> CLIPTokenizer:
+def train_tokenizer(
+    captions: list[str], vocab_size: int, max_length: int, out_dir: Path
+) -> CLIPTokenizer:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     # Build an untrained CLIPTokenizer only to borrow its exact normaliser and
     # pre-tokeniser, so training splits text the way inference will.
     template = CLIPTokenizer(vocab={BOS: 0, EOS: 1}, merges=[])
-    tok = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>",
-                               continuing_subword_prefix=""))
+    tok = Tokenizer(
+        models.BPE(unk_token=EOS, end_of_word_suffix="</w>", continuing_subword_prefix="")
+    )
     tok.normalizer = template.backend_tokenizer.normalizer
     tok.pre_tokenizer = template.backend_tokenizer.pre_tokenizer
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[BOS, EOS], initial_alphabet=alphabet,
-        end_of_word_suffix="</w>", show_progress=False, min_frequency=2,
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+        min_frequency=2,
     )
     tok.train_from_iterator(captions, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
@@ -61,21 +67,39 @@ def train_tokenizer(captions: list[str], vocab_size: int, max_length: int,
 
 def encode_text(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     """Token ids exactly as ``StableDiffusionPipeline`` makes them: padded to max length."""
-    return tokenizer(captions, padding="max_length", truncation=True,
-                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    return tokenizer(
+        captions,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
 
 
 def build(params: Params, vocab_size: int) -> CLIPModel:
     c = params.train_clip
-    text = {"vocab_size": vocab_size, "hidden_size": c.hidden_size,
-            "intermediate_size": 4 * c.hidden_size, "num_hidden_layers": c.num_layers,
-            "num_attention_heads": c.num_heads, "max_position_embeddings": c.max_length,
-            "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
-    vision = {"hidden_size": c.vision_hidden_size, "intermediate_size": 4 * c.vision_hidden_size,
-              "num_hidden_layers": c.vision_layers, "num_attention_heads": c.num_heads,
-              "image_size": params.ingest.image_size, "patch_size": c.patch_size}
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision,
-                                projection_dim=c.projection_dim))
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": 4 * c.hidden_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "max_position_embeddings": c.max_length,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+    vision = {
+        "hidden_size": c.vision_hidden_size,
+        "intermediate_size": 4 * c.vision_hidden_size,
+        "num_hidden_layers": c.vision_layers,
+        "num_attention_heads": c.num_heads,
+        "image_size": params.ingest.image_size,
+        "patch_size": c.patch_size,
+    }
+    return CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=c.projection_dim)
+    )
 
 
 def caption_groups(captions: list[str]) -> torch.Tensor:
@@ -84,8 +108,9 @@ def caption_groups(captions: list[str]) -> torch.Tensor:
     return torch.tensor([ids.setdefault(" ".join(c.lower().split()), len(ids)) for c in captions])
 
 
-def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
-                     groups: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(
+    img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, groups: torch.Tensor
+) -> torch.Tensor:
     img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
     logits = scale * img @ txt.T
     pos = (groups[:, None] == groups[None, :]).float()
@@ -94,8 +119,12 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
 
 
 @torch.no_grad()
-def embed(model: CLIPModel, pixels: torch.Tensor | None = None,
-          ids: torch.Tensor | None = None, batch: int = 256) -> torch.Tensor:
+def embed(
+    model: CLIPModel,
+    pixels: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
+    batch: int = 256,
+) -> torch.Tensor:
     """Normalised projected embeddings (transformers 5: features come as ModelOutput)."""
     outs = []
     if pixels is not None:
@@ -107,15 +136,19 @@ def embed(model: CLIPModel, pixels: torch.Tensor | None = None,
     return F.normalize(torch.cat(outs), dim=-1)
 
 
-def recall_at(sim: torch.Tensor, groups_q: torch.Tensor, groups_k: torch.Tensor,
-              k: int) -> float:
+def recall_at(sim: torch.Tensor, groups_q: torch.Tensor, groups_k: torch.Tensor, k: int) -> float:
     """Fraction of queries whose top-k keys contain one with the same caption group."""
     top = sim.topk(min(k, sim.shape[1]), dim=1).indices
     return float((groups_k[top] == groups_q[:, None]).any(1).float().mean())
 
 
-def run(params: Params, clean_dir: Path, out_dir: Path, ckpt_dir: Path,
-        log: M.MetricLogger | None = None) -> dict:
+def run(
+    params: Params,
+    clean_dir: Path,
+    out_dir: Path,
+    ckpt_dir: Path,
+    log: M.MetricLogger | None = None,
+) -> dict:
     from training import shards
     from training.images import grid
 
@@ -125,8 +158,10 @@ def run(params: Params, clean_dir: Path, out_dir: Path, ckpt_dir: Path,
     train_u8, train_caps = shards.load_images(clean_dir / "train")
     val_u8, val_caps = shards.load_images(clean_dir / "val")
     tokenizer = train_tokenizer(train_caps, c.vocab_size, c.max_length, out_dir)
-    M.say(f"train_clip: tokenizer with {len(tokenizer)} tokens; "
-          f"{len(train_caps)} train / {len(val_caps)} val pairs")
+    M.say(
+        f"train_clip: tokenizer with {len(tokenizer)} tokens; "
+        f"{len(train_caps)} train / {len(val_caps)} val pairs"
+    )
     train_px, val_px = to_tensor(train_u8), to_tensor(val_u8)
     train_ids, val_ids = encode_text(tokenizer, train_caps), encode_text(tokenizer, val_caps)
     train_groups = caption_groups(train_caps)
@@ -135,11 +170,21 @@ def run(params: Params, clean_dir: Path, out_dir: Path, ckpt_dir: Path,
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.1)
     data_fp = M.fingerprint(len(train_caps), train_caps[:32])
     trainer = M.Trainer(
-        name="train_clip", model=model, optimizer=opt,
-        cfg=M.LoopCfg(c.steps, c.lr, c.warmup_steps, c.grad_clip, c.batch_size,
-                      c.checkpoint_every, c.log_every),
-        checkpoints=M.Checkpointer(ckpt_dir, M.fingerprint(params.to_dict()["train_clip"],
-                                                           params.seed, data_fp)),
+        name="train_clip",
+        model=model,
+        optimizer=opt,
+        cfg=M.LoopCfg(
+            c.steps,
+            c.lr,
+            c.warmup_steps,
+            c.grad_clip,
+            c.batch_size,
+            c.checkpoint_every,
+            c.log_every,
+        ),
+        checkpoints=M.Checkpointer(
+            ckpt_dir, M.fingerprint(params.to_dict()["train_clip"], params.seed, data_fp)
+        ),
         log=log,
     )
 
@@ -156,9 +201,12 @@ def run(params: Params, clean_dir: Path, out_dir: Path, ckpt_dir: Path,
     sim = img_e @ txt_e.T
     g = caption_groups(val_caps)
     metrics = {
-        "val_i2t_r1": recall_at(sim, g, g, 1), "val_i2t_r5": recall_at(sim, g, g, 5),
-        "val_t2i_r1": recall_at(sim.T, g, g, 1), "val_t2i_r5": recall_at(sim.T, g, g, 5),
-        "vocab_size": len(tokenizer), "params": sum(p.numel() for p in model.parameters()),
+        "val_i2t_r1": recall_at(sim, g, g, 1),
+        "val_i2t_r5": recall_at(sim, g, g, 5),
+        "val_t2i_r1": recall_at(sim.T, g, g, 1),
+        "val_t2i_r5": recall_at(sim.T, g, g, 5),
+        "vocab_size": len(tokenizer),
+        "params": sum(p.numel() for p in model.parameters()),
         **summary,
     }
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -172,6 +220,8 @@ def run(params: Params, clean_dir: Path, out_dir: Path, ckpt_dir: Path,
     heat_path = out_dir / "similarity.png"
     grid([Image.fromarray(heat).convert("RGB")], nrow=1, scale=8).save(heat_path)
     log.log_image(heat_path)
-    M.say(f"train_clip: val recall@1 image->text {metrics['val_i2t_r1']:.2f}, "
-          f"text->image {metrics['val_t2i_r1']:.2f}")
+    M.say(
+        f"train_clip: val recall@1 image->text {metrics['val_i2t_r1']:.2f}, "
+        f"text->image {metrics['val_t2i_r1']:.2f}"
+    )
     return metrics

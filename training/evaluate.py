@@ -71,11 +71,16 @@ def _img_tag(path: Path) -> str:
 
 
 def write_report(out: Path, metrics: dict, images: dict[str, Path], title: str) -> Path:
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float)
-                   else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
-                   for k, v in metrics.items())
-    figs = "".join(f"<figure>{_img_tag(p)}<figcaption>{html.escape(cap)}</figcaption></figure>"
-                   for cap, p in images.items())
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>"
+        if isinstance(v, float)
+        else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in metrics.items()
+    )
+    figs = "".join(
+        f"<figure>{_img_tag(p)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+        for cap, p in images.items()
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;background:#fafafa}}
 table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:4px 10px}}
@@ -85,8 +90,15 @@ img{{image-rendering:pixelated;max-width:100%}}figure{{margin:1.5em 0}}</style><
     return out
 
 
-def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, unet_dir: Path,
-        out_dir: Path, log: M.MetricLogger | None = None) -> dict:
+def run(
+    params: Params,
+    clean_dir: Path,
+    vae_dir: Path,
+    clip_dir: Path,
+    unet_dir: Path,
+    out_dir: Path,
+    log: M.MetricLogger | None = None,
+) -> dict:
     from training import oracle as O
     from training import sampling
     from training.images import grid
@@ -100,12 +112,22 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, unet_dir
     pipe = sampling.load(pipe_dir)  # evaluate exactly what was saved
 
     prompts = prompt_set(params, clean_dir)
-    requests = [sampling.Request(p.prompt, seed=params.seed + 1000 * j + i, steps=c.steps,
-                                 guidance=c.guidance, negative=c.negative_prompt)
-                for j in range(c.samples_per_prompt) for i, p in enumerate(prompts)]
+    requests = [
+        sampling.Request(
+            p.prompt,
+            seed=params.seed + 1000 * j + i,
+            steps=c.steps,
+            guidance=c.guidance,
+            negative=c.negative_prompt,
+        )
+        for j in range(c.samples_per_prompt)
+        for i, p in enumerate(prompts)
+    ]
     truths = [p for _ in range(c.samples_per_prompt) for p in prompts]
-    M.say(f"evaluate: {len(requests)} samples ({len(prompts)} prompts x "
-          f"{c.samples_per_prompt}), {c.scheduler} {c.steps} steps, guidance {c.guidance}")
+    M.say(
+        f"evaluate: {len(requests)} samples ({len(prompts)} prompts x "
+        f"{c.samples_per_prompt}), {c.scheduler} {c.steps} steps, guidance {c.guidance}"
+    )
     import time
 
     t0 = time.perf_counter()
@@ -123,21 +145,31 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, unet_dir
                 hits[f"acc_{attr}"].append(float(ok))
                 hits[f"acc_{attr}_{group}"].append(float(ok))
         metrics.update({k: float(np.mean(v)) for k, v in sorted(hits.items())})
-    metrics["clip_score"] = float(np.mean(clip_scores(clip_dir, [r.prompt for r in requests],
-                                                      images)))
+    metrics["clip_score"] = float(
+        np.mean(clip_scores(clip_dir, [r.prompt for r in requests], images))
+    )
     metrics["vae_psnr"] = vae_psnr(vae_dir, clean_dir)
 
     n_show = min(len(prompts), 24)
-    rows = [images[j * len(prompts) + i] for i in range(n_show)
-            for j in range(c.samples_per_prompt)]
+    rows = [
+        images[j * len(prompts) + i] for i in range(n_show) for j in range(c.samples_per_prompt)
+    ]
     grid_path = out_dir / "samples.png"
     grid(rows, nrow=c.samples_per_prompt * 4, scale=3).save(grid_path)
     log.log_image(grid_path)
-    legend = "; ".join(f"row {i // 4 + 1}.{i % 4 + 1}: {p.prompt}"
-                       for i, p in enumerate(prompts[:n_show]))
-    write_report(out_dir / "report.html", metrics, {f"Samples ({legend})": grid_path},
-                 title=f"Kiln evaluation — {params.ingest.dataset}, profile {params.profile}")
-    summary = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in metrics.items()
-               if k in ("acc_all", "acc_all_seen", "acc_all_held_out", "clip_score", "vae_psnr")}
+    legend = "; ".join(
+        f"row {i // 4 + 1}.{i % 4 + 1}: {p.prompt}" for i, p in enumerate(prompts[:n_show])
+    )
+    write_report(
+        out_dir / "report.html",
+        metrics,
+        {f"Samples ({legend})": grid_path},
+        title=f"Kiln evaluation — {params.ingest.dataset}, profile {params.profile}",
+    )
+    summary = {
+        k: (f"{v:.3f}" if isinstance(v, float) else v)
+        for k, v in metrics.items()
+        if k in ("acc_all", "acc_all_seen", "acc_all_held_out", "clip_score", "vae_psnr")
+    }
     M.say(f"evaluate: {summary}")
     return metrics

@@ -57,8 +57,9 @@ def grid(images: Sequence[Image.Image], nrow: int, scale: int = 1, pad: int = 2)
     out = Image.new("RGB", (nrow * (w + pad) + pad, rows * (h + pad) + pad), (40, 40, 40))
     for i, img in enumerate(images):
         r, c = divmod(i, nrow)
-        out.paste(img.resize((w, h), Image.Resampling.NEAREST), (pad + c * (w + pad),
-                                                                 pad + r * (h + pad)))
+        out.paste(
+            img.resize((w, h), Image.Resampling.NEAREST), (pad + c * (w + pad), pad + r * (h + pad))
+        )
     return out
 
 

@@ -49,8 +49,9 @@ def render_builtin(params: Params, directory: Path) -> list[dict]:
     c = params.ingest
     directory.mkdir(parents=True, exist_ok=True)
     rows = []
-    samples = builtin.generate(c.dataset, c.num_samples, c.image_size, params.seed,
-                               c.include_held_out)
+    samples = builtin.generate(
+        c.dataset, c.num_samples, c.image_size, params.seed, c.include_held_out
+    )
     for i, s in enumerate(samples):
         name = f"{i:07d}.png"
         s.image.save(directory / name)
@@ -74,8 +75,15 @@ def summarize(shard_dir: Path) -> dict:
     return {"shards": shards, **dict(totals), "failures_by_reason": dict(reasons.most_common())}
 
 
-def download(url_list: Path, input_format: str, out_dir: Path, params: Params,
-             url_col: str, caption_col: str, extra_cols: list[str] | None = None) -> None:
+def download(
+    url_list: Path,
+    input_format: str,
+    out_dir: Path,
+    params: Params,
+    url_col: str,
+    caption_col: str,
+    extra_cols: list[str] | None = None,
+) -> None:
     c = params.ingest
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home
     from img2dataset import download as i2d_download
@@ -117,8 +125,14 @@ def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
         src = Path(c.url_list)
         if not src.is_file():
             raise FileNotFoundError(f"url list {src} does not exist")
-        fmt = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "json",
-               ".json": "json", ".txt": "txt"}.get(src.suffix.lower())
+        fmt = {
+            ".parquet": "parquet",
+            ".csv": "csv",
+            ".tsv": "tsv",
+            ".jsonl": "json",
+            ".json": "json",
+            ".txt": "txt",
+        }.get(src.suffix.lower())
         if fmt is None:
             raise ValueError(f"{src}: unsupported url list format (parquet/csv/tsv/jsonl)")
         M.say(f"ingest: downloading {src} with img2dataset")
@@ -130,9 +144,12 @@ def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
         rows = render_builtin(params, source)
         with serve_directory(source) as base:
             urls = pd.DataFrame(
-                {"url": [f"{base}/{r['path']}" for r in rows],
-                 "caption": [r["caption"] for r in rows],
-                 "meta": [r["meta"] for r in rows]})
+                {
+                    "url": [f"{base}/{r['path']}" for r in rows],
+                    "caption": [r["caption"] for r in rows],
+                    "meta": [r["meta"] for r in rows],
+                }
+            )
             url_list = work_dir / "urls.parquet"
             urls.to_parquet(url_list)
             M.say(f"ingest: serving {len(rows)} images on {base}; fetching with img2dataset")
@@ -140,8 +157,10 @@ def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
         shutil.rmtree(source, ignore_errors=True)
     report = {"dataset": c.dataset, "image_size": c.image_size, **summarize(out_dir)}
     M.write_json(out_dir / "report.json", report)
-    M.say(f"ingest: {report.get('successes', 0)}/{report.get('count', 0)} images in "
-          f"{report['shards']} shards; failures: {report['failures_by_reason'] or 'none'}")
+    M.say(
+        f"ingest: {report.get('successes', 0)}/{report.get('count', 0)} images in "
+        f"{report['shards']} shards; failures: {report['failures_by_reason'] or 'none'}"
+    )
     if not report.get("successes"):
         raise RuntimeError(f"ingest: no image could be downloaded ({report})")
     return report

@@ -45,8 +45,9 @@ def load_text_encoder(clip_dir: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
 
 
 @torch.no_grad()
-def text_states(tokenizer: CLIPTokenizer, encoder: CLIPTextModel,
-                captions: list[str]) -> torch.Tensor:
+def text_states(
+    tokenizer: CLIPTokenizer, encoder: CLIPTextModel, captions: list[str]
+) -> torch.Tensor:
     from training.clip import encode_text
 
     return encoder(encode_text(tokenizer, captions)).last_hidden_state
@@ -103,8 +104,11 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     tokenizer, encoder = load_text_encoder(clip_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict = {
-        "vae": {"path": str(vae_dir), "fingerprint": dir_fingerprint(vae_dir),
-                "scaling_factor": vae.config.scaling_factor},
+        "vae": {
+            "path": str(vae_dir),
+            "fingerprint": dir_fingerprint(vae_dir),
+            "scaling_factor": vae.config.scaling_factor,
+        },
         "clip": {"path": str(clip_dir), "fingerprint": dir_fingerprint(clip_dir)},
         "splits": {},
     }
@@ -112,8 +116,7 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
         writer = _ShardWriter(out_dir, split, c.samples_per_shard)
         bar = tqdm(desc=f"latents/{split}", unit="img", mininterval=5)
         with torch.no_grad():
-            for batch in _batches(shards.read(shards.shard_paths(clean_dir / split)),
-                                  c.batch_size):
+            for batch in _batches(shards.read(shards.shard_paths(clean_dir / split)), c.batch_size):
                 x = to_tensor(np.stack([np.asarray(r.image(), dtype=np.uint8) for r in batch]))
                 post = vae.encode(x).latent_dist
                 text = text_states(tokenizer, encoder, [r.caption for r in batch])
@@ -121,19 +124,27 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
                 bar.update(len(batch))
         writer.flush()
         bar.close()
-        manifest["splits"][split] = {"count": writer.count, "shards": writer.index,
-                                     "data_fingerprint": dir_fingerprint(clean_dir / split)}
+        manifest["splits"][split] = {
+            "count": writer.count,
+            "shards": writer.index,
+            "data_fingerprint": dir_fingerprint(clean_dir / split),
+        }
     null = text_states(tokenizer, encoder, [""])[0]
     save_file({"text": null.contiguous()}, out_dir / "null_text.safetensors")
     first = load_file(next(iter(sorted(out_dir.glob("train-*.safetensors")))))
-    manifest["tensors"] = {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)}
-                           for k, v in first.items()}
+    manifest["tensors"] = {
+        k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in first.items()
+    }
     M.write_json(out_dir / "manifest.json", manifest)
-    M.say(f"precompute_latents: {manifest['splits']['train']['count']} train, "
-          f"{manifest['splits']['val']['count']} val; latent {manifest['tensors']['mean']['shape']}"
-          f", text {manifest['tensors']['text']['shape']}")
-    return {"train_count": manifest["splits"]["train"]["count"],
-            "val_count": manifest["splits"]["val"]["count"]}
+    M.say(
+        f"precompute_latents: {manifest['splits']['train']['count']} train, "
+        f"{manifest['splits']['val']['count']} val; latent {manifest['tensors']['mean']['shape']}"
+        f", text {manifest['tensors']['text']['shape']}"
+    )
+    return {
+        "train_count": manifest["splits"]["train"]["count"],
+        "val_count": manifest["splits"]["val"]["count"],
+    }
 
 
 def load_split(latent_dir: Path, split: str) -> dict[str, torch.Tensor]:

@@ -70,7 +70,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     per_epoch = n // batch_size
     epoch, j = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=step_generator(seed, epoch, stream=1))
-    return perm[j * batch_size: (j + 1) * batch_size]
+    return perm[j * batch_size : (j + 1) * batch_size]
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -156,21 +156,33 @@ class Checkpointer:
             return []
         return sorted(p for p in self.dir.glob("step-*") if (p / "COMPLETE").is_file())
 
-    def save(self, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-             ema: EMA | None, extra: dict | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        ema: EMA | None,
+        extra: dict | None = None,
+    ) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step:08d}"
         tmp = self.dir / f".tmp-step-{step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  tmp / "model.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors"
+        )
         opt_tensors, opt_meta = _optimizer_to_flat(opt)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         if ema is not None:
             save_file(ema.shadow, tmp / "ema.safetensors")
-        state = {"step": step, "fingerprint": self.fp, "optimizer": opt_meta,
-                 "ema_updates": ema.updates if ema else None, "extra": extra or {}}
+        state = {
+            "step": step,
+            "fingerprint": self.fp,
+            "optimizer": opt_meta,
+            "ema_updates": ema.updates if ema else None,
+            "extra": extra or {},
+        }
         (tmp / "state.json").write_text(json.dumps(state, default=str))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -184,8 +196,7 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                ema: EMA | None) -> int:
+    def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA | None) -> int:
         """Load the newest usable checkpoint; return the step to continue from (0 if none)."""
         for ckpt in reversed(self._complete()):
             try:
@@ -194,8 +205,9 @@ class Checkpointer:
                     say(f"ignoring checkpoint {ckpt.name}: made with other config/data")
                     continue
                 model.load_state_dict(load_file(ckpt / "model.safetensors"))
-                _optimizer_from_flat(opt, load_file(ckpt / "optimizer.safetensors"),
-                                     state["optimizer"])
+                _optimizer_from_flat(
+                    opt, load_file(ckpt / "optimizer.safetensors"), state["optimizer"]
+                )
                 if ema is not None:
                     ema.shadow = load_file(ckpt / "ema.safetensors")
                     ema.updates = int(state["ema_updates"])
@@ -241,9 +253,15 @@ class Trainer:
 
         start = self.checkpoints.restore(self.model, self.optimizer, self.ema)
         self.model.train()
-        bar = tqdm(total=self.cfg.steps, initial=start, desc=self.name, unit="step",
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10,
-                   file=sys.stderr)
+        bar = tqdm(
+            total=self.cfg.steps,
+            initial=start,
+            desc=self.name,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 10,
+            file=sys.stderr,
+        )
         t0, seen, last = time.perf_counter(), 0, {}
         for step in range(start, self.cfg.steps):
             lr = cosine_lr(step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.steps)
@@ -266,8 +284,13 @@ class Trainer:
             bar.update(1)
             if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.steps:
                 rate = seen / max(1e-9, time.perf_counter() - t0)
-                last = {"loss": float(loss.item()), "lr": lr, "grad_norm": float(grad_norm),
-                        "samples_per_s": rate, **metrics}
+                last = {
+                    "loss": float(loss.item()),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "samples_per_s": rate,
+                    **metrics,
+                }
                 bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{rate:.0f}")
                 self.log.log_metrics({f"{self.name}/{k}": v for k, v in last.items()}, step + 1)
             if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.cfg.steps:
@@ -277,5 +300,8 @@ class Trainer:
             self.ema.copy_to(self.model)
         self.model.eval()
         elapsed = time.perf_counter() - t0
-        return {"train_seconds": elapsed, "final_loss": last.get("loss", float("nan")),
-                "resumed_from_step": start}
+        return {
+            "train_seconds": elapsed,
+            "final_loss": last.get("loss", float("nan")),
+            "resumed_from_step": start,
+        }

@@ -40,8 +40,13 @@ class ShapeReading:
     col: str = ""
 
     def as_dict(self) -> dict[str, str]:
-        return {"shape": self.shape, "colour": self.colour, "size": self.size,
-                "row": self.row, "col": self.col}
+        return {
+            "shape": self.shape,
+            "colour": self.colour,
+            "size": self.size,
+            "row": self.row,
+            "col": self.col,
+        }
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray | None:
@@ -68,7 +73,7 @@ def _nearest_cell(centre: float, side: float, size: int) -> int:
 
 def _crop_features(mask: np.ndarray) -> np.ndarray:
     ys, xs = np.nonzero(mask)
-    crop = mask[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1].astype(np.uint8) * 255
+    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.uint8) * 255
     small = Image.fromarray(crop).resize((CROP, CROP), Image.Resampling.BILINEAR)
     return np.asarray(small, dtype=np.float32).ravel() / 255.0
 
@@ -87,9 +92,13 @@ class ShapesOracle:
         feats, labels = [], []
         for i in range(self.n_train):
             size = int(rng.choice([32, 48, 64]))
-            spec = B.ShapeSpec(B.SHAPES[i % 4], str(rng.choice(B.COLOURS)),
-                               str(rng.choice(B.SIZES)), str(rng.choice(B.ROWS)),
-                               str(rng.choice(B.COLS)))
+            spec = B.ShapeSpec(
+                B.SHAPES[i % 4],
+                str(rng.choice(B.COLOURS)),
+                str(rng.choice(B.SIZES)),
+                str(rng.choice(B.ROWS)),
+                str(rng.choice(B.COLS)),
+            )
             img = B.random_shape(spec, size, rng)
             if rng.random() < 0.5:  # augmentation: blur and noise, as samples have both
                 img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
@@ -117,7 +126,9 @@ class ShapesOracle:
         cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
         shape = str(self._shape_clf.predict(_crop_features(mask)[None])[0])
         return ShapeReading(
-            found=True, shape=shape, colour=colour,
+            found=True,
+            shape=shape,
+            colour=colour,
             size="small" if side < B.SIZE_THRESHOLD * size else "large",
             row=B.ROWS[_nearest_cell(cy, side, size)],
             col=B.COLS[_nearest_cell(cx, side, size)],

@@ -27,13 +27,15 @@ SCHEDULERS = {
     "ddpm": lambda cfg: DDPMScheduler.from_config(cfg),
     "ddim": lambda cfg: DDIMScheduler.from_config(cfg),
     "dpm++": lambda cfg: DPMSolverMultistepScheduler.from_config(
-        cfg, algorithm_type="dpmsolver++", solver_order=2),
+        cfg, algorithm_type="dpmsolver++", solver_order=2
+    ),
     "euler": lambda cfg: EulerDiscreteScheduler.from_config(cfg),
 }
 
 
-def assemble(vae_dir: Path, clip_dir: Path, unet_dir: Path,
-             scheduler: str = "dpm++") -> StableDiffusionPipeline:
+def assemble(
+    vae_dir: Path, clip_dir: Path, unet_dir: Path, scheduler: str = "dpm++"
+) -> StableDiffusionPipeline:
     from training.latents import load_text_encoder
 
     tokenizer, text_encoder = load_text_encoder(clip_dir)
@@ -52,7 +54,8 @@ def assemble(vae_dir: Path, clip_dir: Path, unet_dir: Path,
 
 def load(path: str | Path) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(path), safety_checker=None, requires_safety_checker=False, local_files_only=True)
+        str(path), safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -78,8 +81,9 @@ def slug(text: str, max_len: int = 48) -> str:
 
 
 @torch.no_grad()
-def generate(pipe: StableDiffusionPipeline, requests: list[Request],
-             batch_size: int = 64) -> list[Image.Image]:
+def generate(
+    pipe: StableDiffusionPipeline, requests: list[Request], batch_size: int = 64
+) -> list[Image.Image]:
     """Images for ``requests`` in order. Requests sharing (steps, guidance, negative) are
     batched; each image's initial noise comes from its own seed, so an image does not
     depend on what else was in its batch."""
@@ -90,7 +94,7 @@ def generate(pipe: StableDiffusionPipeline, requests: list[Request],
         groups.setdefault((r.steps, r.guidance, r.negative), []).append(i)
     for (steps, guidance, negative), idx in groups.items():
         for start in range(0, len(idx), batch_size):
-            chunk = idx[start: start + batch_size]
+            chunk = idx[start : start + batch_size]
             result = pipe(
                 prompt=[requests[i].prompt for i in chunk],
                 negative_prompt=[negative] * len(chunk) if negative or guidance > 1 else None,

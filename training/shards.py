@@ -63,7 +63,8 @@ def read(paths: Iterable[str | Path]) -> Iterator[Record]:
             key=str(sample["__key__"]),
             image_bytes=bytes(sample[img_ext]),
             image_ext=img_ext,
-            caption=caption.decode("utf-8", errors="replace") if isinstance(caption, bytes)
+            caption=caption.decode("utf-8", errors="replace")
+            if isinstance(caption, bytes)
             else str(caption),
             meta=json.loads(meta) if meta else {},
         )
@@ -100,12 +101,14 @@ class ShardWriter:
     def write(self, rec: Record) -> None:
         if self._tar is None:
             self._open()
-        self._tar.write({
-            "__key__": rec.key,
-            rec.image_ext: rec.image_bytes,
-            "txt": rec.caption.encode("utf-8"),
-            "json": json.dumps(rec.meta, sort_keys=True).encode("utf-8"),
-        })
+        self._tar.write(
+            {
+                "__key__": rec.key,
+                rec.image_ext: rec.image_bytes,
+                "txt": rec.caption.encode("utf-8"),
+                "json": json.dumps(rec.meta, sort_keys=True).encode("utf-8"),
+            }
+        )
         self.count += 1
         self.total += 1
         if self.count >= self.per_shard:

@@ -35,10 +35,13 @@ class Text2Image(mlflow.pyfunc.PythonModel):
         if "prompt" not in model_input.columns:
             raise ValueError("input needs a 'prompt' column")
         requests = [
-            Request(prompt=str(row["prompt"]), seed=int(_value(row, "seed", i)),
-                    steps=int(_value(row, "steps", DEFAULTS["steps"])),
-                    guidance=float(_value(row, "guidance", DEFAULTS["guidance"])),
-                    negative=str(_value(row, "negative_prompt", DEFAULTS["negative_prompt"])))
+            Request(
+                prompt=str(row["prompt"]),
+                seed=int(_value(row, "seed", i)),
+                steps=int(_value(row, "steps", DEFAULTS["steps"])),
+                guidance=float(_value(row, "guidance", DEFAULTS["guidance"])),
+                negative=str(_value(row, "negative_prompt", DEFAULTS["negative_prompt"])),
+            )
             for i, (_, row) in enumerate(model_input.iterrows())
         ]
         images = generate(self.pipe, requests)
@@ -47,8 +50,13 @@ class Text2Image(mlflow.pyfunc.PythonModel):
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             encoded.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-        return pd.DataFrame({"prompt": [r.prompt for r in requests],
-                             "seed": [r.seed for r in requests], "image": encoded})
+        return pd.DataFrame(
+            {
+                "prompt": [r.prompt for r in requests],
+                "seed": [r.seed for r in requests],
+                "image": encoded,
+            }
+        )
 
 
 mlflow.models.set_model(Text2Image())

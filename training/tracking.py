@@ -22,8 +22,12 @@ from typing import Any
 
 EXPERIMENT = "kiln"
 PARENT_ENV = "KILN_PARENT_RUN_ID"
-MODEL_NAMES = {"train_vae": "kiln-vae", "train_clip": "kiln-clip", "train_unet": "kiln-unet",
-               "evaluate": "kiln-text2image"}
+MODEL_NAMES = {
+    "train_vae": "kiln-vae",
+    "train_clip": "kiln-clip",
+    "train_unet": "kiln-unet",
+    "evaluate": "kiln-text2image",
+}
 
 
 def _quiet() -> None:
@@ -62,10 +66,16 @@ def setup(root: Path | None = None):
 
 def git_commit(root: Path | None = None) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if out.returncode != 0:
@@ -134,8 +144,7 @@ class StageRun:
         mv = client.create_model_version(name, source=source, run_id=self.run_id, tags=tags)
         return str(mv.version)
 
-    def register_text2image(self, name: str, pipeline_dir: Path,
-                            metrics: dict[str, Any]) -> str:
+    def register_text2image(self, name: str, pipeline_dir: Path, metrics: dict[str, Any]) -> str:
         """Log the assembled pipeline as a code-defined pyfunc and register it."""
         from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema
@@ -144,13 +153,18 @@ class StageRun:
 
         pkg = Path(training.__file__).parent
         signature = ModelSignature(
-            inputs=Schema([ColSpec("string", "prompt"),
-                           ColSpec("long", "seed", required=False),
-                           ColSpec("long", "steps", required=False),
-                           ColSpec("double", "guidance", required=False),
-                           ColSpec("string", "negative_prompt", required=False)]),
-            outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"),
-                            ColSpec("string", "image")]),
+            inputs=Schema(
+                [
+                    ColSpec("string", "prompt"),
+                    ColSpec("long", "seed", required=False),
+                    ColSpec("long", "steps", required=False),
+                    ColSpec("double", "guidance", required=False),
+                    ColSpec("string", "negative_prompt", required=False),
+                ]
+            ),
+            outputs=Schema(
+                [ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image")]
+            ),
         )
         info = self.mlflow.pyfunc.log_model(
             name="text2image",
@@ -160,8 +174,9 @@ class StageRun:
             signature=signature,
             pip_requirements=_requirements(),
             registered_model_name=name,
-            metadata={"kiln_metrics": {k: v for k, v in metrics.items()
-                                       if isinstance(v, int | float)}},
+            metadata={
+                "kiln_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            },
         )
         from mlflow import MlflowClient
 
@@ -179,27 +194,40 @@ def _requirements() -> list[str]:
     import importlib.metadata as md
 
     pins = []
-    for dist in ("torch", "diffusers", "transformers", "safetensors", "pandas", "pillow",
-                 "tokenizers", "accelerate"):
+    for dist in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "safetensors",
+        "pandas",
+        "pillow",
+        "tokenizers",
+        "accelerate",
+    ):
         with contextlib.suppress(md.PackageNotFoundError):
             pins.append(f"{dist}=={md.version(dist).split('+')[0]}")
     return pins
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params_dict: dict[str, Any], resolved_config: Path,
-              root: Path | None = None) -> Iterator[StageRun]:
+def stage_run(
+    stage: str, params_dict: dict[str, Any], resolved_config: Path, root: Path | None = None
+) -> Iterator[StageRun]:
     """An MLflow run for one stage, nested under the pipeline run if there is one."""
     mlflow = setup(root)
     parent = os.environ.get(PARENT_ENV) or None
     tags = {"kiln.stage": stage, "git.commit": git_commit(root), **dvc_lineage(stage, root)}
     if parent:
         tags["kiln.pipeline_run_id"] = parent
-    with mlflow.start_run(run_name=stage, nested=bool(parent), parent_run_id=parent,
-                          tags=tags) as run:
+    with mlflow.start_run(
+        run_name=stage, nested=bool(parent), parent_run_id=parent, tags=tags
+    ) as run:
         section = params_dict.get(stage if stage != "validate" else "validate", {})
-        flat = {"profile": params_dict["profile"], "seed": params_dict["seed"],
-                **_flatten(section if isinstance(section, dict) else {})}
+        flat = {
+            "profile": params_dict["profile"],
+            "seed": params_dict["seed"],
+            **_flatten(section if isinstance(section, dict) else {}),
+        }
         mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
         mlflow.log_artifact(str(resolved_config), artifact_path="config")
         yield StageRun(mlflow, mlflow.get_run(run.info.run_id))
@@ -209,10 +237,16 @@ def stage_run(stage: str, params_dict: dict[str, Any], resolved_config: Path,
 def pipeline_run(params_dict: dict[str, Any], root: Path | None = None) -> Iterator[str]:
     """The parent run of one pipeline execution; yields its id (also exported in env)."""
     mlflow = setup(root)
-    with mlflow.start_run(run_name="kiln-pipeline",
-                          tags={"kiln.stage": "pipeline", "git.commit": git_commit(root)}) as run:
-        mlflow.log_params({"profile": params_dict["profile"], "seed": params_dict["seed"],
-                           "dataset": params_dict["ingest"]["dataset"]})
+    with mlflow.start_run(
+        run_name="kiln-pipeline", tags={"kiln.stage": "pipeline", "git.commit": git_commit(root)}
+    ) as run:
+        mlflow.log_params(
+            {
+                "profile": params_dict["profile"],
+                "seed": params_dict["seed"],
+                "dataset": params_dict["ingest"]["dataset"],
+            }
+        )
         os.environ[PARENT_ENV] = run.info.run_id
         try:
             yield run.info.run_id
@@ -231,9 +265,12 @@ def tag_stage_outputs(parent_run_id: str, stage: str, root: Path | None = None) 
         return
     lock = yaml.safe_load(lock_path.read_text()).get("stages", {}).get(stage, {})
     runs = mlflow.search_runs(
-        experiment_names=[EXPERIMENT], output_format="list", max_results=1,
+        experiment_names=[EXPERIMENT],
+        output_format="list",
+        max_results=1,
         filter_string=f"tags.`kiln.pipeline_run_id` = '{parent_run_id}' "
-                      f"and tags.`kiln.stage` = '{stage}'")
+        f"and tags.`kiln.stage` = '{stage}'",
+    )
     if not runs:
         return
     client = MlflowClient()
@@ -244,8 +281,9 @@ def tag_stage_outputs(parent_run_id: str, stage: str, root: Path | None = None) 
 def log_pipeline_summary(summary: dict[str, Any], markdown: str) -> None:
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in _flatten(summary).items()
-                        if isinstance(v, int | float)})
+    mlflow.log_metrics(
+        {k: float(v) for k, v in _flatten(summary).items() if isinstance(v, int | float)}
+    )
     mlflow.log_text(markdown, "summary.md")
 
 

@@ -25,8 +25,9 @@ from training.config import Params
 from training.latents import load_split
 
 
-def build(params: Params, latent_channels: int, latent_size: int,
-          text_dim: int) -> UNet2DConditionModel:
+def build(
+    params: Params, latent_channels: int, latent_size: int, text_dim: int
+) -> UNet2DConditionModel:
     c = params.train_unet
     n = len(c.block_out_channels)
     return UNet2DConditionModel(
@@ -45,13 +46,19 @@ def build(params: Params, latent_channels: int, latent_size: int,
 
 def noise_scheduler(params: Params) -> DDPMScheduler:
     c = params.train_unet
-    return DDPMScheduler(num_train_timesteps=c.num_train_timesteps,
-                         beta_schedule=c.beta_schedule, prediction_type=c.prediction_type,
-                         clip_sample=False, steps_offset=1, timestep_spacing="trailing")
+    return DDPMScheduler(
+        num_train_timesteps=c.num_train_timesteps,
+        beta_schedule=c.beta_schedule,
+        prediction_type=c.prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+        timestep_spacing="trailing",
+    )
 
 
-def snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float,
-                prediction_type: str) -> torch.Tensor:
+def snr_weights(
+    sched: DDPMScheduler, t: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
     """Min-SNR-gamma weights expressed for the chosen prediction target."""
     abar = sched.alphas_cumprod[t]
     snr = abar / (1 - abar)
@@ -59,8 +66,13 @@ def snr_weights(sched: DDPMScheduler, t: torch.Tensor, gamma: float,
     return w / snr if prediction_type == "epsilon" else w / (snr + 1)
 
 
-def run(params: Params, latent_dir: Path, out_dir: Path, ckpt_dir: Path,
-        log: M.MetricLogger | None = None) -> dict:
+def run(
+    params: Params,
+    latent_dir: Path,
+    out_dir: Path,
+    ckpt_dir: Path,
+    log: M.MetricLogger | None = None,
+) -> dict:
     log = log or M.NullLogger()
     c = params.train_unet
     torch.manual_seed(params.seed)
@@ -69,18 +81,30 @@ def run(params: Params, latent_dir: Path, out_dir: Path, ckpt_dir: Path,
     null_text = load_file(latent_dir / "null_text.safetensors")["text"]
     scaling = float(manifest["vae"]["scaling_factor"])
     n, ch, size, _ = data["mean"].shape
-    M.say(f"train_unet: {n} latents {ch}x{size}x{size}, text states "
-          f"{tuple(data['text'].shape[1:])}, scaling factor {scaling:.4f}")
+    M.say(
+        f"train_unet: {n} latents {ch}x{size}x{size}, text states "
+        f"{tuple(data['text'].shape[1:])}, scaling factor {scaling:.4f}"
+    )
 
     model = build(params, ch, size, data["text"].shape[-1])
     sched = noise_scheduler(params)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
     trainer = M.Trainer(
-        name="train_unet", model=model, optimizer=opt,
-        cfg=M.LoopCfg(c.steps, c.lr, c.warmup_steps, c.grad_clip, c.batch_size,
-                      c.checkpoint_every, c.log_every),
-        checkpoints=M.Checkpointer(ckpt_dir, M.fingerprint(
-            params.to_dict()["train_unet"], params.seed, manifest)),
+        name="train_unet",
+        model=model,
+        optimizer=opt,
+        cfg=M.LoopCfg(
+            c.steps,
+            c.lr,
+            c.warmup_steps,
+            c.grad_clip,
+            c.batch_size,
+            c.checkpoint_every,
+            c.log_every,
+        ),
+        checkpoints=M.Checkpointer(
+            ckpt_dir, M.fingerprint(params.to_dict()["train_unet"], params.seed, manifest)
+        ),
         log=log,
         ema=M.EMA(model, c.ema_decay),
     )

@@ -36,8 +36,13 @@ def build(params: Params) -> AutoencoderKL:
     )
 
 
-def run(params: Params, clean_dir: Path, out_dir: Path, ckpt_dir: Path,
-        log: M.MetricLogger | None = None) -> dict:
+def run(
+    params: Params,
+    clean_dir: Path,
+    out_dir: Path,
+    ckpt_dir: Path,
+    log: M.MetricLogger | None = None,
+) -> dict:
     """Train on ``clean_dir/train``, validate on ``clean_dir/val``, save to ``out_dir``."""
     from training import shards
 
@@ -48,19 +53,28 @@ def run(params: Params, clean_dir: Path, out_dir: Path, ckpt_dir: Path,
     val_u8, _ = shards.load_images(clean_dir / "val")
     train = to_tensor(train_u8)
     val = to_tensor(val_u8)
-    M.say(f"train_vae: {len(train)} train / {len(val)} val images "
-          f"at {train.shape[-1]} px")
+    M.say(f"train_vae: {len(train)} train / {len(val)} val images at {train.shape[-1]} px")
 
     model = build(params)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
     data_fp = M.fingerprint(len(train), float(train[:64].sum()))
     trainer = M.Trainer(
-        name="train_vae", model=model, optimizer=opt,
-        cfg=M.LoopCfg(c.steps, c.lr, c.warmup_steps, c.grad_clip, c.batch_size,
-                      c.checkpoint_every, c.log_every),
-        checkpoints=M.Checkpointer(ckpt_dir, M.fingerprint(params.to_dict()["train_vae"],
-                                                           params.seed, data_fp)),
+        name="train_vae",
+        model=model,
+        optimizer=opt,
+        cfg=M.LoopCfg(
+            c.steps,
+            c.lr,
+            c.warmup_steps,
+            c.grad_clip,
+            c.batch_size,
+            c.checkpoint_every,
+            c.log_every,
+        ),
+        checkpoints=M.Checkpointer(
+            ckpt_dir, M.fingerprint(params.to_dict()["train_vae"], params.seed, data_fp)
+        ),
         log=log,
     )
 
@@ -80,8 +94,7 @@ def run(params: Params, clean_dir: Path, out_dir: Path, ckpt_dir: Path,
         # Scaling factor from the data (posterior samples of up to 2k training images).
         g = torch.Generator().manual_seed(params.seed)
         sub = train[torch.randperm(len(train), generator=g)[:2048]]
-        lat = torch.cat([model.encode(b).latent_dist.sample(generator=g)
-                         for b in sub.split(256)])
+        lat = torch.cat([model.encode(b).latent_dist.sample(generator=g) for b in sub.split(256)])
         scaling = float(1.0 / lat.std())
         recon = torch.cat([model(b, sample_posterior=False).sample for b in val.split(256)])
         recon = recon.clamp(-1, 1)
@@ -101,6 +114,8 @@ def run(params: Params, clean_dir: Path, out_dir: Path, ckpt_dir: Path,
         "params": n_params,
         **summary,
     }
-    M.say(f"train_vae: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.3f}, "
-          f"scaling factor {scaling:.4f}")
+    M.say(
+        f"train_vae: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.3f}, "
+        f"scaling factor {scaling:.4f}"
+    )
     return metrics

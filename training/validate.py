@@ -24,10 +24,19 @@ from training.config import Params
 def _meta_row(rec) -> dict:
     from PIL import Image
 
-    row = {"key": rec.key, "url": str(rec.meta.get("url", "")), "caption": rec.caption,
-           "caption_chars": len(rec.caption.strip()),
-           "caption_printable": rec.caption.isprintable(), "file_bytes": len(rec.image_bytes),
-           "decoded": True, "width": 0, "height": 0, "aspect": 1.0, "pixel_sha": ""}
+    row = {
+        "key": rec.key,
+        "url": str(rec.meta.get("url", "")),
+        "caption": rec.caption,
+        "caption_chars": len(rec.caption.strip()),
+        "caption_printable": rec.caption.isprintable(),
+        "file_bytes": len(rec.image_bytes),
+        "decoded": True,
+        "width": 0,
+        "height": 0,
+        "aspect": 1.0,
+        "pixel_sha": "",
+    }
     try:
         with Image.open(io.BytesIO(rec.image_bytes)) as img:
             img.load()
@@ -51,8 +60,9 @@ def build_suite(params: Params):
         E.ExpectColumnValuesToBeBetween(column="width", min_value=c.min_side),
         E.ExpectColumnValuesToBeBetween(column="height", min_value=c.min_side),
         E.ExpectColumnValuesToBeBetween(column="aspect", max_value=c.max_aspect_ratio),
-        E.ExpectColumnValuesToBeBetween(column="caption_chars", min_value=c.min_caption_chars,
-                                        max_value=c.max_caption_chars),
+        E.ExpectColumnValuesToBeBetween(
+            column="caption_chars", min_value=c.min_caption_chars, max_value=c.max_caption_chars
+        ),
         E.ExpectColumnValuesToBeInSet(column="caption_printable", value_set=[True]),
         E.ExpectColumnValuesToBeInSet(column="duplicate_image", value_set=[False]),
         E.ExpectColumnValuesToBeInSet(column="duplicate_url", value_set=[False]),
@@ -71,11 +81,13 @@ def check(params: Params, table) -> dict[str, list[str]]:
     asset = ctx.data_sources.add_pandas("kiln").add_dataframe_asset("samples")
     batch_def = asset.add_batch_definition_whole_dataframe("all")
     suite = ctx.suites.add(build_suite(params))
-    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="gate", data=batch_def,
-                                                                suite=suite))
-    result = vd.run(batch_parameters={"dataframe": table},
-                    result_format={"result_format": "COMPLETE",
-                                   "unexpected_index_column_names": ["key"]})
+    vd = ctx.validation_definitions.add(
+        gx.ValidationDefinition(name="gate", data=batch_def, suite=suite)
+    )
+    result = vd.run(
+        batch_parameters={"dataframe": table},
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["key"]},
+    )
     failed: dict[str, list[str]] = {}
     for r in result.results:
         cfg = r.expectation_config
@@ -112,25 +124,42 @@ def run(params: Params, raw_dir: Path, out_dir: Path) -> dict:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     counts: Counter = Counter()
-    with shards.ShardWriter(out_dir / "train", "train", c.samples_per_shard) as tr, \
-         shards.ShardWriter(out_dir / "val", "val", c.samples_per_shard) as va:
+    with (
+        shards.ShardWriter(out_dir / "train", "train", c.samples_per_shard) as tr,
+        shards.ShardWriter(out_dir / "val", "val", c.samples_per_shard) as va,
+    ):
         for rec in shards.read(paths):
             if rec.key in failed:
                 continue
             split = va if in_val(str(rec.meta.get("url") or rec.key), c.val_fraction) else tr
             split.write(rec)
     rejects = pd.DataFrame(
-        [{"key": k, "url": table.loc[table.key == k, "url"].iloc[0],
-          "failed_expectations": ", ".join(v), "reason": v[0]} for k, v in failed.items()],
-        columns=["key", "url", "failed_expectations", "reason"])
+        [
+            {
+                "key": k,
+                "url": table.loc[table.key == k, "url"].iloc[0],
+                "failed_expectations": ", ".join(v),
+                "reason": v[0],
+            }
+            for k, v in failed.items()
+        ],
+        columns=["key", "url", "failed_expectations", "reason"],
+    )
     rejects.to_parquet(out_dir / "rejects.parquet")
     for reasons in failed.values():
         counts.update(reasons)
-    report = {"samples": len(table), "train": tr.total, "val": va.total,
-              "rejected": len(failed), "rejected_by_expectation": dict(counts.most_common())}
+    report = {
+        "samples": len(table),
+        "train": tr.total,
+        "val": va.total,
+        "rejected": len(failed),
+        "rejected_by_expectation": dict(counts.most_common()),
+    }
     M.write_json(out_dir / "report.json", report)
-    M.say(f"validate: {report['train']} train, {report['val']} val, {report['rejected']} "
-          f"rejected {report['rejected_by_expectation'] or ''}")
+    M.say(
+        f"validate: {report['train']} train, {report['val']} val, {report['rejected']} "
+        f"rejected {report['rejected_by_expectation'] or ''}"
+    )
     if tr.total == 0 or va.total == 0:
         raise RuntimeError(f"validate: an empty split is unusable ({report})")
     return report
