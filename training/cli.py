@@ -90,9 +90,8 @@ def run_stage(
     try:
         params = _load_params()
         _require(*inputs)
-        for out in outs:  # DVC removes outs before a run; do the same outside DVC
-            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
         _writable(*outs, METRICS)
+        _cleanup(outs)  # DVC removes outs before a run; do the same outside DVC
         resolved = outs[0] / "resolved_params.json"  # every run records its config
         mechanics.write_json(resolved, params.to_dict())
         with tracking.stage_run(stage, params.to_dict(), resolved) as tr:
@@ -107,7 +106,7 @@ def run_stage(
     except (config.ConfigError, UserError, mechanics.TrainingDiverged) as exc:
         _cleanup(outs)
         fail(str(exc))
-    except (FileNotFoundError, PermissionError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         _cleanup(outs)
         if os.environ.get("KILN_DEBUG"):
             raise
@@ -261,9 +260,11 @@ def run_pipeline(
     typer.echo(summary["text"])
 
 
-def _pipeline_dir(model: str) -> Path:
-    """A StableDiffusionPipeline directory from a path, registry URI or alias."""
+def _pipeline_dir(model: str) -> tuple[Path, str]:
+    """(StableDiffusionPipeline directory, version label) from a path, registry URI or
+    alias of kiln-text2image."""
     p = Path(model)
+    version = str(p.resolve())
     if not p.exists():
         if not model.startswith("models:/"):
             model = (
@@ -274,14 +275,15 @@ def _pipeline_dir(model: str) -> Path:
         from training import tracking
 
         try:
-            p = tracking.resolve_model_dir(model)
+            version = tracking.model_version(model)
+            p = tracking.resolve_model_dir(f"models:/{version}")
         except Exception as exc:
             raise UserError(f"cannot resolve model {model!r}: {exc}") from None
     if (p / "MLmodel").is_file():
         p = p / "artifacts" / "pipeline"
     if not (p / "model_index.json").is_file():
         raise UserError(f"{p} is not a StableDiffusionPipeline directory (no model_index.json)")
-    return p
+    return p, version
 
 
 @app.command()
@@ -302,7 +304,7 @@ def generate(
     from training import sampling
 
     try:
-        pipe_dir = _pipeline_dir(model)
+        pipe_dir, version = _pipeline_dir(model)
         _writable(out)
         pipe = sampling.load(pipe_dir)
         sampling.set_scheduler(pipe, scheduler)
@@ -327,7 +329,7 @@ def generate(
                         "negative_prompt": r.negative,
                         "scheduler": scheduler,
                         "model": model,
-                        "model_dir": str(pipe_dir),
+                        "model_version": version,
                     }
                 )
                 + "\n"
@@ -346,7 +348,7 @@ def export(
     from training import sampling
 
     try:
-        pipe = sampling.load(_pipeline_dir(model))
+        pipe = sampling.load(_pipeline_dir(model)[0])
         _writable(out)
     except UserError as exc:
         fail(str(exc))

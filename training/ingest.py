@@ -116,9 +116,7 @@ def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
     import pandas as pd
 
     c = params.ingest
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if c.dataset == "url-list":
         if not c.url_list:
             raise ValueError("ingest.dataset is 'url-list' but ingest.url_list is not set")

@@ -302,6 +302,22 @@ def latest_versions(root: Path | None = None) -> dict[str, str]:
     return out
 
 
+def model_version(uri: str) -> str:
+    """``name/version`` a registry URI points at now (``models:/n/latest``, ``models:/n@a``)."""
+    from mlflow import MlflowClient
+
+    setup()
+    ref = uri.removeprefix("models:/")
+    client = MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
+    name, _, version = ref.partition("/")
+    if version in ("", "latest"):
+        version = str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
+    return f"{name}/{version}"
+
+
 def resolve_model_dir(uri: str) -> Path:
     """Local directory of a registered model (``models:/name/version|@alias``)."""
     setup()

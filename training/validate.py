@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -121,8 +120,6 @@ def run(params: Params, raw_dir: Path, out_dir: Path) -> dict:
     M.say(f"validate: checking {len(table)} samples with Great Expectations")
     failed = check(params, table)
 
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
     counts: Counter = Counter()
     with (
         shards.ShardWriter(out_dir / "train", "train", c.samples_per_shard) as tr,

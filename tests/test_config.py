@@ -1,0 +1,84 @@
+import pytest
+import yaml
+
+from training import config
+from training.config import ConfigError
+
+from .conftest import REPO
+
+
+def test_repo_params_load_and_default_to_tiny():
+    p = config.load(REPO / "params.yaml")
+    assert p.profile == "tiny"
+    assert p.ingest.dataset == "shapes"
+    assert p.ingest.image_size == 32
+    assert set(p.to_dict()) == {"profile", "seed", *config.STAGES}
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"train_unet": {"lr": "fast"}}, "train_unet.lr"),
+        ({"train_unet": {"lrr": 0.1}}, "unknown key 'train_unet.lrr'"),
+        ({"trian_unet": {}}, "unknown key 'trian_unet'"),
+        ({"profile": "huge"}, "profile"),
+        ({"ingest": {"image_size": "32"}}, "ingest.image_size"),
+        ({"ingest": {"dataset": "cats"}}, "ingest.dataset"),
+        ({"validate": {"val_fraction": 2.0}}, "validate.val_fraction"),
+        ({"train_vae": "big"}, "train_vae"),
+    ],
+)
+def test_bad_params_name_the_key_and_file(tmp_path, raw, needle):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert needle in str(err.value)
+    assert str(path) in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train_unet: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(path)
+    with pytest.raises(ConfigError, match="no such params file"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_profiles_change_sizes_only():
+    tiny, small, base = (config.resolve({"profile": p}) for p in ("tiny", "small", "base"))
+    assert (tiny.ingest.image_size, small.ingest.image_size, base.ingest.image_size) == (
+        32,
+        64,
+        256,
+    )
+    assert small.train_unet.block_out_channels != tiny.train_unet.block_out_channels
+    # Non-size knobs are the same in every profile.
+    for p in (small, base):
+        assert p.train_unet.lr == tiny.train_unet.lr
+        assert p.train_unet.prediction_type == tiny.train_unet.prediction_type
+        assert p.evaluate.scheduler == tiny.evaluate.scheduler
+
+
+def test_params_file_overrides_profile():
+    p = config.resolve(
+        {"profile": "small", "train_unet": {"steps": 7, "block_out_channels": [8, 16]}}
+    )
+    assert p.train_unet.steps == 7
+    assert p.train_unet.block_out_channels == (8, 16)
+
+
+def test_set_values_keeps_comments_and_validates(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    changed = config.set_values(path, {"ingest.dataset": "digits"})
+    assert changed == {"ingest.dataset": ("shapes", "digits")}
+    text = path.read_text()
+    assert "# Kiln parameters" in text and "dataset: digits" in text
+    assert config.load(path).ingest.dataset == "digits"
+    assert config.set_values(path, {"ingest.dataset": "digits"}) == {}
+    with pytest.raises(ConfigError):
+        config.set_values(path, {"ingest.dataset": "cats"})
+    assert config.load(path).ingest.dataset == "digits"  # nothing written on error

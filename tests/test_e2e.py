@@ -1,0 +1,207 @@
+"""End to end: the README's main job on a fresh copy of the repository.
+
+``kiln run --dataset shapes --profile tiny`` is exactly what ``make run`` executes after
+installing (test_readme checks that). One module-scoped run feeds every assertion here:
+outputs of every stage, registry contents and lineage, quality above chance, DVC
+staleness, and the three ways of consuming the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training import config
+
+from .conftest import BIN, copy_project, kiln, project_env
+
+pytestmark = pytest.mark.e2e
+CHANCE = {"acc_shape": 1 / 4, "acc_colour": 1 / 6, "acc_size": 1 / 2, "acc_position": 1 / 9}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    project = copy_project(tmp_path_factory.mktemp("e2e") / "kiln")
+    proc = kiln(project, "run", "--dataset", "shapes", "--profile", "tiny", timeout=3000)
+    return project, proc
+
+
+def _py(project: Path, code: str, timeout: float = 600) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(BIN / "dvc"), *args],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_every_stage_produced_its_outputs(run):
+    project, proc = run
+    d = project / "data"
+    assert list((d / "raw").glob("*.tar")) and (d / "raw" / "report.json").is_file()
+    assert list((d / "clean" / "train").glob("*.tar")) and list((d / "clean" / "val").glob("*.tar"))
+    assert (d / "clean" / "rejects.parquet").is_file()
+    assert (d / "models" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (d / "models" / "clip" / "model.safetensors").is_file()
+    assert (d / "models" / "clip" / "tokenizer.json").is_file()
+    assert (d / "latents" / "manifest.json").is_file()
+    assert (d / "models" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (d / "eval" / "pipeline" / "model_index.json").is_file()
+    assert (d / "eval" / "report.html").stat().st_size > 1000
+    for stage in config.STAGES:
+        assert (d / "metrics" / f"{stage}.json").is_file(), stage
+    # weights are safetensors only, everywhere
+    assert not [p for p in d.rglob("*") if p.suffix in (".bin", ".pkl", ".pt", ".pth", ".ckpt")]
+    assert (project / "mlflow.db").is_file() and (project / "dvc.lock").is_file()
+
+
+def test_summary_names_models_metrics_and_next_command(run):
+    _, proc = run
+    for name in ("kiln-vae", "kiln-clip", "kiln-unet", "kiln-text2image"):
+        assert f"models:/{name}/1" in proc.stdout
+    assert "acc_all" in proc.stdout and "kiln generate" in proc.stdout
+
+
+def test_registry_runs_and_lineage(run):
+    project, _ = run
+    out = _py(
+        project,
+        """
+import json, mlflow
+from mlflow import MlflowClient
+from training import tracking
+tracking.setup()
+c = MlflowClient()
+info = {}
+for name in ("kiln-vae", "kiln-clip", "kiln-unet", "kiln-text2image"):
+    v = c.get_model_version(name, "1")
+    info[name] = {"tags": v.tags, "run_id": v.run_id}
+runs = mlflow.search_runs(experiment_names=["kiln"], output_format="list")
+info["runs"] = [{"name": r.info.run_name, "tags": r.data.tags} for r in runs]
+unet = [r for r in runs if r.info.run_name == "train_unet"][0]
+info["loss_points"] = len(c.get_metric_history(unet.info.run_id, "train_unet/loss"))
+print(json.dumps(info))
+""",
+    )
+    info = json.loads(out.strip().splitlines()[-1])
+    parent = [r for r in info["runs"] if r["name"] == "kiln-pipeline"]
+    assert len(parent) == 1
+    stages = {r["name"]: r["tags"] for r in info["runs"] if r["name"] != "kiln-pipeline"}
+    assert set(stages) == set(config.STAGES)
+    for name, tags in stages.items():
+        assert tags["mlflow.parentRunId"] == tags["kiln.pipeline_run_id"], name
+        assert tags["git.commit"] != "unknown"
+    assert stages["train_unet"]["dvc.dep.data/latents"]  # input hash from dvc.lock
+    assert stages["train_unet"]["dvc.out.data/models/unet"]  # output hash tagged after lock
+    assert info["loss_points"] > 5
+    assert "metric.val_psnr" in info["kiln-vae"]["tags"]
+    assert "metric.acc_all" in info["kiln-text2image"]["tags"]
+
+
+def test_samples_beat_chance_on_every_shapes_attribute(run):
+    project, _ = run
+    m = json.loads((project / "data" / "metrics" / "evaluate.json").read_text())
+    for attr, chance in CHANCE.items():
+        assert m[attr] > chance, (attr, m[attr], chance)
+
+
+def test_generate_from_the_registry(run, tmp_path):
+    project, _ = run
+    out = tmp_path / "samples"
+    kiln(
+        project,
+        "generate",
+        "a large red circle in the center",
+        "a small blue square",
+        "-n",
+        "2",
+        "--seed",
+        "7",
+        "--out",
+        str(out),
+    )
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [x["file"] for x in lines] == [
+        "0000-a-large-red-circle-in-the-center-7.png",
+        "0001-a-large-red-circle-in-the-center-8.png",
+        "0002-a-small-blue-square-7.png",
+        "0003-a-small-blue-square-8.png",
+    ]
+    assert all((out / x["file"]).is_file() for x in lines)
+    assert lines[0]["model_version"] == "kiln-text2image/1"
+    assert lines[0]["scheduler"] == "dpm++" and lines[0]["steps"] == 20
+
+
+def test_export_is_a_diffusers_pipeline_that_loads_offline(run, tmp_path):
+    project, _ = run
+    kiln(project, "export", str(tmp_path / "sd"))
+    out = _py(
+        project,
+        f"""
+import os, torch
+os.environ["HF_HUB_OFFLINE"] = "1"
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({str(tmp_path / "sd")!r}, local_files_only=True)
+img = pipe("a large green square", num_inference_steps=5,
+           generator=torch.Generator().manual_seed(0)).images[0]
+print(img.size)
+""",
+    )
+    assert "(32, 32)" in out
+
+
+def test_pyfunc_from_the_registry_returns_png_images(run):
+    project, _ = run
+    out = _py(
+        project,
+        """
+import base64, io
+import mlflow, pandas as pd
+from PIL import Image
+from training import tracking
+tracking.setup()
+model = mlflow.pyfunc.load_model("models:/kiln-text2image/1")
+res = model.predict(pd.DataFrame({"prompt": ["a small white cross at the top", "a red circle"],
+                                  "seed": [1, 2], "steps": [8, 8]}))
+img = Image.open(io.BytesIO(base64.b64decode(res["image"][0])))
+print(list(res.columns), img.size, img.format)
+""",
+    )
+    assert "['prompt', 'seed', 'image'] (32, 32) PNG" in out
+
+
+def test_second_repro_runs_nothing(run):
+    project, _ = run
+    proc = _dvc(project, "repro")
+    assert "Running stage" not in proc.stdout
+    assert json.loads(_dvc(project, "status", "--json").stdout or "{}") == {}
+
+
+def test_unet_param_change_reruns_only_unet_and_evaluate(run):
+    project, _ = run
+    config.set_values(project / "params.yaml", {"train_unet.steps": 40, "evaluate.max_prompts": 8})
+    proc = _dvc(project, "repro")
+    ran = re.findall(r"Running stage '([^']+)'", proc.stdout)
+    assert ran == ["train_unet", "evaluate"]

@@ -1,0 +1,95 @@
+"""Ingestion through the real img2dataset path (loopback HTTP) and the GX quality gate."""
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from training import config, ingest, shards, validate
+
+
+def _params(**ingest_cfg):
+    return config.resolve(
+        {
+            "ingest": {
+                "num_samples": 60,
+                "processes": 1,
+                "threads": 4,
+                "samples_per_shard": 25,
+                **ingest_cfg,
+            },
+            "validate": {"samples_per_shard": 20, "val_fraction": 0.2},
+        }
+    )
+
+
+def test_builtin_set_goes_through_img2dataset(tmp_path: Path):
+    report = ingest.run(_params(), tmp_path / "raw", tmp_path / "work")
+    assert report["count"] == 60 and report["successes"] == 60
+    assert report["shards"] == 3
+    recs = list(shards.read(shards.shard_paths(tmp_path / "raw")))
+    assert len(recs) == 60
+    assert recs[0].image().size == (32, 32)
+    assert recs[0].meta["url"].startswith("http://127.0.0.1:")
+    assert json.loads(recs[0].meta["meta"])["shape"] in ("circle", "square", "triangle", "cross")
+    assert not (tmp_path / "work" / "source").exists()  # rendered files cleaned up
+
+
+def test_url_list_failures_are_counted_by_reason(tmp_path: Path):
+    site = tmp_path / "site"
+    site.mkdir()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(site / "ok.png")
+    (site / "bad.png").write_bytes(b"<html>not an image</html>")
+    with ingest.serve_directory(site) as base:
+        pd.DataFrame(
+            {
+                "url": [f"{base}/ok.png", f"{base}/missing.png", f"{base}/bad.png"],
+                "text": ["a red square", "gone", "html"],
+            }
+        ).to_parquet(tmp_path / "l.parquet")
+        params = _params(
+            dataset="url-list", url_list=str(tmp_path / "l.parquet"), caption_col="text", retries=0
+        )
+        report = ingest.run(params, tmp_path / "raw", tmp_path / "work")
+    assert report["count"] == 3 and report["successes"] == 1
+    reasons = " ".join(report["failures_by_reason"])
+    assert "404" in reasons
+    assert sum(report["failures_by_reason"].values()) == 2
+
+
+def _png(colour):
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_quality_gate_rejects_with_reasons_and_splits_stably(tmp_path: Path):
+    raw = tmp_path / "raw"
+    with shards.ShardWriter(raw, "raw", 50) as w:
+        for i in range(40):
+            w.write(
+                shards.Record(
+                    f"{i:03d}",
+                    _png((i * 5, 0, 0)),
+                    "png",
+                    f"sample {i}",
+                    {"url": f"http://h/{i}.png"},
+                )
+            )
+        w.write(shards.Record("dupimg", _png((0, 0, 0)), "png", "dup", {"url": "http://h/d"}))
+        w.write(shards.Record("empty", _png((1, 2, 3)), "png", "   ", {"url": "http://h/e"}))
+        w.write(shards.Record("dupurl", _png((9, 9, 9)), "png", "x", {"url": "http://h/3.png"}))
+        w.write(shards.Record("junk", b"not a png", "png", "junk", {"url": "http://h/j"}))
+    report = validate.run(_params(), raw, tmp_path / "clean")
+    rejects = pd.read_parquet(tmp_path / "clean" / "rejects.parquet").set_index("key")
+    assert set(rejects.index) == {"dupimg", "empty", "dupurl", "junk"}
+    assert "duplicate_image" in rejects.loc["dupimg", "reason"]
+    assert "caption_chars" in rejects.loc["empty", "reason"]
+    assert "duplicate_url" in rejects.loc["dupurl", "reason"]
+    assert "decoded" in rejects.loc["junk", "failed_expectations"]
+    assert report["train"] + report["val"] == 40 and report["rejected"] == 4
+    val_keys = {r.key for r in shards.read(shards.shard_paths(tmp_path / "clean" / "val"))}
+    expected = {f"{i:03d}" for i in range(40) if validate.in_val(f"http://h/{i}.png", 0.2)}
+    assert val_keys == expected

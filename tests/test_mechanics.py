@@ -1,0 +1,112 @@
+"""Shared training mechanics: checkpoints, resume, NaN guard, determinism."""
+
+import json
+
+import pytest
+import torch
+
+from training import mechanics as M
+
+
+def _setup(tmp_path, steps=12, every=4, fp="fp"):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cfg = M.LoopCfg(
+        steps=steps,
+        lr=1e-2,
+        warmup_steps=2,
+        grad_clip=1.0,
+        batch_size=8,
+        checkpoint_every=every,
+        log_every=2,
+    )
+    trainer = M.Trainer(
+        "toy", model, opt, cfg, M.Checkpointer(tmp_path / "ck", fp), ema=M.EMA(model, 0.9)
+    )
+    data = torch.randn(64, 4)
+    target = data.sum(1, keepdim=True)
+
+    def step_fn(step):
+        idx = M.batch_indices(len(data), 8, step, seed=0)
+        noise = torch.randn(8, 1, generator=M.step_generator(0, step)) * 0.01
+        return ((model(data[idx]) - target[idx] - noise) ** 2).mean(), {}
+
+    return trainer, step_fn
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    full, fn = _setup(tmp_path / "a")
+    full.fit(fn)
+    # interrupted run: Ctrl-C during step 9 (checkpoint 8 is on disk), then a fresh
+    # trainer — as after a restart — resumes from it
+    part, fn2 = _setup(tmp_path / "b", steps=12)
+
+    def interrupted(step):
+        if step == 9:
+            raise KeyboardInterrupt
+        return fn2(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        part.fit(interrupted)
+    resumed, fn3 = _setup(tmp_path / "b", steps=12)
+    summary = resumed.fit(fn3)
+    assert summary["resumed_from_step"] == 8
+    for a, b in zip(
+        full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_keeps_last_two_complete_checkpoints(tmp_path):
+    trainer, fn = _setup(tmp_path)
+    trainer.fit(fn)
+    kept = sorted(p.name for p in (tmp_path / "ck").glob("step-*"))
+    assert kept == ["step-00000008", "step-00000012"]
+    assert all((tmp_path / "ck" / k / "COMPLETE").is_file() for k in kept)
+    state = json.loads((tmp_path / "ck" / kept[-1] / "state.json").read_text())
+    assert state["step"] == 12
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, capsys):
+    trainer, fn = _setup(tmp_path)
+    trainer.fit(fn)
+    (tmp_path / "ck" / "step-00000012" / "model.safetensors").write_bytes(b"garbage")
+    again, fn2 = _setup(tmp_path)
+    assert again.checkpoints.restore(again.model, again.optimizer, again.ema) == 8
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_checkpoint_from_other_config_is_not_resumed(tmp_path):
+    trainer, fn = _setup(tmp_path)
+    trainer.fit(fn)
+    other, _ = _setup(tmp_path, fp="other")
+    assert other.checkpoints.restore(other.model, other.optimizer, other.ema) == 0
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    trainer, fn = _setup(tmp_path)
+    trainer.fit(fn)
+    (tmp_path / "ck" / "step-00000012" / "COMPLETE").unlink()
+    again, _ = _setup(tmp_path)
+    assert again.checkpoints.restore(again.model, again.optimizer, again.ema) == 8
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path):
+    trainer, _ = _setup(tmp_path)
+    with pytest.raises(M.TrainingDiverged, match="loss is nan at step 0"):
+        trainer.fit(lambda step: (torch.tensor(float("nan"), requires_grad=True), {}))
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    a = M.batch_indices(100, 16, 13, seed=1)
+    assert torch.equal(a, M.batch_indices(100, 16, 13, seed=1))
+    assert not torch.equal(a, M.batch_indices(100, 16, 13, seed=2))
+    epoch = torch.cat([M.batch_indices(100, 16, s, seed=1) for s in range(6)])
+    assert len(set(epoch.tolist())) == 96  # one epoch: no repeats
+
+
+def test_cosine_lr_warms_up_then_decays():
+    lrs = [M.cosine_lr(s, 1.0, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[50] < lrs[20] and lrs[-1] == pytest.approx(0.1, abs=0.01)

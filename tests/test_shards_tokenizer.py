@@ -1,0 +1,58 @@
+import io
+import tarfile
+
+import pytest
+from PIL import Image
+from transformers import CLIPTokenizer
+
+from training import clip, shards
+
+
+def _png(colour=(255, 0, 0)):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_shard_round_trip_and_atomic_names(tmp_path):
+    with shards.ShardWriter(tmp_path, "train", per_shard=3) as w:
+        for i in range(7):
+            w.write(shards.Record(f"k{i}", _png(), "png", f"caption {i}", {"i": i}))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["train-00000.tar", "train-00001.tar", "train-00002.tar"]
+    recs = list(shards.read(shards.shard_paths(tmp_path)))
+    assert [r.caption for r in recs] == [f"caption {i}" for i in range(7)]
+    assert recs[3].meta == {"i": 3} and recs[0].image().size == (8, 8)
+
+
+def test_reader_refuses_pickles_and_pipes(tmp_path):
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("x.png", _png()), ("x.pyd", b"\x80\x04pickle")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match="unsafe"):
+        list(shards.read([path]))
+    with pytest.raises(ValueError, match="pipe"):
+        list(shards.read(["pipe:curl http://example.invalid/x.tar"]))
+
+
+def test_tokenizer_is_clip_style_and_loads_with_transformers(tmp_path):
+    caps = ["a small red circle at the top", "a large blue square on the left"] * 50
+    clip.train_tokenizer(caps, vocab_size=320, max_length=16, out_dir=tmp_path)
+    tok = CLIPTokenizer.from_pretrained(tmp_path)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 1)
+    ids = tok("a small red circle").input_ids
+    assert ids[0] == 0 and ids[-1] == 1
+    assert "circle</w>" in tok.convert_ids_to_tokens(ids)
+    # characters never seen in training still map to real tokens, never to end-of-text
+    odd = tok("Zebra ☃ ünïcode #42!").input_ids
+    assert 1 not in odd[1:-1]
+    padded = clip.encode_text(tok, ["a red circle"])
+    assert padded.shape == (1, 16) and padded[0, -1] == 1
+
+
+def test_identical_captions_are_positives():
+    groups = clip.caption_groups(["a red circle", "A  red circle", "a blue square"])
+    assert groups.tolist() == [0, 0, 1]
