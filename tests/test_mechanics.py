@@ -80,8 +80,10 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, capsys):
 def test_checkpoint_from_other_config_is_not_resumed(tmp_path):
     trainer, fn = _setup(tmp_path)
     trainer.fit(fn)
-    other, _ = _setup(tmp_path, fp="other")
+    other, fn2 = _setup(tmp_path, fp="other", steps=4)
     assert other.checkpoints.restore(other.model, other.optimizer, other.ema) == 0
+    other.fit(fn2)  # its own checkpoints survive pruning; the stale ones are gone
+    assert sorted(p.name for p in (tmp_path / "ck").glob("step-*")) == ["step-00000004"]
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):

@@ -213,7 +213,8 @@ def evaluate() -> None:
     from training.tracking import MODEL_NAMES
 
     def register(tr, metrics: dict) -> str:
-        tr.log_artifacts(EVAL, "evaluation")
+        for name in ("report.html", "samples.png"):  # the pipeline is logged with the model
+            tr.log_image(EVAL / name, "evaluation")
         return tr.register_text2image(MODEL_NAMES["evaluate"], EVAL / "pipeline", metrics)
 
     run_stage(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ProfileName = Literal["tiny", "small", "base"]
 DatasetName = Literal["shapes", "digits", "url-list"]
@@ -117,7 +117,7 @@ class UnetCfg(Section):
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
@@ -126,6 +126,20 @@ class UnetCfg(Section):
     noise_offset: float = Field(0.0, ge=0.0)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(25, ge=1)
+
+
+    @model_validator(mode="after")
+    def _epsilon_needs_nonzero_terminal_snr(self) -> UnetCfg:
+        # The cosine schedule reaches (almost) zero SNR at t=T, where x0 = (x_t -
+        # sigma*eps)/alpha divides by ~0: an eps-predicting model then samples garbage
+        # with any sampler that starts at t=T (DDPM, trailing spacing). v-prediction is
+        # well-defined there (Salimans & Ho 2022; Lin et al. 2024).
+        if self.prediction_type == "epsilon" and self.beta_schedule == "squaredcos_cap_v2":
+            raise ValueError(
+                "prediction_type 'epsilon' is ill-conditioned with the cosine schedule "
+                "(zero terminal SNR); use v_prediction or beta_schedule scaled_linear"
+            )
+        return self
 
 
 class EvaluateCfg(Section):

@@ -202,7 +202,10 @@ class Checkpointer:
             try:
                 state = json.loads((ckpt / "state.json").read_text())
                 if state["fingerprint"] != self.fp:
-                    say(f"ignoring checkpoint {ckpt.name}: made with other config/data")
+                    # Made with other config or data: it can never be resumed, and left
+                    # in place it would confuse "keep the last two".
+                    say(f"removing stale checkpoint {ckpt.name} (other config/data)")
+                    shutil.rmtree(ckpt, ignore_errors=True)
                     continue
                 model.load_state_dict(load_file(ckpt / "model.safetensors"))
                 _optimizer_from_flat(
@@ -302,6 +305,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         return {
             "train_seconds": elapsed,
+            "samples_per_s": seen / max(elapsed, 1e-9),
             "final_loss": last.get("loss", float("nan")),
             "resumed_from_step": start,
         }

@@ -222,7 +222,7 @@ def stage_run(
     with mlflow.start_run(
         run_name=stage, nested=bool(parent), parent_run_id=parent, tags=tags
     ) as run:
-        section = params_dict.get(stage if stage != "validate" else "validate", {})
+        section = params_dict.get(stage, {})
         flat = {
             "profile": params_dict["profile"],
             "seed": params_dict["seed"],
