@@ -120,6 +120,36 @@ print(json.dumps(info))
     assert "metric.acc_all" in info["kiln-text2image"]["tags"]
 
 
+def test_prefect_flow_run_completed_with_summary_artifact(run):
+    project, _ = run
+    out = _py(
+        project,
+        """
+import asyncio, json
+from training.env import offline_defaults
+offline_defaults()
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+async def main():
+    async with get_client() as client:
+        runs = await client.read_flow_runs()
+        arts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["kiln-summary"])))
+        print("RESULT" + json.dumps({"flows": [(r.flow_id is not None, r.state.type.value)
+                                               for r in runs],
+                                     "markdown": arts[0].data}))
+
+asyncio.run(main())
+""",
+    )
+    line = next(x for x in out.splitlines() if x.startswith("RESULT"))
+    result = json.loads(line.removeprefix("RESULT"))
+    assert result["flows"] == [[True, "COMPLETED"]]
+    md = result["markdown"]
+    assert "# Kiln pipeline" in md and "| acc_all |" in md and "kiln-text2image" in md
+
+
 def test_samples_beat_chance_on_every_shapes_attribute(run):
     project, _ = run
     m = json.loads((project / "data" / "metrics" / "evaluate.json").read_text())

@@ -127,7 +127,6 @@ class UnetCfg(Section):
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(25, ge=1)
 
-
     @model_validator(mode="after")
     def _epsilon_needs_nonzero_terminal_snr(self) -> UnetCfg:
         # The cosine schedule reaches (almost) zero SNR at t=T, where x0 = (x_t -
