@@ -29,7 +29,7 @@ def test_builtin_set_goes_through_img2dataset(tmp_path: Path):
     report = ingest.run(_params(), tmp_path / "raw", tmp_path / "work")
     assert report["count"] == 60 and report["successes"] == 60
     assert report["shards"] == 3
-    recs = list(shards.read(shards.shard_paths(tmp_path / "raw")))
+    recs = list(shards.read(shards.shard_paths(tmp_path / "raw" / "shards")))
     assert len(recs) == 60
     assert recs[0].image().size == (32, 32)
     assert recs[0].meta["url"].startswith("http://127.0.0.1:")

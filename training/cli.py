@@ -139,7 +139,7 @@ def validate() -> None:
     """Stage 2: Great Expectations gate; writes clean train/val shards and rejects."""
     from training import validate as phase
 
-    run_stage("validate", [CLEAN], [RAW], lambda p, tr: phase.run(p, RAW, CLEAN))
+    run_stage("validate", [CLEAN], [RAW], lambda p, tr: phase.run(p, RAW / "shards", CLEAN))
 
 
 def _register_dir(stage: str) -> Callable:

@@ -112,11 +112,13 @@ def download(
 
 
 def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
-    """Ingest ``params.ingest`` into ``out_dir`` (shards + ``report.json``)."""
+    """Ingest ``params.ingest`` into ``out_dir``: ``shards/`` (img2dataset's own folder:
+    it treats every file there as one of its shards) and ``report.json``."""
     import pandas as pd
 
     c = params.ingest
-    out_dir.mkdir(parents=True, exist_ok=True)
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
     if c.dataset == "url-list":
         if not c.url_list:
             raise ValueError("ingest.dataset is 'url-list' but ingest.url_list is not set")
@@ -134,7 +136,7 @@ def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
         if fmt is None:
             raise ValueError(f"{src}: unsupported url list format (parquet/csv/tsv/jsonl)")
         M.say(f"ingest: downloading {src} with img2dataset")
-        download(src, fmt, out_dir, params, c.url_col, c.caption_col)
+        download(src, fmt, shard_dir, params, c.url_col, c.caption_col)
     else:
         source = work_dir / "source"
         shutil.rmtree(source, ignore_errors=True)
@@ -151,9 +153,9 @@ def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
             url_list = work_dir / "urls.parquet"
             urls.to_parquet(url_list)
             M.say(f"ingest: serving {len(rows)} images on {base}; fetching with img2dataset")
-            download(url_list, "parquet", out_dir, params, "url", "caption", ["meta"])
+            download(url_list, "parquet", shard_dir, params, "url", "caption", ["meta"])
         shutil.rmtree(source, ignore_errors=True)
-    report = {"dataset": c.dataset, "image_size": c.image_size, **summarize(out_dir)}
+    report = {"dataset": c.dataset, "image_size": c.image_size, **summarize(shard_dir)}
     M.write_json(out_dir / "report.json", report)
     M.say(
         f"ingest: {report.get('successes', 0)}/{report.get('count', 0)} images in "
