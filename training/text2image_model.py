@@ -25,7 +25,10 @@ def _value(row: pd.Series, col: str, default):
 
 class Text2Image(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        from training.env import offline_defaults
         from training.sampling import load
+
+        offline_defaults()  # never reach for a hub; no library progress bars in serving
 
         self.pipe = load(context.artifacts["pipeline"])
 
