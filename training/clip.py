@@ -169,24 +169,7 @@ def run(
     model = build(params, len(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.1)
     data_fp = M.fingerprint(len(train_caps), train_caps[:32])
-    trainer = M.Trainer(
-        name="train_clip",
-        model=model,
-        optimizer=opt,
-        cfg=M.LoopCfg(
-            c.steps,
-            c.lr,
-            c.warmup_steps,
-            c.grad_clip,
-            c.batch_size,
-            c.checkpoint_every,
-            c.log_every,
-        ),
-        checkpoints=M.Checkpointer(
-            ckpt_dir, M.fingerprint(params.to_dict()["train_clip"], params.seed, data_fp)
-        ),
-        log=log,
-    )
+    trainer = M.stage_trainer("train_clip", model, opt, c, params.seed, ckpt_dir, data_fp, log)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         idx = M.batch_indices(len(train_px), c.batch_size, step, params.seed)

@@ -22,6 +22,9 @@ DEFAULTS = {
     "MLFLOW_ENABLE_TELEMETRY": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # A fresh Prefect home migrates its SQLite database when the ephemeral API first
+    # starts; on a busy 2-core machine that takes longer than Prefect's 20 s default.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONWARNINGS": "ignore",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

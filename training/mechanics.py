@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -309,3 +310,30 @@ class Trainer:
             "final_loss": last.get("loss", float("nan")),
             "resumed_from_step": start,
         }
+
+
+def stage_trainer(
+    name: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    section: Any,
+    seed: int,
+    ckpt_dir: str | Path,
+    data_id: Any,
+    log: MetricLogger,
+    ema: EMA | None = None,
+) -> Trainer:
+    """The ``Trainer`` of a training stage: loop knobs read from its config section,
+    checkpoints fingerprinted by that section, the seed and ``data_id`` (whatever
+    identifies the training data), so a checkpoint is only resumed into the same run."""
+    knobs = {f.name: getattr(section, f.name) for f in dataclasses.fields(LoopCfg)}
+    fp = fingerprint(section.model_dump(mode="json"), seed, data_id)
+    return Trainer(
+        name=name,
+        model=model,
+        optimizer=optimizer,
+        cfg=LoopCfg(**knobs),
+        checkpoints=Checkpointer(ckpt_dir, fp),
+        log=log,
+        ema=ema,
+    )

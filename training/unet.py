@@ -89,23 +89,15 @@ def run(
     model = build(params, ch, size, data["text"].shape[-1])
     sched = noise_scheduler(params)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
-    trainer = M.Trainer(
-        name="train_unet",
-        model=model,
-        optimizer=opt,
-        cfg=M.LoopCfg(
-            c.steps,
-            c.lr,
-            c.warmup_steps,
-            c.grad_clip,
-            c.batch_size,
-            c.checkpoint_every,
-            c.log_every,
-        ),
-        checkpoints=M.Checkpointer(
-            ckpt_dir, M.fingerprint(params.to_dict()["train_unet"], params.seed, manifest)
-        ),
-        log=log,
+    trainer = M.stage_trainer(
+        "train_unet",
+        model,
+        opt,
+        c,
+        params.seed,
+        ckpt_dir,
+        manifest,
+        log,
         ema=M.EMA(model, c.ema_decay),
     )
 

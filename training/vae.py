@@ -59,24 +59,7 @@ def run(
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
     data_fp = M.fingerprint(len(train), float(train[:64].sum()))
-    trainer = M.Trainer(
-        name="train_vae",
-        model=model,
-        optimizer=opt,
-        cfg=M.LoopCfg(
-            c.steps,
-            c.lr,
-            c.warmup_steps,
-            c.grad_clip,
-            c.batch_size,
-            c.checkpoint_every,
-            c.log_every,
-        ),
-        checkpoints=M.Checkpointer(
-            ckpt_dir, M.fingerprint(params.to_dict()["train_vae"], params.seed, data_fp)
-        ),
-        log=log,
-    )
+    trainer = M.stage_trainer("train_vae", model, opt, c, params.seed, ckpt_dir, data_fp, log)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x = train[M.batch_indices(len(train), c.batch_size, step, params.seed)]
