@@ -94,6 +94,7 @@ def summarize(params: dict, versions: dict[str, str]) -> tuple[str, str]:
             "acc_digit",
             "clip_score",
             "vae_psnr",
+            "ceiling_acc_all_vae_recon",
             "images_per_s",
         )
         if k in ev

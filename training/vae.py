@@ -1,9 +1,13 @@
 """Phase ``train_vae``: a ``diffusers.AutoencoderKL`` trained from scratch.
 
-Loss = reconstruction (L1 or MSE) + beta * KL (Kingma & Welling; SD's first stage uses a
-tiny KL weight so the latent stays close to a deterministic code). After training the
-latent scaling factor is measured from data — 1 / std of training latents, as SD's
-0.18215 was — and written into the saved config, so the U-Net sees unit-variance inputs.
+Loss = reconstruction (MSE by default, or L1) + beta * KL (Kingma & Welling; SD's first
+stage uses a tiny KL weight so the latent stays close to a deterministic code). MSE is
+the default because the built-in images are small saturated objects on black: an
+L1-trained VAE here reconstructed red and green objects as dull grey, which capped the
+whole model's colour accuracy (see the evaluation's ``ceiling_acc_all_vae_recon``).
+After training the latent scaling factor is measured from data — 1 / std of training
+latents, as SD's 0.18215 was — and written into the saved config, so the U-Net sees
+unit-variance inputs.
 """
 
 from __future__ import annotations
