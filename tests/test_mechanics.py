@@ -112,3 +112,50 @@ def test_cosine_lr_warms_up_then_decays():
     lrs = [M.cosine_lr(s, 1.0, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[50] < lrs[20] and lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_device_follows_kiln_device_and_cpu_runs_full_precision(monkeypatch):
+    monkeypatch.setenv("KILN_DEVICE", "cpu")
+    dev = M.device()
+    assert dev == torch.device("cpu")
+    with M.autocast(dev):
+        assert not torch.is_autocast_enabled("cuda") and not torch.is_autocast_enabled("cpu")
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trainer_on_cuda_trains_under_bf16_autocast(tmp_path, monkeypatch):
+    monkeypatch.delenv("KILN_DEVICE", raising=False)
+    assert M.device().type == "cuda"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    section = M.LoopCfg(
+        steps=60,
+        lr=1e-2,
+        warmup_steps=2,
+        grad_clip=1.0,
+        batch_size=8,
+        checkpoint_every=30,
+        log_every=10,
+    )
+    trainer = M.Trainer(
+        "toy", model, opt, section, M.Checkpointer(tmp_path, "fp"), ema=None, device=M.device()
+    )
+    model.to(trainer.device)
+    data = torch.randn(64, 4)
+    seen_dtypes, losses = set(), []
+
+    def step_fn(step):
+        idx = M.batch_indices(len(data), 8, step, seed=0)
+        x = data[idx].to(trainer.device)
+        out = model(x)
+        seen_dtypes.add(out.dtype)
+        loss = ((out.float() - x.sum(1, keepdim=True)) ** 2).mean()
+        losses.append(float(loss))
+        return loss, {}
+
+    trainer.fit(step_fn)
+    assert seen_dtypes == {torch.bfloat16}
+    assert sum(losses[-10:]) < sum(losses[:10])
+    assert next(model.parameters()).device.type == "cuda"

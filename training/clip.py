@@ -125,15 +125,16 @@ def embed(
     ids: torch.Tensor | None = None,
     batch: int = 256,
 ) -> torch.Tensor:
-    """Normalised projected embeddings (transformers 5: features come as ModelOutput)."""
+    """Normalised projected embeddings, on the CPU, computed on the model's device
+    (transformers 5: features come as ModelOutput)."""
     outs = []
     if pixels is not None:
         for b in pixels.split(batch):
-            outs.append(model.get_image_features(pixel_values=b).pooler_output)
+            outs.append(model.get_image_features(pixel_values=b.to(model.device)).pooler_output)
     else:
         for b in ids.split(batch):
-            outs.append(model.get_text_features(input_ids=b).pooler_output)
-    return F.normalize(torch.cat(outs), dim=-1)
+            outs.append(model.get_text_features(input_ids=b.to(model.device)).pooler_output)
+    return F.normalize(torch.cat(outs).float().cpu(), dim=-1)
 
 
 def recall_at(sim: torch.Tensor, groups_q: torch.Tensor, groups_k: torch.Tensor, k: int) -> float:
@@ -170,12 +171,14 @@ def run(
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.1)
     data_fp = M.fingerprint(len(train_caps), train_caps[:32])
     trainer = M.stage_trainer("train_clip", model, opt, c, params.seed, ckpt_dir, data_fp, log)
+    dev = trainer.device
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         idx = M.batch_indices(len(train_px), c.batch_size, step, params.seed)
-        out = model(input_ids=train_ids[idx], pixel_values=train_px[idx])
+        out = model(input_ids=train_ids[idx].to(dev), pixel_values=train_px[idx].to(dev))
         scale = model.logit_scale.exp().clamp(max=100)
-        loss = contrastive_loss(out.image_embeds, out.text_embeds, scale, train_groups[idx])
+        groups = train_groups[idx].to(dev)
+        loss = contrastive_loss(out.image_embeds.float(), out.text_embeds.float(), scale, groups)
         return loss, {"logit_scale": float(scale)}
 
     summary = trainer.fit(step_fn)

@@ -43,7 +43,7 @@ def clip_scores(clip_dir: Path, prompts: list[str], images: list) -> np.ndarray:
     from training.clip import embed, encode_text
     from training.images import to_tensor
 
-    model = CLIPModel.from_pretrained(clip_dir).eval()
+    model = CLIPModel.from_pretrained(clip_dir).eval().to(M.device())
     tok = CLIPTokenizer.from_pretrained(clip_dir)
     px = to_tensor(np.stack([np.asarray(i.convert("RGB")) for i in images]))
     img_e = embed(model, pixels=px)
@@ -70,14 +70,17 @@ def reconstruction_scores(
     from training import shards
     from training.images import psnr, to_tensor, to_uint8
 
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    dev = M.device()
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
     records = []
     for rec in shards.read(shards.shard_paths(clean_dir / "val")):
         records.append(rec)
         if len(records) >= limit:
             break
     x = to_tensor(np.stack([np.asarray(r.image(), dtype=np.uint8) for r in records]))
-    rec = torch.cat([vae(b, sample_posterior=False).sample.clamp(-1, 1) for b in x.split(128)])
+    rec = torch.cat(
+        [vae(b.to(dev), sample_posterior=False).sample.clamp(-1, 1).cpu() for b in x.split(128)]
+    )
     out = {"vae_psnr": float(np.mean(psnr(rec, x)))}
     if oracle is None:
         return out

@@ -50,7 +50,8 @@ def text_states(
 ) -> torch.Tensor:
     from training.clip import encode_text
 
-    return encoder(encode_text(tokenizer, captions)).last_hidden_state
+    ids = encode_text(tokenizer, captions).to(encoder.device)
+    return encoder(ids).last_hidden_state.float().cpu()
 
 
 def _batches(records: Iterator, size: int) -> Iterator[list]:
@@ -100,8 +101,10 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     from training.images import to_tensor
 
     c = params.precompute_latents
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    dev = M.device()
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
     tokenizer, encoder = load_text_encoder(clip_dir)
+    encoder.to(dev)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict = {
         "vae": {
@@ -118,9 +121,11 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
         with torch.no_grad():
             for batch in _batches(shards.read(shards.shard_paths(clean_dir / split)), c.batch_size):
                 x = to_tensor(np.stack([np.asarray(r.image(), dtype=np.uint8) for r in batch]))
-                post = vae.encode(x).latent_dist
+                post = vae.encode(x.to(dev)).latent_dist
                 text = text_states(tokenizer, encoder, [r.caption for r in batch])
-                writer.add([r.key for r in batch], mean=post.mean, std=post.std, text=text)
+                writer.add(
+                    [r.key for r in batch], mean=post.mean.cpu(), std=post.std.cpu(), text=text
+                )
                 bar.update(len(batch))
         writer.flush()
         bar.close()

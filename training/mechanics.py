@@ -6,6 +6,9 @@
   order a pure function of ``(seed, epoch)`` (``batch_indices``), so resuming at step k
   needs only the weights and optimizer state: no RNG state, no data-loader position,
   and a resumed run is bitwise identical to an uninterrupted one.
+* Device: the GPU when there is one (``KILN_DEVICE`` overrides), with bf16 autocast
+  there; the CPU otherwise. Data stays on the CPU and batches move per step, so the
+  ``(seed, step)`` randomness is drawn on the CPU and identical on every device.
 * Checkpoints are safetensors + JSON, written atomically (temp dir, fsync, rename, then
   a ``COMPLETE`` marker); the last two are kept; a corrupt newest one falls back to the
   previous with a warning; a checkpoint made with a different config or data
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -50,6 +54,22 @@ class NullLogger:
 
 def say(msg: str) -> None:
     print(f"[kiln] {msg}", file=sys.stderr, flush=True)
+
+
+def device() -> torch.device:
+    """Where training and sampling run: ``KILN_DEVICE`` if set (``cpu``, ``cuda``,
+    ``cuda:1``), else the GPU when there is one. An environment setting, not a
+    params.yaml key: where a stage runs must not make DVC call its outputs stale."""
+    name = os.environ.get("KILN_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(dev: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (bf16 needs no loss scaling); full precision on the CPU,
+    where bf16 made the U-Net step 2.1x slower (benchmarks/RESULTS.md)."""
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def fingerprint(*parts: Any) -> str:
@@ -213,7 +233,8 @@ class Checkpointer:
                     opt, load_file(ckpt / "optimizer.safetensors"), state["optimizer"]
                 )
                 if ema is not None:
-                    ema.shadow = load_file(ckpt / "ema.safetensors")
+                    dev = str(next(model.parameters()).device)
+                    ema.shadow = load_file(ckpt / "ema.safetensors", device=dev)
                     ema.updates = int(state["ema_updates"])
             except Exception as exc:  # corrupt/truncated files: fall back to the previous
                 say(f"WARNING: checkpoint {ckpt} is unreadable ({exc}); trying an older one")
@@ -251,6 +272,7 @@ class Trainer:
     checkpoints: Checkpointer
     log: MetricLogger = field(default_factory=NullLogger)
     ema: EMA | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def fit(self, step_fn: Callable[[int], tuple[torch.Tensor, dict[str, float]]]) -> dict:
         from tqdm.auto import tqdm
@@ -271,7 +293,8 @@ class Trainer:
             lr = cosine_lr(step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss, metrics = step_fn(step)
+            with autocast(self.device):
+                loss, metrics = step_fn(step)
             if not torch.isfinite(loss):
                 bar.close()
                 raise TrainingDiverged(
@@ -321,11 +344,15 @@ def stage_trainer(
     ckpt_dir: str | Path,
     data_id: Any,
     log: MetricLogger,
-    ema: EMA | None = None,
+    ema_decay: float | None = None,
 ) -> Trainer:
-    """The ``Trainer`` of a training stage: loop knobs read from its config section,
+    """The ``Trainer`` of a training stage: the model moved to ``device()``, loop knobs
+    read from its config section, an EMA of the weights if ``ema_decay`` is given, and
     checkpoints fingerprinted by that section, the seed and ``data_id`` (whatever
-    identifies the training data), so a checkpoint is only resumed into the same run."""
+    identifies the training data), so a checkpoint is only resumed into the same run.
+    The optimizer may be made before: moving a module keeps its parameter objects."""
+    dev = device()
+    model.to(dev)
     knobs = {f.name: getattr(section, f.name) for f in dataclasses.fields(LoopCfg)}
     fp = fingerprint(section.model_dump(mode="json"), seed, data_id)
     return Trainer(
@@ -335,5 +362,6 @@ def stage_trainer(
         cfg=LoopCfg(**knobs),
         checkpoints=Checkpointer(ckpt_dir, fp),
         log=log,
-        ema=ema,
+        ema=EMA(model, ema_decay) if ema_decay is not None else None,
+        device=dev,
     )

@@ -53,11 +53,14 @@ def assemble(
 
 
 def load(path: str | Path) -> StableDiffusionPipeline:
+    """A saved pipeline directory, on the GPU when there is one (``mechanics.device``)."""
+    from training.mechanics import device
+
     pipe = StableDiffusionPipeline.from_pretrained(
         str(path), safety_checker=None, requires_safety_checker=False, local_files_only=True
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device())
 
 
 def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:

@@ -90,18 +90,13 @@ def run(
     sched = noise_scheduler(params)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
     trainer = M.stage_trainer(
-        "train_unet",
-        model,
-        opt,
-        c,
-        params.seed,
-        ckpt_dir,
-        manifest,
-        log,
-        ema=M.EMA(model, c.ema_decay),
+        "train_unet", model, opt, c, params.seed, ckpt_dir, manifest, log, c.ema_decay
     )
+    dev = trainer.device
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        # Noising happens on the CPU from the (seed, step) generator, so the batch is the
+        # same on every device; only the network runs on `dev`.
         g = M.step_generator(params.seed, step)
         idx = M.batch_indices(n, c.batch_size, step, params.seed)
         b = len(idx)
@@ -115,10 +110,11 @@ def run(
         text = torch.where(drop[:, None, None], null_text.expand_as(text), text)
         zt = sched.add_noise(z0, noise, t)
         target = noise if c.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
-        pred = model(zt, t, encoder_hidden_states=text).sample
-        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        pred = model(zt.to(dev), t.to(dev), encoder_hidden_states=text.to(dev)).sample
+        per_sample = F.mse_loss(pred.float(), target.to(dev), reduction="none").mean(dim=(1, 2, 3))
         if c.min_snr_gamma is not None:
-            per_sample = per_sample * snr_weights(sched, t, c.min_snr_gamma, c.prediction_type)
+            w = snr_weights(sched, t, c.min_snr_gamma, c.prediction_type)
+            per_sample = per_sample * w.to(dev)
         return per_sample.mean(), {}
 
     summary = trainer.fit(step_fn)  # leaves the EMA weights in `model`

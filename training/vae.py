@@ -64,12 +64,13 @@ def run(
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
     data_fp = M.fingerprint(len(train), float(train[:64].sum()))
     trainer = M.stage_trainer("train_vae", model, opt, c, params.seed, ckpt_dir, data_fp, log)
+    dev = trainer.device
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        x = train[M.batch_indices(len(train), c.batch_size, step, params.seed)]
+        x = train[M.batch_indices(len(train), c.batch_size, step, params.seed)].to(dev)
         post = model.encode(x).latent_dist
         eps = torch.randn(post.mean.shape, generator=M.step_generator(params.seed, step))
-        z = post.mean + post.std * eps
+        z = post.mean + post.std * eps.to(dev)
         recon = model.decode(z).sample
         rec = F.l1_loss(recon, x) if c.recon_loss == "l1" else F.mse_loss(recon, x)
         kl = post.kl().mean() / x[0].numel()  # per-pixel, so beta is resolution-free
@@ -81,9 +82,13 @@ def run(
         # Scaling factor from the data (posterior samples of up to 2k training images).
         g = torch.Generator().manual_seed(params.seed)
         sub = train[torch.randperm(len(train), generator=g)[:2048]]
-        lat = torch.cat([model.encode(b).latent_dist.sample(generator=g) for b in sub.split(256)])
+        lat = torch.cat(
+            [model.encode(b.to(dev)).latent_dist.sample(generator=g) for b in sub.split(256)]
+        )
         scaling = float(1.0 / lat.std())
-        recon = torch.cat([model(b, sample_posterior=False).sample for b in val.split(256)])
+        recon = torch.cat(
+            [model(b.to(dev), sample_posterior=False).sample.cpu() for b in val.split(256)]
+        )
         recon = recon.clamp(-1, 1)
     model.register_to_config(scaling_factor=scaling)
     out_dir.mkdir(parents=True, exist_ok=True)
