@@ -37,7 +37,9 @@ def run_one(project: Path, name: str, overrides: dict) -> dict:
     params = config.resolve(raw, source=f"{name} overrides")
     data, out = project / "data", project / "unet_sweep" / name
     t0 = time.perf_counter()
-    m = unet.run(params, data / "latents", out / "unet", out / "checkpoints")
+    m = unet.run(
+        params, data / "latents", data / "models" / "vae", out / "unet", out / "checkpoints"
+    )
     train_s = time.perf_counter() - t0
     e = evaluate.run(
         params,

@@ -68,6 +68,9 @@ def test_every_stage_produced_its_outputs(run):
     assert (d / "models" / "clip" / "tokenizer.json").is_file()
     assert (d / "latents" / "manifest.json").is_file()
     assert (d / "models" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    # sample grids of the preview prompts while training: every 600 steps and the last
+    previews = sorted(p.name for p in (d / "models" / "unet" / "previews").glob("*.png"))
+    assert previews == ["step-000600.png", "step-001200.png", "step-001800.png"]
     assert (d / "eval" / "pipeline" / "model_index.json").is_file()
     assert (d / "eval" / "report.html").stat().st_size > 1000
     for stage in config.STAGES:

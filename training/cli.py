@@ -200,8 +200,8 @@ def train_unet() -> None:
     run_stage(
         "train_unet",
         [out],
-        [LATENTS],
-        lambda p, tr: unet.run(p, LATENTS, out, CKPT / "train_unet", tr),
+        [LATENTS, MODELS["train_vae"]],
+        lambda p, tr: unet.run(p, LATENTS, MODELS["train_vae"], out, CKPT / "train_unet", tr),
         _register_dir("train_unet"),
     )
 

@@ -128,6 +128,7 @@ class UnetCfg(Section):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     min_snr_gamma: float | None = Field(5.0, gt=0)
     noise_offset: float = Field(0.0, ge=0.0)
+    preview_every: int = Field(600, ge=0)  # sample grid of the preview prompts; 0 = never
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(25, ge=1)
 

@@ -54,6 +54,22 @@ def text_states(
     return encoder(ids).last_hidden_state.float().cpu()
 
 
+PREVIEW_PROMPTS = 8
+
+
+def preview_prompts(params: Params, val_captions: list[str]) -> list[str]:
+    """The few fixed prompts ``train_unet`` samples while it trains: a seeded spread of
+    the built-in set's evaluation prompts, or the first distinct validation captions."""
+    ds = params.ingest.dataset
+    if ds not in ("shapes", "digits"):
+        return list(dict.fromkeys(val_captions))[:PREVIEW_PROMPTS]
+    from training.builtin import eval_prompts
+
+    prompts = list(dict.fromkeys(p.prompt for p in eval_prompts(ds)))
+    pick = np.random.default_rng(params.seed).permutation(len(prompts))[:PREVIEW_PROMPTS]
+    return [prompts[i] for i in sorted(pick)]
+
+
 def _batches(records: Iterator, size: int) -> Iterator[list]:
     batch = []
     for r in records:
@@ -115,6 +131,7 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
         "clip": {"path": str(clip_dir), "fingerprint": dir_fingerprint(clip_dir)},
         "splits": {},
     }
+    val_captions: list[str] = []
     for split in ("train", "val"):
         writer = _ShardWriter(out_dir, split, c.samples_per_shard)
         bar = tqdm(desc=f"latents/{split}", unit="img", mininterval=5)
@@ -122,6 +139,8 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
             for batch in _batches(shards.read(shards.shard_paths(clean_dir / split)), c.batch_size):
                 x = to_tensor(np.stack([np.asarray(r.image(), dtype=np.uint8) for r in batch]))
                 post = vae.encode(x.to(dev)).latent_dist
+                if split == "val":
+                    val_captions.extend(r.caption for r in batch)
                 text = text_states(tokenizer, encoder, [r.caption for r in batch])
                 writer.add(
                     [r.key for r in batch], mean=post.mean.cpu(), std=post.std.cpu(), text=text
@@ -136,6 +155,9 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
         }
     null = text_states(tokenizer, encoder, [""])[0]
     save_file({"text": null.contiguous()}, out_dir / "null_text.safetensors")
+    manifest["preview_prompts"] = preview_prompts(params, val_captions)
+    preview = text_states(tokenizer, encoder, manifest["preview_prompts"])
+    save_file({"text": preview.contiguous()}, out_dir / "preview_text.safetensors")
     first = load_file(next(iter(sorted(out_dir.glob("train-*.safetensors")))))
     manifest["tensors"] = {
         k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in first.items()

@@ -274,7 +274,14 @@ class Trainer:
     ema: EMA | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def fit(self, step_fn: Callable[[int], tuple[torch.Tensor, dict[str, float]]]) -> dict:
+    def fit(
+        self,
+        step_fn: Callable[[int], tuple[torch.Tensor, dict[str, float]]],
+        every: int = 0,
+        on_every: Callable[[int], None] | None = None,
+    ) -> dict:
+        """Train to ``cfg.steps``; ``on_every(step)`` runs after every ``every`` steps and
+        after the last one (previews). It must not touch the global RNG or the weights."""
         from tqdm.auto import tqdm
 
         start = self.checkpoints.restore(self.model, self.optimizer, self.ema)
@@ -322,6 +329,8 @@ class Trainer:
                 self.log.log_metrics({f"{self.name}/{k}": v for k, v in last.items()}, step + 1)
             if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.cfg.steps:
                 self.checkpoints.save(step + 1, self.model, self.optimizer, self.ema)
+            if on_every and every and ((step + 1) % every == 0 or step + 1 == self.cfg.steps):
+                on_every(step + 1)
         bar.close()
         if self.ema is not None:
             self.ema.copy_to(self.model)

@@ -7,21 +7,30 @@ the U-Net, cross-attending to CLIP text states, to predict eps (or v, Salimans &
 with probability ``caption_dropout`` so one network learns both the conditional and
 unconditional scores that classifier-free guidance (Ho & Salimans 2022) combines.
 Min-SNR-gamma loss weighting (Hang et al. 2023) and offset noise are optional; the
-EMA of the weights is what gets saved and sampled.
+EMA of the weights is what gets saved and sampled. Every ``preview_every`` steps the EMA
+weights sample the preview prompts (chosen by ``precompute_latents``) into a grid under
+``previews/``, logged to MLflow, so a run can be watched, not only its loss.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UNet2DConditionModel,
+)
 from safetensors.torch import load_file
 
 from training import mechanics as M
 from training.config import Params
+from training.images import save_grid
 from training.latents import load_split
 
 
@@ -66,9 +75,36 @@ def snr_weights(
     return w / snr if prediction_type == "epsilon" else w / (snr + 1)
 
 
+@torch.no_grad()
+def sample_latents(
+    model: UNet2DConditionModel,
+    sched: DDPMScheduler,
+    text: torch.Tensor,
+    null_text: torch.Tensor,
+    seed: int,
+    guidance: float = 4.0,
+    steps: int = 20,
+) -> torch.Tensor:
+    """Classifier-free-guided DPM-Solver++ sampling of one latent per text state, as the
+    exported pipeline samples (Ho & Salimans 2022: eps_u + g * (eps_c - eps_u))."""
+    solver = DPMSolverMultistepScheduler.from_config(sched.config, algorithm_type="dpmsolver++")
+    solver.set_timesteps(steps)
+    dev = next(model.parameters()).device
+    c, s = model.config.in_channels, model.config.sample_size
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((len(text), c, s, s), generator=g).to(dev) * solver.init_noise_sigma
+    cond = torch.cat([null_text.expand_as(text), text]).to(dev)
+    for t in solver.timesteps:
+        out = model(solver.scale_model_input(torch.cat([z, z]), t), t, cond).sample
+        uncond, conditional = out.float().chunk(2)
+        z = solver.step(uncond + guidance * (conditional - uncond), t, z).prev_sample
+    return z
+
+
 def run(
     params: Params,
     latent_dir: Path,
+    vae_dir: Path,
     out_dir: Path,
     ckpt_dir: Path,
     log: M.MetricLogger | None = None,
@@ -117,8 +153,24 @@ def run(
             per_sample = per_sample * w.to(dev)
         return per_sample.mean(), {}
 
-    summary = trainer.fit(step_fn)  # leaves the EMA weights in `model`
+    preview_text = load_file(latent_dir / "preview_text.safetensors")["text"]
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
+
+    def preview(step: int) -> None:
+        ema_model = copy.deepcopy(model).eval()
+        trainer.ema.copy_to(ema_model)
+        z = sample_latents(ema_model, sched, preview_text, null_text, params.seed)
+        with torch.no_grad():
+            images = vae.decode(z / scaling).sample.float().cpu()
+        path = save_grid(images, out_dir / "previews" / f"step-{step:06d}.png", nrow=len(images))
+        log.log_image(path, "previews")
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "previews").mkdir(exist_ok=True)
+    with open(out_dir / "previews" / "prompts.txt", "w") as f:
+        f.write("\n".join(manifest["preview_prompts"]) + "\n")
+    summary = trainer.fit(step_fn, every=c.preview_every, on_every=preview)
+    # fit leaves the EMA weights in `model`
     model.save_pretrained(out_dir, safe_serialization=True)
     sched.save_pretrained(out_dir)  # scheduler_config.json beside the U-Net config
     return {"params": sum(p.numel() for p in model.parameters()), **summary}
