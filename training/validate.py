@@ -4,7 +4,7 @@ One metadata row per raw sample (size, aspect, bytes, decode check, caption chec
 duplicate image / URL) is validated by a Great Expectations 1.x suite whose thresholds
 come from ``params.yaml``. Rows failing any expectation are not dropped silently: they go
 to ``rejects.parquet`` with the failed expectations as the reason. The rest are split
-train/val by a hash of the sample's URL — stable when data is added — and written as
+train/val by a hash of the sample's URL path — stable when data is added — and written as
 clean shards.
 """
 
@@ -15,6 +15,7 @@ import io
 import os
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from training import mechanics as M
 from training.config import Params
@@ -96,6 +97,16 @@ def check(params: Params, table) -> dict[str, list[str]]:
     return failed
 
 
+def split_key(url: str, key: str) -> str:
+    """What the train/val split hashes: the URL's path and query, without scheme and
+    host, so a mirror, or the random loopback port the built-in sets are served from,
+    does not reshuffle the split between runs; the sample key when there is no URL."""
+    if not url:
+        return key
+    parts = urlsplit(url)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
 def in_val(url_or_key: str, fraction: float) -> bool:
     h = int(hashlib.sha1(url_or_key.encode()).hexdigest()[:8], 16)
     return h < fraction * 0x100000000
@@ -128,7 +139,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path) -> dict:
         for rec in shards.read(paths):
             if rec.key in failed:
                 continue
-            split = va if in_val(str(rec.meta.get("url") or rec.key), c.val_fraction) else tr
+            key = split_key(str(rec.meta.get("url") or ""), rec.key)
+            split = va if in_val(key, c.val_fraction) else tr
             split.write(rec)
     rejects = pd.DataFrame(
         [
