@@ -140,8 +140,9 @@ def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
     else:
         source = work_dir / "source"
         shutil.rmtree(source, ignore_errors=True)
-        M.say(f"ingest: rendering {c.num_samples} '{c.dataset}' samples at {c.image_size} px")
         rows = render_builtin(params, source)
+        # digits has 1,797 images in all: say how many there are, not how many were asked
+        M.say(f"ingest: rendered {len(rows)} '{c.dataset}' samples at {c.image_size} px")
         with serve_directory(source) as base:
             urls = pd.DataFrame(
                 {
