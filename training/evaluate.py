@@ -62,6 +62,7 @@ def reconstruction_scores(
     same VAE, so it cannot score better than the VAE's reconstructions of real images
     (an L1-trained VAE that greyed out red and green capped colour accuracy at ~0.7).
     """
+    import itertools
     import json
 
     from diffusers import AutoencoderKL
@@ -72,11 +73,7 @@ def reconstruction_scores(
 
     dev = M.device()
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
-    records = []
-    for rec in shards.read(shards.shard_paths(clean_dir / "val")):
-        records.append(rec)
-        if len(records) >= limit:
-            break
+    records = list(itertools.islice(shards.read(shards.shard_paths(clean_dir / "val")), limit))
     x = to_tensor(np.stack([np.asarray(r.image(), dtype=np.uint8) for r in records]))
     rec = torch.cat(
         [vae(b.to(dev), sample_posterior=False).sample.clamp(-1, 1).cpu() for b in x.split(128)]

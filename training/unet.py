@@ -20,17 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from training import mechanics as M
 from training.config import Params
-from training.images import save_grid
+from training.images import grid
 from training.latents import load_split
 
 
@@ -73,32 +68,6 @@ def snr_weights(
     snr = abar / (1 - abar)
     w = snr.clamp(max=gamma)
     return w / snr if prediction_type == "epsilon" else w / (snr + 1)
-
-
-@torch.no_grad()
-def sample_latents(
-    model: UNet2DConditionModel,
-    sched: DDPMScheduler,
-    text: torch.Tensor,
-    null_text: torch.Tensor,
-    seed: int,
-    guidance: float = 4.0,
-    steps: int = 20,
-) -> torch.Tensor:
-    """Classifier-free-guided DPM-Solver++ sampling of one latent per text state, as the
-    exported pipeline samples (Ho & Salimans 2022: eps_u + g * (eps_c - eps_u))."""
-    solver = DPMSolverMultistepScheduler.from_config(sched.config, algorithm_type="dpmsolver++")
-    solver.set_timesteps(steps)
-    dev = next(model.parameters()).device
-    c, s = model.config.in_channels, model.config.sample_size
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn((len(text), c, s, s), generator=g).to(dev) * solver.init_noise_sigma
-    cond = torch.cat([null_text.expand_as(text), text]).to(dev)
-    for t in solver.timesteps:
-        out = model(solver.scale_model_input(torch.cat([z, z]), t), t, cond).sample
-        uncond, conditional = out.float().chunk(2)
-        z = solver.step(uncond + guidance * (conditional - uncond), t, z).prev_sample
-    return z
 
 
 def run(
@@ -157,12 +126,33 @@ def run(
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
 
     def preview(step: int) -> None:
+        # The exported pipeline itself (default sampler, guidance 4) on the EMA weights,
+        # fed the precomputed text states, so the grid is what a user would get.
+        from training.sampling import SCHEDULERS
+
         ema_model = copy.deepcopy(model).eval()
         trainer.ema.copy_to(ema_model)
-        z = sample_latents(ema_model, sched, preview_text, null_text, params.seed)
-        with torch.no_grad():
-            images = vae.decode(z / scaling).sample.float().cpu()
-        path = save_grid(images, out_dir / "previews" / f"step-{step:06d}.png", nrow=len(images))
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            unet=ema_model,
+            scheduler=SCHEDULERS["dpm++"](sched.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(
+            prompt_embeds=preview_text.to(dev),
+            negative_prompt_embeds=null_text.expand_as(preview_text).to(dev),
+            num_inference_steps=20,
+            guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(params.seed),
+            output_type="pil",
+        ).images
+        path = out_dir / "previews" / f"step-{step:06d}.png"
+        grid(images, nrow=len(images), scale=2).save(path)
         log.log_image(path, "previews")
 
     out_dir.mkdir(parents=True, exist_ok=True)
