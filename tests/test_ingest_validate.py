@@ -4,6 +4,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -50,7 +51,11 @@ def test_url_list_failures_are_counted_by_reason(tmp_path: Path):
             }
         ).to_parquet(tmp_path / "l.parquet")
         params = _params(
-            dataset="url-list", url_list=str(tmp_path / "l.parquet"), caption_col="text", retries=0
+            dataset="url-list",
+            source=str(tmp_path / "l.parquet"),
+            caption_col="text",
+            retries=0,
+            allow_networks=["127.0.0.1/32"],
         )
         report = ingest.run(params, tmp_path / "raw", tmp_path / "work")
     assert report["count"] == 3 and report["successes"] == 1
@@ -59,37 +64,48 @@ def test_url_list_failures_are_counted_by_reason(tmp_path: Path):
     assert sum(report["failures_by_reason"].values()) == 2
 
 
-def _png(colour):
+def _picture(i: int, size: int = 24) -> Image.Image:
+    """A distinct textured picture per i (flat colours all share one difference hash)."""
+    rng = np.random.default_rng(i)
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    return coarse.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _png(i, img=None):
     buf = io.BytesIO()
-    Image.new("RGB", (16, 16), colour).save(buf, format="PNG")
+    (img or _picture(i)).save(buf, format="PNG")
     return buf.getvalue()
 
 
 def test_quality_gate_rejects_with_reasons_and_splits_stably(tmp_path: Path):
     raw = tmp_path / "raw"
-    with shards.ShardWriter(raw, "raw", 50) as w:
+    with shards.ShardWriter(raw / "shards", "raw", 50) as w:
         for i in range(40):
             w.write(
                 shards.Record(
                     f"{i:03d}",
-                    _png((i * 5, 0, 0)),
+                    _png(i),
                     "png",
                     f"sample {i}",
                     {"url": f"http://h/{i}.png"},
                 )
             )
-        w.write(shards.Record("dupimg", _png((0, 0, 0)), "png", "dup", {"url": "http://h/d"}))
-        w.write(shards.Record("empty", _png((1, 2, 3)), "png", "   ", {"url": "http://h/e"}))
-        w.write(shards.Record("dupurl", _png((9, 9, 9)), "png", "x", {"url": "http://h/3.png"}))
+        w.write(shards.Record("dupimg", _png(0), "png", "dup", {"url": "http://h/d"}))
+        near = _picture(1).resize((48, 48), Image.Resampling.BICUBIC)  # a rescaled copy
+        w.write(shards.Record("near", _png(0, near), "png", "near", {"url": "http://h/n"}))
+        w.write(shards.Record("empty", _png(100), "png", "   ", {"url": "http://h/e"}))
+        w.write(shards.Record("dupurl", _png(101), "png", "x", {"url": "http://h/3.png"}))
         w.write(shards.Record("junk", b"not a png", "png", "junk", {"url": "http://h/j"}))
-    report = validate.run(_params(), raw, tmp_path / "clean")
+    report = validate.run(_params(dataset="url-list"), raw, tmp_path / "clean")
     rejects = pd.read_parquet(tmp_path / "clean" / "rejects.parquet").set_index("key")
-    assert set(rejects.index) == {"dupimg", "empty", "dupurl", "junk"}
-    assert "duplicate_image" in rejects.loc["dupimg", "reason"]
-    assert "caption_chars" in rejects.loc["empty", "reason"]
-    assert "duplicate_url" in rejects.loc["dupurl", "reason"]
-    assert "decoded" in rejects.loc["junk", "failed_expectations"]
-    assert report["train"] + report["val"] == 40 and report["rejected"] == 4
+    assert set(rejects.index) == {"dupimg", "near", "empty", "dupurl", "junk"}
+    assert rejects.loc["near", "failed_checks"] == "near_duplicate"
+    assert rejects.loc["dupimg", "failed_checks"] == "duplicate_image"
+    assert "caption length" in rejects.loc["empty", "reason"]
+    assert "duplicate_url" in rejects.loc["dupurl", "failed_checks"]
+    assert "decoded" in rejects.loc["junk", "failed_checks"]
+    assert (tmp_path / "clean" / "data_docs" / "index.html").is_file()
+    assert report["train"] + report["val"] == 40 and report["rejected"] == 5
     val_keys = {r.key for r in shards.read(shards.shard_paths(tmp_path / "clean" / "val"))}
     expected = {f"{i:03d}" for i in range(40) if validate.in_val(f"/{i}.png", 0.2)}
     assert val_keys == expected

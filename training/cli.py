@@ -113,7 +113,10 @@ def run_stage(
         fail(f"{stage}: {exc}")
     except KeyboardInterrupt:
         _cleanup(outs)
-        fail(f"{stage}: interrupted (training stages resume from their last checkpoint)")
+        fail(
+            f"{stage}: interrupted (re-run it: training resumes from its last checkpoint, "
+            "ingest keeps its finished shards)"
+        )
     return {}
 
 
@@ -127,11 +130,75 @@ def _cleanup(outs: list[Path]) -> None:
 
 # ---- stage commands (what dvc.yaml runs) -----------------------------------------------
 @app.command()
-def ingest() -> None:
-    """Stage 1: fetch the configured source with img2dataset into webdataset shards."""
+def ingest(
+    url_list: Annotated[
+        Path | None, typer.Option(help="parquet/csv/tsv/jsonl of image URLs and captions")
+    ] = None,
+    folder: Annotated[Path | None, typer.Option(help="images with sidecar .txt captions")] = None,
+    shards: Annotated[
+        str | None, typer.Option(help="webdataset tars: path, glob, {00..09} pattern or URLs")
+    ] = None,
+    url_col: Annotated[str | None, typer.Option(help="URL column of --url-list")] = None,
+    caption_col: Annotated[str | None, typer.Option(help="caption column of --url-list")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (outside DVC)")] = None,
+    allow_network: Annotated[
+        list[str] | None,
+        typer.Option(help="CIDR the fetch guard may contact (repeatable), e.g. 10.0.0.0/8"),
+    ] = None,
+) -> None:
+    """Stage 1: fetch a source with img2dataset into webdataset shards.
+
+    Without options this is the DVC stage (params.yaml -> data/raw). With a source or
+    --out it runs standalone: params.yaml's ingest settings (if the file exists) with
+    these options on top, written to --out (default data/raw); no MLflow run."""
+    from training import config
     from training import ingest as phase
 
-    run_stage("ingest", [RAW], [], lambda p, tr: phase.run(p, RAW, WORK / "ingest"))
+    sources_given = [
+        (k, v)
+        for k, v in (("url-list", url_list), ("folder", folder), ("shards", shards))
+        if v is not None
+    ]
+    if len(sources_given) > 1:
+        fail("give one of --url-list, --folder, --shards")
+    standalone = bool(sources_given or out or url_col or caption_col or allow_network)
+    if not standalone:
+        run_stage("ingest", [RAW], [], lambda p, tr: phase.run(p, RAW, WORK / "ingest"))
+        return
+    updates: dict = {}
+    if sources_given:
+        updates.update(dataset=sources_given[0][0], source=str(sources_given[0][1]))
+    if url_col:
+        updates["url_col"] = url_col
+    if caption_col:
+        updates["caption_col"] = caption_col
+    try:
+        raw = _raw_params()
+        if allow_network:
+            from training.fetch import parse_networks
+
+            nets = parse_networks(allow_network)
+            updates["allow_networks"] = [*raw.get("ingest", {}).get("allow_networks", []), *nets]
+        raw["ingest"] = {**(raw.get("ingest") or {}), **updates}
+        params = config.resolve(raw, source=str(PARAMS) if PARAMS.exists() else "defaults")
+        dest = out or RAW
+        _writable(dest)
+        _cleanup([dest / "shards", dest / "report.json", dest / "rejects.parquet"])
+        phase.run(params, dest, dest / ".work")
+    except (config.ConfigError, ValueError, OSError, RuntimeError) as exc:
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        fail(f"ingest: {exc}")
+    except KeyboardInterrupt:
+        fail("ingest: interrupted; run the same command again to resume (finished shards are kept)")
+
+
+def _raw_params() -> dict:
+    import yaml
+
+    if not PARAMS.exists():
+        return {}
+    return yaml.safe_load(PARAMS.read_text()) or {}
 
 
 @app.command()
@@ -139,7 +206,13 @@ def validate() -> None:
     """Stage 2: Great Expectations gate; writes clean train/val shards and rejects."""
     from training import validate as phase
 
-    run_stage("validate", [CLEAN], [RAW], lambda p, tr: phase.run(p, RAW / "shards", CLEAN))
+    def body(p, tr) -> dict:
+        report = phase.run(p, RAW, CLEAN)
+        tr.log_metrics(phase.metrics(report))
+        tr.log_artifacts(CLEAN / "data_docs", "data_docs")
+        return report
+
+    run_stage("validate", [CLEAN], [RAW], body)
 
 
 def _register_dir(stage: str) -> Callable:

@@ -21,7 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ProfileName = Literal["tiny", "small", "base"]
-DatasetName = Literal["shapes", "digits", "url-list"]
+DatasetName = Literal["shapes", "digits", "url-list", "folder", "shards"]
+BUILTIN_DATASETS = ("shapes", "digits")
 STAGES = (
     "ingest",
     "validate",
@@ -47,24 +48,41 @@ class IngestCfg(Section):
     image_size: int = Field(32, ge=8, le=2048)
     num_samples: int = Field(4000, ge=1, description="built-in sets: how many samples to render")
     include_held_out: bool = False  # shapes: also render the held-out colour-shape pairs
-    url_list: str | None = None  # dataset=url-list: parquet/csv/tsv/jsonl file
+    # url-list: a parquet/csv/tsv/jsonl file; folder: a directory of images with sidecar
+    # .txt captions; shards: webdataset tars (a path, a glob or a brace pattern, or URLs)
+    source: str | None = None
     url_col: str = "url"
     caption_col: str = "caption"
     resize_mode: Literal["border", "center_crop", "keep_ratio", "no"] = "border"
     processes: int = Field(2, ge=1)
     threads: int = Field(16, ge=1)
-    timeout_s: int = Field(10, ge=1)
+    timeout_s: int = Field(10, ge=1)  # per socket operation (urllib's meaning)
     retries: int = Field(1, ge=0)
     samples_per_shard: int = Field(1000, ge=10)
+    # The fetch guard (training/fetch.py): CIDR ranges that may be contacted although
+    # loopback/private/link-local; the built-in sets add 127.0.0.1/32 for their server.
+    allow_networks: tuple[str, ...] = ()
+    deadline_s: float = Field(30.0, gt=0)  # total per download, slow-drip servers included
+    max_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_redirects: int = Field(5, ge=0)
+    max_pixels: int = Field(40_000_000, ge=64)  # declared size; larger is a decompression bomb
 
 
 class ValidateCfg(Section):
     min_side: int = Field(8, ge=1)
     max_aspect_ratio: float = Field(2.0, ge=1.0)
+    min_file_bytes: int = Field(32, ge=0)
+    max_file_bytes: int = Field(16 * 1024 * 1024, ge=1)
     min_caption_chars: int = Field(1, ge=0)
     max_caption_chars: int = Field(300, ge=1)
+    # near-duplicates: colour-aware 8x8 difference hashes (192 bits) within this many
+    # bits of an earlier image's (null disables). Catches rescaled and re-encoded copies.
+    # Not applied to the built-in sets: their jittered renders are near-duplicates by
+    # design (2,342 of 4,000 shapes would go).
+    near_duplicate_bits: int | None = Field(6, ge=0, le=64)
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
     samples_per_shard: int = Field(1000, ge=10)
+    chunk_rows: int = Field(2000, ge=10)  # rows per GX batch: memory is flat in data size
 
 
 class VaeCfg(Section):

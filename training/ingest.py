@@ -1,26 +1,42 @@
 """Phase ``ingest``: image-caption sources -> webdataset shards, through img2dataset.
 
-Built-in sets are rendered to PNG files and served from a loopback HTTP server, so they
-take exactly the path web data takes: a URL list read by img2dataset, downloaded,
-resized and written as webdataset shards with per-shard stats. Those stats are
-aggregated into one ingestion report (successes, failures by reason).
+Every source becomes a URL list that img2dataset downloads, resizes and writes as
+webdataset shards with per-shard stats (``training/sources.py``). Built-in sets and
+local folders are served from a loopback HTTP server, so they take exactly the path web
+data takes. Downloads go through Kiln's fetch guard (``training/fetch.py``: SSRF guard,
+total deadline, byte cap, image checks).
+
+Resuming: img2dataset writes into a work folder (``data/.work/ingest``), never into the
+DVC output, in its ``incremental`` mode: a shard is done when its ``_stats.json`` exists,
+so a re-run after a crash or Ctrl-C downloads only the shards that were not finished (a
+shard killed mid-write has no stats file and is redone from scratch — it is never
+published). The work folder carries a fingerprint of the params and source; a different
+one starts over. When every shard is complete they are moved to ``data/raw/shards`` with
+``report.json`` (successes, failures by reason) and ``rejects.parquet`` (one row per
+sample that did not land: key, url, reason).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import http.server
 import json
 import os
 import shutil
+import signal
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 from training import mechanics as M
-from training.config import Params
+from training import sources
+from training.config import BUILTIN_DATASETS, Params
+
+LOOPBACK = "127.0.0.1/32"
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -28,11 +44,18 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    # the stdlib's listen backlog of 5 drops connections when img2dataset's threads all
+    # connect at once (the client then waits a 1 s SYN retransmit)
+    request_queue_size = 256
+    daemon_threads = True
+
+
 @contextlib.contextmanager
 def serve_directory(directory: Path) -> Iterator[str]:
     """Serve ``directory`` on 127.0.0.1 (ephemeral port); yields the base URL."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _Server(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -43,7 +66,7 @@ def serve_directory(directory: Path) -> Iterator[str]:
 
 
 def render_builtin(params: Params, directory: Path) -> list[dict]:
-    """Render the built-in dataset to ``directory``; returns url-list rows (relative)."""
+    """Render the built-in dataset to ``directory``; returns rows (path, caption, meta)."""
     from training import builtin
 
     c = params.ingest
@@ -57,6 +80,81 @@ def render_builtin(params: Params, directory: Path) -> list[dict]:
         s.image.save(directory / name)
         rows.append({"path": name, "caption": s.caption, "meta": s.meta_json()})
     return rows
+
+
+def policy_for(params: Params, extra_networks: tuple[str, ...] = ()):
+    from training import fetch
+
+    c = params.ingest
+    return fetch.Policy(
+        allow_networks=fetch.parse_networks((*c.allow_networks, *extra_networks)),
+        deadline_s=c.deadline_s,
+        max_bytes=c.max_bytes,
+        max_redirects=c.max_redirects,
+        max_pixels=c.max_pixels,
+    )
+
+
+# ---- img2dataset -----------------------------------------------------------------------
+def download(
+    url_list: Path,
+    out_dir: Path,
+    params: Params,
+    policy,
+    extra_cols: list[str] | None = None,
+) -> None:
+    """One img2dataset call (incremental: finished shards in ``out_dir`` are kept)."""
+    c = params.ingest
+    import importlib
+
+    from training import fetch  # sets NO_ALBUMENTATIONS_UPDATE before img2dataset loads
+
+    i2d = importlib.import_module("img2dataset.main")  # the package exports a function too
+
+    original_downloader, original_sigint = i2d.Downloader, signal.getsignal(signal.SIGINT)
+    i2d.Downloader = fetch.guarded_downloader_class(policy)
+    try:
+        i2d.download(
+            url_list=str(url_list),
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=extra_cols,
+            output_format="webdataset",
+            output_folder=str(out_dir),
+            image_size=c.image_size,
+            resize_mode=c.resize_mode,
+            encode_format="png",
+            encode_quality=9,  # png: compression level; lossless either way
+            processes_count=c.processes,
+            thread_count=c.threads,
+            number_sample_per_shard=c.samples_per_shard,
+            timeout=c.timeout_s,
+            retries=c.retries,
+            distributor="multiprocessing",
+            compute_hash="sha256",
+            incremental_mode="incremental",
+            enable_wandb=False,
+        )
+    except SystemExit:
+        # img2dataset's own SIGINT handler ends with sys.exit(0): that is an interrupt,
+        # not a success — finished shards are kept for the re-run
+        raise KeyboardInterrupt from None
+    finally:
+        i2d.Downloader = original_downloader
+        signal.signal(signal.SIGINT, original_sigint)
+
+
+def _shard_ids(directory: Path, pattern: str) -> set[str]:
+    return {p.name.split("_")[0].split(".")[0] for p in directory.glob(pattern)}
+
+
+def finished_shards(directory: Path) -> tuple[list[str], list[str]]:
+    """(complete shard ids, incomplete ones): complete = img2dataset wrote its stats,
+    which it does only after closing the tar and its parquet."""
+    done = _shard_ids(directory, "*_stats.json")
+    started = _shard_ids(directory, "*.tar") | _shard_ids(directory, "*.parquet")
+    return sorted(done), sorted(started - done)
 
 
 def summarize(shard_dir: Path) -> dict:
@@ -75,93 +173,164 @@ def summarize(shard_dir: Path) -> dict:
     return {"shards": shards, **dict(totals), "failures_by_reason": dict(reasons.most_common())}
 
 
-def download(
-    url_list: Path,
-    input_format: str,
-    out_dir: Path,
-    params: Params,
-    url_col: str,
-    caption_col: str,
-    extra_cols: list[str] | None = None,
-) -> None:
-    c = params.ingest
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home
-    from img2dataset import download as i2d_download
+def collect_rejects(shard_dir: Path, out: Path) -> int:
+    """One row per sample that did not land (key, url, caption, reason), from
+    img2dataset's per-shard parquet; streamed shard by shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    i2d_download(
-        url_list=str(url_list),
-        input_format=input_format,
-        url_col=url_col,
-        caption_col=caption_col,
-        save_additional_columns=extra_cols,
-        output_format="webdataset",
-        output_folder=str(out_dir),
-        image_size=c.image_size,
-        resize_mode=c.resize_mode,
-        encode_format="png",
-        encode_quality=9,  # png: compression level; lossless either way
-        processes_count=c.processes,
-        thread_count=c.threads,
-        number_sample_per_shard=c.samples_per_shard,
-        timeout=c.timeout_s,
-        retries=c.retries,
-        distributor="multiprocessing",
-        compute_hash="sha256",
-        enable_wandb=False,
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("url", pa.string()),
+            ("caption", pa.string()),
+            ("stage", pa.string()),
+            ("reason", pa.string()),
+        ]
     )
+    n = 0
+    with pq.ParquetWriter(out, schema) as writer:
+        for p in sorted(shard_dir.glob("*.parquet")):
+            t = pq.read_table(p, columns=["key", "url", "caption", "status", "error_message"])
+            d = t.to_pydict()
+            rows = [i for i, s in enumerate(d["status"]) if s != "success"]
+            if not rows:
+                continue
+            writer.write_table(
+                pa.table(
+                    {
+                        "key": [d["key"][i] for i in rows],
+                        "url": [d["url"][i] for i in rows],
+                        "caption": [(d["caption"][i] or "")[:200] for i in rows],
+                        "stage": ["ingest"] * len(rows),
+                        "reason": [d["error_message"][i] or d["status"][i] for i in rows],
+                    },
+                    schema=schema,
+                )
+            )
+            n += len(rows)
+    return n
+
+
+# ---- the stage -------------------------------------------------------------------------
+def _source_fingerprint(params: Params) -> str:
+    """What makes a half-finished work folder reusable: same params, same source bytes."""
+    c = params.ingest
+    parts: list = [params.seed, c.model_dump(mode="json")]
+    if c.dataset == "url-list" and c.source and Path(c.source).is_file():
+        h = hashlib.sha256()
+        with open(c.source, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        parts.append(h.hexdigest())
+    elif c.dataset == "folder" and c.source and Path(c.source).is_dir():
+        parts.append(
+            [
+                (str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in sorted(Path(c.source).rglob("*"))
+                if p.is_file()
+            ]
+        )
+    return M.fingerprint(*parts)
+
+
+def _prepare_work(work: Path, fp: str) -> None:
+    marker = work / "fingerprint.json"
+    if work.exists():
+        old = json.loads(marker.read_text()).get("fingerprint") if marker.exists() else None
+        if old == fp:
+            done, _ = finished_shards(work / "shards")
+            if done:
+                M.say(f"ingest: resuming: {len(done)} finished shards kept from the last run")
+            return
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    marker.write_text(json.dumps({"fingerprint": fp}))
 
 
 def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
-    """Ingest ``params.ingest`` into ``out_dir``: ``shards/`` (img2dataset's own folder:
-    it treats every file there as one of its shards) and ``report.json``."""
-    import pandas as pd
-
+    """Ingest ``params.ingest`` into ``out_dir``: ``shards/`` (tars, per-shard parquet and
+    stats), ``report.json`` and ``rejects.parquet``."""
     c = params.ingest
-    shard_dir = out_dir / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    if c.dataset not in BUILTIN_DATASETS and not c.source:
+        raise sources.SourceError(f"ingest.dataset is {c.dataset!r} but ingest.source is not set")
+    _prepare_work(work_dir, _source_fingerprint(params))
+    i2d_dir = work_dir / "shards"
+    url_list = work_dir / "urls.parquet"
+    extra: dict = {}
     if c.dataset == "url-list":
-        if not c.url_list:
-            raise ValueError("ingest.dataset is 'url-list' but ingest.url_list is not set")
-        src = Path(c.url_list)
-        if not src.is_file():
-            raise FileNotFoundError(f"url list {src} does not exist")
-        fmt = {
-            ".parquet": "parquet",
-            ".csv": "csv",
-            ".tsv": "tsv",
-            ".jsonl": "json",
-            ".json": "json",
-            ".txt": "txt",
-        }.get(src.suffix.lower())
-        if fmt is None:
-            raise ValueError(f"{src}: unsupported url list format (parquet/csv/tsv/jsonl)")
-        M.say(f"ingest: downloading {src} with img2dataset")
-        download(src, fmt, shard_dir, params, c.url_col, c.caption_col)
+        n = sources.normalize_url_list(Path(c.source), c.url_col, c.caption_col, url_list)
+        M.say(f"ingest: {n} rows in {c.source}; downloading with img2dataset")
+        download(url_list, i2d_dir, params, policy_for(params))
     else:
         source = work_dir / "source"
-        shutil.rmtree(source, ignore_errors=True)
-        rows = render_builtin(params, source)
-        # digits has 1,797 images in all: say how many there are, not how many were asked
-        M.say(f"ingest: rendered {len(rows)} '{c.dataset}' samples at {c.image_size} px")
+        if c.dataset in BUILTIN_DATASETS:
+            shutil.rmtree(source, ignore_errors=True)
+            rows = render_builtin(params, source)
+            # digits has 1,797 images in all: say how many there are, not how many asked
+            M.say(f"ingest: rendered {len(rows)} '{c.dataset}' samples at {c.image_size} px")
+            extra_cols = ["meta"]
+        else:
+            if c.dataset == "shards":
+                remote = dataclasses.replace(
+                    policy_for(params), max_bytes=1 << 40, deadline_s=3600.0
+                )
+                stats = sources.unpack_shards(c.source, source, remote)
+                extra["unpacked"] = stats
+                M.say(f"ingest: unpacked {stats['shards']} shards from {c.source}")
+                source_dir = source
+            else:
+                source_dir = Path(c.source)
+            rows = sources.folder_rows(source_dir)
+            source = source_dir
+            extra_cols = None
+            M.say(f"ingest: {len(rows)} images in {source}")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         with serve_directory(source) as base:
-            urls = pd.DataFrame(
-                {
-                    "url": [f"{base}/{r['path']}" for r in rows],
-                    "caption": [r["caption"] for r in rows],
-                    "meta": [r["meta"] for r in rows],
-                }
-            )
-            url_list = work_dir / "urls.parquet"
-            urls.to_parquet(url_list)
+            table = sources.url_rows(base, rows)
+            if extra_cols:
+                table["meta"] = [r["meta"] for r in rows]
+            pq.write_table(pa.table(table), url_list)
             M.say(f"ingest: serving {len(rows)} images on {base}; fetching with img2dataset")
-            download(url_list, "parquet", shard_dir, params, "url", "caption", ["meta"])
-        shutil.rmtree(source, ignore_errors=True)
-    report = {"dataset": c.dataset, "image_size": c.image_size, **summarize(shard_dir)}
+            download(url_list, i2d_dir, params, policy_for(params, (LOOPBACK,)), extra_cols)
+    return publish(params, i2d_dir, out_dir, work_dir, extra)
+
+
+def publish(params: Params, i2d_dir: Path, out_dir: Path, work_dir: Path, extra: dict) -> dict:
+    """Move complete shards to ``out_dir``; refuse to publish while any is incomplete."""
+    done, incomplete = finished_shards(i2d_dir)
+    if incomplete:
+        raise RuntimeError(
+            f"ingest: {len(incomplete)} shard(s) did not finish ({', '.join(incomplete[:5])}); "
+            f"re-run `kiln ingest` to retry them ({len(done)} finished shards are kept)"
+        )
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for p in sorted(i2d_dir.iterdir()):
+        if p.suffix in (".tar", ".parquet", ".json"):
+            os.replace(p, shard_dir / p.name)
+    rejected = collect_rejects(shard_dir, out_dir / "rejects.parquet")
+    report = {
+        "dataset": params.ingest.dataset,
+        "image_size": params.ingest.image_size,
+        **summarize(shard_dir),
+        "rejected": rejected,
+        **extra,
+    }
     M.write_json(out_dir / "report.json", report)
-    M.say(
-        f"ingest: {report.get('successes', 0)}/{report.get('count', 0)} images in "
-        f"{report['shards']} shards; failures: {report['failures_by_reason'] or 'none'}"
-    )
+    shutil.rmtree(work_dir, ignore_errors=True)
+    print_report(report)
     if not report.get("successes"):
         raise RuntimeError(f"ingest: no image could be downloaded ({report})")
     return report
+
+
+def print_report(report: dict) -> None:
+    M.say(
+        f"ingest: {report.get('successes', 0)}/{report.get('count', 0)} images in "
+        f"{report['shards']} shards"
+    )
+    for reason, n in report["failures_by_reason"].items():
+        M.say(f"ingest:   {n:6d}  {reason}")

@@ -1,0 +1,435 @@
+"""Guarded image fetching for img2dataset: the SSRF guard, hard limits and image checks.
+
+img2dataset downloads with plain ``urllib``: it will read ``http://127.0.0.1/...``, a
+cloud metadata endpoint or ``file:///etc/hostname`` if a URL list says so, and its
+``timeout`` is per socket operation, so a server that drips one byte a second holds a
+worker forever. Kiln swaps img2dataset's ``download_image`` for :func:`download_image`
+inside each img2dataset worker (:class:`GuardedDownloader`), which
+
+- accepts only ``http``/``https``;
+- refuses loopback, private, link-local (169.254.169.254 included), multicast, reserved
+  and unspecified addresses unless a CIDR in ``allow_networks`` covers them — checked at
+  connect time on the *resolved* address, so DNS tricks do not help, and again on every
+  redirect hop (at most ``max_redirects``);
+- enforces a total deadline per download (a watchdog shuts the socket) and a byte cap;
+- opens the image header before anything decodes it: declared sizes above
+  ``max_pixels`` (decompression bombs) and bodies that are not images are refused;
+- fully decodes the image (truncated files fail here, where OpenCV would return a
+  half-grey picture), and normalises what OpenCV gets wrong: EXIF orientation (OpenCV's
+  ``IMREAD_UNCHANGED`` ignores it), CMYK, 16-bit, palette transparency and animated
+  GIFs are re-encoded as an upright 8-bit RGB PNG (first frame; transparency on white,
+  as img2dataset does for RGBA). Plain 8-bit RGB/grey JPEG/PNG/WebP pass through as-is.
+
+Every refusal is returned as img2dataset's per-sample error message, so it is counted
+by reason in the shard stats and listed in the rejects table; the messages are
+categorical (no URL or address inside) so they aggregate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import ipaddress
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations phones home
+
+ALLOWED_SCHEMES = ("http", "https")
+USER_AGENT = "Mozilla/5.0 (compatible; kiln-ingest; +img2dataset)"
+
+
+class Refused(Exception):
+    """A download Kiln will not make or keep; the message is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a worker may fetch. Picklable: it travels to img2dataset's spawned workers."""
+
+    allow_networks: tuple[str, ...] = ()
+    deadline_s: float = 30.0
+    max_bytes: int = 32 * 1024 * 1024
+    max_redirects: int = 5
+    max_pixels: int = 40_000_000
+    networks: tuple = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        nets = tuple(ipaddress.ip_network(n, strict=False) for n in self.allow_networks)
+        object.__setattr__(self, "networks", nets)
+
+
+def parse_networks(cidrs: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Validate ``--allow-network`` values; raises ValueError naming the bad one."""
+    out = []
+    for c in cidrs:
+        try:
+            out.append(str(ipaddress.ip_network(c.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(
+                f"--allow-network {c!r} is not a CIDR range (e.g. 10.0.0.0/8)"
+            ) from None  # noqa: E501
+    return tuple(out)
+
+
+def refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, policy: Policy) -> str | None:
+    """Why ``ip`` may not be contacted under ``policy``, or None if it may."""
+    if getattr(ip, "ipv4_mapped", None):
+        ip = ip.ipv4_mapped
+    if any(ip in net for net in policy.networks if net.version == ip.version):
+        return None
+    for attr, what in (
+        ("is_loopback", "loopback"),
+        ("is_link_local", "link-local"),
+        ("is_private", "private"),
+        ("is_multicast", "multicast"),
+        ("is_reserved", "reserved"),
+        ("is_unspecified", "unspecified"),
+    ):
+        if getattr(ip, attr):
+            return f"refused: {what} address (open it with --allow-network)"
+    if not ip.is_global:
+        return "refused: non-global address (open it with --allow-network)"
+    return None
+
+
+# ---- the deadline watchdog: one thread per process, shuts sockets of expired fetches ----
+class _Fetch:
+    def __init__(self, deadline_s: float):
+        self.expires = time.monotonic() + deadline_s
+        self.expired = False
+        self.socks: list[socket.socket] = []
+        self.lock = threading.Lock()
+
+    def add(self, sock: socket.socket) -> None:
+        with self.lock:
+            if self.expired:
+                sock.close()
+                raise Refused("total deadline exceeded")
+            self.socks.append(sock)
+
+    def expire(self) -> None:
+        with self.lock:
+            self.expired = True
+            for s in self.socks:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+_active: set[_Fetch] = set()
+_active_lock = threading.Lock()
+_watchdog: threading.Thread | None = None
+_local = threading.local()
+
+
+def _watch() -> None:
+    while True:
+        time.sleep(0.1)
+        now = time.monotonic()
+        with _active_lock:
+            due = [f for f in _active if not f.expired and f.expires <= now]
+        for f in due:
+            f.expire()
+
+
+def _start_watchdog() -> None:
+    global _watchdog
+    with _active_lock:
+        if _watchdog is None or not _watchdog.is_alive():
+            _watchdog = threading.Thread(target=_watch, name="kiln-fetch-deadline", daemon=True)
+            _watchdog.start()
+
+
+# ---- guarded connections: the address check happens where the socket is opened ---------
+_DEFAULT_TIMEOUT = socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
+
+
+def _guarded_create_connection(address, timeout=_DEFAULT_TIMEOUT, source_address=None):
+    fetch: _Fetch = _local.fetch
+    policy: Policy = _local.policy
+    host, port = address
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise Refused("DNS lookup failed") from None
+    reason, last_err = None, None
+    for family, socktype, proto, _, sockaddr in infos:
+        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+        reason = refusal(ip, policy)
+        if reason:
+            continue
+        sock = socket.socket(family, socktype, proto)
+        try:
+            fetch.add(sock)
+            remaining = max(0.01, fetch.expires - time.monotonic())
+            to = remaining if timeout is _DEFAULT_TIMEOUT else min(timeout, remaining)
+            sock.settimeout(to)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            last_err = exc
+            sock.close()
+    if last_err is not None:
+        raise last_err
+    raise Refused(reason or "refused: no usable address")
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._create_connection = _guarded_create_connection
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._create_connection = _guarded_create_connection
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req, context=self._context)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Each hop's scheme is checked here (urllib itself would follow ftp:); each hop's
+    address is checked by the guarded connection it opens."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = headers.get("location") or headers.get("uri") or ""
+        if urlsplit(urljoin(req.full_url, target)).scheme.lower() not in ALLOWED_SCHEMES:
+            raise Refused("refused: redirect to a non-http(s) scheme")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _opener(policy: Policy) -> urllib.request.OpenerDirector:
+    """An opener with only guarded http/https handlers: no proxies from the environment,
+    no file:, ftp: or data: handlers at all."""
+    redirect = _RedirectHandler()
+    redirect.max_redirections = policy.max_redirects
+    opener = urllib.request.OpenerDirector()
+    for h in (
+        urllib.request.ProxyHandler({}),
+        urllib.request.UnknownHandler(),
+        _HTTPHandler(),
+        _HTTPSHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        redirect,
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(h)
+    return opener
+
+
+def fetch_bytes(
+    url: str, timeout: float, policy: Policy, headers: dict | None = None
+) -> tuple[bytes, object]:
+    """Download ``url`` under ``policy``; returns (body, response headers).
+
+    Raises :class:`Refused` with a categorical reason, or urllib's own errors."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        host = parts.hostname
+    except ValueError:
+        raise Refused("malformed URL") from None
+    if scheme not in ALLOWED_SCHEMES:
+        raise Refused(f"refused: scheme {scheme or 'missing'!r} (only http/https)")
+    if not host:
+        raise Refused("malformed URL (no host)")
+    _start_watchdog()
+    fetch = _Fetch(policy.deadline_s)
+    _local.fetch, _local.policy = fetch, policy
+    with _active_lock:
+        _active.add(fetch)
+    try:
+        req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
+        try:
+            with _opener(policy).open(req, timeout=timeout) as r:
+                length = r.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > policy.max_bytes:
+                    raise Refused("larger than max_bytes")
+                chunks, total = [], 0
+                while True:
+                    chunk = r.read(65536)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > policy.max_bytes:
+                        raise Refused("larger than max_bytes")
+                    chunks.append(chunk)
+                body, resp_headers = b"".join(chunks), r.headers
+        except urllib.error.HTTPError as exc:
+            if exc.code in (301, 302, 303, 307, 308):
+                raise Refused("too many redirects") from None
+            raise
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, Refused):
+                raise exc.reason from None
+            if fetch.expired:
+                raise Refused("total deadline exceeded") from None
+            raise
+        except (OSError, http.client.HTTPException):
+            if fetch.expired:
+                raise Refused("total deadline exceeded") from None
+            raise
+        if fetch.expired:  # the watchdog cut the body short: never keep a partial image
+            raise Refused("total deadline exceeded")
+        return body, resp_headers
+    finally:
+        with _active_lock:
+            _active.discard(fetch)
+        _local.fetch = None
+
+
+# ---- image checks and normalisation ----------------------------------------------------
+_PASS_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+def normalize(data: bytes, max_pixels: int) -> bytes:
+    """Check that ``data`` is one whole image of sane size; returns bytes OpenCV decodes
+    correctly (the original when it already does). Raises Refused with the reason."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise Refused("empty body")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        head = data[:64].lstrip().lower()
+        kind = "html" if head.startswith((b"<!doctype html", b"<html")) else "unknown data"
+        raise Refused(f"not an image ({kind})") from None
+    except Image.DecompressionBombError:
+        raise Refused("decompression bomb (declared size over max_pixels)") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise Refused("decompression bomb (declared size over max_pixels)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except Exception:
+        raise Refused("truncated or corrupt image") from None
+    frames = getattr(img, "n_frames", 1)
+    orientation = img.getexif().get(0x0112, 1)
+    if (
+        img.format in _PASS_FORMATS
+        and img.mode in ("RGB", "L")
+        and orientation == 1
+        and frames == 1
+        and "transparency" not in img.info
+    ):
+        return data
+    if frames > 1:
+        img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    img = _to_rgb8(img)
+    out = io.BytesIO()
+    img.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def _to_rgb8(img):
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16/32-bit grey
+        a = np.asarray(img, dtype=np.float64)
+        scale = 65535.0 if a.max() > 255 or img.mode.startswith("I;16") else 255.0
+        img = Image.fromarray(np.clip(a / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+# ---- the img2dataset hook --------------------------------------------------------------
+_policy: Policy | None = None
+
+
+def download_image(row, timeout, user_agent_token, disallowed_header_directives):
+    """Drop-in for ``img2dataset.downloader.download_image``: (key, BytesIO|None, error)."""
+    from img2dataset.downloader import is_disallowed
+
+    key, url = row
+    try:
+        body, headers = fetch_bytes(str(url), timeout, _policy or Policy())
+        if disallowed_header_directives and is_disallowed(
+            headers, user_agent_token, disallowed_header_directives
+        ):
+            return key, None, "Use of image disallowed by X-Robots-Tag directive"
+        return key, io.BytesIO(normalize(body, (_policy or Policy()).max_pixels)), None
+    except Refused as exc:
+        return key, None, str(exc)
+    except Exception as exc:  # img2dataset records the message as the failure reason
+        return key, None, _reason(exc)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP Error {exc.code}"
+    if isinstance(exc, urllib.error.URLError):
+        exc = exc.reason if isinstance(exc.reason, Exception) else exc
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, http.client.IncompleteRead):
+        return "incomplete body"
+    if isinstance(exc, ConnectionError):
+        return "connection error"
+    return f"{type(exc).__name__}"
+
+
+def install(policy: Policy) -> None:
+    """Route img2dataset's downloads in *this* process through :func:`download_image`."""
+    global _policy
+    import img2dataset.downloader as d
+
+    _policy = policy
+    d.download_image = download_image
+
+
+def guarded_downloader_class(policy: Policy):
+    """A factory img2dataset's ``download()`` calls in place of its ``Downloader``: the
+    instance it returns is pickled to each spawned worker and installs the guard there
+    before downloading a shard."""
+
+    def factory(*args, **kwargs):
+        d = GuardedDownloader(*args, **kwargs)
+        d.kiln_policy = policy
+        return d
+
+    return factory
+
+
+def _downloader_base():
+    from img2dataset.downloader import Downloader
+
+    return Downloader
+
+
+class GuardedDownloader(_downloader_base()):  # type: ignore[misc]
+    kiln_policy: Policy = Policy()
+
+    def __call__(self, row):
+        install(self.kiln_policy)
+        return super().__call__(row)
