@@ -193,7 +193,8 @@ def _kiln(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Complete
 
 def _write_params(d: Path) -> None:
     (d / "params.yaml").write_text(
-        "ingest:\n  dataset: url-list\n  timeout_s: 1\n  deadline_s: 3.0\n  retries: 0\n  processes: 1\n"
+        "ingest:\n  dataset: url-list\n  timeout_s: 1\n  deadline_s: 3.0\n  retries: 0\n"
+        "  processes: 1\n"
         "  threads: 24\n  max_bytes: 65536\n  samples_per_shard: 20\n"
         "validate:\n  val_fraction: 0.3\n"
     )
@@ -297,7 +298,10 @@ def test_bad_inputs_are_counted_with_reasons_and_good_data_lands(server, tmp_pat
             clean[rec.caption] = np.asarray(rec.image())
     for i in range(11):
         assert f"good picture {i}" in clean
-    assert len(clean) == 11 + len(converted), (sorted(clean), gate[gate.stage == "validate"].to_dict("records"))
+    assert len(clean) == 11 + len(converted), (
+        sorted(clean),
+        gate[gate.stage == "validate"].to_dict("records"),
+    )
 
     def px(name, y, x):
         return clean[f"converted {name}"][y, x].astype(int)

@@ -54,6 +54,9 @@ class IngestCfg(Section):
     url_col: str = "url"
     caption_col: str = "caption"
     resize_mode: Literal["border", "center_crop", "keep_ratio", "no"] = "border"
+    # shards hold lossless PNG; level 9 made 256 px ingestion 5x slower than level 1
+    # for ~10% smaller files (benchmarks/RESULTS.md)
+    png_compression: int = Field(1, ge=0, le=9)
     processes: int = Field(2, ge=1)
     threads: int = Field(16, ge=1)
     timeout_s: int = Field(10, ge=1)  # per socket operation (urllib's meaning)

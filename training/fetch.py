@@ -380,10 +380,13 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives)
     except Refused as exc:
         return key, None, str(exc)
     except Exception as exc:  # img2dataset records the message as the failure reason
-        return key, None, _reason(exc)
+        return key, None, reason(exc)
 
 
-def _reason(exc: Exception) -> str:
+def reason(exc: Exception) -> str:
+    """A categorical one-line reason for a failed download (no URL inside)."""
+    if isinstance(exc, Refused):
+        return str(exc)
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP Error {exc.code}"
     if isinstance(exc, urllib.error.URLError):

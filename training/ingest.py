@@ -125,7 +125,7 @@ def download(
             image_size=c.image_size,
             resize_mode=c.resize_mode,
             encode_format="png",
-            encode_quality=9,  # png: compression level; lossless either way
+            encode_quality=c.png_compression,  # png: zlib level; lossless either way
             processes_count=c.processes,
             thread_count=c.threads,
             number_sample_per_shard=c.samples_per_shard,

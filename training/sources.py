@@ -208,7 +208,10 @@ def unpack_shards(spec: str, dest: Path, policy, allow_pipe: bool = False) -> di
             continue
         target.mkdir(parents=True, exist_ok=True)
         if "://" in shard:
-            body, _ = fetch.fetch_bytes(shard, 60, policy)
+            try:
+                body, _ = fetch.fetch_bytes(shard, 60, policy)
+            except Exception as exc:  # noqa: BLE001 - one clear line, whatever went wrong
+                raise SourceError(f"shard {shard}: {fetch.reason(exc)}") from None
             local = dest / f".{i:05d}.tar"
             local.write_bytes(body)
         else:

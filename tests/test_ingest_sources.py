@@ -1,0 +1,200 @@
+"""The other front doors: a local folder with sidecar captions, existing webdataset shards
+(local brace pattern, and URLs through the fetch guard), and resuming an interrupted
+ingestion without downloading finished shards again."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from training import config, ingest, shards, sources, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _picture(i: int, size: int = 36) -> Image.Image:
+    rng = np.random.default_rng(500 + i)
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    return coarse.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _jpeg(i: int) -> bytes:
+    buf = io.BytesIO()
+    _picture(i).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _params(**ingest_cfg) -> config.Params:
+    return config.resolve(
+        {
+            "ingest": {"processes": 1, "threads": 8, "samples_per_shard": 10, **ingest_cfg},
+            "validate": {"val_fraction": 0.5, "samples_per_shard": 50},
+        }
+    )
+
+
+def _captions(directory: Path) -> list[str]:
+    return sorted(r.caption for r in shards.read(shards.shard_paths(directory)))
+
+
+def test_folder_with_sidecar_captions(tmp_path: Path):
+    src = tmp_path / "photos"
+    (src / "nested").mkdir(parents=True)
+    for i in range(6):
+        where = src / "nested" if i % 2 else src
+        _picture(i).save(where / f"img {i}.png")  # a space: URL-quoted on the way
+        (where / f"img {i}.txt").write_text(f"photo number {i}\n")
+    _picture(9).save(src / "orphan.jpg")  # no sidecar: rejected by the gate, not lost
+    params = _params(dataset="folder", source=str(src))
+    report = ingest.run(params, tmp_path / "raw", tmp_path / "work")
+    assert report["successes"] == 7 and report["count"] == 7
+    assert _captions(tmp_path / "raw" / "shards") == [""] + [f"photo number {i}" for i in range(6)]
+    assert (src / "img 0.png").exists()  # the user's folder is left alone
+    gate = validate.run(params, tmp_path / "raw", tmp_path / "clean")
+    rejects = pd.read_parquet(tmp_path / "clean" / "rejects.parquet")
+    assert gate["train"] + gate["val"] == 6
+    assert rejects.url.str.endswith("/orphan.jpg").all() and len(rejects) == 1
+    assert rejects.failed_checks.iloc[0] == "caption_chars"
+
+
+def _write_shards(directory: Path, n_shards: int, per: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        with wds.TarWriter(str(directory / f"part-{s}.tar")) as w:
+            for j in range(per):
+                i = s * per + j
+                sample = {"__key__": f"s{s}/{j:03d}", "jpg": _jpeg(i), "txt": f"shard picture {i}"}
+                if i == 0:  # a pickle member must never be loaded
+                    sample["pyd"] = b"\x80\x04K\x01."
+                w.write(sample)
+
+
+def test_existing_local_shards_by_brace_pattern(tmp_path: Path):
+    _write_shards(tmp_path / "wds", 2, 4)
+    params = _params(dataset="shards", source=str(tmp_path / "wds" / "part-{0..1}.tar"))
+    report = ingest.run(params, tmp_path / "raw", tmp_path / "work")
+    assert report["successes"] == 8
+    assert report["unpacked"]["ignored_unsafe_members"] == 1
+    assert _captions(tmp_path / "raw" / "shards") == sorted(f"shard picture {i}" for i in range(8))
+
+
+def test_remote_shards_go_through_the_guard(tmp_path: Path):
+    _write_shards(tmp_path / "wds", 2, 3)
+    with ingest.serve_directory(tmp_path / "wds") as base:
+        spec = base + "/part-{0..1}.tar"
+        with pytest.raises(sources.SourceError, match="refused: loopback address"):
+            ingest.run(_params(dataset="shards", source=spec), tmp_path / "r1", tmp_path / "w1")
+        params = _params(dataset="shards", source=spec, allow_networks=["127.0.0.1/32"])
+        report = ingest.run(params, tmp_path / "raw", tmp_path / "work")
+    assert report["successes"] == 6
+    with pytest.raises(sources.SourceError, match="refusing pipe"):
+        sources.expand_shards("pipe:curl -s http://x/a.tar")
+
+
+# ---- resume ------------------------------------------------------------------------------
+class _Gate(http.server.BaseHTTPRequestHandler):
+    hits: Counter = Counter()
+    release = threading.Event()
+    images: dict[str, bytes] = {}
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).hits[self.path] += 1
+        n = int(self.path.strip("/").split(".")[0])
+        if n >= 30:  # shards 3 and 4 hang until released: the run is killed meanwhile
+            type(self).release.wait(60)
+        body = self.images[self.path]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(OSError):  # a killed client
+            self.wfile.write(body)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+def test_interrupted_ingest_resumes_without_refetching_done_shards(tmp_path: Path, sig):
+    _Gate.hits.clear()
+    _Gate.release.clear()
+    _Gate.images = {f"/{i}.jpg": _jpeg(i) for i in range(50)}
+    http.server.ThreadingHTTPServer.request_queue_size = 128
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Gate)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    pd.DataFrame(
+        {"url": [f"{base}/{i}.jpg" for i in range(50)], "caption": [f"n {i}" for i in range(50)]}
+    ).to_parquet(tmp_path / "list.parquet")
+    (tmp_path / "params.yaml").write_text(
+        "ingest:\n  processes: 1\n  threads: 4\n  samples_per_shard: 10\n  retries: 0\n"
+        "  timeout_s: 30\n  deadline_s: 60.0\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "ingest",
+        "--url-list",
+        "list.parquet",
+        "--out",
+        "raw",
+        "--allow-network",
+        "127.0.0.1/32",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        work = tmp_path / "raw" / ".work" / "shards"
+        deadline = time.monotonic() + 120
+        while len(list(work.glob("*_stats.json"))) < 3:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the first three shards never finished"
+            time.sleep(0.2)
+        time.sleep(0.5)  # shard 3 is now mid-download
+        os.killpg(proc.pid, sig)  # Ctrl-C in a terminal signals the whole group
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0  # an interrupt is never reported as success
+        if sig == signal.SIGINT:
+            assert "interrupted; run the same command again to resume" in err
+        assert not (tmp_path / "raw" / "shards").exists()  # nothing partial was published
+        first = Counter(_Gate.hits)
+        _Gate.release.set()
+        r = subprocess.run(
+            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "resuming: 3 finished shards kept" in r.stderr
+    finally:
+        _Gate.release.set()
+        srv.shutdown()
+        srv.server_close()
+    done_urls = {f"/{i}.jpg" for i in range(30)}
+    assert all(_Gate.hits[u] == first[u] == 1 for u in done_urls)  # not fetched again
+    assert all(_Gate.hits[f"/{i}.jpg"] >= 1 for i in range(30, 50))
+    captions = _captions(tmp_path / "raw" / "shards")
+    assert captions == sorted(f"n {i}" for i in range(50))  # every sample exactly once
+    assert not (tmp_path / "raw" / ".work").exists()
