@@ -24,6 +24,9 @@ def project_env(project: Path) -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PREFECT_HOME"] = str(project / ".prefect")
     env["PYTHONUNBUFFERED"] = "1"
+    # the copy's own code: the venv's editable install would otherwise import the
+    # checkout's training/ (and DVC would hash one tree while another ran)
+    env["PYTHONPATH"] = str(project)
     return env
 
 

@@ -56,3 +56,24 @@ def test_tokenizer_is_clip_style_and_loads_with_transformers(tmp_path):
 def test_identical_captions_are_positives():
     groups = clip.caption_groups(["a red circle", "A  red circle", "a blue square"])
     assert groups.tolist() == [0, 0, 1]
+
+
+def test_tokenizer_ids_are_the_same_in_every_process(tmp_path):
+    """The BPE trainer numbers symbols in hash-set order, which differs per process;
+    Kiln renumbers canonically, or CLIP training would not be reproducible."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from training import clip\n"
+        "caps = ['a small red circle at the top', 'a large blue square on the left',\n"
+        "        'the digit 7', 'green cross bottom right'] * 40\n"
+        "clip.train_tokenizer(caps, vocab_size=300, max_length=16, out_dir=Path(sys.argv[1]))\n"
+    )
+    vocabs = []
+    for i in range(3):
+        out = tmp_path / str(i)
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, timeout=120)
+        vocabs.append(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    assert vocabs[0] == vocabs[1] == vocabs[2]

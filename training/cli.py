@@ -86,8 +86,13 @@ def run_stage(
     """The shared adapter: config -> checks -> MLflow run -> phase -> metrics/registry."""
     from training import config, mechanics, tracking
 
+    if stage in TRAINING_STAGES and _relaunch_under_torchrun(stage):
+        return {}
+    if mechanics.world_size() > 1 and not mechanics.is_main():
+        return _follower(stage, body)
     t0 = time.perf_counter()
     try:
+        mechanics.init_distributed()
         params = _load_params()
         _require(*inputs)
         _writable(*outs, METRICS)
@@ -117,6 +122,54 @@ def run_stage(
             f"{stage}: interrupted (re-run it: training resumes from its last checkpoint, "
             "ingest keeps its finished shards)"
         )
+    return {}
+
+
+TRAINING_STAGES = ("train_vae", "train_clip", "train_unet")
+
+
+def _relaunch_under_torchrun(stage: str) -> bool:
+    """``KILN_NPROC=N`` (N > 1): run this stage as N data-parallel processes under
+    ``torchrun --standalone`` (gloo on the CPU, NCCL on GPUs). Like ``KILN_DEVICE`` it is
+    an environment setting: the global batch, and so the result, does not depend on it.
+    Multi-node: run ``torchrun --nnodes ... -m training.cli train-unet`` yourself."""
+    try:
+        n = int(os.environ.get("KILN_NPROC", "1"))
+    except ValueError:
+        fail(f"KILN_NPROC must be a whole number, got {os.environ['KILN_NPROC']!r}")
+    if n <= 1 or "WORLD_SIZE" in os.environ:
+        return False
+    import subprocess
+
+    typer.echo(f"[kiln] {stage}: {n} data-parallel processes (torchrun)", err=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        "-m",
+        "training.cli",
+        stage.replace("_", "-"),
+    ]
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        fail(f"{stage}: a data-parallel process failed (exit {rc}); its error is above")
+    return True
+
+
+def _follower(stage: str, body: Callable[..., dict]) -> dict:
+    """Ranks 1..N-1: train in lockstep with rank 0, which alone logs, checkpoints,
+    saves and registers."""
+    from training import mechanics
+
+    mechanics.init_distributed()
+    try:
+        body(_load_params(), mechanics.NullLogger())
+    except Exception as exc:
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        fail(f"{stage} (rank {mechanics.rank()}): {exc}")
     return {}
 
 

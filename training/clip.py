@@ -52,13 +52,20 @@ def train_tokenizer(
     )
     tok.train_from_iterator(captions, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
-    vocab: dict[str, int] = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    # Ids in a canonical order: the trainer numbers its initial symbols in hash-set order,
+    # which differs between runs and made CLIP training irreproducible. Specials, then
+    # the single symbols sorted, then each merge's product in merge order.
+    merged = [a + b for a, b in merges]
+    singles = sorted(set(model["vocab"]) - {BOS, EOS} - set(merged))
+    vocab: dict[str, int] = {}
+    for piece in [BOS, EOS, *singles, *merged]:
+        vocab.setdefault(piece, len(vocab))
     # Guarantee every byte symbol alone and word-final, whatever the corpus contained.
     for sym in sorted(alphabet):
         for piece in (sym, sym + "</w>"):
             if piece not in vocab:
                 vocab[piece] = len(vocab)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
     tokenizer.save_pretrained(out_dir)
@@ -158,7 +165,11 @@ def run(
     torch.manual_seed(params.seed)
     train_u8, train_caps = shards.load_images(clean_dir / "train")
     val_u8, val_caps = shards.load_images(clean_dir / "val")
-    tokenizer = train_tokenizer(train_caps, c.vocab_size, c.max_length, out_dir)
+    if M.is_main():  # data parallel: one writer; the others load what it saved
+        tokenizer = train_tokenizer(train_caps, c.vocab_size, c.max_length, out_dir)
+    M.barrier()
+    if not M.is_main():
+        tokenizer = CLIPTokenizer.from_pretrained(out_dir)
     M.say(
         f"train_clip: tokenizer with {len(tokenizer)} tokens; "
         f"{len(train_caps)} train / {len(val_caps)} val pairs"
@@ -175,13 +186,18 @@ def run(
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         idx = M.batch_indices(len(train_px), c.batch_size, step, params.seed)
-        out = model(input_ids=train_ids[idx].to(dev), pixel_values=train_px[idx].to(dev))
+        ids, px = M.local(train_ids[idx], train_px[idx])  # this process's slice
+        out = model(input_ids=ids.to(dev), pixel_values=px.to(dev))
         scale = model.logit_scale.exp().clamp(max=100)
         groups = train_groups[idx].to(dev)
-        loss = contrastive_loss(out.image_embeds.float(), out.text_embeds.float(), scale, groups)
+        # the loss contrasts the whole global batch: gather every process's embeddings
+        img, txt = M.gather(out.image_embeds.float()), M.gather(out.text_embeds.float())
+        loss = contrastive_loss(img, txt, scale, groups)
         return loss, {"logit_scale": float(scale)}
 
     summary = trainer.fit(step_fn)
+    if not M.is_main():
+        return summary
 
     img_e, txt_e = embed(model, pixels=val_px), embed(model, ids=val_ids)
     sim = img_e @ txt_e.T

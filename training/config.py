@@ -57,6 +57,9 @@ class IngestCfg(Section):
     # shards hold lossless PNG; level 9 made 256 px ingestion 5x slower than level 1
     # for ~10% smaller files (benchmarks/RESULTS.md)
     png_compression: int = Field(1, ge=0, le=9)
+    # img2dataset's distributor: multiprocessing on one machine; pyspark/ray on a cluster
+    # (the guard travels inside the pickled downloader; only multiprocessing is tested)
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
     processes: int = Field(2, ge=1)
     threads: int = Field(16, ge=1)
     timeout_s: int = Field(10, ge=1)  # per socket operation (urllib's meaning)

@@ -131,7 +131,7 @@ def download(
             number_sample_per_shard=c.samples_per_shard,
             timeout=c.timeout_s,
             retries=c.retries,
-            distributor="multiprocessing",
+            distributor=c.distributor,
             compute_hash="sha256",
             incremental_mode="incremental",
             enable_wandb=False,

@@ -9,6 +9,11 @@
 * Device: the GPU when there is one (``KILN_DEVICE`` overrides), with bf16 autocast
   there; the CPU otherwise. Data stays on the CPU and batches move per step, so the
   ``(seed, step)`` randomness is drawn on the CPU and identical on every device.
+* Data parallel (``torchrun``; ``KILN_NPROC`` makes a stage relaunch itself under it):
+  every rank draws the same global batch from ``(seed, step)`` and trains on its slice
+  (``local``); gradients are averaged with one flattened all-reduce per step (gloo on the
+  CPU, NCCL on GPUs). So N processes compute the same update as one process with the
+  same global batch, up to float summation order. Rank 0 alone logs, checkpoints, saves.
 * Checkpoints are safetensors + JSON, written atomically (temp dir, fsync, rename, then
   a ``COMPLETE`` marker); the last two are kept; a corrupt newest one falls back to the
   previous with a warning; a checkpoint made with a different config or data
@@ -58,10 +63,103 @@ def say(msg: str) -> None:
 
 def device() -> torch.device:
     """Where training and sampling run: ``KILN_DEVICE`` if set (``cpu``, ``cuda``,
-    ``cuda:1``), else the GPU when there is one. An environment setting, not a
-    params.yaml key: where a stage runs must not make DVC call its outputs stale."""
-    name = os.environ.get("KILN_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    ``cuda:1``), else the GPU when there is one (under torchrun: ``cuda:LOCAL_RANK``).
+    An environment setting, not a params.yaml key: where a stage runs must not make DVC
+    call its outputs stale."""
+    name = os.environ.get("KILN_DEVICE")
+    if not name:
+        name = "cpu"
+        if torch.cuda.is_available():
+            name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world_size() > 1 else "cuda"
     return torch.device(name)
+
+
+# ---- data parallel ---------------------------------------------------------------------
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_distributed() -> None:
+    """Join the torchrun process group (no-op for a single process)."""
+    if world_size() > 1 and not torch.distributed.is_initialized():
+        dev = device()
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+
+
+def local(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """This rank's contiguous slice of a global batch (all ranks draw the same one)."""
+    w = world_size()
+    if w == 1:
+        return tensors
+    n = tensors[0].shape[0]
+    if n % w:
+        raise ValueError(f"global batch {n} does not split evenly over {w} processes")
+    per, r = n // w, rank()
+    return tuple(t[r * per : (r + 1) * per] for t in tensors)
+
+
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a detached copy)."""
+    if world_size() == 1:
+        return x.detach()
+    y = x.detach().clone()
+    torch.distributed.all_reduce(y)
+    return y / world_size()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather along dim 0 that passes gradients back. Every rank computes the same
+    loss from the gathered tensor, so the true gradient of a rank's slice (the sum over
+    ranks of their identical gradients) is ``world`` times its own; ``sync_gradients``
+    then averages, which leaves exactly the single-process gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        torch.distributed.all_gather(parts, x.contiguous())
+        ctx.n = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        r = rank()
+        return grad[r * ctx.n : (r + 1) * ctx.n] * world_size()
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """The global batch of a per-rank tensor, differentiable (contrastive losses)."""
+    return x if world_size() == 1 else _Gather.apply(x)
+
+
+def sync_gradients(model: torch.nn.Module) -> None:
+    """Average gradients over ranks with one flattened all-reduce. DistributedDataParallel
+    would overlap this with the backward pass, but it hooks only ``forward()``, and the
+    VAE trains through ``encode()``/``decode()``; one call per step is what it costs."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def autocast(dev: torch.device) -> contextlib.AbstractContextManager:
@@ -225,8 +323,9 @@ class Checkpointer:
                 if state["fingerprint"] != self.fp:
                     # Made with other config or data: it can never be resumed, and left
                     # in place it would confuse "keep the last two".
-                    say(f"removing stale checkpoint {ckpt.name} (other config/data)")
-                    shutil.rmtree(ckpt, ignore_errors=True)
+                    if is_main():
+                        say(f"removing stale checkpoint {ckpt.name} (other config/data)")
+                        shutil.rmtree(ckpt, ignore_errors=True)
                     continue
                 model.load_state_dict(load_file(ckpt / "model.safetensors"))
                 _optimizer_from_flat(
@@ -286,9 +385,11 @@ class Trainer:
 
         start = self.checkpoints.restore(self.model, self.optimizer, self.ema)
         self.model.train()
+        main = is_main()
         bar = tqdm(
             total=self.cfg.steps,
             initial=start,
+            disable=not main,
             desc=self.name,
             unit="step",
             dynamic_ncols=True,
@@ -302,14 +403,16 @@ class Trainer:
                 group["lr"] = lr
             with autocast(self.device):
                 loss, metrics = step_fn(step)
-            if not torch.isfinite(loss):
+            global_loss = all_mean(loss)  # every rank sees the same value: stop together
+            if not torch.isfinite(global_loss):
                 bar.close()
                 raise TrainingDiverged(
-                    f"{self.name}: loss is {loss.item()} at step {step}; stopping "
+                    f"{self.name}: loss is {global_loss.item()} at step {step}; stopping "
                     "(lower the learning rate or check the data). Nothing was registered."
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            sync_gradients(self.model)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
             if self.ema is not None:
@@ -319,17 +422,26 @@ class Trainer:
             if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.steps:
                 rate = seen / max(1e-9, time.perf_counter() - t0)
                 last = {
-                    "loss": float(loss.item()),
+                    "loss": float(global_loss.item()),
                     "lr": lr,
                     "grad_norm": float(grad_norm),
                     "samples_per_s": rate,
                     **metrics,
                 }
                 bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{rate:.0f}")
-                self.log.log_metrics({f"{self.name}/{k}": v for k, v in last.items()}, step + 1)
-            if (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.cfg.steps:
+                if main:
+                    self.log.log_metrics({f"{self.name}/{k}": v for k, v in last.items()}, step + 1)
+            checkpoint = (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.cfg.steps
+            if checkpoint and main:
                 self.checkpoints.save(step + 1, self.model, self.optimizer, self.ema)
-            if on_every and every and ((step + 1) % every == 0 or step + 1 == self.cfg.steps):
+            if checkpoint and world_size() > 1:
+                torch.distributed.barrier()  # no rank runs ahead of the newest checkpoint
+            if (
+                main
+                and on_every
+                and every
+                and ((step + 1) % every == 0 or step + 1 == self.cfg.steps)
+            ):
                 on_every(step + 1)
         bar.close()
         if self.ema is not None:

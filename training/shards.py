@@ -49,7 +49,12 @@ def read(paths: Iterable[str | Path]) -> Iterator[Record]:
     for url in urls:
         if url.startswith("pipe:"):
             raise ValueError(f"refusing pipe: URL {url!r}")
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+    # Every process reads every shard: the training phases index samples by (seed, step)
+    # and each data-parallel rank takes its slice of the batch (mechanics.local).
+    every_shard = lambda urls: urls  # noqa: E731 - webdataset wants a callable
+    for sample in wds.WebDataset(
+        urls, shardshuffle=False, empty_check=False, nodesplitter=every_shard
+    ):
         exts = {k for k in sample if not k.startswith("__")}
         bad = exts & set(UNSAFE_EXTS)
         if bad:

@@ -115,6 +115,7 @@ def run(
         text = torch.where(drop[:, None, None], null_text.expand_as(text), text)
         zt = sched.add_noise(z0, noise, t)
         target = noise if c.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
+        zt, t, text, target = M.local(zt, t, text, target)  # this process's slice
         pred = model(zt.to(dev), t.to(dev), encoder_hidden_states=text.to(dev)).sample
         per_sample = F.mse_loss(pred.float(), target.to(dev), reduction="none").mean(dim=(1, 2, 3))
         if c.min_snr_gamma is not None:
@@ -160,6 +161,8 @@ def run(
     with open(out_dir / "previews" / "prompts.txt", "w") as f:
         f.write("\n".join(manifest["preview_prompts"]) + "\n")
     summary = trainer.fit(step_fn, every=c.preview_every, on_every=preview)
+    if not M.is_main():  # data parallel: rank 0 saves
+        return summary
     # fit leaves the EMA weights in `model`
     model.save_pretrained(out_dir, safe_serialization=True)
     sched.save_pretrained(out_dir)  # scheduler_config.json beside the U-Net config

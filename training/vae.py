@@ -67,16 +67,22 @@ def run(
     dev = trainer.device
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        x = train[M.batch_indices(len(train), c.batch_size, step, params.seed)].to(dev)
+        x = train[M.batch_indices(len(train), c.batch_size, step, params.seed)]
+        # the global batch's noise, then this process's slice of both (data parallel)
+        eps = torch.randn((len(x), *latent_shape), generator=M.step_generator(params.seed, step))
+        x, eps = (t.to(dev) for t in M.local(x, eps))
         post = model.encode(x).latent_dist
-        eps = torch.randn(post.mean.shape, generator=M.step_generator(params.seed, step))
-        z = post.mean + post.std * eps.to(dev)
+        z = post.mean + post.std * eps
         recon = model.decode(z).sample
         rec = F.l1_loss(recon, x) if c.recon_loss == "l1" else F.mse_loss(recon, x)
         kl = post.kl().mean() / x[0].numel()  # per-pixel, so beta is resolution-free
         return rec + c.kl_weight * kl, {"recon": float(rec), "kl": float(kl)}
 
+    with torch.no_grad():
+        latent_shape = model.encode(train[:1].to(dev)).latent_dist.mean.shape[1:]
     summary = trainer.fit(step_fn)
+    if not M.is_main():  # data parallel: rank 0 measures and saves
+        return summary
 
     with torch.no_grad():
         # Scaling factor from the data (posterior samples of up to 2k training images).
