@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from training import config, ingest, shards, validate
@@ -118,3 +119,57 @@ def test_split_ignores_scheme_host_and_port():
     assert a == b == "/0000033.png"
     assert validate.split_key("http://h/img?id=7", "k") == "/img?id=7"
     assert validate.split_key("", "00000033") == "00000033"
+
+
+def test_address_policy_covers_every_non_public_range():
+    import ipaddress
+
+    from training import fetch
+
+    closed = fetch.Policy()
+    for addr, what in [
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("192.168.0.9", "private"),
+        ("172.16.5.5", "private"),
+        ("169.254.169.254", "link-local"),  # cloud metadata
+        ("fe80::1", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("240.0.0.1", "refused"),  # reserved (Python files it under private too)
+        ("0.0.0.0", "refused"),
+        ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped IPv6 is unwrapped first
+        ("100.64.0.1", "non-global"),  # carrier-grade NAT
+    ]:
+        reason = fetch.refusal(ipaddress.ip_address(addr), closed)
+        assert reason is not None and what.split("-")[0] in reason, (addr, reason)
+    assert fetch.refusal(ipaddress.ip_address("93.184.216.34"), closed) is None
+    opened = fetch.Policy(allow_networks=fetch.parse_networks(["10.0.0.0/8", "::1/128"]))
+    assert fetch.refusal(ipaddress.ip_address("10.9.9.9"), opened) is None
+    assert fetch.refusal(ipaddress.ip_address("::1"), opened) is None
+    assert fetch.refusal(ipaddress.ip_address("192.168.0.1"), opened) is not None
+    with pytest.raises(ValueError, match="not a CIDR"):
+        fetch.parse_networks(["10.0.0.0/33"])
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        ("l.tsv", b"link\ttext\nhttp://h/a.png\ta red circle\nhttp://h/b.png\t\n"),
+        (
+            "l.jsonl",
+            b'{"link": "http://h/a.png", "text": "a red circle", "extra": [1]}\n\n'
+            b'{"link": "http://h/b.png", "text": null}\n',
+        ),
+        ("l.csv", b"link,text\nhttp://h/a.png,a red circle\n http://h/b.png ,\n"),
+    ],
+)
+def test_url_lists_in_every_format_normalise_alike(tmp_path: Path, name: str, body: bytes):
+    from training import sources
+
+    (tmp_path / name).write_bytes(body)
+    n = sources.normalize_url_list(tmp_path / name, "link", "text", tmp_path / "out.parquet")
+    table = pd.read_parquet(tmp_path / "out.parquet")
+    assert n == 2
+    assert table.url.tolist() == ["http://h/a.png", "http://h/b.png"]
+    assert table.caption.tolist() == ["a red circle", ""]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,6 +71,51 @@ def snr_weights(
     return w / snr if prediction_type == "epsilon" else w / (snr + 1)
 
 
+BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def make_step_fn(
+    params: Params,
+    model: UNet2DConditionModel,
+    sched: DDPMScheduler,
+    n: int,
+    batch: BatchFn,
+    null_text: torch.Tensor,
+    scaling: float,
+    dev: torch.device,
+) -> Callable[[int], tuple[torch.Tensor, dict[str, float]]]:
+    """The training step: ``batch(indices) -> (posterior mean, std, text states)`` gives
+    the samples (precomputed latents in the pipeline; the benchmark also plugs in
+    encoding inside the step), everything else is the latent-diffusion objective."""
+    c = params.train_unet
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        # Noising happens on the CPU from the (seed, step) generator, so the batch is the
+        # same on every device; only the network runs on `dev`.
+        g = M.step_generator(params.seed, step)
+        idx = M.batch_indices(n, c.batch_size, step, params.seed)
+        b = len(idx)
+        mean, std, text = batch(idx)
+        z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
+        noise = torch.randn(z0.shape, generator=g)
+        if c.noise_offset > 0:  # offset noise: lets the model shift whole-image brightness
+            noise = noise + c.noise_offset * torch.randn((b, z0.shape[1], 1, 1), generator=g)
+        t = torch.randint(0, c.num_train_timesteps, (b,), generator=g)
+        drop = torch.rand(b, generator=g) < c.caption_dropout
+        text = torch.where(drop[:, None, None], null_text.expand_as(text), text)
+        zt = sched.add_noise(z0, noise, t)
+        target = noise if c.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
+        zt, t, text, target = M.local(zt, t, text, target)  # this process's slice
+        pred = model(zt.to(dev), t.to(dev), encoder_hidden_states=text.to(dev)).sample
+        per_sample = F.mse_loss(pred.float(), target.to(dev), reduction="none").mean(dim=(1, 2, 3))
+        if c.min_snr_gamma is not None:
+            w = snr_weights(sched, t, c.min_snr_gamma, c.prediction_type)
+            per_sample = per_sample * w.to(dev)
+        return per_sample.mean(), {}
+
+    return step_fn
+
+
 def run(
     params: Params,
     latent_dir: Path,
@@ -99,29 +145,10 @@ def run(
     )
     dev = trainer.device
 
-    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        # Noising happens on the CPU from the (seed, step) generator, so the batch is the
-        # same on every device; only the network runs on `dev`.
-        g = M.step_generator(params.seed, step)
-        idx = M.batch_indices(n, c.batch_size, step, params.seed)
-        b = len(idx)
-        mean, std, text = data["mean"][idx], data["std"][idx], data["text"][idx]
-        z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
-        noise = torch.randn(z0.shape, generator=g)
-        if c.noise_offset > 0:  # offset noise: lets the model shift whole-image brightness
-            noise = noise + c.noise_offset * torch.randn((b, ch, 1, 1), generator=g)
-        t = torch.randint(0, c.num_train_timesteps, (b,), generator=g)
-        drop = torch.rand(b, generator=g) < c.caption_dropout
-        text = torch.where(drop[:, None, None], null_text.expand_as(text), text)
-        zt = sched.add_noise(z0, noise, t)
-        target = noise if c.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
-        zt, t, text, target = M.local(zt, t, text, target)  # this process's slice
-        pred = model(zt.to(dev), t.to(dev), encoder_hidden_states=text.to(dev)).sample
-        per_sample = F.mse_loss(pred.float(), target.to(dev), reduction="none").mean(dim=(1, 2, 3))
-        if c.min_snr_gamma is not None:
-            w = snr_weights(sched, t, c.min_snr_gamma, c.prediction_type)
-            per_sample = per_sample * w.to(dev)
-        return per_sample.mean(), {}
+    def precomputed(idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return data["mean"][idx], data["std"][idx], data["text"][idx]
+
+    step_fn = make_step_fn(params, model, sched, n, precomputed, null_text, scaling, dev)
 
     preview_text = load_file(latent_dir / "preview_text.safetensors")["text"]
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
