@@ -103,6 +103,15 @@ class VaeCfg(Section):
     # MSE, not L1: on small objects on black, L1's median-seeking optimum greyed out red
     # and green (reconstructions scored 0.69 on colour vs 1.00 with MSE; RESULTS.md).
     recon_loss: Literal["l1", "mse"] = "mse"
+    # Optional PatchGAN discriminator (pix2pix / SD's first stage): sharper textures at
+    # small/base sizes, where pixel losses blur; off for tiny, whose flat shapes it
+    # cannot improve and whose minutes it would cost.
+    discriminator: bool = False
+    disc_weight: float = Field(0.1, ge=0)
+    disc_start: float = Field(0.5, ge=0, le=1)  # fraction of steps before it joins
+    disc_channels: int = Field(64, ge=8)
+    disc_layers: int = Field(3, ge=1)
+    disc_lr_scale: float = Field(1.0, gt=0)  # its learning rate / the VAE's
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(200, ge=1)
@@ -211,6 +220,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "norm_num_groups": 32,
             "batch_size": 64,
             "steps": 10000,
+            "discriminator": True,
         },
         "train_clip": {
             "hidden_size": 256,
@@ -240,6 +250,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "norm_num_groups": 32,
             "batch_size": 32,
             "steps": 100000,
+            "discriminator": True,
         },
         "train_clip": {
             "vocab_size": 8192,

@@ -399,8 +399,8 @@ class Trainer:
         t0, seen, last = time.perf_counter(), 0, {}
         for step in range(start, self.cfg.steps):
             lr = cosine_lr(step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            for group in self.optimizer.param_groups:  # "lr_scale": e.g. a discriminator
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             with autocast(self.device):
                 loss, metrics = step_fn(step)
             global_loss = all_mean(loss)  # every rank sees the same value: stop together

@@ -8,6 +8,14 @@ whole model's colour accuracy (see the evaluation's ``ceiling_acc_all_vae_recon`
 After training the latent scaling factor is measured from data — 1 / std of training
 latents, as SD's 0.18215 was — and written into the saved config, so the U-Net sees
 unit-variance inputs.
+
+With ``discriminator: true`` (the small and base profiles) a PatchGAN discriminator
+(Isola et al. 2017, as in SD's first stage) joins after ``disc_start`` of the steps,
+with hinge losses. Generator and discriminator train in one backward pass: the
+generator's adversarial term sees the discriminator's weights detached, and the
+discriminator's term sees the reconstruction detached, so each network gets only its
+own gradient, and one optimizer, one checkpoint and the data-parallel all-reduce cover
+both. Only the VAE is saved.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from torch import nn
+from torch.func import functional_call
 
 from training import mechanics as M
 from training.config import Params
@@ -38,6 +48,44 @@ def build(params: Params) -> AutoencoderKL:
         norm_num_groups=c.norm_num_groups,
         sample_size=params.ingest.image_size,
     )
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: a logit per overlapping patch, not per image. GroupNorm instead of the
+    original BatchNorm, so it behaves the same at any batch size and across ranks."""
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            mods += [nn.Conv2d(ch, out, 4, stride, 1), nn.GroupNorm(8, out), nn.LeakyReLU(0.2)]
+            ch = out
+        mods.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class VaeWithDiscriminator(nn.Module):
+    """What the Trainer optimises when the discriminator is on (one module, one state)."""
+
+    def __init__(self, vae: AutoencoderKL, disc: PatchDiscriminator):
+        super().__init__()
+        self.vae, self.disc = vae, disc
+
+
+def adversarial_losses(
+    disc: PatchDiscriminator, real: torch.Tensor, fake: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generator loss, discriminator loss), hinge form, separated for one backward."""
+    frozen = {k: v.detach() for k, v in disc.named_parameters()}
+    g_loss = -functional_call(disc, frozen, (fake,)).mean()
+    d_loss = 0.5 * (F.relu(1.0 - disc(real)).mean() + F.relu(1.0 + disc(fake.detach())).mean())
+    return g_loss, d_loss
 
 
 def run(
@@ -61,10 +109,20 @@ def run(
 
     model = build(params)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
+    trained: nn.Module = model
+    groups: list[dict] = [{"params": list(model.parameters())}]
+    disc = None
+    if c.discriminator:
+        disc = PatchDiscriminator(c.disc_channels, c.disc_layers)
+        trained = VaeWithDiscriminator(model, disc)
+        groups.append({"params": list(disc.parameters()), "lr_scale": c.disc_lr_scale})
+    opt = torch.optim.AdamW(
+        groups, lr=c.lr, weight_decay=0.0, betas=(0.5, 0.9) if disc else (0.9, 0.999)
+    )
     data_fp = M.fingerprint(len(train), float(train[:64].sum()))
-    trainer = M.stage_trainer("train_vae", model, opt, c, params.seed, ckpt_dir, data_fp, log)
+    trainer = M.stage_trainer("train_vae", trained, opt, c, params.seed, ckpt_dir, data_fp, log)
     dev = trainer.device
+    disc_from = int(c.disc_start * c.steps)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x = train[M.batch_indices(len(train), c.batch_size, step, params.seed)]
@@ -76,7 +134,13 @@ def run(
         recon = model.decode(z).sample
         rec = F.l1_loss(recon, x) if c.recon_loss == "l1" else F.mse_loss(recon, x)
         kl = post.kl().mean() / x[0].numel()  # per-pixel, so beta is resolution-free
-        return rec + c.kl_weight * kl, {"recon": float(rec), "kl": float(kl)}
+        loss = rec + c.kl_weight * kl
+        metrics = {"recon": rec.item(), "kl": kl.item()}
+        if disc is not None and step >= disc_from:
+            g_loss, d_loss = adversarial_losses(disc, x, recon)
+            loss = loss + c.disc_weight * g_loss + d_loss
+            metrics.update(gan_g=g_loss.item(), gan_d=d_loss.item())
+        return loss, metrics
 
     with torch.no_grad():
         latent_shape = model.encode(train[:1].to(dev)).latent_dist.mean.shape[1:]
