@@ -120,7 +120,11 @@ print(json.dumps(info))
     assert stages["train_unet"]["dvc.out.data/models/unet"]  # output hash tagged after lock
     assert info["loss_points"] > 5
     assert "metric.val_psnr" in info["kiln-vae"]["tags"]
-    assert "metric.acc_all" in info["kiln-text2image"]["tags"]
+    t2i = info["kiln-text2image"]["tags"]
+    assert "metric.acc_all" in t2i
+    # the first version meets no champion, so the gate promotes it
+    assert t2i["gate_decision"] == "champion" and t2i["gate_metric"] == "acc_all"
+    assert t2i["gate_champion_value"] == "None"
 
 
 def test_prefect_flow_run_completed_with_summary_artifact(run):
@@ -238,6 +242,76 @@ print(list(res.columns), img.size, img.format)
     assert "['prompt', 'seed', 'image'] (32, 32) PNG" in out
 
 
+def test_rest_serving_of_the_champion_on_loopback(run):
+    """`mlflow models serve` of models:/kiln-text2image@champion answers a real request."""
+    import base64
+    import io
+    import socket
+    import time
+    import urllib.request
+
+    from PIL import Image
+
+    project, _ = run
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**project_env(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/kiln-text2image@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the model server never came up"
+            time.sleep(1)
+        body = json.dumps(
+            {
+                "dataframe_split": {
+                    "columns": ["prompt", "seed", "steps"],
+                    "data": [["a large red circle in the center", 3, 8]],
+                }
+            }
+        ).encode()
+        req = urllib.request.Request(
+            f"{base}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())
+    finally:
+        server.terminate()
+        server.wait(30)
+    (pred,) = answer["predictions"]
+    assert pred["prompt"] == "a large red circle in the center" and pred["seed"] == 3
+    img = Image.open(io.BytesIO(base64.b64decode(pred["image"])))
+    assert img.format == "PNG" and img.size == (32, 32)
+
+
 def test_second_repro_runs_nothing(run):
     project, _ = run
     proc = _dvc(project, "repro")
@@ -251,6 +325,25 @@ def test_unet_param_change_reruns_only_unet_and_evaluate(run):
     proc = _dvc(project, "repro")
     ran = re.findall(r"Running stage '([^']+)'", proc.stdout)
     assert ran == ["train_unet", "evaluate"]
+    # the 40-step U-Net is worse than the champion: the gate keeps the champion
+    out = _py(
+        project,
+        """
+import json
+from mlflow import MlflowClient
+from training import tracking
+tracking.setup()
+c = MlflowClient()
+champ = c.get_model_version_by_alias("kiln-text2image", "champion")
+chall = c.get_model_version_by_alias("kiln-text2image", "challenger")
+print(json.dumps({"champion": champ.version, "challenger": chall.version, "tags": chall.tags}))
+""",
+    )
+    info = json.loads(out.strip().splitlines()[-1])
+    assert (info["champion"], info["challenger"]) == ("1", "2")
+    tags = info["tags"]
+    assert tags["gate_decision"] == "challenger" and tags["gate_champion_version"] == "1"
+    assert float(tags["gate_value"]) < float(tags["gate_champion_value"])
 
 
 DP_STEPS = {"train_vae": 20, "train_clip": 20, "train_unet": 30}

@@ -339,9 +339,34 @@ def evaluate() -> None:
     from training.tracking import MODEL_NAMES
 
     def register(tr, metrics: dict) -> str:
+        from training import tracking
+        from training.config import BUILTIN_DATASETS
+
         for name in ("report.html", "samples.png"):  # the pipeline is logged with the model
             tr.log_image(EVAL / name, "evaluation")
-        return tr.register_text2image(MODEL_NAMES["evaluate"], EVAL / "pipeline", metrics)
+        name = MODEL_NAMES["evaluate"]
+        version = tr.register_text2image(name, EVAL / "pipeline", metrics)
+        params = _load_params()
+        c = params.evaluate
+        metric = c.gate_metric or (
+            "acc_all" if params.ingest.dataset in BUILTIN_DATASETS else "clip_score"
+        )
+        gate = tracking.promote(name, version, metrics, metric, c.gate_min_delta)
+        tr.log_metrics({k: v for k, v in gate.items() if isinstance(v, float)})
+        tr.mlflow.set_tag("gate_decision", gate["gate_decision"])
+        metrics.update(gate)
+        old = gate["gate_champion_value"]
+        vs = (
+            "no champion yet"
+            if old is None
+            else (f"champion v{gate['gate_champion_version']} has {old:.4f}")
+        )
+        typer.echo(
+            f"[kiln] evaluate: gate: {name} v{version} {metric}={gate['gate_value']:.4f}, "
+            f"{vs} -> @{gate['gate_decision']}",
+            err=True,
+        )
+        return version
 
     run_stage(
         "evaluate",

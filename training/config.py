@@ -187,6 +187,11 @@ class EvaluateCfg(Section):
     samples_per_prompt: int = Field(2, ge=1)
     max_prompts: int | None = Field(None, ge=1)  # cap for quick runs; None = the full set
     batch_size: int = Field(64, ge=1)
+    # Promotion gate: a new kiln-text2image version becomes @champion only if this metric
+    # beats the current champion's by more than gate_min_delta, else @challenger.
+    # null: acc_all for the built-in sets (the oracle), clip_score for other data.
+    gate_metric: str | None = None
+    gate_min_delta: float = Field(0.0, ge=0.0)
 
 
 class Params(BaseModel):

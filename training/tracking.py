@@ -190,6 +190,45 @@ class StageRun:
         return version
 
 
+def promote(
+    name: str, version: str, metrics: dict[str, Any], metric: str, min_delta: float
+) -> dict:
+    """The promotion gate: alias ``champion`` if ``version`` beats the current champion
+    on ``metric`` (higher is better) by more than ``min_delta``, else ``challenger``.
+    The decision and both numbers are tagged on the version and returned for logging."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    if metric not in metrics or not isinstance(metrics[metric], int | float):
+        raise ValueError(
+            f"evaluate.gate_metric {metric!r} is not a metric of this run "
+            f"(have: {', '.join(k for k, v in metrics.items() if isinstance(v, int | float))})"
+        )
+    new = float(metrics[metric])
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champ = None
+    old = None
+    if champ is not None and champ.version != version:
+        tag = champ.tags.get(f"metric.{metric}")
+        old = float(tag) if tag is not None else None
+    promoted = champ is None or old is None or new > old + min_delta
+    alias = "champion" if promoted else "challenger"
+    client.set_registered_model_alias(name, alias, version)
+    decision = {
+        "gate_metric": metric,
+        "gate_value": new,
+        "gate_champion_value": old,
+        "gate_champion_version": champ.version if champ is not None else None,
+        "gate_decision": alias,
+    }
+    for k, v in decision.items():
+        client.set_model_version_tag(name, version, k, str(v))
+    return decision
+
+
 def _requirements() -> list[str]:
     import importlib.metadata as md
 
