@@ -276,6 +276,7 @@ def test_rest_serving_of_the_champion_on_loopback(run):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # it execs uvicorn as a child: stop the whole group
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -304,7 +305,10 @@ def test_rest_serving_of_the_champion_on_loopback(run):
         with urllib.request.urlopen(req, timeout=120) as r:
             answer = json.loads(r.read())
     finally:
-        server.terminate()
+        import os
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
     (pred,) = answer["predictions"]
     assert pred["prompt"] == "a large red circle in the center" and pred["seed"] == 3
