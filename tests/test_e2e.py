@@ -177,6 +177,30 @@ def test_vae_reconstructions_keep_every_attribute(run):
     assert m["ceiling_acc_all_vae_recon"] >= 0.9
 
 
+def test_report_has_sweep_trajectory_steps_table_and_distances(run):
+    import math
+
+    from PIL import Image
+
+    project, _ = run
+    ev = project / "data" / "eval"
+    m = json.loads((project / "data" / "metrics" / "evaluate.json").read_text())
+    for k in ("fd_clip", "cmmd_clip", "fd_clip_real_halves"):
+        assert math.isfinite(m[k]) and m[k] >= -1e-6, k
+    rows = json.loads((ev / "steps_table.json").read_text())
+    assert {(r["scheduler"], r["steps"]) for r in rows} == {
+        (s, n) for s in ("ddpm", "ddim", "dpm++", "euler") for n in (5, 10, 20, 40)
+    }
+    best = max(r["acc_all"] for r in rows)
+    assert best >= 0.5, rows  # the trained model, sampled well, gets most prompts right
+    sweep = Image.open(ev / "guidance_sweep.png")
+    traj = Image.open(ev / "trajectory.png")
+    assert sweep.width > sweep.height / 2 and traj.width > 10 * traj.height / 2
+    page = (ev / "report.html").read_text()
+    for section in ("Guidance sweep", "Denoising trajectory", "Steps vs quality", "fd_clip"):
+        assert section in page
+
+
 def test_generate_from_the_registry(run, tmp_path):
     project, _ = run
     out = tmp_path / "samples"

@@ -3,14 +3,17 @@ set and score it.
 
 Metrics (all offline, with Kiln's own models): the attribute oracle of the built-in
 sets (per attribute, all-attributes, seen vs held-out compositions), CLIP score
-(cosine of prompt and image embeddings from Kiln's CLIP) and VAE reconstruction PSNR on
-held-out images. Pictures: a sample grid; everything lands in one self-contained HTML
-report.
+(cosine of prompt and image embeddings from Kiln's CLIP), Fréchet distance and CMMD to
+held-out real images in CLIP image space, and VAE reconstruction PSNR on held-out
+images. Pictures: a sample grid, a guidance sweep, a denoising trajectory and a
+steps-vs-quality table per scheduler (``evaluate_extras``); everything lands in one
+self-contained HTML report.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import html
 from collections import defaultdict
 from pathlib import Path
@@ -36,15 +39,21 @@ def prompt_set(params: Params, clean_dir: Path) -> list:
     return prompts
 
 
-@torch.no_grad()
-def clip_scores(clip_dir: Path, prompts: list[str], images: list) -> np.ndarray:
+@functools.lru_cache(maxsize=2)
+def load_clip(clip_dir: Path):
+    """Kiln's CLIP and tokenizer, loaded once per evaluation (many scores use them)."""
     from transformers import CLIPModel, CLIPTokenizer
 
+    model = CLIPModel.from_pretrained(clip_dir).eval().to(M.device())
+    return model, CLIPTokenizer.from_pretrained(clip_dir)
+
+
+@torch.no_grad()
+def clip_scores(clip_dir: Path, prompts: list[str], images: list) -> np.ndarray:
     from training.clip import embed, encode_text
     from training.images import to_tensor
 
-    model = CLIPModel.from_pretrained(clip_dir).eval().to(M.device())
-    tok = CLIPTokenizer.from_pretrained(clip_dir)
+    model, tok = load_clip(Path(clip_dir))
     px = to_tensor(np.stack([np.asarray(i.convert("RGB")) for i in images]))
     img_e = embed(model, pixels=px)
     txt_e = embed(model, ids=encode_text(tok, prompts))
@@ -99,7 +108,13 @@ def _img_tag(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
 
 
-def write_report(out: Path, metrics: dict, images: dict[str, Path], title: str) -> Path:
+def write_report(
+    out: Path,
+    metrics: dict,
+    images: dict[str, Path],
+    title: str,
+    tables: dict[str, str] | None = None,
+) -> Path:
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>"
         if isinstance(v, float)
@@ -110,9 +125,10 @@ def write_report(out: Path, metrics: dict, images: dict[str, Path], title: str) 
         f"<figure>{_img_tag(p)}<figcaption>{html.escape(cap)}</figcaption></figure>"
         for cap, p in images.items()
     )
+    figs += "".join(f"<h2>{html.escape(cap)}</h2>{table}" for cap, table in (tables or {}).items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;background:#fafafa}}
-table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:4px 10px}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}
 img{{image-rendering:pixelated;max-width:100%}}figure{{margin:1.5em 0}}</style></head>
 <body><h1>{html.escape(title)}</h1><h2>Metrics</h2><table>{rows}</table>{figs}</body></html>"""
     out.write_text(page)
@@ -179,6 +195,51 @@ def run(
     )
     metrics.update(reconstruction_scores(vae_dir, clean_dir, oracle))
 
+    import itertools
+
+    from training import evaluate_extras as X
+    from training import shards
+
+    # distribution distance to held-out real images, in Kiln's CLIP image space; the
+    # same distance between two halves of the real set says how low it can go
+    real = [
+        r.image() for r in itertools.islice(shards.read(shards.shard_paths(clean_dir / "val")), 512)
+    ]
+    gen_e = X.clip_image_embeddings(clip_dir, images)
+    real_e = X.clip_image_embeddings(clip_dir, real)
+    metrics["fd_clip"] = X.frechet_distance(gen_e, real_e)
+    metrics["cmmd_clip"] = X.cmmd(gen_e, real_e)
+    metrics["fd_clip_real_halves"] = X.frechet_distance(real_e[::2], real_e[1::2])
+
+    figures: dict[str, Path] = {}
+    tables: dict[str, str] = {}
+    if c.sweep_prompts:
+        stride = max(1, len(prompts) // c.sweep_prompts)
+        subset = prompts[::stride][: c.sweep_prompts]
+        sweep = out_dir / "guidance_sweep.png"
+        X.guidance_sweep(
+            pipe, [p.prompt for p in subset[:6]], c.sweep_guidance, params.seed, c.steps
+        ).save(sweep)
+        figures[
+            "Guidance sweep: columns are guidance "
+            + ", ".join(f"{g:g}" for g in c.sweep_guidance)
+            + "; rows: "
+            + "; ".join(p.prompt for p in subset[:6])
+        ] = sweep
+        traj = out_dir / "trajectory.png"
+        X.trajectory(pipe, subset[0].prompt, params.seed, c.steps, c.guidance).save(traj)
+        figures[
+            f"Denoising trajectory of '{subset[0].prompt}' ({c.scheduler}, {c.steps} steps): "
+            "top, the noisy latents after each step; bottom, the sampler's clean estimate"
+        ] = traj
+        rows = X.steps_table(pipe, subset, c.sweep_steps, c.guidance, params.seed, oracle, clip_dir)
+        M.write_json(out_dir / "steps_table.json", rows)
+        tables[
+            f"Steps vs quality per scheduler ({len(subset)} prompts, guidance {c.guidance:g})"
+        ] = X.table_html(rows)
+        for path in (sweep, traj, out_dir / "steps_table.json"):
+            log.log_image(path)
+
     n_show = min(len(prompts), 24)
     rows = [
         images[j * len(prompts) + i] for i in range(n_show) for j in range(c.samples_per_prompt)
@@ -192,8 +253,9 @@ def run(
     write_report(
         out_dir / "report.html",
         metrics,
-        {f"Samples ({legend})": grid_path},
+        {f"Samples ({legend})": grid_path, **figures},
         title=f"Kiln evaluation — {params.ingest.dataset}, profile {params.profile}",
+        tables=tables,
     )
     summary = {
         k: (f"{v:.3f}" if isinstance(v, float) else v)
@@ -206,6 +268,8 @@ def run(
             "clip_score",
             "vae_psnr",
             "ceiling_acc_all_vae_recon",
+            "fd_clip",
+            "cmmd_clip",
         )
     }
     M.say(f"evaluate: {summary}")
