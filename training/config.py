@@ -189,7 +189,7 @@ class EvaluateCfg(Section):
     batch_size: int = Field(64, ge=1)
     # Pictures and tables of the report: a guidance sweep, one denoising trajectory and
     # a steps-vs-quality table per scheduler over `sweep_prompts` prompts (0: skip them)
-    sweep_prompts: int = Field(32, ge=0)
+    sweep_prompts: int = Field(16, ge=0)
     sweep_steps: tuple[int, ...] = (5, 10, 20, 40)
     sweep_guidance: tuple[float, ...] = (1.0, 2.0, 4.0, 7.0)
     # Promotion gate: a new kiln-text2image version becomes @champion only if this metric
