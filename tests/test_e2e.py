@@ -473,3 +473,25 @@ def test_data_parallel_training_matches_one_process(run, tmp_path):
         worst = max(abs(a - b) / abs(a) for a, b in zip(one, two, strict=True))
         assert worst < DP_REL_TOL, (stage, one, two)
         assert one[-1] < one[0]  # and it is training
+
+
+def test_dvc_remote_round_trip_between_clones(run, tmp_path):
+    """`dvc push` to the default remote (a directory beside the repository), then a
+    fresh git clone pulls every stage's outputs and finds the pipeline up to date."""
+    project, _ = run
+    for cmd in (
+        ["git", "add", "-A"],
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "pipeline run"],
+    ):
+        subprocess.run(cmd, cwd=project, check=True, capture_output=True)
+    _dvc(project, "push")
+    remote = project.parent / "kiln-dvc-remote"
+    assert remote.is_dir() and any(remote.rglob("*"))
+    other = project.parent / "kiln-clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(other)], check=True)
+    assert not (other / "data" / "models").exists()
+    _dvc(other, "pull")
+    for out in ("raw", "clean", "latents", "models/vae", "models/clip", "models/unet", "eval"):
+        assert any((other / "data" / out).iterdir()), out
+    status = _dvc(other, "status")
+    assert "up to date" in status.stdout, status.stdout
