@@ -185,7 +185,7 @@ def test_report_has_sweep_trajectory_steps_table_and_distances(run):
     project, _ = run
     ev = project / "data" / "eval"
     m = json.loads((project / "data" / "metrics" / "evaluate.json").read_text())
-    for k in ("fd_clip", "cmmd_clip", "fd_clip_real_halves"):
+    for k in ("fd_clip", "cmmd_clip", "fd_clip_real_halves", "cmmd_clip_real_halves"):
         assert math.isfinite(m[k]) and m[k] >= -1e-6, k
     rows = json.loads((ev / "steps_table.json").read_text())
     assert {(r["scheduler"], r["steps"]) for r in rows} == {

@@ -201,15 +201,21 @@ def run(
     from training import shards
 
     # distribution distance to held-out real images, in Kiln's CLIP image space; the
-    # same distance between two halves of the real set says how low it can go
+    # same distance between the two halves of the real set, at the same sample size,
+    # says how low it can go
     real = [
         r.image() for r in itertools.islice(shards.read(shards.shard_paths(clean_dir / "val")), 512)
     ]
     gen_e = X.clip_image_embeddings(clip_dir, images)
     real_e = X.clip_image_embeddings(clip_dir, real)
-    metrics["fd_clip"] = X.frechet_distance(gen_e, real_e)
-    metrics["cmmd_clip"] = X.cmmd(gen_e, real_e)
-    metrics["fd_clip_real_halves"] = X.frechet_distance(real_e[::2], real_e[1::2])
+    # FD is biased by sample size: compare equal-sized sets against the same real half
+    ref, other = real_e[0::2], real_e[1::2]
+    m = min(len(gen_e), len(ref), len(other))
+    metrics["fd_clip"] = X.frechet_distance(gen_e[:m], ref[:m])
+    metrics["cmmd_clip"] = X.cmmd(gen_e[:m], ref[:m])
+    metrics["fd_clip_real_halves"] = X.frechet_distance(other[:m], ref[:m])
+    metrics["cmmd_clip_real_halves"] = X.cmmd(other[:m], ref[:m])
+    metrics["fd_samples"] = m
 
     figures: dict[str, Path] = {}
     tables: dict[str, str] = {}

@@ -9,7 +9,8 @@
 - **Fréchet distance and CMMD in CLIP space**: generated vs held-out real images,
   embedded by Kiln's own CLIP image tower (no downloaded Inception or DINO weights).
   FD is Heusel et al.'s formula on those embeddings; CMMD is Jayasumana et al.'s MMD
-  with a Gaussian kernel (sigma 10, embeddings x 1000) on normalised CLIP embeddings.
+  with a Gaussian kernel (sigma 10, result x 1000) on normalised CLIP embeddings. Both
+  depend on sample size, so the caller compares equal-sized sets.
 """
 
 from __future__ import annotations
