@@ -186,7 +186,8 @@ def test_report_has_sweep_trajectory_steps_table_and_distances(run):
     ev = project / "data" / "eval"
     m = json.loads((project / "data" / "metrics" / "evaluate.json").read_text())
     for k in ("fd_clip", "cmmd_clip", "fd_clip_real_halves", "cmmd_clip_real_halves"):
-        assert math.isfinite(m[k]) and m[k] >= -1e-6, k
+        assert math.isfinite(m[k]), k
+    assert m["fd_clip"] >= 0 and m["fd_clip_real_halves"] >= 0  # (unbiased CMMD can dip < 0)
     rows = json.loads((ev / "steps_table.json").read_text())
     assert {(r["scheduler"], r["steps"]) for r in rows} == {
         (s, n) for s in ("ddpm", "ddim", "dpm++", "euler") for n in (5, 10, 20, 40)
