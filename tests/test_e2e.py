@@ -403,7 +403,7 @@ print(json.dumps({"champion": champ.version, "challenger": chall.version, "tags"
 """,
     )
     info = json.loads(out.strip().splitlines()[-1])
-    assert (info["champion"], info["challenger"]) == ("1", "2")
+    assert (str(info["champion"]), str(info["challenger"])) == ("1", "2")
     tags = info["tags"]
     assert tags["gate_decision"] == "challenger" and tags["gate_champion_version"] == "1"
     assert float(tags["gate_value"]) < float(tags["gate_champion_value"])
