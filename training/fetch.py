@@ -28,6 +28,7 @@ categorical (no URL or address inside) so they aggregate.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import io
 import ipaddress
@@ -217,9 +218,11 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
+@functools.lru_cache(maxsize=8)
 def _opener(policy: Policy) -> urllib.request.OpenerDirector:
     """An opener with only guarded http/https handlers: no proxies from the environment,
-    no file:, ftp: or data: handlers at all."""
+    no file:, ftp: or data: handlers at all. Built once per policy (handlers keep no
+    per-request state; the guard's state is thread-local), not once per image."""
     redirect = _RedirectHandler()
     redirect.max_redirections = policy.max_redirects
     opener = urllib.request.OpenerDirector()
@@ -370,13 +373,14 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives)
     from img2dataset.downloader import is_disallowed
 
     key, url = row
+    policy = _policy or Policy()
     try:
-        body, headers = fetch_bytes(str(url), timeout, _policy or Policy())
+        body, headers = fetch_bytes(str(url), timeout, policy)
         if disallowed_header_directives and is_disallowed(
             headers, user_agent_token, disallowed_header_directives
         ):
             return key, None, "Use of image disallowed by X-Robots-Tag directive"
-        return key, io.BytesIO(normalize(body, (_policy or Policy()).max_pixels)), None
+        return key, io.BytesIO(normalize(body, policy.max_pixels)), None
     except Refused as exc:
         return key, None, str(exc)
     except Exception as exc:  # img2dataset records the message as the failure reason

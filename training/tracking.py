@@ -211,7 +211,7 @@ def promote(
     except MlflowException:
         champ = None
     old = None
-    if champ is not None and champ.version != version:
+    if champ is not None and str(champ.version) != str(version):  # MLflow may give ints
         tag = champ.tags.get(f"metric.{metric}")
         old = float(tag) if tag is not None else None
     promoted = champ is None or old is None or new > old + min_delta
