@@ -2,8 +2,17 @@
 
 DVC decides what is stale (``dvc repro --single-item <stage>`` skips a stage whose
 deps, params and outs are unchanged); Prefect decides when and where, retries the
-transient failures (ingestion) and keeps the run history. With no ``PREFECT_API_URL``
-set, Prefect runs against its ephemeral local API — nothing to start.
+transient failures (ingestion; a crashed training stage resumes from its checkpoint)
+and keeps the run history. With no ``PREFECT_API_URL`` set, Prefect runs against its
+ephemeral local API — nothing to start.
+
+Where: by default every stage runs in this process (the embedded default). Given a
+``gpu_deployment`` (a deployment of the ``kiln-stage`` flow on the ``gpu`` work pool,
+see prefect.yaml), the GPU stages go there with ``run_deployment``. The two machines
+share nothing but the Prefect API, the MLflow server and the DVC remote: this flow
+pushes what it has made, the stage's worker pulls the deps it needs, runs the stage
+and pushes its outs, and hands back the stage's ``dvc.lock`` entry and metrics (a
+Prefect artifact); this flow merges them and pulls the outs.
 
 All stage runs are nested under one MLflow pipeline run; the flow tags each stage's run
 with the DVC hashes of its outputs once DVC has locked them, and publishes a markdown
@@ -47,9 +56,14 @@ def _dvc() -> list[str]:
     return [str(local)] if local.exists() else ["dvc"]
 
 
-def _run_dvc_stage(stage: str) -> None:
+# Stages that want the accelerator: routed to the gpu pool when one is configured.
+GPU_STAGES = ("train_vae", "train_clip", "precompute_latents", "train_unet")
+RESULT_KEY = "kiln-stage-result"  # the artifact a remote stage hands back
+
+
+def _dvc_cmd(*args: str, what: str) -> None:
     logger = get_run_logger()
-    cmd = [*_dvc(), "repro", "--single-item", stage]
+    cmd = [*_dvc(), *args]
     logger.info("$ %s", " ".join(cmd))
     # The stage commands are `kiln ...`: make sure this interpreter's bin dir (the venv's)
     # is on PATH even when nobody activated the venv (make run). Output goes straight to
@@ -58,7 +72,11 @@ def _run_dvc_stage(stage: str) -> None:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.run(cmd, cwd=ROOT, env=env)
     if proc.returncode != 0:
-        raise StageFailed(f"stage {stage} failed (dvc exit code {proc.returncode})")
+        raise StageFailed(f"{what} failed (dvc exit code {proc.returncode})")
+
+
+def _run_dvc_stage(stage: str) -> None:
+    _dvc_cmd("repro", "--single-item", stage, what=f"stage {stage}")
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 30])
@@ -68,9 +86,147 @@ def ingest_task() -> None:
     _run_dvc_stage("ingest")
 
 
-@task(name="stage")
+@task(name="stage", retries=1, retry_delay_seconds=10)
 def stage_task(stage: str) -> None:
+    """One retry: a training stage killed mid-run (a lost worker, OOM) resumes from its
+    newest complete checkpoint; a stage that fails for a reason (bad data, NaN) fails
+    the same way again and its one-line error stands."""
     _run_dvc_stage(stage)
+
+
+def _dvc_yaml() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _lock() -> dict:
+    import yaml
+
+    path = ROOT / "dvc.lock"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {"schema": "2.0", "stages": {}}
+
+
+def _write_lock(lock: dict) -> None:
+    import yaml
+
+    (ROOT / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+
+
+def upstream(stage: str) -> list[str]:
+    """The stages whose outs ``stage`` reads (its data deps), from dvc.yaml."""
+    stages = _dvc_yaml()
+    made_by = {out: name for name, st in stages.items() for out in st.get("outs", [])}
+    return [made_by[d] for d in stages[stage].get("deps", []) if d in made_by]
+
+
+@flow(name="kiln-stage", log_prints=True)
+def kiln_stage(
+    stage: str,
+    params_yaml: str | None = None,
+    lock: dict | None = None,
+    pipeline_run_id: str | None = None,
+) -> dict:
+    """Run one DVC stage on this worker (a deployment on the gpu pool): take the
+    caller's params and dvc.lock, ``dvc pull`` the outs of the stages it reads, run
+    it, ``dvc push`` its outs, and publish its dvc.lock entry and metrics as the
+    ``kiln-stage-result`` artifact for the caller."""
+    from training import tracking
+
+    if stage not in _dvc_yaml():
+        raise ValueError(f"unknown stage {stage!r}")
+    if params_yaml is not None:
+        (ROOT / "params.yaml").write_text(params_yaml)
+    if lock is not None:
+        _write_lock(lock)
+    if pipeline_run_id:  # nest the stage's MLflow run under the caller's pipeline run
+        os.environ[tracking.PARENT_ENV] = pipeline_run_id
+    deps = upstream(stage)
+    if deps:
+        _dvc_cmd("pull", *deps, what=f"dvc pull of {', '.join(deps)}")
+    stage_task.with_options(name=stage)(stage=stage)
+    _dvc_cmd("push", stage, what=f"dvc push of {stage}")
+    metrics = ROOT / "data" / "metrics" / f"{stage}.json"
+    result = {
+        "stage": stage,
+        "lock": _lock()["stages"][stage],
+        "metrics": metrics.read_text() if metrics.is_file() else None,
+    }
+    create_markdown_artifact(
+        key=RESULT_KEY,
+        markdown=f"```json\n{json.dumps(result, indent=1)}\n```",
+        description=f"dvc.lock entry and metrics of {stage}",
+    )
+    return result
+
+
+def _stage_result(flow_run_id) -> dict:
+    """The ``kiln-stage-result`` artifact of a remote stage's flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                key=ArtifactFilterKey(any_=[RESULT_KEY]),
+            )
+        )
+    if not found:
+        raise StageFailed(f"flow run {flow_run_id} left no {RESULT_KEY} artifact")
+    text = found[0].data
+    return json.loads(text[text.index("{") : text.rindex("}") + 1])
+
+
+def _run_remote(stage: str, deployment: str, done: list[str], pipeline_run_id: str) -> None:
+    """Run ``stage`` on the deployment's pool, exchanging data through the DVC remote."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    if done:
+        _dvc_cmd("push", *done, what=f"dvc push of {', '.join(done)}")
+    logger.info("%s -> deployment %s", stage, deployment)
+    run = run_deployment(
+        deployment,
+        parameters={
+            "stage": stage,
+            "params_yaml": (ROOT / "params.yaml").read_text(),
+            "lock": _lock(),
+            "pipeline_run_id": pipeline_run_id,
+        },
+        flow_run_name=f"{stage}",
+        timeout=None,
+    )
+    if run.state is None or not run.state.is_completed():
+        name = run.state.name if run.state else "unknown"
+        raise StageFailed(f"stage {stage} on {deployment} ended {name} (flow run {run.id})")
+    result = _stage_result(run.id)
+    lock = _lock()
+    lock.setdefault("stages", {})[stage] = result["lock"]
+    _write_lock(lock)
+    if result["metrics"] is not None:
+        path = ROOT / "data" / "metrics" / f"{stage}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(result["metrics"])
+    _dvc_cmd("pull", stage, what=f"dvc pull of {stage}")
+
+
+def _notify_failure(flow, flow_run, state) -> None:
+    """On failure, notify through the Prefect notification block named by
+    ``KILN_NOTIFY_BLOCK`` (``slack-webhook/kiln-alerts``, say). Off when unset."""
+    name = os.environ.get("KILN_NOTIFY_BLOCK")
+    if not name:
+        return
+    from prefect.blocks.core import Block
+
+    Block.load(name).notify(
+        subject=f"Kiln: {flow_run.name} {state.name}",
+        body=f"Flow run {flow_run.name} ({flow_run.id}) ended {state.name}: {state.message}",
+    )
 
 
 def _metrics(stage: str) -> dict:
@@ -125,20 +281,43 @@ def summarize(params: dict, versions: dict[str, str]) -> tuple[str, str]:
     return "\n".join(md), "\n".join(text)
 
 
-@flow(name="kiln-pipeline", log_prints=True)
-def kiln_pipeline() -> dict:
+@flow(name="kiln-pipeline", log_prints=True, on_failure=[_notify_failure])
+def kiln_pipeline(
+    profile: str | None = None,
+    dataset: str | None = None,
+    source: str | None = None,
+    gpu_deployment: str | None = None,
+) -> dict:
     """ingest -> validate -> train_vae -> train_clip -> precompute_latents -> train_unet
-    -> evaluate, each a DVC stage."""
+    -> evaluate, each a DVC stage.
+
+    ``profile``/``dataset``/``source`` are written into params.yaml first (where DVC
+    tracks them); ``gpu_deployment`` (or ``KILN_GPU_DEPLOYMENT``), e.g.
+    ``kiln-stage/gpu``, sends the GPU stages to that deployment's work pool."""
     from training import config, tracking
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_NoTracebackForStageFailed())
+    updates = {
+        k: v
+        for k, v in (("profile", profile), ("ingest.dataset", dataset), ("ingest.source", source))
+        if v
+    }
+    if updates:
+        for key, (old, new) in config.set_values(ROOT / "params.yaml", updates).items():
+            print(f"params.yaml: {key}: {old} -> {new}")
+    gpu_deployment = gpu_deployment or os.environ.get("KILN_GPU_DEPLOYMENT") or None
     params = config.load(ROOT / "params.yaml").to_dict()
+    done: list[str] = []
     with tracking.pipeline_run(params, ROOT) as parent:
         for stage in STAGES:
-            (ingest_task if stage == "ingest" else stage_task.with_options(name=stage))(
-                **({} if stage == "ingest" else {"stage": stage})
-            )
+            if stage == "ingest":
+                ingest_task()
+            elif gpu_deployment and stage in GPU_STAGES:
+                _run_remote(stage, gpu_deployment, done, parent)
+            else:
+                stage_task.with_options(name=stage)(stage=stage)
+            done.append(stage)
             tracking.tag_stage_outputs(parent, stage, ROOT)
         versions = tracking.latest_versions(ROOT)
         md, text = summarize(params, versions)

@@ -1,0 +1,222 @@
+"""Kiln as users run it at scale, for real on loopback: a Prefect server (SQLite), an
+MLflow server, two work pools with a process worker each, each worker in its own clone
+of the repository, and the data moving between them only through the DVC remote.
+
+The commands are the README's "Running at scale" ones. The pipeline runs on the
+built-in digits set with few steps: this checks the wiring, not the quality.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training import config
+
+from .conftest import BIN, copy_project, project_env
+
+pytestmark = pytest.mark.e2e
+
+FAST = {
+    "ingest.num_samples": 400,
+    "train_vae.steps": 20,
+    "train_clip.steps": 20,
+    "train_unet.steps": 20,
+    "evaluate.max_prompts": 10,
+    "evaluate.steps": 5,
+}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"{url}: server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as r:
+            if r.status == 200:
+                return
+        time.sleep(1)
+    raise AssertionError(f"{url} did not come up in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def _background(cmd: list[str], env: dict, cwd: Path, log: Path):
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _cli(env: dict, cwd: Path, *args: str, timeout: float = 300) -> str:
+    proc = subprocess.run(
+        list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_deployed_pipeline_sends_gpu_stages_to_the_gpu_pool(tmp_path):
+    cpu = copy_project(tmp_path / "cpu")  # the cpu worker's checkout
+    gpu = copy_project(tmp_path / "gpu")  # the gpu worker's checkout
+    config.set_values(cpu / "params.yaml", FAST)  # the pipeline hands its params to gpu
+    prefect_port, mlflow_port = _port(), _port()
+    api = f"http://127.0.0.1:{prefect_port}/api"
+    servers = tmp_path / "servers"
+    servers.mkdir()
+
+    def env_for(home: Path) -> dict:
+        env = project_env(home)
+        env.update(
+            PREFECT_HOME=str(servers / "prefect-home"),
+            PREFECT_API_URL=api,
+            MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
+            KILN_HOME=str(home),
+        )
+        return env
+
+    server_env = env_for(cpu)
+    server_env.update(
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{servers / 'prefect.db'}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+    )
+    prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1"]
+    mlflow_cmd = [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+        "--backend-store-uri", f"sqlite:///{servers / 'mlflow.db'}",
+        "--artifacts-destination", str(servers / "mlartifacts"), "--workers", "1",
+    ]  # fmt: skip
+    with (
+        _background(
+            [*prefect_cmd, "--port", str(prefect_port)],
+            server_env,
+            servers,
+            servers / "prefect.log",
+        ) as prefect_server,
+        _background(mlflow_cmd, server_env, servers, servers / "mlflow.log") as mlflow_server,
+    ):
+        _wait_http(f"{api}/health", prefect_server, servers / "prefect.log")
+        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", mlflow_server, servers / "mlflow.log")
+
+        prefect = str(BIN / "prefect")
+        for pool in ("cpu", "gpu"):
+            _cli(env_for(cpu), cpu, prefect, "work-pool", "create", pool, "--type", "process")
+        out = _cli(env_for(cpu), cpu, prefect, "--no-prompt", "deploy", "--all")
+        assert "kiln-pipeline/kiln-pipeline" in out and "kiln-stage/gpu" in out
+
+        with (
+            _background(
+                [prefect, "worker", "start", "--pool", "cpu"],
+                env_for(cpu),
+                cpu,
+                tmp_path / "w-cpu.log",
+            ),
+            _background(
+                [prefect, "worker", "start", "--pool", "gpu"],
+                env_for(gpu),
+                gpu,
+                tmp_path / "w-gpu.log",
+            ),
+        ):
+            run = _trigger_and_wait(env_for(cpu), cpu, tmp_path)
+        logs = "".join((tmp_path / f).read_text()[-4000:] for f in ("w-cpu.log", "w-gpu.log"))
+        assert run["state"] == "COMPLETED", f"{run}\n{logs}"
+
+    # the GPU stages ran as kiln-stage flow runs on the gpu pool, in the gpu checkout ...
+    stages = {r["name"]: r for r in run["children"]}
+    assert set(stages) == {"train_vae", "train_clip", "precompute_latents", "train_unet"}, run
+    assert {(r["pool"], r["state"]) for r in stages.values()} == {("gpu", "COMPLETED")}
+    for name in ("vae", "clip", "unet"):
+        assert (gpu / "data" / "models" / name / "config.json").is_file()
+        # ... and reached the cpu checkout only through the DVC remote
+        assert (cpu / "data" / "models" / name / "config.json").is_file()
+    assert (gpu / "data" / "checkpoints").is_dir() and not (cpu / "data" / "checkpoints").exists()
+    assert any((tmp_path / "kiln-dvc-remote").rglob("*")), "nothing was pushed to the remote"
+    lock = yaml.safe_load((cpu / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(config.STAGES)  # the cpu checkout's lock knows every stage
+
+    # the deployment's parameter chose the data set; the cpu worker evaluated
+    report = json.loads((cpu / "data" / "raw" / "report.json").read_text())
+    assert report["dataset"] == "digits" and report["successes"] == 400
+    metrics = json.loads((cpu / "data" / "metrics" / "evaluate.json").read_text())
+    assert 0.0 <= metrics["acc_digit"] <= 1.0 and metrics["samples"] == 20
+
+    # every phase registered its model in the MLflow server, under one pipeline run
+    assert run["registry"]["names"] >= {"kiln-vae", "kiln-clip", "kiln-unet", "kiln-text2image"}
+    assert len(set(run["registry"]["pipeline_runs"])) == 1, run["registry"]
+    # the weekly schedule exists and is off until turned on
+    assert run["schedules"] == [{"cron": "0 3 * * 1", "active": False}]
+
+
+TRIGGER = r"""
+import asyncio, json, sys, time
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+async def main():
+    async with get_client() as client:
+        dep = await client.read_deployment_by_name("kiln-pipeline/kiln-pipeline")
+        run = await client.create_flow_run_from_deployment(dep.id, parameters={"dataset": "digits"})
+        deadline = time.monotonic() + 1500
+        while time.monotonic() < deadline:
+            run = await client.read_flow_run(run.id)
+            if run.state and run.state.is_final():
+                break
+            await asyncio.sleep(3)
+        kids = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id]))
+        )
+        children = []
+        for k in kids:
+            if k.deployment_id is None:
+                continue
+            children.append({"name": k.name, "state": k.state.type.value, "pool": k.work_pool_name})
+        schedules = [{"cron": s.schedule.cron, "active": s.active} for s in dep.schedules]
+    c = MlflowClient()
+    names = {m.name for m in c.search_registered_models()}
+    runs = []
+    for name in ("kiln-vae", "kiln-clip", "kiln-unet"):
+        v = c.search_model_versions(f"name='{name}'")[0]
+        runs.append(c.get_run(v.run_id).data.tags.get("kiln.pipeline_run_id"))
+    print(json.dumps({"state": run.state.type.value, "message": run.state.message,
+                      "children": children, "schedules": schedules,
+                      "registry": {"names": sorted(names), "pipeline_runs": runs}}))
+
+asyncio.run(main())
+"""
+
+
+def _trigger_and_wait(env: dict, cwd: Path, tmp_path: Path) -> dict:
+    out = _cli(env, cwd, str(BIN / "python"), "-c", TRIGGER, timeout=1800)
+    run = json.loads(out.strip().splitlines()[-1])
+    run["registry"]["names"] = set(run["registry"]["names"])
+    return run
