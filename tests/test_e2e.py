@@ -105,6 +105,13 @@ runs = mlflow.search_runs(experiment_names=["kiln"], output_format="list")
 info["runs"] = [{"name": r.info.run_name, "tags": r.data.tags} for r in runs]
 unet = [r for r in runs if r.info.run_name == "train_unet"][0]
 info["loss_points"] = len(c.get_metric_history(unet.info.run_id, "train_unet/loss"))
+info["signatures"] = {}
+for name in ("kiln-vae", "kiln-clip", "kiln-unet", "kiln-text2image"):
+    sig = mlflow.models.get_model_info(f"models:/{name}/1").signature
+    info["signatures"][name] = {
+        k: {s["name"]: s.get("tensor-spec", {}).get("shape") for s in json.loads(v)}
+        for k, v in sig.to_dict().items() if v
+    }
 print(json.dumps(info))
 """,
     )
@@ -125,6 +132,15 @@ print(json.dumps(info))
     # the first version meets no champion, so the gate promotes it
     assert t2i["gate_decision"] == "champion" and t2i["gate_metric"] == "acc_all"
     assert t2i["gate_champion_value"] == "None"
+    # every registered model says what to feed it, and the components' shapes chain:
+    # VAE latents are the U-Net's sample, CLIP's text states its cross-attention input
+    sig = info["signatures"]
+    assert sig["kiln-vae"]["inputs"]["images"] == [-1, 3, 32, 32]
+    assert sig["kiln-unet"]["inputs"]["sample"] == sig["kiln-vae"]["outputs"]["latent_mean"]
+    assert sig["kiln-unet"]["outputs"]["prediction"] == sig["kiln-unet"]["inputs"]["sample"]
+    text = sig["kiln-clip"]["outputs"]["text_hidden_states"]
+    assert sig["kiln-unet"]["inputs"]["encoder_hidden_states"][-1] == text[-1]
+    assert set(sig["kiln-text2image"]["inputs"]) >= {"prompt", "seed", "steps", "guidance"}
 
 
 def test_prefect_flow_run_completed_with_summary_artifact(run):

@@ -174,11 +174,15 @@ def test_deployed_pipeline_sends_gpu_stages_to_the_gpu_pool(tmp_path):
     assert len(set(run["registry"]["pipeline_runs"])) == 1, run["registry"]
     # the weekly schedule exists and is off until turned on
     assert run["schedules"] == [{"cron": "0 3 * * 1", "active": False}]
+    # the server took both gpu-pool templates as they are, and refused a broken one
+    assert run["templates"]["kubernetes"] is True and run["templates"]["docker"] is True
+    assert run["templates"]["broken"] != "accepted", run["templates"]
 
 
 TRIGGER = r"""
 import asyncio, json, sys, time
 from mlflow import MlflowClient
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
@@ -201,6 +205,23 @@ async def main():
                 continue
             children.append({"name": k.name, "state": k.state.type.value, "pool": k.work_pool_name})
         schedules = [{"cron": s.schedule.cron, "active": s.active} for s in dep.schedules]
+        # the server validates the infra/ gpu-pool templates (placeholders vs variables)
+        templates = {}
+        for kind in ("kubernetes", "docker"):
+            tpl = json.load(open(f"infra/gpu-pool-{kind}.json"))
+            pool = await client.create_work_pool(
+                WorkPoolCreate(name=f"gpu-{kind}", type=kind, base_job_template=tpl)
+            )
+            templates[kind] = pool.base_job_template == tpl
+        broken = json.load(open("infra/gpu-pool-kubernetes.json"))
+        del broken["variables"]["properties"]["gpus"]
+        try:
+            await client.create_work_pool(
+                WorkPoolCreate(name="gpu-broken", type="kubernetes", base_job_template=broken)
+            )
+            templates["broken"] = "accepted"
+        except Exception as exc:
+            templates["broken"] = type(exc).__name__
     c = MlflowClient()
     names = {m.name for m in c.search_registered_models()}
     runs = []
@@ -208,7 +229,7 @@ async def main():
         v = c.search_model_versions(f"name='{name}'")[0]
         runs.append(c.get_run(v.run_id).data.tags.get("kiln.pipeline_run_id"))
     print(json.dumps({"state": run.state.type.value, "message": run.state.message,
-                      "children": children, "schedules": schedules,
+                      "children": children, "schedules": schedules, "templates": templates,
                       "registry": {"names": sorted(names), "pipeline_runs": runs}}))
 
 asyncio.run(main())

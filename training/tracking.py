@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -110,6 +111,52 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def component_model(name: str, directory: Path):
+    """The ``MLmodel`` of a registered component folder: its tensor signature, read from
+    the folder's own config, and how to load it. Batch and sequence dims are -1; images
+    are float32 in [-1, 1], NCHW. The folders are diffusers/transformers checkpoints,
+    not MLflow flavours, so the MLmodel names the loader instead of a flavour."""
+    import numpy as np
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    cfg = json.loads((Path(directory) / "config.json").read_text())
+    f32, i64 = np.dtype("float32"), np.dtype("int64")
+    if name == MODEL_NAMES["train_vae"]:
+        size = cfg["sample_size"]
+        lat = size // 2 ** (len(cfg["block_out_channels"]) - 1)
+        inputs = [TensorSpec(f32, (-1, cfg["in_channels"], size, size), "images")]
+        outputs = [TensorSpec(f32, (-1, cfg["latent_channels"], lat, lat), "latent_mean")]
+        loader = "diffusers.AutoencoderKL.from_pretrained"
+    elif name == MODEL_NAMES["train_clip"]:
+        size, text = cfg["vision_config"]["image_size"], cfg["text_config"]["hidden_size"]
+        inputs = [
+            TensorSpec(i64, (-1, -1), "input_ids"),
+            TensorSpec(f32, (-1, 3, size, size), "pixel_values"),
+        ]
+        outputs = [
+            TensorSpec(f32, (-1, -1, text), "text_hidden_states"),
+            TensorSpec(f32, (-1, cfg["projection_dim"]), "text_embeds"),
+            TensorSpec(f32, (-1, cfg["projection_dim"]), "image_embeds"),
+        ]
+        loader = "transformers.CLIPModel.from_pretrained (+ CLIPTokenizer)"
+    elif name == MODEL_NAMES["train_unet"]:
+        size, ch = cfg["sample_size"], cfg["in_channels"]
+        inputs = [
+            TensorSpec(f32, (-1, ch, size, size), "sample"),
+            TensorSpec(i64, (-1,), "timestep"),
+            TensorSpec(f32, (-1, -1, cfg["cross_attention_dim"]), "encoder_hidden_states"),
+        ]
+        outputs = [TensorSpec(f32, (-1, cfg["out_channels"], size, size), "prediction")]
+        loader = "diffusers.UNet2DConditionModel.from_pretrained"
+    else:
+        raise ValueError(f"no component signature for {name!r}")
+    return Model(
+        signature=ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs)),
+        metadata={"load_with": loader, "weights": "safetensors"},
+    )
+
+
 class StageRun:
     """What a phase sees of tracking: metrics and images (``mechanics.MetricLogger``)."""
 
@@ -131,10 +178,17 @@ class StageRun:
         self.mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
 
     def register_dir(self, name: str, directory: Path, metrics: dict[str, Any]) -> str:
-        """Log a model directory and register it as a new version of ``name``."""
+        """Log a model directory and register it as a new version of ``name``, with an
+        ``MLmodel`` beside the weights that carries its tensor signature (so
+        ``mlflow.models.get_model_info`` describes what to feed it)."""
+        import tempfile
+
         from mlflow import MlflowClient
 
         self.log_artifacts(directory, "model")
+        with tempfile.TemporaryDirectory() as tmp:
+            component_model(name, directory).save(Path(tmp) / "MLmodel")
+            self.mlflow.log_artifact(str(Path(tmp) / "MLmodel"), artifact_path="model")
         client = MlflowClient()
         with contextlib.suppress(Exception):
             client.create_registered_model(name)
