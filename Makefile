@@ -9,7 +9,7 @@ DATASET ?= shapes
 PROFILE ?= tiny
 PYTEST_ARGS ?=
 
-.PHONY: browser install run test lint clean
+.PHONY: browser postgres install run test lint clean
 
 # The stamp is rebuilt when pyproject.toml changes, so `make run` re-installs
 # only when the dependencies did.
@@ -30,7 +30,7 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/kiln run --dataset $(DATASET) --profile $(PROFILE)
 
-test: install browser
+test: install browser postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Headless Chromium for the report screenshot test (Debian's package; needs root). Not
@@ -38,6 +38,14 @@ test: install browser
 browser:
 	@command -v chromium >/dev/null || (apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
 		|| echo "make: chromium could not be installed; the report screenshot test will be skipped")
+
+# PostgreSQL for the infra test that runs compose's Prefect and MLflow server command
+# lines against it (Debian's package; needs root). Not fatal: without it that test is
+# skipped, and says so.
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| (apt-get install -y --no-install-recommends postgresql >/dev/null 2>&1 \
+		|| echo "make: postgresql could not be installed; the PostgreSQL infra test will be skipped")
 
 lint: install
 	$(BIN)/ruff check .
