@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -74,3 +79,51 @@ def kiln(
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "kiln")
+
+
+# ---- real servers on loopback ---------------------------------------------------------
+def free_port() -> int:
+    """A free loopback port (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"{url}: server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as r:
+            if r.status == 200:
+                return
+        time.sleep(1)
+    raise AssertionError(f"{url} did not come up in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], env: dict, cwd: Path, log: Path):
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_ok(env: dict, cwd: Path, *args: str, timeout: float = 300) -> str:
+    proc = subprocess.run(
+        list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import BIN, REPO
-from .test_orchestration import _background, _cli, _port, _wait_http
+from .conftest import BIN, REPO, background, free_port, run_ok, wait_http
 
 
 def _pg_bin() -> Path | None:
@@ -55,11 +54,11 @@ def postgres():
          "--auth-local=trust", "--auth-host=scram-sha-256"],
         check=True, capture_output=True,
     )  # fmt: skip
-    port = _port()
+    port = free_port()
     cmd = [*run, str(PG / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sock),
            "-c", "listen_addresses=127.0.0.1"]  # fmt: skip
     log = base / "postgres.log"
-    with _background(cmd, dict(os.environ), base, log):
+    with background(cmd, dict(os.environ), base, log):
         psql = ["psql", "-h", str(sock), "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
         for _ in range(60):
             if subprocess.run([*psql, "-c", "select 1"], capture_output=True).returncode == 0:
@@ -111,15 +110,17 @@ def test_prefect_server_on_postgres_with_composes_settings(postgres, tmp_path):
     )
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env["PREFECT_UI_ENABLED"] = "false"
-    port = _port()
+    port = free_port()
     cmd = svc["command"].split()
     assert cmd[:3] == ["prefect", "server", "start"]
     cmd = [str(BIN / "prefect"), *cmd[1:]]
     cmd[cmd.index("0.0.0.0")] = "127.0.0.1"
-    with _background([*cmd, "--port", str(port)], env, tmp_path, tmp_path / "p.log") as proc:
-        _wait_http(f"http://127.0.0.1:{port}/api/health", proc, tmp_path / "p.log")
+    with background([*cmd, "--port", str(port)], env, tmp_path, tmp_path / "p.log") as proc:
+        wait_http(f"http://127.0.0.1:{port}/api/health", proc, tmp_path / "p.log")
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-        _cli(env, tmp_path, str(BIN / "prefect"), "work-pool", "create", "gpu", "--type", "process")
+        run_ok(
+            env, tmp_path, str(BIN / "prefect"), "work-pool", "create", "gpu", "--type", "process"
+        )
     # the pool is a row in PostgreSQL, not in a SQLite file somewhere
     rows = subprocess.run(
         [*postgres["psql"], "-d", "prefect", "-tAc", "select name from work_pool"],
@@ -130,7 +131,7 @@ def test_prefect_server_on_postgres_with_composes_settings(postgres, tmp_path):
 
 def test_mlflow_server_on_postgres_with_basic_auth(postgres, tmp_path):
     svc = _compose()["mlflow"]
-    port = _port()
+    port = free_port()
     cmd = _localise(svc["command"], postgres["port"]).split()
     assert cmd[:2] == ["mlflow", "server"] and "basic-auth" in cmd
     cmd = [str(BIN / "mlflow"), *cmd[1:]]
@@ -147,8 +148,8 @@ def test_mlflow_server_on_postgres_with_basic_auth(postgres, tmp_path):
     env = _env(tmp_path)
     env.update(MLFLOW_AUTH_CONFIG_PATH=str(auth), MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret")
     url = f"http://127.0.0.1:{port}"
-    with _background(cmd, env, tmp_path, tmp_path / "m.log") as proc:
-        _wait_http(f"{url}/health", proc, tmp_path / "m.log")
+    with background(cmd, env, tmp_path, tmp_path / "m.log") as proc:
+        wait_http(f"{url}/health", proc, tmp_path / "m.log")
         search = f"{url}/api/2.0/mlflow/experiments/search?max_results=5"
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(search, timeout=10)
@@ -162,7 +163,7 @@ def test_mlflow_server_on_postgres_with_basic_auth(postgres, tmp_path):
         )
         ok = dict(env, MLFLOW_TRACKING_URI=url, MLFLOW_TRACKING_USERNAME="admin",
                   MLFLOW_TRACKING_PASSWORD="a-real-password")  # fmt: skip
-        assert _cli(ok, tmp_path, str(BIN / "python"), "-c", code).strip().endswith("1.5")
+        assert run_ok(ok, tmp_path, str(BIN / "python"), "-c", code).strip().endswith("1.5")
         wrong = dict(ok, MLFLOW_TRACKING_PASSWORD="wrong")
         proc2 = subprocess.run(
             [str(BIN / "python"), "-c", code], env=wrong, cwd=tmp_path, capture_output=True,

@@ -8,14 +8,7 @@ built-in digits set with few steps: this checks the wiring, not the quality.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +16,7 @@ import yaml
 
 from training import config
 
-from .conftest import BIN, copy_project, project_env
+from .conftest import BIN, background, copy_project, free_port, project_env, run_ok, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -37,57 +30,11 @@ FAST = {
 }
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"{url}: server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-            )
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as r:
-            if r.status == 200:
-                return
-        time.sleep(1)
-    raise AssertionError(f"{url} did not come up in {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-@contextlib.contextmanager
-def _background(cmd: list[str], env: dict, cwd: Path, log: Path):
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _cli(env: dict, cwd: Path, *args: str, timeout: float = 300) -> str:
-    proc = subprocess.run(
-        list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
-
-
 def test_deployed_pipeline_sends_gpu_stages_to_the_gpu_pool(tmp_path):
     cpu = copy_project(tmp_path / "cpu")  # the cpu worker's checkout
     gpu = copy_project(tmp_path / "gpu")  # the gpu worker's checkout
     config.set_values(cpu / "params.yaml", FAST)  # the pipeline hands its params to gpu
-    prefect_port, mlflow_port = _port(), _port()
+    prefect_port, mlflow_port = free_port(), free_port()
     api = f"http://127.0.0.1:{prefect_port}/api"
     servers = tmp_path / "servers"
     servers.mkdir()
@@ -115,31 +62,31 @@ def test_deployed_pipeline_sends_gpu_stages_to_the_gpu_pool(tmp_path):
         "--artifacts-destination", str(servers / "mlartifacts"), "--workers", "1",
     ]  # fmt: skip
     with (
-        _background(
+        background(
             [*prefect_cmd, "--port", str(prefect_port)],
             server_env,
             servers,
             servers / "prefect.log",
         ) as prefect_server,
-        _background(mlflow_cmd, server_env, servers, servers / "mlflow.log") as mlflow_server,
+        background(mlflow_cmd, server_env, servers, servers / "mlflow.log") as mlflow_server,
     ):
-        _wait_http(f"{api}/health", prefect_server, servers / "prefect.log")
-        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", mlflow_server, servers / "mlflow.log")
+        wait_http(f"{api}/health", prefect_server, servers / "prefect.log")
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", mlflow_server, servers / "mlflow.log")
 
         prefect = str(BIN / "prefect")
         for pool in ("cpu", "gpu"):
-            _cli(env_for(cpu), cpu, prefect, "work-pool", "create", pool, "--type", "process")
-        out = _cli(env_for(cpu), cpu, prefect, "--no-prompt", "deploy", "--all")
+            run_ok(env_for(cpu), cpu, prefect, "work-pool", "create", pool, "--type", "process")
+        out = run_ok(env_for(cpu), cpu, prefect, "--no-prompt", "deploy", "--all")
         assert "kiln-pipeline/kiln-pipeline" in out and "kiln-stage/gpu" in out
 
         with (
-            _background(
+            background(
                 [prefect, "worker", "start", "--pool", "cpu"],
                 env_for(cpu),
                 cpu,
                 tmp_path / "w-cpu.log",
             ),
-            _background(
+            background(
                 [prefect, "worker", "start", "--pool", "gpu"],
                 env_for(gpu),
                 gpu,
@@ -237,7 +184,7 @@ asyncio.run(main())
 
 
 def _trigger_and_wait(env: dict, cwd: Path, tmp_path: Path) -> dict:
-    out = _cli(env, cwd, str(BIN / "python"), "-c", TRIGGER, timeout=1800)
+    out = run_ok(env, cwd, str(BIN / "python"), "-c", TRIGGER, timeout=1800)
     run = json.loads(out.strip().splitlines()[-1])
     run["registry"]["names"] = set(run["registry"]["names"])
     return run
