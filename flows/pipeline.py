@@ -120,23 +120,42 @@ def upstream(stage: str) -> list[str]:
     return [made_by[d] for d in stages[stage].get("deps", []) if d in made_by]
 
 
+def _set_params(profile: str | None, dataset: str | None, source: str | None) -> None:
+    """Write a run's profile / data choices into params.yaml, where DVC tracks them."""
+    from training import config
+
+    updates = {
+        k: v
+        for k, v in (("profile", profile), ("ingest.dataset", dataset), ("ingest.source", source))
+        if v
+    }
+    if updates:
+        for key, (old, new) in config.set_values(ROOT / "params.yaml", updates).items():
+            print(f"params.yaml: {key}: {old} -> {new}")
+
+
 @flow(name="kiln-stage", log_prints=True)
 def kiln_stage(
     stage: str,
     params_yaml: str | None = None,
     lock: dict | None = None,
     pipeline_run_id: str | None = None,
+    profile: str | None = None,
+    dataset: str | None = None,
+    source: str | None = None,
 ) -> dict:
-    """Run one DVC stage on this worker (a deployment on the gpu pool): take the
-    caller's params and dvc.lock, ``dvc pull`` the outs of the stages it reads, run
-    it, ``dvc push`` its outs, and publish its dvc.lock entry and metrics as the
+    """Run one DVC stage on this worker: take the caller's params and dvc.lock (when
+    kiln-pipeline sends it; by hand, the checkout's own, with ``profile``/``dataset``/
+    ``source`` applied), ``dvc pull`` the outs of the stages it reads, run it,
+    ``dvc push`` its outs, and publish its dvc.lock entry and metrics as the
     ``kiln-stage-result`` artifact for the caller."""
     from training import tracking
 
     if stage not in _dvc_yaml():
-        raise ValueError(f"unknown stage {stage!r}")
+        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(_dvc_yaml())})")
     if params_yaml is not None:
         (ROOT / "params.yaml").write_text(params_yaml)
+    _set_params(profile, dataset, source)
     if lock is not None:
         _write_lock(lock)
     if pipeline_run_id:  # nest the stage's MLflow run under the caller's pipeline run
@@ -298,14 +317,7 @@ def kiln_pipeline(
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_NoTracebackForStageFailed())
-    updates = {
-        k: v
-        for k, v in (("profile", profile), ("ingest.dataset", dataset), ("ingest.source", source))
-        if v
-    }
-    if updates:
-        for key, (old, new) in config.set_values(ROOT / "params.yaml", updates).items():
-            print(f"params.yaml: {key}: {old} -> {new}")
+    _set_params(profile, dataset, source)
     gpu_deployment = gpu_deployment or os.environ.get("KILN_GPU_DEPLOYMENT") or None
     params = config.load(ROOT / "params.yaml").to_dict()
     done: list[str] = []

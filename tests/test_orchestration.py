@@ -119,6 +119,11 @@ def test_deployed_pipeline_sends_gpu_stages_to_the_gpu_pool(tmp_path):
     # every phase registered its model in the MLflow server, under one pipeline run
     assert run["registry"]["names"] >= {"kiln-vae", "kiln-clip", "kiln-unet", "kiln-text2image"}
     assert len(set(run["registry"]["pipeline_runs"])) == 1, run["registry"]
+    # a single phase re-run by hand through kiln-stage/cpu; a wrong stage fails, named
+    assert run["by_hand"]["evaluate"]["state"] == "COMPLETED", run["by_hand"]
+    assert run["by_hand"]["evaluate"]["pool"] == "cpu"
+    assert run["by_hand"]["bad"]["state"] == "FAILED"
+    assert "unknown stage 'nope'" in run["by_hand"]["bad"]["message"], run["by_hand"]
     # the weekly schedule exists and is off until turned on
     assert run["schedules"] == [{"cron": "0 3 * * 1", "active": False}]
     # the server took both gpu-pool templates as they are, and refused a broken one
@@ -152,6 +157,19 @@ async def main():
                 continue
             children.append({"name": k.name, "state": k.state.type.value, "pool": k.work_pool_name})
         schedules = [{"cron": s.schedule.cron, "active": s.active} for s in dep.schedules]
+        # one phase by hand on the cpu pool (README), and a stage that does not exist
+        stage_dep = await client.read_deployment_by_name("kiln-stage/cpu")
+        by_hand = {}
+        for key, params in (("evaluate", {"stage": "evaluate", "dataset": "digits"}),
+                            ("bad", {"stage": "nope"})):
+            r = await client.create_flow_run_from_deployment(stage_dep.id, parameters=params)
+            while True:
+                r = await client.read_flow_run(r.id)
+                if r.state and r.state.is_final():
+                    break
+                await asyncio.sleep(2)
+            by_hand[key] = {"state": r.state.type.value, "pool": r.work_pool_name,
+                            "message": r.state.message}
         # the server validates the infra/ gpu-pool templates (placeholders vs variables)
         templates = {}
         for kind in ("kubernetes", "docker"):
@@ -177,6 +195,7 @@ async def main():
         runs.append(c.get_run(v.run_id).data.tags.get("kiln.pipeline_run_id"))
     print(json.dumps({"state": run.state.type.value, "message": run.state.message,
                       "children": children, "schedules": schedules, "templates": templates,
+                      "by_hand": by_hand,
                       "registry": {"names": sorted(names), "pipeline_runs": runs}}))
 
 asyncio.run(main())
