@@ -86,12 +86,21 @@ def ingest_task() -> None:
     _run_dvc_stage("ingest")
 
 
-@task(name="stage", retries=1, retry_delay_seconds=10)
+# Stages that checkpoint: a retry resumes them, so it costs at most the steps since the
+# newest checkpoint. The others fail for a reason (bad data, a config error) and would
+# only fail again, so they are not retried.
+CHECKPOINTED = ("train_vae", "train_clip", "train_unet")
+
+
+@task(name="stage", retry_delay_seconds=10)
 def stage_task(stage: str) -> None:
-    """One retry: a training stage killed mid-run (a lost worker, OOM) resumes from its
-    newest complete checkpoint; a stage that fails for a reason (bad data, NaN) fails
-    the same way again and its one-line error stands."""
     _run_dvc_stage(stage)
+
+
+def _stage(stage: str):
+    """The stage's task: one retry for a checkpointed stage killed mid-run (a lost
+    worker, OOM), which resumes from its newest complete checkpoint."""
+    return stage_task.with_options(name=stage, retries=1 if stage in CHECKPOINTED else 0)
 
 
 def _dvc_yaml() -> dict:
@@ -163,7 +172,7 @@ def kiln_stage(
     deps = upstream(stage)
     if deps:
         _dvc_cmd("pull", *deps, what=f"dvc pull of {', '.join(deps)}")
-    stage_task.with_options(name=stage)(stage=stage)
+    _stage(stage)(stage=stage)
     _dvc_cmd("push", stage, what=f"dvc push of {stage}")
     metrics = ROOT / "data" / "metrics" / f"{stage}.json"
     result = {
@@ -328,7 +337,7 @@ def kiln_pipeline(
             elif gpu_deployment and stage in GPU_STAGES:
                 _run_remote(stage, gpu_deployment, done, parent)
             else:
-                stage_task.with_options(name=stage)(stage=stage)
+                _stage(stage)(stage=stage)
             done.append(stage)
             tracking.tag_stage_outputs(parent, stage, ROOT)
         versions = tracking.latest_versions(ROOT)
