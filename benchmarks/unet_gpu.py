@@ -170,6 +170,8 @@ def main() -> None:
             ("diffusers-style loop, fp32", diffusers_variant, {"bf16": False}),
         ]
         base = None
+        with torch.device("meta"):  # parameter count only: no weights allocated
+            n = sum(p.numel() for p in unet.build(params, ch, size, text_dim).parameters())
         for name, make, kwargs in variants:
             if args.no_compile and kwargs.get("compiled"):
                 continue
@@ -188,7 +190,6 @@ def main() -> None:
             ips = batch / statistics.median(times)
             base = base or ips
             peak = torch.cuda.max_memory_allocated() / 2**30
-            n = sum(p.numel() for p in unet.build(params, *shape[:2], text_dim).parameters())
             label = f"{profile} (U-Net {n / 1e6:.0f} M, batch {batch}, latents {ch}x{size}x{size})"
             print(
                 f"| {label} | {name} | {ips:.0f} | {ips / base:.2f}x | {peak:.1f} GiB |", flush=True

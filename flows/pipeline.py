@@ -160,8 +160,9 @@ def kiln_stage(
     ``kiln-stage-result`` artifact for the caller."""
     from training import tracking
 
-    if stage not in _dvc_yaml():
-        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(_dvc_yaml())})")
+    stages = _dvc_yaml()
+    if stage not in stages:
+        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(stages)})")
     if params_yaml is not None:
         (ROOT / "params.yaml").write_text(params_yaml)
     _set_params(profile, dataset, source)
