@@ -3,7 +3,7 @@
 Usage (from the repository root, after ``kiln ingest && kiln validate`` made
 ``data/clean``; the GPU machine needs no MLflow, DVC or img2dataset for this):
     python benchmarks/gpu_pipeline.py [--clean data/clean] [--out /tmp/kiln-gpu]
-        [--profile tiny] [--set train_unet.steps=1800 ...]
+        [--profile tiny] [--set train_unet.steps=1800 ...] [--until precompute_latents]
 
 Runs the stages' own ``run`` functions — ``vae.run``, ``clip.run``, ``latents.run``,
 ``unet.run``, ``evaluate.run`` — in order on ``mechanics.device()`` (the GPU when there
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/kiln-gpu"))
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--set", nargs="*", default=[], help="section.key=JSON overrides")
+    ap.add_argument("--until", help="stop after this stage (e.g. to sweep U-Nets on its latents)")
     args = ap.parse_args()
     import yaml
 
@@ -80,7 +81,9 @@ def main() -> None:
         results[name] = body()
         times[name] = round(time.perf_counter() - t0, 1)
         M.say(f"{name}: {times[name]} s")
-    metrics = results["evaluate"]
+        if name == args.until:
+            break
+    metrics = results.get("evaluate", {})
     keep = {
         k: v
         for k, v in metrics.items()

@@ -6,15 +6,22 @@ scoring (oracle, CLIP score) with one sample per prompt. Prints one markdown row
 variant and appends the full result to ``PROJECT/unet_sweep.jsonl``.
 
 Usage (after `make run`, or on the project copy an e2e test made):
-    .venv/bin/python benchmarks/unet_sweep.py PROJECT NAME='{"steps": 1800}' [NAME=...]
+    .venv/bin/python benchmarks/unet_sweep.py PROJECT [--width N] [--samples K] \
+        NAME='{"steps": 1800}' [NAME=...]
 
-Variants run one after the other with all threads, or (``--parallel``) two at a time
-with one thread each, which on a 2-core machine uses the cores better for this small
-model; samples/s is only comparable between variants run the same way.
+A variant's overrides are ``train_unet`` keys, plus ``seed`` (the run's top-level seed:
+U-Net initialisation, batch order and noise), so the same setting can be tried over
+several seeds. Variants run one after the other with all threads, or ``--width N`` at a
+time with the CPU threads shared out (``--parallel`` = ``--width 2``: on a 2-core
+machine, two one-thread runs get more done than one two-thread run of this small
+model; on a GPU machine, several runs share the GPU). samples/s is only comparable
+between variants run the same way. ``--samples K`` sets the evaluation's samples per
+prompt (default 1; 2 is the pipeline's and halves the held-out score's noise).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -25,15 +32,18 @@ from pathlib import Path
 KEYS = ("acc_all_seen", "acc_all_held_out", "acc_shape", "acc_colour", "acc_size", "acc_position")
 
 
-def run_one(project: Path, name: str, overrides: dict) -> dict:
+def run_one(project: Path, name: str, overrides: dict, samples: int) -> dict:
     """Train and evaluate one variant in this process; returns its result row."""
     import yaml
 
-    from training import config, evaluate, unet
+    from training import config, evaluate, mechanics, unet
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
+    overrides = dict(overrides)
+    if "seed" in overrides:
+        raw["seed"] = overrides.pop("seed")
     raw["train_unet"] = {**(raw.get("train_unet") or {}), **overrides}
-    raw["evaluate"] = {**(raw.get("evaluate") or {}), "samples_per_prompt": 1}
+    raw["evaluate"] = {**(raw.get("evaluate") or {}), "samples_per_prompt": samples}
     params = config.resolve(raw, source=f"{name} overrides")
     data, out = project / "data", project / "unet_sweep" / name
     t0 = time.perf_counter()
@@ -52,6 +62,8 @@ def run_one(project: Path, name: str, overrides: dict) -> dict:
     return {
         "name": name,
         "overrides": overrides,
+        "seed": params.seed,
+        "device": str(mechanics.device()),
         "unet_params": m["params"],
         "steps": params.train_unet.steps,
         "batch_size": params.train_unet.batch_size,
@@ -63,39 +75,53 @@ def run_one(project: Path, name: str, overrides: dict) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    parallel = "--parallel" in argv
-    args = [a for a in argv if a != "--parallel"]
-    if len(args) < 2 or any("=" not in a for a in args[1:]):
+    ap = argparse.ArgumentParser(usage=__doc__)
+    ap.add_argument("project", type=Path)
+    ap.add_argument("variants", nargs="+", help="NAME='{\"steps\": 1800}'")
+    ap.add_argument("--width", type=int, default=1, help="variants run at once")
+    ap.add_argument("--parallel", action="store_true", help="same as --width 2")
+    ap.add_argument("--samples", type=int, default=1, help="evaluation samples per prompt")
+    args = ap.parse_args(argv)
+    if any("=" not in a for a in args.variants):
         sys.exit(__doc__)
-    project = Path(args[0]).resolve()
-    variants = [a.split("=", 1) for a in args[1:]]
+    project = args.project.resolve()
+    variants = [a.split("=", 1) for a in args.variants]
     if os.environ.get("KILN_SWEEP_CHILD"):  # one variant, in a child process
         name, spec = variants[0]
-        row = run_one(project, name, json.loads(spec))
+        row = run_one(project, name, json.loads(spec), args.samples)
         with open(project / "unet_sweep.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         return
+    width = 2 if args.parallel else max(1, args.width)
     env = {**os.environ, "KILN_SWEEP_CHILD": "1"}
-    if parallel:
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    width = 2 if parallel else 1
+    if width > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // width))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     for i in range(0, len(variants), width):
         procs = [
-            subprocess.Popen([sys.executable, __file__, str(project), f"{n}={s}"], env=env)
+            subprocess.Popen(
+                [sys.executable, __file__, str(project), f"--samples={args.samples}", f"{n}={s}"],
+                env=env,
+            )
             for n, s in variants[i : i + width]
         ]
         if any(p.wait() for p in procs):
             sys.exit("a variant failed (see its output above)")
     rows = [json.loads(x) for x in (project / "unet_sweep.jsonl").read_text().splitlines()]
     names = {n for n, _ in variants}
-    print("| variant | params | steps x batch | train s | samples/s | " + " | ".join(KEYS) + " |")
-    print("|---" * (5 + len(KEYS)) + "|")
+    print(
+        "| variant | seed | params | steps x batch | train s | samples/s | "
+        + " | ".join(KEYS)
+        + " |"
+    )
+    print("|---" * (6 + len(KEYS)) + "|")
     for r in rows:
         if r["name"] in names:
             shape = f"{r['steps']} x {r['batch_size']}"
             cells = " | ".join(f"{r.get(k, float('nan')):.3f}" for k in KEYS)
             print(
-                f"| {r['name']} | {r['unet_params'] / 1e6:.2f} M | {shape} | {r['train_s']} | "
+                f"| {r['name']} | {r.get('seed', '')} | {r['unet_params'] / 1e6:.2f} M | "
+                f"{shape} | {r['train_s']} | "
                 f"{r['samples_per_s']} | {cells} |"
             )
 

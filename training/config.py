@@ -147,7 +147,10 @@ class UnetCfg(Section):
     # a wide one trained for fewer (benchmarks/RESULTS.md, "U-Net budget").
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
-    attention_head_dim: int = Field(8, ge=1)
+    # diffusers' name, and like diffusers' UNet2DConditionModel it is the number of heads
+    # (a historical misnomer). tiny: 4 heads, i.e. 8/16 channels per head; 8 heads was 14%
+    # slower per CPU step and no better over 6 seeds (RESULTS.md, "attention heads").
+    attention_head_dim: int = Field(4, ge=1)
     norm_num_groups: int = Field(16, ge=1)
     batch_size: int = Field(64, ge=1)
     steps: int = Field(1800, ge=1)
@@ -246,6 +249,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "train_unet": {
             "block_out_channels": (128, 256, 256),
             "layers_per_block": 2,
+            "attention_head_dim": 8,
             "norm_num_groups": 32,
             "batch_size": 128,
             "steps": 50000,

@@ -14,7 +14,12 @@ DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also transformers' own progress bars
+    # Read when diffusers/transformers are first imported: setting verbosity this way
+    # instead of importing them here keeps `kiln ingest`/`validate` (which never touch
+    # them) ~3 s faster to start.
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_VERBOSITY": "error",
     "DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "1",
     "GX_ANALYTICS_ENABLED": "False",
@@ -37,12 +42,3 @@ def offline_defaults() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-    except ImportError:  # pragma: no cover - only during a partial install
-        return
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()

@@ -54,8 +54,11 @@ def assemble(
 
 def load(path: str | Path) -> StableDiffusionPipeline:
     """A saved pipeline directory, on the GPU when there is one (``mechanics.device``)."""
+    from diffusers.utils import logging as diffusers_logging
+
     from training.mechanics import device
 
+    diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar
     pipe = StableDiffusionPipeline.from_pretrained(
         str(path), safety_checker=None, requires_safety_checker=False, local_files_only=True
     )
