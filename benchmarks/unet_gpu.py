@@ -12,6 +12,9 @@ timed block:
 - ``Trainer.fit`` — Kiln's real loop (bf16 autocast, NaN guard, clipping, AdamW, EMA),
   the step built by ``training.unet.make_step_fn`` from latents held in host memory.
   Checkpoints are switched off (a no-op ``Checkpointer``): they are not steps.
+- the same loop made to wait for the GPU twice a step, as it did before the NaN guard
+  was deferred to log steps and batches moved through pinned memory (the A/B of that
+  change).
 - the same with ``channels_last`` weights, with fused AdamW, with ``torch.compile``.
 - a plain diffusers-style loop (``train_text_to_image.py`` reimplemented minimally:
   the batch and all random draws on the GPU, bf16 autocast, no per-step host sync),
@@ -59,7 +62,17 @@ def shapes(profile: str) -> tuple[config.Params, int, int, int, int]:
 
 
 def kiln_variant(
-    params, ch, size, text_dim, length, dev, *, channels_last=False, fused=False, compiled=False
+    params,
+    ch,
+    size,
+    text_dim,
+    length,
+    dev,
+    *,
+    channels_last=False,
+    fused=False,
+    compiled=False,
+    wait=False,
 ):
     c = params.train_unet
     model = unet.build(params, ch, size, text_dim).to(dev)
@@ -83,6 +96,14 @@ def kiln_variant(
     ema = M.EMA(model, c.ema_decay)
     done = {"n": 0}
 
+    def waiting(step: int):
+        # The loop as it was: the step's pageable host-to-GPU copies waited for the queue
+        # to drain, and the NaN guard read the loss at once.
+        torch.cuda.synchronize()
+        loss, metrics = step_fn(step)
+        bool(torch.isfinite(loss))
+        return loss, metrics
+
     def run(steps: int) -> float:
         loop = M.LoopCfg(
             steps=steps,
@@ -98,7 +119,7 @@ def kiln_variant(
         done["n"] += steps
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        trainer.fit(lambda step: step_fn(start + step))
+        trainer.fit(lambda step: waiting(start + step) if wait else step_fn(start + step))
         torch.cuda.synchronize()
         model.train()
         return (time.perf_counter() - t0) / steps
@@ -145,6 +166,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    ap.add_argument("--only", nargs="*", help="run only variants whose name contains one of these")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("unet_gpu.py needs a CUDA GPU")
@@ -163,6 +185,7 @@ def main() -> None:
         shape = (ch, size, text_dim, length)
         variants = [
             ("Kiln Trainer.fit (bf16 autocast)", kiln_variant, {}),
+            ("Trainer.fit waiting on the GPU every step (before)", kiln_variant, {"wait": True}),
             ("+ channels_last", kiln_variant, {"channels_last": True}),
             ("+ fused AdamW", kiln_variant, {"fused": True}),
             ("+ torch.compile", kiln_variant, {"compiled": True}),
@@ -174,6 +197,8 @@ def main() -> None:
             n = sum(p.numel() for p in unet.build(params, ch, size, text_dim).parameters())
         for name, make, kwargs in variants:
             if args.no_compile and kwargs.get("compiled"):
+                continue
+            if args.only and not any(k in name for k in args.only):
                 continue
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -18,7 +18,7 @@ import pytest
 
 from training import config
 
-from .conftest import BIN, copy_project, kiln, project_env
+from .conftest import BIN, background, copy_project, free_port, kiln, project_env, wait_http
 
 pytestmark = pytest.mark.e2e
 CHANCE = {"acc_shape": 1 / 4, "acc_colour": 1 / 6, "acc_size": 1 / 2, "acc_position": 1 / 9}
@@ -317,55 +317,23 @@ print(list(res.columns), img.size, img.format)
     assert "['prompt', 'seed', 'image'] (32, 32) PNG" in out
 
 
-def test_rest_serving_of_the_champion_on_loopback(run):
+def test_rest_serving_of_the_champion_on_loopback(run, tmp_path):
     """`mlflow models serve` of models:/kiln-text2image@champion answers a real request."""
     import base64
     import io
-    import socket
-    import time
     import urllib.request
 
     from PIL import Image
 
     project, _ = run
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**project_env(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    server = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "models",
-            "serve",
-            "-m",
-            "models:/kiln-text2image@champion",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # it execs uvicorn as a child: stop the whole group
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the model server never came up"
-            time.sleep(1)
+    serve = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/kiln-text2image@champion"]
+    serve += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    base, log = f"http://127.0.0.1:{port}", tmp_path / "serve.log"
+    # `background` stops the whole process group: mlflow execs uvicorn as a child
+    with background(serve, env, project, log) as server:
+        wait_http(f"{base}/ping", server, log, timeout=240)
         body = json.dumps(
             {
                 "dataframe_split": {
@@ -379,12 +347,6 @@ def test_rest_serving_of_the_champion_on_loopback(run):
         )
         with urllib.request.urlopen(req, timeout=120) as r:
             answer = json.loads(r.read())
-    finally:
-        import os
-        import signal
-
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
     (pred,) = answer["predictions"]
     assert pred["prompt"] == "a large red circle in the center" and pred["seed"] == 3
     img = Image.open(io.BytesIO(base64.b64decode(pred["image"])))

@@ -184,16 +184,17 @@ def run(
     trainer = M.stage_trainer("train_clip", model, opt, c, params.seed, ckpt_dir, data_fp, log)
     dev = trainer.device
 
-    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_fn(step: int) -> tuple[torch.Tensor, M.StepMetrics]:
         idx = M.batch_indices(len(train_px), c.batch_size, step, params.seed)
-        ids, px = M.local(train_ids[idx], train_px[idx])  # this process's slice
-        out = model(input_ids=ids.to(dev), pixel_values=px.to(dev))
+        # this process's slice of the global batch; the group ids stay global
+        ids, px = M.local(train_ids[idx], train_px[idx])
+        ids, px, groups = M.to_device(dev, ids, px, train_groups[idx])
+        out = model(input_ids=ids, pixel_values=px)
         scale = model.logit_scale.exp().clamp(max=100)
-        groups = train_groups[idx].to(dev)
         # the loss contrasts the whole global batch: gather every process's embeddings
         img, txt = M.gather(out.image_embeds.float()), M.gather(out.text_embeds.float())
         loss = contrastive_loss(img, txt, scale, groups)
-        return loss, {"logit_scale": float(scale)}
+        return loss, {"logit_scale": scale.detach()}
 
     summary = trainer.fit(step_fn)
     if not M.is_main():

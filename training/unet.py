@@ -83,13 +83,13 @@ def make_step_fn(
     null_text: torch.Tensor,
     scaling: float,
     dev: torch.device,
-) -> Callable[[int], tuple[torch.Tensor, dict[str, float]]]:
+) -> Callable[[int], tuple[torch.Tensor, M.StepMetrics]]:
     """The training step: ``batch(indices) -> (posterior mean, std, text states)`` gives
     the samples (precomputed latents in the pipeline; the benchmark also plugs in
     encoding inside the step), everything else is the latent-diffusion objective."""
     c = params.train_unet
 
-    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_fn(step: int) -> tuple[torch.Tensor, M.StepMetrics]:
         # Noising happens on the CPU from the (seed, step) generator, so the batch is the
         # same on every device; only the network runs on `dev`.
         g = M.step_generator(params.seed, step)
@@ -105,13 +105,16 @@ def make_step_fn(
         text = torch.where(drop[:, None, None], null_text.expand_as(text), text)
         zt = sched.add_noise(z0, noise, t)
         target = noise if c.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
-        zt, t, text, target = M.local(zt, t, text, target)  # this process's slice
-        pred = model(zt.to(dev), t.to(dev), encoder_hidden_states=text.to(dev)).sample
-        per_sample = F.mse_loss(pred.float(), target.to(dev), reduction="none").mean(dim=(1, 2, 3))
-        if c.min_snr_gamma is not None:
-            w = snr_weights(sched, t, c.min_snr_gamma, c.prediction_type)
-            per_sample = per_sample * w.to(dev)
-        return per_sample.mean(), {}
+        w = (
+            snr_weights(sched, t, c.min_snr_gamma, c.prediction_type)
+            if c.min_snr_gamma is not None
+            else torch.ones(b)
+        )
+        # this process's slice, moved without waiting for the GPU (M.to_device)
+        zt, t, text, target, w = M.to_device(dev, *M.local(zt, t, text, target, w))
+        pred = model(zt, t, encoder_hidden_states=text).sample
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * w).mean(), {}
 
     return step_fn
 

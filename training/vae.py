@@ -124,22 +124,22 @@ def run(
     dev = trainer.device
     disc_from = int(c.disc_start * c.steps)
 
-    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def step_fn(step: int) -> tuple[torch.Tensor, M.StepMetrics]:
         x = train[M.batch_indices(len(train), c.batch_size, step, params.seed)]
         # the global batch's noise, then this process's slice of both (data parallel)
         eps = torch.randn((len(x), *latent_shape), generator=M.step_generator(params.seed, step))
-        x, eps = (t.to(dev) for t in M.local(x, eps))
+        x, eps = M.to_device(dev, *M.local(x, eps))
         post = model.encode(x).latent_dist
         z = post.mean + post.std * eps
         recon = model.decode(z).sample
         rec = F.l1_loss(recon, x) if c.recon_loss == "l1" else F.mse_loss(recon, x)
         kl = post.kl().mean() / x[0].numel()  # per-pixel, so beta is resolution-free
         loss = rec + c.kl_weight * kl
-        metrics = {"recon": rec.item(), "kl": kl.item()}
+        metrics = {"recon": rec.detach(), "kl": kl.detach()}
         if disc is not None and step >= disc_from:
             g_loss, d_loss = adversarial_losses(disc, x, recon)
             loss = loss + c.disc_weight * g_loss + d_loss
-            metrics.update(gan_g=g_loss.item(), gan_d=d_loss.item())
+            metrics.update(gan_g=g_loss.detach(), gan_d=d_loss.detach())
         return loss, metrics
 
     with torch.no_grad():
