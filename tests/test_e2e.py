@@ -454,6 +454,60 @@ def test_data_parallel_training_matches_one_process(run, tmp_path):
         assert one[-1] < one[0]  # and it is training
 
 
+def test_latents_split_by_node_and_worker_match_one_process(run, tmp_path):
+    """`KILN_NPROC=2 kiln precompute-latents` with 2 DataLoader workers each: every shard
+    is encoded by exactly one worker of one process (webdataset's split_by_node, then
+    split_by_worker), and the result is the pipeline's 1-process latents: the same
+    files, keys and manifest, tensors equal up to float rounding."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    project, _ = run
+    copy = tmp_path / "latents2"
+    shutil.copytree(
+        project,
+        copy,
+        ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", ".prefect", "checkpoints"),
+    )
+    config.set_values(copy / "params.yaml", {"precompute_latents.workers": 2})
+    env = {**project_env(copy), "KILN_NPROC": "2"}
+    proc = subprocess.run(
+        [str(BIN / "kiln"), "precompute-latents"],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 data-parallel processes" in proc.stderr
+    ours, theirs = project / "data" / "latents", copy / "data" / "latents"
+    files = sorted(p.name for p in ours.glob("*-*-*.safetensors"))
+    assert files and files == sorted(p.name for p in theirs.glob("*-*-*.safetensors"))
+    assert not list(theirs.glob(".part-*"))  # rank 0 merged and removed the parts
+    one, two = (json.loads((d / "manifest.json").read_text()) for d in (ours, theirs))
+    for m in (one, two):  # the model fingerprints name the models, not where they lie
+        for k in ("vae", "clip"):
+            m[k].pop("path")
+    assert one == two
+    for name in files:
+        with safe_open(str(ours / name), "pt") as a, safe_open(str(theirs / name), "pt") as b:
+            assert a.metadata()["keys"] == b.metadata()["keys"]
+        x, y = load_file(ours / name), load_file(theirs / name)
+        for k in x:
+            torch.testing.assert_close(x[k], y[k])
+    by = json.loads((copy / "data" / "metrics" / "precompute_latents.json").read_text())[
+        "files_by_process"
+    ]
+    encoded = [f for fs in by.values() for f in fs]
+    assert sorted(encoded) == files  # each file by exactly one worker of one process
+    assert {who.split(" worker")[0] for who in by} == {"rank 0", "rank 1"}
+    assert len(by) >= 3, by  # and some process split its shards over its 2 workers
+
+
 def test_dvc_remote_round_trip_between_clones(run, tmp_path):
     """`dvc push` to the default remote (a directory beside the repository), then a
     fresh git clone pulls every stage's outputs and finds the pipeline up to date."""

@@ -25,6 +25,31 @@ def test_shard_round_trip_and_atomic_names(tmp_path):
     assert recs[3].meta == {"i": 3} and recs[0].image().size == (8, 8)
 
 
+def test_split_read_deals_shards_to_ranks_and_batches_stay_inside_a_shard(tmp_path, monkeypatch):
+    """What each of 2 processes reads with split=True (webdataset's split_by_node reads
+    RANK/WORLD_SIZE as torchrun sets them), and the latents stage's batching on top."""
+    from training.latents import shard_batches
+
+    with shards.ShardWriter(tmp_path, "train", per_shard=3) as w:
+        for i in range(7):
+            w.write(shards.Record(f"k{i}", _png(), "png", f"caption {i}", {}))
+    paths = shards.shard_paths(tmp_path)
+    seen = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        seen[rank] = [(r.key, r.shard) for r in shards.read(paths, split=True)]
+    assert [k for k, _ in seen[0]] == ["k0", "k1", "k2", "k6"]  # shards 0 and 2
+    assert [k for k, _ in seen[1]] == ["k3", "k4", "k5"]  # shard 1
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    batches = list(shard_batches(shards.read(paths, split=True), size=2))
+    assert [b["keys"] for b in batches] == [["k0", "k1"], ["k2"], ["k3", "k4"], ["k5"], ["k6"]]
+    assert [b["last"] for b in batches] == [False, True, False, True, True]
+    names = [shards.Path(b["shard"]).name for b in batches]
+    assert names == ["train-00000.tar"] * 2 + ["train-00001.tar"] * 2 + ["train-00002.tar"]
+    assert batches[0]["pixels"].shape == (2, 8, 8, 3)
+
+
 def test_reader_refuses_pickles_and_pipes(tmp_path):
     path = tmp_path / "evil.tar"
     with tarfile.open(path, "w") as tar:

@@ -86,7 +86,7 @@ def run_stage(
     """The shared adapter: config -> checks -> MLflow run -> phase -> metrics/registry."""
     from training import config, mechanics, tracking
 
-    if stage in TRAINING_STAGES and _relaunch_under_torchrun(stage):
+    if stage in DATA_PARALLEL_STAGES and _relaunch_under_torchrun(stage):
         return {}
     if mechanics.world_size() > 1 and not mechanics.is_main():
         return _follower(stage, body)
@@ -125,7 +125,9 @@ def run_stage(
     return {}
 
 
-TRAINING_STAGES = ("train_vae", "train_clip", "train_unet")
+# KILN_NPROC applies to these: the training stages split each batch over processes;
+# precompute_latents splits the shards (by node, then by DataLoader worker).
+DATA_PARALLEL_STAGES = ("train_vae", "train_clip", "precompute_latents", "train_unet")
 
 
 def _relaunch_under_torchrun(stage: str) -> bool:

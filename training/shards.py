@@ -29,6 +29,7 @@ class Record:
     image_ext: str
     caption: str
     meta: dict
+    shard: str = ""  # the tar it came from
 
     def image(self) -> Image.Image:
         return Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
@@ -41,20 +42,30 @@ def shard_paths(directory: str | Path) -> list[Path]:
     return paths
 
 
-def read(paths: Iterable[str | Path]) -> Iterator[Record]:
-    """Stream records from local tar shards in order (deterministic, no shuffling)."""
+def read(paths: Iterable[str | Path], split: bool = False) -> Iterator[Record]:
+    """Stream records from local tar shards in order (deterministic, no shuffling).
+
+    By default every process reads every shard: the training phases index samples by
+    (seed, step) and each data-parallel rank takes its slice of the batch
+    (``mechanics.local``). ``split=True`` is for stages that stream each sample once
+    (``precompute_latents``): webdataset's ``split_by_node`` gives rank r of N the
+    shards r, r+N, ..., and inside a ``DataLoader`` worker ``split_by_worker`` deals
+    those out again, so every shard is read by exactly one worker of one process."""
     import webdataset as wds
 
     urls = [str(p) for p in paths]
     for url in urls:
         if url.startswith("pipe:"):
             raise ValueError(f"refusing pipe: URL {url!r}")
-    # Every process reads every shard: the training phases index samples by (seed, step)
-    # and each data-parallel rank takes its slice of the batch (mechanics.local).
     every_shard = lambda urls: urls  # noqa: E731 - webdataset wants a callable
-    for sample in wds.WebDataset(
-        urls, shardshuffle=False, empty_check=False, nodesplitter=every_shard
-    ):
+    dataset = wds.WebDataset(
+        urls,
+        shardshuffle=False,
+        empty_check=False,
+        nodesplitter=wds.split_by_node if split else every_shard,
+        workersplitter=wds.split_by_worker if split else every_shard,
+    )
+    for sample in dataset:
         exts = {k for k in sample if not k.startswith("__")}
         bad = exts & set(UNSAFE_EXTS)
         if bad:
@@ -72,6 +83,7 @@ def read(paths: Iterable[str | Path]) -> Iterator[Record]:
             if isinstance(caption, bytes)
             else str(caption),
             meta=json.loads(meta) if meta else {},
+            shard=str(sample.get("__url__", "")),
         )
 
 
