@@ -58,12 +58,17 @@ def copy_project(dest: Path) -> Path:
 
 
 def kiln(
-    project: Path, *args: str, timeout: float = 600, check: bool = True
+    project: Path,
+    *args: str,
+    timeout: float = 600,
+    check: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
+    """Run ``kiln ARGS`` in ``project`` (extra environment variables in ``env``)."""
     proc = subprocess.run(
         [str(BIN / "kiln"), *args],
         cwd=project,
-        env=project_env(project),
+        env={**project_env(project), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -409,20 +409,23 @@ print(json.dumps([m.value for m in hist]))
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _outputs_copy(project: Path, dest: Path) -> Path:
+    """The finished project with its data and models, without its tracking state."""
+    import shutil
+
+    ignore = shutil.ignore_patterns("mlflow.db", "mlartifacts", ".prefect", "checkpoints")
+    shutil.copytree(project, dest, ignore=ignore)
+    return dest
+
+
 def test_data_parallel_training_matches_one_process(run, tmp_path):
     """Every training stage under torchrun with 2 CPU processes (gloo) follows the
     1-process loss curve at the same global batch."""
-    import shutil
 
     project, _ = run
     curves: dict[int, dict[str, list[float]]] = {}
     for nproc in (1, 2):
-        copy = tmp_path / f"nproc{nproc}"
-        shutil.copytree(
-            project,
-            copy,
-            ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", ".prefect", "checkpoints"),
-        )
+        copy = _outputs_copy(project, tmp_path / f"nproc{nproc}")
         config.set_values(
             copy / "params.yaml",
             {
@@ -431,18 +434,10 @@ def test_data_parallel_training_matches_one_process(run, tmp_path):
                 "train_unet.preview_every": 1000,
             },
         )
-        env = {**project_env(copy), "KILN_NPROC": str(nproc)}
         curves[nproc] = {}
         for stage in DP_STEPS:
-            proc = subprocess.run(
-                [str(BIN / "kiln"), stage.replace("_", "-")],
-                cwd=copy,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-            assert proc.returncode == 0, proc.stderr[-4000:]
+            cmd = stage.replace("_", "-")
+            proc = kiln(copy, cmd, timeout=900, env={"KILN_NPROC": str(nproc)})
             if nproc == 2:
                 assert "2 data-parallel processes" in proc.stderr
             curves[nproc][stage] = _losses(copy, stage)
@@ -459,30 +454,15 @@ def test_latents_split_by_node_and_worker_match_one_process(run, tmp_path):
     is encoded by exactly one worker of one process (webdataset's split_by_node, then
     split_by_worker), and the result is the pipeline's 1-process latents: the same
     files, keys and manifest, tensors equal up to float rounding."""
-    import shutil
 
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     project, _ = run
-    copy = tmp_path / "latents2"
-    shutil.copytree(
-        project,
-        copy,
-        ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", ".prefect", "checkpoints"),
-    )
+    copy = _outputs_copy(project, tmp_path / "latents2")
     config.set_values(copy / "params.yaml", {"precompute_latents.workers": 2})
-    env = {**project_env(copy), "KILN_NPROC": "2"}
-    proc = subprocess.run(
-        [str(BIN / "kiln"), "precompute-latents"],
-        cwd=copy,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = kiln(copy, "precompute-latents", timeout=900, env={"KILN_NPROC": "2"})
     assert "2 data-parallel processes" in proc.stderr
     ours, theirs = project / "data" / "latents", copy / "data" / "latents"
     files = sorted(p.name for p in ours.glob("*-*-*.safetensors"))
