@@ -195,7 +195,8 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
                     who = f"rank {M.rank()} worker {w.worker}"
                     for name, n in w.files.items():
                         files[name] = {"count": n, "by": who}
-                    files[next(iter(w.files))]["captions"] = w.captions
+                    if w.captions:  # val: in input order, for the preview prompts
+                        files[next(iter(w.files))]["captions"] = w.captions
                     del writers[b["shard"]]
                 bar.update(len(b["keys"]))
         bar.close()
