@@ -1,5 +1,6 @@
 import io
 import tarfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -45,7 +46,7 @@ def test_split_read_deals_shards_to_ranks_and_batches_stay_inside_a_shard(tmp_pa
     batches = list(shard_batches(shards.read(paths, split=True), size=2))
     assert [b["keys"] for b in batches] == [["k0", "k1"], ["k2"], ["k3", "k4"], ["k5"], ["k6"]]
     assert [b["last"] for b in batches] == [False, True, False, True, True]
-    names = [shards.Path(b["shard"]).name for b in batches]
+    names = [Path(b["shard"]).name for b in batches]
     assert names == ["train-00000.tar"] * 2 + ["train-00001.tar"] * 2 + ["train-00002.tar"]
     assert batches[0]["pixels"].shape == (2, 8, 8, 3)
 

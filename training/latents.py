@@ -123,7 +123,6 @@ class _ShardWriter:
         self.prefix = f"{split}-{shard_no:05d}"
         self.files: dict[str, int] = {}
         self.captions: list[str] = []  # kept for val: the preview prompts come from them
-        self.worker = 0
         self.keys: list[str] = []
         self.buf: dict[str, list[torch.Tensor]] = {}
 
@@ -184,7 +183,6 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
                     w = writers[b["shard"]] = _ShardWriter(
                         out_dir, split, shard_no[b["shard"]], c.samples_per_shard
                     )
-                    w.worker = b["worker"]
                 post = vae.encode(to_tensor(b["pixels"]).to(dev)).latent_dist
                 text = text_states(tokenizer, encoder, b["captions"])
                 w.add(b["keys"], mean=post.mean.cpu(), std=post.std.cpu(), text=text)
@@ -192,7 +190,7 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
                     w.captions.extend(b["captions"])
                 if b["last"]:
                     w.flush()
-                    who = f"rank {M.rank()} worker {w.worker}"
+                    who = f"rank {M.rank()} worker {b['worker']}"  # one worker per shard
                     for name, n in w.files.items():
                         files[name] = {"count": n, "by": who}
                     if w.captions:  # val: in input order, for the preview prompts
