@@ -37,7 +37,26 @@ ROOT = Path.cwd()
 
 
 class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; it already printed its own one-line error."""
+    """A DVC stage exited non-zero; it already printed its own one-line error.
+
+    ``retry`` says whether running it again can help: a stage that failed for a reason
+    (bad input, a config error, a diverged loss, a full disk) leaves a note saying so
+    (``kiln`` writes ``.kiln/failed-<stage>.json``) and would only fail the same way
+    again; one that died without a word (killed, out of memory, a lost connection) may
+    pass, and a checkpointed stage resumes where it stopped."""
+
+    def __init__(self, message: str, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
+
+
+def _retryable(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry only what a retry can fix."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:
+        return True
+    return not isinstance(exc, StageFailed) or exc.retry
 
 
 class _NoTracebackForStageFailed(logging.Filter):
@@ -76,13 +95,23 @@ def _dvc_cmd(*args: str, what: str) -> None:
 
 
 def _run_dvc_stage(stage: str) -> None:
-    _dvc_cmd("repro", "--single-item", stage, what=f"stage {stage}")
+    from training.cli import failure_note
+
+    note = ROOT / failure_note(stage)
+    note.unlink(missing_ok=True)
+    try:
+        _dvc_cmd("repro", "--single-item", stage, what=f"stage {stage}")
+    except StageFailed as exc:
+        if not note.is_file():
+            raise
+        info = json.loads(note.read_text())
+        raise StageFailed(info["message"], retry=bool(info["retry"])) from exc
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=[5, 30])
+@task(name="ingest", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retryable)
 def ingest_task() -> None:
     """Ingestion talks to servers: transient failures are retried (img2dataset itself
-    resumes completed shards incrementally)."""
+    resumes completed shards incrementally); a missing or bad source is not."""
     _run_dvc_stage("ingest")
 
 
@@ -92,7 +121,7 @@ def ingest_task() -> None:
 CHECKPOINTED = ("train_vae", "train_clip", "train_unet")
 
 
-@task(name="stage", retry_delay_seconds=10)
+@task(name="stage", retry_delay_seconds=10, retry_condition_fn=_retryable)
 def stage_task(stage: str) -> None:
     _run_dvc_stage(stage)
 
@@ -158,11 +187,26 @@ def kiln_stage(
     ``source`` applied), ``dvc pull`` the outs of the stages it reads, run it,
     ``dvc push`` its outs, and publish its dvc.lock entry and metrics as the
     ``kiln-stage-result`` artifact for the caller."""
-    from training import tracking
+    from training import runlock
 
     stages = _dvc_yaml()
     if stage not in stages:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(stages)})")
+    with runlock.pipeline_lock(f"kiln-stage {stage}", ROOT):
+        return _stage_here(stage, params_yaml, lock, pipeline_run_id, profile, dataset, source)
+
+
+def _stage_here(
+    stage: str,
+    params_yaml: str | None,
+    lock: dict | None,
+    pipeline_run_id: str | None,
+    profile: str | None,
+    dataset: str | None,
+    source: str | None,
+) -> dict:
+    from training import tracking
+
     if params_yaml is not None:
         (ROOT / "params.yaml").write_text(params_yaml)
     _set_params(profile, dataset, source)
@@ -323,15 +367,29 @@ def kiln_pipeline(
     ``profile``/``dataset``/``source`` are written into params.yaml first (where DVC
     tracks them); ``gpu_deployment`` (or ``KILN_GPU_DEPLOYMENT``), e.g.
     ``kiln-stage/gpu``, sends the GPU stages to that deployment's work pool."""
-    from training import config, tracking
+    from training import runlock
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_NoTracebackForStageFailed())
+    with runlock.pipeline_lock("kiln-pipeline", ROOT):
+        return _pipeline(profile, dataset, source, gpu_deployment)
+
+
+def _pipeline(
+    profile: str | None, dataset: str | None, source: str | None, gpu_deployment: str | None
+) -> dict:
+    from training import config, tracking
+
+    closed = tracking.close_orphaned_runs(ROOT)
+    if closed:
+        print(f"marked {len(closed)} MLflow run(s) of dead earlier runs KILLED")
     _set_params(profile, dataset, source)
     gpu_deployment = gpu_deployment or os.environ.get("KILN_GPU_DEPLOYMENT") or None
-    params = config.load(ROOT / "params.yaml").to_dict()
+    params = config.load(ROOT / "params.yaml")
+    gate = (params.gate_metric(), params.evaluate.gate_min_delta)
+    versions: dict[str, str] = {}
     done: list[str] = []
-    with tracking.pipeline_run(params, ROOT) as parent:
+    with tracking.pipeline_run(params.to_dict(), ROOT) as parent:
         for stage in STAGES:
             if stage == "ingest":
                 ingest_task()
@@ -341,8 +399,14 @@ def kiln_pipeline(
                 _stage(stage)(stage=stage)
             done.append(stage)
             tracking.tag_stage_outputs(parent, stage, ROOT)
-        versions = tracking.latest_versions(ROOT)
-        md, text = summarize(params, versions)
+            if stage in tracking.REGISTERED_OUTS:
+                # a stage DVC restored from its cache registered nothing: do it now
+                version = tracking.ensure_registered(
+                    parent, stage, ROOT, gate if stage == "evaluate" else None
+                )
+                if version is not None:
+                    versions[tracking.MODEL_NAMES[stage]] = version
+        md, text = summarize(params.to_dict(), versions)
         tracking.log_pipeline_summary(_metrics("evaluate"), md)
     create_markdown_artifact(markdown=md, key="kiln-summary", description="Kiln pipeline summary")
     return {"markdown": md, "text": text, "versions": versions, "metrics": _metrics("evaluate")}

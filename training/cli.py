@@ -9,9 +9,12 @@ traceback instead.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +43,7 @@ MODELS = {
 }
 CKPT, WORK, METRICS = DATA / "checkpoints", DATA / ".work", DATA / "metrics"
 PARAMS = Path("params.yaml")
+STATE = Path(".kiln")  # the run lock and failure notes (git-ignored)
 
 
 class UserError(Exception):
@@ -49,6 +53,46 @@ class UserError(Exception):
 def fail(msg: str) -> None:
     typer.echo(f"kiln: error: {msg}", err=True)
     raise typer.Exit(1)
+
+
+def _prefixed(stage: str, msg: str) -> str:
+    """``stage: msg``, without doubling a prefix the message already carries."""
+    return msg if msg.startswith(f"{stage}:") or msg.startswith(f"{stage} ") else f"{stage}: {msg}"
+
+
+# Errno values of failures that may pass on their own (a server restarting, a network
+# blip); a retry can help those, and only those.
+_TRANSIENT_ERRNOS = {
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EPIPE,
+    errno.EAGAIN,
+}
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a retry of the same stage could succeed (the flow retries only those)."""
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+def _record_failure(stage: str, msg: str, retry: bool) -> None:
+    """Leave the flow a note: why the stage failed and whether retrying can help. A stage
+    that dies without a word (killed, out of memory) leaves none and is retried."""
+    from training import mechanics
+
+    # a full or read-only disk leaves no note: the flow then treats it as retryable
+    with contextlib.suppress(OSError):
+        mechanics.write_json(failure_note(stage), {"message": msg, "retry": retry})
+
+
+def failure_note(stage: str) -> Path:
+    return STATE / f"failed-{stage}.json"
 
 
 def _load_params(path: Path = PARAMS):
@@ -84,13 +128,18 @@ def run_stage(
     register: Callable | None = None,
 ) -> dict:
     """The shared adapter: config -> checks -> MLflow run -> phase -> metrics/registry."""
-    from training import config, mechanics, tracking
+    from training import config, mechanics, runlock, tracking
 
     if stage in DATA_PARALLEL_STAGES and _relaunch_under_torchrun(stage):
         return {}
     if mechanics.world_size() > 1 and not mechanics.is_main():
         return _follower(stage, body)
+    try:  # before anything is touched: the running pipeline owns data/
+        runlock.check_free(stage)
+    except runlock.PipelineBusy as exc:
+        fail(str(exc))
     t0 = time.perf_counter()
+    failure_note(stage).unlink(missing_ok=True)
     try:
         mechanics.init_distributed()
         params = _load_params()
@@ -110,18 +159,23 @@ def run_stage(
         return metrics
     except (config.ConfigError, UserError, mechanics.TrainingDiverged) as exc:
         _cleanup(outs)
+        _record_failure(stage, str(exc), retry=False)
         fail(str(exc))
     except (OSError, ValueError, RuntimeError) as exc:
         _cleanup(outs)
+        _record_failure(stage, _prefixed(stage, str(exc)), retry=transient(exc))
         if os.environ.get("KILN_DEBUG"):
             raise
-        fail(f"{stage}: {exc}")
+        fail(_prefixed(stage, str(exc)))
     except KeyboardInterrupt:
         _cleanup(outs)
-        fail(
-            f"{stage}: interrupted (re-run it: training resumes from its last checkpoint, "
-            "ingest keeps its finished shards)"
+        _record_failure(stage, "interrupted", retry=False)
+        typer.echo(
+            f"kiln: {stage}: interrupted (re-run it: training resumes from its last "
+            "checkpoint, ingest keeps its finished shards)",
+            err=True,
         )
+        raise typer.Exit(130) from None
     return {}
 
 
@@ -342,18 +396,14 @@ def evaluate() -> None:
 
     def register(tr, metrics: dict) -> str:
         from training import tracking
-        from training.config import BUILTIN_DATASETS
 
         for name in ("report.html", "samples.png"):  # the pipeline is logged with the model
             tr.log_image(EVAL / name, "evaluation")
         name = MODEL_NAMES["evaluate"]
         version = tr.register_text2image(name, EVAL / "pipeline", metrics)
         params = _load_params()
-        c = params.evaluate
-        metric = c.gate_metric or (
-            "acc_all" if params.ingest.dataset in BUILTIN_DATASETS else "clip_score"
-        )
-        gate = tracking.promote(name, version, metrics, metric, c.gate_min_delta)
+        metric = params.gate_metric()
+        gate = tracking.promote(name, version, metrics, metric, params.evaluate.gate_min_delta)
         tr.log_metrics({k: v for k, v in gate.items() if isinstance(v, float)})
         tr.mlflow.set_tag("gate_decision", gate["gate_decision"])
         metrics.update(gate)
@@ -391,35 +441,109 @@ def run_pipeline(
 
     --dataset/--profile are written into params.yaml first, where DVC tracks them.
     """
-    from training import config, doctor
+    from training import config, doctor, runlock
 
     for problem in doctor.problems():  # fail in one line, not inside Prefect's server
         fail(f"environment: {problem}")
     updates = {k: v for k, v in (("ingest.dataset", dataset), ("profile", profile)) if v}
-    try:
-        changed = config.set_values(PARAMS, updates) if updates else {}
-        _load_params()
-    except config.ConfigError as exc:
-        fail(str(exc))
-    for key, (old, new) in changed.items():
-        typer.echo(f"params.yaml: {key}: {old} -> {new}")
-    from flows.pipeline import kiln_pipeline
+    with contextlib.ExitStack() as stack:
+        try:  # before params.yaml changes: another run may be using it
+            stack.enter_context(runlock.pipeline_lock("kiln run", Path.cwd()))
+            changed = config.set_values(PARAMS, updates) if updates else {}
+            _load_params()
+        except (config.ConfigError, runlock.PipelineBusy) as exc:
+            fail(str(exc))
+        for key, (old, new) in changed.items():
+            typer.echo(f"params.yaml: {key}: {old} -> {new}")
+        from flows.pipeline import kiln_pipeline
 
-    try:
-        summary = kiln_pipeline()
-    except Exception as exc:  # the failing stage already printed its own error
-        if os.environ.get("KILN_DEBUG"):
-            raise
-        fail(f"pipeline failed: {exc}")
+        _stop_on_interrupt()
+        try:
+            summary = kiln_pipeline()
+        except Exception as exc:  # the failing stage already printed its own error
+            if os.environ.get("KILN_DEBUG"):
+                raise
+            fail(f"pipeline failed: {exc}")
     typer.echo(summary["text"])
+
+
+INTERRUPTED = (
+    "kiln: interrupted; re-run `kiln run` to resume (finished stages are kept, training "
+    "resumes from its last checkpoint)"
+)
+
+
+def _stop_on_interrupt() -> None:
+    """Ctrl-C (or SIGTERM) stops ``kiln run`` within seconds, exit code 130.
+
+    Left to itself, an interrupt reaches Prefect's local API server too (the same
+    process group), and the flow then spends minutes retrying a dead server before
+    failing with the wrong reason. Instead: interrupt the stage processes (they clean
+    up their partial outputs; checkpoints are atomic), mark the pipeline's MLflow run
+    KILLED, say how to resume, and exit. A second Ctrl-C exits at once."""
+
+    def stop(signum, frame) -> None:
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        sys.stderr.write(f"\n{INTERRUPTED}\n")
+        sys.stderr.flush()
+        _stop_children()
+        _mark_pipeline_killed()
+        sys.stdout.flush()
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _stop_children(grace_s: float = 15.0) -> None:
+    """Stop every descendant (DVC, the stage, torchrun ranks, Prefect's server). A
+    terminal's Ctrl-C has reached them already: give them a moment to clean up on their
+    own (a second SIGINT could cut that short), SIGINT those that did not get one, wait
+    up to ``grace_s``, then SIGKILL what is left."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    _, alive = psutil.wait_procs(children, timeout=3)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(signal.SIGINT)
+    _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def _mark_pipeline_killed(timeout_s: float = 5.0) -> None:
+    """End the pipeline's MLflow run as KILLED (bounded: a dead server must not hold
+    the exit; the next run closes it otherwise)."""
+    import threading
+
+    from training import tracking
+
+    run_id = os.environ.get(tracking.PARENT_ENV)
+    if not run_id:
+        return
+
+    def end() -> None:
+        with contextlib.suppress(Exception):
+            from mlflow import MlflowClient
+
+            tracking.setup()
+            MlflowClient().set_terminated(run_id, status="KILLED")
+
+    t = threading.Thread(target=end, daemon=True)
+    t.start()
+    t.join(timeout_s)
 
 
 def _pipeline_dir(model: str) -> tuple[Path, str]:
     """(StableDiffusionPipeline directory, version label) from a path, registry URI or
     alias of kiln-text2image."""
-    p = Path(model)
+    p = Path(model).expanduser()
     version = str(p.resolve())
     if not p.exists():
+        if model.startswith(("/", "./", "../", "~")):
+            raise UserError(f"cannot resolve model {model!r}: no such pipeline directory")
         if not model.startswith("models:/"):
             model = (
                 f"models:/{model}"
@@ -440,34 +564,77 @@ def _pipeline_dir(model: str) -> tuple[Path, str]:
     return p, version
 
 
+def _can_create(d: Path) -> None:
+    """Fail now if ``d`` could not be made or written, without creating it yet (a
+    failed command must not leave an empty folder behind)."""
+    probe = d.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UserError(f"output directory {d} is not writable ({probe} is not a writable folder)")
+
+
+def warn_truncated(tokenizer, prompts: list[str]) -> int:
+    """Warn for each prompt longer than the text encoder's context: the model never sees
+    the rest. Returns how many were cut."""
+    limit = tokenizer.model_max_length
+    cut = 0
+    for prompt in dict.fromkeys(prompts):
+        n = len(tokenizer(prompt, truncation=False).input_ids)
+        if n > limit:
+            cut += 1
+            kept = tokenizer.decode(
+                tokenizer(prompt, truncation=True, max_length=limit).input_ids,
+                skip_special_tokens=True,
+            )
+            typer.echo(
+                f"kiln: warning: prompt {prompt!r} is {n} tokens; the text encoder reads "
+                f"{limit}, so only {kept!r} is used",
+                err=True,
+            )
+    return cut
+
+
 @app.command()
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="one or more prompts")],
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("samples"),
-    n: Annotated[int, typer.Option("-n", help="images per prompt")] = 1,
-    steps: Annotated[int, typer.Option(help="sampler steps")] = 20,
-    guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 4.0,
+    n: Annotated[int, typer.Option("-n", min=1, max=1000, help="images per prompt")] = 1,
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="sampler steps")] = 20,
+    guidance: Annotated[
+        float, typer.Option(min=0.0, max=100.0, help="classifier-free guidance scale (1: off)")
+    ] = 4.0,
     negative: Annotated[str, typer.Option(help="negative prompt")] = "",
-    seed: Annotated[int, typer.Option(help="seed of the first image; image k uses seed+k")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="seed of the first image; image k uses seed+k")
+    ] = 0,
     scheduler: Annotated[str, typer.Option(help="dpm++ | ddim | ddpm | euler")] = "dpm++",
     model: Annotated[
         str, typer.Option(help="models:/kiln-text2image/latest, an alias, or a pipeline directory")
     ] = "models:/kiln-text2image/latest",
 ) -> None:
     """Generate PNGs plus manifest.jsonl (file, prompt, seed, steps, guidance, scheduler)."""
-    from training import sampling
+    try:  # everything that can be checked before a model load
+        if any(not p.strip() for p in prompts):
+            raise UserError("a prompt is empty")
+        _can_create(out)
+        from training import sampling
 
-    try:
+        if scheduler not in sampling.SCHEDULERS:
+            raise UserError(
+                f"unknown scheduler {scheduler!r} (choose {', '.join(sampling.SCHEDULERS)})"
+            )
         pipe_dir, version = _pipeline_dir(model)
-        _writable(out)
         pipe = sampling.load(pipe_dir)
         sampling.set_scheduler(pipe, scheduler)
     except (UserError, ValueError) as exc:
         fail(str(exc))
+    warn_truncated(pipe.tokenizer, [*prompts, negative] if negative else list(prompts))
     reqs = [
         sampling.Request(p, seed + k, steps, guidance, negative) for p in prompts for k in range(n)
     ]
     images = sampling.generate(pipe, reqs)
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "manifest.jsonl", "a") as manifest:
         for i, (r, img) in enumerate(zip(reqs, images, strict=True)):
             name = f"{i:04d}-{sampling.slug(r.prompt)}-{r.seed}.png"

@@ -223,6 +223,12 @@ class Params(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json(by_alias=True))
 
+    def gate_metric(self) -> str:
+        """The promotion gate's metric: the oracle's accuracy where there is one."""
+        if self.evaluate.gate_metric:
+            return self.evaluate.gate_metric
+        return "acc_all" if self.ingest.dataset in BUILTIN_DATASETS else "clip_score"
+
 
 # Sizes per profile. `tiny` is a laptop CPU in minutes; `small` one GPU (64 px, SD-like
 # f=4 latents); `base` multi-GPU at SD's 256 px with f=8 latents.

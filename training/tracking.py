@@ -302,6 +302,76 @@ def _requirements() -> list[str]:
     return pins
 
 
+def _process_tags() -> dict[str, str]:
+    """Who is running this MLflow run: lets a later pipeline tell a run whose process
+    died (SIGKILL, a lost machine) from one still going (``close_orphaned_runs``)."""
+    import socket
+
+    return {"kiln.host": socket.gethostname(), "kiln.pid": str(os.getpid())}
+
+
+@contextlib.contextmanager
+def _killed_on_interrupt(mlflow) -> Iterator[None]:
+    """Ctrl-C ends the active run as KILLED, not FAILED: nothing was wrong with it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status="KILLED")
+        raise
+
+
+def _process_started(pid: int) -> float | None:
+    """Start time (epoch seconds) of a live process, None if there is none."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except ImportError:  # pragma: no cover - psutil comes with the stack
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return 0.0
+    except Exception:  # NoSuchProcess, ZombieProcess, AccessDenied
+        return None
+
+
+def close_orphaned_runs(root: Path | None = None) -> list[str]:
+    """Mark KILLED the RUNNING Kiln runs of this host whose process is gone.
+
+    A SIGKILLed pipeline (or a lost stage process) cannot end its own MLflow runs; the
+    next pipeline in the same checkout does it, under the run lock. Runs of other hosts
+    (a GPU worker, a colleague on a shared server) are left alone: their processes
+    cannot be checked from here. A pid reused by a newer process does not count as the
+    run's (the process must have started before the run)."""
+    import socket
+
+    from mlflow import MlflowClient
+
+    mlflow = setup(root)
+    host = socket.gethostname()
+    runs = mlflow.search_runs(
+        experiment_names=[EXPERIMENT],
+        output_format="list",
+        filter_string=f"attributes.status = 'RUNNING' and tags.`kiln.host` = '{host}'",
+    )
+    client, closed = MlflowClient(), []
+    for run in runs:
+        pid = run.data.tags.get("kiln.pid", "")
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        started = _process_started(int(pid))
+        if started is not None and started <= run.info.start_time / 1000 + 1:
+            continue  # its process is still alive
+        client.set_tag(run.info.run_id, "kiln.closed_by", "next pipeline: its process was gone")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str, params_dict: dict[str, Any], resolved_config: Path, root: Path | None = None
@@ -309,12 +379,16 @@ def stage_run(
     """An MLflow run for one stage, nested under the pipeline run if there is one."""
     mlflow = setup(root)
     parent = os.environ.get(PARENT_ENV) or None
-    tags = {"kiln.stage": stage, "git.commit": git_commit(root), **dvc_lineage(stage, root)}
+    tags = {
+        "kiln.stage": stage,
+        "git.commit": git_commit(root),
+        **_process_tags(),
+        **dvc_lineage(stage, root),
+    }
     if parent:
         tags["kiln.pipeline_run_id"] = parent
-    with mlflow.start_run(
-        run_name=stage, nested=bool(parent), parent_run_id=parent, tags=tags
-    ) as run:
+    start = mlflow.start_run(run_name=stage, nested=bool(parent), parent_run_id=parent, tags=tags)
+    with start as run, _killed_on_interrupt(mlflow):
         section = params_dict.get(stage, {})
         flat = {
             "profile": params_dict["profile"],
@@ -330,9 +404,8 @@ def stage_run(
 def pipeline_run(params_dict: dict[str, Any], root: Path | None = None) -> Iterator[str]:
     """The parent run of one pipeline execution; yields its id (also exported in env)."""
     mlflow = setup(root)
-    with mlflow.start_run(
-        run_name="kiln-pipeline", tags={"kiln.stage": "pipeline", "git.commit": git_commit(root)}
-    ) as run:
+    tags = {"kiln.stage": "pipeline", "git.commit": git_commit(root), **_process_tags()}
+    with mlflow.start_run(run_name="kiln-pipeline", tags=tags) as run, _killed_on_interrupt(mlflow):
         mlflow.log_params(
             {
                 "profile": params_dict["profile"],
@@ -371,6 +444,111 @@ def tag_stage_outputs(parent_run_id: str, stage: str, root: Path | None = None) 
         client.set_tag(runs[0].info.run_id, f"dvc.out.{out['path']}", out.get("md5", ""))
 
 
+# The registered model of each stage that makes one, and the DVC out it is made from.
+REGISTERED_OUTS = {
+    "train_vae": "data/models/vae",
+    "train_clip": "data/models/clip",
+    "train_unet": "data/models/unet",
+    "evaluate": "data/eval",
+}
+
+
+def _locked_md5(stage: str, out: str, root: Path) -> str | None:
+    import yaml
+
+    lock_path = root / "dvc.lock"
+    if not lock_path.is_file():
+        return None
+    lock = yaml.safe_load(lock_path.read_text()).get("stages", {}).get(stage, {})
+    return next((o.get("md5") for o in lock.get("outs", []) if o["path"] == out), None)
+
+
+def ensure_registered(
+    parent_run_id: str,
+    stage: str,
+    root: Path,
+    gate: tuple[str, float] | None = None,
+) -> str | None:
+    """The registry version of ``stage``'s model as DVC has it now; registers it if the
+    registry lacks it.
+
+    DVC restores a stage from its cache without running it (after ``make clean``, in a
+    fresh clone, with a new MLflow server), and then the stage's own registration never
+    happens: ``kiln run`` would finish with an empty or partial registry. So after each
+    stage the flow asks for the version whose ``dvc.out.<path>`` tag is the locked hash
+    of the stage's output: the one this pipeline's stage run just registered (tagged
+    here), an earlier one with the same hash, or else a new version registered from the
+    restored files under a run tagged ``kiln.restored_from=dvc-cache``. For ``evaluate``
+    a new version goes through the gate (``gate`` = (metric, min_delta))."""
+    from mlflow import MlflowClient
+
+    out = REGISTERED_OUTS[stage]
+    name = MODEL_NAMES[stage]
+    md5 = _locked_md5(stage, out, root)
+    if md5 is None:
+        return None
+    mlflow = setup(root)
+    client = MlflowClient()
+    tag = f"dvc.out.{out}"
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception:
+        versions = []
+    runs = mlflow.search_runs(
+        experiment_names=[EXPERIMENT],
+        output_format="list",
+        filter_string=f"tags.`kiln.pipeline_run_id` = '{parent_run_id}' "
+        f"and tags.`kiln.stage` = '{stage}'",
+    )
+    ran = {r.info.run_id for r in runs}
+    for v in versions:  # this pipeline's stage run registered it
+        if v.run_id in ran:
+            client.set_model_version_tag(name, str(v.version), tag, md5)
+            return str(v.version)
+    for v in sorted(versions, key=lambda v: -int(v.version)):
+        if v.tags.get(tag) == md5:
+            return str(v.version)
+    return _register_restored(parent_run_id, stage, root, md5, gate)
+
+
+def _register_restored(
+    parent_run_id: str, stage: str, root: Path, md5: str, gate: tuple[str, float] | None
+) -> str:
+    """Register the files DVC restored for ``stage`` (its run did not happen now)."""
+    from mlflow import MlflowClient
+
+    mlflow = setup(root)
+    out = root / REGISTERED_OUTS[stage]
+    name = MODEL_NAMES[stage]
+    metrics_path = root / "data" / "metrics" / f"{stage}.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = {k: v for k, v in metrics.items() if k not in ("mlflow_run_id", "registered_version")}
+    tags = {
+        "kiln.stage": stage,
+        "kiln.pipeline_run_id": parent_run_id,
+        "kiln.restored_from": "dvc-cache",
+        f"dvc.out.{REGISTERED_OUTS[stage]}": md5,
+        "git.commit": git_commit(root),
+        **_process_tags(),
+        **dvc_lineage(stage, root),
+    }
+    with mlflow.start_run(
+        run_name=f"{stage} (restored)", nested=True, parent_run_id=parent_run_id, tags=tags
+    ) as run:
+        tr = StageRun(mlflow, mlflow.get_run(run.info.run_id))
+        tr.log_metrics(metrics)
+        if stage == "evaluate":
+            version = tr.register_text2image(name, out / "pipeline", metrics)
+        else:
+            version = tr.register_dir(name, out, metrics)
+        MlflowClient().set_model_version_tag(name, version, "kiln.restored_from", "dvc-cache")
+        if gate is not None:
+            metric, min_delta = gate
+            if metric in metrics:
+                promote(name, version, metrics, metric, min_delta)
+    return version
+
+
 def log_pipeline_summary(summary: dict[str, Any], markdown: str) -> None:
     import mlflow
 
@@ -378,21 +556,6 @@ def log_pipeline_summary(summary: dict[str, Any], markdown: str) -> None:
         {k: float(v) for k, v in _flatten(summary).items() if isinstance(v, int | float)}
     )
     mlflow.log_text(markdown, "summary.md")
-
-
-def latest_versions(root: Path | None = None) -> dict[str, str]:
-    """``{registered model name: newest version}`` for Kiln's models."""
-    from mlflow import MlflowClient
-
-    setup(root)
-    client = MlflowClient()
-    out = {}
-    for name in MODEL_NAMES.values():
-        with contextlib.suppress(Exception):
-            versions = client.search_model_versions(f"name = '{name}'")
-            if versions:
-                out[name] = str(max(int(v.version) for v in versions))
-    return out
 
 
 def model_version(uri: str) -> str:

@@ -1,0 +1,131 @@
+"""Faults in a running pipeline, delivered as a terminal and the kernel deliver them.
+
+A SIGKILLed ``kiln run`` cannot end its MLflow runs; the next run marks them KILLED.
+Ctrl-C (SIGINT to the whole foreground process group, Prefect's local server included)
+stops ``kiln run`` within seconds with exit code 130 and says how to resume, instead of
+minutes of retries against a dead server ending in ``Connection refused``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from training import config
+
+from .conftest import BIN, project_env
+
+pytestmark = pytest.mark.e2e
+
+FAST = {
+    "ingest.num_samples": 300,
+    "train_vae.steps": 400,  # long enough to be caught mid-stage
+    "train_clip.steps": 20,
+    "train_unet.steps": 20,
+}
+
+
+def _start(project: Path, log: Path) -> subprocess.Popen:
+    """`kiln run` as its own process group: the group is what a terminal signals."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [str(BIN / "kiln"), "run"],
+            cwd=project,
+            env=project_env(project),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait_for(log: Path, proc: subprocess.Popen, needle: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if needle in log.read_text():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"kiln run exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"no {needle!r} in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+RUNS = """
+import json
+from mlflow import MlflowClient
+from training import tracking
+mlflow = tracking.setup()
+runs = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], output_format="list")
+print(json.dumps({r.info.run_id: [r.info.run_name, r.info.status] for r in runs}))
+"""
+
+
+def _runs(project: Path) -> dict[str, list[str]]:
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNS],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _wait_for_run(project: Path, proc: subprocess.Popen, name: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if [name, "RUNNING"] in _runs(project).values():
+            return
+        assert proc.poll() is None, f"kiln run exited {proc.returncode}"
+        time.sleep(1)
+    raise AssertionError(f"no RUNNING {name} MLflow run in {timeout} s")
+
+
+def test_sigkill_then_ctrl_c(project: Path, tmp_path: Path):
+    config.set_values(project / "params.yaml", FAST)
+    stage_started = "Running stage 'train_vae'"
+
+    first = _start(project, tmp_path / "first.log")
+    try:
+        _wait_for(tmp_path / "first.log", first, stage_started)
+        _wait_for_run(project, first, "train_vae")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the whole group: kiln, Prefect, DVC, stage
+        first.wait()
+    runs = _runs(project)
+    orphans = {i for i, (_, status) in runs.items() if status == "RUNNING"}
+    names = {runs[i][0] for i in orphans}
+    assert {"kiln-pipeline", "train_vae"} <= names, names
+
+    second = _start(project, tmp_path / "second.log")
+    try:
+        _wait_for(tmp_path / "second.log", second, stage_started)
+        _wait_for_run(project, second, "train_vae")
+        t0 = time.monotonic()
+        os.killpg(second.pid, signal.SIGINT)  # Ctrl-C
+        rc = second.wait(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    out = (tmp_path / "second.log").read_text()
+    after = out[out.index(stage_started) :]
+    assert rc == 130, out[-3000:]
+    assert took < 30, took
+    assert "interrupted; re-run `kiln run` to resume" in out
+    assert "Connection refused" not in after and "Traceback" not in after, after[-3000:]
+    assert "marked 2 MLflow run(s) of dead earlier runs KILLED" in out
+
+    runs = _runs(project)
+    assert all(runs[i][1] == "KILLED" for i in orphans), runs
+    # the interrupted run's own pipeline and stage runs are not left RUNNING either
+    assert not [r for r in runs.values() if r[1] == "RUNNING"], runs
+    assert not (project / "data" / "models" / "vae").exists()  # nothing half-written

@@ -1,0 +1,109 @@
+"""One pipeline at a time per checkout.
+
+DVC locks one stage at a time, not a whole pipeline: a second ``kiln run`` started
+while the first was training would rewrite ``params.yaml`` and re-ingest another
+dataset into the shared ``data/`` before DVC noticed, and the first run would then
+evaluate (and promote) its model on the other run's data. So every entry point that
+writes ``params.yaml`` or runs stages takes this lock first, and stage commands started
+by hand (or by a by-hand ``dvc repro``) refuse to run while a pipeline holds it.
+
+The lock is an ``flock`` on ``.kiln/run.lock``: the kernel drops it when the holder
+dies, so a SIGKILLed run never leaves a stale lock behind. The file also records who
+holds it (pid, host, start time, what it runs) so the refusal names the other run.
+Stage processes that a pipeline starts inherit ``KILN_RUN_LOCK_HOLDER`` and pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+LOCK = Path(".kiln") / "run.lock"
+HOLDER_ENV = "KILN_RUN_LOCK_HOLDER"
+
+
+class PipelineBusy(RuntimeError):
+    """Another pipeline run holds this checkout; the message names it."""
+
+
+_held: dict[Path, int] = {}  # lock path -> fd, for re-entry within one process
+
+
+def _describe(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "another kiln run"
+    started = time.strftime("%H:%M:%S", time.localtime(info.get("started", 0)))
+    return (
+        f"{info.get('what', 'a kiln run')} (pid {info.get('pid')} on {info.get('host')}, "
+        f"started {started})"
+    )
+
+
+@contextlib.contextmanager
+def pipeline_lock(what: str, root: Path | None = None) -> Iterator[None]:
+    """Hold the checkout's run lock for the body, or raise ``PipelineBusy`` at once.
+
+    Re-entrant within one process (``kiln run`` takes it before writing params.yaml, and
+    the flow it calls takes it again). Children see ``KILN_RUN_LOCK_HOLDER``."""
+    path = (root or Path.cwd()).resolve() / LOCK
+    if path in _held:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PipelineBusy(
+            f"{_describe(path)} is running in this checkout; wait for it to finish "
+            "(or stop it), or use another checkout. Two runs would share data/ and "
+            "params.yaml."
+        ) from None
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({**record, "what": what}).encode())
+    _held[path] = fd
+    previous = os.environ.get(HOLDER_ENV)
+    os.environ[HOLDER_ENV] = str(os.getpid())
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(HOLDER_ENV, None)
+        else:
+            os.environ[HOLDER_ENV] = previous
+        del _held[path]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def check_free(stage: str, root: Path | None = None) -> None:
+    """For a stage command: refuse to run while a pipeline that did not start it holds
+    the checkout (a by-hand ``kiln train-unet`` or ``dvc repro`` during ``kiln run``)."""
+    if os.environ.get(HOLDER_ENV):
+        return  # started by the pipeline that holds the lock
+    path = (root or Path.cwd()).resolve() / LOCK
+    if not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise PipelineBusy(
+            f"{stage}: {_describe(path)} is running in this checkout; run stages by hand "
+            "only when no pipeline is running"
+        ) from None
+    finally:
+        os.close(fd)  # also releases the shared lock if we got it
