@@ -3,6 +3,8 @@ half-written left looking valid."""
 
 from pathlib import Path
 
+import pytest
+
 from .conftest import kiln
 
 
@@ -53,3 +55,37 @@ def test_generate_with_unknown_model(project: Path, tmp_path: Path):
         check=False,
     )
     _assert_one_line_error(proc, "cannot resolve model")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--steps", "0"], "--steps"),
+        (["-n", "0"], "'-n'"),
+        (["--guidance", "-3"], "--guidance"),
+        (["--seed", "-1"], "--seed"),
+    ],
+)
+def test_generate_rejects_out_of_range_arguments_before_loading(project, tmp_path, args, needle):
+    """Were: a ZeroDivisionError traceback (steps 0, leaving an empty folder), success
+    writing nothing (-n 0), negative guidance accepted."""
+    out = tmp_path / "o"
+    proc = kiln(project, "generate", "a red circle", "--out", str(out), *args, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "Invalid value" in proc.stderr and needle in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_generate_checks_scheduler_model_path_and_prompt_before_loading(project, tmp_path):
+    out = tmp_path / "o"
+    # the scheduler is checked first: no registry exists here, yet that is not the error
+    proc = kiln(project, "generate", "a red circle", "--scheduler", "nosuch", "--out", str(out),
+                check=False)  # fmt: skip
+    _assert_one_line_error(proc, "unknown scheduler 'nosuch' (choose ddpm, ddim, dpm++, euler)")
+    proc = kiln(project, "generate", "x", "--model", "/nonexistent", "--out", str(out),
+                check=False)  # fmt: skip
+    _assert_one_line_error(proc, "'/nonexistent': no such pipeline directory")
+    _assert_one_line_error(
+        kiln(project, "generate", "  ", "--out", str(out), check=False), "a prompt is empty"
+    )
+    assert not out.exists()

@@ -255,7 +255,7 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
 def test_generate_from_the_registry(run, tmp_path):
     project, _ = run
     out = tmp_path / "samples"
-    kiln(
+    proc = kiln(
         project,
         "generate",
         "a large red circle in the center",
@@ -277,6 +277,12 @@ def test_generate_from_the_registry(run, tmp_path):
     assert all((out / x["file"]).is_file() for x in lines)
     assert lines[0]["model_version"] == "kiln-text2image/1"
     assert lines[0]["scheduler"] == "dpm++" and lines[0]["steps"] == 20
+    assert "warning" not in proc.stderr
+    # a prompt longer than the text encoder's context is cut: say so, and what is kept
+    long = "a large red circle in the center of a plain black background, " * 3
+    proc = kiln(project, "generate", long, "--steps", "4", "--out", str(tmp_path / "long"))
+    (warning,) = [x for x in proc.stderr.splitlines() if x.startswith("kiln: warning: prompt")]
+    assert "the text encoder reads" in warning and "so only 'a large red circle" in warning
 
 
 def test_export_is_a_diffusers_pipeline_that_loads_offline(run, tmp_path):
@@ -358,6 +364,40 @@ def test_second_repro_runs_nothing(run):
     proc = _dvc(project, "repro")
     assert "Running stage" not in proc.stdout
     assert json.loads(_dvc(project, "status", "--json").stdout or "{}") == {}
+
+
+def test_restored_from_dvc_cache_still_registers_every_model(run, tmp_path):
+    """The bug: after `make clean` (which keeps the DVC cache) `kiln run` restored every
+    stage from the cache, registered nothing, printed an empty model list and exited 0;
+    `kiln generate` then failed. Now each restored output is registered (tagged as
+    restored), the gate names a champion, and generate works."""
+    project, _ = run
+    copy = _outputs_copy(project, tmp_path / "cleaned")
+    subprocess.run(["make", "clean"], cwd=copy, check=True, capture_output=True)
+    assert not (copy / "mlflow.db").exists() and not (copy / "data" / "models").exists()
+    proc = kiln(copy, "run", "--dataset", "shapes", "--profile", "tiny", timeout=1200)
+    assert "Running stage" not in proc.stdout + proc.stderr  # nothing retrained
+    for name in ("kiln-vae", "kiln-clip", "kiln-unet", "kiln-text2image"):
+        assert f"models:/{name}/1" in proc.stdout, proc.stdout[-3000:]
+    out = _py(
+        copy,
+        """
+import json
+from mlflow import MlflowClient
+from training import tracking
+tracking.setup()
+c = MlflowClient()
+champ = c.get_model_version_by_alias("kiln-text2image", "champion")
+print(json.dumps(champ.tags))
+""",
+    )
+    tags = json.loads(out.strip().splitlines()[-1])
+    assert tags["kiln.restored_from"] == "dvc-cache" and tags["gate_decision"] == "champion"
+    assert tags["dvc.out.data/eval"]
+    samples = tmp_path / "samples"
+    kiln(copy, "generate", "a red circle", "--model", "champion", "--steps", "4",
+         "--out", str(samples))  # fmt: skip
+    assert len(list(samples.glob("*.png"))) == 1
 
 
 def test_unet_param_change_reruns_only_unet_and_evaluate(run):

@@ -1,6 +1,8 @@
 """Which pipeline tasks Prefect retries: the ones where a retry can help."""
 
-from flows.pipeline import CHECKPOINTED, GPU_STAGES, _stage, ingest_task
+from prefect.states import Failed
+
+from flows.pipeline import CHECKPOINTED, GPU_STAGES, StageFailed, _retryable, _stage, ingest_task
 from training.config import STAGES
 
 
@@ -12,3 +14,16 @@ def test_only_transient_or_resumable_work_is_retried():
         assert _stage(stage).retries == (1 if stage in CHECKPOINTED else 0), stage
         assert _stage(stage).name == stage
     assert set(CHECKPOINTED) <= set(GPU_STAGES)
+
+
+def test_a_stage_that_failed_for_a_reason_is_not_retried():
+    """A missing source or a full disk fails the same way again (and printed its error
+    three times); a stage that died without a word (killed, OOM) may pass."""
+    assert ingest_task.retry_condition_fn is _retryable
+    assert all(_stage(s).retry_condition_fn is _retryable for s in STAGES[1:])
+    said = Failed(data=StageFailed("ingest: no such folder /data/x", retry=False))
+    died = Failed(data=StageFailed("stage ingest failed (dvc exit code 255)"))
+    flaky = Failed(data=StageFailed("ingest: connection reset", retry=True))
+    assert not _retryable(ingest_task, None, said)
+    assert _retryable(ingest_task, None, died)
+    assert _retryable(ingest_task, None, flaky)
