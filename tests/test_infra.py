@@ -1,19 +1,60 @@
 """infra/ and prefect.yaml, checked as far as this machine allows (no Docker, no
 Kubernetes): the gpu-pool templates render into GPU jobs with their defaults, compose
-takes every secret from the environment, and the deployments are what the README says.
-The Prefect server's own validation of the templates runs in test_orchestration.py."""
+takes every secret from the environment, publishes on loopback only by default, has
+auth on Prefect and MLflow and refuses env.example's placeholders, and the deployments
+are what the README says. The Prefect server's own validation of the templates runs in
+test_orchestration.py; test_infra_postgres.py runs compose's servers with their auth."""
 
 from __future__ import annotations
 
+import configparser
 import json
+import os
 import re
+import subprocess
 
 import yaml
 from prefect.utilities.templating import apply_values, find_placeholders
 
-from .conftest import REPO
+from .conftest import BIN, REPO
 
 INFRA = REPO / "infra"
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|AUTH_STRING")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def compose_interpolate(text: str, env: dict[str, str]) -> str:
+    """compose's `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?message}`
+    and `$$`, as `docker compose` resolves them from infra/.env (no Docker here)."""
+
+    def one(m: re.Match) -> str:
+        name, op, arg = m.groups()
+        value = env.get(name)
+        if op in (":?", "?") and (value is None or (op == ":?" and value == "")):
+            raise KeyError(f"{name}: {arg}")
+        if op in (":-", "-") and (value is None or (op == ":-" and value == "")):
+            return arg
+        return value or ""
+
+    return "$".join(_VAR.sub(one, part) for part in text.split("$$"))
+
+
+def env_example() -> dict[str, str]:
+    lines = (INFRA / "env.example").read_text().splitlines()
+    return dict(ln.split("=", 1) for ln in lines if ln.strip() and not ln.startswith("#"))
+
+
+def secret_names() -> list[str]:
+    return [k for k in env_example() if SECRET_KEY.search(k)]
+
+
+# a value for every variable of env.example that passes refuse-example-secrets.sh
+GOOD = {k: f"good-{k.lower().replace('_', '-')}-0123456789" for k in env_example()}
+
+
+def _compose(**env: str) -> dict:
+    text = (INFRA / "compose.yaml").read_text()
+    return yaml.safe_load(compose_interpolate(text, GOOD | env))
 
 
 def _render(name: str, **overrides) -> tuple[dict, dict]:
@@ -64,10 +105,155 @@ def test_compose_has_the_stack_and_no_literal_secrets():
     for name, svc in services.items():
         env = svc.get("environment") or {}
         for key, value in env.items():
-            if re.search(r"PASSWORD|SECRET|ACCESS_KEY", key):
+            if SECRET_KEY.search(key):
                 assert str(value).startswith("${"), f"{name}.{key} is a literal secret"
-    ignored = (REPO / ".gitignore").read_text().split()
-    assert "infra/.env" in ignored and "infra/mlflow-auth.ini" in ignored
+    assert "infra/.env" in (REPO / ".gitignore").read_text().split()
+    # the committed MLflow auth config holds no password (the admin comes from .env)
+    assert "password" not in (INFRA / "mlflow-basic-auth.ini").read_text().split("[mlflow]")[1]
+
+
+def _published(port: str) -> tuple[str, str, str]:
+    parts = str(port).split(":")
+    assert len(parts) == 3, f"{port!r}: publish as IP:HOST_PORT:CONTAINER_PORT"
+    return parts[0], parts[1], parts[2]
+
+
+def test_compose_publishes_on_loopback_only_by_default():
+    services = _compose()["services"]
+    published = {}
+    for name, svc in services.items():
+        # host networking would bypass `ports` altogether
+        assert svc.get("network_mode") in (None, "none"), name
+        for port in svc.get("ports", []):
+            ip, host_port, _ = _published(port)
+            assert ip == "127.0.0.1", f"{name} publishes {port!r} beyond loopback"
+            published[host_port] = name
+    assert published == {"4200": "prefect", "5000": "mlflow", "9000": "minio", "9001": "minio"}
+    # KILN_BIND_ADDRESS moves Prefect and MLflow, deliberately; MinIO stays on loopback
+    moved = _compose(KILN_BIND_ADDRESS="10.1.2.3")["services"]
+    assert [_published(p)[0] for p in moved["prefect"]["ports"]] == ["10.1.2.3"]
+    assert [_published(p)[0] for p in moved["mlflow"]["ports"]] == ["10.1.2.3"]
+    assert {_published(p)[0] for p in moved["minio"]["ports"]} == {"127.0.0.1"}
+    assert "KILN_BIND_ADDRESS" in (INFRA / "env.example").read_text()
+
+
+def test_compose_prefect_server_has_auth_and_every_client_sends_it():
+    raw = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]
+    server = raw["prefect"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+    assert server.startswith("${PREFECT_AUTH_STRING:?")
+    clients = [n for n, s in raw.items() if "PREFECT_API_URL" in (s.get("environment") or {})]
+    assert {"worker-cpu", "worker-gpu"} <= set(clients)
+    for name in clients:
+        assert raw[name]["environment"]["PREFECT_API_AUTH_STRING"] == server, name
+    resolved = _compose()["services"]
+    expected = resolved["prefect"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+    for name in clients:
+        assert resolved[name]["environment"]["PREFECT_API_AUTH_STRING"] == expected, name
+    # Prefect reads both names, and a worker hands its auth string to the jobs it
+    # creates (the Kubernetes/Docker gpu pools): Prefect's base job environment
+    code = (
+        "from prefect.settings import get_current_settings\n"
+        "from prefect.workers.base import BaseJobConfiguration\n"
+        "s = get_current_settings()\n"
+        "print(s.server.api.auth_string.get_secret_value(), s.api.auth_string.get_secret_value(),"
+        " BaseJobConfiguration._base_environment()['PREFECT_API_AUTH_STRING'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_SERVER_API_AUTH_STRING="u:server", PREFECT_API_AUTH_STRING="u:client")
+    out = subprocess.run(
+        [str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["u:server", "u:client", "u:client"]
+
+
+def _depends(svc: dict) -> set[str]:
+    deps = svc.get("depends_on") or []
+    return set(deps)
+
+
+def test_compose_secrets_have_no_defaults_and_example_values_are_refused(tmp_path):
+    text = (INFRA / "compose.yaml").read_text()
+    secrets = secret_names()
+    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD"} <= set(secrets)
+    assert {"MLFLOW_SECRET_KEY", "PREFECT_AUTH_STRING"} <= set(secrets)
+    for name in secrets:
+        uses = [m.group(0) for m in _VAR.finditer(text) if m.group(1) == name]
+        assert uses, f"{name} is not used by compose"
+        for use in uses:  # no `${X:-default}` / `${X-default}`: a missing secret stops compose
+            assert use == f"${{{name}}}" or use.startswith(f"${{{name}:?"), use
+        assert any(u.startswith(f"${{{name}:?") for u in uses), f"{name} is not required"
+        missing = {k: v for k, v in GOOD.items() if k != name}
+        try:
+            compose_interpolate(text, missing)
+        except KeyError as e:
+            assert name in str(e)
+        else:
+            raise AssertionError(f"compose starts without {name}")
+    # the one-shot check runs the script on every secret, and everything waits for it
+    services = yaml.safe_load(text)["services"]
+    check = services["secrets-check"]
+    assert check["entrypoint"][:2] == ["sh", "/kiln/refuse-example-secrets.sh"]
+    assert set(check["entrypoint"][2:]) == set(secrets)
+    assert set(check["environment"]) == set(secrets)
+    assert "./refuse-example-secrets.sh:/kiln/refuse-example-secrets.sh:ro" in check["volumes"]
+    for name in services:
+        if name == "secrets-check":
+            continue
+        seen, todo = set(), [name]
+        while todo:
+            for dep in _depends(services[todo.pop()]) - seen:
+                seen.add(dep)
+                todo.append(dep)
+        assert "secrets-check" in seen, f"{name} can start without the secrets check"
+
+    # the script itself, as compose runs it
+    def check_with(env: dict[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["sh", str(INFRA / "refuse-example-secrets.sh"), *secrets],
+            env={"PATH": os.environ["PATH"], **env}, capture_output=True, text=True,
+        )  # fmt: skip
+
+    ok = check_with(GOOD)
+    assert ok.returncode == 0, ok.stderr
+    assert "secrets checked" in ok.stdout
+    example = check_with(env_example())  # infra/.env copied and left as it is
+    assert example.returncode == 1
+    for name in secrets:
+        assert f"{name} is still the example value (change-me...)" in example.stderr
+    for name in secrets:
+        one = check_with(GOOD | {name: env_example()[name]})
+        assert one.returncode == 1 and one.stderr.count("refusing to start") == 1, one.stderr
+        assert f"kiln: refusing to start: {name} is still the example value" in one.stderr
+    user_only = check_with(GOOD | {"PREFECT_AUTH_STRING": "admin:change-me-later"})
+    assert user_only.returncode == 1 and "PREFECT_AUTH_STRING" in user_only.stderr
+    unset = check_with({k: v for k, v in GOOD.items() if k != "MLFLOW_SECRET_KEY"})
+    assert unset.returncode == 1 and "MLFLOW_SECRET_KEY is not set" in unset.stderr
+    short = check_with(GOOD | {"POSTGRES_PASSWORD": "hunter2"})
+    assert short.returncode == 1 and "POSTGRES_PASSWORD is shorter than 12" in short.stderr
+
+
+def test_mlflow_auth_db_is_on_a_persisted_volume():
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    svc = compose["services"]["mlflow"]
+    env = svc["environment"]
+    config = env["MLFLOW_AUTH_CONFIG_PATH"]
+    assert f"./mlflow-basic-auth.ini:{config}:ro" in svc["volumes"]
+    ini = configparser.ConfigParser()
+    ini.read(INFRA / "mlflow-basic-auth.ini")
+    uri = ini["mlflow"]["database_uri"]
+    assert uri.startswith("sqlite:////"), f"{uri}: relative to the container's cwd"
+    db_dir = os.path.dirname(uri.removeprefix("sqlite:///"))
+    mounts = dict(v.rsplit(":", 1)[::-1] for v in svc["volumes"] if not v.endswith(":ro"))
+    assert db_dir in mounts, f"{db_dir} is not a volume: users and grants die with the container"
+    assert mounts[db_dir] in compose["volumes"]  # a named volume, not the container layer
+    # the admin is created from infra/.env, not from a password in a committed file
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"].startswith("${MLFLOW_ADMIN_USER:?")
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
+    assert "admin_password" not in ini["mlflow"]
+    # the workers' URL is a Host header MLflow accepts (it answers only the ones listed)
+    allowed = _compose()["services"]["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"]
+    url = _compose()["services"]["worker-cpu"]["environment"]["MLFLOW_TRACKING_URI"]
+    assert url.removeprefix("http://") in allowed.split(",")
 
 
 def test_worker_image_pins_torch_like_the_makefile():
