@@ -610,8 +610,11 @@ def generate(
     ] = 0,
     scheduler: Annotated[str, typer.Option(help="dpm++ | ddim | ddpm | euler")] = "dpm++",
     model: Annotated[
-        str, typer.Option(help="models:/kiln-text2image/latest, an alias, or a pipeline directory")
-    ] = "models:/kiln-text2image/latest",
+        str,
+        typer.Option(
+            help="a registry URI (models:/kiln-text2image/3), an alias, or a pipeline dir"
+        ),
+    ] = "models:/kiln-text2image@champion",
 ) -> None:
     """Generate PNGs plus manifest.jsonl (file, prompt, seed, steps, guidance, scheduler)."""
     try:  # everything that can be checked before a model load
@@ -663,7 +666,7 @@ def export(
     out: Annotated[Path, typer.Argument(help="directory for the diffusers pipeline")],
     model: Annotated[
         str, typer.Option(help="registry URI, alias or pipeline directory")
-    ] = "models:/kiln-text2image/latest",
+    ] = "models:/kiln-text2image@champion",
 ) -> None:
     """Write a diffusers StableDiffusionPipeline directory (loads offline with from_pretrained)."""
     from training import sampling
