@@ -341,3 +341,80 @@ def test_bad_url_list_fails_before_any_download(server, tmp_path: Path, name, co
     assert line.startswith("kiln: error: ingest:") and message in line, r.stderr[-2000:]
     assert Handler.hits == before
     assert not (tmp_path / "raw" / "shards").exists()
+
+
+# ---- sources that cannot work: one line naming the path, a ValueError (never retried) --
+def _ingest_params(**ingest_cfg) -> config.Params:
+    return config.resolve({"ingest": {"processes": 1, "threads": 4, "retries": 0, **ingest_cfg}})
+
+
+@pytest.mark.parametrize(
+    ("dataset", "make", "message"),
+    [
+        ("folder", lambda d: d / "nope", "image folder {p} does not exist"),
+        ("folder", lambda d: (d / "f.txt", (d / "f.txt").write_text("x"))[0], "is not a folder"),
+        ("folder", lambda d: (d / "e", (d / "e").mkdir())[0], "image folder {p} holds no images"),
+        ("url-list", lambda d: d / "nope.csv", "url list {p} does not exist"),
+        ("url-list", lambda d: d, "url list {p} is not a file"),
+        ("url-list", lambda d: (d / "e.csv", (d / "e.csv").write_bytes(b""))[0], "is empty"),
+        (
+            "url-list",
+            lambda d: (d / "h.csv", (d / "h.csv").write_text("url,caption\n"))[0],
+            "no rows",
+        ),
+        ("shards", lambda d: d / "none-*.tar", "no shards match"),
+        (
+            "shards",
+            lambda d: (d / "e.tar", (d / "e.tar").write_bytes(b""))[0],
+            "not a tar shard (empty file)",
+        ),
+    ],
+)
+def test_unusable_sources_fail_in_one_line_before_any_work(tmp_path: Path, dataset, make, message):
+    from training import ingest, sources
+
+    src = tmp_path / "src"
+    src.mkdir()
+    path = make(src)
+    with pytest.raises(sources.SourceError) as err:
+        ingest.run(
+            _ingest_params(dataset=dataset, source=str(path)), tmp_path / "raw", tmp_path / "w"
+        )
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert message.format(p=path) in msg and "\n" not in msg and not msg.startswith("ingest:"), msg
+    assert not (tmp_path / "w").exists()  # no work folder is left behind
+    assert not (tmp_path / "raw" / "shards").exists()
+
+
+def test_missing_distributor_is_a_config_error(tmp_path: Path):
+    from training import ingest, sources
+
+    with pytest.raises(sources.SourceError, match="ingest.distributor is 'ray' but ray is not"):
+        ingest.run(_ingest_params(distributor="ray"), tmp_path / "raw", tmp_path / "w")
+
+
+def test_every_row_refused_is_permanent_and_timeouts_are_not(tmp_path: Path, server):
+    from training import ingest, sources
+
+    base, _ = server
+    pd.DataFrame(
+        {"url": [f"{base}/good/{i}.png" for i in range(3)], "caption": ["a"] * 3}
+    ).to_parquet(tmp_path / "l.parquet")
+    params = _ingest_params(dataset="url-list", source=str(tmp_path / "l.parquet"))
+    with pytest.raises(sources.SourceError) as err:  # forgot --allow-network
+        ingest.run(params, tmp_path / "raw", tmp_path / "w")
+    msg = str(err.value)
+    assert msg.startswith("no image could be downloaded: all 3 failed (3 refused: loopback address")
+    assert "--allow-network" in msg and "{" not in msg
+    report = {"count": 2, "failures_by_reason": {"timed out": 1, "HTTP Error 404": 1}}
+    assert type(ingest.no_image_error(report, Path("r.parquet"))) is RuntimeError  # may pass later
+
+
+def test_cli_names_the_missing_folder_in_one_line(tmp_path: Path):
+    r = _kiln(["ingest", "--folder", "no-such-dir", "--out", "raw"], tmp_path, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        "kiln: error: ingest: image folder no-such-dir does not exist"
+    )
+    assert not (tmp_path / "raw" / ".work").exists()

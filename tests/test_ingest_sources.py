@@ -197,4 +197,7 @@ def test_interrupted_ingest_resumes_without_refetching_done_shards(tmp_path: Pat
     assert all(_Gate.hits[f"/{i}.jpg"] >= 1 for i in range(30, 50))
     captions = _captions(tmp_path / "raw" / "shards")
     assert captions == sorted(f"n {i}" for i in range(50))  # every sample exactly once
+    # shards kept from the killed run and shards made by the resumed one alike: key order
+    keys = [r.key for r in shards.read(shards.shard_paths(tmp_path / "raw" / "shards"))]
+    assert keys == sorted(keys)
     assert not (tmp_path / "raw" / ".work").exists()

@@ -406,6 +406,27 @@ def reason(exc: Exception) -> str:
     return f"{type(exc).__name__}"
 
 
+# Reasons (as ``reason`` and the guard word them) that a later attempt may not repeat:
+# the network or the server, not the URL or the bytes. Everything else (refusals,
+# malformed URLs, HTTP 4xx, not an image, too large) fails the same way every time.
+_TRANSIENT = (
+    "timed out",
+    "total deadline exceeded",
+    "connection refused",
+    "connection error",
+    "incomplete body",
+    "DNS lookup failed",
+    "HTTP Error 408",
+    "HTTP Error 429",
+    "HTTP Error 5",
+)
+
+
+def is_transient(why: str) -> bool:
+    """Could retrying the download help? (``why`` is a recorded failure reason.)"""
+    return why.startswith(_TRANSIENT)
+
+
 def install(policy: Policy) -> None:
     """Route img2dataset's downloads in *this* process through :func:`download_image`."""
     global _policy

@@ -14,6 +14,14 @@ published). The work folder carries a fingerprint of the params and source; a di
 one starts over. When every shard is complete they are moved to ``data/raw/shards`` with
 ``report.json`` (successes, failures by reason) and ``rejects.parquet`` (one row per
 sample that did not land: key, url, reason).
+
+Reproducible: img2dataset writes a shard's samples in the order their downloads finish,
+and stamps tar members and stats with the time. Before publishing, every shard is
+rewritten in key order with fixed tar metadata, its parquet sorted by key and its stats
+stripped of timings; the loopback URLs of served sources (``http://127.0.0.1:<random
+port>/path``) are recorded as ``kiln://<dataset>/path``. The same source and params then
+give byte-identical ``data/raw`` (and so the same clean split, the same DVC hashes, the
+same trained models).
 """
 
 from __future__ import annotations
@@ -23,14 +31,16 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from training import mechanics as M
 from training import sources
@@ -105,8 +115,6 @@ def download(
 ) -> None:
     """One img2dataset call (incremental: finished shards in ``out_dir`` are kept)."""
     c = params.ingest
-    import importlib
-
     from training import fetch  # sets NO_ALBUMENTATIONS_UPDATE before img2dataset loads
 
     i2d = importlib.import_module("img2dataset.main")  # the package exports a function too
@@ -212,6 +220,77 @@ def collect_rejects(shard_dir: Path, out: Path) -> int:
     return n
 
 
+# ---- reproducible output ---------------------------------------------------------------
+# img2dataset's per-shard stats that change from run to run of the same data
+_VOLATILE_STATS = ("duration", "start_time", "end_time")
+
+
+def stable_url(dataset: str) -> Callable[[str], str] | None:
+    """How a recorded URL is rewritten: sources Kiln serves itself (built-in sets,
+    folders, unpacked shards) are fetched from ``http://127.0.0.1:<random port>``, so
+    their URLs become ``kiln://<dataset>/<path>``. The path, which is what the train/val
+    split hashes (``validate.split_key``), is kept as it was. A URL list's own URLs are
+    kept (None)."""
+    if dataset == "url-list":
+        return None
+
+    def fix(url: str) -> str:
+        if not url:
+            return url
+        parts = urlsplit(url)
+        return f"kiln://{dataset}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+
+    return fix
+
+
+def canonicalize_shard(
+    shard_dir: Path, shard_id: str, fix_url: Callable[[str], str] | None
+) -> None:
+    """Make one finished img2dataset shard depend only on its source rows: tar samples
+    and parquet rows in key order, fixed tar metadata, stable URLs, stats without
+    timings. Each file is replaced atomically and the rewrite is idempotent, so an
+    interrupted publish can simply run it again."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from training import shards
+
+    def edit(ext: str, data: bytes) -> bytes:
+        if ext != "json" or fix_url is None:
+            return data
+        meta = json.loads(data)
+        if isinstance(meta.get("url"), str):
+            meta["url"] = fix_url(meta["url"])
+        return json.dumps(meta, indent=4).encode("utf-8")  # img2dataset's own layout
+
+    tar = shard_dir / f"{shard_id}.tar"
+    if tar.exists():
+        tmp = tar.with_name(f".{tar.name}.tmp")
+        shards.sort_tar(tar, tmp, edit)
+        os.replace(tmp, tar)
+    table_path = shard_dir / f"{shard_id}.parquet"
+    if table_path.exists():
+        table = pq.read_table(table_path)
+        table = table.take(pc.sort_indices(table, [("key", "ascending")]))
+        if fix_url is not None and "url" in table.column_names:
+            urls = [fix_url(u) if u is not None else None for u in table["url"].to_pylist()]
+            i = table.column_names.index("url")
+            table = table.set_column(i, table.schema.field(i), pa.array(urls, pa.string()))
+        tmp = table_path.with_name(f".{table_path.name}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, table_path)
+    stats_path = shard_dir / f"{shard_id}_stats.json"
+    if stats_path.exists():
+        stats = json.loads(stats_path.read_text())
+        for k in _VOLATILE_STATS:
+            stats.pop(k, None)
+        stats["status_dict"] = dict(sorted(stats.get("status_dict", {}).items()))
+        tmp = stats_path.with_name(f".{stats_path.name}.tmp")
+        tmp.write_text(json.dumps(stats, indent=4))
+        os.replace(tmp, stats_path)
+
+
 # ---- the stage -------------------------------------------------------------------------
 def _source_fingerprint(params: Params) -> str:
     """What makes a half-finished work folder reusable: same params, same source bytes."""
@@ -234,6 +313,30 @@ def _source_fingerprint(params: Params) -> str:
     return M.fingerprint(*parts)
 
 
+def check_source(params: Params) -> None:
+    """Refuse, before any work folder exists or any download starts, what no retry can
+    fix: no source, a source that is not there or not the right kind of thing, a
+    distributor that is not installed. Raises ``SourceError`` (a ``ValueError``) with
+    one line naming the path and what to do."""
+    c = params.ingest
+    if c.dataset not in BUILTIN_DATASETS and not c.source:
+        raise sources.SourceError(
+            f"ingest.dataset is {c.dataset!r} but ingest.source is not set "
+            "(give --url-list, --folder or --shards, or set ingest.source in params.yaml)"
+        )
+    if c.dataset == "folder":
+        sources.check_folder(Path(c.source))
+    elif c.dataset == "url-list":
+        sources.check_url_list(Path(c.source))
+    elif c.dataset == "shards":
+        sources.expand_shards(c.source)  # refuses pipe: and patterns matching nothing
+    if c.distributor != "multiprocessing" and importlib.util.find_spec(c.distributor) is None:
+        raise sources.SourceError(
+            f"ingest.distributor is {c.distributor!r} but {c.distributor} is not installed "
+            f"(pip install {c.distributor}, or use distributor: multiprocessing)"
+        )
+
+
 def _prepare_work(work: Path, fp: str) -> None:
     marker = work / "fingerprint.json"
     if work.exists():
@@ -251,10 +354,18 @@ def _prepare_work(work: Path, fp: str) -> None:
 def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
     """Ingest ``params.ingest`` into ``out_dir``: ``shards/`` (tars, per-shard parquet and
     stats), ``report.json`` and ``rejects.parquet``."""
-    c = params.ingest
-    if c.dataset not in BUILTIN_DATASETS and not c.source:
-        raise sources.SourceError(f"ingest.dataset is {c.dataset!r} but ingest.source is not set")
+    check_source(params)
     _prepare_work(work_dir, _source_fingerprint(params))
+    try:
+        return _ingest(params, out_dir, work_dir)
+    except sources.SourceError:
+        # the source cannot be ingested as it is: nothing in the work folder is reusable
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+
+
+def _ingest(params: Params, out_dir: Path, work_dir: Path) -> dict:
+    c = params.ingest
     i2d_dir = work_dir / "shards"
     url_list = work_dir / "urls.parquet"
     extra: dict = {}
@@ -281,7 +392,14 @@ def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
                 source_dir = source
             else:
                 source_dir = Path(c.source)
-            rows = sources.folder_rows(source_dir)
+            try:
+                rows = sources.folder_rows(source_dir)
+            except sources.SourceError:
+                if c.dataset != "shards":
+                    raise
+                raise sources.SourceError(
+                    f"shards {c.source}: no image members ({', '.join(sources.IMAGE_SUFFIXES)})"
+                ) from None
             source = source_dir
             extra_cols = None
             M.say(f"ingest: {len(rows)} images in {source}")
@@ -303,9 +421,12 @@ def publish(params: Params, i2d_dir: Path, out_dir: Path, work_dir: Path, extra:
     done, incomplete = finished_shards(i2d_dir)
     if incomplete:
         raise RuntimeError(
-            f"ingest: {len(incomplete)} shard(s) did not finish ({', '.join(incomplete[:5])}); "
+            f"{len(incomplete)} shard(s) did not finish ({', '.join(incomplete[:5])}); "
             f"re-run `kiln ingest` to retry them ({len(done)} finished shards are kept)"
         )
+    fix_url = stable_url(params.ingest.dataset)
+    for shard_id in done:
+        canonicalize_shard(i2d_dir, shard_id, fix_url)
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     for p in sorted(i2d_dir.iterdir()):
@@ -323,8 +444,31 @@ def publish(params: Params, i2d_dir: Path, out_dir: Path, work_dir: Path, extra:
     shutil.rmtree(work_dir, ignore_errors=True)
     print_report(report)
     if not report.get("successes"):
-        raise RuntimeError(f"ingest: no image could be downloaded ({report})")
+        raise no_image_error(report, out_dir / "rejects.parquet")
     return report
+
+
+def no_image_error(report: dict, rejects: Path) -> Exception:
+    """The error for a run in which not one image landed: a ``SourceError`` (not worth
+    retrying) when every failure would repeat (refused, malformed, HTTP 404, not an
+    image...), a ``RuntimeError`` when some were the network's (timeouts, 5xx), which a
+    retry may get past."""
+    from training import fetch
+
+    reasons: dict[str, int] = report.get("failures_by_reason", {})
+    top = "; ".join(f"{n} {why}" for why, n in list(reasons.items())[:3])
+    msg = (
+        f"no image could be downloaded: all {report.get('count', 0)} failed"
+        + (f" ({top})" if top else "")
+        + f"; every row is listed in {rejects}"
+    )
+    if any(fetch.is_transient(why) for why in reasons):
+        return RuntimeError(msg)
+    if "--allow-network" not in top and any(
+        why.startswith("refused: ") and "address" in why for why in reasons
+    ):
+        msg += "; --allow-network CIDR (ingest.allow_networks) opens a private range"
+    return sources.SourceError(msg)
 
 
 def print_report(report: dict) -> None:

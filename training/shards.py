@@ -11,7 +11,9 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,14 @@ from PIL import Image
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt")
+# Every member of every tar Kiln writes gets this mtime (webdataset's TarWriter would
+# stamp the current time; its user/group "bigdata", uid/gid 0 and mode 0o444 are fixed
+# already), so the same samples always make the same bytes: DVC then hashes two fresh
+# runs alike and re-runs nothing downstream for a timestamp.
+TAR_MTIME = 0
+# webdataset's own rule for a member's sample key: the path up to the first dot of the
+# file name (``dir/0001.seg.png`` -> key ``dir/0001``, extension ``seg.png``)
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
 @dataclass
@@ -87,6 +97,41 @@ def read(paths: Iterable[str | Path], split: bool = False) -> Iterator[Record]:
         )
 
 
+def tar_writer(path: str | Path):
+    """A webdataset ``TarWriter`` whose output depends only on what is written to it."""
+    import webdataset as wds
+
+    return wds.TarWriter(str(path), mtime=TAR_MTIME)
+
+
+def sort_tar(
+    src: str | Path, dst: str | Path, edit: Callable[[str, bytes], bytes] | None = None
+) -> int:
+    """Rewrite the webdataset tar ``src`` as ``dst``: samples in key order, members with
+    fixed metadata (``tar_writer``), ``edit(extension, data)`` applied to each member.
+
+    img2dataset's thread pool writes samples in the order their downloads finish, so
+    two runs over one source would otherwise give differently ordered (and differently
+    stamped) shards. Reads the tar's member index, then one sample at a time, so memory
+    does not grow with the shard. Sorting a sorted tar gives the same bytes, so it is
+    safe to repeat after an interruption. Returns the number of samples."""
+    with tarfile.open(src, "r") as tf:
+        samples: dict[str, list[tuple[str, tarfile.TarInfo]]] = {}
+        for m in tf:
+            match = _KEY_EXT.match(m.name) if m.isfile() else None
+            if match:
+                samples.setdefault(match.group(1), []).append((match.group(2), m))
+        with tar_writer(dst) as w:
+            for key in sorted(samples):
+                sample: dict = {"__key__": key}
+                for ext, m in samples[key]:
+                    fh = tf.extractfile(m)
+                    data = fh.read() if fh is not None else b""
+                    sample[ext] = edit(ext, data) if edit is not None else data
+                w.write(sample)
+    return len(samples)
+
+
 class ShardWriter:
     """Writes records to ``{prefix}-%05d.tar``; each shard is written to a temp name and
     renamed when complete, so a crash never leaves a partial shard under a final name."""
@@ -100,10 +145,8 @@ class ShardWriter:
         self._tmp: Path | None = None
 
     def _open(self) -> None:
-        import webdataset as wds
-
         self._tmp = self.dir / f".{self.prefix}-{self.index:05d}.tar.tmp"
-        self._tar = wds.TarWriter(str(self._tmp))
+        self._tar = tar_writer(self._tmp)
 
     def _close(self) -> None:
         if self._tar is None:

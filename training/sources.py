@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,29 @@ CHUNK_ROWS = 50_000
 
 class SourceError(ValueError):
     """A source that cannot be ingested at all; raised before anything is downloaded."""
+
+
+def check_url_list(path: Path) -> None:
+    """One line naming ``path`` when it cannot be a url list at all (no file, a folder,
+    an empty file, an unsupported format); the contents are checked while normalising."""
+    if not path.exists():
+        raise SourceError(f"url list {path} does not exist")
+    if not path.is_file():
+        raise SourceError(f"url list {path} is not a file (for a folder of images use --folder)")
+    list_format(path)
+    if path.stat().st_size == 0:
+        raise SourceError(f"url list {path} is empty (0 bytes)")
+
+
+def check_folder(folder: Path) -> None:
+    """One line naming ``folder`` when it does not exist or is not a directory."""
+    if not folder.exists():
+        raise SourceError(f"image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise SourceError(
+            f"image folder {folder} is not a folder (for a url list use --url-list, for "
+            "webdataset tars --shards)"
+        )
 
 
 def list_format(path: Path) -> str:
@@ -113,8 +137,7 @@ def normalize_url_list(path: Path, url_col: str, caption_col: str, out: Path) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not path.is_file():
-        raise SourceError(f"url list {path} does not exist")
+    check_url_list(path)
     fmt = list_format(path)
     schema = pa.schema([("url", pa.string()), ("caption", pa.string())])
     total = 0
@@ -150,8 +173,7 @@ def normalize_url_list(path: Path, url_col: str, caption_col: str, out: Path) ->
 def folder_rows(folder: Path) -> list[dict]:
     """(path relative to ``folder``, caption) for each image; a missing sidecar gives an
     empty caption, which the quality gate rejects with its reason (never silently)."""
-    if not folder.is_dir():
-        raise SourceError(f"image folder {folder} does not exist")
+    check_folder(folder)
     rows = []
     for p in sorted(folder.rglob("*")):
         if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
@@ -160,7 +182,10 @@ def folder_rows(folder: Path) -> list[dict]:
         caption = side.read_bytes().decode("utf-8", errors="replace") if side.is_file() else ""
         rows.append({"path": p.relative_to(folder).as_posix(), "caption": caption.strip()})
     if not rows:
-        raise SourceError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise SourceError(
+            f"image folder {folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}, "
+            "in subfolders too)"
+        )
     return rows
 
 
@@ -211,7 +236,10 @@ def unpack_shards(spec: str, dest: Path, policy, allow_pipe: bool = False) -> di
             try:
                 body, _ = fetch.fetch_bytes(shard, 60, policy)
             except Exception as exc:  # noqa: BLE001 - one clear line, whatever went wrong
-                raise SourceError(f"shard {shard}: {fetch.reason(exc)}") from None
+                why = fetch.reason(exc)
+                if fetch.is_transient(why):  # the network's fault: a retry may succeed
+                    raise ConnectionError(f"shard {shard}: {why}") from None
+                raise SourceError(f"shard {shard}: {why}") from None
             local = dest / f".{i:05d}.tar"
             local.write_bytes(body)
         else:
@@ -233,7 +261,11 @@ def _unpack_one(tar_path: Path, target: Path) -> dict:
     try:
         tf = tarfile.open(tar_path, "r")  # noqa: SIM115 - closed by the with below
     except tarfile.TarError as exc:
-        raise SourceError(f"{tar_path}: not a tar shard ({exc})") from None
+        # tarfile's message lists every compression it tried, one per line: keep what
+        # the plain tar reader said
+        found = re.search(r"method tar: \w+\('([^']*)'\)", str(exc))
+        why = found.group(1) if found else str(exc).strip().splitlines()[0]
+        raise SourceError(f"{tar_path}: not a tar shard ({why})") from None
     with tf:
         for m in tf:
             if not m.isfile():
