@@ -208,14 +208,10 @@ def run(
     ]
     gen_e = X.clip_image_embeddings(clip_dir, images)
     real_e = X.clip_image_embeddings(clip_dir, real)
-    # FD is biased by sample size: compare equal-sized sets against the same real half
-    ref, other = real_e[0::2], real_e[1::2]
-    m = min(len(gen_e), len(ref), len(other))
-    metrics["fd_clip"] = X.frechet_distance(gen_e[:m], ref[:m])
-    metrics["cmmd_clip"] = X.cmmd(gen_e[:m], ref[:m])
-    metrics["fd_clip_real_halves"] = X.frechet_distance(other[:m], ref[:m])
-    metrics["cmmd_clip_real_halves"] = X.cmmd(other[:m], ref[:m])
-    metrics["fd_samples"] = m
+    metrics.update(X.distribution_metrics(gen_e, real_e))
+    for k, why in metrics.items():
+        if k.endswith("_skipped"):
+            M.say(f"evaluate: {k.removesuffix('_skipped')} skipped: {why}")
 
     figures: dict[str, Path] = {}
     tables: dict[str, str] = {}

@@ -14,6 +14,7 @@ written as clean shards.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import os
 from collections import Counter
@@ -244,9 +245,72 @@ def split_key(url: str, key: str) -> str:
     return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
+def split_hash(url_or_key: str) -> int:
+    """A sample's place in [0, 2**32): it goes to val when below ``fraction * 2**32``."""
+    return int(hashlib.sha1(url_or_key.encode()).hexdigest()[:8], 16)
+
+
 def in_val(url_or_key: str, fraction: float) -> bool:
-    h = int(hashlib.sha1(url_or_key.encode()).hexdigest()[:8], 16)
-    return h < fraction * 0x100000000
+    return split_hash(url_or_key) < fraction * 0x100000000
+
+
+# What the evaluation needs of the val split: one image at all (reconstruction PSNR, and
+# for user data the prompts are the val captions), and for the distribution metrics
+# (fd_clip, cmmd_clip) two halves of at least two images each
+# (evaluate_extras.MIN_SAMPLES; tests/test_eval_small_val.py keeps the two in step).
+MIN_VAL = 1
+MIN_VAL_FOR_DISTRIBUTION = 4
+
+
+class SplitError(ValueError):
+    """The clean data cannot be split into usable train and val sets (user-fixable:
+    more images or another ``validate.val_fraction``)."""
+
+
+def fraction_for(lowest: list[int], want: int, n_clean: int) -> float | None:
+    """The smallest ``val_fraction`` (two decimals) that puts ``want`` of the clean
+    samples in val, from the ``want`` lowest split hashes, leaving one for train; None
+    when there are too few samples for that."""
+    import math
+
+    if want >= n_clean or len(lowest) < want:
+        return None
+    f = math.ceil((sorted(lowest)[want - 1] + 1) / 0x100000000 * 100) / 100
+    return f if f < 1.0 else None
+
+
+def split_problem(
+    n_clean: int, n_train: int, n_val: int, fraction: float, lowest: list[int]
+) -> tuple[str | None, str | None]:
+    """(error, warning) about the split's sizes, each one line in words with what to
+    change: an error when training or evaluation cannot run at all, a warning when
+    the evaluation will have to skip its distribution metrics."""
+    more = "add images"
+    if n_clean == 0:
+        return "no image passed the quality gate; see rejects.parquet for why", None
+    if n_train == 0:
+        return (
+            f"0 of {n_clean} clean images went to train (validate.val_fraction is "
+            f"{fraction}); lower validate.val_fraction or {more}"
+        ), None
+    if n_val < MIN_VAL:
+        f = fraction_for(lowest, MIN_VAL_FOR_DISTRIBUTION, n_clean) or fraction_for(
+            lowest, MIN_VAL, n_clean
+        )
+        how = f"raise validate.val_fraction to {f} or {more}" if f else more
+        return (
+            f"{n_val} of {n_clean} clean images went to val (validate.val_fraction is "
+            f"{fraction}); evaluation needs at least {MIN_VAL}: {how}"
+        ), None
+    if n_val < MIN_VAL_FOR_DISTRIBUTION:
+        f = fraction_for(lowest, MIN_VAL_FOR_DISTRIBUTION, n_clean)
+        how = f"raise validate.val_fraction to {f} or {more}" if f else more
+        return None, (
+            f"only {n_val} of {n_clean} clean images went to val (validate.val_fraction is "
+            f"{fraction}); evaluate will skip fd_clip and cmmd_clip, which need "
+            f"{MIN_VAL_FOR_DISTRIBUTION}: {how}"
+        )
+    return None, None
 
 
 REJECT_COLUMNS = ["key", "url", "caption", "stage", "reason", "failed_checks"]
@@ -272,6 +336,7 @@ def run(params: Params, raw_dir: Path, out_dir: Path) -> dict:
     near = NearDuplicates(c.near_duplicate_bits or 0) if near_duplicate_check(params) else None
     seen_url: set[str] = set()
     n_samples = n_rejected = n_ingest = 0
+    lowest: list[int] = []  # max-heap (negated) of the lowest split hashes of clean samples
     ingest_rejects = raw_dir / "rejects.parquet"
     out_dir.mkdir(parents=True, exist_ok=True)
     with (
@@ -299,8 +364,13 @@ def run(params: Params, raw_dir: Path, out_dir: Path) -> dict:
                 if names:
                     bad.append((rec, row, names))
                     continue
-                key = split_key(row["url"], rec.key)
-                (va if in_val(key, c.val_fraction) else tr).write(rec)
+                h = split_hash(split_key(row["url"], rec.key))
+                (va if h < c.val_fraction * 0x100000000 else tr).write(rec)
+                # the lowest hashes say which val_fraction would give a usable split
+                if len(lowest) < MIN_VAL_FOR_DISTRIBUTION:
+                    heapq.heappush(lowest, -h)
+                elif -lowest[0] > h:
+                    heapq.heapreplace(lowest, -h)
             if bad:
                 rejects.write_table(
                     pa.table(
@@ -347,16 +417,24 @@ def run(params: Params, raw_dir: Path, out_dir: Path) -> dict:
         "rejected": n_rejected,
         "ingest_rejected": n_ingest,
         "rejected_by_check": dict(counts.most_common()),
-        "data_docs": str(docs),
+        # relative to the stage's output, so the report is the same wherever it ran
+        "data_docs": docs.relative_to(out_dir).as_posix(),
     }
+    error, warning = split_problem(
+        tr.total + va.total, tr.total, va.total, c.val_fraction, [-h for h in lowest]
+    )
+    if warning:
+        report["warning"] = warning
     M.write_json(out_dir / "report.json", report)
     M.say(f"validate: {report['train']} train, {report['val']} val, {n_rejected} rejected")
     for name, n in counts.most_common():
         why = gate.described.get(name, "")
         M.say(f"validate:   {n:6d}  {name}{f' ({why})' if why else ''}")
     M.say(f"validate: Great Expectations Data Docs: {docs}")
-    if tr.total == 0 or va.total == 0:
-        raise RuntimeError(f"validate: an empty split is unusable ({report})")
+    if warning:
+        M.say(f"validate: warning: {warning}")
+    if error:
+        raise SplitError(error)
     return report
 
 
