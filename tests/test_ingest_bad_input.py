@@ -408,7 +408,7 @@ def test_every_row_refused_is_permanent_and_timeouts_are_not(tmp_path: Path, ser
     assert msg.startswith("no image could be downloaded: all 3 failed (3 refused: loopback address")
     assert "--allow-network" in msg and "{" not in msg
     report = {"count": 2, "failures_by_reason": {"timed out": 1, "HTTP Error 404": 1}}
-    assert type(ingest.no_image_error(report, Path("r.parquet"))) is RuntimeError  # may pass later
+    assert type(ingest.no_image_error(report, Path("r.parquet"))) is ConnectionError  # retried
 
 
 def test_cli_names_the_missing_folder_in_one_line(tmp_path: Path):

@@ -419,8 +419,8 @@ def _ingest(params: Params, out_dir: Path, work_dir: Path) -> dict:
 def publish(params: Params, i2d_dir: Path, out_dir: Path, work_dir: Path, extra: dict) -> dict:
     """Move complete shards to ``out_dir``; refuse to publish while any is incomplete."""
     done, incomplete = finished_shards(i2d_dir)
-    if incomplete:
-        raise RuntimeError(
+    if incomplete:  # a network fault or a kill: a retry (or a re-run) may finish them
+        raise ConnectionError(
             f"{len(incomplete)} shard(s) did not finish ({', '.join(incomplete[:5])}); "
             f"re-run `kiln ingest` to retry them ({len(done)} finished shards are kept)"
         )
@@ -463,7 +463,7 @@ def no_image_error(report: dict, rejects: Path) -> Exception:
         + f"; every row is listed in {rejects}"
     )
     if any(fetch.is_transient(why) for why in reasons):
-        return RuntimeError(msg)
+        return ConnectionError(msg)  # the flow retries these; SourceError it does not
     if "--allow-network" not in top and any(
         why.startswith("refused: ") and "address" in why for why in reasons
     ):

@@ -316,11 +316,14 @@ def split_problem(
 REJECT_COLUMNS = ["key", "url", "caption", "stage", "reason", "failed_checks"]
 
 
-def run(params: Params, raw_dir: Path, out_dir: Path) -> dict:
+def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = None) -> dict:
     """Gate the shards under ``raw_dir/shards`` (ingest's output) into ``out_dir``:
     ``train/`` and ``val/`` shards, ``rejects.parquet`` (ingest's rejects too, so one
-    table lists every sample that did not make it, and why), ``data_docs/`` (GX HTML)
-    and ``report.json``. Streams in chunks of ``validate.chunk_rows``."""
+    table lists every sample that did not make it, and why) and ``report.json``, plus
+    the GX HTML in ``docs_dir`` (default ``out_dir/data_docs``). The pipeline keeps the
+    docs outside ``data/clean``: GX stamps them with the time, and the clean data's hash,
+    which every later stage depends on, must depend only on the data. Streams in chunks
+    of ``validate.chunk_rows``."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -329,7 +332,7 @@ def run(params: Params, raw_dir: Path, out_dir: Path) -> dict:
 
     c = params.validate_
     paths = shards.shard_paths(raw_dir / "shards")
-    gate = Gate(params, out_dir / "data_docs")
+    gate = Gate(params, docs_dir or out_dir / "data_docs")
     schema = pa.schema([(n, pa.string()) for n in REJECT_COLUMNS])
     counts: Counter = Counter()
     seen_px: set[str] = set()
@@ -418,7 +421,7 @@ def run(params: Params, raw_dir: Path, out_dir: Path) -> dict:
         "ingest_rejected": n_ingest,
         "rejected_by_check": dict(counts.most_common()),
         # relative to the stage's output, so the report is the same wherever it ran
-        "data_docs": docs.relative_to(out_dir).as_posix(),
+        "data_docs": Path(os.path.relpath(docs, out_dir)).as_posix(),
     }
     error, warning = split_problem(
         tr.total + va.total, tr.total, va.total, c.val_fraction, [-h for h in lowest]
