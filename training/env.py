@@ -1,14 +1,21 @@
-"""Process-wide defaults: offline, no telemetry, quiet library progress bars.
+"""Process-wide defaults: offline, no telemetry, quiet library progress bars, and how
+many CPU threads torch may use.
 
 Kiln never downloads weights or data at run time, and several libraries in the stack
 phone home by default (Hugging Face hub, Great Expectations analytics, albumentations'
 update check inside img2dataset, MLflow and Prefect telemetry). Every entry point calls
 ``offline_defaults()`` first; an explicit user setting always wins (``setdefault``).
+
+``thread_plan()`` sizes torch's intra-op threads. This module stays free of torch (it is
+imported by every command, ingest included); ``mechanics.set_torch_threads`` applies it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
@@ -31,14 +38,142 @@ DEFAULTS = {
     # starts; on a busy 2-core machine that takes longer than Prefect's 20 s default.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "TOKENIZERS_PARALLELISM": "false",
+    # OpenMP threads that wait at a barrier sleep instead of spinning. With another busy
+    # process on the same cores (two stages, tests, a second checkout), a spinning
+    # thread burns the time slice its partner needs: on the shared 2-core machine
+    # train_vae's step ran 4.5x faster alone and 19x faster as two at once with this
+    # (benchmarks/RESULTS.md, "Torch threads"). It changes how threads wait, not what
+    # they compute. libgomp reads it when torch loads, so it is set before that.
+    "OMP_WAIT_POLICY": "PASSIVE",
     "PYTHONWARNINGS": "ignore",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 
+# torchrun sets OMP_NUM_THREADS=1 in its workers when it starts more than one and finds
+# none set, so inside a worker a "1" may be torchrun's, not the user's. The first Kiln
+# process of a run (``kiln run`` or the stage command that relaunches itself under
+# torchrun) notes here what the user had set, "" for nothing; its children inherit it.
+USER_OMP = "KILN_USER_OMP_NUM_THREADS"
+
+
 def offline_defaults() -> None:
+    os.environ.setdefault(USER_OMP, os.environ.get("OMP_NUM_THREADS", ""))
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
     import warnings
 
     warnings.filterwarnings("ignore")
+
+
+# ---- torch threads ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ThreadPlan:
+    """``threads``: what to pass to ``torch.set_num_threads`` (None: leave torch as the
+    user's OMP_NUM_THREADS set it); ``cpus``: CPUs this process may use; ``procs``: Kiln
+    processes sharing them; ``source``: an explicit setting that decided, if any."""
+
+    threads: int | None
+    cpus: int
+    procs: int
+    source: str = ""
+
+
+def read_cpu_max(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: str | None = None) -> str | None:
+    """The CPU quota of this process's cgroup as cgroup v2 writes it ("max 100000" or
+    "200000 100000": quota and period in µs), or None without a CPU controller.
+
+    v2: the tightest ``cpu.max`` from this cgroup up to the root (a pod's limit may sit
+    on a parent). v1: ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` (-1: no limit) of
+    this cgroup under the ``cpu`` hierarchy.
+    A container usually sees its own cgroup as the root, so both fall back to that."""
+    if proc_cgroup is None:
+        try:
+            proc_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            proc_cgroup = ""
+    v2_path = next((ln[3:] for ln in proc_cgroup.splitlines() if ln.startswith("0::")), "/")
+    best: tuple[float, str] | None = None
+    d = root / v2_path.strip().lstrip("/")
+    for cg in [d, *d.parents]:
+        try:
+            text = (cg / "cpu.max").read_text().strip()
+        except OSError:
+            text = ""
+        if text:
+            quota, _, period = text.partition(" ")
+            cpus = float("inf") if quota == "max" else int(quota) / int(period or 100000)
+            if best is None or cpus < best[0]:
+                best = (cpus, text)
+        if cg == root:
+            break
+    if best is not None:
+        return best[1]
+    # v1: "N:cpu,cpuacct:/path"; the controller may be mounted as cpu or cpu,cpuacct
+    v1_path = next(
+        (
+            ln.split(":", 2)[2]
+            for ln in proc_cgroup.splitlines()
+            if ln.count(":") >= 2 and "cpu" in ln.split(":")[1].split(",")
+        ),
+        "/",
+    )
+    for cpu_dir in (root / "cpu" / v1_path.strip().lstrip("/"), root / "cpu"):
+        try:
+            quota = int((cpu_dir / "cpu.cfs_quota_us").read_text())
+            period = int((cpu_dir / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return f"{'max' if quota < 0 else quota} {period}"
+    return None
+
+
+def _affinity() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # not on Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def thread_plan(
+    environ: Mapping[str, str] | None = None,
+    affinity: set[int] | None = None,
+    cpu_max: str | None = None,
+) -> ThreadPlan:
+    """How many intra-op threads torch should use in this process.
+
+    torch defaults to every core it can see. Two processes that each do that on
+    the same cores make every parallel region wait for a thread that is not running
+    (OpenMP threads busy-wait at each barrier): under a CPU quota, or with N ranks on one
+    machine, that is many times slower, not 1/N. So: the CPUs this process may run on
+    (its affinity mask, capped by the cgroup CPU quota, rounded down: 1.5 CPUs of quota
+    cannot keep two threads busy), divided among the processes torchrun started on this
+    machine (``LOCAL_WORLD_SIZE``), at least 1. ``KILN_THREADS`` or the user's own
+    ``OMP_NUM_THREADS`` always win. The plan does not look at load: unrelated processes
+    come and go, and a count that changed with them would change results between a run
+    and its resumption. ``affinity``/``cpu_max`` default to the real readers (tests pass
+    fakes; ``cpu_max=""`` means no CPU controller)."""
+    env = os.environ if environ is None else environ
+    if affinity is None:
+        affinity = _affinity()
+    if cpu_max is None:
+        cpu_max = read_cpu_max()
+    cpus = max(1, len(affinity))
+    quota, _, period = (cpu_max or "max").partition(" ")
+    if quota != "max":
+        cpus = max(1, min(cpus, int(quota) // int(period or 100000)))
+    procs = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+    if env.get("KILN_THREADS"):
+        try:
+            n = int(env["KILN_THREADS"])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(
+                f"KILN_THREADS must be a whole number >= 1, got {env['KILN_THREADS']!r}"
+            )
+        return ThreadPlan(n, cpus, procs, "KILN_THREADS")
+    omp = env.get("OMP_NUM_THREADS", "")
+    if omp and env.get(USER_OMP, omp) == omp:  # the user's, not torchrun's default
+        return ThreadPlan(None, cpus, procs, f"OMP_NUM_THREADS={omp}")
+    return ThreadPlan(max(1, cpus // procs), cpus, procs)

@@ -9,6 +9,8 @@
 * Device: the GPU when there is one (``KILN_DEVICE`` overrides), with bf16 autocast
   there; the CPU otherwise. Data stays on the CPU and batches move per step, so the
   ``(seed, step)`` randomness is drawn on the CPU and identical on every device.
+  torch's CPU threads are sized once per process from the CPUs it may really use
+  (affinity, cgroup quota) over the processes on the machine (``set_torch_threads``).
 * Data parallel (``torchrun``; ``KILN_NPROC`` makes a stage relaunch itself under it):
   every rank draws the same global batch from ``(seed, step)`` and trains on its slice
   (``local``); gradients are averaged with one flattened all-reduce per step (gloo on the
@@ -17,13 +19,15 @@
 * Checkpoints are safetensors + JSON, written atomically (temp dir, fsync, rename, then
   a ``COMPLETE`` marker); the last two are kept; a corrupt newest one falls back to the
   previous with a warning; a checkpoint made with a different config or data
-  (``fingerprint``) is never resumed.
+  (``fingerprint``) is never resumed. A full disk is a one-line ``DiskFull`` (the
+  checkpoint, the bytes it needs, the bytes free) that leaves no partial directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -31,7 +35,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +46,17 @@ from safetensors.torch import load_file, save_file
 
 class TrainingDiverged(RuntimeError):
     """Loss became NaN/Inf: the stage stops and registers nothing."""
+
+
+class DiskFull(OSError):
+    """A write found no room (ENOSPC/EDQUOT). An ``OSError`` with a one-line message, so
+    the CLI's handler prints it as one ``kiln: error:`` line and the flow does not retry
+    it (a retry would fill the same disk). safetensors' own ``SafetensorError`` is a bare
+    ``Exception``: it would escape that handler as a traceback."""
+
+    def __init__(self, message: str, code: int = errno.ENOSPC):
+        super().__init__(message)  # one argument: str() is the message, no "[Errno 28]"
+        self.errno = code
 
 
 class MetricLogger(Protocol):
@@ -87,8 +102,37 @@ def is_main() -> bool:
     return rank() == 0
 
 
+_threads_set = False
+
+
+def set_torch_threads() -> None:
+    """Size torch's intra-op thread pool once per process (``env.thread_plan``): the CPUs
+    this process may use (affinity, cgroup quota) shared by the processes on this
+    machine. torch's own default counts the host's cores, so in a CPU-limited container,
+    or with several ranks on one machine, threads wait on each other's time slices. The
+    count does not depend on load, so a resumed run uses the same count as the run it
+    resumes on the same machine (thread count can change float summation order)."""
+    global _threads_set
+    if _threads_set:
+        return
+    _threads_set = True
+    from training.env import thread_plan
+
+    plan = thread_plan()
+    if plan.threads is not None:
+        torch.set_num_threads(plan.threads)
+    if is_main():
+        how = f"{plan.source}; " if plan.source else ""
+        say(
+            f"torch threads: {torch.get_num_threads()} ({how}{plan.cpus} CPUs available, "
+            f"{plan.procs} process{'es' if plan.procs != 1 else ''})"
+        )
+
+
 def init_distributed() -> None:
-    """Join the torchrun process group (no-op for a single process)."""
+    """Size torch's threads, then join the torchrun process group (no-op for a single
+    process). Every stage process calls this first (``cli.run_stage``)."""
+    set_torch_threads()
     if world_size() > 1 and not torch.distributed.is_initialized():
         dev = device()
         if dev.type == "cuda":
@@ -256,6 +300,68 @@ class EMA:
 
 
 # ---- checkpoints ---------------------------------------------------------------------
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (what ``disk_usage`` can ask about)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _mount_point(path: Path) -> Path:
+    path = _existing(path)
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes an unprivileged writer may still use on ``path``'s filesystem."""
+    return shutil.disk_usage(_existing(Path(path))).free
+
+
+def _disk_full_code(exc: BaseException) -> int | None:
+    """ENOSPC/EDQUOT if ``exc`` means "no room", else None. safetensors reports the OS
+    error only in its message ("... No space left on device (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    text = str(exc)
+    if "No space left on device" in text or "os error 28" in text:
+        return errno.ENOSPC
+    if "Disk quota exceeded" in text or "os error 122" in text:
+        return errno.EDQUOT
+    return None
+
+
+def _disk_full(what: str, path: Path, needed: int | None, hint: str, code: int) -> DiskFull:
+    need = f"needs {_mb(needed)}, " if needed is not None else "no space left: "
+    return DiskFull(
+        f"{what} {path}: {need}{_mb(free_bytes(path))} free on {_mount_point(path)}; {hint}",
+        code,
+    )
+
+
+@contextlib.contextmanager
+def disk_full_errors(what: str, path: str | Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk inside the block (an ``OSError`` or safetensors' bare
+    ``SafetensorError``) into ``DiskFull`` naming ``what path``, the bytes it needs if
+    known and the bytes free. For writes outside the checkpointer, e.g. a phase's final
+    ``save_pretrained``. Other errors pass through unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        code = _disk_full_code(exc)
+        if code is None or isinstance(exc, DiskFull):  # not a full disk, or said already
+            raise
+        path = Path(path)
+        hint = f"free space on {_mount_point(path)} and run the stage again"
+        raise _disk_full(what, path, needed, hint, code) from exc
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -304,34 +410,61 @@ class Checkpointer:
         ema: EMA | None,
         extra: dict | None = None,
     ) -> Path:
+        """Write ``step-NNNNNNNN`` atomically and prune to the last ``keep``.
+
+        A full disk raises ``DiskFull`` (one line: the checkpoint, the bytes it needs,
+        the bytes free) and leaves no partial directory; the older checkpoints stay
+        intact, so a re-run after making room resumes from the newest of them. The free
+        space is checked first (the tensors' bytes are known), so usually nothing is
+        written at all; a disk that fills during the write is caught and cleaned up too.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step:08d}"
         tmp = self.dir / f".tmp-step-{step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors"
-        )
         opt_tensors, opt_meta = _optimizer_to_flat(opt)
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        files = {"model.safetensors": {k: v.contiguous() for k, v in model.state_dict().items()}}
+        files["optimizer.safetensors"] = opt_tensors
         if ema is not None:
-            save_file(ema.shadow, tmp / "ema.safetensors")
-        state = {
-            "step": step,
-            "fingerprint": self.fp,
-            "optimizer": opt_meta,
-            "ema_updates": ema.updates if ema else None,
-            "extra": extra or {},
-        }
-        (tmp / "state.json").write_text(json.dumps(state, default=str))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        (final / "COMPLETE").write_text(self.fp)
-        _fsync_dir(final)
-        _fsync_dir(self.dir)
+            files["ema.safetensors"] = ema.shadow
+        state = json.dumps(
+            {
+                "step": step,
+                "fingerprint": self.fp,
+                "optimizer": opt_meta,
+                "ema_updates": ema.updates if ema else None,
+                "extra": extra or {},
+            },
+            default=str,
+        )
+        # tensor bytes + a generous safetensors header per tensor + a block per file
+        n_tensors = sum(len(f) for f in files.values())
+        needed = sum(t.nbytes for f in files.values() for t in f.values())
+        needed += 256 * n_tensors + len(state) + 4096 * (len(files) + 2)
+        hint = f"free space there or move {self.dir.parent} to a bigger disk"
+        if needed > free_bytes(self.dir):
+            raise _disk_full("checkpoint", final, needed, hint, errno.ENOSPC)
+        try:
+            tmp.mkdir()
+            for name, tensors in files.items():
+                save_file(tensors, tmp / name)
+            (tmp / "state.json").write_text(state)
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            (final / "COMPLETE").write_text(self.fp)
+            _fsync_dir(final)
+            _fsync_dir(self.dir)
+        except BaseException as exc:  # Ctrl-C included: never leave a partial directory
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (final / "COMPLETE").is_file():
+                shutil.rmtree(final, ignore_errors=True)
+            code = _disk_full_code(exc) if isinstance(exc, Exception) else None
+            if code is None:
+                raise
+            raise _disk_full("checkpoint", final, needed, hint, code) from exc
         for old in self._complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -469,7 +602,11 @@ class Trainer:
                 if main:
                     self.log.log_metrics({f"{self.name}/{k}": v for k, v in last.items()}, step + 1)
             if checkpoint and main:
-                self.checkpoints.save(step + 1, self.model, self.optimizer, self.ema)
+                try:
+                    self.checkpoints.save(step + 1, self.model, self.optimizer, self.ema)
+                except BaseException:  # e.g. DiskFull: the bar's last line before the error
+                    bar.close()
+                    raise
             if checkpoint and world_size() > 1:
                 torch.distributed.barrier()  # no rank runs ahead of the newest checkpoint
             if main and on_every and preview:
