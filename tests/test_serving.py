@@ -291,7 +291,11 @@ def test_oversized_requests_are_refused_at_once_and_the_server_keeps_serving(ser
     _refused(server, prompts[:65], "KILN_SERVE_MAX_ROWS")
     big = [["a red circle", i, 1000, 4.0, ""] for i in range(3)]
     _refused(server, big, "request needs 3000 denoising steps")
-    _refused(server, big[:1] * 2 + [["a", 1, 1, 4.0, ""]], "KILN_SERVE_MAX_STEPS_TOTAL")
+    _refused(
+        server,
+        [["a", i, 250, 4.0, ""] for i in range(4)] + [["a", 9, 1, 4.0, ""]],
+        "KILN_SERVE_MAX_STEPS_TOTAL",
+    )
     _refused(server, [["a red circle", 1, 1001, 4.0, ""]], "steps must be a whole number")
     t0 = time.monotonic()
     status, body = invoke(server, [["a red circle", 1, 4, 4.0, ""]])
@@ -325,12 +329,12 @@ def test_a_request_past_the_scoring_timeout_stops_computing(registry):
     """The scoring server answers 504 at its timeout; the work must stop then too, or it
     holds the worker and every request behind it waits (the bug: ten more minutes)."""
     root, version = registry
-    env = {"OMP_NUM_THREADS": "1", "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "3"}
+    env = {"OMP_NUM_THREADS": "1", "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "2"}
     with serve(root, version, root / "serve-timeout.log", env) as base:
         status, body = invoke(base, [["a red circle", 1, 4, 4.0, ""]])  # warm
         assert status == 200, body
-        # 64 rows x 31 steps: inside the limits, ~15-30 s of work here; far past 3 s
-        big = [[CAPTIONS[i], i, 31, 4.0, ""] for i in range(64)]
+        # 40 rows x 25 steps: the largest request allowed, >= 8 s of work; past 2 s
+        big = [[CAPTIONS[i], i, 25, 4.0, ""] for i in range(40)]
         t0 = time.monotonic()
         status, body = invoke(base, big)
         assert status == 504 and time.monotonic() - t0 < 10, (status, str(body)[:300])

@@ -18,13 +18,20 @@ all on this one loaded model. So:
 * Every request is checked before anything is computed (``sampling.check_request`` per
   row, plus the size limits below); a bad one is HTTP 400 with a one-line message.
 * Requests are bounded: at most ``KILN_SERVE_MAX_ROWS`` rows (default 64) and at most
-  ``KILN_SERVE_MAX_STEPS_TOTAL`` denoising steps summed over the rows (default 2000).
-  On the tiny profile a step costs ~8 ms on 2 CPU cores, so the largest request takes
-  ~16 s alone, well inside MLflow's 60 s scoring timeout even on a busy machine; raise
-  both for bigger hardware, lower the budget for bigger models.
-* One request computes at a time (``KILN_SERVE_CONCURRENCY``, default 1), the others
-  wait their turn. torch already spreads one denoiser over all cores; several at once on
-  a small CPU only thrash (benchmarks/RESULTS.md, "REST serving": MEASURED).
+  ``KILN_SERVE_MAX_STEPS_TOTAL`` denoising steps summed over the rows (default 1000).
+  On the tiny profile one image-step costs ~8 ms on 2 idle CPU cores and ~30 ms when
+  other jobs load them 5-9 deep (benchmarks/RESULTS.md, "REST serving"), so the largest
+  request takes ~8-35 s, inside MLflow's 60 s scoring timeout. Raise both for bigger
+  hardware, lower the budget for bigger models.
+* One request computes at a time (``KILN_SERVE_CONCURRENCY``, default 1); the others
+  wait their turn. Then a request's compute time is its own, so the step budget above
+  keeps it inside the scoring timeout. With N computing at once each takes ~N times
+  longer (torch already spreads one denoiser over all cores), and under overload they
+  all miss the timeout together, so none succeeds, where serialised ones finish in
+  turn; activation memory also stays that of one request. Throughput gave no reason to
+  share: with 8 clients on the 2-core machine, 0.9-1.8 images/s at 1 against 1.9-2.5 at
+  8 (benchmarks/RESULTS.md, "REST serving"), within the noise of a machine other jobs
+  were loading, where more threads also take more CPU from those jobs.
 * When MLflow's scoring timeout (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, set by
   ``mlflow models serve``) has expired for a request, the server has already answered
   504; its work then stops at the next denoising step (or before it starts, if it was
@@ -49,7 +56,7 @@ DEFAULTS = {"steps": 20, "guidance": 4.0, "negative_prompt": ""}
 COLUMNS = ("prompt", "seed", "steps", "guidance", "negative_prompt")
 LIMITS = {  # env var -> default
     "KILN_SERVE_MAX_ROWS": 64,
-    "KILN_SERVE_MAX_STEPS_TOTAL": 2000,
+    "KILN_SERVE_MAX_STEPS_TOTAL": 1000,
     "KILN_SERVE_CONCURRENCY": 1,
 }
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
