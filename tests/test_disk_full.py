@@ -19,6 +19,8 @@ from safetensors import SafetensorError
 
 from training import mechanics as M
 
+from .conftest import kiln
+
 MB = 1 << 20
 
 
@@ -178,3 +180,36 @@ def test_disk_full_errors_guard_names_the_output(tmp_path):
     assert msg.startswith(f"model {out}: needs 5.2 MB, ") and "\n" not in msg, msg
     with pytest.raises(SafetensorError), M.disk_full_errors("model", out):
         raise SafetensorError("Error while serializing: invalid dtype")  # not a disk error
+
+
+def test_stage_whose_final_save_fills_the_disk_says_so_in_one_line(project: Path):
+    """A full disk during a phase's final ``save_pretrained`` (safetensors raises a bare
+    ``SafetensorError``) was a 50-line traceback with half a model folder left behind."""
+    import json
+
+    from training import config
+
+    config.set_values(project / "params.yaml", {"ingest.num_samples": 200, "train_vae.steps": 2})
+    kiln(project, "ingest")
+    kiln(project, "validate")
+    models = project / "data" / "models"
+    models.mkdir(parents=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(models)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        proc = kiln(project, "train-vae", check=False)
+        left = sorted(p.name for p in models.rglob("*"))
+    finally:
+        subprocess.run(["umount", "-l", str(models)], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("kiln: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "train_vae output data/models/vae" in errors[0] and "free" in errors[0], errors[0]
+    assert left == [], left  # nothing half-written
+    note = json.loads((project / ".kiln" / "failed-train_vae.json").read_text())
+    assert note["retry"] is False  # a retry would fill the same disk

@@ -150,7 +150,8 @@ def run_stage(
         resolved = outs[0] / "resolved_params.json"  # every run records its config
         mechanics.write_json(resolved, params.to_dict())
         with tracking.stage_run(stage, params.to_dict(), resolved) as tr:
-            metrics = body(params, tr)
+            with mechanics.disk_full_errors(f"{stage} output", outs[0]):
+                metrics = body(params, tr)
             metrics["stage_seconds"] = time.perf_counter() - t0
             tr.log_metrics(metrics)
             if register is not None:
@@ -220,8 +221,8 @@ def _follower(stage: str, body: Callable[..., dict]) -> dict:
     saves and registers."""
     from training import mechanics
 
-    mechanics.init_distributed()
     try:
+        mechanics.init_distributed()
         body(_load_params(), mechanics.NullLogger())
     except Exception as exc:
         if os.environ.get("KILN_DEBUG"):
@@ -629,6 +630,9 @@ def generate(
                 f"unknown scheduler {scheduler!r} (choose {', '.join(sampling.SCHEDULERS)})"
             )
         pipe_dir, version = _pipeline_dir(model)
+        from training.mechanics import set_torch_threads
+
+        set_torch_threads()
         pipe = sampling.load(pipe_dir)
         sampling.set_scheduler(pipe, scheduler)
     except (UserError, ValueError) as exc:
