@@ -629,6 +629,13 @@ def generate(
             raise UserError(
                 f"unknown scheduler {scheduler!r} (choose {', '.join(sampling.SCHEDULERS)})"
             )
+        reqs = [  # the same checks as a REST request's rows
+            sampling.Request(p, seed + k, steps, guidance, negative)
+            for p in prompts
+            for k in range(n)
+        ]
+        for r in reqs:
+            sampling.check_request(r)
         pipe_dir, version = _pipeline_dir(model)
         from training.mechanics import set_torch_threads
 
@@ -638,9 +645,6 @@ def generate(
     except (UserError, ValueError) as exc:
         fail(str(exc))
     warn_truncated(pipe.tokenizer, [*prompts, negative] if negative else list(prompts))
-    reqs = [
-        sampling.Request(p, seed + k, steps, guidance, negative) for p in prompts for k in range(n)
-    ]
     images = sampling.generate(pipe, reqs)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "manifest.jsonl", "a") as manifest:
