@@ -45,9 +45,9 @@ class StageFailed(RuntimeError):
     again; one that died without a word (killed, out of memory, a lost connection) may
     pass, and a checkpointed stage resumes where it stopped."""
 
-    def __init__(self, message: str, retry: bool = True):
+    def __init__(self, message: str, retry: bool = True, stage: str | None = None):
         super().__init__(message)
-        self.retry = retry
+        self.retry, self.stage = retry, stage
 
 
 def _retryable(task, task_run, state) -> bool:
@@ -103,9 +103,9 @@ def _run_dvc_stage(stage: str) -> None:
         _dvc_cmd("repro", "--single-item", stage, what=f"stage {stage}")
     except StageFailed as exc:
         if not note.is_file():
-            raise
+            raise StageFailed(str(exc), stage=stage) from exc
         info = json.loads(note.read_text())
-        raise StageFailed(info["message"], retry=bool(info["retry"])) from exc
+        raise StageFailed(info["message"], retry=bool(info["retry"]), stage=stage) from exc
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retryable)

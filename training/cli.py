@@ -462,9 +462,13 @@ def run_pipeline(
         _stop_on_interrupt()
         try:
             summary = kiln_pipeline()
-        except Exception as exc:  # the failing stage already printed its own error
+        except Exception as exc:
             if os.environ.get("KILN_DEBUG"):
                 raise
+            stage = getattr(exc, "stage", None)
+            if stage:  # the stage printed its own one-line error above; not twice
+                typer.echo(f"kiln: pipeline stopped at stage {stage} (error above)", err=True)
+                raise typer.Exit(1) from None
             fail(f"pipeline failed: {exc}")
     typer.echo(summary["text"])
 
