@@ -1,6 +1,6 @@
 """Torch's CPU threads when trainings share the machine: torch's default vs Kiln's sizing.
 
-Usage (from the repository root; 8-12 minutes with the defaults on a busy 2-core machine):
+Usage (from the repository root; about 15 minutes with the defaults on a 2-core machine):
     .venv/bin/python benchmarks/threads.py [--seconds 15] [--rounds 2] [--only alone]
 
 Each worker is a separate process running the tiny profile's VAE training step (encode,
@@ -12,20 +12,22 @@ windows overlap exactly. Per worker: steps/s in the window (after two warm-up st
 Scenarios (interleaved over ``--rounds`` so that machine noise hits all of them):
   alone, torch default  one worker, torch as it comes: all cores, OpenMP threads
                         spinning at barriers
-  alone, OMP=1          one worker, OMP_NUM_THREADS=1 (the issue's workaround)
   alone, kiln           one worker as a Kiln stage runs: ``env.offline_defaults()``
-                        before torch loads (OMP_WAIT_POLICY=PASSIVE), then
-                        ``mechanics.set_torch_threads()`` (affinity, quota, ranks)
-  2 x torch default     two independent workers at once, torch as it comes (two stages
-                        or two checkouts training at once: what the issue measured)
-  2 x kiln              the same two as Kiln stages
+                        before torch loads, then ``mechanics.set_torch_threads()``
+                        (affinity, cgroup quota, ranks on this machine)
+  alone, OMP=1 / passive / spin 1k   one worker with one thread, with threads that sleep
+                        at barriers (OMP_WAIT_POLICY=PASSIVE), or that spin only 1000
+                        iterations first (GOMP_SPINCOUNT): candidate defaults
+  2 x ...               two independent workers at once (two stages or two checkouts
+                        training on one machine: what the issue measured), as above
   2 x kiln ranks        two workers as torchrun starts them on one machine
-                        (LOCAL_WORLD_SIZE=2), as Kiln stages: cores / 2 threads each
+                        (LOCAL_WORLD_SIZE=2, the KILN_NPROC case): cores / 2 threads each
+  2 x kiln, KILN_THREADS=1   two independent Kiln stages each told its share
 
 Kiln's thread count for an independent worker equals torch's default on a machine
-without a CPU quota (it cannot know about unrelated processes): there the difference is
-the wait policy. Figures are ratios within one run; the machine's load average is
-printed before and after.
+without a CPU quota: a process cannot see unrelated ones, and a count that followed the
+load would make a resumed run differ from the run it resumes. Figures are ratios within
+one run; the machine's load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -44,11 +46,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS: dict[str, tuple[int, str, dict[str, str]]] = {
     # name: (processes, thread policy, extra environment)
     "alone, torch default": (1, "default", {}),
-    "alone, OMP=1": (1, "default", {"OMP_NUM_THREADS": "1"}),
     "alone, kiln": (1, "kiln", {}),
+    "alone, OMP=1": (1, "default", {"OMP_NUM_THREADS": "1"}),
+    "alone, passive": (1, "default", {"OMP_WAIT_POLICY": "PASSIVE"}),
+    # libgomp spins ~300k iterations at a barrier before it sleeps
+    "alone, spin 1k": (1, "default", {"GOMP_SPINCOUNT": "1000"}),
     "2 x torch default": (2, "default", {}),
-    "2 x kiln": (2, "kiln", {}),
+    "2 x passive": (2, "default", {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "2 x spin 1k": (2, "default", {"GOMP_SPINCOUNT": "1000"}),
     "2 x kiln ranks": (2, "kiln", {"LOCAL_WORLD_SIZE": "2"}),
+    "2 x kiln, KILN_THREADS=1": (2, "kiln", {"KILN_THREADS": "1"}),
 }
 
 
@@ -96,7 +103,13 @@ def worker(policy: str, start_at: float, seconds: float) -> None:
 
 def scenario(name: str, seconds: float, settle: float) -> list[dict]:
     procs, policy, extra = SCENARIOS[name]
-    clear = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KILN_THREADS", "KILN_USER_OMP_NUM_THREADS")
+    clear = (
+        "OMP_NUM_THREADS",
+        "OMP_WAIT_POLICY",
+        "GOMP_SPINCOUNT",
+        "KILN_THREADS",
+        "KILN_USER_OMP_NUM_THREADS",
+    )
     env = {k: v for k, v in os.environ.items() if k not in clear}
     env.update(extra)
     start_at = time.time() + settle  # after every worker has imported and warmed up

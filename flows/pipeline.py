@@ -45,9 +45,11 @@ class StageFailed(RuntimeError):
     again; one that died without a word (killed, out of memory, a lost connection) may
     pass, and a checkpointed stage resumes where it stopped."""
 
-    def __init__(self, message: str, retry: bool = True, stage: str | None = None):
+    def __init__(
+        self, message: str, retry: bool = True, stage: str | None = None, said: bool = False
+    ):
         super().__init__(message)
-        self.retry, self.stage = retry, stage
+        self.retry, self.stage, self.said = retry, stage, said
 
 
 def _retryable(task, task_run, state) -> bool:
@@ -89,9 +91,41 @@ def _dvc_cmd(*args: str, what: str) -> None:
     # the terminal so progress bars stay live.
     env = os.environ.copy()
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    proc = subprocess.run(cmd, cwd=ROOT, env=env)
-    if proc.returncode != 0:
-        raise StageFailed(f"{what} failed (dvc exit code {proc.returncode})")
+    from training import runlock
+
+    # DVC and the stage run in a session of their own, holding the run lock with us
+    # (pass_fds: if this process dies first, the checkout stays locked until they end).
+    # A terminal's Ctrl-C reaches only `kiln run`, which stops them once, in order
+    # (training/cli.py); whatever else ends this flow (SIGTERM, a Prefect cancel: both
+    # raise through here) stops their whole group before the lock is released, so no
+    # stage outlives its pipeline.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, start_new_session=True, pass_fds=runlock.held_fds()
+    )
+    try:
+        returncode = proc.wait()
+    except BaseException:
+        _stop_group(proc)
+        raise
+    if returncode != 0:
+        raise StageFailed(f"{what} failed (dvc exit code {returncode})")
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGINT a stage's process group (it cleans up its partial outputs), then SIGKILL
+    whatever is left after ``grace_s``."""
+    import signal
+
+    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _run_dvc_stage(stage: str) -> None:
@@ -105,7 +139,9 @@ def _run_dvc_stage(stage: str) -> None:
         if not note.is_file():
             raise StageFailed(str(exc), stage=stage) from exc
         info = json.loads(note.read_text())
-        raise StageFailed(info["message"], retry=bool(info["retry"]), stage=stage) from exc
+        raise StageFailed(
+            info["message"], retry=bool(info["retry"]), stage=stage, said=True
+        ) from exc
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retryable)

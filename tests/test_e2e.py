@@ -373,8 +373,10 @@ def test_restored_from_dvc_cache_still_registers_every_model(run, tmp_path):
     restored), the gate names a champion, and generate works."""
     project, _ = run
     copy = _outputs_copy(project, tmp_path / "cleaned")
+    assert (copy / "data" / "models").is_dir() and (copy / ".dvc" / "cache").is_dir()
     subprocess.run(["make", "clean"], cwd=copy, check=True, capture_output=True)
-    assert not (copy / "mlflow.db").exists() and not (copy / "data" / "models").exists()
+    assert not (copy / "data" / "models").exists() and (copy / ".dvc" / "cache").is_dir()
+    assert not (copy / "mlflow.db").exists()  # an empty registry (a new MLflow server)
     proc = kiln(copy, "run", "--dataset", "shapes", "--profile", "tiny", timeout=1200)
     assert "Running stage" not in proc.stdout + proc.stderr  # nothing retrained
     for name in ("kiln-vae", "kiln-clip", "kiln-unet", "kiln-text2image"):

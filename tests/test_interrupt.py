@@ -8,6 +8,7 @@ minutes of retries against a dead server ending in ``Connection refused``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from training import config
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 FAST = {
     "ingest.num_samples": 300,
-    "train_vae.steps": 400,  # long enough to be caught mid-stage
+    "train_vae.steps": 3000,  # long enough to be caught mid-stage, even when resumed
     "train_clip.steps": 20,
     "train_unet.steps": 20,
 }
@@ -89,6 +91,13 @@ def _wait_for_run(project: Path, proc: subprocess.Popen, name: str, timeout: flo
     raise AssertionError(f"no RUNNING {name} MLflow run in {timeout} s")
 
 
+def _cwd(p: psutil.Process) -> Path | None:
+    try:
+        return Path(p.cwd())
+    except psutil.Error:
+        return None
+
+
 def test_sigkill_then_ctrl_c(project: Path, tmp_path: Path):
     config.set_values(project / "params.yaml", FAST)
     stage_started = "Running stage 'train_vae'"
@@ -97,8 +106,11 @@ def test_sigkill_then_ctrl_c(project: Path, tmp_path: Path):
     try:
         _wait_for(tmp_path / "first.log", first, stage_started)
         _wait_for_run(project, first, "train_vae")
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the whole group: kiln, Prefect, DVC, stage
+    finally:  # like a lost machine: every process of the run at once
+        everyone = [first.pid, *(p.pid for p in psutil.Process(first.pid).children(True))]
+        for pid in everyone:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         first.wait()
     runs = _runs(project)
     orphans = {i for i, (_, status) in runs.items() if status == "RUNNING"}
@@ -110,7 +122,7 @@ def test_sigkill_then_ctrl_c(project: Path, tmp_path: Path):
         _wait_for(tmp_path / "second.log", second, stage_started)
         _wait_for_run(project, second, "train_vae")
         t0 = time.monotonic()
-        os.killpg(second.pid, signal.SIGINT)  # Ctrl-C
+        os.killpg(second.pid, signal.SIGINT)  # Ctrl-C: the terminal's foreground group
         rc = second.wait(timeout=120)
         took = time.monotonic() - t0
     finally:
@@ -129,3 +141,6 @@ def test_sigkill_then_ctrl_c(project: Path, tmp_path: Path):
     # the interrupted run's own pipeline and stage runs are not left RUNNING either
     assert not [r for r in runs.values() if r[1] == "RUNNING"], runs
     assert not (project / "data" / "models" / "vae").exists()  # nothing half-written
+    # and nothing of it still running (DVC and the stage run in a session of their own)
+    time.sleep(1)
+    assert not [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if _cwd(p) == project]

@@ -455,6 +455,8 @@ def run_pipeline(
             _load_params()
         except (config.ConfigError, runlock.PipelineBusy) as exc:
             fail(str(exc))
+        except OSError as exc:  # .kiln/ not writable, a full disk
+            fail(f"cannot start the run: {exc}")
         for key, (old, new) in changed.items():
             typer.echo(f"params.yaml: {key}: {old} -> {new}")
         from flows.pipeline import kiln_pipeline
@@ -466,7 +468,7 @@ def run_pipeline(
             if os.environ.get("KILN_DEBUG"):
                 raise
             stage = getattr(exc, "stage", None)
-            if stage:  # the stage printed its own one-line error above; not twice
+            if stage and getattr(exc, "said", False):  # its one-line error is above
                 typer.echo(f"kiln: pipeline stopped at stage {stage} (error above)", err=True)
                 raise typer.Exit(1) from None
             fail(f"pipeline failed: {exc}")
@@ -489,31 +491,43 @@ def _stop_on_interrupt() -> None:
     KILLED, say how to resume, and exit. A second Ctrl-C exits at once."""
 
     def stop(signum, frame) -> None:
-        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
-        sys.stderr.write(f"\n{INTERRUPTED}\n")
-        sys.stderr.flush()
-        _stop_children()
-        _mark_pipeline_killed()
-        sys.stdout.flush()
-        os._exit(130)
+        try:
+            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+            # os.write: the interrupted code may be inside sys.stderr.write itself
+            os.write(2, f"\n{INTERRUPTED}\n".encode())
+            _stop_children()
+            _mark_pipeline_killed()
+        finally:
+            os._exit(130)
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
 
 
-def _stop_children(grace_s: float = 15.0) -> None:
-    """Stop every descendant (DVC, the stage, torchrun ranks, Prefect's server). A
-    terminal's Ctrl-C has reached them already: give them a moment to clean up on their
-    own (a second SIGINT could cut that short), SIGINT those that did not get one, wait
-    up to ``grace_s``, then SIGKILL what is left."""
+def _stop_children(grace_s: float = 20.0) -> None:
+    """Stop every descendant, each signalled once, so a stage cleans up its partial
+    outputs undisturbed (a second SIGINT could cut that short). DVC and the stage run in
+    a session of their own that a terminal's Ctrl-C did not reach: SIGINT them. Those
+    in our own process group (Prefect's local server) got the terminal's SIGINT already,
+    unless only this process was signalled: SIGTERM them if they are still up after a
+    moment. SIGKILL whatever is left after ``grace_s``."""
     import psutil
 
     children = psutil.Process().children(recursive=True)
-    _, alive = psutil.wait_procs(children, timeout=3)
-    for child in alive:
+    mine, others = [], []
+    for child in children:
+        try:
+            (mine if os.getpgid(child.pid) == os.getpgrp() else others).append(child)
+        except OSError:
+            continue
+    for child in others:
         with contextlib.suppress(psutil.Error):
             child.send_signal(signal.SIGINT)
-    _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    _, late = psutil.wait_procs(mine, timeout=3)
+    for child in late:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(others + late, timeout=grace_s)
     for child in alive:
         with contextlib.suppress(psutil.Error):
             child.kill()

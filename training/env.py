@@ -38,13 +38,10 @@ DEFAULTS = {
     # starts; on a busy 2-core machine that takes longer than Prefect's 20 s default.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "TOKENIZERS_PARALLELISM": "false",
-    # OpenMP threads that wait at a barrier sleep instead of spinning. With another busy
-    # process on the same cores (two stages, tests, a second checkout), a spinning
-    # thread burns the time slice its partner needs: on the shared 2-core machine
-    # train_vae's step ran 4.5x faster alone and 19x faster as two at once with this
-    # (benchmarks/RESULTS.md, "Torch threads"). It changes how threads wait, not what
-    # they compute. libgomp reads it when torch loads, so it is set before that.
-    "OMP_WAIT_POLICY": "PASSIVE",
+    # No OMP_WAIT_POLICY here: PASSIVE (threads sleep at barriers) helped two trainings
+    # sharing 2 busy cores but cost a lone training 36% on a quiet machine, the common
+    # case (benchmarks/RESULTS.md, "Torch threads"). Two trainings on one machine:
+    # give each KILN_THREADS=<cores / 2> (2.7x the pair's total throughput here).
     "PYTHONWARNINGS": "ignore",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }

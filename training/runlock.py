@@ -61,9 +61,14 @@ def pipeline_lock(what: str, root: Path | None = None) -> Iterator[None]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    for attempt in range(5):  # a stage's check_free holds LOCK_SH for an instant
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt < 4:
+                time.sleep(0.1)
+    else:
         os.close(fd)
         raise PipelineBusy(
             f"{_describe(path)} is running in this checkout; wait for it to finish "
@@ -87,6 +92,12 @@ def pipeline_lock(what: str, root: Path | None = None) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def held_fds() -> tuple[int, ...]:
+    """The descriptors of the locks this process holds: pass them to a child
+    (``pass_fds``) that must keep the checkout locked for as long as it runs."""
+    return tuple(_held.values())
 
 
 def check_free(stage: str, root: Path | None = None) -> None:

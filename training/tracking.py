@@ -335,7 +335,9 @@ def _process_started(pid: int) -> float | None:
         except PermissionError:
             pass
         return 0.0
-    except Exception:  # NoSuchProcess, ZombieProcess, AccessDenied
+    except psutil.AccessDenied:  # someone else's live process (hidepid /proc)
+        return 0.0
+    except psutil.Error:  # NoSuchProcess, ZombieProcess
         return None
 
 
@@ -490,10 +492,7 @@ def ensure_registered(
     mlflow = setup(root)
     client = MlflowClient()
     tag = f"dvc.out.{out}"
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except Exception:
-        versions = []
+    versions = client.search_model_versions(f"name = '{name}'")  # [] for a new name
     runs = mlflow.search_runs(
         experiment_names=[EXPERIMENT],
         output_format="list",
