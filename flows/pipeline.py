@@ -442,6 +442,14 @@ def _pipeline(
                 )
                 if version is not None:
                     versions[tracking.MODEL_NAMES[stage]] = version
+        name = tracking.MODEL_NAMES["evaluate"]
+        champion = tracking.champion_version(name, ROOT)
+        if name in versions and champion not in (None, versions[name]):
+            # e.g. this data's model was registered earlier and another has won since
+            print(
+                f"note: this run's {name} is v{versions[name]}; @champion is v{champion} "
+                "(the gate promotes only a version that beats it)"
+            )
         md, text = summarize(params.to_dict(), versions)
         tracking.log_pipeline_summary(_metrics("evaluate"), md)
     create_markdown_artifact(markdown=md, key="kiln-summary", description="Kiln pipeline summary")

@@ -510,6 +510,18 @@ def ensure_registered(
     return _register_restored(parent_run_id, stage, root, md5, gate)
 
 
+def champion_version(name: str, root: Path | None = None) -> str | None:
+    """The version ``@champion`` points at, None when there is none."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    setup(root)
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, "champion").version)
+    except MlflowException:
+        return None
+
+
 def _register_restored(
     parent_run_id: str, stage: str, root: Path, md5: str, gate: tuple[str, float] | None
 ) -> str:
