@@ -268,14 +268,15 @@ class SplitError(ValueError):
 
 
 def fraction_for(lowest: list[int], want: int, n_clean: int) -> float | None:
-    """The smallest ``val_fraction`` (two decimals) that puts ``want`` of the clean
-    samples in val, from the ``want`` lowest split hashes, leaving one for train; None
-    when there are too few samples for that."""
+    """The smallest ``val_fraction`` (four decimals: coarser rounding could sweep further
+    samples into val, even all of them) that puts ``want`` of the clean samples in val,
+    from the ``want`` lowest split hashes, leaving one for train; None when there are
+    too few samples for that."""
     import math
 
     if want >= n_clean or len(lowest) < want:
         return None
-    f = math.ceil((sorted(lowest)[want - 1] + 1) / 0x100000000 * 100) / 100
+    f = math.ceil((sorted(lowest)[want - 1] + 1) / 0x100000000 * 10000) / 10000
     return f if f < 1.0 else None
 
 
