@@ -16,7 +16,7 @@ PHASE = {
     "train_unet": "unet",
     "evaluate": "evaluate",
 }
-SHARED = {"cli", "config", "env", "mechanics", "tracking"}
+SHARED = {"cli", "config", "env", "mechanics", "runlock", "tracking"}
 
 
 def _imports(module: str) -> set[str]:

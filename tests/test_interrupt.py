@@ -144,3 +144,23 @@ def test_sigkill_then_ctrl_c(project: Path, tmp_path: Path):
     # and nothing of it still running (DVC and the stage run in a session of their own)
     time.sleep(1)
     assert not [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if _cwd(p) == project]
+
+    # SIGTERM to `kiln run` alone, as a process manager or a Prefect worker sends it:
+    # Prefect turns it into an exception inside the flow, which stops the stage's group
+    third = _start(project, tmp_path / "third.log")
+    try:
+        _wait_for(tmp_path / "third.log", third, stage_started)
+        _wait_for_run(project, third, "train_vae")
+        t0 = time.monotonic()
+        third.terminate()
+        rc = third.wait(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        if third.poll() is None:
+            os.killpg(third.pid, signal.SIGKILL)
+    out = (tmp_path / "third.log").read_text()
+    assert rc in (130, 143), out[-3000:]
+    assert took < 60, took
+    time.sleep(1)
+    assert not [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if _cwd(p) == project]
+    assert not [r for r in _runs(project).values() if r[1] == "RUNNING"], _runs(project)
