@@ -14,6 +14,7 @@ with ``check_request`` (the CLI and the pyfunc both call it) before anything is 
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import re
@@ -147,11 +148,15 @@ def private_pipeline(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
     ``pipe(...)`` writes per-call state on the pipeline and on its scheduler (timesteps,
     ``step_index``, the multistep solvers' history, ``_guidance_scale``...). Two threads
     calling one pipeline interleave that state: DPM-Solver++ raised ``IndexError`` on
-    ``step_index``, or, worse, returned another request's step schedule. The modules
-    themselves are only read under ``no_grad``, so sharing them is safe and costs no
-    memory; building this object takes well under a millisecond."""
+    ``step_index``, or, worse, returned another request's step schedule. The tokenizer
+    is copied too: a fast tokenizer keeps its padding/truncation settings on the shared
+    Rust object, and ``encode_prompt`` switches them per call (``max_length`` for the
+    prompt, ``longest`` for the truncation check), so two threads could get each
+    other's padding (seen in CI: negative and positive embeddings of lengths 2 and 9).
+    The modules themselves are only read under ``no_grad``, so sharing them is safe and
+    costs no memory."""
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    parts = {**pipe.components, "scheduler": scheduler}
+    parts = {**pipe.components, "scheduler": scheduler, "tokenizer": copy.deepcopy(pipe.tokenizer)}
     own = StableDiffusionPipeline(**parts, requires_safety_checker=False)
     own.set_progress_bar_config(disable=True)
     return own
