@@ -3,7 +3,8 @@
 A SIGKILLed ``kiln run`` cannot end its MLflow runs; the next run marks them KILLED.
 Ctrl-C (SIGINT to the whole foreground process group, Prefect's local server included)
 stops ``kiln run`` within seconds with exit code 130 and says how to resume, instead of
-minutes of retries against a dead server ending in ``Connection refused``.
+minutes of retries against a dead server ending in ``Connection refused``. SIGTERM (a
+process manager, a Prefect worker) stops it too, and no process of the run outlives it.
 """
 
 from __future__ import annotations
@@ -98,69 +99,67 @@ def _cwd(p: psutil.Process) -> Path | None:
         return None
 
 
-def test_sigkill_then_ctrl_c(project: Path, tmp_path: Path):
-    config.set_values(project / "params.yaml", FAST)
-    stage_started = "Running stage 'train_vae'"
+STAGE_STARTED = "Running stage 'train_vae'"
 
-    first = _start(project, tmp_path / "first.log")
+
+def _stop_mid_stage(project: Path, log: Path, stop) -> tuple[int, float, str]:
+    """Start `kiln run`, wait until train_vae has opened its MLflow run, ``stop(proc)``;
+    returns (exit code, seconds it took to exit, its output)."""
+    proc = _start(project, log)
     try:
-        _wait_for(tmp_path / "first.log", first, stage_started)
-        _wait_for_run(project, first, "train_vae")
-    finally:  # like a lost machine: every process of the run at once
-        everyone = [first.pid, *(p.pid for p in psutil.Process(first.pid).children(True))]
-        for pid in everyone:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        first.wait()
+        _wait_for(log, proc, STAGE_STARTED)
+        _wait_for_run(project, proc, "train_vae")
+        t0 = time.monotonic()
+        stop(proc)
+        rc = proc.wait(timeout=120)
+        return rc, time.monotonic() - t0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _nothing_left_running(project: Path) -> None:
+    time.sleep(1)  # DVC and the stage run in a session of their own
+    assert not [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if _cwd(p) == project]
+
+
+def _kill_everyone(proc: subprocess.Popen) -> None:
+    """Like a lost machine: every process of the run at once."""
+    for pid in [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(True))]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sigkill_then_ctrl_c_then_sigterm(project: Path, tmp_path: Path):
+    config.set_values(project / "params.yaml", FAST)
+
+    _stop_mid_stage(project, tmp_path / "first.log", _kill_everyone)
     runs = _runs(project)
     orphans = {i for i, (_, status) in runs.items() if status == "RUNNING"}
     names = {runs[i][0] for i in orphans}
     assert {"kiln-pipeline", "train_vae"} <= names, names
 
-    second = _start(project, tmp_path / "second.log")
-    try:
-        _wait_for(tmp_path / "second.log", second, stage_started)
-        _wait_for_run(project, second, "train_vae")
-        t0 = time.monotonic()
-        os.killpg(second.pid, signal.SIGINT)  # Ctrl-C: the terminal's foreground group
-        rc = second.wait(timeout=120)
-        took = time.monotonic() - t0
-    finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
-    out = (tmp_path / "second.log").read_text()
-    after = out[out.index(stage_started) :]
+    # Ctrl-C: the terminal signals its whole foreground group
+    rc, took, out = _stop_mid_stage(
+        project, tmp_path / "second.log", lambda p: os.killpg(p.pid, signal.SIGINT)
+    )
+    after = out[out.index(STAGE_STARTED) :]
     assert rc == 130, out[-3000:]
     assert took < 30, took
     assert "interrupted; re-run `kiln run` to resume" in out
     assert "Connection refused" not in after and "Traceback" not in after, after[-3000:]
     assert "marked 2 MLflow run(s) of dead earlier runs KILLED" in out
-
     runs = _runs(project)
     assert all(runs[i][1] == "KILLED" for i in orphans), runs
     # the interrupted run's own pipeline and stage runs are not left RUNNING either
     assert not [r for r in runs.values() if r[1] == "RUNNING"], runs
     assert not (project / "data" / "models" / "vae").exists()  # nothing half-written
-    # and nothing of it still running (DVC and the stage run in a session of their own)
-    time.sleep(1)
-    assert not [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if _cwd(p) == project]
+    _nothing_left_running(project)
 
     # SIGTERM to `kiln run` alone, as a process manager or a Prefect worker sends it:
     # Prefect turns it into an exception inside the flow, which stops the stage's group
-    third = _start(project, tmp_path / "third.log")
-    try:
-        _wait_for(tmp_path / "third.log", third, stage_started)
-        _wait_for_run(project, third, "train_vae")
-        t0 = time.monotonic()
-        third.terminate()
-        rc = third.wait(timeout=120)
-        took = time.monotonic() - t0
-    finally:
-        if third.poll() is None:
-            os.killpg(third.pid, signal.SIGKILL)
-    out = (tmp_path / "third.log").read_text()
+    rc, took, out = _stop_mid_stage(project, tmp_path / "third.log", lambda p: p.terminate())
     assert rc in (130, 143), out[-3000:]
     assert took < 60, took
-    time.sleep(1)
-    assert not [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if _cwd(p) == project]
+    _nothing_left_running(project)
     assert not [r for r in _runs(project).values() if r[1] == "RUNNING"], _runs(project)
