@@ -323,18 +323,10 @@ def _killed_on_interrupt(mlflow) -> Iterator[None]:
 
 def _process_started(pid: int) -> float | None:
     """Start time (epoch seconds) of a live process, None if there is none."""
-    try:
-        import psutil
+    import psutil
 
+    try:
         return psutil.Process(pid).create_time()
-    except ImportError:  # pragma: no cover - psutil comes with the stack
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return 0.0
     except psutil.AccessDenied:  # someone else's live process (hidepid /proc)
         return 0.0
     except psutil.Error:  # NoSuchProcess, ZombieProcess
