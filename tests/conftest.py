@@ -81,6 +81,20 @@ def kiln(
     return proc
 
 
+def py(project: Path, code: str, timeout: float = 600) -> str:
+    """Run Python ``code`` in ``project`` (its own MLflow store and code); its stdout."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "kiln")

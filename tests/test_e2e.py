@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from training import config
 
 from .conftest import BIN, background, copy_project, free_port, kiln, project_env, wait_http
+from .conftest import py as _py
 
 pytestmark = pytest.mark.e2e
 CHANCE = {"acc_shape": 1 / 4, "acc_colour": 1 / 6, "acc_size": 1 / 2, "acc_position": 1 / 9}
@@ -29,19 +29,6 @@ def run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     project = copy_project(tmp_path_factory.mktemp("e2e") / "kiln")
     proc = kiln(project, "run", "--dataset", "shapes", "--profile", "tiny", timeout=3000)
     return project, proc
-
-
-def _py(project: Path, code: str, timeout: float = 600) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=project,
-        env=project_env(project),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
 
 
 def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pytest
 
 from training import config
 
-from .conftest import BIN, project_env
+from .conftest import BIN, project_env, py
 
 pytestmark = pytest.mark.e2e
 
@@ -70,16 +69,7 @@ print(json.dumps({r.info.run_id: [r.info.run_name, r.info.status] for r in runs}
 
 
 def _runs(project: Path) -> dict[str, list[str]]:
-    proc = subprocess.run(
-        [sys.executable, "-c", RUNS],
-        cwd=project,
-        env=project_env(project),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(py(project, RUNS, timeout=300).strip().splitlines()[-1])
 
 
 def _wait_for_run(project: Path, proc: subprocess.Popen, name: str, timeout: float = 300) -> None:
