@@ -6,7 +6,7 @@ Usage (from the repository root, after ``kiln ingest && kiln validate`` made
         [--profile tiny] [--set train_unet.steps=1800 ...] [--until precompute_latents]
 
 Runs the stages' own ``run`` functions — ``vae.run``, ``clip.run``, ``latents.run``,
-``unet.run``, ``evaluate.run`` — in order on ``mechanics.device()`` (the GPU when there
+``unet.run``, ``evaluate.run`` — in order on ``engine.device()`` (the GPU when there
 is one: bf16 autocast for training, sampling on the GPU), with no tracking, and prints
 per-stage wall time and the evaluation metrics as JSON. It checks that the GPU path
 trains a model as good as the CPU one, not only that it runs.
@@ -23,8 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training import clip, config, evaluate, latents, unet, vae  # noqa: E402
-from training import mechanics as M  # noqa: E402
+from training import config, vae  # noqa: E402
+from training import engine as E  # noqa: E402
+from training.evaluation import evaluate  # noqa: E402
+from training.phases import clip, latents, unet  # noqa: E402
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -74,13 +76,13 @@ def main() -> None:
             ),
         ),
     ]
-    M.say(f"device {M.device()}, profile {args.profile}")
+    E.say(f"device {E.device()}, profile {args.profile}")
     results = {}
     for name, body in stages:
         t0 = time.perf_counter()
         results[name] = body()
         times[name] = round(time.perf_counter() - t0, 1)
-        M.say(f"{name}: {times[name]} s")
+        E.say(f"{name}: {times[name]} s")
         if name == args.until:
             break
     metrics = results.get("evaluate", {})
@@ -91,7 +93,7 @@ def main() -> None:
     }
     print(
         json.dumps(
-            {"device": str(M.device()), "stage_seconds": times, "metrics": keep},
+            {"device": str(E.device()), "stage_seconds": times, "metrics": keep},
             indent=1,
             sort_keys=True,
         )

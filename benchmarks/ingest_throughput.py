@@ -58,7 +58,7 @@ params = config.resolve({"ingest": {"dataset": "url-list", "image_size": size,
                          "validate": {"samples_per_shard": 1000}})
 t0 = time.perf_counter()
 if mode == "kiln":
-    from training import ingest
+    from training.intake import ingest
     ingest.download(Path(url_list), out, params, ingest.policy_for(params, ("127.0.0.1/32",)))
 elif mode == "i2d-same":
     from img2dataset import download
@@ -75,7 +75,7 @@ elif mode == "i2d-defaults":
              output_format="webdataset", output_folder=str(out), image_size=size,
              enable_wandb=False)
 elif mode == "validate":
-    from training import validate
+    from training.intake import validate
     validate.run(params, out, out.parent / "clean")
 dt = time.perf_counter() - t0
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -104,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     import pandas as pd
 
-    from training.ingest import serve_directory
+    from training.intake.ingest import serve_directory
 
     n = args.n
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,8 +32,9 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=4.0)
     args = ap.parse_args()
 
-    from training import builtin, sampling
-    from training import oracle as O
+    from training.evaluation import oracle as O
+    from training.inference import sampling
+    from training.intake import builtin
 
     pipe = sampling.load(args.pipeline)
     prompts = builtin.eval_prompts("shapes")

@@ -15,15 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-STAGES = (
-    "ingest",
-    "validate",
-    "train_vae",
-    "train_clip",
-    "precompute_latents",
-    "train_unet",
-    "evaluate",
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training.stages import NAMES as STAGES  # noqa: E402
 
 
 def main(root: Path) -> None:

@@ -13,7 +13,7 @@ Scenarios (interleaved over ``--rounds`` so that machine noise hits all of them)
   alone, torch default  one worker, torch as it comes: all cores, OpenMP threads
                         spinning at barriers
   alone, kiln           one worker as a Kiln stage runs: ``env.offline_defaults()``
-                        before torch loads, then ``mechanics.set_torch_threads()``
+                        before torch loads, then ``engine.set_torch_threads()``
                         (affinity, cgroup quota, ranks on this machine)
   alone, OMP=1 / passive / spin 1k   one worker with one thread, with threads that sleep
                         at barriers (OMP_WAIT_POLICY=PASSIVE), or that spin only 1000
@@ -69,11 +69,12 @@ def worker(policy: str, start_at: float, seconds: float) -> None:
     import torch
     import torch.nn.functional as F
 
-    from training import config, vae
-    from training import mechanics as M
+    from training import config
+    from training import engine as E
+    from training.phases import vae
 
     if policy == "kiln":
-        M.set_torch_threads()
+        E.set_torch_threads()
     params = config.resolve({"profile": "tiny"})
     c = params.train_vae
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ in these variants, each after warm-up steps and with the GPU synchronised around
 timed block:
 
 - ``Trainer.fit`` — Kiln's real loop (bf16 autocast, NaN guard, clipping, AdamW, EMA),
-  the step built by ``training.unet.make_step_fn`` from latents held in host memory.
+  the step built by ``training.phases.unet.make_step_fn`` from latents held in host memory.
   Checkpoints are switched off (a no-op ``Checkpointer``): they are not steps.
 - the same loop made to wait for the GPU twice a step, as it did before the NaN guard
   was deferred to log steps and batches moved through pinned memory (the A/B of that
@@ -37,8 +37,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training import clip, config, unet, vae  # noqa: E402
-from training import mechanics as M  # noqa: E402
+from training import config, vae  # noqa: E402
+from training import engine as E  # noqa: E402
+from training.phases import clip, unet  # noqa: E402
 
 N = 2048  # latents held in host memory, as precompute_latents leaves them
 
@@ -93,7 +94,7 @@ def kiln_variant(
         1.0,
         dev,
     )
-    ema = M.EMA(model, c.ema_decay)
+    ema = E.EMA(model, c.ema_decay)
     done = {"n": 0}
 
     def waiting(step: int):
@@ -105,7 +106,7 @@ def kiln_variant(
         return loss, metrics
 
     def run(steps: int) -> float:
-        loop = M.LoopCfg(
+        loop = E.LoopCfg(
             steps=steps,
             lr=c.lr,
             warmup_steps=c.warmup_steps,
@@ -114,7 +115,7 @@ def kiln_variant(
             checkpoint_every=10**9,
             log_every=10**9,
         )
-        trainer = M.Trainer("bench", model, opt, loop, NoCheckpoints(), ema=ema, device=dev)
+        trainer = E.Trainer("bench", model, opt, loop, NoCheckpoints(), ema=ema, device=dev)
         start = done["n"]  # NoCheckpoints restores to step 0: carry on the step count
         done["n"] += steps
         torch.cuda.synchronize()

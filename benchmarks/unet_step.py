@@ -9,7 +9,7 @@ small profile's image size (64 px), with the profile's own VAE, CLIP text encode
 U-Net (randomly initialised: speed does not depend on the weights), one training step
 with latents and text states read from memory (Kiln's way) vs the same step encoding
 the batch with the VAE and the text encoder first (train_text_to_image.py's way).
-Both use Kiln's real step function (``training.unet.make_step_fn``) and the same
+Both use Kiln's real step function (``training.phases.unet.make_step_fn``) and the same
 batch; the two variants alternate in rounds so machine noise hits both.
 
 Part B — Kiln's loop vs a minimal reimplementation of the loop in diffusers'
@@ -37,8 +37,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training import clip, config, unet, vae  # noqa: E402
-from training import mechanics as M  # noqa: E402
+from training import config, vae  # noqa: E402
+from training import engine as E  # noqa: E402
+from training.phases import clip, unet  # noqa: E402
 
 N = 512
 
@@ -128,7 +129,7 @@ def part_b(rounds: int, steps: int) -> list[str]:
         def precomputed(idx):
             return mean[idx], std[idx], text[idx]
 
-        step_fn = unet.make_step_fn(params, model, sched, N, precomputed, null, 1.0, M.device())
+        step_fn = unet.make_step_fn(params, model, sched, N, precomputed, null, 1.0, E.device())
 
         class Clock:  # logs every step: the gaps are the loop's own step times
             def __init__(self):
@@ -140,11 +141,11 @@ def part_b(rounds: int, steps: int) -> list[str]:
             def log_image(self, path, artifact_dir="images"):
                 pass
 
-        ema = M.EMA(model, c.ema_decay)
+        ema = E.EMA(model, c.ema_decay)
 
         def run(n: int) -> list[float]:
             state["done"] += n
-            loop = M.LoopCfg(
+            loop = E.LoopCfg(
                 steps=state["done"],
                 lr=c.lr,
                 warmup_steps=c.warmup_steps,
@@ -154,8 +155,8 @@ def part_b(rounds: int, steps: int) -> list[str]:
                 log_every=1,
             )
             clock = Clock()
-            trainer = M.Trainer(
-                "bench", model, opt, loop, M.Checkpointer(ckpt, "bench"), log=clock, ema=ema
+            trainer = E.Trainer(
+                "bench", model, opt, loop, E.Checkpointer(ckpt, "bench"), log=clock, ema=ema
             )
             trainer.fit(step_fn)  # resumes from the previous round's checkpoint
             model.train()

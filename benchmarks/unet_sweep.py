@@ -36,7 +36,9 @@ def run_one(project: Path, name: str, overrides: dict, samples: int) -> dict:
     """Train and evaluate one variant in this process; returns its result row."""
     import yaml
 
-    from training import config, evaluate, mechanics, unet
+    from training import config, engine
+    from training.evaluation import evaluate
+    from training.phases import unet
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
     overrides = dict(overrides)
@@ -63,7 +65,7 @@ def run_one(project: Path, name: str, overrides: dict, samples: int) -> dict:
         "name": name,
         "overrides": overrides,
         "seed": params.seed,
-        "device": str(mechanics.device()),
+        "device": str(engine.device()),
         "unet_params": m["params"],
         "steps": params.train_unet.steps,
         "batch_size": params.train_unet.batch_size,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from training.config import STAGES
+from training import stages
+from training.paths import EVAL
 
 ROOT = Path.cwd()
 
@@ -78,7 +80,7 @@ def _dvc() -> list[str]:
 
 
 # Stages that want the accelerator: routed to the gpu pool when one is configured.
-GPU_STAGES = ("train_vae", "train_clip", "precompute_latents", "train_unet")
+GPU_STAGES = tuple(s.name for s in stages.STAGES if s.data_parallel)
 RESULT_KEY = "kiln-stage-result"  # the artifact a remote stage hands back
 
 
@@ -96,7 +98,7 @@ def _dvc_cmd(*args: str, what: str) -> None:
     # DVC and the stage run in a session of their own, holding the run lock with us
     # (pass_fds: if this process dies first, the checkout stays locked until they end).
     # A terminal's Ctrl-C reaches only `kiln run`, which stops them once, in order
-    # (training/cli.py); whatever else ends this flow (SIGTERM, a Prefect cancel: both
+    # (training/cli/interrupt.py); whatever else ends this flow (SIGTERM, a Prefect cancel: both
     # raise through here) stops their whole group before the lock is released, so no
     # stage outlives its pipeline.
     proc = subprocess.Popen(
@@ -129,7 +131,7 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 
 
 def _run_dvc_stage(stage: str) -> None:
-    from training.cli import failure_note
+    from training.cli.base import failure_note
 
     note = ROOT / failure_note(stage)
     note.unlink(missing_ok=True)
@@ -385,9 +387,19 @@ def summarize(params: dict, versions: dict[str, str]) -> tuple[str, str]:
     text += ["  evaluation:"] + [f"    {k:<18} {ev[k]:.3f}" for k in keys]
     text += [
         "  report: data/eval/report.html",
-        '  next:   kiln generate "a large red circle in the center" -n 4 --out samples',
+        f"  next:   kiln generate {shlex.quote(_example_prompt())} -n 4 --out samples",
     ]
     return "\n".join(md), "\n".join(text)
+
+
+def _example_prompt() -> str:
+    """A prompt from this run's own evaluation set (so from the user's data), for the
+    closing hint."""
+    try:
+        prompts = json.loads((ROOT / EVAL / "prompts.json").read_text())
+        return next(p for p in prompts if isinstance(p, str) and p.strip())
+    except (OSError, ValueError, StopIteration):
+        return "a photo"
 
 
 @flow(name="kiln-pipeline", log_prints=True, on_failure=[_notify_failure])
@@ -426,7 +438,7 @@ def _pipeline(
     versions: dict[str, str] = {}
     done: list[str] = []
     with tracking.pipeline_run(params.to_dict(), ROOT) as parent:
-        for stage in STAGES:
+        for stage in stages.NAMES:
             if stage == "ingest":
                 ingest_task()
             elif gpu_deployment and stage in GPU_STAGES:

@@ -1,10 +1,10 @@
-"""The built-in sets follow shared/DATASETS.md, and the oracles read them back."""
+"""The built-in sets follow docs/DATASETS.md, and the oracles read them back."""
 
 import numpy as np
 from PIL import Image
 
-from training import builtin as B
-from training import oracle as O
+from training.evaluation import oracle as O
+from training.intake import builtin as B
 
 
 def test_shapes_follow_the_spec():

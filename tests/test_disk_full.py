@@ -17,14 +17,15 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from training import mechanics as M
+from training import engine as E
+from training.engine import checkpoint
 
 from .conftest import kiln
 
 MB = 1 << 20
 
 
-def _parts(width: int = 512) -> tuple[torch.nn.Module, torch.optim.Optimizer, M.EMA]:
+def _parts(width: int = 512) -> tuple[torch.nn.Module, torch.optim.Optimizer, E.EMA]:
     """A model of ``width**2`` floats (1 MiB at 512) with a stepped AdamW (two more
     tensors per weight) and an EMA: a checkpoint of about 4 MiB."""
     torch.manual_seed(0)
@@ -32,7 +33,7 @@ def _parts(width: int = 512) -> tuple[torch.nn.Module, torch.optim.Optimizer, M.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(2, width)).sum().backward()
     opt.step()
-    return model, opt, M.EMA(model, 0.9)
+    return model, opt, E.EMA(model, 0.9)
 
 
 def _assert_one_line_disk_full(exc: BaseException, ckpt_dir: Path, step: int) -> None:
@@ -70,7 +71,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_full_disk_is_refused_before_writing(small_disk: Path):
-    ckpt = M.Checkpointer(small_disk / "ck", "fp")
+    ckpt = E.Checkpointer(small_disk / "ck", "fp")
     model, opt, ema = _parts()
     with pytest.raises(Exception) as info:
         ckpt.save(4, model, opt, ema)
@@ -91,14 +92,14 @@ def test_disk_filling_up_during_the_write_is_cleaned_up(small_disk, monkeypatch)
         return usage._replace(free=1 << 40) if len(calls) == 1 else usage
 
     monkeypatch.setattr(shutil, "disk_usage", first_call_sees_plenty)
-    ckpt = M.Checkpointer(small_disk / "ck", "fp")
+    ckpt = E.Checkpointer(small_disk / "ck", "fp")
     model, opt, ema = _parts()
     with pytest.raises(Exception) as info:
         ckpt.save(4, model, opt, ema)
     _assert_one_line_disk_full(info.value, ckpt.dir, 4)
     assert _left_behind(ckpt.dir) == []  # no .tmp-step-* with a partial model file
     # the disk is usable again: a smaller checkpoint fits and is complete
-    small = M.Checkpointer(small_disk / "ck", "fp")
+    small = E.Checkpointer(small_disk / "ck", "fp")
     model, opt, ema = _parts(width=64)
     final = small.save(8, model, opt, ema)
     assert (final / "COMPLETE").is_file() and _left_behind(small.dir) == ["step-00000008"]
@@ -107,7 +108,7 @@ def test_disk_filling_up_during_the_write_is_cleaned_up(small_disk, monkeypatch)
 def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=MB))
-    ckpt = M.Checkpointer(tmp_path / "data" / "checkpoints" / "train_unet", "fp")
+    ckpt = E.Checkpointer(tmp_path / "data" / "checkpoints" / "train_unet", "fp")
     model, opt, ema = _parts()
     with pytest.raises(Exception) as info:
         ckpt.save(400, model, opt, ema)
@@ -138,8 +139,8 @@ def test_write_error_from_a_full_disk_is_cleaned_up(tmp_path, monkeypatch, error
         written.append(path)
         Path(path).write_bytes(b"partial")
 
-    monkeypatch.setattr(M, "save_file", save_file)
-    ckpt = M.Checkpointer(tmp_path / "ck", "fp")
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    ckpt = E.Checkpointer(tmp_path / "ck", "fp")
     model, opt, ema = _parts(width=64)
     with pytest.raises(Exception) as info:
         ckpt.save(12, model, opt, ema)
@@ -151,8 +152,8 @@ def test_other_write_errors_still_clean_up_and_pass_through(tmp_path, monkeypatc
     def save_file(tensors, path, metadata=None):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(M, "save_file", save_file)
-    ckpt = M.Checkpointer(tmp_path / "ck", "fp")
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    ckpt = E.Checkpointer(tmp_path / "ck", "fp")
     model, opt, ema = _parts(width=64)
     with pytest.raises(PermissionError):
         ckpt.save(12, model, opt, ema)
@@ -160,7 +161,7 @@ def test_other_write_errors_still_clean_up_and_pass_through(tmp_path, monkeypatc
 
 
 def test_earlier_checkpoints_survive_a_full_disk(tmp_path, monkeypatch):
-    ckpt = M.Checkpointer(tmp_path / "ck", "fp")
+    ckpt = E.Checkpointer(tmp_path / "ck", "fp")
     model, opt, ema = _parts(width=64)
     ckpt.save(4, model, opt, ema)
     real = shutil.disk_usage
@@ -174,11 +175,11 @@ def test_earlier_checkpoints_survive_a_full_disk(tmp_path, monkeypatch):
 def test_disk_full_errors_guard_names_the_output(tmp_path):
     """For the phases' final ``save_pretrained`` (safetensors raises a bare Exception)."""
     out = tmp_path / "models" / "unet"
-    with pytest.raises(OSError) as info, M.disk_full_errors("model", out, needed=5 * MB):
+    with pytest.raises(OSError) as info, E.disk_full_errors("model", out, needed=5 * MB):
         raise SafetensorError("Error while serializing: I/O error: No space left on device")
     msg = str(info.value)
     assert msg.startswith(f"model {out}: needs 5.2 MB, ") and "\n" not in msg, msg
-    with pytest.raises(SafetensorError), M.disk_full_errors("model", out):
+    with pytest.raises(SafetensorError), E.disk_full_errors("model", out):
         raise SafetensorError("Error while serializing: invalid dtype")  # not a disk error
 
 

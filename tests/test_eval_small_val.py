@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import config, evaluate_extras, shards, validate
+from training import config
+from training.evaluation.metrics import distribution
+from training.intake import shards, split, validate
 
 
 def _params(val_fraction: float = 0.05) -> config.Params:
@@ -37,7 +39,7 @@ def _names(n: int, n_val: int, fraction: float = 0.05) -> list[str]:
     i = 0
     while len(val) < n_val or len(train) < n - n_val:
         name = f"/img{i}.png"
-        (val if validate.in_val(name, fraction) else train).append(name)
+        (val if split.in_val(name, fraction) else train).append(name)
         i += 1
     return val[:n_val] + train[: n - n_val]
 
@@ -55,7 +57,7 @@ def _raw(tmp_path: Path, names: list[str]) -> Path:
 
 def test_no_val_image_is_a_clear_error_with_a_fraction_that_works(tmp_path: Path):
     raw = _raw(tmp_path, _names(3, 0))
-    with pytest.raises(validate.SplitError) as err:
+    with pytest.raises(split.SplitError) as err:
         validate.run(_params(), raw, tmp_path / "clean")
     msg = str(err.value)
     assert msg.startswith("0 of 3 clean images went to val"), msg
@@ -63,12 +65,12 @@ def test_no_val_image_is_a_clear_error_with_a_fraction_that_works(tmp_path: Path
     assert "validate.val_fraction is 0.05" in msg and "add images" in msg
     fraction = float(msg.split("raise validate.val_fraction to ")[1].split()[0])
     report = validate.run(_params(fraction), raw, tmp_path / "clean2")  # the advice works
-    assert report["val"] >= validate.MIN_VAL and report["train"] >= 1
+    assert report["val"] >= split.MIN_VAL and report["train"] >= 1
 
 
 def test_no_train_image_is_a_clear_error(tmp_path: Path):
     raw = _raw(tmp_path, _names(2, 2, 0.9))
-    with pytest.raises(validate.SplitError, match=r"^0 of 2 clean images went to train .*lower"):
+    with pytest.raises(split.SplitError, match=r"^0 of 2 clean images went to train .*lower"):
         validate.run(_params(0.9), raw, tmp_path / "clean")
 
 
@@ -82,14 +84,14 @@ def test_a_val_split_too_small_for_fd_passes_with_a_warning(tmp_path: Path):
 
 
 def test_validate_knows_what_the_distribution_metrics_need():
-    assert validate.MIN_VAL_FOR_DISTRIBUTION == 2 * evaluate_extras.MIN_SAMPLES
+    assert split.MIN_VAL_FOR_DISTRIBUTION == 2 * distribution.MIN_SAMPLES
 
 
 def _emb(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 16))
 
 
-@pytest.mark.parametrize("metric", [evaluate_extras.frechet_distance, evaluate_extras.cmmd])
+@pytest.mark.parametrize("metric", [distribution.frechet_distance, distribution.cmmd])
 def test_fd_and_cmmd_refuse_too_few_samples_clearly(metric):
     with pytest.raises(ValueError, match="needs at least 2 embeddings per set, got 1 and 5"):
         metric(_emb(1), _emb(5, 1))
@@ -97,7 +99,7 @@ def test_fd_and_cmmd_refuse_too_few_samples_clearly(metric):
 
 
 def test_distribution_metrics_are_skipped_with_a_reason_on_a_tiny_val_split():
-    out = evaluate_extras.distribution_metrics(_emb(8), _emb(2, 1))  # halves of one image
+    out = distribution.distribution_metrics(_emb(8), _emb(2, 1))  # halves of one image
     assert "fd_clip" not in out and "cmmd_clip" not in out
     assert out["fd_clip_skipped"].startswith("needs >= 2 val images per half (4 in all)")
     assert "have 2 val images" in out["fd_clip_skipped"]
@@ -107,6 +109,6 @@ def test_distribution_metrics_are_skipped_with_a_reason_on_a_tiny_val_split():
         "fd_clip_real_halves_skipped",
         "cmmd_clip_real_halves_skipped",
     }
-    full = evaluate_extras.distribution_metrics(_emb(8), _emb(4, 1))
+    full = distribution.distribution_metrics(_emb(8), _emb(4, 1))
     assert full["fd_samples"] == 2 and np.isfinite(full["fd_clip"])
     assert not any(k.endswith("_skipped") for k in full)

@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from training import config, shards, validate
+from training import config
+from training.intake import shards, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 STOP = threading.Event()
@@ -371,7 +372,7 @@ def _ingest_params(**ingest_cfg) -> config.Params:
     ],
 )
 def test_unusable_sources_fail_in_one_line_before_any_work(tmp_path: Path, dataset, make, message):
-    from training import ingest, sources
+    from training.intake import ingest, sources
 
     src = tmp_path / "src"
     src.mkdir()
@@ -388,14 +389,14 @@ def test_unusable_sources_fail_in_one_line_before_any_work(tmp_path: Path, datas
 
 
 def test_missing_distributor_is_a_config_error(tmp_path: Path):
-    from training import ingest, sources
+    from training.intake import ingest, sources
 
     with pytest.raises(sources.SourceError, match="ingest.distributor is 'ray' but ray is not"):
         ingest.run(_ingest_params(distributor="ray"), tmp_path / "raw", tmp_path / "w")
 
 
 def test_every_row_refused_is_permanent_and_timeouts_are_not(tmp_path: Path, server):
-    from training import ingest, sources
+    from training.intake import ingest, sources
 
     base, _ = server
     pd.DataFrame(

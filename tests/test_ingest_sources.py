@@ -22,7 +22,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from training import config, ingest, shards, sources, validate
+from training import config
+from training.intake import ingest, shards, sources, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

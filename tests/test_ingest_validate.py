@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from training import config, ingest, shards, validate
+from training import config
+from training.intake import ingest, shards, split, validate
 
 
 def _params(**ingest_cfg):
@@ -112,23 +113,23 @@ def test_quality_gate_rejects_with_reasons_and_splits_stably(tmp_path: Path):
     assert (tmp_path / "clean" / "data_docs" / "index.html").is_file()
     assert report["train"] + report["val"] == 40 and report["rejected"] == 5
     val_keys = {r.key for r in shards.read(shards.shard_paths(tmp_path / "clean" / "val"))}
-    expected = {f"{i:03d}" for i in range(40) if validate.in_val(f"/{i}.png", 0.2)}
+    expected = {f"{i:03d}" for i in range(40) if split.in_val(f"/{i}.png", 0.2)}
     assert val_keys == expected
 
 
 def test_split_ignores_scheme_host_and_port():
     # the built-in sets are served from a random loopback port on every run
-    a = validate.split_key("http://127.0.0.1:41877/0000033.png", "k")
-    b = validate.split_key("https://mirror.example/0000033.png", "k")
+    a = split.split_key("http://127.0.0.1:41877/0000033.png", "k")
+    b = split.split_key("https://mirror.example/0000033.png", "k")
     assert a == b == "/0000033.png"
-    assert validate.split_key("http://h/img?id=7", "k") == "/img?id=7"
-    assert validate.split_key("", "00000033") == "00000033"
+    assert split.split_key("http://h/img?id=7", "k") == "/img?id=7"
+    assert split.split_key("", "00000033") == "00000033"
 
 
 def test_address_policy_covers_every_non_public_range():
     import ipaddress
 
-    from training import fetch
+    from training.intake import guard as fetch
 
     closed = fetch.Policy()
     for addr, what in [
@@ -169,7 +170,7 @@ def test_address_policy_covers_every_non_public_range():
     ],
 )
 def test_url_lists_in_every_format_normalise_alike(tmp_path: Path, name: str, body: bytes):
-    from training import sources
+    from training.intake import sources
 
     (tmp_path / name).write_bytes(body)
     n = sources.normalize_url_list(tmp_path / name, "link", "text", tmp_path / "out.parquet")

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from training import mechanics as M
+from training import engine as E
 
 
 def _setup(tmp_path, steps=12, every=4, fp="fp"):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    cfg = M.LoopCfg(
+    cfg = E.LoopCfg(
         steps=steps,
         lr=1e-2,
         warmup_steps=2,
@@ -21,15 +21,15 @@ def _setup(tmp_path, steps=12, every=4, fp="fp"):
         checkpoint_every=every,
         log_every=2,
     )
-    trainer = M.Trainer(
-        "toy", model, opt, cfg, M.Checkpointer(tmp_path / "ck", fp), ema=M.EMA(model, 0.9)
+    trainer = E.Trainer(
+        "toy", model, opt, cfg, E.Checkpointer(tmp_path / "ck", fp), ema=E.EMA(model, 0.9)
     )
     data = torch.randn(64, 4)
     target = data.sum(1, keepdim=True)
 
     def step_fn(step):
-        idx = M.batch_indices(len(data), 8, step, seed=0)
-        noise = torch.randn(8, 1, generator=M.step_generator(0, step)) * 0.01
+        idx = E.batch_indices(len(data), 8, step, seed=0)
+        noise = torch.randn(8, 1, generator=E.step_generator(0, step)) * 0.01
         return ((model(data[idx]) - target[idx] - noise) ** 2).mean(), {}
 
     return trainer, step_fn
@@ -96,29 +96,29 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
 
 def test_nan_loss_stops_with_clear_error(tmp_path):
     trainer, _ = _setup(tmp_path)
-    with pytest.raises(M.TrainingDiverged, match="loss is nan at step 0"):
+    with pytest.raises(E.TrainingDiverged, match="loss is nan at step 0"):
         trainer.fit(lambda step: (torch.tensor(float("nan"), requires_grad=True), {}))
 
 
 def test_batch_order_is_a_function_of_seed_and_step():
-    a = M.batch_indices(100, 16, 13, seed=1)
-    assert torch.equal(a, M.batch_indices(100, 16, 13, seed=1))
-    assert not torch.equal(a, M.batch_indices(100, 16, 13, seed=2))
-    epoch = torch.cat([M.batch_indices(100, 16, s, seed=1) for s in range(6)])
+    a = E.batch_indices(100, 16, 13, seed=1)
+    assert torch.equal(a, E.batch_indices(100, 16, 13, seed=1))
+    assert not torch.equal(a, E.batch_indices(100, 16, 13, seed=2))
+    epoch = torch.cat([E.batch_indices(100, 16, s, seed=1) for s in range(6)])
     assert len(set(epoch.tolist())) == 96  # one epoch: no repeats
 
 
 def test_cosine_lr_warms_up_then_decays():
-    lrs = [M.cosine_lr(s, 1.0, 10, 100) for s in range(100)]
+    lrs = [E.cosine_lr(s, 1.0, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[50] < lrs[20] and lrs[-1] == pytest.approx(0.1, abs=0.01)
 
 
 def test_device_follows_kiln_device_and_cpu_runs_full_precision(monkeypatch):
     monkeypatch.setenv("KILN_DEVICE", "cpu")
-    dev = M.device()
+    dev = E.device()
     assert dev == torch.device("cpu")
-    with M.autocast(dev):
+    with E.autocast(dev):
         assert not torch.is_autocast_enabled("cuda") and not torch.is_autocast_enabled("cpu")
         y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
     assert y.dtype == torch.float32
@@ -127,10 +127,10 @@ def test_device_follows_kiln_device_and_cpu_runs_full_precision(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_trainer_on_cuda_trains_under_bf16_autocast(tmp_path, monkeypatch):
     monkeypatch.delenv("KILN_DEVICE", raising=False)
-    assert M.device().type == "cuda"
+    assert E.device().type == "cuda"
     model = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    section = M.LoopCfg(
+    section = E.LoopCfg(
         steps=60,
         lr=1e-2,
         warmup_steps=2,
@@ -139,15 +139,15 @@ def test_trainer_on_cuda_trains_under_bf16_autocast(tmp_path, monkeypatch):
         checkpoint_every=30,
         log_every=10,
     )
-    trainer = M.Trainer(
-        "toy", model, opt, section, M.Checkpointer(tmp_path, "fp"), ema=None, device=M.device()
+    trainer = E.Trainer(
+        "toy", model, opt, section, E.Checkpointer(tmp_path, "fp"), ema=None, device=E.device()
     )
     model.to(trainer.device)
     data = torch.randn(64, 4)
     seen_dtypes, losses = set(), []
 
     def step_fn(step):
-        idx = M.batch_indices(len(data), 8, step, seed=0)
+        idx = E.batch_indices(len(data), 8, step, seed=0)
         x = data[idx].to(trainer.device)
         out = model(x)
         seen_dtypes.add(out.dtype)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from training import config, ingest, shards, validate
+from training import config
+from training.intake import ingest, serve, shards, validate
 
 
 def _params() -> config.Params:
@@ -23,7 +24,7 @@ def _params() -> config.Params:
     )
 
 
-class _UnevenHandler(ingest._QuietHandler):
+class _UnevenHandler(serve._QuietHandler):
     """Answers every third image late, so img2dataset's threads finish out of order (as
     they do on the web) whatever the machine's load."""
 
@@ -49,7 +50,7 @@ def _keys(tar: Path) -> list[str]:
 
 @pytest.fixture
 def uneven(monkeypatch):
-    monkeypatch.setattr(ingest, "_QuietHandler", _UnevenHandler)
+    monkeypatch.setattr(serve, "_QuietHandler", _UnevenHandler)
 
 
 def test_two_fresh_ingests_and_validates_write_identical_bytes(tmp_path: Path, uneven):

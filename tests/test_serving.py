@@ -2,7 +2,7 @@
 
 A random-weight pipeline with the tiny profile's exact architectures (built by Kiln's own
 phase builders, tokenizer trained on a few captions: nothing downloaded) is registered
-the way the evaluate stage registers it (``StageRun.register_text2image``, in an MLflow
+the way the evaluate stage registers it (``tracking.register_text2image``, in an MLflow
 run, SQLite store in a temporary folder) and served by a real ``mlflow models serve`` on
 loopback. No training: the whole file takes about a minute on 2 cores.
 """
@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import BIN, REPO, background, free_port, project_env, run_ok, wait_http
-from training import sampling
+from training.inference import sampling
 
 MODEL = "kiln-text2image"
 COLUMNS = ["prompt", "seed", "steps", "guidance", "negative_prompt"]
@@ -47,7 +47,8 @@ def build_tiny_pipeline(out: Path) -> Path:
     what ``evaluate`` saves, minus the training. Returns the pipeline directory."""
     import torch
 
-    from training import clip, config, unet, vae
+    from training import config
+    from training.phases import clip, unet, vae
 
     params = config.resolve({"profile": "tiny"})
     torch.manual_seed(0)
@@ -73,7 +74,8 @@ root, pipeline = Path(sys.argv[1]), Path(sys.argv[2])
 (root / "resolved.yaml").write_text("profile: tiny\\n")
 params = {"profile": "tiny", "seed": 0, "evaluate": {}}
 with tracking.stage_run("evaluate", params, root / "resolved.yaml", root=root) as run:
-    print(run.register_text2image(tracking.MODEL_NAMES["evaluate"], pipeline, {"acc_all": 0.0}))
+    name = tracking.MODEL_NAMES["evaluate"]
+    print(tracking.register_text2image(run, name, pipeline, {"acc_all": 0.0}))
 """
 
 
@@ -345,7 +347,7 @@ def test_a_request_past_the_scoring_timeout_stops_computing(registry):
 
 
 def test_serving_limits_come_from_the_environment(monkeypatch):
-    from training import text2image_model as T
+    from training.inference import text2image_model as T
 
     monkeypatch.setenv("KILN_SERVE_MAX_ROWS", "3")
     assert T._limit("KILN_SERVE_MAX_ROWS") == 3

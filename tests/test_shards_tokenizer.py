@@ -6,7 +6,9 @@ import pytest
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from training import clip, shards
+from training.inference import text
+from training.intake import shards
+from training.phases import clip
 
 
 def _png(colour=(255, 0, 0)):
@@ -29,7 +31,7 @@ def test_shard_round_trip_and_atomic_names(tmp_path):
 def test_split_read_deals_shards_to_ranks_and_batches_stay_inside_a_shard(tmp_path, monkeypatch):
     """What each of 2 processes reads with split=True (webdataset's split_by_node reads
     RANK/WORLD_SIZE as torchrun sets them), and the latents stage's batching on top."""
-    from training.latents import shard_batches
+    from training.phases.latents import shard_batches
 
     with shards.ShardWriter(tmp_path, "train", per_shard=3) as w:
         for i in range(7):
@@ -75,7 +77,7 @@ def test_tokenizer_is_clip_style_and_loads_with_transformers(tmp_path):
     # characters never seen in training still map to real tokens, never to end-of-text
     odd = tok("Zebra ☃ ünïcode #42!").input_ids
     assert 1 not in odd[1:-1]
-    padded = clip.encode_text(tok, ["a red circle"])
+    padded = text.encode_text(tok, ["a red circle"])
     assert padded.shape == (1, 16) and padded[0, -1] == 1
 
 
@@ -92,7 +94,7 @@ def test_tokenizer_ids_are_the_same_in_every_process(tmp_path):
     import sys
 
     code = (
-        "import sys; from pathlib import Path; from training import clip\n"
+        "import sys; from pathlib import Path; from training.phases import clip\n"
         "caps = ['a small red circle at the top', 'a large blue square on the left',\n"
         "        'the digit 7', 'green cross bottom right'] * 40\n"
         "clip.train_tokenizer(caps, vocab_size=300, max_length=16, out_dir=Path(sys.argv[1]))\n"

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from training import engine as E
 from training import env
-from training import mechanics as M
+from training.engine import distributed
 
 EIGHT = set(range(8))
 
@@ -114,13 +115,13 @@ def test_real_readers_give_a_sane_plan():
 
 def test_stage_processes_apply_the_plan_once_and_say_it(monkeypatch, capsys):
     before = torch.get_num_threads()
-    monkeypatch.setattr(M, "_threads_set", False)
+    monkeypatch.setattr(distributed, "_threads_set", False)
     monkeypatch.setenv("KILN_THREADS", "1")
     try:
-        M.init_distributed()
+        E.init_distributed()
         assert torch.get_num_threads() == 1
         monkeypatch.setenv("KILN_THREADS", "2")
-        M.init_distributed()  # once per process
+        E.init_distributed()  # once per process
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

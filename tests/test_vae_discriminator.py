@@ -8,8 +8,10 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from training import config, shards, vae
-from training.images import to_tensor
+from training import config
+from training.engine.images import to_tensor
+from training.intake import shards
+from training.phases import vae
 
 
 class Recorder:

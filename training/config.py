@@ -3,8 +3,11 @@
 Resolution order for every stage section (later wins):
 
 1. the field defaults below (profile-independent knobs: learning rates, dropout, ...),
-2. the profile's sizes (``PROFILES[profile][section]``: image size, widths, steps, batch),
+2. the profile's sizes (``training/profiles.yaml``: image size, widths, steps, batch),
 3. the section in ``params.yaml``.
+
+Size fields have no default here: they come from the profile file, which DVC tracks per
+stage, so a size change re-runs only the stages it affects.
 
 Profiles change sizes, never code paths. Unknown keys and wrong types fail at load with
 one message naming the file and the key (``ConfigError``); nothing downstream ever sees
@@ -13,25 +16,44 @@ a dict.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from training.stages import NAMES
+
 ProfileName = Literal["tiny", "small", "base"]
 DatasetName = Literal["shapes", "digits", "url-list", "folder", "shards"]
 BUILTIN_DATASETS = ("shapes", "digits")
-STAGES = (
-    "ingest",
-    "validate",
-    "train_vae",
-    "train_clip",
-    "precompute_latents",
-    "train_unet",
-    "evaluate",
-)
+STAGES = NAMES  # params.yaml has one section per stage (training/stages.py)
+PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
+SchedulerName = Literal["ddpm", "ddim", "dpm++", "euler"]
+
+
+@dataclass(frozen=True)
+class SamplerDefaults:
+    """Sampler settings used wherever a caller gives none: the evaluate stage, ``kiln
+    generate`` and the REST model (one place, so they cannot drift apart)."""
+
+    scheduler: SchedulerName = "dpm++"
+    steps: int = 20
+    guidance: float = 4.0
+    negative_prompt: str = ""
+
+
+SAMPLER = SamplerDefaults()
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable hash of JSON-able parts (config dicts, data hashes)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class ConfigError(ValueError):
@@ -45,8 +67,8 @@ class Section(BaseModel):
 
 class IngestCfg(Section):
     dataset: DatasetName = "shapes"
-    image_size: int = Field(32, ge=8, le=2048)
-    num_samples: int = Field(4000, ge=1, description="built-in sets: how many samples to render")
+    image_size: int = Field(ge=8, le=2048)
+    num_samples: int = Field(ge=1, description="built-in sets: how many samples to render")
     include_held_out: bool = False  # shapes: also render the held-out colour-shape pairs
     # url-list: a parquet/csv/tsv/jsonl file; folder: a directory of images with sidecar
     # .txt captions; shards: webdataset tars (a path, a glob or a brace pattern, or URLs)
@@ -60,12 +82,12 @@ class IngestCfg(Section):
     # img2dataset's distributor: multiprocessing on one machine; pyspark/ray on a cluster
     # (the guard travels inside the pickled downloader; only multiprocessing is tested)
     distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
-    processes: int = Field(2, ge=1)
-    threads: int = Field(16, ge=1)
+    processes: int = Field(ge=1)
+    threads: int = Field(ge=1)
     timeout_s: int = Field(10, ge=1)  # per socket operation (urllib's meaning)
     retries: int = Field(1, ge=0)
     samples_per_shard: int = Field(1000, ge=10)
-    # The fetch guard (training/fetch.py): CIDR ranges that may be contacted although
+    # The fetch guard (training/intake/guard.py): CIDR ranges that may be contacted although
     # loopback/private/link-local; the built-in sets add 127.0.0.1/32 for their server.
     allow_networks: tuple[str, ...] = ()
     deadline_s: float = Field(30.0, gt=0)  # total per download, slow-drip servers included
@@ -92,21 +114,20 @@ class ValidateCfg(Section):
 
 
 class VaeCfg(Section):
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
-    layers_per_block: int = Field(1, ge=1)
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int = Field(ge=1)
     latent_channels: int = Field(4, ge=1)
-    norm_num_groups: int = Field(8, ge=1)
-    batch_size: int = Field(32, ge=1)
-    steps: int = Field(600, ge=1)
+    norm_num_groups: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    steps: int = Field(ge=1)
     lr: float = Field(2e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
     # MSE, not L1: on small objects on black, L1's median-seeking optimum greyed out red
     # and green (reconstructions scored 0.69 on colour vs 1.00 with MSE; RESULTS.md).
     recon_loss: Literal["l1", "mse"] = "mse"
-    # Optional PatchGAN discriminator (pix2pix / SD's first stage): sharper textures at
-    # small/base sizes, where pixel losses blur; off for tiny, whose flat shapes it
-    # cannot improve and whose minutes it would cost.
-    discriminator: bool = False
+    # Optional PatchGAN discriminator (pix2pix / SD's first stage); profiles.yaml says
+    # which profiles use it
+    discriminator: bool
     disc_weight: float = Field(0.1, ge=0)
     disc_start: float = Field(0.5, ge=0, le=1)  # fraction of steps before it joins
     disc_channels: int = Field(64, ge=8)
@@ -119,17 +140,17 @@ class VaeCfg(Section):
 
 
 class ClipCfg(Section):
-    vocab_size: int = Field(512, ge=300)  # byte alphabet (2 x 256) is always included
-    max_length: int = Field(24, ge=4)
-    hidden_size: int = Field(64, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    vision_hidden_size: int = Field(64, ge=8)
-    vision_layers: int = Field(2, ge=1)
-    patch_size: int = Field(4, ge=1)
-    projection_dim: int = Field(64, ge=8)
-    batch_size: int = Field(128, ge=2)
-    steps: int = Field(400, ge=1)
+    vocab_size: int = Field(ge=300)  # byte alphabet (2 x 256) is always included
+    max_length: int = Field(ge=4)
+    hidden_size: int = Field(ge=8)
+    num_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    vision_hidden_size: int = Field(ge=8)
+    vision_layers: int = Field(ge=1)
+    patch_size: int = Field(ge=1)
+    projection_dim: int = Field(ge=8)
+    batch_size: int = Field(ge=2)
+    steps: int = Field(ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -141,22 +162,20 @@ class LatentsCfg(Section):
     batch_size: int = Field(256, ge=1)
     samples_per_shard: int = Field(2000, ge=10)
     # DataLoader workers per process that read and decode the shards (split by worker);
-    # 0 decodes in the main process, which is fastest for tiny's 32 px PNGs.
-    workers: int = Field(0, ge=0)
+    # 0 decodes in the main process
+    workers: int = Field(ge=0)
 
 
 class UnetCfg(Section):
-    # tiny: 1.5 M parameters. On this budget a narrow U-Net trained for more steps beats
-    # a wide one trained for fewer (benchmarks/RESULTS.md, "U-Net budget").
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    layers_per_block: int = Field(1, ge=1)
+    backbone: Literal["unet2d"] = "unet2d"  # the denoiser (training/phases/backbones/)
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int = Field(ge=1)
     # diffusers' name, and like diffusers' UNet2DConditionModel it is the number of heads
-    # (a historical misnomer). tiny: 4 heads, i.e. 8/16 channels per head; 8 heads was 14%
-    # slower per CPU step and no better over 6 seeds (RESULTS.md, "attention heads").
-    attention_head_dim: int = Field(4, ge=1)
-    norm_num_groups: int = Field(16, ge=1)
-    batch_size: int = Field(64, ge=1)
-    steps: int = Field(1800, ge=1)
+    # (a historical misnomer).
+    attention_head_dim: int = Field(ge=1)
+    norm_num_groups: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    steps: int = Field(ge=1)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -186,11 +205,11 @@ class UnetCfg(Section):
 
 
 class EvaluateCfg(Section):
-    scheduler: Literal["ddpm", "ddim", "dpm++", "euler"] = "dpm++"
-    steps: int = Field(20, ge=1)
-    guidance: float = Field(4.0, ge=0.0)
-    negative_prompt: str = ""
-    samples_per_prompt: int = Field(2, ge=1)
+    scheduler: SchedulerName = SAMPLER.scheduler
+    steps: int = Field(SAMPLER.steps, ge=1)
+    guidance: float = Field(SAMPLER.guidance, ge=0.0)
+    negative_prompt: str = SAMPLER.negative_prompt
+    samples_per_prompt: int = Field(ge=1)
     max_prompts: int | None = Field(None, ge=1)  # cap for quick runs; None = the full set
     batch_size: int = Field(64, ge=1)
     # Pictures and tables of the report: a guidance sweep, one denoising trajectory and
@@ -230,77 +249,12 @@ class Params(BaseModel):
         return "acc_all" if self.ingest.dataset in BUILTIN_DATASETS else "clip_score"
 
 
-# Sizes per profile. `tiny` is a laptop CPU in minutes; `small` one GPU (64 px, SD-like
-# f=4 latents); `base` multi-GPU at SD's 256 px with f=8 latents.
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {},  # the field defaults above are the tiny profile
-    "small": {
-        "ingest": {"image_size": 64, "num_samples": 20000, "processes": 4, "threads": 64},
-        "precompute_latents": {"workers": 2},
-        "train_vae": {
-            "block_out_channels": (64, 128, 128),
-            "layers_per_block": 2,
-            "norm_num_groups": 32,
-            "batch_size": 64,
-            "steps": 10000,
-            "discriminator": True,
-        },
-        "train_clip": {
-            "hidden_size": 256,
-            "num_layers": 4,
-            "num_heads": 4,
-            "vision_hidden_size": 256,
-            "vision_layers": 4,
-            "patch_size": 8,
-            "projection_dim": 256,
-            "batch_size": 256,
-            "steps": 10000,
-        },
-        "train_unet": {
-            "block_out_channels": (128, 256, 256),
-            "layers_per_block": 2,
-            "attention_head_dim": 8,
-            "norm_num_groups": 32,
-            "batch_size": 128,
-            "steps": 50000,
-        },
-        "evaluate": {"samples_per_prompt": 4},
-    },
-    "base": {
-        "ingest": {"image_size": 256, "num_samples": 100000, "processes": 16, "threads": 64},
-        "precompute_latents": {"workers": 8},
-        "train_vae": {
-            "block_out_channels": (128, 256, 512, 512),
-            "layers_per_block": 2,
-            "norm_num_groups": 32,
-            "batch_size": 32,
-            "steps": 100000,
-            "discriminator": True,
-        },
-        "train_clip": {
-            "vocab_size": 8192,
-            "max_length": 77,
-            "hidden_size": 512,
-            "num_layers": 8,
-            "num_heads": 8,
-            "vision_hidden_size": 512,
-            "vision_layers": 8,
-            "patch_size": 16,
-            "projection_dim": 512,
-            "batch_size": 1024,
-            "steps": 50000,
-        },
-        "train_unet": {
-            "block_out_channels": (192, 384, 768, 768),
-            "layers_per_block": 2,
-            "attention_head_dim": 8,
-            "norm_num_groups": 32,
-            "batch_size": 256,
-            "steps": 200000,
-        },
-        "evaluate": {"samples_per_prompt": 8},
-    },
-}
+@cache
+def profiles() -> dict[str, dict[str, dict[str, Any]]]:
+    """The size profiles (``training/profiles.yaml``): ``{profile: {section: values}}``."""
+    return yaml.safe_load(PROFILES_FILE.read_text())
+
+
 # Which field of `Params` each params.yaml section fills.
 _SECTION_FIELDS = {"validate": "validate_"}
 
@@ -329,16 +283,16 @@ def resolve(raw: dict[str, Any], source: str = "params.yaml") -> Params:
             f"{source}: unknown key '{unknown[0]}' (sections are: {', '.join(sorted(known))})"
         )
     profile = raw.get("profile", "tiny")
-    if profile not in PROFILES:
+    if profile not in profiles():
         raise ConfigError(
-            f"{source}: profile: unknown profile {profile!r} (choose {', '.join(PROFILES)})"
+            f"{source}: profile: unknown profile {profile!r} (choose {', '.join(profiles())})"
         )
     merged: dict[str, Any] = {"profile": profile, "seed": raw.get("seed", 0)}
     for section in STAGES:
         body = raw.get(section) or {}
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: {section}: expected a mapping, got {body!r}")
-        values = {**PROFILES[profile].get(section, {}), **body}
+        values = {**(profiles()[profile].get(section) or {}), **body}
         # YAML has no tuples; tuple-typed fields accept lists from the file.
         field_model = Params.model_fields[_SECTION_FIELDS.get(section, section)].annotation
         for name, info in field_model.model_fields.items():  # type: ignore[union-attr]

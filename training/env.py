@@ -7,7 +7,7 @@ update check inside img2dataset, MLflow and Prefect telemetry). Every entry poin
 ``offline_defaults()`` first; an explicit user setting always wins (``setdefault``).
 
 ``thread_plan()`` sizes torch's intra-op threads. This module stays free of torch (it is
-imported by every command, ingest included); ``mechanics.set_torch_threads`` applies it.
+imported by every command, ingest included); ``engine.distributed.set_torch_threads`` applies it.
 """
 
 from __future__ import annotations

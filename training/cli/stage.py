@@ -1,0 +1,210 @@
+"""The stage commands (what ``dvc.yaml`` runs), one thin adapter each: load the typed
+config, check inputs, open the MLflow run, call the phase's ``run()``, register what it
+made. The stage's partial outputs are removed on failure, so nothing half-written looks
+valid.
+
+This module imports only what a stage needs: ``kiln ingest`` and ``kiln validate`` never
+load torch, and an edit to a user command (``training/cli/user.py``) re-runs no stage.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training import paths as P
+from training.cli.base import (
+    UserError,
+    cleanup,
+    fail,
+    failure_note,
+    load_params,
+    prefixed,
+    raw_params,
+    record_failure,
+    require,
+    transient,
+    writable,
+)
+from training.env import offline_defaults
+from training.stages import BY_NAME, PIPELINE_MODEL, STAGES
+
+offline_defaults()
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def run_stage(stage: str, body: Callable[..., dict], register: Callable | None = None) -> dict:
+    """The shared adapter: config -> checks -> MLflow run -> phase -> metrics/registry.
+    ``body(params, tracker)`` runs the phase; ``register(tracker, metrics)`` registers
+    what it made and returns the version."""
+    from training import config, runlock, tracking
+    from training.cli import launch
+    from training.disk import disk_full_errors, write_json
+    from training.errors import TrainingDiverged
+
+    spec = BY_NAME[stage]
+    outs, inputs = list(spec.outs), list(spec.inputs)
+    if spec.data_parallel and launch.relaunch_under_torchrun(stage):
+        return {}
+    if spec.data_parallel and launch.is_follower():
+        return launch.follow(stage, body)
+    try:  # before anything is touched: the running pipeline owns data/
+        runlock.check_free(stage)
+    except runlock.PipelineBusy as exc:
+        fail(str(exc))
+    t0 = time.perf_counter()
+    failure_note(stage).unlink(missing_ok=True)
+    try:
+        params = load_params()
+        require(*inputs)
+        writable(*outs, P.METRICS)
+        cleanup(outs)  # DVC removes outs before a run; do the same outside DVC
+        resolved = outs[0] / "resolved_params.json"  # every run records its config
+        write_json(resolved, params.to_dict())
+        with tracking.stage_run(stage, params.to_dict(), resolved) as tr:
+            with disk_full_errors(f"{stage} output", outs[0]):
+                metrics = body(params, tr)
+            metrics["stage_seconds"] = time.perf_counter() - t0
+            tr.log_metrics(metrics)
+            if register is not None:
+                metrics["registered_version"] = register(tr, metrics)
+            metrics["mlflow_run_id"] = tr.run_id
+        write_json(P.METRICS / f"{stage}.json", metrics)
+        return metrics
+    except (config.ConfigError, UserError, TrainingDiverged) as exc:
+        cleanup(outs)
+        record_failure(stage, str(exc), retry=False)
+        fail(str(exc))
+    except (OSError, ValueError, RuntimeError) as exc:
+        cleanup(outs)
+        record_failure(stage, prefixed(stage, str(exc)), retry=transient(exc))
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        fail(prefixed(stage, str(exc)))
+    except KeyboardInterrupt:
+        cleanup(outs)
+        record_failure(stage, "interrupted", retry=False)
+        typer.echo(
+            f"kiln: {stage}: interrupted (re-run it: training resumes from its last "
+            "checkpoint, ingest keeps its finished shards)",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    return {}
+
+
+def _register(stage: str) -> Callable | None:
+    """How a stage's output becomes a registry version: a component folder, or the
+    text-to-image pipeline, which then goes through the promotion gate."""
+    spec = BY_NAME[stage]
+    if spec.model is None:
+        return None
+    from training import tracking
+
+    if spec.model != PIPELINE_MODEL:
+        return lambda tr, metrics: tracking.register_dir(tr, spec.model, spec.outs[0], metrics)
+
+    def register_pipeline(tr, metrics: dict) -> str:
+        for name in ("report.html", "samples.png"):  # the pipeline is logged with the model
+            tr.log_image(P.EVAL / name, "evaluation")
+        version = tracking.register_text2image(tr, spec.model, P.EVAL / "pipeline", metrics)
+        params = load_params()
+        gate = tracking.promote(
+            spec.model, version, metrics, params.gate_metric(), params.evaluate.gate_min_delta
+        )
+        tr.log_metrics({k: v for k, v in gate.items() if isinstance(v, float)})
+        tr.mlflow.set_tag("gate_decision", gate["gate_decision"])
+        metrics.update(gate)
+        gate_line = tracking.describe_gate(spec.model, version, gate)
+        typer.echo(f"[kiln] {stage}: gate: {gate_line}", err=True)
+        return version
+
+    return register_pipeline
+
+
+def _stage_command(stage: str) -> Callable[[], None]:
+    """``kiln <stage>``: run the phase's ``stage(params, tracker)`` in the adapter. The
+    phase module is imported by name from the stage table, so this module imports no
+    phase (each stage's DVC deps list its own phase only)."""
+
+    def command() -> None:
+        phase = importlib.import_module(BY_NAME[stage].phase)
+        run_stage(stage, phase.stage, _register(stage))
+
+    command.__doc__ = BY_NAME[stage].help
+    return command
+
+
+@app.command()
+def ingest(
+    url_list: Annotated[
+        Path | None, typer.Option(help="parquet/csv/tsv/jsonl of image URLs and captions")
+    ] = None,
+    folder: Annotated[Path | None, typer.Option(help="images with sidecar .txt captions")] = None,
+    shards: Annotated[
+        str | None, typer.Option(help="webdataset tars: path, glob, {00..09} pattern or URLs")
+    ] = None,
+    url_col: Annotated[str | None, typer.Option(help="URL column of --url-list")] = None,
+    caption_col: Annotated[str | None, typer.Option(help="caption column of --url-list")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (outside DVC)")] = None,
+    allow_network: Annotated[
+        list[str] | None,
+        typer.Option(help="CIDR the fetch guard may contact (repeatable), e.g. 10.0.0.0/8"),
+    ] = None,
+) -> None:
+    """Stage 1: fetch a source with img2dataset into webdataset shards.
+
+    Without options this is the DVC stage (params.yaml -> data/raw). With a source or
+    --out it runs standalone: params.yaml's ingest settings (if the file exists) with
+    these options on top, written to --out (default data/raw); no MLflow run."""
+    from training import config
+
+    # by name, like every stage's phase: the other stages' commands must not import it
+    phase = importlib.import_module(BY_NAME["ingest"].phase)
+
+    sources_given = [
+        (k, v)
+        for k, v in (("url-list", url_list), ("folder", folder), ("shards", shards))
+        if v is not None
+    ]
+    if len(sources_given) > 1:
+        fail("give one of --url-list, --folder, --shards")
+    standalone = bool(sources_given or out or url_col or caption_col or allow_network)
+    if not standalone:
+        run_stage("ingest", phase.stage)
+        return
+    updates: dict = {}
+    if sources_given:
+        updates.update(dataset=sources_given[0][0], source=str(sources_given[0][1]))
+    if url_col:
+        updates["url_col"] = url_col
+    if caption_col:
+        updates["caption_col"] = caption_col
+    try:
+        raw = raw_params()
+        if allow_network:
+            nets = importlib.import_module("training.intake.guard").parse_networks(allow_network)
+            updates["allow_networks"] = [*raw.get("ingest", {}).get("allow_networks", []), *nets]
+        raw["ingest"] = {**(raw.get("ingest") or {}), **updates}
+        params = config.resolve(raw, source=str(P.PARAMS) if P.PARAMS.exists() else "defaults")
+        dest = out or P.RAW
+        writable(dest)
+        cleanup([dest / "shards", dest / "report.json", dest / "rejects.parquet"])
+        phase.run(params, dest, dest / ".work")
+    except (config.ConfigError, ValueError, OSError, RuntimeError) as exc:
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        fail(f"ingest: {exc}")
+    except KeyboardInterrupt:
+        fail("ingest: interrupted; run the same command again to resume (finished shards are kept)")
+
+
+for _spec in STAGES[1:]:  # ingest has its own command above (it also runs standalone)
+    app.command(_spec.command)(_stage_command(_spec.name))

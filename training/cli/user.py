@@ -1,0 +1,254 @@
+"""The user commands: ``kiln run`` (the whole pipeline), ``generate``, ``export`` and
+``doctor``, plus the full ``kiln`` app (these and the stage commands).
+
+No stage imports this module (``training/cli/__init__.py`` routes a stage command to
+``training/cli/stage.py`` alone), so editing a user command re-runs no stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training import paths as P
+from training.cli import stage
+from training.cli.base import UserError, fail, load_params, writable
+from training.config import SAMPLER
+from training.stages import PIPELINE_MODEL
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Kiln: data-to-model pipeline for latent text-to-image diffusion.",
+)
+CHAMPION = f"models:/{PIPELINE_MODEL}@champion"
+
+
+@app.command("run")
+def run_pipeline(
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="shapes | digits (built-in) | url-list | folder | shards"),
+    ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="url-list: a parquet/csv/tsv/jsonl file; folder: a directory of images "
+            "with .txt captions; shards: webdataset tars (path, glob, {000..009}, URLs)"
+        ),
+    ] = None,
+    profile: Annotated[str | None, typer.Option(help="tiny | small | base")] = None,
+) -> None:
+    """Run the whole pipeline (Prefect flow over the DVC stages; DVC skips what is fresh).
+
+    --dataset/--source/--profile are written into params.yaml first, where DVC tracks
+    them.
+    """
+    from training import config, doctor, runlock
+
+    for problem in doctor.problems():  # fail in one line, not inside Prefect's server
+        fail(f"environment: {problem}")
+    updates = {
+        k: v
+        for k, v in (("ingest.dataset", dataset), ("ingest.source", source), ("profile", profile))
+        if v
+    }
+    with contextlib.ExitStack() as stack:
+        try:  # before params.yaml changes: another run may be using it
+            stack.enter_context(runlock.pipeline_lock("kiln run", Path.cwd()))
+            changed = config.set_values(P.PARAMS, updates) if updates else {}
+            params = load_params()
+            if params.ingest.dataset not in config.BUILTIN_DATASETS:
+                from training.intake.ingest import check_source
+
+                check_source(params)  # a missing source fails now, not minutes in
+        except (config.ConfigError, runlock.PipelineBusy, ValueError) as exc:
+            fail(str(exc))
+        except OSError as exc:  # .kiln/ not writable, a full disk
+            fail(f"cannot start the run: {exc}")
+        for key, (old, new) in changed.items():
+            typer.echo(f"params.yaml: {key}: {old} -> {new}")
+        from flows.pipeline import kiln_pipeline
+        from training.cli.interrupt import stop_on_interrupt
+
+        stop_on_interrupt()
+        try:
+            summary = kiln_pipeline()
+        except Exception as exc:
+            if os.environ.get("KILN_DEBUG"):
+                raise
+            failed = getattr(exc, "stage", None)
+            if failed and getattr(exc, "said", False):  # its one-line error is above
+                typer.echo(f"kiln: pipeline stopped at stage {failed} (error above)", err=True)
+                raise typer.Exit(1) from None
+            fail(f"pipeline failed: {exc}")
+    typer.echo(summary["text"])
+
+
+def _pipeline_dir(model: str) -> tuple[Path, str]:
+    """(StableDiffusionPipeline directory, version label) from a path, registry URI or
+    alias of kiln-text2image."""
+    p = Path(model).expanduser()
+    version = str(p.resolve())
+    if not p.exists():
+        if model.startswith(("/", "./", "../", "~")):
+            raise UserError(f"cannot resolve model {model!r}: no such pipeline directory")
+        if not model.startswith("models:/"):
+            model = (
+                f"models:/{model}"
+                if "/" in model or "@" in model
+                else f"models:/{PIPELINE_MODEL}@{model}"
+            )
+        from training import tracking
+
+        try:
+            version = tracking.model_version(model)
+            p = tracking.resolve_model_dir(f"models:/{version}")
+        except Exception as exc:
+            raise UserError(f"cannot resolve model {model!r}: {exc}") from None
+    if (p / "MLmodel").is_file():
+        p = p / "artifacts" / "pipeline"
+    if not (p / "model_index.json").is_file():
+        raise UserError(f"{p} is not a StableDiffusionPipeline directory (no model_index.json)")
+    return p, version
+
+
+def _can_create(d: Path) -> None:
+    """Fail now if ``d`` could not be made or written, without creating it yet (a
+    failed command must not leave an empty folder behind)."""
+    probe = d.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UserError(f"output directory {d} is not writable ({probe} is not a writable folder)")
+
+
+def warn_truncated(tokenizer, prompts: list[str]) -> int:
+    """Warn for each prompt longer than the text encoder's context: the model never sees
+    the rest. Returns how many were cut."""
+    limit = tokenizer.model_max_length
+    cut = 0
+    for prompt in dict.fromkeys(prompts):
+        n = len(tokenizer(prompt, truncation=False).input_ids)
+        if n > limit:
+            cut += 1
+            kept = tokenizer.decode(
+                tokenizer(prompt, truncation=True, max_length=limit).input_ids,
+                skip_special_tokens=True,
+            )
+            typer.echo(
+                f"kiln: warning: prompt {prompt!r} is {n} tokens; the text encoder reads "
+                f"{limit}, so only {kept!r} is used",
+                err=True,
+            )
+    return cut
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="one or more prompts")],
+    out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("samples"),
+    n: Annotated[int, typer.Option("-n", min=1, max=1000, help="images per prompt")] = 1,
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="sampler steps")] = SAMPLER.steps,
+    guidance: Annotated[
+        float, typer.Option(min=0.0, max=100.0, help="classifier-free guidance scale (1: off)")
+    ] = SAMPLER.guidance,
+    negative: Annotated[str, typer.Option(help="negative prompt")] = SAMPLER.negative_prompt,
+    seed: Annotated[
+        int, typer.Option(min=0, help="seed of the first image; image k uses seed+k")
+    ] = 0,
+    scheduler: Annotated[str, typer.Option(help="dpm++ | ddim | ddpm | euler")] = SAMPLER.scheduler,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="a registry URI (models:/kiln-text2image/3), an alias, or a pipeline dir"
+        ),
+    ] = CHAMPION,
+) -> None:
+    """Generate PNGs plus manifest.jsonl (file, prompt, seed, steps, guidance, scheduler)."""
+    try:  # everything that can be checked before a model load
+        if any(not p.strip() for p in prompts):
+            raise UserError("a prompt is empty")
+        _can_create(out)
+        from training.inference import sampling
+
+        if scheduler not in sampling.SCHEDULERS:
+            raise UserError(
+                f"unknown scheduler {scheduler!r} (choose {', '.join(sampling.SCHEDULERS)})"
+            )
+        reqs = [  # the same checks as a REST request's rows
+            sampling.Request(p, seed + k, steps, guidance, negative)
+            for p in prompts
+            for k in range(n)
+        ]
+        for r in reqs:
+            sampling.check_request(r)
+        pipe_dir, version = _pipeline_dir(model)
+        from training.engine.distributed import set_torch_threads
+
+        set_torch_threads()
+        pipe = sampling.load(pipe_dir)
+        sampling.set_scheduler(pipe, scheduler)
+    except (UserError, ValueError) as exc:
+        fail(str(exc))
+    warn_truncated(pipe.tokenizer, [*prompts, negative] if negative else list(prompts))
+    images = sampling.generate(pipe, reqs)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "manifest.jsonl", "a") as manifest:
+        for i, (r, img) in enumerate(zip(reqs, images, strict=True)):
+            name = f"{i:04d}-{sampling.slug(r.prompt)}-{r.seed}.png"
+            img.save(out / name)
+            manifest.write(
+                json.dumps(
+                    {
+                        "file": name,
+                        "prompt": r.prompt,
+                        "seed": r.seed,
+                        "steps": r.steps,
+                        "guidance": r.guidance,
+                        "negative_prompt": r.negative,
+                        "scheduler": scheduler,
+                        "model": model,
+                        "model_version": version,
+                    }
+                )
+                + "\n"
+            )
+    typer.echo(f"wrote {len(images)} images and manifest.jsonl to {out}")
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="directory for the diffusers pipeline")],
+    model: Annotated[
+        str, typer.Option(help="registry URI, alias or pipeline directory")
+    ] = CHAMPION,
+) -> None:
+    """Write a diffusers StableDiffusionPipeline directory (loads offline with from_pretrained)."""
+    from training.inference import sampling
+
+    try:
+        pipe = sampling.load(_pipeline_dir(model)[0])
+        writable(out)
+    except UserError as exc:
+        fail(str(exc))
+    pipe.save_pretrained(out, safe_serialization=True)
+    typer.echo(f"exported StableDiffusionPipeline to {out}")
+
+
+@app.command()
+def doctor() -> None:
+    """Check the environment for the known dependency traps."""
+    from training.doctor import main
+
+    raise typer.Exit(main())
+
+
+# the stage commands too, after the user commands in --help
+app.registered_commands.extend(stage.app.registered_commands)

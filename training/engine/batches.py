@@ -1,0 +1,57 @@
+"""What a step draws: its batch indices, its noise, its learning rate.
+
+Data stays on the CPU and batches move per step, so the ``(seed, step)`` randomness is
+drawn on the CPU and is identical on every device and for any number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+# A step's extra metrics: tensors are fine (and better on a GPU: they are read only at
+# log steps, so the step never waits for them).
+StepMetrics = dict[str, float | torch.Tensor]
+
+
+def to_device(dev: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Move a step's host tensors to ``dev`` without stalling the GPU queue. A copy from
+    ordinary (pageable) host memory waits for every kernel already queued; from pinned
+    memory it is asynchronous, so the CPU can prepare step k+1 while the GPU runs k."""
+    if dev.type != "cuda":
+        return tuple(t.to(dev) for t in tensors)
+    return tuple(t.pin_memory().to(dev, non_blocking=True) for t in tensors)
+
+
+def autocast(dev: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (bf16 needs no loss scaling); full precision on the CPU,
+    where bf16 made the U-Net step 2.1x slower (benchmarks/RESULTS.md)."""
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A generator whose state depends only on (seed, step, stream)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream) % 2**63)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the batch at ``step``: epochs are seeded permutations, last partial
+    batch dropped (so every batch has the same size)."""
+    if n < batch_size:
+        batch_size = n
+    per_epoch = n // batch_size
+    epoch, j = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=step_generator(seed, epoch, stream=1))
+    return perm[j * batch_size : (j + 1) * batch_size]
+
+
+def cosine_lr(step: int, base_lr: float, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Linear warm-up then cosine decay to ``floor * base_lr`` (computed, not stored)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))

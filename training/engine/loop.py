@@ -1,0 +1,200 @@
+"""The training loop shared by the VAE, CLIP and U-Net phases, written once.
+
+``Trainer.fit`` runs a phase's ``step_fn(step) -> (loss, metrics)``: LR schedule, NaN/Inf
+guard, gradient clipping, EMA, progress bar with loss and samples/s, per-step metrics,
+checkpoints and resume happen here, identically for every phase. Randomness and batch
+order are pure functions of ``(seed, step)`` (``engine.batches``), so resuming at step k
+needs only the weights and optimizer state, and a resumed run is bitwise identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from training.config import fingerprint
+from training.engine.batches import StepMetrics, autocast, cosine_lr
+from training.engine.checkpoint import Checkpointer
+from training.engine.distributed import all_mean, device, is_main, sync_gradients, world_size
+from training.engine.ema import EMA
+from training.errors import TrainingDiverged
+
+
+class MetricLogger(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_image(self, path: str | Path, artifact_dir: str = "images") -> None: ...
+
+
+class NullLogger:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_image(self, path: str | Path, artifact_dir: str = "images") -> None:
+        pass
+
+
+# ---- the loop -------------------------------------------------------------------------
+@dataclass
+class LoopCfg:
+    steps: int
+    lr: float
+    warmup_steps: int
+    grad_clip: float
+    batch_size: int
+    checkpoint_every: int
+    log_every: int
+
+
+@dataclass
+class Trainer:
+    """Runs ``step_fn(step) -> (loss, metrics)`` for ``cfg.steps`` steps.
+
+    ``step_fn`` builds its batch from ``step`` alone (see ``batch_indices`` /
+    ``step_generator``); everything else — LR, backward, clipping, optimizer, EMA,
+    logging, checkpointing, resume — happens here, identically for every phase.
+    """
+
+    name: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    cfg: LoopCfg
+    checkpoints: Checkpointer
+    log: MetricLogger = field(default_factory=NullLogger)
+    ema: EMA | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def fit(
+        self,
+        step_fn: Callable[[int], tuple[torch.Tensor, StepMetrics]],
+        every: int = 0,
+        on_every: Callable[[int], None] | None = None,
+    ) -> dict:
+        """Train to ``cfg.steps``; ``on_every(step)`` runs after every ``every`` steps and
+        after the last one (previews). It must not touch the global RNG or the weights."""
+        from tqdm.auto import tqdm
+
+        start = self.checkpoints.restore(self.model, self.optimizer, self.ema)
+        self.model.train()
+        main = is_main()
+        bar = tqdm(
+            total=self.cfg.steps,
+            initial=start,
+            disable=not main,
+            desc=self.name,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 10,
+            file=sys.stderr,
+        )
+        t0, seen, last = time.perf_counter(), 0, {}
+        # The NaN/Inf guard records the first bad step on the device and is read only at
+        # log, checkpoint and preview steps: reading it every step would make the CPU wait
+        # for the GPU each step. A diverged run still stops with the exact step, before
+        # any checkpoint or preview of non-finite weights, and registers nothing.
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        bad_loss = torch.zeros((), device=self.device)
+
+        def check_finite() -> None:
+            if (at := int(first_bad)) >= 0:
+                bar.close()
+                raise TrainingDiverged(
+                    f"{self.name}: loss is {bad_loss.item()} at step {at}; stopping "
+                    "(lower the learning rate or check the data). Nothing was registered."
+                )
+
+        for step in range(start, self.cfg.steps):
+            lr = cosine_lr(step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.steps)
+            for group in self.optimizer.param_groups:  # "lr_scale": e.g. a discriminator
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            with autocast(self.device):
+                loss, metrics = step_fn(step)
+            global_loss = all_mean(loss)  # every rank sees the same value: stop together
+            new_bad = (first_bad < 0) & ~torch.isfinite(global_loss)
+            first_bad = torch.where(new_bad, step, first_bad)
+            bad_loss = torch.where(new_bad, global_loss.float(), bad_loss)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sync_gradients(self.model)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            seen += self.cfg.batch_size
+            bar.update(1)
+            checkpoint = (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.cfg.steps
+            preview = bool(every) and ((step + 1) % every == 0 or step + 1 == self.cfg.steps)
+            if (step + 1) % self.cfg.log_every == 0 or checkpoint or preview:
+                check_finite()
+            if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.steps:
+                rate = seen / max(1e-9, time.perf_counter() - t0)
+                last = {
+                    "loss": float(global_loss.item()),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "samples_per_s": rate,
+                    **{k: float(v) for k, v in metrics.items()},
+                }
+                bar.set_postfix(loss=f"{last['loss']:.4f}", sps=f"{rate:.0f}")
+                if main:
+                    self.log.log_metrics({f"{self.name}/{k}": v for k, v in last.items()}, step + 1)
+            if checkpoint and main:
+                try:
+                    self.checkpoints.save(step + 1, self.model, self.optimizer, self.ema)
+                except BaseException:  # e.g. DiskFull: the bar's last line before the error
+                    bar.close()
+                    raise
+            if checkpoint and world_size() > 1:
+                torch.distributed.barrier()  # no rank runs ahead of the newest checkpoint
+            if main and on_every and preview:
+                on_every(step + 1)
+        bar.close()
+        if self.ema is not None:
+            self.ema.copy_to(self.model)
+        self.model.eval()
+        elapsed = time.perf_counter() - t0
+        return {
+            "train_seconds": elapsed,
+            "samples_per_s": seen / max(elapsed, 1e-9),
+            "final_loss": last.get("loss", float("nan")),
+            "resumed_from_step": start,
+        }
+
+
+def stage_trainer(
+    name: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    section: Any,
+    seed: int,
+    ckpt_dir: str | Path,
+    data_id: Any,
+    log: MetricLogger,
+    ema_decay: float | None = None,
+) -> Trainer:
+    """The ``Trainer`` of a training stage: the model moved to ``device()``, loop knobs
+    read from its config section, an EMA of the weights if ``ema_decay`` is given, and
+    checkpoints fingerprinted by that section, the seed and ``data_id`` (whatever
+    identifies the training data), so a checkpoint is only resumed into the same run.
+    The optimizer may be made before: moving a module keeps its parameter objects."""
+    dev = device()
+    model.to(dev)
+    knobs = {f.name: getattr(section, f.name) for f in dataclasses.fields(LoopCfg)}
+    fp = fingerprint(section.model_dump(mode="json"), seed, data_id)
+    return Trainer(
+        name=name,
+        model=model,
+        optimizer=optimizer,
+        cfg=LoopCfg(**knobs),
+        checkpoints=Checkpointer(ckpt_dir, fp),
+        log=log,
+        ema=EMA(model, ema_decay) if ema_decay is not None else None,
+        device=dev,
+    )

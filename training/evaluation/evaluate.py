@@ -1,0 +1,201 @@
+"""Phase ``evaluate``: assemble the text-to-image pipeline, sample the evaluation prompt
+set and score it.
+
+Metrics (all offline, with Kiln's own models) come from the registry in
+``training/evaluation/metrics/``: the attribute oracle of the built-in sets, CLIP score,
+Fréchet distance and CMMD in CLIP image space, VAE reconstruction PSNR. Pictures
+(``figures``): a sample grid, a guidance sweep, a denoising trajectory and a
+steps-vs-quality table per scheduler; everything lands in one self-contained HTML
+report. ``prompts.json`` lists the prompts sampled.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from training import engine as E
+from training import paths as P
+from training.config import Params
+
+
+def prompt_set(params: Params, clean_dir: Path) -> list:
+    from training.intake import builtin, shards
+
+    ds = params.ingest.dataset
+    if ds in ("shapes", "digits"):
+        prompts = builtin.eval_prompts(ds)
+    else:  # user data: distinct captions of the validation split
+        caps = dict.fromkeys(r.caption for r in shards.read(shards.shard_paths(clean_dir / "val")))
+        prompts = [builtin.EvalPrompt(c, {}) for c in caps]
+    if params.evaluate.max_prompts:
+        prompts = prompts[: params.evaluate.max_prompts]
+    return prompts
+
+
+def _img_tag(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+
+
+def write_report(
+    out: Path,
+    metrics: dict,
+    images: dict[str, Path],
+    title: str,
+    tables: dict[str, str] | None = None,
+) -> Path:
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>"
+        if isinstance(v, float)
+        else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in metrics.items()
+    )
+    figs = "".join(
+        f"<figure>{_img_tag(p)}<figcaption>{html.escape(cap)}</figcaption></figure>"
+        for cap, p in images.items()
+    )
+    figs += "".join(f"<h2>{html.escape(cap)}</h2>{table}" for cap, table in (tables or {}).items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;background:#fafafa}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px}}
+img{{image-rendering:pixelated;max-width:100%}}figure{{margin:1.5em 0}}</style></head>
+<body><h1>{html.escape(title)}</h1><h2>Metrics</h2><table>{rows}</table>{figs}</body></html>"""
+    out.write_text(page)
+    return out
+
+
+def run(
+    params: Params,
+    clean_dir: Path,
+    vae_dir: Path,
+    clip_dir: Path,
+    unet_dir: Path,
+    out_dir: Path,
+    log: E.MetricLogger | None = None,
+) -> dict:
+    from training.engine.images import grid
+    from training.evaluation import oracle as O
+    from training.evaluation.metrics import Samples, score_all
+    from training.inference import sampling
+
+    log = log or E.NullLogger()
+    c = params.evaluate
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = sampling.assemble(vae_dir, clip_dir, unet_dir, scheduler=c.scheduler)
+    pipe_dir = out_dir / "pipeline"
+    pipe.save_pretrained(pipe_dir, safe_serialization=True)
+    pipe = sampling.load(pipe_dir)  # evaluate exactly what was saved
+
+    prompts = prompt_set(params, clean_dir)
+    E.write_json(out_dir / "prompts.json", [p.prompt for p in prompts])
+    requests = [
+        sampling.Request(
+            p.prompt,
+            seed=params.seed + 1000 * j + i,
+            steps=c.steps,
+            guidance=c.guidance,
+            negative=c.negative_prompt,
+        )
+        for j in range(c.samples_per_prompt)
+        for i, p in enumerate(prompts)
+    ]
+    truths = [p for _ in range(c.samples_per_prompt) for p in prompts]
+    E.say(
+        f"evaluate: {len(requests)} samples ({len(prompts)} prompts x "
+        f"{c.samples_per_prompt}), {c.scheduler} {c.steps} steps, guidance {c.guidance}"
+    )
+    import time
+
+    t0 = time.perf_counter()
+    images = sampling.generate(pipe, requests, batch_size=c.batch_size)
+    gen_s = time.perf_counter() - t0
+
+    metrics: dict = {"samples": len(images), "images_per_s": len(images) / gen_s}
+    oracle = O.for_dataset(params.ingest.dataset, params.seed)
+    samples = Samples(
+        params=params,
+        images=images,
+        prompts=[r.prompt for r in requests],
+        truths=truths,
+        oracle=oracle,
+        clean_dir=clean_dir,
+        vae_dir=vae_dir,
+        clip_dir=clip_dir,
+    )
+    metrics.update(score_all(samples))
+    from training.evaluation import figures as X
+
+    for k, why in metrics.items():
+        if k.endswith("_skipped"):
+            E.say(f"evaluate: {k.removesuffix('_skipped')} skipped: {why}")
+
+    figures: dict[str, Path] = {}
+    tables: dict[str, str] = {}
+    if c.sweep_prompts:
+        stride = max(1, len(prompts) // c.sweep_prompts)
+        subset = prompts[::stride][: c.sweep_prompts]
+        sweep = out_dir / "guidance_sweep.png"
+        X.guidance_sweep(
+            pipe, [p.prompt for p in subset[:6]], c.sweep_guidance, params.seed, c.steps
+        ).save(sweep)
+        figures[
+            "Guidance sweep: columns are guidance "
+            + ", ".join(f"{g:g}" for g in c.sweep_guidance)
+            + "; rows: "
+            + "; ".join(p.prompt for p in subset[:6])
+        ] = sweep
+        traj = out_dir / "trajectory.png"
+        X.trajectory(pipe, subset[0].prompt, params.seed, c.steps, c.guidance).save(traj)
+        figures[
+            f"Denoising trajectory of '{subset[0].prompt}' ({c.scheduler}, {c.steps} steps): "
+            "top, the noisy latents after each step; bottom, the sampler's clean estimate"
+        ] = traj
+        rows = X.steps_table(pipe, subset, c.sweep_steps, c.guidance, params.seed, oracle, clip_dir)
+        E.write_json(out_dir / "steps_table.json", rows)
+        tables[
+            f"Steps vs quality per scheduler ({len(subset)} prompts, guidance {c.guidance:g})"
+        ] = X.table_html(rows)
+        for path in (sweep, traj, out_dir / "steps_table.json"):
+            log.log_image(path)
+
+    n_show = min(len(prompts), 24)
+    rows = [
+        images[j * len(prompts) + i] for i in range(n_show) for j in range(c.samples_per_prompt)
+    ]
+    grid_path = out_dir / "samples.png"
+    grid(rows, nrow=c.samples_per_prompt * 4, scale=3).save(grid_path)
+    log.log_image(grid_path)
+    legend = "; ".join(
+        f"row {i // 4 + 1}.{i % 4 + 1}: {p.prompt}" for i, p in enumerate(prompts[:n_show])
+    )
+    write_report(
+        out_dir / "report.html",
+        metrics,
+        {f"Samples ({legend})": grid_path, **figures},
+        title=f"Kiln evaluation — {params.ingest.dataset}, profile {params.profile}",
+        tables=tables,
+    )
+    summary = {
+        k: (f"{v:.3f}" if isinstance(v, float) else v)
+        for k, v in metrics.items()
+        if k
+        in (
+            "acc_all",
+            "acc_all_seen",
+            "acc_all_held_out",
+            "clip_score",
+            "vae_psnr",
+            "ceiling_acc_all_vae_recon",
+            "fd_clip",
+            "cmmd_clip",
+        )
+    }
+    E.say(f"evaluate: {summary}")
+    return metrics
+
+
+def stage(params: Params, log: E.MetricLogger) -> dict:
+    E.init_distributed()  # torch's threads; the process group under torchrun
+    return run(params, P.CLEAN, P.VAE, P.CLIP, P.UNET, P.EVAL, log)

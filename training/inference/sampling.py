@@ -1,0 +1,217 @@
+"""Assembling and sampling the text-to-image model.
+
+The product is a standard diffusers ``StableDiffusionPipeline`` directory (VAE, CLIP
+text encoder + tokenizer, U-Net, scheduler; safetensors weights) that anyone can load
+offline with ``from_pretrained``. Samplers are diffusers schedulers chosen by name.
+
+``generate`` may be called from many threads on one shared pipeline (``mlflow models
+serve`` runs each request in its own thread): it never changes the shared pipeline. A
+diffusers pipeline keeps per-call state on itself (the scheduler's timesteps and
+``step_index``, ``_guidance_scale``, ``_num_timesteps``...), so each call builds its own
+pipeline object and scheduler around the shared, read-only modules. User input is checked
+with ``check_request`` (the CLI and the pyfunc both call it) before anything is computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+
+from training.config import SAMPLER
+
+SCHEDULERS = {
+    "ddpm": lambda cfg: DDPMScheduler.from_config(cfg),
+    "ddim": lambda cfg: DDIMScheduler.from_config(cfg),
+    "dpm++": lambda cfg: DPMSolverMultistepScheduler.from_config(
+        cfg, algorithm_type="dpmsolver++", solver_order=2
+    ),
+    "euler": lambda cfg: EulerDiscreteScheduler.from_config(cfg),
+}
+
+
+def assemble(
+    vae_dir: Path, clip_dir: Path, unet_dir: Path, scheduler: str = SAMPLER.scheduler
+) -> StableDiffusionPipeline:
+    from training.inference.text import load_text_encoder
+
+    tokenizer, text_encoder = load_text_encoder(clip_dir)
+    ddpm = DDPMScheduler.from_pretrained(unet_dir)
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel.from_pretrained(unet_dir),
+        scheduler=SCHEDULERS[scheduler](ddpm.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def load(path: str | Path) -> StableDiffusionPipeline:
+    """A saved pipeline directory, on the GPU when there is one (``engine.distributed.device``)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from training.engine.distributed import device
+
+    diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(path), safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device())
+
+
+def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r} (choose {', '.join(SCHEDULERS)})")
+    pipe.scheduler = SCHEDULERS[name](pipe.scheduler.config)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    seed: int
+    steps: int = SAMPLER.steps
+    guidance: float = SAMPLER.guidance
+    negative: str = SAMPLER.negative_prompt
+
+
+# diffusers' schedulers refuse more inference steps than training timesteps (1000 here).
+MAX_STEPS = 1000
+# torch.Generator.manual_seed takes any 64-bit value but folds negative seeds onto
+# positive ones (-1 is 2**64 - 2), so two seeds would name one image; int64 is also
+# what the pyfunc signature declares.
+MAX_SEED = 2**63 - 1
+# CLIP reads at most model_max_length tokens (24 tiny, 77 base) and drops the rest, so
+# a longer prompt only costs tokenizer time; the bound keeps that time small.
+MAX_PROMPT_CHARS = 4096
+
+
+def _whole(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_request(r: Request) -> None:
+    """Raise ``ValueError`` with a one-line message naming the field and the allowed
+    range if ``r`` is not something ``generate`` should compute.
+
+    prompt: a non-empty string of at most MAX_PROMPT_CHARS characters; negative: a string
+    (may be empty) of at most MAX_PROMPT_CHARS; seed: a whole number in [0, MAX_SEED];
+    steps: a whole number in [1, MAX_STEPS]; guidance: a finite number >= 0. Guidance
+    below 1 is legal (diffusers then skips classifier-free guidance: 1 is the plain
+    conditional model, 0 the unconditional one); a negative scale or NaN only makes noise.
+    Called by the REST/pyfunc model and ``kiln generate`` before loading or computing."""
+    for field, text in (("prompt", r.prompt), ("negative_prompt", r.negative)):
+        if not isinstance(text, str):
+            raise ValueError(f"{field} must be a string, got {type(text).__name__}")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"{field} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are allowed"
+            )
+    if not r.prompt.strip():
+        raise ValueError("prompt must be a non-empty string")
+    if not _whole(r.seed) or not 0 <= r.seed <= MAX_SEED:
+        raise ValueError(f"seed must be a whole number in [0, {MAX_SEED}], got {r.seed!r}")
+    if not _whole(r.steps) or not 1 <= r.steps <= MAX_STEPS:
+        raise ValueError(f"steps must be a whole number in [1, {MAX_STEPS}], got {r.steps!r}")
+    g = r.guidance
+    if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 0:
+        raise ValueError(f"guidance must be a finite number >= 0, got {g!r}")
+
+
+def slug(text: str, max_len: int = 48) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:max_len].rstrip("-") or "empty"
+
+
+def private_pipeline(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """A pipeline object of one's own around ``pipe``'s modules (shared, not copied) with
+    a fresh scheduler of the same class and config.
+
+    ``pipe(...)`` writes per-call state on the pipeline and on its scheduler (timesteps,
+    ``step_index``, the multistep solvers' history, ``_guidance_scale``...). Two threads
+    calling one pipeline interleave that state: DPM-Solver++ raised ``IndexError`` on
+    ``step_index``, or, worse, returned another request's step schedule. The tokenizer
+    is copied too: a fast tokenizer keeps its padding/truncation settings on the shared
+    Rust object, and ``encode_prompt`` switches them per call (``max_length`` for the
+    prompt, ``longest`` for the truncation check), so two threads could get each
+    other's padding (seen in CI: negative and positive embeddings of lengths 2 and 9).
+    The modules themselves are only read under ``no_grad``, so sharing them is safe and
+    costs no memory."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    parts = {**pipe.components, "scheduler": scheduler, "tokenizer": copy.deepcopy(pipe.tokenizer)}
+    own = StableDiffusionPipeline(**parts, requires_safety_checker=False)
+    own.set_progress_bar_config(disable=True)
+    return own
+
+
+def _deadline_callback(deadline: float) -> Callable:
+    def check(pipe, step: int, timestep, kwargs: dict) -> dict:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"generation stopped at step {step}: past its deadline")
+        return kwargs
+
+    return check
+
+
+@torch.no_grad()
+def generate(
+    pipe: StableDiffusionPipeline,
+    requests: list[Request],
+    batch_size: int = 64,
+    deadline: float | None = None,
+) -> list[Image.Image]:
+    """Images for ``requests`` in order, from the sampler ``pipe.scheduler`` names.
+
+    Requests sharing (steps, guidance, negative) are batched, up to ``batch_size``; each
+    image's initial noise comes from its own seed. Batching is not bit-exact on CPU:
+    oneDNN chooses convolution algorithms by batch size, so a batched image can differ
+    from the same request alone by 1/255 in a few pixels. ``batch_size=1`` makes every
+    image a function of its own Request only (the REST model does that).
+
+    Safe to call concurrently on one ``pipe``: the call runs on ``private_pipeline(pipe)``
+    and leaves ``pipe`` untouched. ``deadline`` (a ``time.monotonic()`` value) stops the
+    work with ``TimeoutError`` at the next denoising step after it passes, so a request
+    nobody waits for any more does not keep the worker busy."""
+    own = private_pipeline(pipe)
+    callback = _deadline_callback(deadline) if deadline is not None else None
+    out: list[Image.Image | None] = [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault((r.steps, r.guidance, r.negative), []).append(i)
+    for (steps, guidance, negative), idx in groups.items():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("generation stopped before a batch: past its deadline")
+            result = own(
+                prompt=[requests[i].prompt for i in chunk],
+                negative_prompt=[negative] * len(chunk) if negative or guidance > 1 else None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=[torch.Generator().manual_seed(requests[i].seed) for i in chunk],
+                output_type="pil",
+                callback_on_step_end=callback,
+            )
+            for i, img in zip(chunk, result.images, strict=True):
+                out[i] = img
+    return out  # type: ignore[return-value]

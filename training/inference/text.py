@@ -1,0 +1,59 @@
+"""Text conditioning and CLIP embeddings, written once for training and inference.
+
+Text conditioning is made exactly as ``StableDiffusionPipeline`` makes it: token ids
+padded to the tokenizer's max length (no attention mask), then the CLIP text encoder's
+last hidden states. The CLIP phase, the latent precompute, sampling and evaluation all
+encode here, so training and inference cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+
+def encode_text(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids exactly as ``StableDiffusionPipeline`` makes them: padded to max length."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+
+
+def load_text_encoder(clip_dir: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """The text half of the trained CLIPModel, as the pipeline will load it."""
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+    text = CLIPModel.from_pretrained(clip_dir).text_model.eval()
+    return tokenizer, text
+
+
+@torch.no_grad()
+def text_states(
+    tokenizer: CLIPTokenizer, encoder: CLIPTextModel, captions: list[str]
+) -> torch.Tensor:
+    ids = encode_text(tokenizer, captions).to(encoder.device)
+    return encoder(ids).last_hidden_state.float().cpu()
+
+
+def embed(
+    model: CLIPModel,
+    pixels: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
+    batch: int = 256,
+) -> torch.Tensor:
+    """Normalised projected embeddings, on the CPU, computed on the model's device
+    (transformers 5: features come as ModelOutput)."""
+    outs = []
+    if pixels is not None:
+        for b in pixels.split(batch):
+            outs.append(model.get_image_features(pixel_values=b.to(model.device)).pooler_output)
+    else:
+        for b in ids.split(batch):
+            outs.append(model.get_text_features(input_ids=b.to(model.device)).pooler_output)
+    return F.normalize(torch.cat(outs).float().cpu(), dim=-1)

@@ -1,0 +1,201 @@
+"""MLflow pyfunc for ``kiln-text2image`` (logged as code: MLflow "models from code").
+
+Input: a DataFrame with a ``prompt`` column and optional ``seed``, ``steps``,
+``guidance``, ``negative_prompt`` columns (missing or null -> defaults: seed = row
+index, 20 steps, guidance 4.0, no negative prompt).
+Output: a DataFrame with ``prompt``, ``seed`` and ``image``: the PNG bytes, base64
+encoded (``PIL.Image.open(io.BytesIO(base64.b64decode(s)))`` reads it back).
+
+Serving (``mlflow models serve``) runs each HTTP request's ``predict`` in its own thread,
+all on this one loaded model. So:
+
+* No per-request state on shared objects: ``sampling.generate`` runs every call on a
+  pipeline object and scheduler of its own around the shared, read-only modules.
+* Each row is computed alone (batch size 1), so an image depends only on its own row
+  (prompt, seed, steps, guidance, negative prompt): the same whether sent alone, inside
+  a larger request or while other clients are served (batching changes CPU convolution
+  results by 1/255 here and there; ``sampling.generate``).
+* Every request is checked before anything is computed (``sampling.check_request`` per
+  row, plus the size limits below); a bad one is HTTP 400 with a one-line message.
+* Requests are bounded: at most ``KILN_SERVE_MAX_ROWS`` rows (default 64) and at most
+  ``KILN_SERVE_MAX_STEPS_TOTAL`` denoising steps summed over the rows (default 1000).
+  On the tiny profile one image-step costs ~8 ms on 2 idle CPU cores and ~30 ms when
+  other jobs load them 5-9 deep (benchmarks/RESULTS.md, "REST serving"), so the largest
+  request takes ~8-35 s, inside MLflow's 60 s scoring timeout. Raise both for bigger
+  hardware, lower the budget for bigger models.
+* At most ``KILN_SERVE_CONCURRENCY`` requests compute at once (default 2); the others
+  wait their turn. Measured with the trained tiny model on the quiet 2-core machine,
+  8 clients (benchmarks/RESULTS.md, "REST serving"): 1 at a time gave 1.4 images/s
+  (p95 10.0 s), 2 gave 3.5 (p95 2.6 s), 4 gave 3.2 and 8 gave 3.1. A batch-1 tiny
+  denoiser does not keep both cores busy alone, and more at once only share the same
+  cores. A bound also keeps each request's compute time near its own, so the step
+  budget above stays inside the scoring timeout under overload (requests finish in
+  turn instead of all timing out together), and activation memory stays bounded. Set
+  it to about the cores (or GPU streams) a server has.
+* When MLflow's scoring timeout (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, set by
+  ``mlflow models serve``) has expired for a request, the server has already answered
+  504; its work then stops at the next denoising step (or before it starts, if it was
+  still waiting its turn) instead of holding the worker for minutes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import threading
+import time
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from training.config import SAMPLER
+
+DEFAULTS = {
+    "steps": SAMPLER.steps,
+    "guidance": SAMPLER.guidance,
+    "negative_prompt": SAMPLER.negative_prompt,
+}
+COLUMNS = ("prompt", "seed", "steps", "guidance", "negative_prompt")
+LIMITS = {  # env var -> default
+    "KILN_SERVE_MAX_ROWS": 64,
+    "KILN_SERVE_MAX_STEPS_TOTAL": 1000,
+    "KILN_SERVE_CONCURRENCY": 2,
+}
+TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
+
+
+class BadRequest(MlflowException):
+    """A refused request: HTTP 400 whose JSON body is ``error_code`` + this message.
+
+    MLflow's scoring server answers an ``MlflowException`` from ``predict`` with its
+    status code and serialised message (no ``stack_trace`` field unless one is passed;
+    any other exception becomes a 400 *with* the traceback). But it first rewrites the
+    message to ``"Failed to predict data '<the input DataFrame>'. \\nError: <message>"``:
+    several lines echoing the client's own rows. The message here is fixed when the
+    exception is made, so the client reads one line saying what to change."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if "_message" not in self.__dict__:  # MlflowException.__init__ sets it first
+            self._message = value
+
+
+def _limit(name: str) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return LIMITS[name]
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
+def _missing(v: object) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _whole(v: object) -> object:
+    """JSON numbers arrive as float when a column has nulls; 4.0 means 4, 4.5 is refused
+    by ``check_request``."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def parse_requests(model_input: pd.DataFrame, max_rows: int, max_steps_total: int) -> list:
+    """The ``sampling.Request`` of each row, or ``BadRequest`` naming the first problem
+    (row number, field, allowed range). Nothing is computed before this passes."""
+    from training.inference.sampling import Request, check_request
+
+    if not isinstance(model_input, pd.DataFrame):
+        raise BadRequest(f"input must be a table of rows, got {type(model_input).__name__}")
+    if "prompt" not in model_input.columns:
+        raise BadRequest("input needs a 'prompt' column")
+    rows = len(model_input)
+    if rows == 0:
+        raise BadRequest("request has no rows")
+    if rows > max_rows:
+        raise BadRequest(
+            f"request has {rows} rows; at most {max_rows} per request (KILN_SERVE_MAX_ROWS)"
+        )
+    cols = {c: model_input[c].tolist() for c in COLUMNS if c in model_input.columns}
+
+    def value(col: str, i: int, default: object) -> object:
+        v = cols[col][i] if col in cols else None
+        return default if _missing(v) else v
+
+    requests = []
+    for i in range(rows):
+        prompt = cols["prompt"][i]
+        guidance = value("guidance", i, DEFAULTS["guidance"])
+        r = Request(
+            prompt="" if _missing(prompt) else prompt,
+            seed=_whole(value("seed", i, i)),
+            steps=_whole(value("steps", i, DEFAULTS["steps"])),
+            guidance=float(guidance) if isinstance(guidance, int | float) else guidance,
+            negative=value("negative_prompt", i, DEFAULTS["negative_prompt"]),
+        )
+        try:
+            check_request(r)
+        except ValueError as exc:
+            raise BadRequest(f"row {i}: {exc}") from None
+        requests.append(r)
+    total = sum(r.steps for r in requests)
+    if total > max_steps_total:
+        raise BadRequest(
+            f"request needs {total} denoising steps (steps summed over its rows); at most "
+            f"{max_steps_total} per request (KILN_SERVE_MAX_STEPS_TOTAL)"
+        )
+    return requests
+
+
+class Text2Image(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from training.env import offline_defaults
+        from training.inference.sampling import load
+
+        offline_defaults()  # never reach for a hub; no library progress bars in serving
+
+        self.max_rows = _limit("KILN_SERVE_MAX_ROWS")
+        self.max_steps_total = _limit("KILN_SERVE_MAX_STEPS_TOTAL")
+        self.turns = threading.BoundedSemaphore(_limit("KILN_SERVE_CONCURRENCY"))
+        self.pipe = load(context.artifacts["pipeline"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from training.inference.sampling import generate
+
+        # The scoring server answers 504 this long after the request came in; past it
+        # nobody reads the result. Unset (a notebook's predict): no deadline.
+        timeout = os.environ.get(TIMEOUT_ENV)
+        deadline = time.monotonic() + float(timeout) if timeout else None
+        requests = parse_requests(model_input, self.max_rows, self.max_steps_total)
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self.turns.acquire(timeout=wait):
+            raise TimeoutError("waited past the scoring timeout for a free turn")
+        try:
+            images = generate(self.pipe, requests, batch_size=1, deadline=deadline)
+        finally:
+            self.turns.release()
+        encoded = []
+        for img in images:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            encoded.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+        return pd.DataFrame(
+            {
+                "prompt": [r.prompt for r in requests],
+                "seed": [r.seed for r in requests],
+                "image": encoded,
+            }
+        )
+
+
+mlflow.models.set_model(Text2Image())

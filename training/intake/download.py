@@ -1,0 +1,145 @@
+"""Kiln's img2dataset hook: every download goes through the fetch guard, and every image
+is checked and normalised before img2dataset's OpenCV sees it.
+
+Kiln swaps img2dataset's ``download_image`` for :func:`download_image` inside each
+img2dataset worker (:class:`GuardedDownloader`). The image is opened header-first:
+declared sizes above ``max_pixels`` (decompression bombs) and bodies that are not images
+are refused. It is then fully decoded (truncated files fail here, where OpenCV would
+return a half-grey picture), and what OpenCV gets wrong is normalised: EXIF orientation
+(OpenCV's ``IMREAD_UNCHANGED`` ignores it), CMYK, 16-bit, palette transparency and
+animated GIFs are re-encoded as an upright 8-bit RGB PNG (first frame; transparency on
+white, as img2dataset does for RGBA). Plain 8-bit RGB/grey JPEG/PNG/WebP pass through.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+from training.intake.guard import Policy, Refused, fetch_bytes, reason
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations phones home
+
+
+# ---- image checks and normalisation ----------------------------------------------------
+_PASS_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+def normalize(data: bytes, max_pixels: int) -> bytes:
+    """Check that ``data`` is one whole image of sane size; returns bytes OpenCV decodes
+    correctly (the original when it already does). Raises Refused with the reason."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise Refused("empty body")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        head = data[:64].lstrip().lower()
+        kind = "html" if head.startswith((b"<!doctype html", b"<html")) else "unknown data"
+        raise Refused(f"not an image ({kind})") from None
+    except Image.DecompressionBombError:
+        raise Refused("decompression bomb (declared size over max_pixels)") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise Refused("decompression bomb (declared size over max_pixels)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except Exception:
+        raise Refused("truncated or corrupt image") from None
+    frames = getattr(img, "n_frames", 1)
+    orientation = img.getexif().get(0x0112, 1)
+    if (
+        img.format in _PASS_FORMATS
+        and img.mode in ("RGB", "L")
+        and orientation == 1
+        and frames == 1
+        and "transparency" not in img.info
+    ):
+        return data
+    if frames > 1:
+        img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    img = _to_rgb8(img)
+    out = io.BytesIO()
+    img.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def _to_rgb8(img):
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16/32-bit grey
+        a = np.asarray(img, dtype=np.float64)
+        scale = 65535.0 if a.max() > 255 or img.mode.startswith("I;16") else 255.0
+        img = Image.fromarray(np.clip(a / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+# ---- the img2dataset hook --------------------------------------------------------------
+_policy: Policy | None = None
+
+
+def download_image(row, timeout, user_agent_token, disallowed_header_directives):
+    """Drop-in for ``img2dataset.downloader.download_image``: (key, BytesIO|None, error)."""
+    from img2dataset.downloader import is_disallowed
+
+    key, url = row
+    policy = _policy or Policy()
+    try:
+        body, headers = fetch_bytes(str(url), timeout, policy)
+        if disallowed_header_directives and is_disallowed(
+            headers, user_agent_token, disallowed_header_directives
+        ):
+            return key, None, "Use of image disallowed by X-Robots-Tag directive"
+        return key, io.BytesIO(normalize(body, policy.max_pixels)), None
+    except Refused as exc:
+        return key, None, str(exc)
+    except Exception as exc:  # img2dataset records the message as the failure reason
+        return key, None, reason(exc)
+
+
+def install(policy: Policy) -> None:
+    """Route img2dataset's downloads in *this* process through :func:`download_image`."""
+    global _policy
+    import img2dataset.downloader as d
+
+    _policy = policy
+    d.download_image = download_image
+
+
+def guarded_downloader_class(policy: Policy):
+    """A factory img2dataset's ``download()`` calls in place of its ``Downloader``: the
+    instance it returns is pickled to each spawned worker and installs the guard there
+    before downloading a shard."""
+
+    def factory(*args, **kwargs):
+        d = GuardedDownloader(*args, **kwargs)
+        d.kiln_policy = policy
+        return d
+
+    return factory
+
+
+def _downloader_base():
+    from img2dataset.downloader import Downloader
+
+    return Downloader
+
+
+class GuardedDownloader(_downloader_base()):  # type: ignore[misc]
+    kiln_policy: Policy = Policy()
+
+    def __call__(self, row):
+        install(self.kiln_policy)
+        return super().__call__(row)

@@ -1,0 +1,328 @@
+"""The fetch guard: what any download of a user-listed URL may contact, and for how long.
+
+img2dataset downloads with plain ``urllib``: it will read ``http://127.0.0.1/...``, a
+cloud metadata endpoint or ``file:///etc/hostname`` if a URL list says so, and its
+``timeout`` is per socket operation, so a server that drips one byte a second holds a
+worker forever. :func:`fetch_bytes` (used by ``intake.download`` inside img2dataset's
+workers, and for remote shards)
+
+- accepts only ``http``/``https``;
+- refuses loopback, private, link-local (169.254.169.254 included), multicast, reserved
+  and unspecified addresses unless a CIDR in ``allow_networks`` covers them — checked at
+  connect time on the *resolved* address, so DNS tricks do not help, and again on every
+  redirect hop (at most ``max_redirects``);
+- enforces a total deadline per download (a watchdog shuts the socket) and a byte cap.
+
+Every refusal is a categorical message (no URL or address inside), recorded as
+img2dataset's per-sample error, so failures aggregate by reason in the shard stats and
+the rejects table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.client
+import ipaddress
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+ALLOWED_SCHEMES = ("http", "https")
+USER_AGENT = "Mozilla/5.0 (compatible; kiln-ingest; +img2dataset)"
+
+
+class Refused(Exception):
+    """A download Kiln will not make or keep; the message is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a worker may fetch. Picklable: it travels to img2dataset's spawned workers."""
+
+    allow_networks: tuple[str, ...] = ()
+    deadline_s: float = 30.0
+    max_bytes: int = 32 * 1024 * 1024
+    max_redirects: int = 5
+    max_pixels: int = 40_000_000
+    networks: tuple = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        nets = tuple(ipaddress.ip_network(n, strict=False) for n in self.allow_networks)
+        object.__setattr__(self, "networks", nets)
+
+
+def parse_networks(cidrs: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Validate ``--allow-network`` values; raises ValueError naming the bad one."""
+    out = []
+    for c in cidrs:
+        try:
+            out.append(str(ipaddress.ip_network(c.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(
+                f"--allow-network {c!r} is not a CIDR range (e.g. 10.0.0.0/8)"
+            ) from None  # noqa: E501
+    return tuple(out)
+
+
+def refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, policy: Policy) -> str | None:
+    """Why ``ip`` may not be contacted under ``policy``, or None if it may."""
+    if getattr(ip, "ipv4_mapped", None):
+        ip = ip.ipv4_mapped
+    if any(ip in net for net in policy.networks if net.version == ip.version):
+        return None
+    for attr, what in (
+        ("is_loopback", "loopback"),
+        ("is_link_local", "link-local"),
+        ("is_private", "private"),
+        ("is_multicast", "multicast"),
+        ("is_reserved", "reserved"),
+        ("is_unspecified", "unspecified"),
+    ):
+        if getattr(ip, attr):
+            return f"refused: {what} address (open it with --allow-network)"
+    if not ip.is_global:
+        return "refused: non-global address (open it with --allow-network)"
+    return None
+
+
+# ---- the deadline watchdog: one thread per process, shuts sockets of expired fetches ----
+class _Fetch:
+    def __init__(self, deadline_s: float):
+        self.expires = time.monotonic() + deadline_s
+        self.expired = False
+        self.socks: list[socket.socket] = []
+        self.lock = threading.Lock()
+
+    def add(self, sock: socket.socket) -> None:
+        with self.lock:
+            if self.expired:
+                sock.close()
+                raise Refused("total deadline exceeded")
+            self.socks.append(sock)
+
+    def expire(self) -> None:
+        with self.lock:
+            self.expired = True
+            for s in self.socks:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+_active: set[_Fetch] = set()
+_active_lock = threading.Lock()
+_watchdog: threading.Thread | None = None
+_local = threading.local()
+
+
+def _watch() -> None:
+    while True:
+        time.sleep(0.1)
+        now = time.monotonic()
+        with _active_lock:
+            due = [f for f in _active if not f.expired and f.expires <= now]
+        for f in due:
+            f.expire()
+
+
+def _start_watchdog() -> None:
+    global _watchdog
+    with _active_lock:
+        if _watchdog is None or not _watchdog.is_alive():
+            _watchdog = threading.Thread(target=_watch, name="kiln-fetch-deadline", daemon=True)
+            _watchdog.start()
+
+
+# ---- guarded connections: the address check happens where the socket is opened ---------
+_DEFAULT_TIMEOUT = socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
+
+
+def _guarded_create_connection(address, timeout=_DEFAULT_TIMEOUT, source_address=None):
+    fetch: _Fetch = _local.fetch
+    policy: Policy = _local.policy
+    host, port = address
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise Refused("DNS lookup failed") from None
+    reason, last_err = None, None
+    for family, socktype, proto, _, sockaddr in infos:
+        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+        reason = refusal(ip, policy)
+        if reason:
+            continue
+        sock = socket.socket(family, socktype, proto)
+        try:
+            fetch.add(sock)
+            remaining = max(0.01, fetch.expires - time.monotonic())
+            to = remaining if timeout is _DEFAULT_TIMEOUT else min(timeout, remaining)
+            sock.settimeout(to)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            last_err = exc
+            sock.close()
+    if last_err is not None:
+        raise last_err
+    raise Refused(reason or "refused: no usable address")
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._create_connection = _guarded_create_connection
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._create_connection = _guarded_create_connection
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req, context=self._context)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Each hop's scheme is checked here (urllib itself would follow ftp:); each hop's
+    address is checked by the guarded connection it opens."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = headers.get("location") or headers.get("uri") or ""
+        if urlsplit(urljoin(req.full_url, target)).scheme.lower() not in ALLOWED_SCHEMES:
+            raise Refused("refused: redirect to a non-http(s) scheme")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+@functools.lru_cache(maxsize=8)
+def _opener(policy: Policy) -> urllib.request.OpenerDirector:
+    """An opener with only guarded http/https handlers: no proxies from the environment,
+    no file:, ftp: or data: handlers at all. Built once per policy (handlers keep no
+    per-request state; the guard's state is thread-local), not once per image."""
+    redirect = _RedirectHandler()
+    redirect.max_redirections = policy.max_redirects
+    opener = urllib.request.OpenerDirector()
+    for h in (
+        urllib.request.ProxyHandler({}),
+        urllib.request.UnknownHandler(),
+        _HTTPHandler(),
+        _HTTPSHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        redirect,
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(h)
+    return opener
+
+
+def fetch_bytes(
+    url: str, timeout: float, policy: Policy, headers: dict | None = None
+) -> tuple[bytes, object]:
+    """Download ``url`` under ``policy``; returns (body, response headers).
+
+    Raises :class:`Refused` with a categorical reason, or urllib's own errors."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        host = parts.hostname
+    except ValueError:
+        raise Refused("malformed URL") from None
+    if scheme not in ALLOWED_SCHEMES:
+        raise Refused(f"refused: scheme {scheme or 'missing'!r} (only http/https)")
+    if not host:
+        raise Refused("malformed URL (no host)")
+    _start_watchdog()
+    fetch = _Fetch(policy.deadline_s)
+    _local.fetch, _local.policy = fetch, policy
+    with _active_lock:
+        _active.add(fetch)
+    try:
+        req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
+        try:
+            with _opener(policy).open(req, timeout=timeout) as r:
+                length = r.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > policy.max_bytes:
+                    raise Refused("larger than max_bytes")
+                chunks, total = [], 0
+                while True:
+                    chunk = r.read(65536)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > policy.max_bytes:
+                        raise Refused("larger than max_bytes")
+                    chunks.append(chunk)
+                body, resp_headers = b"".join(chunks), r.headers
+        except urllib.error.HTTPError as exc:
+            if exc.code in (301, 302, 303, 307, 308):
+                raise Refused("too many redirects") from None
+            raise
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, Refused):
+                raise exc.reason from None
+            if fetch.expired:
+                raise Refused("total deadline exceeded") from None
+            raise
+        except (OSError, http.client.HTTPException):
+            if fetch.expired:
+                raise Refused("total deadline exceeded") from None
+            raise
+        if fetch.expired:  # the watchdog cut the body short: never keep a partial image
+            raise Refused("total deadline exceeded")
+        return body, resp_headers
+    finally:
+        with _active_lock:
+            _active.discard(fetch)
+        _local.fetch = None
+
+
+def reason(exc: Exception) -> str:
+    """A categorical one-line reason for a failed download (no URL inside)."""
+    if isinstance(exc, Refused):
+        return str(exc)
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP Error {exc.code}"
+    if isinstance(exc, urllib.error.URLError):
+        exc = exc.reason if isinstance(exc.reason, Exception) else exc
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, http.client.IncompleteRead):
+        return "incomplete body"
+    if isinstance(exc, ConnectionError):
+        return "connection error"
+    return f"{type(exc).__name__}"
+
+
+# Reasons (as ``reason`` and the guard word them) that a later attempt may not repeat:
+# the network or the server, not the URL or the bytes. Everything else (refusals,
+# malformed URLs, HTTP 4xx, not an image, too large) fails the same way every time.
+_TRANSIENT = (
+    "timed out",
+    "total deadline exceeded",
+    "connection refused",
+    "connection error",
+    "incomplete body",
+    "DNS lookup failed",
+    "HTTP Error 408",
+    "HTTP Error 429",
+    "HTTP Error 5",
+)
+
+
+def is_transient(why: str) -> bool:
+    """Could retrying the download help? (``why`` is a recorded failure reason.)"""
+    return why.startswith(_TRANSIENT)

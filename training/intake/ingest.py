@@ -1,0 +1,368 @@
+"""Phase ``ingest``: image-caption sources -> webdataset shards, through img2dataset.
+
+Every source becomes a URL list that img2dataset downloads, resizes and writes as
+webdataset shards with per-shard stats (``intake/sources.py``). Built-in sets and
+local folders are served from a loopback HTTP server, so they take exactly the path web
+data takes. Downloads go through Kiln's fetch guard (``intake/guard.py``: SSRF guard,
+total deadline, byte cap, image checks).
+
+Resuming: img2dataset writes into a work folder (``data/.work/ingest``), never into the
+DVC output, in its ``incremental`` mode: a shard is done when its ``_stats.json`` exists,
+so a re-run after a crash or Ctrl-C downloads only the shards that were not finished (a
+shard killed mid-write has no stats file and is redone from scratch — it is never
+published). The work folder carries a fingerprint of the params and source; a different
+one starts over. When every shard is complete they are moved to ``data/raw/shards`` with
+``report.json`` (successes, failures by reason) and ``rejects.parquet`` (one row per
+sample that did not land: key, url, reason).
+
+Reproducible: img2dataset writes a shard's samples in the order their downloads finish,
+and stamps tar members and stats with the time. Before publishing, every shard is
+rewritten in key order with fixed tar metadata, its parquet sorted by key and its stats
+stripped of timings; the loopback URLs of served sources (``http://127.0.0.1:<random
+port>/path``) are recorded as ``kiln://<dataset>/path``. The same source and params then
+give byte-identical ``data/raw`` (and so the same clean split, the same DVC hashes, the
+same trained models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+from collections import Counter
+from pathlib import Path
+
+from training import paths as P
+from training.config import BUILTIN_DATASETS, Params, fingerprint
+from training.console import say
+from training.disk import write_json
+from training.intake import sources
+from training.intake.canonical import canonicalize_shard, stable_url
+from training.intake.guard import is_transient
+from training.intake.serve import LOOPBACK, render_builtin, serve_directory
+
+
+def policy_for(params: Params, extra_networks: tuple[str, ...] = ()):
+    from training.intake import guard as fetch
+
+    c = params.ingest
+    return fetch.Policy(
+        allow_networks=fetch.parse_networks((*c.allow_networks, *extra_networks)),
+        deadline_s=c.deadline_s,
+        max_bytes=c.max_bytes,
+        max_redirects=c.max_redirects,
+        max_pixels=c.max_pixels,
+    )
+
+
+# ---- img2dataset -----------------------------------------------------------------------
+def download(
+    url_list: Path,
+    out_dir: Path,
+    params: Params,
+    policy,
+    extra_cols: list[str] | None = None,
+) -> None:
+    """One img2dataset call (incremental: finished shards in ``out_dir`` are kept)."""
+    c = params.ingest
+    # first: sets NO_ALBUMENTATIONS_UPDATE before img2dataset loads
+    from training.intake import download as hook
+
+    i2d = importlib.import_module("img2dataset.main")  # the package exports a function too
+
+    original_downloader, original_sigint = i2d.Downloader, signal.getsignal(signal.SIGINT)
+    i2d.Downloader = hook.guarded_downloader_class(policy)
+    try:
+        i2d.download(
+            url_list=str(url_list),
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=extra_cols,
+            output_format="webdataset",
+            output_folder=str(out_dir),
+            image_size=c.image_size,
+            resize_mode=c.resize_mode,
+            encode_format="png",
+            encode_quality=c.png_compression,  # png: zlib level; lossless either way
+            processes_count=c.processes,
+            thread_count=c.threads,
+            number_sample_per_shard=c.samples_per_shard,
+            timeout=c.timeout_s,
+            retries=c.retries,
+            distributor=c.distributor,
+            compute_hash="sha256",
+            incremental_mode="incremental",
+            enable_wandb=False,
+        )
+    except SystemExit:
+        # img2dataset's own SIGINT handler ends with sys.exit(0): that is an interrupt,
+        # not a success — finished shards are kept for the re-run
+        raise KeyboardInterrupt from None
+    finally:
+        i2d.Downloader = original_downloader
+        signal.signal(signal.SIGINT, original_sigint)
+
+
+def _shard_ids(directory: Path, pattern: str) -> set[str]:
+    return {p.name.split("_")[0].split(".")[0] for p in directory.glob(pattern)}
+
+
+def finished_shards(directory: Path) -> tuple[list[str], list[str]]:
+    """(complete shard ids, incomplete ones): complete = img2dataset wrote its stats,
+    which it does only after closing the tar and its parquet."""
+    done = _shard_ids(directory, "*_stats.json")
+    started = _shard_ids(directory, "*.tar") | _shard_ids(directory, "*.parquet")
+    return sorted(done), sorted(started - done)
+
+
+def summarize(shard_dir: Path) -> dict:
+    """Aggregate img2dataset's ``*_stats.json`` into one report."""
+    totals: Counter = Counter()
+    reasons: Counter = Counter()
+    shards = 0
+    for f in sorted(shard_dir.glob("*_stats.json")):
+        st = json.loads(f.read_text())
+        shards += 1
+        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            totals[k] += int(st.get(k, 0))
+        for reason, n in st.get("status_dict", {}).items():
+            if reason != "success":
+                reasons[reason] += int(n)
+    return {"shards": shards, **dict(totals), "failures_by_reason": dict(reasons.most_common())}
+
+
+def collect_rejects(shard_dir: Path, out: Path) -> int:
+    """One row per sample that did not land (key, url, caption, reason), from
+    img2dataset's per-shard parquet; streamed shard by shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("url", pa.string()),
+            ("caption", pa.string()),
+            ("stage", pa.string()),
+            ("reason", pa.string()),
+        ]
+    )
+    n = 0
+    with pq.ParquetWriter(out, schema) as writer:
+        for p in sorted(shard_dir.glob("*.parquet")):
+            t = pq.read_table(p, columns=["key", "url", "caption", "status", "error_message"])
+            d = t.to_pydict()
+            rows = [i for i, s in enumerate(d["status"]) if s != "success"]
+            if not rows:
+                continue
+            writer.write_table(
+                pa.table(
+                    {
+                        "key": [d["key"][i] for i in rows],
+                        "url": [d["url"][i] for i in rows],
+                        "caption": [(d["caption"][i] or "")[:200] for i in rows],
+                        "stage": ["ingest"] * len(rows),
+                        "reason": [d["error_message"][i] or d["status"][i] for i in rows],
+                    },
+                    schema=schema,
+                )
+            )
+            n += len(rows)
+    return n
+
+
+# ---- the stage -------------------------------------------------------------------------
+def _source_fingerprint(params: Params) -> str:
+    """What makes a half-finished work folder reusable: same params, same source bytes."""
+    c = params.ingest
+    parts: list = [params.seed, c.model_dump(mode="json")]
+    if c.dataset == "url-list" and c.source and Path(c.source).is_file():
+        h = hashlib.sha256()
+        with open(c.source, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        parts.append(h.hexdigest())
+    elif c.dataset == "folder" and c.source and Path(c.source).is_dir():
+        parts.append(
+            [
+                (str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in sorted(Path(c.source).rglob("*"))
+                if p.is_file()
+            ]
+        )
+    return fingerprint(*parts)
+
+
+def check_source(params: Params) -> None:
+    """Refuse, before any work folder exists or any download starts, what no retry can
+    fix: no source, a source that is not there or not the right kind of thing, a
+    distributor that is not installed. Raises ``SourceError`` (a ``ValueError``) with
+    one line naming the path and what to do."""
+    c = params.ingest
+    if c.dataset not in BUILTIN_DATASETS and not c.source:
+        raise sources.SourceError(
+            f"ingest.dataset is {c.dataset!r} but ingest.source is not set "
+            "(give --url-list, --folder or --shards, or set ingest.source in params.yaml)"
+        )
+    if c.dataset == "folder":
+        sources.check_folder(Path(c.source))
+    elif c.dataset == "url-list":
+        sources.check_url_list(Path(c.source))
+    elif c.dataset == "shards":
+        sources.expand_shards(c.source)  # refuses pipe: and patterns matching nothing
+    if c.distributor != "multiprocessing" and importlib.util.find_spec(c.distributor) is None:
+        raise sources.SourceError(
+            f"ingest.distributor is {c.distributor!r} but {c.distributor} is not installed "
+            f"(pip install {c.distributor}, or use distributor: multiprocessing)"
+        )
+
+
+def _prepare_work(work: Path, fp: str) -> None:
+    marker = work / "fingerprint.json"
+    if work.exists():
+        old = json.loads(marker.read_text()).get("fingerprint") if marker.exists() else None
+        if old == fp:
+            done, _ = finished_shards(work / "shards")
+            if done:
+                say(f"ingest: resuming: {len(done)} finished shards kept from the last run")
+            return
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    marker.write_text(json.dumps({"fingerprint": fp}))
+
+
+def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
+    """Ingest ``params.ingest`` into ``out_dir``: ``shards/`` (tars, per-shard parquet and
+    stats), ``report.json`` and ``rejects.parquet``."""
+    check_source(params)
+    _prepare_work(work_dir, _source_fingerprint(params))
+    try:
+        return _ingest(params, out_dir, work_dir)
+    except sources.SourceError:
+        # the source cannot be ingested as it is: nothing in the work folder is reusable
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+
+
+def _ingest(params: Params, out_dir: Path, work_dir: Path) -> dict:
+    c = params.ingest
+    i2d_dir = work_dir / "shards"
+    url_list = work_dir / "urls.parquet"
+    extra: dict = {}
+    if c.dataset == "url-list":
+        n = sources.normalize_url_list(Path(c.source), c.url_col, c.caption_col, url_list)
+        say(f"ingest: {n} rows in {c.source}; downloading with img2dataset")
+        download(url_list, i2d_dir, params, policy_for(params))
+    else:
+        source = work_dir / "source"
+        if c.dataset in BUILTIN_DATASETS:
+            shutil.rmtree(source, ignore_errors=True)
+            rows = render_builtin(params, source)
+            # digits has 1,797 images in all: say how many there are, not how many asked
+            say(f"ingest: rendered {len(rows)} '{c.dataset}' samples at {c.image_size} px")
+            extra_cols = ["meta"]
+        else:
+            if c.dataset == "shards":
+                remote = dataclasses.replace(
+                    policy_for(params), max_bytes=1 << 40, deadline_s=3600.0
+                )
+                stats = sources.unpack_shards(c.source, source, remote)
+                extra["unpacked"] = stats
+                say(f"ingest: unpacked {stats['shards']} shards from {c.source}")
+                source_dir = source
+            else:
+                source_dir = Path(c.source)
+            try:
+                rows = sources.folder_rows(source_dir)
+            except sources.SourceError:
+                if c.dataset != "shards":
+                    raise
+                raise sources.SourceError(
+                    f"shards {c.source}: no image members ({', '.join(sources.IMAGE_SUFFIXES)})"
+                ) from None
+            source = source_dir
+            extra_cols = None
+            say(f"ingest: {len(rows)} images in {source}")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with serve_directory(source) as base:
+            table = sources.url_rows(base, rows)
+            if extra_cols:
+                table["meta"] = [r["meta"] for r in rows]
+            pq.write_table(pa.table(table), url_list)
+            say(f"ingest: serving {len(rows)} images on {base}; fetching with img2dataset")
+            download(url_list, i2d_dir, params, policy_for(params, (LOOPBACK,)), extra_cols)
+    return publish(params, i2d_dir, out_dir, work_dir, extra)
+
+
+def publish(params: Params, i2d_dir: Path, out_dir: Path, work_dir: Path, extra: dict) -> dict:
+    """Move complete shards to ``out_dir``; refuse to publish while any is incomplete."""
+    done, incomplete = finished_shards(i2d_dir)
+    if incomplete:  # a network fault or a kill: a retry (or a re-run) may finish them
+        raise ConnectionError(
+            f"{len(incomplete)} shard(s) did not finish ({', '.join(incomplete[:5])}); "
+            f"re-run `kiln ingest` to retry them ({len(done)} finished shards are kept)"
+        )
+    fix_url = stable_url(params.ingest.dataset)
+    for shard_id in done:
+        canonicalize_shard(i2d_dir, shard_id, fix_url)
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for p in sorted(i2d_dir.iterdir()):
+        if p.suffix in (".tar", ".parquet", ".json"):
+            os.replace(p, shard_dir / p.name)
+    rejected = collect_rejects(shard_dir, out_dir / "rejects.parquet")
+    report = {
+        "dataset": params.ingest.dataset,
+        "image_size": params.ingest.image_size,
+        **summarize(shard_dir),
+        "rejected": rejected,
+        **extra,
+    }
+    write_json(out_dir / "report.json", report)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    print_report(report)
+    if not report.get("successes"):
+        raise no_image_error(report, out_dir / "rejects.parquet")
+    return report
+
+
+def no_image_error(report: dict, rejects: Path) -> Exception:
+    """The error for a run in which not one image landed: a ``SourceError`` (not worth
+    retrying) when every failure would repeat (refused, malformed, HTTP 404, not an
+    image...), a ``RuntimeError`` when some were the network's (timeouts, 5xx), which a
+    retry may get past."""
+
+    reasons: dict[str, int] = report.get("failures_by_reason", {})
+    top = "; ".join(f"{n} {why}" for why, n in list(reasons.items())[:3])
+    msg = (
+        f"no image could be downloaded: all {report.get('count', 0)} failed"
+        + (f" ({top})" if top else "")
+        + f"; every row is listed in {rejects}"
+    )
+    if any(is_transient(why) for why in reasons):
+        return ConnectionError(msg)  # the flow retries these; SourceError it does not
+    if "--allow-network" not in top and any(
+        why.startswith("refused: ") and "address" in why for why in reasons
+    ):
+        msg += "; --allow-network CIDR (ingest.allow_networks) opens a private range"
+    return sources.SourceError(msg)
+
+
+def print_report(report: dict) -> None:
+    say(
+        f"ingest: {report.get('successes', 0)}/{report.get('count', 0)} images in "
+        f"{report['shards']} shards"
+    )
+    for reason, n in report["failures_by_reason"].items():
+        say(f"ingest:   {n:6d}  {reason}")
+
+
+def stage(params: Params, log=None) -> dict:
+    """The DVC stage: params.yaml's source -> ``data/raw``."""
+    return run(params, P.RAW, P.WORK / "ingest")

@@ -1,0 +1,287 @@
+"""What ``kiln ingest`` can read, turned into the one thing img2dataset takes: a URL list.
+
+- **url-list**: parquet, csv, tsv or jsonl (LAION / CC3M style) with configurable url and
+  caption columns. It is checked and rewritten as a normalised parquet *before any
+  download*: a missing column or non-text values stop the run with one clear error, and
+  bytes that are not UTF-8 are kept as U+FFFD (the quality gate then rejects that
+  caption, with its reason) instead of crashing the reader. Read in chunks, so a large
+  list never sits in memory twice.
+- **folder**: images with sidecar captions (``x.jpg`` + ``x.txt``), served from a
+  loopback HTTP server, so resizing, stats and rejects are exactly the web path's.
+- **shards**: existing webdataset tars (a path, a glob, a brace pattern such as
+  ``data/{00000..00009}.tar``, or http(s) URLs fetched through the SSRF guard). They are
+  unpacked into a work folder shard by shard and then take the folder path. Members are
+  never unpickled: ``.pyd``/``.pickle`` members are ignored and counted, and ``pipe:``
+  URLs (shell commands) are refused.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+FORMATS = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+UNSAFE_SUFFIXES = (".pyd", ".pickle", ".pkl", ".pth", ".pt", ".npy")
+CHUNK_ROWS = 50_000
+
+
+class SourceError(ValueError):
+    """A source that cannot be ingested at all; raised before anything is downloaded."""
+
+
+def check_url_list(path: Path) -> None:
+    """One line naming ``path`` when it cannot be a url list at all (no file, a folder,
+    an empty file, an unsupported format); the contents are checked while normalising."""
+    if not path.exists():
+        raise SourceError(f"url list {path} does not exist")
+    if not path.is_file():
+        raise SourceError(f"url list {path} is not a file (for a folder of images use --folder)")
+    list_format(path)
+    if path.stat().st_size == 0:
+        raise SourceError(f"url list {path} is empty (0 bytes)")
+
+
+def check_folder(folder: Path) -> None:
+    """One line naming ``folder`` when it does not exist or is not a directory."""
+    if not folder.exists():
+        raise SourceError(f"image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise SourceError(
+            f"image folder {folder} is not a folder (for a url list use --url-list, for "
+            "webdataset tars --shards)"
+        )
+
+
+def list_format(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise SourceError(
+            f"{path}: unsupported url list format {path.suffix!r} (parquet, csv, tsv, jsonl)"
+        )
+    return fmt
+
+
+def _chunks(path: Path, fmt: str, cols: list[str]) -> Iterator[dict[str, list]]:
+    """Yield column dicts of at most CHUNK_ROWS rows; raises SourceError on a missing
+    column. Values keep their parsed types so the caller can check them."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        _need(path, cols, names)
+        for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=cols):
+            yield batch.to_pydict()
+    elif fmt in ("csv", "tsv"):
+        import pandas as pd
+
+        reader = pd.read_csv(
+            path,
+            sep="," if fmt == "csv" else "\t",
+            dtype=str,
+            keep_default_na=False,
+            chunksize=CHUNK_ROWS,
+            encoding_errors="replace",
+        )
+        for i, df in enumerate(reader):
+            if i == 0:
+                _need(path, cols, list(df.columns))
+            yield {c: df[c].tolist() for c in cols}
+    else:
+        rows: list[dict] = []
+        with open(path, "rb") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line.decode("utf-8", errors="replace"))
+                except json.JSONDecodeError as exc:
+                    raise SourceError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+                if not isinstance(obj, dict):
+                    raise SourceError(f"{path}:{n}: expected a JSON object per line")
+                if n == 1 or not rows:
+                    _need(path, cols, list(obj))
+                rows.append(obj)
+                if len(rows) >= CHUNK_ROWS:
+                    yield {c: [r.get(c) for r in rows] for c in cols}
+                    rows = []
+        if rows:
+            yield {c: [r.get(c) for r in rows] for c in cols}
+
+
+def _need(path: Path, cols: list[str], names: list[str]) -> None:
+    missing = [c for c in cols if c not in names]
+    if missing:
+        raise SourceError(
+            f"{path}: no column {missing[0]!r} (columns: {', '.join(map(str, names))}); "
+            "set --url-col/--caption-col (ingest.url_col/caption_col)"
+        )
+
+
+def normalize_url_list(path: Path, url_col: str, caption_col: str, out: Path) -> int:
+    """Check ``path`` and write it as ``out`` (parquet: url, caption); returns the row
+    count. Raises SourceError naming the file, column and first offending row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    check_url_list(path)
+    fmt = list_format(path)
+    schema = pa.schema([("url", pa.string()), ("caption", pa.string())])
+    total = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for chunk in _chunks(path, fmt, [url_col, caption_col]):
+                for col, what in ((url_col, "URLs"), (caption_col, "captions")):
+                    for i, v in enumerate(chunk[col]):
+                        if v is not None and not isinstance(v, str):
+                            raise SourceError(
+                                f"{path}: column {col!r} must hold text ({what}); row "
+                                f"{total + i + 1} has {type(v).__name__} {v!r}"
+                            )
+                urls = ["" if v is None else v.strip() for v in chunk[url_col]]
+                caps = ["" if v is None else v for v in chunk[caption_col]]
+                writer.write_table(pa.table({"url": urls, "caption": caps}, schema=schema))
+                total += len(urls)
+    except SourceError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except (ValueError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise SourceError(f"{path}: cannot read it as {fmt}: {exc}") from None
+    if total == 0:
+        tmp.unlink(missing_ok=True)
+        raise SourceError(f"{path}: the url list has no rows")
+    tmp.replace(out)
+    return total
+
+
+def folder_rows(folder: Path) -> list[dict]:
+    """(path relative to ``folder``, caption) for each image; a missing sidecar gives an
+    empty caption, which the quality gate rejects with its reason (never silently)."""
+    check_folder(folder)
+    rows = []
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
+            continue
+        side = p.with_suffix(".txt")
+        caption = side.read_bytes().decode("utf-8", errors="replace") if side.is_file() else ""
+        rows.append({"path": p.relative_to(folder).as_posix(), "caption": caption.strip()})
+    if not rows:
+        raise SourceError(
+            f"image folder {folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}, "
+            "in subfolders too)"
+        )
+    return rows
+
+
+def url_rows(base: str, rows: list[dict]) -> dict[str, list]:
+    return {
+        "url": [f"{base}/{quote(r['path'])}" for r in rows],
+        "caption": [r["caption"] for r in rows],
+    }
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Brace patterns and globs to a sorted shard list; ``pipe:`` is refused."""
+    from braceexpand import braceexpand
+
+    if spec.startswith("pipe:"):
+        raise SourceError(f"refusing pipe: shard URL {spec!r} (it runs a shell command)")
+    out: list[str] = []
+    for item in braceexpand(spec):
+        if "://" in item or item.startswith("pipe:"):
+            out.append(item)
+        elif any(ch in item for ch in "*?["):
+            out.extend(sorted(glob.glob(item)))
+        else:
+            out.append(item)
+    if not out:
+        raise SourceError(f"no shards match {spec!r}")
+    return out
+
+
+def unpack_shards(spec: str, dest: Path, policy) -> dict:
+    """Unpack webdataset tars into ``dest`` as ``<shard>/<key>.<ext>`` + ``.txt``.
+
+    Remote shards are downloaded through the fetch guard; a shard already unpacked
+    (marker file) is skipped, so an interrupted unpack resumes."""
+    from training.intake import guard as fetch
+
+    shards = expand_shards(spec)
+    stats = {"shards": len(shards), "ignored_unsafe_members": 0, "ignored_other_members": 0}
+    from tqdm import tqdm
+
+    for i, shard in enumerate(tqdm(shards, desc="unpack shards", unit="shard")):
+        target = dest / f"{i:05d}"
+        done = target / ".unpacked"
+        if done.exists():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        if "://" in shard:
+            try:
+                body, _ = fetch.fetch_bytes(shard, 60, policy)
+            except Exception as exc:  # noqa: BLE001 - one clear line, whatever went wrong
+                why = fetch.reason(exc)
+                if fetch.is_transient(why):  # the network's fault: a retry may succeed
+                    raise ConnectionError(f"shard {shard}: {why}") from None
+                raise SourceError(f"shard {shard}: {why}") from None
+            local = dest / f".{i:05d}.tar"
+            local.write_bytes(body)
+        else:
+            local = Path(shard)
+            if not local.is_file():
+                raise SourceError(f"shard {shard} does not exist")
+        counts = _unpack_one(local, target)
+        for k, v in counts.items():
+            stats[k] += v
+        if "://" in shard:
+            local.unlink()
+        done.write_text(json.dumps(counts))
+    return stats
+
+
+def _unpack_one(tar_path: Path, target: Path) -> dict:
+    """Group members by webdataset key (path up to the first dot of the file name)."""
+    counts = {"ignored_unsafe_members": 0, "ignored_other_members": 0}
+    try:
+        tf = tarfile.open(tar_path, "r")  # noqa: SIM115 - closed by the with below
+    except tarfile.TarError as exc:
+        # tarfile's message lists every compression it tried, one per line: keep what
+        # the plain tar reader said
+        found = re.search(r"method tar: \w+\('([^']*)'\)", str(exc))
+        why = found.group(1) if found else str(exc).strip().splitlines()[0]
+        raise SourceError(f"{tar_path}: not a tar shard ({why})") from None
+    with tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            dirname, _, fname = m.name.rpartition("/")
+            stem, dot, ext = fname.partition(".")
+            ext = "." + ext.lower() if dot else ""
+            if ext in UNSAFE_SUFFIXES:
+                counts["ignored_unsafe_members"] += 1
+                continue
+            if ext not in IMAGE_SUFFIXES and ext != ".txt":
+                counts["ignored_other_members"] += 1
+                continue
+            # a key's files keep their names, flattened to one safe file name
+            key = hashlib.sha1(f"{dirname}/{stem}".encode()).hexdigest()[:16]
+            fh = tf.extractfile(m)
+            if fh is not None:
+                (target / f"{key}{ext}").write_bytes(fh.read())
+    return counts

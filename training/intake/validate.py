@@ -1,0 +1,176 @@
+"""Phase ``validate``: the quality gate between raw shards and training.
+
+One metadata row per raw sample (size, aspect, file size, decode check, caption length,
+UTF-8 and printability, exact and near-duplicate image hashes, duplicate URL) is
+validated by a Great Expectations 1.x suite whose thresholds come from ``params.yaml``,
+one chunk of rows at a time, so memory stays flat as the data grows (only the hash sets
+for duplicate detection grow, 32-64 bytes a sample). Rows failing any expectation are not
+dropped silently: they go to ``rejects.parquet`` with the failed checks and a reason, next
+to ingest's own rejects; every GX run is also rendered into Data Docs HTML. The rest are
+split train/val by a hash of the sample's URL path — stable when data is added — and
+written as clean shards.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import Counter
+from pathlib import Path
+
+from training import paths as P
+from training.config import Params
+from training.console import say
+from training.disk import write_json
+from training.intake.checks import Gate, NearDuplicates, meta_row, near_duplicate_check
+from training.intake.split import (
+    MIN_VAL_FOR_DISTRIBUTION,
+    SplitError,
+    split_hash,
+    split_key,
+    split_problem,
+)
+
+REJECT_COLUMNS = ["key", "url", "caption", "stage", "reason", "failed_checks"]
+
+
+def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = None) -> dict:
+    """Gate the shards under ``raw_dir/shards`` (ingest's output) into ``out_dir``:
+    ``train/`` and ``val/`` shards, ``rejects.parquet`` (ingest's rejects too, so one
+    table lists every sample that did not make it, and why) and ``report.json``, plus
+    the GX HTML in ``docs_dir`` (default ``out_dir/data_docs``). The pipeline keeps the
+    docs outside ``data/clean``: GX stamps them with the time, and the clean data's hash,
+    which every later stage depends on, must depend only on the data. Streams in chunks
+    of ``validate.chunk_rows``."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.intake import shards
+
+    c = params.validate_
+    paths = shards.shard_paths(raw_dir / "shards")
+    gate = Gate(params, docs_dir or out_dir / "data_docs")
+    schema = pa.schema([(n, pa.string()) for n in REJECT_COLUMNS])
+    counts: Counter = Counter()
+    seen_px: set[str] = set()
+    near = NearDuplicates(c.near_duplicate_bits or 0) if near_duplicate_check(params) else None
+    seen_url: set[str] = set()
+    n_samples = n_rejected = n_ingest = 0
+    lowest: list[int] = []  # max-heap (negated) of the lowest split hashes of clean samples
+    ingest_rejects = raw_dir / "rejects.parquet"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (
+        shards.ShardWriter(out_dir / "train", "train", c.samples_per_shard) as tr,
+        shards.ShardWriter(out_dir / "val", "val", c.samples_per_shard) as va,
+        pq.ParquetWriter(out_dir / "rejects.parquet", schema) as rejects,
+    ):
+        if ingest_rejects.exists():  # carried over so the table is complete
+            for batch in pq.ParquetFile(ingest_rejects).iter_batches():
+                d = batch.to_pydict()
+                d["failed_checks"] = [""] * len(d["key"])
+                rejects.write_table(pa.table({k: d.get(k) for k in REJECT_COLUMNS}, schema=schema))
+                counts.update(f"ingest: {r}" for r in d["reason"])
+                n_ingest += len(d["key"])
+
+        def flush(chunk: list) -> None:
+            nonlocal n_rejected
+            if not chunk:
+                return
+            table = pd.DataFrame([row for _, row in chunk])
+            failed = gate.check(table)
+            bad = []
+            for rec, row in chunk:
+                names = failed.get(rec.key)
+                if names:
+                    bad.append((rec, row, names))
+                    continue
+                h = split_hash(split_key(row["url"], rec.key))
+                (va if h < c.val_fraction * 0x100000000 else tr).write(rec)
+                # the lowest hashes say which val_fraction would give a usable split
+                if len(lowest) < MIN_VAL_FOR_DISTRIBUTION:
+                    heapq.heappush(lowest, -h)
+                elif -lowest[0] > h:
+                    heapq.heapreplace(lowest, -h)
+            if bad:
+                rejects.write_table(
+                    pa.table(
+                        {
+                            "key": [r.key for r, _, _ in bad],
+                            "url": [row["url"] for _, row, _ in bad],
+                            "caption": [r.caption[:200] for r, _, _ in bad],
+                            "stage": ["validate"] * len(bad),
+                            "reason": [gate.described[n[0]] for _, _, n in bad],
+                            "failed_checks": [", ".join(n) for _, _, n in bad],
+                        },
+                        schema=schema,
+                    )
+                )
+                for _, _, names in bad:
+                    counts.update(names)
+                n_rejected += len(bad)
+
+        chunk: list = []
+        say(f"validate: checking {len(paths)} shards with Great Expectations")
+        from tqdm import tqdm
+
+        for rec in tqdm(shards.read(paths), desc="validate", unit="sample", mininterval=2):
+            row = meta_row(rec)
+            row["duplicate_image"] = bool(row["pixel_sha"]) and row["pixel_sha"] in seen_px
+            h = row.pop("dhash")
+            row["near_duplicate"] = (
+                near is not None and h is not None and not row["duplicate_image"] and near.seen(h)
+            )
+            row["duplicate_url"] = bool(row["url"]) and row["url"] in seen_url
+            seen_px.add(row["pixel_sha"])
+            seen_url.add(row["url"])
+            n_samples += 1
+            chunk.append((rec, row))
+            if len(chunk) >= c.chunk_rows:
+                flush(chunk)
+                chunk = []
+        flush(chunk)
+    docs = gate.build_docs()
+    report = {
+        "samples": n_samples,
+        "train": tr.total,
+        "val": va.total,
+        "rejected": n_rejected,
+        "ingest_rejected": n_ingest,
+        "rejected_by_check": dict(counts.most_common()),
+        # relative to the stage's output, so the report is the same wherever it ran
+        "data_docs": Path(os.path.relpath(docs, out_dir)).as_posix(),
+    }
+    error, warning = split_problem(
+        tr.total + va.total, tr.total, va.total, c.val_fraction, [-h for h in lowest]
+    )
+    if warning:
+        report["warning"] = warning
+    write_json(out_dir / "report.json", report)
+    say(f"validate: {report['train']} train, {report['val']} val, {n_rejected} rejected")
+    for name, n in counts.most_common():
+        why = gate.described.get(name, "")
+        say(f"validate:   {n:6d}  {name}{f' ({why})' if why else ''}")
+    say(f"validate: Great Expectations Data Docs: {docs}")
+    if warning:
+        say(f"validate: warning: {warning}")
+    if error:
+        raise SplitError(error)
+    return report
+
+
+def metrics(report: dict) -> dict[str, float]:
+    """Flat numbers for MLflow: totals and one ``rejected.<check>`` per reason."""
+    out = {k: float(report[k]) for k in ("samples", "train", "val", "rejected", "ingest_rejected")}
+    for name, n in report["rejected_by_check"].items():
+        safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+        out[f"rejected.{safe}"] = float(n)
+    return out
+
+
+def stage(params: Params, log) -> dict:
+    """The DVC stage: ``data/raw`` -> ``data/clean`` (+ Data Docs, logged with the run)."""
+    report = run(params, P.RAW, P.CLEAN, P.DOCS)
+    log.log_metrics(metrics(report))
+    log.log_artifacts(P.DOCS, "data_docs")
+    return report

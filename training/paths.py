@@ -1,0 +1,21 @@
+"""Where everything lives, relative to the repository root (the only place data paths
+are written). ``data/`` holds DVC outputs only; nothing in it is edited by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+STATE = Path(".kiln")  # the run lock and failure notes (git-ignored)
+
+DATA = Path("data")
+RAW = DATA / "raw"  # ingest: webdataset shards as fetched, report, rejects
+CLEAN = DATA / "clean"  # validate: train/ and val/ shards that passed the gate
+DOCS = DATA / "data_docs"  # validate's GX Data Docs (time-stamped: kept out of CLEAN's hash)
+MODELS = DATA / "models"
+VAE, CLIP, UNET = MODELS / "vae", MODELS / "clip", MODELS / "unet"
+LATENTS = DATA / "latents"  # precompute_latents: VAE posteriors + CLIP text states
+EVAL = DATA / "eval"  # evaluate: the assembled pipeline, report.html, figures
+METRICS = DATA / "metrics"  # one JSON per stage (DVC metrics, not cached)
+CKPT = DATA / "checkpoints"  # training checkpoints (outside DVC: resume state only)
+WORK = DATA / ".work"  # resumable scratch (ingest's unfinished shards)

@@ -1,0 +1,269 @@
+"""Phase ``precompute_latents``: encode every clean sample once, for the U-Net to reuse.
+
+Per sample: the VAE posterior mean and std (so training can *sample* latents, as the
+VAE's KL term intends, instead of freezing one draw) and the CLIP text encoder's last
+hidden states for its caption, made exactly as ``StableDiffusionPipeline`` makes prompt
+embeddings (padded to max length, no attention mask). Streamed batch by batch into
+safetensors shards, so memory is flat in dataset size; under ``KILN_NPROC=N`` the clean
+shards are split by node and then by DataLoader worker (``run``). ``manifest.json`` records
+counts, shapes, dtypes and the fingerprints of the models and data they came from;
+``null_text.safetensors`` is the empty-prompt embedding used for caption dropout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from training import engine as E
+from training import paths as P
+from training.config import Params
+from training.inference.text import load_text_encoder, text_states
+
+
+def dir_fingerprint(directory: Path) -> str:
+    """Content hash of a model/data directory (file names + bytes) for the manifest."""
+    h = hashlib.sha256()
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(directory)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+PREVIEW_PROMPTS = 8
+
+
+def preview_prompts(params: Params, val_captions: list[str]) -> list[str]:
+    """The few fixed prompts ``train_unet`` samples while it trains: a seeded spread of
+    the built-in set's evaluation prompts, or the first distinct validation captions."""
+    ds = params.ingest.dataset
+    if ds not in ("shapes", "digits"):
+        return list(dict.fromkeys(val_captions))[:PREVIEW_PROMPTS]
+    from training.intake.builtin import eval_prompts
+
+    prompts = list(dict.fromkeys(p.prompt for p in eval_prompts(ds)))
+    pick = np.random.default_rng(params.seed).permutation(len(prompts))[:PREVIEW_PROMPTS]
+    return [prompts[i] for i in sorted(pick)]
+
+
+def shard_batches(records: Iterator, size: int) -> Iterator[dict]:
+    """Batches of decoded samples that never cross a shard boundary, so how a shard is
+    batched, and so its latents, do not depend on which process or worker read it."""
+    batch: list = []
+    for r in records:
+        if batch and (r.shard != batch[0].shard or len(batch) == size):
+            yield _decoded(batch, last=r.shard != batch[0].shard)
+            batch = []
+        batch.append(r)
+    if batch:
+        yield _decoded(batch, last=True)
+
+
+def _decoded(batch: list, last: bool) -> dict:
+    info = torch.utils.data.get_worker_info()
+    return {
+        "shard": batch[0].shard,
+        "last": last,  # the shard's final batch: its writer can close
+        "worker": info.id if info else 0,
+        "keys": [r.key for r in batch],
+        "captions": [r.caption for r in batch],
+        "pixels": np.stack([np.asarray(r.image(), dtype=np.uint8) for r in batch]),
+    }
+
+
+class _ShardBatches(torch.utils.data.IterableDataset):
+    """This process's shards (split by node), dealt out to the DataLoader's workers
+    (split by worker), which read and decode them in parallel."""
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.size = paths, size
+
+    def __iter__(self) -> Iterator[dict]:
+        from training.intake import shards
+
+        return shard_batches(shards.read(self.paths, split=True), self.size)
+
+
+def _as_is(item: dict) -> dict:
+    return item
+
+
+class _ShardWriter:
+    """Latents of one input shard: ``{split}-SSSSS-KKK.safetensors`` files of at most
+    ``per_shard`` samples (SSSSS: the input shard's position in the sorted list), each
+    written to a temp name and renamed, so a crash never leaves a partial file."""
+
+    def __init__(self, out_dir: Path, split: str, shard_no: int, per_shard: int):
+        self.out_dir, self.per_shard = out_dir, per_shard
+        self.prefix = f"{split}-{shard_no:05d}"
+        self.files: dict[str, int] = {}
+        self.captions: list[str] = []  # kept for val: the preview prompts come from them
+        self.keys: list[str] = []
+        self.buf: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, keys: list[str], **tensors: torch.Tensor) -> None:
+        self.keys.extend(keys)
+        for name, t in tensors.items():
+            self.buf.setdefault(name, []).append(t)
+        if len(self.keys) >= self.per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.keys:
+            return
+        tensors = {k: torch.cat(v).contiguous() for k, v in self.buf.items()}
+        name = f"{self.prefix}-{len(self.files):03d}.safetensors"
+        tmp = self.out_dir / f".{name}.tmp"
+        save_file(tensors, tmp, metadata={"keys": ",".join(self.keys)})
+        tmp.replace(self.out_dir / name)
+        self.files[name] = len(self.keys)
+        self.keys, self.buf = [], {}
+
+
+def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir: Path) -> dict:
+    """Encode every clean sample. Under ``KILN_NPROC=N`` (torchrun) each process encodes
+    its share of the shards and ``precompute_latents.workers`` DataLoader workers per
+    process read and decode them; rank 0 then writes the manifest. The files and their
+    contents are the same for any N and any number of workers (up to float rounding of
+    a different thread count), because batches never cross an input shard."""
+    from tqdm.auto import tqdm
+
+    from training.engine.images import to_tensor
+    from training.intake import shards
+
+    c = params.precompute_latents
+    E.barrier()  # rank 0 has cleared the old outputs before anyone writes
+    dev = E.device()
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
+    tokenizer, encoder = load_text_encoder(clip_dir)
+    encoder.to(dev)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part: dict = {}  # what this process wrote: files, counts, val captions, who
+    for split in ("train", "val"):
+        paths = shards.shard_paths(clean_dir / split)
+        shard_no = {str(path): i for i, path in enumerate(paths)}
+        loader = torch.utils.data.DataLoader(
+            _ShardBatches(paths, c.batch_size),
+            batch_size=None,
+            num_workers=c.workers,
+            collate_fn=_as_is,
+        )
+        writers: dict[str, _ShardWriter] = {}
+        files: dict[str, dict] = {}
+        bar = tqdm(desc=f"latents/{split}", unit="img", mininterval=5, disable=not E.is_main())
+        with torch.no_grad():
+            for b in loader:
+                w = writers.get(b["shard"])
+                if w is None:
+                    w = writers[b["shard"]] = _ShardWriter(
+                        out_dir, split, shard_no[b["shard"]], c.samples_per_shard
+                    )
+                post = vae.encode(to_tensor(b["pixels"]).to(dev)).latent_dist
+                text = text_states(tokenizer, encoder, b["captions"])
+                w.add(b["keys"], mean=post.mean.cpu(), std=post.std.cpu(), text=text)
+                if split == "val":
+                    w.captions.extend(b["captions"])
+                if b["last"]:
+                    w.flush()
+                    who = f"rank {E.rank()} worker {b['worker']}"  # one worker per shard
+                    for name, n in w.files.items():
+                        files[name] = {"count": n, "by": who}
+                    if w.captions:  # val: in input order, for the preview prompts
+                        files[next(iter(w.files))]["captions"] = w.captions
+                    del writers[b["shard"]]
+                bar.update(len(b["keys"]))
+        bar.close()
+        if writers:  # every shard ends with a batch marked last
+            raise RuntimeError(f"latents: shards left unfinished: {sorted(writers)}")
+        part[split] = files
+    E.write_json(out_dir / f".part-{E.rank()}.json", part)
+    E.barrier()  # every process's files and part are written
+    if not E.is_main():
+        return {}
+    return _write_manifest(params, clean_dir, vae_dir, clip_dir, out_dir, vae, tokenizer, encoder)
+
+
+def _write_manifest(
+    params: Params,
+    clean_dir: Path,
+    vae_dir: Path,
+    clip_dir: Path,
+    out_dir: Path,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    encoder: CLIPTextModel,
+) -> dict:
+    """Rank 0: merge the processes' parts into ``manifest.json`` (files in input order),
+    and write the empty-prompt and preview-prompt text states."""
+    import json
+
+    parts = sorted(out_dir.glob(".part-*.json"))
+    merged: dict[str, dict] = {"train": {}, "val": {}}
+    for path in parts:
+        for split, files in json.loads(path.read_text()).items():
+            merged[split].update(files)
+        path.unlink()
+    manifest: dict = {
+        "vae": {
+            "path": str(vae_dir),
+            "fingerprint": dir_fingerprint(vae_dir),
+            "scaling_factor": vae.config.scaling_factor,
+        },
+        "clip": {"path": str(clip_dir), "fingerprint": dir_fingerprint(clip_dir)},
+        "splits": {},
+    }
+    by_process: dict[str, list[str]] = {}
+    for split, files in merged.items():
+        names = sorted(files)
+        for name in names:
+            by_process.setdefault(files[name]["by"], []).append(name)
+        manifest["splits"][split] = {
+            "count": sum(files[n]["count"] for n in names),
+            "shards": len(names),
+            "data_fingerprint": dir_fingerprint(clean_dir / split),
+        }
+    val = merged["val"]
+    val_captions = [cap for n in sorted(val) for cap in val[n].get("captions", [])]
+    null = text_states(tokenizer, encoder, [""])[0]
+    save_file({"text": null.contiguous()}, out_dir / "null_text.safetensors")
+    manifest["preview_prompts"] = preview_prompts(params, val_captions)
+    preview = text_states(tokenizer, encoder, manifest["preview_prompts"])
+    save_file({"text": preview.contiguous()}, out_dir / "preview_text.safetensors")
+    first = load_file(next(iter(sorted(out_dir.glob("train-*.safetensors")))))
+    manifest["tensors"] = {
+        k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in first.items()
+    }
+    E.write_json(out_dir / "manifest.json", manifest)
+    E.say(
+        f"precompute_latents: {manifest['splits']['train']['count']} train, "
+        f"{manifest['splits']['val']['count']} val; latent {manifest['tensors']['mean']['shape']}"
+        f", text {manifest['tensors']['text']['shape']}"
+    )
+    return {
+        "train_count": manifest["splits"]["train"]["count"],
+        "val_count": manifest["splits"]["val"]["count"],
+        # not a metric: which process and worker encoded which files (E.write_json
+        # keeps it in data/metrics; MLflow takes only the numbers)
+        "files_by_process": by_process,
+    }
+
+
+def load_split(latent_dir: Path, split: str) -> dict[str, torch.Tensor]:
+    """All latent shards of a split concatenated (the tiny/small sets fit in memory)."""
+    parts = [load_file(p) for p in sorted(latent_dir.glob(f"{split}-*.safetensors"))]
+    if not parts:
+        raise FileNotFoundError(f"no {split} latent shards in {latent_dir}")
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def stage(params: Params, log: E.MetricLogger) -> dict:
+    E.init_distributed()  # torch's threads; the process group under torchrun
+    return run(params, P.CLEAN, P.VAE, P.CLIP, P.LATENTS)

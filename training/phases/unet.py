@@ -1,0 +1,194 @@
+"""Phase ``train_unet``: ``diffusers.UNet2DConditionModel`` on precomputed latents.
+
+The latent-diffusion objective (Rombach et al. 2022, eq. 2): sample z0 from the VAE
+posterior (scaled by the measured scaling factor), a timestep t and noise eps; train
+the U-Net, cross-attending to CLIP text states, to predict eps (or v, Salimans & Ho
+2022) from the DDPM-noised z_t. Captions are dropped to the empty-prompt embedding
+with probability ``caption_dropout`` so one network learns both the conditional and
+unconditional scores that classifier-free guidance (Ho & Salimans 2022) combines.
+Min-SNR-gamma loss weighting (Hang et al. 2023) and offset noise are optional; the
+EMA of the weights is what gets saved and sampled. Every ``preview_every`` steps the EMA
+weights sample the preview prompts (chosen by ``precompute_latents``) into a grid under
+``previews/``, logged to MLflow, so a run can be watched, not only its loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from training import engine as E
+from training import paths as P
+from training.config import Params
+from training.engine.images import grid
+from training.phases.latents import load_split
+
+
+def build(params: Params, latent_channels: int, latent_size: int, text_dim: int) -> torch.nn.Module:
+    """The denoiser named by ``train_unet.backbone`` (``phases/backbones/``)."""
+    from training.phases.backbones import BACKBONES
+
+    return BACKBONES[params.train_unet.backbone](params, latent_channels, latent_size, text_dim)
+
+
+def noise_scheduler(params: Params) -> DDPMScheduler:
+    c = params.train_unet
+    return DDPMScheduler(
+        num_train_timesteps=c.num_train_timesteps,
+        beta_schedule=c.beta_schedule,
+        prediction_type=c.prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+        timestep_spacing="trailing",
+    )
+
+
+def snr_weights(
+    sched: DDPMScheduler, t: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
+    """Min-SNR-gamma weights expressed for the chosen prediction target."""
+    abar = sched.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    w = snr.clamp(max=gamma)
+    return w / snr if prediction_type == "epsilon" else w / (snr + 1)
+
+
+BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def make_step_fn(
+    params: Params,
+    model: torch.nn.Module,
+    sched: DDPMScheduler,
+    n: int,
+    batch: BatchFn,
+    null_text: torch.Tensor,
+    scaling: float,
+    dev: torch.device,
+) -> Callable[[int], tuple[torch.Tensor, E.StepMetrics]]:
+    """The training step: ``batch(indices) -> (posterior mean, std, text states)`` gives
+    the samples (precomputed latents in the pipeline; the benchmark also plugs in
+    encoding inside the step), everything else is the latent-diffusion objective."""
+    c = params.train_unet
+
+    def step_fn(step: int) -> tuple[torch.Tensor, E.StepMetrics]:
+        # Noising happens on the CPU from the (seed, step) generator, so the batch is the
+        # same on every device; only the network runs on `dev`.
+        g = E.step_generator(params.seed, step)
+        idx = E.batch_indices(n, c.batch_size, step, params.seed)
+        b = len(idx)
+        mean, std, text = batch(idx)
+        z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
+        noise = torch.randn(z0.shape, generator=g)
+        if c.noise_offset > 0:  # offset noise: lets the model shift whole-image brightness
+            noise = noise + c.noise_offset * torch.randn((b, z0.shape[1], 1, 1), generator=g)
+        t = torch.randint(0, c.num_train_timesteps, (b,), generator=g)
+        drop = torch.rand(b, generator=g) < c.caption_dropout
+        text = torch.where(drop[:, None, None], null_text.expand_as(text), text)
+        zt = sched.add_noise(z0, noise, t)
+        target = noise if c.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
+        w = (
+            snr_weights(sched, t, c.min_snr_gamma, c.prediction_type)
+            if c.min_snr_gamma is not None
+            else torch.ones(b)
+        )
+        # this process's slice, moved without waiting for the GPU (E.to_device)
+        zt, t, text, target, w = E.to_device(dev, *E.local(zt, t, text, target, w))
+        pred = model(zt, t, encoder_hidden_states=text).sample
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * w).mean(), {}
+
+    return step_fn
+
+
+def run(
+    params: Params,
+    latent_dir: Path,
+    vae_dir: Path,
+    out_dir: Path,
+    ckpt_dir: Path,
+    log: E.MetricLogger | None = None,
+) -> dict:
+    log = log or E.NullLogger()
+    c = params.train_unet
+    torch.manual_seed(params.seed)
+    manifest = json.loads((latent_dir / "manifest.json").read_text())
+    data = load_split(latent_dir, "train")
+    null_text = load_file(latent_dir / "null_text.safetensors")["text"]
+    scaling = float(manifest["vae"]["scaling_factor"])
+    n, ch, size, _ = data["mean"].shape
+    E.say(
+        f"train_unet: {n} latents {ch}x{size}x{size}, text states "
+        f"{tuple(data['text'].shape[1:])}, scaling factor {scaling:.4f}"
+    )
+
+    model = build(params, ch, size, data["text"].shape[-1])
+    sched = noise_scheduler(params)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
+    trainer = E.stage_trainer(
+        "train_unet", model, opt, c, params.seed, ckpt_dir, manifest, log, c.ema_decay
+    )
+    dev = trainer.device
+
+    def precomputed(idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return data["mean"][idx], data["std"][idx], data["text"][idx]
+
+    step_fn = make_step_fn(params, model, sched, n, precomputed, null_text, scaling, dev)
+
+    preview_text = load_file(latent_dir / "preview_text.safetensors")["text"]
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
+
+    def preview(step: int) -> None:
+        # The exported pipeline itself (the default sampler settings) on the EMA weights,
+        # fed the precomputed text states, so the grid is what a user would get.
+        from training.config import SAMPLER
+        from training.inference.sampling import SCHEDULERS
+
+        ema_model = copy.deepcopy(model).eval()
+        trainer.ema.copy_to(ema_model)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            unet=ema_model,
+            scheduler=SCHEDULERS[SAMPLER.scheduler](sched.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(
+            prompt_embeds=preview_text.to(dev),
+            negative_prompt_embeds=null_text.expand_as(preview_text).to(dev),
+            num_inference_steps=SAMPLER.steps,
+            guidance_scale=SAMPLER.guidance,
+            generator=torch.Generator().manual_seed(params.seed),
+            output_type="pil",
+        ).images
+        path = out_dir / "previews" / f"step-{step:06d}.png"
+        grid(images, nrow=len(images), scale=2).save(path)
+        log.log_image(path, "previews")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "previews").mkdir(exist_ok=True)
+    with open(out_dir / "previews" / "prompts.txt", "w") as f:
+        f.write("\n".join(manifest["preview_prompts"]) + "\n")
+    summary = trainer.fit(step_fn, every=c.preview_every, on_every=preview)
+    if not E.is_main():  # data parallel: rank 0 saves
+        return summary
+    # fit leaves the EMA weights in `model`
+    model.save_pretrained(out_dir, safe_serialization=True)
+    sched.save_pretrained(out_dir)  # scheduler_config.json beside the U-Net config
+    return {"params": sum(p.numel() for p in model.parameters()), **summary}
+
+
+def stage(params: Params, log: E.MetricLogger) -> dict:
+    E.init_distributed()  # torch's threads; the process group under torchrun
+    return run(params, P.LATENTS, P.VAE, P.UNET, P.CKPT / "train_unet", log)

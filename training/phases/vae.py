@@ -1,0 +1,189 @@
+"""Phase ``train_vae``: a ``diffusers.AutoencoderKL`` trained from scratch.
+
+Loss = reconstruction (MSE by default, or L1) + beta * KL (Kingma & Welling; SD's first
+stage uses a tiny KL weight so the latent stays close to a deterministic code). MSE is
+the default because the built-in images are small saturated objects on black: an
+L1-trained VAE here reconstructed red and green objects as dull grey, which capped the
+whole model's colour accuracy (see the evaluation's ``ceiling_acc_all_vae_recon``).
+After training the latent scaling factor is measured from data — 1 / std of training
+latents, as SD's 0.18215 was — and written into the saved config, so the U-Net sees
+unit-variance inputs.
+
+With ``discriminator: true`` (the small and base profiles) a PatchGAN discriminator
+(Isola et al. 2017, as in SD's first stage) joins after ``disc_start`` of the steps,
+with hinge losses. Generator and discriminator train in one backward pass: the
+generator's adversarial term sees the discriminator's weights detached, and the
+discriminator's term sees the reconstruction detached, so each network gets only its
+own gradient, and one optimizer, one checkpoint and the data-parallel all-reduce cover
+both. Only the VAE is saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from torch import nn
+from torch.func import functional_call
+
+from training import engine as E
+from training import paths as P
+from training.config import Params
+from training.engine.images import psnr, save_grid, ssim, to_tensor
+
+
+def build(params: Params) -> AutoencoderKL:
+    c = params.train_vae
+    n = len(c.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=c.block_out_channels,
+        layers_per_block=c.layers_per_block,
+        latent_channels=c.latent_channels,
+        norm_num_groups=c.norm_num_groups,
+        sample_size=params.ingest.image_size,
+    )
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: a logit per overlapping patch, not per image. GroupNorm instead of the
+    original BatchNorm, so it behaves the same at any batch size and across ranks."""
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            mods += [nn.Conv2d(ch, out, 4, stride, 1), nn.GroupNorm(8, out), nn.LeakyReLU(0.2)]
+            ch = out
+        mods.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class VaeWithDiscriminator(nn.Module):
+    """What the Trainer optimises when the discriminator is on (one module, one state)."""
+
+    def __init__(self, vae: AutoencoderKL, disc: PatchDiscriminator):
+        super().__init__()
+        self.vae, self.disc = vae, disc
+
+
+def adversarial_losses(
+    disc: PatchDiscriminator, real: torch.Tensor, fake: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generator loss, discriminator loss), hinge form, separated for one backward."""
+    frozen = {k: v.detach() for k, v in disc.named_parameters()}
+    g_loss = -functional_call(disc, frozen, (fake,)).mean()
+    d_loss = 0.5 * (F.relu(1.0 - disc(real)).mean() + F.relu(1.0 + disc(fake.detach())).mean())
+    return g_loss, d_loss
+
+
+def run(
+    params: Params,
+    clean_dir: Path,
+    out_dir: Path,
+    ckpt_dir: Path,
+    log: E.MetricLogger | None = None,
+) -> dict:
+    """Train on ``clean_dir/train``, validate on ``clean_dir/val``, save to ``out_dir``."""
+    from training.intake import shards
+
+    log = log or E.NullLogger()
+    c = params.train_vae
+    torch.manual_seed(params.seed)
+    train_u8, _ = shards.load_images(clean_dir / "train")
+    val_u8, _ = shards.load_images(clean_dir / "val")
+    train = to_tensor(train_u8)
+    val = to_tensor(val_u8)
+    E.say(f"train_vae: {len(train)} train / {len(val)} val images at {train.shape[-1]} px")
+
+    model = build(params)
+    n_params = sum(p.numel() for p in model.parameters())
+    trained: nn.Module = model
+    groups: list[dict] = [{"params": list(model.parameters())}]
+    disc = None
+    if c.discriminator:
+        disc = PatchDiscriminator(c.disc_channels, c.disc_layers)
+        trained = VaeWithDiscriminator(model, disc)
+        groups.append({"params": list(disc.parameters()), "lr_scale": c.disc_lr_scale})
+    opt = torch.optim.AdamW(
+        groups, lr=c.lr, weight_decay=0.0, betas=(0.5, 0.9) if disc else (0.9, 0.999)
+    )
+    data_fp = E.fingerprint(len(train), float(train[:64].sum()))
+    trainer = E.stage_trainer("train_vae", trained, opt, c, params.seed, ckpt_dir, data_fp, log)
+    dev = trainer.device
+    disc_from = int(c.disc_start * c.steps)
+
+    def step_fn(step: int) -> tuple[torch.Tensor, E.StepMetrics]:
+        x = train[E.batch_indices(len(train), c.batch_size, step, params.seed)]
+        # the global batch's noise, then this process's slice of both (data parallel)
+        eps = torch.randn((len(x), *latent_shape), generator=E.step_generator(params.seed, step))
+        x, eps = E.to_device(dev, *E.local(x, eps))
+        post = model.encode(x).latent_dist
+        z = post.mean + post.std * eps
+        recon = model.decode(z).sample
+        rec = F.l1_loss(recon, x) if c.recon_loss == "l1" else F.mse_loss(recon, x)
+        kl = post.kl().mean() / x[0].numel()  # per-pixel, so beta is resolution-free
+        loss = rec + c.kl_weight * kl
+        metrics = {"recon": rec.detach(), "kl": kl.detach()}
+        if disc is not None and step >= disc_from:
+            g_loss, d_loss = adversarial_losses(disc, x, recon)
+            loss = loss + c.disc_weight * g_loss + d_loss
+            metrics.update(gan_g=g_loss.detach(), gan_d=d_loss.detach())
+        return loss, metrics
+
+    with torch.no_grad():
+        latent_shape = model.encode(train[:1].to(dev)).latent_dist.mean.shape[1:]
+    summary = trainer.fit(step_fn)
+    if not E.is_main():  # data parallel: rank 0 measures and saves
+        return summary
+
+    with torch.no_grad():
+        # Scaling factor from the data (posterior samples of up to 2k training images).
+        g = torch.Generator().manual_seed(params.seed)
+        sub = train[torch.randperm(len(train), generator=g)[:2048]]
+        lat = torch.cat(
+            [model.encode(b.to(dev)).latent_dist.sample(generator=g) for b in sub.split(256)]
+        )
+        scaling = float(1.0 / lat.std())
+        recon = torch.cat(
+            [model(b.to(dev), sample_posterior=False).sample.cpu() for b in val.split(256)]
+        )
+        recon = recon.clamp(-1, 1)
+    model.register_to_config(scaling_factor=scaling)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+    grid = out_dir / "reconstructions.png"
+    k = min(16, len(val))
+    save_grid(torch.cat([val[:k], recon[:k]]), grid, nrow=k)
+    log.log_image(grid)
+    metrics = {
+        "val_psnr": float(np.mean(psnr(recon, val))),
+        "val_ssim": float(ssim(recon, val)),
+        "scaling_factor": scaling,
+        "latent_shape": list(lat.shape[1:]),
+        "params": n_params,
+        **summary,
+    }
+    E.say(
+        f"train_vae: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.3f}, "
+        f"scaling factor {scaling:.4f}"
+    )
+    return metrics
+
+
+def stage(params: Params, log: E.MetricLogger) -> dict:
+    E.init_distributed()  # torch's threads; the process group under torchrun
+    return run(params, P.CLEAN, P.VAE, P.CKPT / "train_vae", log)

@@ -1,0 +1,99 @@
+"""The one table of Kiln's stages, in pipeline order.
+
+Everything that needs the list of stages reads it here: the typed config (one params
+section per stage), the CLI (one command per stage), the Prefect flow (the order), the
+registry (which stage registers which model, made from which output), the dvc.yaml
+checks and the tests. ``dvc.yaml`` repeats the names, commands and outs for DVC, and
+``tests/test_dvc_deps.py`` holds it to this table.
+
+Adding a stage: a phase module with ``stage(params, tracker) -> metrics``, one row here,
+one stage in ``dvc.yaml``; the CLI command comes from the row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from training import paths as P
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # DVC stage, params.yaml section, MLflow run name
+    phase: str  # the module whose stage(params, tracker) does the work
+    help: str  # the command's help text
+    inputs: tuple[Path, ...]  # DVC outs of earlier stages it reads
+    outs: tuple[Path, ...]  # what it writes (DVC outs; the first holds resolved_params.json)
+    model: str | None = None  # the registered model it makes, if any
+    data_parallel: bool = False  # KILN_NPROC > 1 runs it under torchrun
+
+    @property
+    def command(self) -> str:
+        """The ``kiln`` subcommand (and dvc.yaml cmd) that runs it."""
+        return self.name.replace("_", "-")
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "ingest",
+        "training.intake.ingest",
+        "Stage 1: fetch a source with img2dataset into webdataset shards.",
+        (),
+        (P.RAW,),
+    ),
+    Stage(
+        "validate",
+        "training.intake.validate",
+        "Stage 2: Great Expectations gate; writes clean train/val shards and rejects.",
+        (P.RAW,),
+        (P.CLEAN, P.DOCS),
+    ),
+    Stage(
+        "train_vae",
+        "training.phases.vae",
+        "Stage 3: train the AutoencoderKL; registers kiln-vae.",
+        (P.CLEAN,),
+        (P.VAE,),
+        "kiln-vae",
+        data_parallel=True,
+    ),
+    Stage(
+        "train_clip",
+        "training.phases.clip",
+        "Stage 4: train the tokenizer and CLIPModel; registers kiln-clip.",
+        (P.CLEAN,),
+        (P.CLIP,),
+        "kiln-clip",
+        data_parallel=True,
+    ),
+    Stage(
+        "precompute_latents",
+        "training.phases.latents",
+        "Stage 5: VAE posteriors + CLIP text states for every clean sample.",
+        (P.CLEAN, P.VAE, P.CLIP),
+        (P.LATENTS,),
+        data_parallel=True,
+    ),
+    Stage(
+        "train_unet",
+        "training.phases.unet",
+        "Stage 6: train the conditional U-Net on the latents; registers kiln-unet.",
+        (P.LATENTS, P.VAE),
+        (P.UNET,),
+        "kiln-unet",
+        data_parallel=True,
+    ),
+    Stage(
+        "evaluate",
+        "training.evaluation.evaluate",
+        "Stage 7: sample the evaluation prompts, score them, register kiln-text2image.",
+        (P.CLEAN, P.VAE, P.CLIP, P.UNET),
+        (P.EVAL,),
+        "kiln-text2image",
+    ),
+)
+BY_NAME = {s.name: s for s in STAGES}
+NAMES = tuple(BY_NAME)
+MODEL_NAMES = {s.name: s.model for s in STAGES if s.model}
+PIPELINE_MODEL = BY_NAME["evaluate"].model  # what users generate with and serve

@@ -1,0 +1,59 @@
+"""Registry and tracking: the only code that imports ``mlflow`` (with the pyfunc wrapper
+``training/inference/text2image_model.py``).
+
+* ``store``: where runs and models live (SQLite by default, a server when configured);
+* ``runs``: one MLflow run per stage nested under the pipeline's run; closing runs whose
+  process died;
+* ``lineage``: git commit and DVC hashes as tags;
+* ``registry``: each phase's model as a registered version, the promotion gate, and
+  re-registering what DVC restored from its cache.
+"""
+
+from training.stages import MODEL_NAMES
+from training.tracking.lineage import dvc_lineage, git_commit, tag_stage_outputs
+from training.tracking.registry import (
+    REGISTERED_OUTS,
+    champion_version,
+    component_model,
+    describe_gate,
+    ensure_registered,
+    model_version,
+    promote,
+    register_dir,
+    register_text2image,
+    resolve_model_dir,
+)
+from training.tracking.runs import (
+    StageRun,
+    close_orphaned_runs,
+    log_pipeline_summary,
+    pipeline_run,
+    stage_run,
+)
+from training.tracking.store import EXPERIMENT, PARENT_ENV, setup, tracking_uri
+
+__all__ = [
+    "EXPERIMENT",
+    "MODEL_NAMES",
+    "PARENT_ENV",
+    "REGISTERED_OUTS",
+    "StageRun",
+    "champion_version",
+    "close_orphaned_runs",
+    "component_model",
+    "describe_gate",
+    "dvc_lineage",
+    "ensure_registered",
+    "git_commit",
+    "log_pipeline_summary",
+    "model_version",
+    "pipeline_run",
+    "promote",
+    "register_dir",
+    "register_text2image",
+    "resolve_model_dir",
+    "setup",
+    "stage_run",
+    "tag_stage_outputs",
+    "tracking_uri",
+]

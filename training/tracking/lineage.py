@@ -1,0 +1,89 @@
+"""Lineage: the git commit and the DVC hashes that say what a run consumed and made."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from training.tracking.store import EXPERIMENT, setup
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def dvc_lineage(stage: str, root: Path | None = None) -> dict[str, str]:
+    """``{"dvc.dep.<path>": md5}`` for a stage's data deps, from the outs DVC locked for
+    the upstream stages (so the hash is of exactly the data this run consumed)."""
+    import yaml
+
+    root = root or Path.cwd()
+    try:
+        stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+        lock = yaml.safe_load((root / "dvc.lock").read_text()).get("stages", {})
+    except (OSError, KeyError, TypeError, AttributeError):
+        return {}
+    locked = {o["path"]: o.get("md5", "") for s in lock.values() for o in s.get("outs", [])}
+    deps = stages.get(stage, {}).get("deps", [])
+    return {f"dvc.dep.{d}": locked[d] for d in deps if d in locked}
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def tag_stage_outputs(parent_run_id: str, stage: str, root: Path | None = None) -> None:
+    """After DVC locked a stage, tag its run (if it ran) with the hashes of its outputs."""
+    import yaml
+    from mlflow import MlflowClient
+
+    mlflow = setup(root)
+    lock_path = (root or Path.cwd()) / "dvc.lock"
+    if not lock_path.is_file():
+        return
+    lock = yaml.safe_load(lock_path.read_text()).get("stages", {}).get(stage, {})
+    runs = mlflow.search_runs(
+        experiment_names=[EXPERIMENT],
+        output_format="list",
+        max_results=1,
+        filter_string=f"tags.`kiln.pipeline_run_id` = '{parent_run_id}' "
+        f"and tags.`kiln.stage` = '{stage}'",
+    )
+    if not runs:
+        return
+    client = MlflowClient()
+    for out in lock.get("outs", []):
+        client.set_tag(runs[0].info.run_id, f"dvc.out.{out['path']}", out.get("md5", ""))
+
+
+def locked_md5(stage: str, out: str, root: Path) -> str | None:
+    import yaml
+
+    lock_path = root / "dvc.lock"
+    if not lock_path.is_file():
+        return None
+    lock = yaml.safe_load(lock_path.read_text()).get("stages", {}).get(stage, {})
+    return next((o.get("md5") for o in lock.get("outs", []) if o["path"] == out), None)

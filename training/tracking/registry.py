@@ -1,0 +1,362 @@
+"""The model registry: each phase's model as a registered version, and the promotion gate.
+
+Component models (``kiln-vae``, ``kiln-clip``, ``kiln-unet``) are registered as
+directories of safetensors weights + configs; ``kiln-text2image`` is an MLflow pyfunc
+logged as *code* (``training/inference/text2image_model.py``), so loading it unpickles
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from training.stages import MODEL_NAMES, STAGES
+from training.tracking.lineage import dvc_lineage, flatten, git_commit, locked_md5
+from training.tracking.runs import StageRun, process_tags
+from training.tracking.store import EXPERIMENT, setup
+
+
+def component_model(name: str, directory: Path):
+    """The ``MLmodel`` of a registered component folder: its tensor signature, read from
+    the folder's own config, and how to load it. Batch and sequence dims are -1; images
+    are float32 in [-1, 1], NCHW. The folders are diffusers/transformers checkpoints,
+    not MLflow flavours, so the MLmodel names the loader instead of a flavour."""
+    import numpy as np
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    cfg = json.loads((Path(directory) / "config.json").read_text())
+    f32, i64 = np.dtype("float32"), np.dtype("int64")
+    if name == MODEL_NAMES["train_vae"]:
+        size = cfg["sample_size"]
+        lat = size // 2 ** (len(cfg["block_out_channels"]) - 1)
+        inputs = [TensorSpec(f32, (-1, cfg["in_channels"], size, size), "images")]
+        outputs = [TensorSpec(f32, (-1, cfg["latent_channels"], lat, lat), "latent_mean")]
+        loader = "diffusers.AutoencoderKL.from_pretrained"
+    elif name == MODEL_NAMES["train_clip"]:
+        size, text = cfg["vision_config"]["image_size"], cfg["text_config"]["hidden_size"]
+        inputs = [
+            TensorSpec(i64, (-1, -1), "input_ids"),
+            TensorSpec(f32, (-1, 3, size, size), "pixel_values"),
+        ]
+        outputs = [
+            TensorSpec(f32, (-1, -1, text), "text_hidden_states"),
+            TensorSpec(f32, (-1, cfg["projection_dim"]), "text_embeds"),
+            TensorSpec(f32, (-1, cfg["projection_dim"]), "image_embeds"),
+        ]
+        loader = "transformers.CLIPModel.from_pretrained (+ CLIPTokenizer)"
+    elif name == MODEL_NAMES["train_unet"]:
+        size, ch = cfg["sample_size"], cfg["in_channels"]
+        inputs = [
+            TensorSpec(f32, (-1, ch, size, size), "sample"),
+            TensorSpec(i64, (-1,), "timestep"),
+            TensorSpec(f32, (-1, -1, cfg["cross_attention_dim"]), "encoder_hidden_states"),
+        ]
+        outputs = [TensorSpec(f32, (-1, cfg["out_channels"], size, size), "prediction")]
+        loader = "diffusers.UNet2DConditionModel.from_pretrained"
+    else:
+        raise ValueError(f"no component signature for {name!r}")
+    return Model(
+        signature=ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs)),
+        metadata={"load_with": loader, "weights": "safetensors"},
+    )
+
+
+def register_dir(tr: StageRun, name: str, directory: Path, metrics: dict[str, Any]) -> str:
+    """Log a model directory and register it as a new version of ``name``, with an
+    ``MLmodel`` beside the weights that carries its tensor signature (so
+    ``mlflow.models.get_model_info`` describes what to feed it)."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    tr.log_artifacts(directory, "model")
+    with tempfile.TemporaryDirectory() as tmp:
+        component_model(name, directory).save(Path(tmp) / "MLmodel")
+        tr.mlflow.log_artifact(str(Path(tmp) / "MLmodel"), artifact_path="model")
+    client = MlflowClient()
+    with contextlib.suppress(Exception):
+        client.create_registered_model(name)
+    source = f"{tr.run.info.artifact_uri}/model"
+    tags = {k: str(v) for k, v in flatten({"metric": metrics}).items()}
+    tags.update({k: v for k, v in tr.run.data.tags.items() if k.startswith(("dvc.", "git"))})
+    mv = client.create_model_version(name, source=source, run_id=tr.run_id, tags=tags)
+    return str(mv.version)
+
+
+# What the pyfunc model ships and imports: the inference package and the few modules it
+# needs, in their package layout (not the training loops, the CLI or the data intake).
+SERVING_CODE = (
+    "__init__.py",
+    "config.py",
+    "console.py",
+    "disk.py",
+    "env.py",
+    "stages.py",
+    "paths.py",
+    "engine",
+    "inference",
+)
+
+
+def serving_code(dest: Path) -> Path:
+    """Copy the serving code into ``dest/training`` and return that folder."""
+    import shutil
+
+    import training
+
+    pkg, root = Path(training.__file__).parent, dest / "training"
+    root.mkdir(parents=True)
+    for name in SERVING_CODE:
+        if (pkg / name).is_dir():
+            shutil.copytree(pkg / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(pkg / name, root / name)
+    return root
+
+
+def register_text2image(
+    tr: StageRun, name: str, pipeline_dir: Path, metrics: dict[str, Any]
+) -> str:
+    """Log the assembled pipeline as a code-defined pyfunc and register it."""
+    import tempfile
+
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema(
+            [
+                ColSpec("string", "prompt"),
+                ColSpec("long", "seed", required=False),
+                ColSpec("long", "steps", required=False),
+                ColSpec("double", "guidance", required=False),
+                ColSpec("string", "negative_prompt", required=False),
+            ]
+        ),
+        outputs=Schema(
+            [ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image")]
+        ),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        code = serving_code(Path(tmp))
+        info = tr.mlflow.pyfunc.log_model(
+            name="text2image",
+            python_model=str(code / "inference" / "text2image_model.py"),
+            artifacts={"pipeline": str(pipeline_dir)},
+            code_paths=[str(code)],
+            signature=signature,
+            pip_requirements=_requirements(),
+            registered_model_name=name,
+            metadata={
+                "kiln_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            },
+        )
+    from mlflow import MlflowClient
+
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for k, v in flatten({"metric": metrics}).items():
+        client.set_model_version_tag(name, version, k, str(v))
+    for k, v in tr.run.data.tags.items():
+        if k.startswith(("dvc.", "git")):
+            client.set_model_version_tag(name, version, k, v)
+    return version
+
+
+def promote(
+    name: str, version: str, metrics: dict[str, Any], metric: str, min_delta: float
+) -> dict:
+    """The promotion gate: alias ``champion`` if ``version`` beats the current champion
+    on ``metric`` (higher is better) by more than ``min_delta``, else ``challenger``.
+    The decision and both numbers are tagged on the version and returned for logging."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    if metric not in metrics or not isinstance(metrics[metric], int | float):
+        raise ValueError(
+            f"evaluate.gate_metric {metric!r} is not a metric of this run "
+            f"(have: {', '.join(k for k, v in metrics.items() if isinstance(v, int | float))})"
+        )
+    new = float(metrics[metric])
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champ = None
+    old = None
+    if champ is not None and str(champ.version) != str(version):  # MLflow may give ints
+        tag = champ.tags.get(f"metric.{metric}")
+        old = float(tag) if tag is not None else None
+    promoted = champ is None or old is None or new > old + min_delta
+    alias = "champion" if promoted else "challenger"
+    client.set_registered_model_alias(name, alias, version)
+    decision = {
+        "gate_metric": metric,
+        "gate_value": new,
+        "gate_champion_value": old,
+        "gate_champion_version": champ.version if champ is not None else None,
+        "gate_decision": alias,
+    }
+    for k, v in decision.items():
+        client.set_model_version_tag(name, version, k, str(v))
+    return decision
+
+
+def describe_gate(name: str, version: str, gate: dict) -> str:
+    """One line for the console: the new version's score against the champion's."""
+    old = gate["gate_champion_value"]
+    vs = (
+        "no champion yet"
+        if old is None
+        else f"champion v{gate['gate_champion_version']} has {old:.4f}"
+    )
+    return (
+        f"{name} v{version} {gate['gate_metric']}={gate['gate_value']:.4f}, {vs} "
+        f"-> @{gate['gate_decision']}"
+    )
+
+
+def _requirements() -> list[str]:
+    import importlib.metadata as md
+
+    pins = []
+    for dist in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "safetensors",
+        "pandas",
+        "pillow",
+        "tokenizers",
+        "accelerate",
+    ):
+        with contextlib.suppress(md.PackageNotFoundError):
+            pins.append(f"{dist}=={md.version(dist).split('+')[0]}")
+    return pins
+
+
+# The registered model of each stage that makes one, and the DVC out it is made from.
+REGISTERED_OUTS = {s.name: s.outs[0].as_posix() for s in STAGES if s.model}
+
+
+def ensure_registered(
+    parent_run_id: str,
+    stage: str,
+    root: Path,
+    gate: tuple[str, float] | None = None,
+) -> str | None:
+    """The registry version of ``stage``'s model as DVC has it now; registers it if the
+    registry lacks it.
+
+    DVC restores a stage from its cache without running it (after ``make clean``, in a
+    fresh clone, with a new MLflow server), and then the stage's own registration never
+    happens: ``kiln run`` would finish with an empty or partial registry. So after each
+    stage the flow asks for the version whose ``dvc.out.<path>`` tag is the locked hash
+    of the stage's output: the one this pipeline's stage run just registered (tagged
+    here), an earlier one with the same hash, or else a new version registered from the
+    restored files under a run tagged ``kiln.restored_from=dvc-cache``. For ``evaluate``
+    a new version goes through the gate (``gate`` = (metric, min_delta))."""
+    from mlflow import MlflowClient
+
+    out = REGISTERED_OUTS[stage]
+    name = MODEL_NAMES[stage]
+    md5 = locked_md5(stage, out, root)
+    if md5 is None:
+        return None
+    mlflow = setup(root)
+    client = MlflowClient()
+    tag = f"dvc.out.{out}"
+    versions = client.search_model_versions(f"name = '{name}'")  # [] for a new name
+    runs = mlflow.search_runs(
+        experiment_names=[EXPERIMENT],
+        output_format="list",
+        filter_string=f"tags.`kiln.pipeline_run_id` = '{parent_run_id}' "
+        f"and tags.`kiln.stage` = '{stage}'",
+    )
+    ran = {r.info.run_id for r in runs}
+    for v in versions:  # this pipeline's stage run registered it
+        if v.run_id in ran:
+            client.set_model_version_tag(name, str(v.version), tag, md5)
+            return str(v.version)
+    for v in sorted(versions, key=lambda v: -int(v.version)):
+        if v.tags.get(tag) == md5:
+            return str(v.version)
+    return _register_restored(parent_run_id, stage, root, md5, gate)
+
+
+def champion_version(name: str, root: Path | None = None) -> str | None:
+    """The version ``@champion`` points at, None when there is none."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    setup(root)
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, "champion").version)
+    except MlflowException:
+        return None
+
+
+def _register_restored(
+    parent_run_id: str, stage: str, root: Path, md5: str, gate: tuple[str, float] | None
+) -> str:
+    """Register the files DVC restored for ``stage`` (its run did not happen now)."""
+    from mlflow import MlflowClient
+
+    mlflow = setup(root)
+    out = root / REGISTERED_OUTS[stage]
+    name = MODEL_NAMES[stage]
+    metrics_path = root / "data" / "metrics" / f"{stage}.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = {k: v for k, v in metrics.items() if k not in ("mlflow_run_id", "registered_version")}
+    tags = {
+        "kiln.stage": stage,
+        "kiln.pipeline_run_id": parent_run_id,
+        "kiln.restored_from": "dvc-cache",
+        f"dvc.out.{REGISTERED_OUTS[stage]}": md5,
+        "git.commit": git_commit(root),
+        **process_tags(),
+        **dvc_lineage(stage, root),
+    }
+    with mlflow.start_run(
+        run_name=f"{stage} (restored)", nested=True, parent_run_id=parent_run_id, tags=tags
+    ) as run:
+        tr = StageRun(mlflow, mlflow.get_run(run.info.run_id))
+        tr.log_metrics(metrics)
+        if stage == "evaluate":
+            version = tr.register_text2image(name, out / "pipeline", metrics)
+        else:
+            version = tr.register_dir(name, out, metrics)
+        MlflowClient().set_model_version_tag(name, version, "kiln.restored_from", "dvc-cache")
+        if gate is not None:
+            metric, min_delta = gate
+            if metric in metrics:
+                promote(name, version, metrics, metric, min_delta)
+    return version
+
+
+def model_version(uri: str) -> str:
+    """``name/version`` a registry URI points at now (``models:/n/latest``, ``models:/n@a``)."""
+    from mlflow import MlflowClient
+
+    setup()
+    ref = uri.removeprefix("models:/")
+    client = MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
+    name, _, version = ref.partition("/")
+    if version in ("", "latest"):
+        version = str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
+    return f"{name}/{version}"
+
+
+def resolve_model_dir(uri: str) -> Path:
+    """Local directory of a registered model (``models:/name/version|@alias``)."""
+    setup()
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
