@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import copy_project
 from tests.layout import ROOT, expand, stage_files
 from training.stages import PIPELINE_MODEL, STAGES
 
@@ -51,18 +52,7 @@ def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def locked_copy(tmp_path_factory) -> Path:
     """The repository's code in a scratch copy, with every stage locked as if it had
     just run (placeholder outputs: dvc status compares deps and params, not content)."""
-    dest = tmp_path_factory.mktemp("stale") / "kiln"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
+    dest = copy_project(tmp_path_factory.mktemp("stale"))
     for s in STAGES:
         for out in s.outs:
             (dest / out).mkdir(parents=True, exist_ok=True)
