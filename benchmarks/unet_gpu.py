@@ -88,8 +88,9 @@ def kiln_variant(
         params,
         net,
         unet.noise_scheduler(params),
-        N,
-        lambda idx: (mean[idx], std[idx], text[idx]),
+        lambda step: (lambda i: (mean[i], std[i], text[i]))(
+            E.batch_indices(N, c.batch_size, step, params.seed)
+        ),
         text[:1],
         1.0,
         dev,

@@ -75,10 +75,15 @@ def part_a(rounds: int, steps: int) -> list[str]:
         null = text[:1]
         dev = torch.device("cpu")
 
-        def precomputed(idx, mean=mean, std=std, text=text):
+        def idx_of(step, bs=params.train_unet.batch_size, seed=params.seed):
+            return E.batch_indices(N, bs, step, seed)
+
+        def precomputed(step, mean=mean, std=std, text=text):
+            idx = idx_of(step)
             return mean[idx], std[idx], text[idx]
 
-        def encoded(idx, ae=ae, text_model=text_model, images=images, ids=ids):
+        def encoded(step, ae=ae, text_model=text_model, images=images, ids=ids):
+            idx = idx_of(step)
             with torch.no_grad():
                 post = ae.encode(images[idx]).latent_dist
                 states = text_model(ids[idx]).last_hidden_state
@@ -86,8 +91,8 @@ def part_a(rounds: int, steps: int) -> list[str]:
 
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         fns = {
-            "precomputed": unet.make_step_fn(params, model, sched, N, precomputed, null, 1.0, dev),
-            "encode in step": unet.make_step_fn(params, model, sched, N, encoded, null, 1.0, dev),
+            "precomputed": unet.make_step_fn(params, model, sched, precomputed, null, 1.0, dev),
+            "encode in step": unet.make_step_fn(params, model, sched, encoded, null, 1.0, dev),
         }
         times: dict[str, list[float]] = {k: [] for k in fns}
         for r in range(rounds + 1):  # round 0 warms up
@@ -126,10 +131,11 @@ def part_b(rounds: int, steps: int) -> list[str]:
         ckpt = Path(tempfile.mkdtemp())
         state = {"done": 0}
 
-        def precomputed(idx):
+        def precomputed(step):
+            idx = E.batch_indices(N, params.train_unet.batch_size, step, params.seed)
             return mean[idx], std[idx], text[idx]
 
-        step_fn = unet.make_step_fn(params, model, sched, N, precomputed, null, 1.0, E.device())
+        step_fn = unet.make_step_fn(params, model, sched, precomputed, null, 1.0, E.device())
 
         class Clock:  # logs every step: the gaps are the loop's own step times
             def __init__(self):

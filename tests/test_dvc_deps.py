@@ -80,6 +80,7 @@ EDITS = [
     ("training/cli/user.py", set()),
     ("training/cli/interrupt.py", set()),
     ("training/intake/guard.py", {"ingest"}),
+    ("training/intake/kinds/folder.py", {"ingest"}),
     ("training/intake/checks.py", {"validate"}),
     ("training/intake/shards.py", {s.name for s in STAGES}),
     ("training/phases/vae.py", {"train_vae"}),

@@ -105,3 +105,15 @@ def test_run_help_names_every_dataset_kind_and_the_source_option():
     for kind in get_args(DatasetName):
         assert kind in out, f"kiln run --help does not name {kind!r}"
     assert "--source" in out
+
+
+def test_every_dataset_kind_has_a_source_kind_module():
+    from typing import get_args
+
+    from training.config import DatasetName
+    from training.intake.kinds import SOURCE_KINDS
+
+    assert set(SOURCE_KINDS) == set(get_args(DatasetName))
+    for name, kind in SOURCE_KINDS.items():
+        for fn in ("check", "identity", "prepare"):
+            assert callable(getattr(kind, fn, None)), f"{name}: {kind.__name__} lacks {fn}()"

@@ -34,6 +34,7 @@ BUILTIN_DATASETS = ("shapes", "digits")
 STAGES = NAMES  # params.yaml has one section per stage (training/stages.py)
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 SchedulerName = Literal["ddpm", "ddim", "dpm++", "euler"]
+Loader = Literal["memory"]  # training data loaders (training/engine/loaders/)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class ValidateCfg(Section):
 
 
 class VaeCfg(Section):
+    loader: Loader = "memory"  # where batches come from (training/engine/loaders/)
     block_out_channels: tuple[int, ...]
     layers_per_block: int = Field(ge=1)
     latent_channels: int = Field(4, ge=1)
@@ -140,6 +142,7 @@ class VaeCfg(Section):
 
 
 class ClipCfg(Section):
+    loader: Loader = "memory"  # where batches come from (training/engine/loaders/)
     vocab_size: int = Field(ge=300)  # byte alphabet (2 x 256) is always included
     max_length: int = Field(ge=4)
     hidden_size: int = Field(ge=8)
@@ -168,6 +171,7 @@ class LatentsCfg(Section):
 
 class UnetCfg(Section):
     backbone: Literal["unet2d"] = "unet2d"  # the denoiser (training/phases/backbones/)
+    loader: Loader = "memory"  # where batches come from (training/engine/loaders/)
     block_out_channels: tuple[int, ...]
     layers_per_block: int = Field(ge=1)
     # diffusers' name, and like diffusers' UNet2DConditionModel it is the number of heads

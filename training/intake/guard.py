@@ -32,6 +32,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
+from training.config import Params
+
 ALLOWED_SCHEMES = ("http", "https")
 USER_AGENT = "Mozilla/5.0 (compatible; kiln-ingest; +img2dataset)"
 
@@ -326,3 +328,16 @@ _TRANSIENT = (
 def is_transient(why: str) -> bool:
     """Could retrying the download help? (``why`` is a recorded failure reason.)"""
     return why.startswith(_TRANSIENT)
+
+
+def policy_for(params: Params, extra_networks: tuple[str, ...] = ()) -> Policy:
+    """The guard's policy from ``params.ingest`` (plus CIDRs the caller allows, such as
+    loopback for sources Kiln serves itself)."""
+    c = params.ingest
+    return Policy(
+        allow_networks=parse_networks((*c.allow_networks, *extra_networks)),
+        deadline_s=c.deadline_s,
+        max_bytes=c.max_bytes,
+        max_redirects=c.max_redirects,
+        max_pixels=c.max_pixels,
+    )

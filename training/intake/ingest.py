@@ -26,8 +26,6 @@ same trained models).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import importlib.util
 import json
 import os
@@ -37,26 +35,14 @@ from collections import Counter
 from pathlib import Path
 
 from training import paths as P
-from training.config import BUILTIN_DATASETS, Params, fingerprint
+from training.config import Params, fingerprint
 from training.console import say
 from training.disk import write_json
 from training.intake import sources
 from training.intake.canonical import canonicalize_shard, stable_url
-from training.intake.guard import is_transient
-from training.intake.serve import LOOPBACK, render_builtin, serve_directory
-
-
-def policy_for(params: Params, extra_networks: tuple[str, ...] = ()):
-    from training.intake import guard as fetch
-
-    c = params.ingest
-    return fetch.Policy(
-        allow_networks=fetch.parse_networks((*c.allow_networks, *extra_networks)),
-        deadline_s=c.deadline_s,
-        max_bytes=c.max_bytes,
-        max_redirects=c.max_redirects,
-        max_pixels=c.max_pixels,
-    )
+from training.intake.guard import is_transient, policy_for
+from training.intake.kinds import SOURCE_KINDS
+from training.intake.serve import LOOPBACK, serve_directory
 
 
 # ---- img2dataset -----------------------------------------------------------------------
@@ -177,24 +163,9 @@ def collect_rejects(shard_dir: Path, out: Path) -> int:
 
 # ---- the stage -------------------------------------------------------------------------
 def _source_fingerprint(params: Params) -> str:
-    """What makes a half-finished work folder reusable: same params, same source bytes."""
-    c = params.ingest
-    parts: list = [params.seed, c.model_dump(mode="json")]
-    if c.dataset == "url-list" and c.source and Path(c.source).is_file():
-        h = hashlib.sha256()
-        with open(c.source, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        parts.append(h.hexdigest())
-    elif c.dataset == "folder" and c.source and Path(c.source).is_dir():
-        parts.append(
-            [
-                (str(p), p.stat().st_size, p.stat().st_mtime_ns)
-                for p in sorted(Path(c.source).rglob("*"))
-                if p.is_file()
-            ]
-        )
-    return fingerprint(*parts)
+    """What makes a half-finished work folder reusable: same params, same source."""
+    kind = SOURCE_KINDS[params.ingest.dataset]
+    return fingerprint(params.seed, params.ingest.model_dump(mode="json"), kind.identity(params))
 
 
 def check_source(params: Params) -> None:
@@ -203,17 +174,7 @@ def check_source(params: Params) -> None:
     distributor that is not installed. Raises ``SourceError`` (a ``ValueError``) with
     one line naming the path and what to do."""
     c = params.ingest
-    if c.dataset not in BUILTIN_DATASETS and not c.source:
-        raise sources.SourceError(
-            f"ingest.dataset is {c.dataset!r} but ingest.source is not set "
-            "(give --url-list, --folder or --shards, or set ingest.source in params.yaml)"
-        )
-    if c.dataset == "folder":
-        sources.check_folder(Path(c.source))
-    elif c.dataset == "url-list":
-        sources.check_url_list(Path(c.source))
-    elif c.dataset == "shards":
-        sources.expand_shards(c.source)  # refuses pipe: and patterns matching nothing
+    SOURCE_KINDS[c.dataset].check(params)
     if c.distributor != "multiprocessing" and importlib.util.find_spec(c.distributor) is None:
         raise sources.SourceError(
             f"ingest.distributor is {c.distributor!r} but {c.distributor} is not installed "
@@ -249,55 +210,23 @@ def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
 
 
 def _ingest(params: Params, out_dir: Path, work_dir: Path) -> dict:
-    c = params.ingest
     i2d_dir = work_dir / "shards"
-    url_list = work_dir / "urls.parquet"
-    extra: dict = {}
-    if c.dataset == "url-list":
-        n = sources.normalize_url_list(Path(c.source), c.url_col, c.caption_col, url_list)
-        say(f"ingest: {n} rows in {c.source}; downloading with img2dataset")
-        download(url_list, i2d_dir, params, policy_for(params))
-    else:
-        source = work_dir / "source"
-        if c.dataset in BUILTIN_DATASETS:
-            shutil.rmtree(source, ignore_errors=True)
-            rows = render_builtin(params, source)
-            # digits has 1,797 images in all: say how many there are, not how many asked
-            say(f"ingest: rendered {len(rows)} '{c.dataset}' samples at {c.image_size} px")
-            extra_cols = ["meta"]
-        else:
-            if c.dataset == "shards":
-                remote = dataclasses.replace(
-                    policy_for(params), max_bytes=1 << 40, deadline_s=3600.0
-                )
-                stats = sources.unpack_shards(c.source, source, remote)
-                extra["unpacked"] = stats
-                say(f"ingest: unpacked {stats['shards']} shards from {c.source}")
-                source_dir = source
-            else:
-                source_dir = Path(c.source)
-            try:
-                rows = sources.folder_rows(source_dir)
-            except sources.SourceError:
-                if c.dataset != "shards":
-                    raise
-                raise sources.SourceError(
-                    f"shards {c.source}: no image members ({', '.join(sources.IMAGE_SUFFIXES)})"
-                ) from None
-            source = source_dir
-            extra_cols = None
-            say(f"ingest: {len(rows)} images in {source}")
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    prep = SOURCE_KINDS[params.ingest.dataset].prepare(params, work_dir)
+    if prep.url_list is not None:  # web URLs: fetched as they are, through the guard
+        download(prep.url_list, i2d_dir, params, policy_for(params))
+        return publish(params, i2d_dir, out_dir, work_dir, prep.report)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        with serve_directory(source) as base:
-            table = sources.url_rows(base, rows)
-            if extra_cols:
-                table["meta"] = [r["meta"] for r in rows]
-            pq.write_table(pa.table(table), url_list)
-            say(f"ingest: serving {len(rows)} images on {base}; fetching with img2dataset")
-            download(url_list, i2d_dir, params, policy_for(params, (LOOPBACK,)), extra_cols)
-    return publish(params, i2d_dir, out_dir, work_dir, extra)
+    url_list = work_dir / "urls.parquet"
+    with serve_directory(prep.folder) as base:
+        table = sources.url_rows(base, prep.rows)
+        for col in prep.extra_cols or ():
+            table[col] = [r[col] for r in prep.rows]
+        pq.write_table(pa.table(table), url_list)
+        say(f"ingest: serving {len(prep.rows)} images on {base}; fetching with img2dataset")
+        download(url_list, i2d_dir, params, policy_for(params, (LOOPBACK,)), prep.extra_cols)
+    return publish(params, i2d_dir, out_dir, work_dir, prep.report)
 
 
 def publish(params: Params, i2d_dir: Path, out_dir: Path, work_dir: Path, extra: dict) -> dict:

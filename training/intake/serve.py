@@ -12,8 +12,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from training.config import Params
-
 LOOPBACK = "127.0.0.1/32"
 
 
@@ -41,20 +39,3 @@ def serve_directory(directory: Path) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def render_builtin(params: Params, directory: Path) -> list[dict]:
-    """Render the built-in dataset to ``directory``; returns rows (path, caption, meta)."""
-    from training.intake import builtin
-
-    c = params.ingest
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = []
-    samples = builtin.generate(
-        c.dataset, c.num_samples, c.image_size, params.seed, c.include_held_out
-    )
-    for i, s in enumerate(samples):
-        name = f"{i:07d}.png"
-        s.image.save(directory / name)
-        rows.append({"path": name, "caption": s.caption, "meta": s.meta_json()})
-    return rows

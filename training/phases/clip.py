@@ -24,6 +24,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from training import engine as E
 from training import paths as P
 from training.config import Params
+from training.engine import loaders
 from training.engine.images import to_tensor
 from training.inference.text import embed, encode_text
 
@@ -156,12 +157,14 @@ def run(
     data_fp = E.fingerprint(len(train_caps), train_caps[:32])
     trainer = E.stage_trainer("train_clip", model, opt, c, params.seed, ckpt_dir, data_fp, log)
     dev = trainer.device
+    tensors = {"ids": train_ids, "px": train_px, "groups": train_groups}
+    batches = loaders.make(c.loader, tensors, c.batch_size, params.seed)
 
     def step_fn(step: int) -> tuple[torch.Tensor, E.StepMetrics]:
-        idx = E.batch_indices(len(train_px), c.batch_size, step, params.seed)
+        b = batches.batch(step)
         # this process's slice of the global batch; the group ids stay global
-        ids, px = E.local(train_ids[idx], train_px[idx])
-        ids, px, groups = E.to_device(dev, ids, px, train_groups[idx])
+        ids, px = E.local(b["ids"], b["px"])
+        ids, px, groups = E.to_device(dev, ids, px, b["groups"])
         out = model(input_ids=ids, pixel_values=px)
         scale = model.logit_scale.exp().clamp(max=100)
         # the loss contrasts the whole global batch: gather every process's embeddings

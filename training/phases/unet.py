@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from training import engine as E
 from training import paths as P
 from training.config import Params
+from training.engine import loaders
 from training.engine.images import grid
 from training.phases.latents import load_split
 
@@ -60,31 +61,31 @@ def snr_weights(
     return w / snr if prediction_type == "epsilon" else w / (snr + 1)
 
 
-BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# step -> (posterior mean, posterior std, text states) of that step's global batch
+BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def make_step_fn(
     params: Params,
     model: torch.nn.Module,
     sched: DDPMScheduler,
-    n: int,
     batch: BatchFn,
     null_text: torch.Tensor,
     scaling: float,
     dev: torch.device,
 ) -> Callable[[int], tuple[torch.Tensor, E.StepMetrics]]:
-    """The training step: ``batch(indices) -> (posterior mean, std, text states)`` gives
-    the samples (precomputed latents in the pipeline; the benchmark also plugs in
-    encoding inside the step), everything else is the latent-diffusion objective."""
+    """The training step: ``batch(step) -> (posterior mean, std, text states)`` gives
+    the samples (precomputed latents from the loader in the pipeline; the benchmark
+    also plugs in encoding inside the step), everything else is the latent-diffusion
+    objective."""
     c = params.train_unet
 
     def step_fn(step: int) -> tuple[torch.Tensor, E.StepMetrics]:
         # Noising happens on the CPU from the (seed, step) generator, so the batch is the
         # same on every device; only the network runs on `dev`.
         g = E.step_generator(params.seed, step)
-        idx = E.batch_indices(n, c.batch_size, step, params.seed)
-        b = len(idx)
-        mean, std, text = batch(idx)
+        mean, std, text = batch(step)
+        b = len(mean)
         z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
         noise = torch.randn(z0.shape, generator=g)
         if c.noise_offset > 0:  # offset noise: lets the model shift whole-image brightness
@@ -137,10 +138,13 @@ def run(
     )
     dev = trainer.device
 
-    def precomputed(idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return data["mean"][idx], data["std"][idx], data["text"][idx]
+    batches = loaders.make(c.loader, data, c.batch_size, params.seed)
 
-    step_fn = make_step_fn(params, model, sched, n, precomputed, null_text, scaling, dev)
+    def precomputed(step: int) -> tuple[torch.Tensor, ...]:
+        b = batches.batch(step)
+        return b["mean"], b["std"], b["text"]
+
+    step_fn = make_step_fn(params, model, sched, precomputed, null_text, scaling, dev)
 
     preview_text = load_file(latent_dir / "preview_text.safetensors")["text"]
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)

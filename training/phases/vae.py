@@ -32,6 +32,7 @@ from torch.func import functional_call
 from training import engine as E
 from training import paths as P
 from training.config import Params
+from training.engine import loaders
 from training.engine.images import psnr, save_grid, ssim, to_tensor
 
 
@@ -122,11 +123,12 @@ def run(
     )
     data_fp = E.fingerprint(len(train), float(train[:64].sum()))
     trainer = E.stage_trainer("train_vae", trained, opt, c, params.seed, ckpt_dir, data_fp, log)
+    batches = loaders.make(c.loader, {"x": train}, c.batch_size, params.seed)
     dev = trainer.device
     disc_from = int(c.disc_start * c.steps)
 
     def step_fn(step: int) -> tuple[torch.Tensor, E.StepMetrics]:
-        x = train[E.batch_indices(len(train), c.batch_size, step, params.seed)]
+        x = batches.batch(step)["x"]
         # the global batch's noise, then this process's slice of both (data parallel)
         eps = torch.randn((len(x), *latent_shape), generator=E.step_generator(params.seed, step))
         x, eps = E.to_device(dev, *E.local(x, eps))

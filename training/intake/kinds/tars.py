@@ -1,0 +1,38 @@
+"""Existing webdataset tars (a path, a glob, a brace pattern, or http(s) URLs fetched
+through the fetch guard), unpacked shard by shard and then ingested as a folder."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from training.config import Params
+from training.console import say
+from training.intake import sources
+from training.intake.guard import policy_for
+from training.intake.kinds.base import Prepared, require_source
+
+
+def check(params: Params) -> None:
+    sources.expand_shards(require_source(params))  # refuses pipe: and empty patterns
+
+
+def identity(params: Params) -> list:
+    return []  # unpacking keeps finished shards itself (sources.unpack_shards)
+
+
+def prepare(params: Params, work_dir: Path) -> Prepared:
+    c = params.ingest
+    folder = work_dir / "source"
+    # whole tars, not images: the per-image byte cap and deadline do not apply
+    remote = dataclasses.replace(policy_for(params), max_bytes=1 << 40, deadline_s=3600.0)
+    stats = sources.unpack_shards(c.source, folder, remote)
+    say(f"ingest: unpacked {stats['shards']} shards from {c.source}")
+    try:
+        rows = sources.folder_rows(folder)
+    except sources.SourceError:
+        raise sources.SourceError(
+            f"shards {c.source}: no image members ({', '.join(sources.IMAGE_SUFFIXES)})"
+        ) from None
+    say(f"ingest: {len(rows)} images in {folder}")
+    return Prepared(folder=folder, rows=rows, report={"unpacked": stats})
