@@ -33,7 +33,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from training import stages
-from training.paths import EVAL
+from training.paths import EVAL, METRICS
 
 ROOT = Path.cwd()
 
@@ -156,7 +156,7 @@ def ingest_task() -> None:
 # Stages that checkpoint: a retry resumes them, so it costs at most the steps since the
 # newest checkpoint. The others fail for a reason (bad data, a config error) and would
 # only fail again, so they are not retried.
-CHECKPOINTED = ("train_vae", "train_clip", "train_unet")
+CHECKPOINTED = tuple(s.name for s in stages.STAGES if s.checkpoints)
 
 
 @task(name="stage", retry_delay_seconds=10, retry_condition_fn=_retryable)
@@ -257,7 +257,7 @@ def _stage_here(
         _dvc_cmd("pull", *deps, what=f"dvc pull of {', '.join(deps)}")
     _stage(stage)(stage=stage)
     _dvc_cmd("push", stage, what=f"dvc push of {stage}")
-    metrics = ROOT / "data" / "metrics" / f"{stage}.json"
+    metrics = ROOT / METRICS / f"{stage}.json"
     result = {
         "stage": stage,
         "lock": _lock()["stages"][stage],
@@ -320,7 +320,7 @@ def _run_remote(stage: str, deployment: str, done: list[str], pipeline_run_id: s
     lock.setdefault("stages", {})[stage] = result["lock"]
     _write_lock(lock)
     if result["metrics"] is not None:
-        path = ROOT / "data" / "metrics" / f"{stage}.json"
+        path = ROOT / METRICS / f"{stage}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(result["metrics"])
     _dvc_cmd("pull", stage, what=f"dvc pull of {stage}")
@@ -341,7 +341,7 @@ def _notify_failure(flow, flow_run, state) -> None:
 
 
 def _metrics(stage: str) -> dict:
-    path = ROOT / "data" / "metrics" / f"{stage}.json"
+    path = ROOT / METRICS / f"{stage}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

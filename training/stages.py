@@ -27,6 +27,7 @@ class Stage:
     outs: tuple[Path, ...]  # what it writes (DVC outs; the first holds resolved_params.json)
     model: str | None = None  # the registered model it makes, if any
     data_parallel: bool = False  # KILN_NPROC > 1 runs it under torchrun
+    checkpoints: bool = False  # resumes from data/checkpoints/<name> when re-run
 
     @property
     def command(self) -> str:
@@ -57,6 +58,7 @@ STAGES: tuple[Stage, ...] = (
         (P.VAE,),
         "kiln-vae",
         data_parallel=True,
+        checkpoints=True,
     ),
     Stage(
         "train_clip",
@@ -66,6 +68,7 @@ STAGES: tuple[Stage, ...] = (
         (P.CLIP,),
         "kiln-clip",
         data_parallel=True,
+        checkpoints=True,
     ),
     Stage(
         "precompute_latents",
@@ -83,6 +86,7 @@ STAGES: tuple[Stage, ...] = (
         (P.UNET,),
         "kiln-unet",
         data_parallel=True,
+        checkpoints=True,
     ),
     Stage(
         "evaluate",

@@ -123,20 +123,14 @@ def summarize(shard_dir: Path) -> dict:
 
 
 def collect_rejects(shard_dir: Path, out: Path) -> int:
-    """One row per sample that did not land (key, url, caption, reason), from
+    """One row per sample that did not land (``shards.REJECT_COLUMNS``), from
     img2dataset's per-shard parquet; streamed shard by shard."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema(
-        [
-            ("key", pa.string()),
-            ("url", pa.string()),
-            ("caption", pa.string()),
-            ("stage", pa.string()),
-            ("reason", pa.string()),
-        ]
-    )
+    from training.intake.shards import rejects_schema
+
+    schema = rejects_schema()
     n = 0
     with pq.ParquetWriter(out, schema) as writer:
         for p in sorted(shard_dir.glob("*.parquet")):
@@ -153,6 +147,7 @@ def collect_rejects(shard_dir: Path, out: Path) -> int:
                         "caption": [(d["caption"][i] or "")[:200] for i in rows],
                         "stage": ["ingest"] * len(rows),
                         "reason": [d["error_message"][i] or d["status"][i] for i in rows],
+                        "failed_checks": [""] * len(rows),
                     },
                     schema=schema,
                 )

@@ -45,6 +45,18 @@ class Record:
         return Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
 
 
+# The rejects table (``rejects.parquet`` of ingest and of validate): one row per sample
+# that did not make it, the stage that dropped it and why; ``failed_checks`` lists the
+# quality checks it failed (empty for ingest's). Validate's table carries ingest's rows.
+REJECT_COLUMNS = ("key", "url", "caption", "stage", "reason", "failed_checks")
+
+
+def rejects_schema():
+    import pyarrow as pa
+
+    return pa.schema([(n, pa.string()) for n in REJECT_COLUMNS])
+
+
 def shard_paths(directory: str | Path) -> list[Path]:
     paths = sorted(Path(directory).glob("*.tar"))
     if not paths:

@@ -31,8 +31,6 @@ from training.intake.split import (
     split_problem,
 )
 
-REJECT_COLUMNS = ["key", "url", "caption", "stage", "reason", "failed_checks"]
-
 
 def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = None) -> dict:
     """Gate the shards under ``raw_dir/shards`` (ingest's output) into ``out_dir``:
@@ -51,7 +49,7 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
     c = params.validate_
     paths = shards.shard_paths(raw_dir / "shards")
     gate = Gate(params, docs_dir or out_dir / "data_docs")
-    schema = pa.schema([(n, pa.string()) for n in REJECT_COLUMNS])
+    schema = shards.rejects_schema()
     counts: Counter = Counter()
     seen_px: set[str] = set()
     near = NearDuplicates(c.near_duplicate_bits or 0) if near_duplicate_check(params) else None
@@ -68,8 +66,9 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
         if ingest_rejects.exists():  # carried over so the table is complete
             for batch in pq.ParquetFile(ingest_rejects).iter_batches():
                 d = batch.to_pydict()
-                d["failed_checks"] = [""] * len(d["key"])
-                rejects.write_table(pa.table({k: d.get(k) for k in REJECT_COLUMNS}, schema=schema))
+                d.setdefault("failed_checks", [""] * len(d["key"]))  # raw data from before
+                cols = {k: d.get(k) for k in shards.REJECT_COLUMNS}
+                rejects.write_table(pa.table(cols, schema=schema))
                 counts.update(f"ingest: {r}" for r in d["reason"])
                 n_ingest += len(d["key"])
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from training.paths import METRICS
 from training.stages import MODEL_NAMES, STAGES
 from training.tracking.lineage import dvc_lineage, flatten, git_commit, locked_md5
 from training.tracking.runs import StageRun, process_tags
@@ -309,7 +310,7 @@ def _register_restored(
     mlflow = setup(root)
     out = root / REGISTERED_OUTS[stage]
     name = MODEL_NAMES[stage]
-    metrics_path = root / "data" / "metrics" / f"{stage}.json"
+    metrics_path = root / METRICS / f"{stage}.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics = {k: v for k, v in metrics.items() if k not in ("mlflow_run_id", "registered_version")}
     tags = {
