@@ -7,8 +7,9 @@ and keeps the run history. With no ``PREFECT_API_URL`` set, Prefect runs against
 ephemeral local API — nothing to start.
 
 Where: by default every stage runs in this process (the embedded default). Given a
-``gpu_deployment`` (a deployment of the ``kiln-stage`` flow on the ``gpu`` work pool,
-see prefect.yaml), the GPU stages go there with ``run_deployment``. The two machines
+``gpu_deployment`` (a deployment of the ``kiln-stage`` flow, ``flows/stage.py``, on the
+``gpu`` work pool, see prefect.yaml), the GPU stages go there with ``run_deployment``.
+The two machines
 share nothing but the Prefect API, the MLflow server and the DVC remote: this flow
 pushes what it has made, the stage's worker pulls the deps it needs, runs the stage
 and pushes its outs, and hands back the stage's ``dvc.lock`` entry and metrics (a
@@ -25,305 +26,26 @@ import json
 import logging
 import os
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.stage import run_remote
+from flows.tasks import (
+    CHECKPOINTED,
+    GPU_STAGES,
+    ROOT,
+    StageFailed,
+    _NoTracebackForStageFailed,
+    _set_params,
+    _stage,
+    ingest_task,
+)
 from training import stages
 from training.paths import EVAL, METRICS
 
-ROOT = Path.cwd()
-
-
-class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; it already printed its own one-line error.
-
-    ``retry`` says whether running it again can help: a stage that failed for a reason
-    (bad input, a config error, a diverged loss, a full disk) leaves a note saying so
-    (``kiln`` writes ``.kiln/failed-<stage>.json``) and would only fail the same way
-    again; one that died without a word (killed, out of memory, a lost connection) may
-    pass, and a checkpointed stage resumes where it stopped."""
-
-    def __init__(
-        self, message: str, retry: bool = True, stage: str | None = None, said: bool = False
-    ):
-        super().__init__(message)
-        self.retry, self.stage, self.said = retry, stage, said
-
-
-def _retryable(task, task_run, state) -> bool:
-    """Prefect's retry condition: retry only what a retry can fix."""
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception:
-        return True
-    return not isinstance(exc, StageFailed) or exc.retry
-
-
-class _NoTracebackForStageFailed(logging.Filter):
-    """Prefect logs every failed task with its traceback; for a stage that already
-    explained itself, that wall of frames hides the one line that matters."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], StageFailed):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _dvc() -> list[str]:
-    """The dvc executable beside this interpreter (the venv's), else the one on PATH."""
-    local = Path(sys.executable).with_name("dvc")
-    return [str(local)] if local.exists() else ["dvc"]
-
-
-# Stages that want the accelerator: routed to the gpu pool when one is configured.
-GPU_STAGES = tuple(s.name for s in stages.STAGES if s.data_parallel)
-RESULT_KEY = "kiln-stage-result"  # the artifact a remote stage hands back
-
-
-def _dvc_cmd(*args: str, what: str) -> None:
-    logger = get_run_logger()
-    cmd = [*_dvc(), *args]
-    logger.info("$ %s", " ".join(cmd))
-    # The stage commands are `kiln ...`: make sure this interpreter's bin dir (the venv's)
-    # is on PATH even when nobody activated the venv (make run). Output goes straight to
-    # the terminal so progress bars stay live.
-    env = os.environ.copy()
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    from training import runlock
-
-    # DVC and the stage run in a session of their own, holding the run lock with us
-    # (pass_fds: if this process dies first, the checkout stays locked until they end).
-    # A terminal's Ctrl-C reaches only `kiln run`, which stops them once, in order
-    # (training/cli/interrupt.py); whatever else ends this flow (SIGTERM, a Prefect cancel: both
-    # raise through here) stops their whole group before the lock is released, so no
-    # stage outlives its pipeline.
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, start_new_session=True, pass_fds=runlock.held_fds()
-    )
-    try:
-        returncode = proc.wait()
-    except BaseException:
-        _stop_group(proc)
-        raise
-    if returncode != 0:
-        raise StageFailed(f"{what} failed (dvc exit code {returncode})")
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """SIGINT a stage's process group (it cleans up its partial outputs), then SIGKILL
-    whatever is left after ``grace_s``."""
-    import signal
-
-    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _run_dvc_stage(stage: str) -> None:
-    from training.cli.base import failure_note
-
-    note = ROOT / failure_note(stage)
-    note.unlink(missing_ok=True)
-    try:
-        _dvc_cmd("repro", "--single-item", stage, what=f"stage {stage}")
-    except StageFailed as exc:
-        if not note.is_file():
-            raise StageFailed(str(exc), stage=stage) from exc
-        info = json.loads(note.read_text())
-        raise StageFailed(
-            info["message"], retry=bool(info["retry"]), stage=stage, said=True
-        ) from exc
-
-
-@task(name="ingest", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retryable)
-def ingest_task() -> None:
-    """Ingestion talks to servers: transient failures are retried (img2dataset itself
-    resumes completed shards incrementally); a missing or bad source is not."""
-    _run_dvc_stage("ingest")
-
-
-# Stages that checkpoint: a retry resumes them, so it costs at most the steps since the
-# newest checkpoint. The others fail for a reason (bad data, a config error) and would
-# only fail again, so they are not retried.
-CHECKPOINTED = tuple(s.name for s in stages.STAGES if s.checkpoints)
-
-
-@task(name="stage", retry_delay_seconds=10, retry_condition_fn=_retryable)
-def stage_task(stage: str) -> None:
-    _run_dvc_stage(stage)
-
-
-def _stage(stage: str):
-    """The stage's task: one retry for a checkpointed stage killed mid-run (a lost
-    worker, OOM), which resumes from its newest complete checkpoint."""
-    return stage_task.with_options(name=stage, retries=1 if stage in CHECKPOINTED else 0)
-
-
-def _dvc_yaml() -> dict:
-    import yaml
-
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-
-def _lock() -> dict:
-    import yaml
-
-    path = ROOT / "dvc.lock"
-    return yaml.safe_load(path.read_text()) if path.is_file() else {"schema": "2.0", "stages": {}}
-
-
-def _write_lock(lock: dict) -> None:
-    import yaml
-
-    (ROOT / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
-
-
-def upstream(stage: str) -> list[str]:
-    """The stages whose outs ``stage`` reads (its data deps), from dvc.yaml."""
-    stages = _dvc_yaml()
-    made_by = {out: name for name, st in stages.items() for out in st.get("outs", [])}
-    return [made_by[d] for d in stages[stage].get("deps", []) if d in made_by]
-
-
-def _set_params(profile: str | None, dataset: str | None, source: str | None) -> None:
-    """Write a run's profile / data choices into params.yaml, where DVC tracks them."""
-    from training import config
-
-    updates = {
-        k: v
-        for k, v in (("profile", profile), ("ingest.dataset", dataset), ("ingest.source", source))
-        if v
-    }
-    if updates:
-        for key, (old, new) in config.set_values(ROOT / "params.yaml", updates).items():
-            print(f"params.yaml: {key}: {old} -> {new}")
-
-
-@flow(name="kiln-stage", log_prints=True)
-def kiln_stage(
-    stage: str,
-    params_yaml: str | None = None,
-    lock: dict | None = None,
-    pipeline_run_id: str | None = None,
-    profile: str | None = None,
-    dataset: str | None = None,
-    source: str | None = None,
-) -> dict:
-    """Run one DVC stage on this worker: take the caller's params and dvc.lock (when
-    kiln-pipeline sends it; by hand, the checkout's own, with ``profile``/``dataset``/
-    ``source`` applied), ``dvc pull`` the outs of the stages it reads, run it,
-    ``dvc push`` its outs, and publish its dvc.lock entry and metrics as the
-    ``kiln-stage-result`` artifact for the caller."""
-    from training import runlock
-
-    stages = _dvc_yaml()
-    if stage not in stages:
-        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(stages)})")
-    with runlock.pipeline_lock(f"kiln-stage {stage}", ROOT):
-        return _stage_here(stage, params_yaml, lock, pipeline_run_id, profile, dataset, source)
-
-
-def _stage_here(
-    stage: str,
-    params_yaml: str | None,
-    lock: dict | None,
-    pipeline_run_id: str | None,
-    profile: str | None,
-    dataset: str | None,
-    source: str | None,
-) -> dict:
-    from training import tracking
-
-    if params_yaml is not None:
-        (ROOT / "params.yaml").write_text(params_yaml)
-    _set_params(profile, dataset, source)
-    if lock is not None:
-        _write_lock(lock)
-    if pipeline_run_id:  # nest the stage's MLflow run under the caller's pipeline run
-        os.environ[tracking.PARENT_ENV] = pipeline_run_id
-    deps = upstream(stage)
-    if deps:
-        _dvc_cmd("pull", *deps, what=f"dvc pull of {', '.join(deps)}")
-    _stage(stage)(stage=stage)
-    _dvc_cmd("push", stage, what=f"dvc push of {stage}")
-    metrics = ROOT / METRICS / f"{stage}.json"
-    result = {
-        "stage": stage,
-        "lock": _lock()["stages"][stage],
-        "metrics": metrics.read_text() if metrics.is_file() else None,
-    }
-    create_markdown_artifact(
-        key=RESULT_KEY,
-        markdown=f"```json\n{json.dumps(result, indent=1)}\n```",
-        description=f"dvc.lock entry and metrics of {stage}",
-    )
-    return result
-
-
-def _stage_result(flow_run_id) -> dict:
-    """The ``kiln-stage-result`` artifact of a remote stage's flow run."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        ArtifactFilterKey,
-    )
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-                key=ArtifactFilterKey(any_=[RESULT_KEY]),
-            )
-        )
-    if not found:
-        raise StageFailed(f"flow run {flow_run_id} left no {RESULT_KEY} artifact")
-    text = found[0].data
-    return json.loads(text[text.index("{") : text.rindex("}") + 1])
-
-
-def _run_remote(stage: str, deployment: str, done: list[str], pipeline_run_id: str) -> None:
-    """Run ``stage`` on the deployment's pool, exchanging data through the DVC remote."""
-    from prefect.deployments import run_deployment
-
-    logger = get_run_logger()
-    if done:
-        _dvc_cmd("push", *done, what=f"dvc push of {', '.join(done)}")
-    logger.info("%s -> deployment %s", stage, deployment)
-    run = run_deployment(
-        deployment,
-        parameters={
-            "stage": stage,
-            "params_yaml": (ROOT / "params.yaml").read_text(),
-            "lock": _lock(),
-            "pipeline_run_id": pipeline_run_id,
-        },
-        flow_run_name=f"{stage}",
-        timeout=None,
-    )
-    if run.state is None or not run.state.is_completed():
-        name = run.state.name if run.state else "unknown"
-        raise StageFailed(f"stage {stage} on {deployment} ended {name} (flow run {run.id})")
-    result = _stage_result(run.id)
-    lock = _lock()
-    lock.setdefault("stages", {})[stage] = result["lock"]
-    _write_lock(lock)
-    if result["metrics"] is not None:
-        path = ROOT / METRICS / f"{stage}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(result["metrics"])
-    _dvc_cmd("pull", stage, what=f"dvc pull of {stage}")
+# the tasks' names, imported from here by tests and older deployments
+__all__ = ["CHECKPOINTED", "GPU_STAGES", "StageFailed", "ingest_task", "kiln_pipeline"]
 
 
 def _notify_failure(flow, flow_run, state) -> None:
@@ -442,7 +164,7 @@ def _pipeline(
             if stage == "ingest":
                 ingest_task()
             elif gpu_deployment and stage in GPU_STAGES:
-                _run_remote(stage, gpu_deployment, done, parent)
+                run_remote(stage, gpu_deployment, done, parent)
             else:
                 _stage(stage)(stage=stage)
             done.append(stage)

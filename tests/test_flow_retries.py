@@ -2,7 +2,7 @@
 
 from prefect.states import Failed
 
-from flows.pipeline import CHECKPOINTED, GPU_STAGES, StageFailed, _retryable, _stage, ingest_task
+from flows.tasks import CHECKPOINTED, GPU_STAGES, StageFailed, _retryable, _stage, ingest_task
 from training.config import STAGES
 
 

@@ -41,6 +41,7 @@ def text_states(
     return encoder(ids).last_hidden_state.float().cpu()
 
 
+@torch.no_grad()
 def embed(
     model: CLIPModel,
     pixels: torch.Tensor | None = None,

@@ -117,7 +117,6 @@ def contrastive_loss(
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-@torch.no_grad()
 def recall_at(sim: torch.Tensor, groups_q: torch.Tensor, groups_k: torch.Tensor, k: int) -> float:
     """Fraction of queries whose top-k keys contain one with the same caption group."""
     top = sim.topk(min(k, sim.shape[1]), dim=1).indices

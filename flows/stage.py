@@ -1,0 +1,162 @@
+"""The ``kiln-stage`` flow: one DVC stage on a worker (the gpu pool, say).
+
+It shares nothing with the caller but the Prefect API, the MLflow server and the DVC
+remote: it takes the caller's params and dvc.lock, pulls the outs of the stages it
+reads, runs the stage, pushes its outs, and hands back the stage's dvc.lock entry and
+metrics as the ``kiln-stage-result`` artifact (``run_remote`` on the caller's side).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.tasks import ROOT, StageFailed, _dvc_cmd, _set_params, _stage
+from training.paths import METRICS
+
+RESULT_KEY = "kiln-stage-result"  # the artifact a remote stage hands back
+
+
+def _dvc_yaml() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _lock() -> dict:
+    import yaml
+
+    path = ROOT / "dvc.lock"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {"schema": "2.0", "stages": {}}
+
+
+def _write_lock(lock: dict) -> None:
+    import yaml
+
+    (ROOT / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+
+
+def upstream(stage: str) -> list[str]:
+    """The stages whose outs ``stage`` reads (its data deps), from dvc.yaml."""
+    stages = _dvc_yaml()
+    made_by = {out: name for name, st in stages.items() for out in st.get("outs", [])}
+    return [made_by[d] for d in stages[stage].get("deps", []) if d in made_by]
+
+
+@flow(name="kiln-stage", log_prints=True)
+def kiln_stage(
+    stage: str,
+    params_yaml: str | None = None,
+    lock: dict | None = None,
+    pipeline_run_id: str | None = None,
+    profile: str | None = None,
+    dataset: str | None = None,
+    source: str | None = None,
+) -> dict:
+    """Run one DVC stage on this worker: take the caller's params and dvc.lock (when
+    kiln-pipeline sends it; by hand, the checkout's own, with ``profile``/``dataset``/
+    ``source`` applied), ``dvc pull`` the outs of the stages it reads, run it,
+    ``dvc push`` its outs, and publish its dvc.lock entry and metrics as the
+    ``kiln-stage-result`` artifact for the caller."""
+    from training import runlock
+
+    stages = _dvc_yaml()
+    if stage not in stages:
+        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(stages)})")
+    with runlock.pipeline_lock(f"kiln-stage {stage}", ROOT):
+        return _stage_here(stage, params_yaml, lock, pipeline_run_id, profile, dataset, source)
+
+
+def _stage_here(
+    stage: str,
+    params_yaml: str | None,
+    lock: dict | None,
+    pipeline_run_id: str | None,
+    profile: str | None,
+    dataset: str | None,
+    source: str | None,
+) -> dict:
+    from training import tracking
+
+    if params_yaml is not None:
+        (ROOT / "params.yaml").write_text(params_yaml)
+    _set_params(profile, dataset, source)
+    if lock is not None:
+        _write_lock(lock)
+    if pipeline_run_id:  # nest the stage's MLflow run under the caller's pipeline run
+        os.environ[tracking.PARENT_ENV] = pipeline_run_id
+    deps = upstream(stage)
+    if deps:
+        _dvc_cmd("pull", *deps, what=f"dvc pull of {', '.join(deps)}")
+    _stage(stage)(stage=stage)
+    _dvc_cmd("push", stage, what=f"dvc push of {stage}")
+    metrics = ROOT / METRICS / f"{stage}.json"
+    result = {
+        "stage": stage,
+        "lock": _lock()["stages"][stage],
+        "metrics": metrics.read_text() if metrics.is_file() else None,
+    }
+    create_markdown_artifact(
+        key=RESULT_KEY,
+        markdown=f"```json\n{json.dumps(result, indent=1)}\n```",
+        description=f"dvc.lock entry and metrics of {stage}",
+    )
+    return result
+
+
+def _stage_result(flow_run_id) -> dict:
+    """The ``kiln-stage-result`` artifact of a remote stage's flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                key=ArtifactFilterKey(any_=[RESULT_KEY]),
+            )
+        )
+    if not found:
+        raise StageFailed(f"flow run {flow_run_id} left no {RESULT_KEY} artifact")
+    text = found[0].data
+    return json.loads(text[text.index("{") : text.rindex("}") + 1])
+
+
+def run_remote(stage: str, deployment: str, done: list[str], pipeline_run_id: str) -> None:
+    """Run ``stage`` on the deployment's pool, exchanging data through the DVC remote."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    if done:
+        _dvc_cmd("push", *done, what=f"dvc push of {', '.join(done)}")
+    logger.info("%s -> deployment %s", stage, deployment)
+    run = run_deployment(
+        deployment,
+        parameters={
+            "stage": stage,
+            "params_yaml": (ROOT / "params.yaml").read_text(),
+            "lock": _lock(),
+            "pipeline_run_id": pipeline_run_id,
+        },
+        flow_run_name=f"{stage}",
+        timeout=None,
+    )
+    if run.state is None or not run.state.is_completed():
+        name = run.state.name if run.state else "unknown"
+        raise StageFailed(f"stage {stage} on {deployment} ended {name} (flow run {run.id})")
+    result = _stage_result(run.id)
+    lock = _lock()
+    lock.setdefault("stages", {})[stage] = result["lock"]
+    _write_lock(lock)
+    if result["metrics"] is not None:
+        path = ROOT / METRICS / f"{stage}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(result["metrics"])
+    _dvc_cmd("pull", stage, what=f"dvc pull of {stage}")

@@ -1,0 +1,167 @@
+"""Prefect tasks that run one DVC stage: ``dvc repro --single-item <stage>`` in a
+process group of its own, retried only when a retry can help.
+
+DVC decides what is stale (a stage whose deps, params and outs are unchanged is
+skipped); Prefect decides when and where, and retries the transient failures
+(ingestion; a crashed training stage resumes from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from training import stages
+
+ROOT = Path.cwd()
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; it already printed its own one-line error.
+
+    ``retry`` says whether running it again can help: a stage that failed for a reason
+    (bad input, a config error, a diverged loss, a full disk) leaves a note saying so
+    (``kiln`` writes ``.kiln/failed-<stage>.json``) and would only fail the same way
+    again; one that died without a word (killed, out of memory, a lost connection) may
+    pass, and a checkpointed stage resumes where it stopped."""
+
+    def __init__(
+        self, message: str, retry: bool = True, stage: str | None = None, said: bool = False
+    ):
+        super().__init__(message)
+        self.retry, self.stage, self.said = retry, stage, said
+
+
+def _retryable(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry only what a retry can fix."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:
+        return True
+    return not isinstance(exc, StageFailed) or exc.retry
+
+
+class _NoTracebackForStageFailed(logging.Filter):
+    """Prefect logs every failed task with its traceback; for a stage that already
+    explained itself, that wall of frames hides the one line that matters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], StageFailed):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _dvc() -> list[str]:
+    """The dvc executable beside this interpreter (the venv's), else the one on PATH."""
+    local = Path(sys.executable).with_name("dvc")
+    return [str(local)] if local.exists() else ["dvc"]
+
+
+# Stages that want the accelerator: routed to the gpu pool when one is configured.
+GPU_STAGES = tuple(s.name for s in stages.STAGES if s.data_parallel)
+
+
+def _dvc_cmd(*args: str, what: str) -> None:
+    logger = get_run_logger()
+    cmd = [*_dvc(), *args]
+    logger.info("$ %s", " ".join(cmd))
+    # The stage commands are `kiln ...`: make sure this interpreter's bin dir (the venv's)
+    # is on PATH even when nobody activated the venv (make run). Output goes straight to
+    # the terminal so progress bars stay live.
+    env = os.environ.copy()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    from training import runlock
+
+    # DVC and the stage run in a session of their own, holding the run lock with us
+    # (pass_fds: if this process dies first, the checkout stays locked until they end).
+    # A terminal's Ctrl-C reaches only `kiln run`, which stops them once, in order
+    # (training/cli/interrupt.py); whatever else ends this flow (SIGTERM, a Prefect cancel: both
+    # raise through here) stops their whole group before the lock is released, so no
+    # stage outlives its pipeline.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, start_new_session=True, pass_fds=runlock.held_fds()
+    )
+    try:
+        returncode = proc.wait()
+    except BaseException:
+        _stop_group(proc)
+        raise
+    if returncode != 0:
+        raise StageFailed(f"{what} failed (dvc exit code {returncode})")
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGINT a stage's process group (it cleans up its partial outputs), then SIGKILL
+    whatever is left after ``grace_s``."""
+    import signal
+
+    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _run_dvc_stage(stage: str) -> None:
+    from training.cli.base import failure_note
+
+    note = ROOT / failure_note(stage)
+    note.unlink(missing_ok=True)
+    try:
+        _dvc_cmd("repro", "--single-item", stage, what=f"stage {stage}")
+    except StageFailed as exc:
+        if not note.is_file():
+            raise StageFailed(str(exc), stage=stage) from exc
+        info = json.loads(note.read_text())
+        raise StageFailed(
+            info["message"], retry=bool(info["retry"]), stage=stage, said=True
+        ) from exc
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retryable)
+def ingest_task() -> None:
+    """Ingestion talks to servers: transient failures are retried (img2dataset itself
+    resumes completed shards incrementally); a missing or bad source is not."""
+    _run_dvc_stage("ingest")
+
+
+# Stages that checkpoint: a retry resumes them, so it costs at most the steps since the
+# newest checkpoint. The others fail for a reason (bad data, a config error) and would
+# only fail again, so they are not retried.
+CHECKPOINTED = tuple(s.name for s in stages.STAGES if s.checkpoints)
+
+
+@task(name="stage", retry_delay_seconds=10, retry_condition_fn=_retryable)
+def stage_task(stage: str) -> None:
+    _run_dvc_stage(stage)
+
+
+def _stage(stage: str):
+    """The stage's task: one retry for a checkpointed stage killed mid-run (a lost
+    worker, OOM), which resumes from its newest complete checkpoint."""
+    return stage_task.with_options(name=stage, retries=1 if stage in CHECKPOINTED else 0)
+
+
+def _set_params(profile: str | None, dataset: str | None, source: str | None) -> None:
+    """Write a run's profile / data choices into params.yaml, where DVC tracks them."""
+    from training import config
+
+    updates = {
+        k: v
+        for k, v in (("profile", profile), ("ingest.dataset", dataset), ("ingest.source", source))
+        if v
+    }
+    if updates:
+        for key, (old, new) in config.set_values(ROOT / "params.yaml", updates).items():
+            print(f"params.yaml: {key}: {old} -> {new}")
