@@ -23,10 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training import config, vae  # noqa: E402
+from training import config  # noqa: E402
 from training import engine as E  # noqa: E402
 from training.evaluation import evaluate  # noqa: E402
-from training.phases import clip, latents, unet  # noqa: E402
+from training.phases import clip, latents, unet, vae  # noqa: E402
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training import config, vae  # noqa: E402
+from training import config  # noqa: E402
 from training import engine as E  # noqa: E402
-from training.phases import clip, unet  # noqa: E402
+from training.phases import clip, unet, vae  # noqa: E402
 
 N = 512
 

@@ -18,6 +18,11 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from training import stages
+from training.env import offline_defaults
+
+# what every Kiln process sets (no telemetry, no hub downloads), before the DVC and
+# MLflow work of this process and of the stage processes it starts
+offline_defaults()
 
 ROOT = Path.cwd()
 

@@ -96,6 +96,7 @@ SERVING_CODE = (
     "console.py",
     "disk.py",
     "env.py",
+    "errors.py",
     "stages.py",
     "paths.py",
     "engine",
@@ -234,6 +235,8 @@ def _requirements() -> list[str]:
         "pillow",
         "tokenizers",
         "accelerate",
+        "pydantic",  # the served code reads its sampler defaults from training/config.py
+        "PyYAML",
     ):
         with contextlib.suppress(md.PackageNotFoundError):
             pins.append(f"{dist}=={md.version(dist).split('+')[0]}")
@@ -328,9 +331,9 @@ def _register_restored(
         tr = StageRun(mlflow, mlflow.get_run(run.info.run_id))
         tr.log_metrics(metrics)
         if stage == "evaluate":
-            version = tr.register_text2image(name, out / "pipeline", metrics)
+            version = register_text2image(tr, name, out / "pipeline", metrics)
         else:
-            version = tr.register_dir(name, out, metrics)
+            version = register_dir(tr, name, out, metrics)
         MlflowClient().set_model_version_tag(name, version, "kiln.restored_from", "dvc-cache")
         if gate is not None:
             metric, min_delta = gate
