@@ -64,16 +64,18 @@ def run_pipeline(
             stack.enter_context(runlock.pipeline_lock("kiln run", Path.cwd()))
             changed = config.set_values(P.PARAMS, updates) if updates else {}
             params = load_params()
-            if params.ingest.dataset not in config.BUILTIN_DATASETS:
-                from training.intake.ingest import check_source
-
-                check_source(params)  # a missing source fails now, not minutes in
-        except (config.ConfigError, runlock.PipelineBusy, ValueError) as exc:
+        except (config.ConfigError, runlock.PipelineBusy) as exc:
             fail(str(exc))
         except OSError as exc:  # .kiln/ not writable, a full disk
             fail(f"cannot start the run: {exc}")
         for key, (old, new) in changed.items():
             typer.echo(f"params.yaml: {key}: {old} -> {new}")
+        from training.intake.ingest import check_source
+
+        try:  # a missing source or distributor fails now, not after the flow has started
+            check_source(params)
+        except ValueError as exc:  # SourceError
+            fail(f"ingest: {exc}")
         from flows.pipeline import kiln_pipeline
         from training.cli.interrupt import stop_on_interrupt
 
