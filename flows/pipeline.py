@@ -32,10 +32,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.stage import run_remote
 from flows.tasks import (
-    CHECKPOINTED,
     GPU_STAGES,
     ROOT,
-    StageFailed,
     _NoTracebackForStageFailed,
     _set_params,
     _stage,
@@ -43,9 +41,6 @@ from flows.tasks import (
 )
 from training import stages
 from training.paths import EVAL, METRICS
-
-# the tasks' names, imported from here by tests and older deployments
-__all__ = ["CHECKPOINTED", "GPU_STAGES", "StageFailed", "ingest_task", "kiln_pipeline"]
 
 
 def _notify_failure(flow, flow_run, state) -> None:

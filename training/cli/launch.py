@@ -14,6 +14,7 @@ from collections.abc import Callable
 import typer
 
 from training.cli.base import fail, load_params
+from training.tracker import NullLogger
 
 
 def relaunch_under_torchrun(stage: str) -> bool:
@@ -53,22 +54,9 @@ def follow(stage: str, body: Callable[..., dict]) -> dict:
     """Ranks 1..N-1: train in lockstep with rank 0, which alone logs, checkpoints,
     saves and registers."""
     try:
-        body(load_params(), _Silent())  # the phase sets up the process group
+        body(load_params(), NullLogger())  # rank 0 alone logs; the phase joins the group
     except Exception as exc:
         if os.environ.get("KILN_DEBUG"):
             raise
         fail(f"{stage} (rank {os.environ.get('RANK')}): {exc}")
     return {}
-
-
-class _Silent:
-    """A follower's tracker: rank 0 alone logs."""
-
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        pass
-
-    def log_image(self, path, artifact_dir: str = "images") -> None:
-        pass
-
-    def log_artifacts(self, directory, artifact_path: str) -> None:
-        pass

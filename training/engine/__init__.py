@@ -38,8 +38,9 @@ from training.engine.distributed import (
     world_size,
 )
 from training.engine.ema import EMA
-from training.engine.loop import LoopCfg, MetricLogger, NullLogger, Trainer, stage_trainer
+from training.engine.loop import LoopCfg, Trainer, stage_trainer
 from training.errors import TrainingDiverged
+from training.tracker import MetricLogger, NullLogger
 
 __all__ = [
     "EMA",

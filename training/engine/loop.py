@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -26,19 +26,7 @@ from training.engine.checkpoint import Checkpointer
 from training.engine.distributed import all_mean, device, is_main, sync_gradients, world_size
 from training.engine.ema import EMA
 from training.errors import TrainingDiverged
-
-
-class MetricLogger(Protocol):
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-    def log_image(self, path: str | Path, artifact_dir: str = "images") -> None: ...
-
-
-class NullLogger:
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        pass
-
-    def log_image(self, path: str | Path, artifact_dir: str = "images") -> None:
-        pass
+from training.tracker import MetricLogger, NullLogger
 
 
 # ---- the loop -------------------------------------------------------------------------

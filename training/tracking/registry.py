@@ -98,6 +98,7 @@ SERVING_CODE = (
     "env.py",
     "errors.py",
     "stages.py",
+    "tracker.py",
     "paths.py",
     "engine",
     "inference",

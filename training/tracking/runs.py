@@ -17,7 +17,7 @@ from training.tracking.store import EXPERIMENT, PARENT_ENV, setup
 
 
 class StageRun:
-    """What a phase sees of tracking: metrics and images (``engine.MetricLogger``)."""
+    """What a phase sees of tracking: metrics and images (``tracker.MetricLogger``)."""
 
     def __init__(self, mlflow, run):
         self.mlflow, self.run = mlflow, run
