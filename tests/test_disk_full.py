@@ -10,7 +10,6 @@ import errno
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,26 +47,6 @@ def _assert_one_line_disk_full(exc: BaseException, ckpt_dir: Path, step: int) ->
 
 def _left_behind(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.iterdir()) if ckpt_dir.is_dir() else []
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB filesystem (tmpfs), unmounted afterwards."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a 2 MB tmpfs needs root and mount(8); the faked tests cover this")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); the faked tests cover it")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_full_disk_is_refused_before_writing(small_disk: Path):

@@ -494,8 +494,10 @@ def test_latents_split_by_node_and_worker_match_one_process(run, tmp_path):
     proc = kiln(copy, "precompute-latents", timeout=900, env={"KILN_NPROC": "2"})
     assert "2 data-parallel processes" in proc.stderr
     ours, theirs = project / "data" / "latents", copy / "data" / "latents"
-    files = sorted(p.name for p in ours.glob("*-*-*.safetensors"))
-    assert files and files == sorted(p.name for p in theirs.glob("*-*-*.safetensors"))
+    files = sorted(str(p.relative_to(ours)) for p in ours.glob("*/*-*-*.safetensors"))
+    assert files and files == sorted(
+        str(p.relative_to(theirs)) for p in theirs.glob("*/*-*-*.safetensors")
+    )
     assert not list(theirs.glob(".part-*"))  # rank 0 merged and removed the parts
     one, two = (json.loads((d / "manifest.json").read_text()) for d in (ours, theirs))
     for m in (one, two):  # the model fingerprints name the models, not where they lie

@@ -34,7 +34,7 @@ BUILTIN_DATASETS = ("shapes", "digits")
 STAGES = NAMES  # params.yaml has one section per stage (training/stages.py)
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 SchedulerName = Literal["ddpm", "ddim", "dpm++", "euler"]
-Loader = Literal["memory"]  # training data loaders (training/engine/loaders/)
+Loader = Literal["stream", "memory"]  # training data loaders (training/engine/loaders/)
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,11 @@ class ValidateCfg(Section):
 
 
 class VaeCfg(Section):
-    loader: Loader = "memory"  # where batches come from (training/engine/loaders/)
+    loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
+    # shards per shuffle block: samples are shuffled within blocks of this many shards
+    # (a cache of two blocks serves every batch); a split of at most this many shards is
+    # fully shuffled (training/engine/engine/order.py)
+    block_shards: int = Field(16, ge=1)
     block_out_channels: tuple[int, ...]
     layers_per_block: int = Field(ge=1)
     latent_channels: int = Field(4, ge=1)
@@ -139,10 +143,20 @@ class VaeCfg(Section):
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(25, ge=1)
+    # validation metrics use the first this-many validation samples (memory and time
+    # stay flat however large the split)
+    val_samples: int = Field(2048, ge=1)
 
 
 class ClipCfg(Section):
-    loader: Loader = "memory"  # where batches come from (training/engine/loaders/)
+    loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
+    # captions the tokenizer trains on: all of them up to this many, else a seeded
+    # sample of whole shards (phases/clip.py, captions_of)
+    tokenizer_samples: int = Field(1_000_000, ge=100)
+    # shards per shuffle block: samples are shuffled within blocks of this many shards
+    # (a cache of two blocks serves every batch); a split of at most this many shards is
+    # fully shuffled (training/engine/engine/order.py)
+    block_shards: int = Field(16, ge=1)
     vocab_size: int = Field(ge=300)  # byte alphabet (2 x 256) is always included
     max_length: int = Field(ge=4)
     hidden_size: int = Field(ge=8)
@@ -159,6 +173,9 @@ class ClipCfg(Section):
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(25, ge=1)
+    # validation metrics use the first this-many validation samples (memory and time
+    # stay flat however large the split)
+    val_samples: int = Field(2048, ge=1)
 
 
 class LatentsCfg(Section):
@@ -167,11 +184,19 @@ class LatentsCfg(Section):
     # DataLoader workers per process that read and decode the shards (split by worker);
     # 0 decodes in the main process
     workers: int = Field(ge=0)
+    # the text states' storage type: float16 halves the largest part of the latents
+    # (77 x 768 per sample at SD's sizes) and costs no measurable quality
+    # (benchmarks/RESULTS.md, "16-bit text states"); training computes in float32
+    text_dtype: Literal["float16", "float32"] = "float16"
 
 
 class UnetCfg(Section):
     backbone: Literal["unet2d"] = "unet2d"  # the denoiser (training/phases/backbones/)
-    loader: Loader = "memory"  # where batches come from (training/engine/loaders/)
+    loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
+    # shards per shuffle block: samples are shuffled within blocks of this many shards
+    # (a cache of two blocks serves every batch); a split of at most this many shards is
+    # fully shuffled (training/engine/engine/order.py)
+    block_shards: int = Field(16, ge=1)
     block_out_channels: tuple[int, ...]
     layers_per_block: int = Field(ge=1)
     # diffusers' name, and like diffusers' UNet2DConditionModel it is the number of heads

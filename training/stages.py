@@ -28,6 +28,9 @@ class Stage:
     model: str | None = None  # the registered model it makes, if any
     data_parallel: bool = False  # KILN_NPROC > 1 runs it under torchrun
     checkpoints: bool = False  # resumes from data/checkpoints/<name> when re-run
+    # inputs it reads through the training loaders: with KILN_DATA_REMOTE set they come
+    # from object storage and need not be on local disk ("Data at scale")
+    streamed: tuple[Path, ...] = ()
 
     @property
     def command(self) -> str:
@@ -59,6 +62,7 @@ STAGES: tuple[Stage, ...] = (
         "kiln-vae",
         data_parallel=True,
         checkpoints=True,
+        streamed=(P.CLEAN,),
     ),
     Stage(
         "train_clip",
@@ -69,6 +73,7 @@ STAGES: tuple[Stage, ...] = (
         "kiln-clip",
         data_parallel=True,
         checkpoints=True,
+        streamed=(P.CLEAN,),
     ),
     Stage(
         "precompute_latents",
@@ -87,6 +92,7 @@ STAGES: tuple[Stage, ...] = (
         "kiln-unet",
         data_parallel=True,
         checkpoints=True,
+        streamed=(P.LATENTS,),
     ),
     Stage(
         "evaluate",

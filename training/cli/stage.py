@@ -63,7 +63,10 @@ def run_stage(stage: str, body: Callable[..., dict], register: Callable | None =
     failure_note(stage).unlink(missing_ok=True)
     try:
         params = load_params()
-        require(*inputs)
+        # streamed inputs live in object storage when KILN_DATA_REMOTE is set: the
+        # loaders check the remote index before training instead
+        remote = os.environ.get("KILN_DATA_REMOTE", "").strip()
+        require(*[p for p in inputs if not (remote and p in spec.streamed)])
         writable(*outs, P.METRICS)
         cleanup(outs)  # DVC removes outs before a run; do the same outside DVC
         resolved = outs[0] / "resolved_params.json"  # every run records its config

@@ -1,5 +1,5 @@
-"""The user commands: ``kiln run`` (the whole pipeline), ``generate``, ``export`` and
-``doctor``, plus the full ``kiln`` app (these and the stage commands).
+"""The user commands: ``kiln run`` (the whole pipeline), ``generate``, ``export``,
+``publish`` and ``doctor``, plus the full ``kiln`` app (these and the stage commands).
 
 No stage imports this module (``training/cli/__init__.py`` routes a stage command to
 ``training/cli/stage.py`` alone), so editing a user command re-runs no stage.
@@ -242,6 +242,33 @@ def export(
         fail(str(exc))
     pipe.save_pretrained(out, safe_serialization=True)
     typer.echo(f"exported StableDiffusionPipeline to {out}")
+
+
+@app.command()
+def publish(
+    remote: Annotated[
+        str | None,
+        typer.Argument(help="s3://bucket/prefix (default: $KILN_DATA_REMOTE)"),
+    ] = None,
+) -> None:
+    """Upload the clean and latent splits to object storage, for training to stream from.
+
+    The endpoint and credentials are boto3's (AWS_ENDPOINT_URL for MinIO and other
+    S3-compatible stores). Training reads them there when KILN_DATA_REMOTE is set."""
+    from training.intake.store import REMOTE_ENV
+    from training.intake.store import publish as upload
+
+    target = remote or os.environ.get(REMOTE_ENV, "")
+    if not target:
+        fail(f"publish: give s3://bucket/prefix or set {REMOTE_ENV}")
+    try:
+        done = upload(P.DATA, target)
+    except UserError as exc:
+        fail(str(exc))
+    typer.echo(
+        f"published to {target}: {done['uploaded']} files uploaded, "
+        f"{done['already_there']} already there"
+    )
 
 
 @app.command()

@@ -4,7 +4,8 @@ Phases import this package as one namespace (``from training import engine as E`
 
 * ``loop``: ``Trainer.fit`` — LR schedule, NaN/Inf guard, clipping, EMA, progress bar,
   per-step metrics, checkpoints, resume;
-* ``batches``: batch order and noise as pure functions of ``(seed, step)``;
+* ``batches``, ``order``: noise, learning rate and batch order as pure functions of
+  ``(seed, step)``; ``loaders``: where batches come from (streamed or in memory);
 * ``distributed``: the device, torch's threads, data parallelism under torchrun;
 * ``checkpoint``: atomic safetensors checkpoints; ``ema``: the weights' moving average;
 * ``images``: tensor/uint8 conversion, PSNR/SSIM and picture grids.

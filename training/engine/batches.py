@@ -39,14 +39,13 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Indices of the batch at ``step``: epochs are seeded permutations, last partial
-    batch dropped (so every batch has the same size)."""
-    if n < batch_size:
-        batch_size = n
-    per_epoch = n // batch_size
-    epoch, j = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=step_generator(seed, epoch, stream=1))
-    return perm[j * batch_size : (j + 1) * batch_size]
+    """Indices of the global batch at ``step`` over ``n`` samples held in memory: the
+    loaders' order (``engine.order.BlockOrder``) for a one-shard split, i.e. a seeded
+    permutation per epoch, last partial batch dropped. For benchmarks and tests that
+    hold synthetic data; the training stages use the loaders."""
+    from training.engine.order import BlockOrder
+
+    return torch.from_numpy(BlockOrder([n], batch_size, seed, 1).step_ids(step))
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int, floor: float = 0.1) -> float:

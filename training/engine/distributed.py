@@ -105,6 +105,15 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
     return y / world_size()
 
 
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sums over ranks of a few numbers (e.g. counters); every rank calls it."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 def barrier() -> None:
     if world_size() > 1:
         torch.distributed.barrier()

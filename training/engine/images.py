@@ -11,9 +11,44 @@ import torch.nn.functional as F
 from PIL import Image
 
 
-def to_tensor(u8: np.ndarray) -> torch.Tensor:
+def to_tensor(u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[N, H, W, 3]`` -> float ``[N, 3, H, W]`` in [-1, 1] (diffusers' convention)."""
-    return torch.from_numpy(u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+    return torch.as_tensor(u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+
+
+def decode_image(sample: dict, size: int) -> np.ndarray:
+    """A shard sample's image as uint8 ``[size, size, 3]``; an error names what is wrong
+    (the loaders skip such a sample and say why).
+
+    OpenCV decodes (3x faster than Pillow on 32 px PNGs and without holding the GIL,
+    which the training step's Python needs: the loaders decode on background threads);
+    on Kiln's lossless PNG shards it gives Pillow's pixels exactly. Pillow reads what
+    OpenCV cannot."""
+    import io
+
+    import cv2
+
+    from training.intake.shards import IMAGE_EXTS
+
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"{sample.get('__key__')}: no image member")
+    bgr = cv2.imdecode(np.frombuffer(sample[ext], np.uint8), cv2.IMREAD_COLOR)
+    if bgr is not None:
+        img = np.ascontiguousarray(bgr[..., ::-1])
+    else:
+        pil = Image.open(io.BytesIO(sample[ext]))
+        img = np.asarray(pil if pil.mode == "RGB" else pil.convert("RGB"), dtype=np.uint8)
+    if img.shape[:2] != (size, size):
+        raise ValueError(
+            f"{sample.get('__key__')}: image is {img.shape[1]}x{img.shape[0]}, "
+            f"expected {size}x{size}"
+        )
+    return img
+
+
+def caption(sample: dict) -> str:
+    return sample.get("txt", b"").decode("utf-8", errors="replace")
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

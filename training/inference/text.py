@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 
-def encode_text(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids exactly as ``StableDiffusionPipeline`` makes them: padded to max length."""
+def encode_text(tokenizer: CLIPTokenizer, captions: list[str], tensors: str = "pt") -> torch.Tensor:
+    """Token ids exactly as ``StableDiffusionPipeline`` makes them: padded to max length
+    (``tensors="np"``: as a numpy array, for the loaders' torch-free collate)."""
     return tokenizer(
         captions,
         padding="max_length",
         truncation=True,
         max_length=tokenizer.model_max_length,
-        return_tensors="pt",
+        return_tensors=tensors,
     ).input_ids
 
 

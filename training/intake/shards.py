@@ -153,6 +153,7 @@ class ShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.per_shard = prefix, per_shard
         self.index, self.count, self.total = 0, 0, 0
+        self.counts: dict[str, int] = {}  # finished shard -> samples (for index.json)
         self._tar = None
         self._tmp: Path | None = None
 
@@ -168,6 +169,7 @@ class ShardWriter:
         with open(self._tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(self._tmp, final)
+        self.counts[final.name] = self.count
         self._tar, self.index, self.count = None, self.index + 1, 0
 
     def write(self, rec: Record) -> None:
@@ -187,7 +189,13 @@ class ShardWriter:
             self._close()
 
     def close(self) -> int:
+        """Finish the last shard and write the split's ``index.json`` (the training
+        loaders' view of it: shards, sample counts, sizes, checksums)."""
+        from training.intake.index import write_index
+
         self._close()
+        if self.counts:
+            write_index(self.dir, self.counts, self.prefix)
         return self.total
 
     def __enter__(self) -> ShardWriter:

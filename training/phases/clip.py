@@ -13,7 +13,10 @@ target row is uniform over them) instead of a false negative.
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +28,14 @@ from training import engine as E
 from training import paths as P
 from training.config import Params
 from training.engine import loaders
-from training.engine.images import to_tensor
+from training.engine.images import caption, decode_image, to_tensor
 from training.inference.text import embed, encode_text
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def train_tokenizer(
-    captions: list[str], vocab_size: int, max_length: int, out_dir: Path
+    captions: Iterable[str], vocab_size: int, max_length: int, out_dir: Path
 ) -> CLIPTokenizer:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -101,12 +104,6 @@ def build(params: Params, vocab_size: int) -> CLIPModel:
     )
 
 
-def caption_groups(captions: list[str]) -> torch.Tensor:
-    """Integer id per distinct (normalised) caption: equal ids are positives."""
-    ids: dict[str, int] = {}
-    return torch.tensor([ids.setdefault(" ".join(c.lower().split()), len(ids)) for c in captions])
-
-
 def contrastive_loss(
     img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, groups: torch.Tensor
 ) -> torch.Tensor:
@@ -123,66 +120,128 @@ def recall_at(sim: torch.Tensor, groups_q: torch.Tensor, groups_k: torch.Tensor,
     return float((groups_k[top] == groups_q[:, None]).any(1).float().mean())
 
 
+def pair_split(params: Params, source: str, tokenizer, train: bool = False):
+    """A split of image-caption pairs as ``{"px", "ids"}`` batches (captions tokenized
+    per batch); for training in the stage's batch order, else read in order."""
+    size, c = params.ingest.image_size, params.train_clip
+
+    def decode(sample: dict) -> tuple[np.ndarray, str]:
+        return decode_image(sample, size), caption(sample)
+
+    local = threading.local()  # a tokenizer per thread: a shared one is not thread-safe
+
+    def collate(pairs: list) -> dict[str, np.ndarray]:
+        if not hasattr(local, "tok"):
+            local.tok = copy.deepcopy(tokenizer)
+        return {
+            "px": np.stack([p for p, _ in pairs]),  # uint8; the step makes floats
+            "ids": encode_text(local.tok, [t for _, t in pairs], tensors="np").astype(np.int64),
+        }
+
+    if not train:
+        return loaders.Split(source, decode, collate)
+    return loaders.make(
+        c.loader, source, decode, collate, c.batch_size, params.seed, c.block_shards
+    )
+
+
+def captions_of(source: str, limit: int, seed: int) -> Iterator[str]:
+    """The tokenizer's training text: every caption of the split if it has at most
+    ``limit``, else the captions of a seeded sample of whole shards holding at least
+    ``limit``. Only the text members are read, and nothing is kept in memory."""
+    split = loaders.Split(source, caption, lambda caps: {"caps": caps}, members=("txt",))
+    try:
+        ids = np.arange(len(split))
+        if len(split) > limit:
+            pick = np.random.default_rng(seed).permutation(len(split.index.shards))
+            counts = np.array(split.index.lengths)[pick]
+            chosen = np.sort(pick[: int(np.searchsorted(np.cumsum(counts), limit)) + 1])
+            starts = split.order.starts
+            ids = np.concatenate(
+                [
+                    np.arange(starts[s], starts[s] + counts_s)
+                    for s, counts_s in ((s, split.index.lengths[s]) for s in chosen)
+                ]
+            )
+        for lo in range(0, len(ids), 1024):
+            yield from split.take(ids[lo : lo + 1024])["caps"]
+    finally:
+        split.close()
+
+
+def groups_of(ids: torch.Tensor) -> torch.Tensor:
+    """Integer id per distinct token sequence of the global batch: equal ids are
+    positives (captions the text encoder cannot tell apart)."""
+    return torch.unique(ids, dim=0, return_inverse=True)[1]
+
+
 def run(
     params: Params,
-    clean_dir: Path,
+    clean: str | Path,
     out_dir: Path,
     ckpt_dir: Path,
     log: E.MetricLogger | None = None,
 ) -> dict:
-    from training.engine.images import grid
-    from training.intake import shards
-
+    """Train the tokenizer and CLIP on ``clean/train`` (a directory or an ``s3://``
+    prefix), validate on ``clean/val``, save to ``out_dir``."""
     log = log or E.NullLogger()
     c = params.train_clip
     torch.manual_seed(params.seed)
-    train_u8, train_caps = shards.load_images(clean_dir / "train")
-    val_u8, val_caps = shards.load_images(clean_dir / "val")
     if E.is_main():  # data parallel: one writer; the others load what it saved
-        tokenizer = train_tokenizer(train_caps, c.vocab_size, c.max_length, out_dir)
+        captions = captions_of(f"{clean}/train", c.tokenizer_samples, params.seed)
+        train_tokenizer(captions, c.vocab_size, c.max_length, out_dir)
     E.barrier()
-    if not E.is_main():
-        tokenizer = CLIPTokenizer.from_pretrained(out_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(out_dir)
+    batches = pair_split(params, f"{clean}/train", tokenizer, train=True)
+    val = pair_split(params, f"{clean}/val", tokenizer)
+    try:
+        return _train(params, tokenizer, batches, val, out_dir, ckpt_dir, log)
+    finally:
+        batches.close()
+        val.close()
+
+
+def _train(params, tokenizer, batches, val, out_dir: Path, ckpt_dir: Path, log) -> dict:
+    from training.engine.images import grid
+
+    c = params.train_clip
     E.say(
         f"train_clip: tokenizer with {len(tokenizer)} tokens; "
-        f"{len(train_caps)} train / {len(val_caps)} val pairs"
+        f"{len(batches)} train / {len(val)} val pairs"
     )
-    train_px, val_px = to_tensor(train_u8), to_tensor(val_u8)
-    train_ids, val_ids = encode_text(tokenizer, train_caps), encode_text(tokenizer, val_caps)
-    train_groups = caption_groups(train_caps)
-
     model = build(params, len(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.1)
-    data_fp = E.fingerprint(len(train_caps), train_caps[:32])
+    data_fp = batches.index.fingerprint()
     trainer = E.stage_trainer("train_clip", model, opt, c, params.seed, ckpt_dir, data_fp, log)
     dev = trainer.device
-    tensors = {"ids": train_ids, "px": train_px, "groups": train_groups}
-    batches = loaders.make(c.loader, tensors, c.batch_size, params.seed)
 
     def step_fn(step: int) -> tuple[torch.Tensor, E.StepMetrics]:
-        b = batches.batch(step)
-        # this process's slice of the global batch; the group ids stay global
-        ids, px = E.local(b["ids"], b["px"])
-        ids, px, groups = E.to_device(dev, ids, px, b["groups"])
+        b = batches.batch(step)  # this process's slice of the step's global batch
+        ids, px = E.to_device(dev, b["ids"], to_tensor(b["px"]))
         out = model(input_ids=ids, pixel_values=px)
         scale = model.logit_scale.exp().clamp(max=100)
         # the loss contrasts the whole global batch: gather every process's embeddings
         img, txt = E.gather(out.image_embeds.float()), E.gather(out.text_embeds.float())
-        loss = contrastive_loss(img, txt, scale, groups)
+        loss = contrastive_loss(img, txt, scale, groups_of(E.gather(ids)))
         return loss, {"logit_scale": scale.detach()}
 
-    summary = trainer.fit(step_fn)
+    summary = {**trainer.fit(step_fn), **batches.stats()}
     if not E.is_main():
         return summary
 
+    px, ids = zip(
+        *((to_tensor(b["px"]), b["ids"]) for b in val.scan(256, c.val_samples)), strict=True
+    )
+    val_px, val_ids = torch.cat(px), torch.cat(ids)
     img_e, txt_e = embed(model, pixels=val_px), embed(model, ids=val_ids)
     sim = img_e @ txt_e.T
-    g = caption_groups(val_caps)
+    g = groups_of(val_ids)
     metrics = {
         "val_i2t_r1": recall_at(sim, g, g, 1),
         "val_i2t_r5": recall_at(sim, g, g, 5),
         "val_t2i_r1": recall_at(sim.T, g, g, 1),
         "val_t2i_r5": recall_at(sim.T, g, g, 5),
+        "val_samples": len(val_ids),
         "vocab_size": len(tokenizer),
         "params": sum(p.numel() for p in model.parameters()),
         **summary,
@@ -190,7 +249,7 @@ def run(
     model.save_pretrained(out_dir, safe_serialization=True)
 
     # Similarity heatmap of the first 32 val pairs (diagonal = matching pairs).
-    k = min(32, len(val_caps))
+    k = min(32, len(val_ids))
     s = sim[:k, :k].numpy()
     heat = ((s - s.min()) / max(1e-6, float(s.max() - s.min())) * 255).astype(np.uint8)
     from PIL import Image
@@ -207,4 +266,4 @@ def run(
 
 def stage(params: Params, log: E.MetricLogger) -> dict:
     E.init_distributed()  # torch's threads; the process group under torchrun
-    return run(params, P.CLEAN, P.CLIP, P.CKPT / "train_clip", log)
+    return run(params, loaders.split_source(P.CLEAN, "clean"), P.CLIP, P.CKPT / "train_clip", log)

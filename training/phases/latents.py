@@ -3,11 +3,13 @@
 Per sample: the VAE posterior mean and std (so training can *sample* latents, as the
 VAE's KL term intends, instead of freezing one draw) and the CLIP text encoder's last
 hidden states for its caption, made exactly as ``StableDiffusionPipeline`` makes prompt
-embeddings (padded to max length, no attention mask). Streamed batch by batch into
-safetensors shards, so memory is flat in dataset size; under ``KILN_NPROC=N`` the clean
-shards are split by node and then by DataLoader worker (``run``). ``manifest.json`` records
-counts, shapes, dtypes and the fingerprints of the models and data they came from;
-``null_text.safetensors`` is the empty-prompt embedding used for caption dropout.
+embeddings (padded to max length, no attention mask), stored as ``text_dtype`` (16-bit
+by default). Streamed batch by batch into safetensors shards under ``train/`` and
+``val/``, each split with the training loaders' ``index.json``, so memory is flat in
+dataset size; under ``KILN_NPROC=N`` the clean shards are split by node and then by
+DataLoader worker (``run``). ``manifest.json`` records counts, shapes, dtypes and the
+fingerprints of the models and data they came from; ``null_text.safetensors`` is the
+empty-prompt embedding used for caption dropout.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from training import engine as E
 from training import paths as P
 from training.config import Params
 from training.inference.text import load_text_encoder, text_states
+from training.intake.index import write_index
 
 
 def dir_fingerprint(directory: Path) -> str:
@@ -102,7 +105,7 @@ class _ShardWriter:
     written to a temp name and renamed, so a crash never leaves a partial file."""
 
     def __init__(self, out_dir: Path, split: str, shard_no: int, per_shard: int):
-        self.out_dir, self.per_shard = out_dir, per_shard
+        self.out_dir, self.per_shard = out_dir / split, per_shard
         self.prefix = f"{split}-{shard_no:05d}"
         self.files: dict[str, int] = {}
         self.captions: list[str] = []  # kept for val: the preview prompts come from them
@@ -145,7 +148,9 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
     tokenizer, encoder = load_text_encoder(clip_dir)
     encoder.to(dev)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+    text_dtype = getattr(torch, c.text_dtype)
     part: dict = {}  # what this process wrote: files, counts, val captions, who
     for split in ("train", "val"):
         paths = shards.shard_paths(clean_dir / split)
@@ -168,7 +173,7 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
                     )
                 post = vae.encode(to_tensor(b["pixels"]).to(dev)).latent_dist
                 text = text_states(tokenizer, encoder, b["captions"])
-                w.add(b["keys"], mean=post.mean.cpu(), std=post.std.cpu(), text=text)
+                w.add(b["keys"], mean=post.mean.cpu(), std=post.std.cpu(), text=text.to(text_dtype))
                 if split == "val":
                     w.captions.extend(b["captions"])
                 if b["last"]:
@@ -228,8 +233,9 @@ def _write_manifest(
         manifest["splits"][split] = {
             "count": sum(files[n]["count"] for n in names),
             "shards": len(names),
-            "data_fingerprint": dir_fingerprint(clean_dir / split),
+            "data_fingerprint": index_fingerprint(clean_dir / split),
         }
+        write_index(out_dir / split, {n: files[n]["count"] for n in names}, split)
     val = merged["val"]
     val_captions = [cap for n in sorted(val) for cap in val[n].get("captions", [])]
     null = text_states(tokenizer, encoder, [""])[0]
@@ -237,7 +243,7 @@ def _write_manifest(
     manifest["preview_prompts"] = preview_prompts(params, val_captions)
     preview = text_states(tokenizer, encoder, manifest["preview_prompts"])
     save_file({"text": preview.contiguous()}, out_dir / "preview_text.safetensors")
-    first = load_file(next(iter(sorted(out_dir.glob("train-*.safetensors")))))
+    first = load_file(next(iter(sorted((out_dir / "train").glob("*.safetensors")))))
     manifest["tensors"] = {
         k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in first.items()
     }
@@ -256,12 +262,12 @@ def _write_manifest(
     }
 
 
-def load_split(latent_dir: Path, split: str) -> dict[str, torch.Tensor]:
-    """All latent shards of a split concatenated (the tiny/small sets fit in memory)."""
-    parts = [load_file(p) for p in sorted(latent_dir.glob(f"{split}-*.safetensors"))]
-    if not parts:
-        raise FileNotFoundError(f"no {split} latent shards in {latent_dir}")
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+def index_fingerprint(split_dir: Path) -> str:
+    """The content hash of a clean split, from its index (the shards' sha256s)."""
+    from training.intake.index import INDEX, parse_index
+
+    path = split_dir / INDEX
+    return parse_index(path.read_text(), str(split_dir), str(path)).fingerprint()
 
 
 def stage(params: Params, log: E.MetricLogger) -> dict:

@@ -19,17 +19,16 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
-from safetensors.torch import load_file
 
 from training import engine as E
 from training import paths as P
 from training.config import Params
 from training.engine import loaders
 from training.engine.images import grid
-from training.phases.latents import load_split
 
 
 def build(params: Params, latent_channels: int, latent_size: int, text_dim: int) -> torch.nn.Module:
@@ -61,7 +60,8 @@ def snr_weights(
     return w / snr if prediction_type == "epsilon" else w / (snr + 1)
 
 
-# step -> (posterior mean, posterior std, text states) of that step's global batch
+# step -> (posterior mean, posterior std, text states): this process's slice of the
+# step's global batch
 BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -81,27 +81,30 @@ def make_step_fn(
     c = params.train_unet
 
     def step_fn(step: int) -> tuple[torch.Tensor, E.StepMetrics]:
-        # Noising happens on the CPU from the (seed, step) generator, so the batch is the
-        # same on every device; only the network runs on `dev`.
+        # Every random draw is made for the whole global batch on the CPU from the
+        # (seed, step) generator, then this process keeps its slice, so N processes make
+        # the same update as one; only the network runs on `dev`.
         g = E.step_generator(params.seed, step)
-        mean, std, text = batch(step)
-        b = len(mean)
-        z0 = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
-        noise = torch.randn(z0.shape, generator=g)
+        mean, std, text = batch(step)  # this process's slice of the global batch
+        b = len(mean) * E.world_size()
+        shape = (b, *mean.shape[1:])
+        eps = torch.randn(shape, generator=g)
+        noise = torch.randn(shape, generator=g)
         if c.noise_offset > 0:  # offset noise: lets the model shift whole-image brightness
-            noise = noise + c.noise_offset * torch.randn((b, z0.shape[1], 1, 1), generator=g)
+            noise = noise + c.noise_offset * torch.randn((b, shape[1], 1, 1), generator=g)
         t = torch.randint(0, c.num_train_timesteps, (b,), generator=g)
         drop = torch.rand(b, generator=g) < c.caption_dropout
+        eps, noise, t, drop = E.local(eps, noise, t, drop)
+        z0 = (mean + std * eps) * scaling
         text = torch.where(drop[:, None, None], null_text.expand_as(text), text)
         zt = sched.add_noise(z0, noise, t)
         target = noise if c.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
         w = (
             snr_weights(sched, t, c.min_snr_gamma, c.prediction_type)
             if c.min_snr_gamma is not None
-            else torch.ones(b)
+            else torch.ones(len(t))
         )
-        # this process's slice, moved without waiting for the GPU (E.to_device)
-        zt, t, text, target, w = E.to_device(dev, *E.local(zt, t, text, target, w))
+        zt, t, text, target, w = E.to_device(dev, zt, t, text, target, w)
         pred = model(zt, t, encoder_hidden_states=text).sample
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * w).mean(), {}
@@ -109,28 +112,71 @@ def make_step_fn(
     return step_fn
 
 
+def latent_split(params: Params, source: str):
+    """The latent shards of a split as ``{"mean", "std", "text"}`` float32 batches, in the
+    stage's batch order."""
+    c = params.train_unet
+
+    def decode(row: dict) -> dict:
+        return row
+
+    def collate(rows: list) -> dict[str, np.ndarray]:
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    return loaders.make(
+        c.loader, source, decode, collate, c.batch_size, params.seed, c.block_shards
+    )
+
+
 def run(
     params: Params,
-    latent_dir: Path,
+    latents: str | Path,
     vae_dir: Path,
     out_dir: Path,
     ckpt_dir: Path,
     log: E.MetricLogger | None = None,
 ) -> dict:
+    """Train on the latents at ``latents`` (a directory or an ``s3://`` prefix)."""
+    from safetensors.torch import load
+
     log = log or E.NullLogger()
-    c = params.train_unet
     torch.manual_seed(params.seed)
-    manifest = json.loads((latent_dir / "manifest.json").read_text())
-    data = load_split(latent_dir, "train")
-    null_text = load_file(latent_dir / "null_text.safetensors")["text"]
+    store = loaders.Store.shared()
+    manifest = json.loads(store.read_bytes(f"{latents}/manifest.json"))
+    null_text = load(store.read_bytes(f"{latents}/null_text.safetensors"))["text"]
+    preview_text = load(store.read_bytes(f"{latents}/preview_text.safetensors"))["text"]
     scaling = float(manifest["vae"]["scaling_factor"])
-    n, ch, size, _ = data["mean"].shape
+    batches = latent_split(params, f"{latents}/train")
+    try:
+        return _train(
+            params,
+            manifest,
+            batches,
+            null_text,
+            preview_text,
+            scaling,
+            vae_dir,
+            out_dir,
+            ckpt_dir,
+            log,
+        )
+    finally:
+        batches.close()
+
+
+def _train(
+    params, manifest, batches, null_text, preview_text, scaling, vae_dir, out_dir, ckpt_dir, log
+) -> dict:
+    c = params.train_unet
+    ch, size, _ = manifest["tensors"]["mean"]["shape"]
+    text_shape = manifest["tensors"]["text"]["shape"]
     E.say(
-        f"train_unet: {n} latents {ch}x{size}x{size}, text states "
-        f"{tuple(data['text'].shape[1:])}, scaling factor {scaling:.4f}"
+        f"train_unet: {len(batches)} latents {ch}x{size}x{size}, text states "
+        f"{tuple(text_shape)} ({manifest['tensors']['text']['dtype']}), "
+        f"scaling factor {scaling:.4f}"
     )
 
-    model = build(params, ch, size, data["text"].shape[-1])
+    model = build(params, ch, size, text_shape[-1])
     sched = noise_scheduler(params)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
     trainer = E.stage_trainer(
@@ -138,15 +184,12 @@ def run(
     )
     dev = trainer.device
 
-    batches = loaders.make(c.loader, data, c.batch_size, params.seed)
-
     def precomputed(step: int) -> tuple[torch.Tensor, ...]:
         b = batches.batch(step)
-        return b["mean"], b["std"], b["text"]
+        return b["mean"].float(), b["std"].float(), b["text"].float()  # text: 16-bit on disk
 
     step_fn = make_step_fn(params, model, sched, precomputed, null_text, scaling, dev)
 
-    preview_text = load_file(latent_dir / "preview_text.safetensors")["text"]
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
 
     def preview(step: int) -> None:
@@ -184,7 +227,7 @@ def run(
     (out_dir / "previews").mkdir(exist_ok=True)
     with open(out_dir / "previews" / "prompts.txt", "w") as f:
         f.write("\n".join(manifest["preview_prompts"]) + "\n")
-    summary = trainer.fit(step_fn, every=c.preview_every, on_every=preview)
+    summary = {**trainer.fit(step_fn, every=c.preview_every, on_every=preview), **batches.stats()}
     if not E.is_main():  # data parallel: rank 0 saves
         return summary
     # fit leaves the EMA weights in `model`
@@ -195,4 +238,11 @@ def run(
 
 def stage(params: Params, log: E.MetricLogger) -> dict:
     E.init_distributed()  # torch's threads; the process group under torchrun
-    return run(params, P.LATENTS, P.VAE, P.UNET, P.CKPT / "train_unet", log)
+    return run(
+        params,
+        loaders.split_source(P.LATENTS, "latents"),
+        P.VAE,
+        P.UNET,
+        P.CKPT / "train_unet",
+        log,
+    )

@@ -33,7 +33,7 @@ from training import engine as E
 from training import paths as P
 from training.config import Params
 from training.engine import loaders
-from training.engine.images import psnr, save_grid, ssim, to_tensor
+from training.engine.images import decode_image, psnr, save_grid, ssim, to_tensor
 
 
 def build(params: Params) -> AutoencoderKL:
@@ -90,24 +90,48 @@ def adversarial_losses(
     return g_loss, d_loss
 
 
+def image_split(params: Params, source: str, loader: str = "stream", train: bool = False):
+    """A split of the clean images as ``{"x": float [N, 3, H, W]}`` batches; for training
+    (``train=True``) in the stage's batch order, else read in order (``scan``)."""
+    size = params.ingest.image_size
+    c = params.train_vae
+
+    def decode(sample: dict) -> np.ndarray:
+        return decode_image(sample, size)
+
+    def collate(images: list) -> dict[str, np.ndarray]:
+        return {"x": np.stack(images)}  # uint8; the step makes floats (to_tensor)
+
+    if not train:
+        return loaders.Split(source, decode, collate)
+    return loaders.make(loader, source, decode, collate, c.batch_size, params.seed, c.block_shards)
+
+
 def run(
     params: Params,
-    clean_dir: Path,
+    clean: str | Path,
     out_dir: Path,
     ckpt_dir: Path,
     log: E.MetricLogger | None = None,
 ) -> dict:
-    """Train on ``clean_dir/train``, validate on ``clean_dir/val``, save to ``out_dir``."""
-    from training.intake import shards
-
+    """Train on ``clean/train``, validate on ``clean/val`` (a directory or an ``s3://``
+    prefix), save to ``out_dir``."""
     log = log or E.NullLogger()
     c = params.train_vae
     torch.manual_seed(params.seed)
-    train_u8, _ = shards.load_images(clean_dir / "train")
-    val_u8, _ = shards.load_images(clean_dir / "val")
-    train = to_tensor(train_u8)
-    val = to_tensor(val_u8)
-    E.say(f"train_vae: {len(train)} train / {len(val)} val images at {train.shape[-1]} px")
+    batches = image_split(params, f"{clean}/train", c.loader, train=True)
+    val = image_split(params, f"{clean}/val")
+    try:
+        return _train(params, batches, val, out_dir, ckpt_dir, log)
+    finally:
+        batches.close()
+        val.close()
+
+
+def _train(params, batches, val, out_dir: Path, ckpt_dir: Path, log: E.MetricLogger) -> dict:
+    c = params.train_vae
+    size = params.ingest.image_size
+    E.say(f"train_vae: {len(batches)} train / {len(val)} val images at {size} px")
 
     model = build(params)
     n_params = sum(p.numel() for p in model.parameters())
@@ -121,17 +145,22 @@ def run(
     opt = torch.optim.AdamW(
         groups, lr=c.lr, weight_decay=0.0, betas=(0.5, 0.9) if disc else (0.9, 0.999)
     )
-    data_fp = E.fingerprint(len(train), float(train[:64].sum()))
+    data_fp = batches.index.fingerprint()
     trainer = E.stage_trainer("train_vae", trained, opt, c, params.seed, ckpt_dir, data_fp, log)
-    batches = loaders.make(c.loader, {"x": train}, c.batch_size, params.seed)
     dev = trainer.device
     disc_from = int(c.disc_start * c.steps)
+    with torch.no_grad():
+        latent_shape = model.encode(
+            torch.zeros(1, 3, size, size, device=dev)
+        ).latent_dist.mean.shape[1:]
 
     def step_fn(step: int) -> tuple[torch.Tensor, E.StepMetrics]:
-        x = batches.batch(step)["x"]
-        # the global batch's noise, then this process's slice of both (data parallel)
-        eps = torch.randn((len(x), *latent_shape), generator=E.step_generator(params.seed, step))
-        x, eps = E.to_device(dev, *E.local(x, eps))
+        x = to_tensor(batches.batch(step)["x"])  # this process's slice of the global batch
+        # the global batch's noise, then this process's slice (data parallel)
+        eps = torch.randn(
+            (batches.global_batch, *latent_shape), generator=E.step_generator(params.seed, step)
+        )
+        x, eps = E.to_device(dev, x, *E.local(eps))
         post = model.encode(x).latent_dist
         z = post.mean + post.std * eps
         recon = model.decode(z).sample
@@ -145,35 +174,47 @@ def run(
             metrics.update(gan_g=g_loss.detach(), gan_d=d_loss.detach())
         return loss, metrics
 
-    with torch.no_grad():
-        latent_shape = model.encode(train[:1].to(dev)).latent_dist.mean.shape[1:]
-    summary = trainer.fit(step_fn)
+    summary = {**trainer.fit(step_fn), **batches.stats()}
     if not E.is_main():  # data parallel: rank 0 measures and saves
         return summary
 
+    # images per forward pass after training: 256 at 32 px, fewer as pixels grow, so the
+    # encoder's activations take the same memory at any image size
+    chunk = max(1, 256 * 32 * 32 // (size * size))
     with torch.no_grad():
-        # Scaling factor from the data (posterior samples of up to 2k training images).
+        # Scaling factor from the data: posterior samples of up to 2k training images,
+        # the first of epoch 0's (seeded) order, read in chunks.
         g = torch.Generator().manual_seed(params.seed)
-        sub = train[torch.randperm(len(train), generator=g)[:2048]]
+        ids = batches.order.ids(0, 0, min(2048, len(batches)))
         lat = torch.cat(
-            [model.encode(b.to(dev)).latent_dist.sample(generator=g) for b in sub.split(256)]
+            [
+                model.encode(
+                    to_tensor(batches.take(ids[i : i + chunk])["x"]).to(dev)
+                ).latent_dist.sample(generator=g)
+                for i in range(0, len(ids), chunk)
+            ]
         )
         scaling = float(1.0 / lat.std())
-        recon = torch.cat(
-            [model(b.to(dev), sample_posterior=False).sample.cpu() for b in val.split(256)]
-        )
-        recon = recon.clamp(-1, 1)
+        psnrs, ssim_sum, seen, first = [], 0.0, 0, None
+        for b in val.scan(chunk, c.val_samples):
+            x = to_tensor(b["x"])
+            recon = model(x.to(dev), sample_posterior=False).sample.cpu().clamp(-1, 1)
+            psnrs.append(psnr(recon, x))
+            ssim_sum += ssim(recon, x) * len(x)
+            seen += len(x)
+            if first is None:
+                first = (x[:16], recon[:16])
     model.register_to_config(scaling_factor=scaling)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
 
     grid = out_dir / "reconstructions.png"
-    k = min(16, len(val))
-    save_grid(torch.cat([val[:k], recon[:k]]), grid, nrow=k)
+    save_grid(torch.cat(first), grid, nrow=len(first[0]))
     log.log_image(grid)
     metrics = {
-        "val_psnr": float(np.mean(psnr(recon, val))),
-        "val_ssim": float(ssim(recon, val)),
+        "val_psnr": float(np.mean(np.concatenate(psnrs))),
+        "val_ssim": float(ssim_sum / seen),
+        "val_samples": seen,
         "scaling_factor": scaling,
         "latent_shape": list(lat.shape[1:]),
         "params": n_params,
@@ -188,4 +229,4 @@ def run(
 
 def stage(params: Params, log: E.MetricLogger) -> dict:
     E.init_distributed()  # torch's threads; the process group under torchrun
-    return run(params, P.CLEAN, P.VAE, P.CKPT / "train_vae", log)
+    return run(params, loaders.split_source(P.CLEAN, "clean"), P.VAE, P.CKPT / "train_vae", log)

@@ -1,10 +1,17 @@
 """Training data loaders: where a training phase's batches come from.
 
-A loader is made as ``make(name, tensors, batch_size, seed)`` and gives ``len(loader)``
-and ``loader.batch(step) -> {name: tensor}``, the *global* batch of ``step``: the same on
-every rank (the phase takes its slice with ``distributed.local``) and a function of
-``(seed, step)`` alone, so resuming at step k needs no loader state. Each training
-section of params.yaml picks one with ``loader``.
+A split is a directory (or ``s3://`` prefix) of shards plus ``index.json`` (``index``).
+A loader is made as ``make(name, source, decode, collate, batch_size, seed,
+block_shards)`` and gives ``len(loader)``, ``loader.global_batch`` and
+``loader.batch(step) -> {name: tensor}``: *this process's slice* of the global batch of
+``step``. The global batch is a function of ``(seed, step)`` and the split alone
+(``order.BlockOrder``), the same for any number of processes and loader threads, so a
+resumed run needs no loader state and N processes make the same update as one. Each
+training section of params.yaml picks a loader with ``loader``:
+
+* ``stream`` (default): reads each batch from the shards on demand, locally or from
+  object storage through a bounded cache (``stream``, ``store``);
+* ``memory``: decodes the whole split into RAM once; the same batches, for comparison.
 
 Adding a loader: one module here plus one entry in ``LOADERS`` (and its name in the
 ``Loader`` literal of ``training/config.py``).
@@ -12,16 +19,37 @@ Adding a loader: one module here plus one entry in ``LOADERS`` (and its name in 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-
 from training.engine.loaders.memory import InMemory
+from training.engine.loaders.stream import Collate, Decode, Split, Streaming
+from training.intake.store import Store, split_source
 
-LOADERS: dict[str, Callable] = {
+LOADERS: dict[str, type[Split]] = {
+    "stream": Streaming,
     "memory": InMemory,
 }
 
 
-def make(name: str, tensors: dict[str, torch.Tensor], batch_size: int, seed: int):
-    return LOADERS[name](tensors, batch_size, seed)
+def make(
+    name: str,
+    source: str,
+    decode: Decode,
+    collate: Collate,
+    batch_size: int,
+    seed: int,
+    block_shards: int,
+    store: Store | None = None,
+) -> Split:
+    return LOADERS[name](source, decode, collate, batch_size, seed, block_shards, store)
+
+
+__all__ = [
+    "LOADERS",
+    "Collate",
+    "Decode",
+    "InMemory",
+    "Split",
+    "Store",
+    "Streaming",
+    "make",
+    "split_source",
+]

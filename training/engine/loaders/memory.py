@@ -1,28 +1,65 @@
-"""The in-memory loader: the whole split as CPU tensors (what tiny and small need).
+"""The in-memory loader: the whole split decoded once into CPU tensors.
 
-Batch ``k`` is a pure function of ``(seed, k)`` (``batches.batch_indices``: a seeded
-permutation per epoch, last partial batch dropped), so a resumed run needs no loader
-state and every data-parallel rank draws the same global batch."""
+Same batches as the streaming loader, bit for bit (the same ``BlockOrder`` over the same
+samples, and the same stand-in for a bad sample): it is the baseline the streaming path
+is measured against (``benchmarks/loader_ab.py``), and a fine choice for splits that fit
+in RAM many times over. Data too large for memory must stream (``loader: stream``, the
+default).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
-from training.engine.batches import batch_indices
+from training.engine.loaders.stream import MAX_WALK, Split, Walk
+from training.errors import UserError
 
 
-class InMemory:
-    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int):
-        sizes = {k: len(v) for k, v in tensors.items()}
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"in-memory loader: tensors of different lengths {sizes}")
-        self.tensors, self.batch_size, self.seed = tensors, batch_size, seed
-        self.n = next(iter(sizes.values()))
+class InMemory(Split):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        parts, valid = [], []
+        lengths = self.index.lengths
+        runs = self.pool.map(
+            self._shard_run, range(len(lengths)), [list(enumerate(range(n))) for n in lengths]
+        )
+        for run in runs:
+            samples = [s for _, s in run]
+            valid += [s is not None for s in samples]
+            good = next((s for s in samples if s is not None), None)
+            if good is not None:  # bad samples hold a placeholder; batches never use it
+                parts.append(self.collate([s if s is not None else good for s in samples]))
+            else:
+                parts.append(None)
+        self.valid = np.array(valid)
+        if not self.valid.any():
+            raise UserError(f"{self.source}: no sample could be read")
+        shape = next(p for p in parts if p is not None)
+        for i, n in enumerate(self.index.lengths):  # an unreadable shard: placeholders
+            if parts[i] is None:
+                parts[i] = {k: np.repeat(v[:1], n, axis=0) for k, v in shape.items()}
+        self.tensors = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in shape}
+        self.close()  # everything is in self.tensors; no shard stays open
 
-    def __len__(self) -> int:
-        return self.n
+    def _stand_ins(self, ids: np.ndarray, walk: Walk) -> torch.Tensor:
+        out = ids.copy()
+        for i in np.flatnonzero(~self.valid[ids]):
+            k = 1
+            while not self.valid[walk(int(i), k)]:
+                k += 1
+                if k > MAX_WALK:
+                    raise UserError(f"{self.source}: sample {ids[i]} has no readable stand-in")
+            out[i] = walk(int(i), k)
+        return torch.from_numpy(out)
+
+    def take(self, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        ids = np.asarray(ids, dtype=np.int64)
+        idx = self._stand_ins(ids, lambda i, k: (int(ids[i]) + k) % self.order.n)
+        return {k: v[idx] for k, v in self.tensors.items()}
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        """The global batch of ``step`` (each rank then takes its slice)."""
-        idx = batch_indices(self.n, self.batch_size, step, self.seed)
+        idx = self._stand_ins(*self.local_ids(step))
         return {k: v[idx] for k, v in self.tensors.items()}

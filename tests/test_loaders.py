@@ -1,0 +1,175 @@
+"""The training loaders (issue #14, "Data engine"): batch order, equivalence of the
+streaming and in-memory paths, data parallelism, and bad data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.engine import loaders
+from training.engine.order import BlockOrder
+from training.intake.store import MissingShard
+
+from .loaderkit import collate, decode, image_split
+
+
+def test_block_order_is_a_seeded_permutation_with_block_locality():
+    lengths = [30, 25, 30, 10, 30, 40, 35]  # 200 samples in 7 shards
+    o = BlockOrder(lengths, batch_size=16, seed=3, block_shards=2)
+    for epoch in range(2):
+        ids = o.ids(epoch, 0, o.n)
+        assert sorted(ids.tolist()) == list(range(o.n))  # each sample once per epoch
+        # locality: consecutive runs of the epoch come from two shards at a time
+        shard, _ = o.shard_of(ids)
+        blocks, ends = o._layout(epoch)
+        lo = 0
+        for block, end in zip(blocks, ends, strict=True):
+            assert set(shard[lo:end].tolist()) == set(block.tolist())
+            lo = end
+    assert not np.array_equal(o.ids(0, 0, o.n), o.ids(1, 0, o.n))  # reshuffled per epoch
+    again = BlockOrder(lengths, 16, 3, 2)
+    assert all(np.array_equal(o.step_ids(s), again.step_ids(s)) for s in (0, 5, 12, 13, 40))
+    other = BlockOrder(lengths, 16, 4, 2)
+    assert not np.array_equal(o.step_ids(0), other.step_ids(0))
+    assert o.per_epoch == 200 // 16 and all(len(o.step_ids(s)) == 16 for s in range(30))
+    # a split within one block is one full permutation: shards mix in every batch
+    full = BlockOrder(lengths, 16, 3, 16)
+    assert len(set(full.shard_of(full.step_ids(0))[0].tolist())) > 2
+
+
+def _truncate(directory, name: str = "train-00002.tar") -> None:
+    bad = directory / name
+    bad.write_bytes(bad.read_bytes()[:3000])
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["clean", "truncated-shard"])
+def test_stream_and_memory_give_the_same_batches(tmp_path, monkeypatch, broken):
+    """The two loaders are interchangeable: the same samples, in the same order,
+    decoded to the same bytes, for any number of decode threads; with a broken shard
+    too (the same stand-ins replace its samples)."""
+    directory = image_split(tmp_path / "train")
+    if broken:
+        _truncate(directory)
+    split = str(directory)
+    mem = loaders.make("memory", split, decode, collate, 16, 0, 2)
+    monkeypatch.setenv("KILN_LOADER_THREADS", "1")
+    one = loaders.make("stream", split, decode, collate, 16, 0, 2)
+    monkeypatch.setenv("KILN_LOADER_THREADS", "4")
+    four = loaders.make("stream", split, decode, collate, 16, 0, 2)
+    try:
+        for step in [*range(14), 30, 7]:  # two epochs, then a jump back (a resume)
+            want = mem.batch(step)
+            for got in (one.batch(step), four.batch(step)):
+                assert torch.equal(got["n"], want["n"]) and torch.equal(got["x"], want["x"])
+        if not broken:
+            assert torch.equal(mem.batch(3)["n"], torch.from_numpy(mem.order.step_ids(3)))
+        # reading by id after training (e.g. the VAE's scaling-factor sample), and in order
+        ids = mem.order.ids(0, 0, 40)
+        assert torch.equal(mem.take(ids)["x"], one.take(ids)["x"])
+        in_order = torch.cat([b["n"] for b in mem.scan(64)])
+        assert torch.equal(in_order, torch.cat([b["n"] for b in one.scan(64)]))
+        if not broken:
+            assert torch.equal(in_order, torch.arange(200))
+    finally:
+        one.close(), four.close()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["clean", "truncated-shard"])
+def test_processes_split_the_same_global_batch(tmp_path, monkeypatch, broken):
+    """Under data parallelism each rank reads only its slice; the slices of 2 (or 4)
+    ranks put together are the 1-process global batch, for every step, and with a
+    broken shard too: a bad sample's stand-in does not depend on who reads it."""
+    directory = image_split(tmp_path / "train")
+    if broken:
+        _truncate(directory)
+    split = str(directory)
+    whole = loaders.make("stream", split, decode, collate, 16, 0, 2)
+    want = [whole.batch(s)["n"] for s in range(13)]
+    whole.close()
+    for world in (2, 4):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        parts = []
+        for r in range(world):
+            monkeypatch.setenv("RANK", str(r))
+            ranked = loaders.make("stream", split, decode, collate, 16, 0, 2)
+            parts.append([ranked.batch(s)["n"] for s in range(13)])
+            ranked.close()
+            assert all(len(b) == 16 // world for b in parts[-1])
+        for s in range(13):
+            assert torch.equal(torch.cat([p[s] for p in parts]), want[s])
+
+
+def test_truncated_shard_is_skipped_counted_and_said(tmp_path, capsys):
+    """A shard cut short (a partial copy, a dying disk) does not stop training: it is
+    skipped with its reason, counted, and every batch keeps its size."""
+    directory = image_split(tmp_path / "train")
+    _truncate(directory)
+    loader = loaders.make("stream", str(directory), decode, collate, 16, 0, 16)
+    try:
+        seen = torch.cat([loader.batch(s)["n"] for s in range(12)])
+        assert len(seen) == 12 * 16
+        assert not set(range(74, 111)) & set(seen.tolist())  # shard 2 holds 74..110
+        stats = loader.stats()
+        assert stats["loader_skipped_shards"] == 1
+    finally:
+        loader.close()
+    err = capsys.readouterr().err
+    assert "skipping shard train-00002.tar" in err and "samples, the index says" in err
+
+
+def test_undecodable_sample_is_skipped_and_counted(tmp_path, capsys):
+    from training.intake import shards
+
+    with shards.ShardWriter(tmp_path, "train", 10) as w:
+        from .loaderkit import png
+
+        rng = np.random.default_rng(0)
+        for i in range(20):
+            data = b"\x89PNG not really" if i == 5 else png(rng)
+            w.write(shards.Record(f"{i:06d}", data, "png", f"caption {i}", {}))
+    loader = loaders.make("stream", str(tmp_path), decode, collate, 20, 0, 16)
+    try:
+        n = loader.batch(0)["n"]
+        assert len(n) == 20 and 5 not in n.tolist()
+        assert loader.stats()["loader_skipped_samples"] == 1
+    finally:
+        loader.close()
+    assert "skipping sample 5 of train-00000.tar" in capsys.readouterr().err
+
+
+def test_mostly_unreadable_split_stops_with_a_clear_error(tmp_path):
+    from training.errors import UserError
+
+    directory = image_split(tmp_path / "train", n=60, per_shard=20)
+    for name in ("train-00000.tar", "train-00001.tar"):
+        (directory / name).write_bytes(b"\0" * 100)
+    loader = loaders.make("stream", str(directory), decode, collate, 30, 0, 16)
+    with pytest.raises(UserError, match="2 of 3 shards are unreadable"):
+        for s in range(4):
+            loader.batch(s)
+    loader.close()
+
+
+def test_missing_shard_fails_before_training_naming_it(tmp_path):
+    directory = image_split(tmp_path / "train")
+    (directory / "train-00003.tar").unlink()
+    with pytest.raises(MissingShard, match="train-00003.tar"):
+        loaders.make("stream", str(directory), decode, collate, 16, 0, 16)
+
+
+def test_pickled_member_is_refused_not_loaded(tmp_path):
+    from training.intake import shards
+
+    with shards.tar_writer(tmp_path / "train-00000.tar") as w:
+        for i in range(4):
+            w.write({"__key__": f"{i:06d}", "png": b"x", "pyd": b"cos\nsystem\n"})
+    from training.intake.index import write_index
+
+    write_index(tmp_path, {"train-00000.tar": 4}, "train")
+    loader = loaders.make("stream", str(tmp_path), decode, collate, 4, 0, 16)
+    from training.errors import UserError
+
+    with pytest.raises(UserError, match="stand-ins are all unreadable"):
+        loader.batch(0)
+    loader.close()

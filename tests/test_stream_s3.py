@@ -1,0 +1,176 @@
+"""Training from object storage (issue #14, "Data engine"): a real S3-compatible server
+(moto's, as its own process on loopback), the clean shards and latents published to it
+with ``kiln publish``'s code, and every training stage streaming from it through a
+cache smaller than the data. Streaming from the store trains bitwise the same weights
+as reading local disk, because the batches are the same bytes in the same order."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.config import resolve
+from training.disk import DiskFull
+from training.engine import loaders
+from training.intake import store as S
+from training.intake.store import MissingShard
+
+from .conftest import free_port
+from .loaderkit import image_split
+
+BUCKET = "kiln-data"
+LIMIT = 300_000  # bytes of cache: two of these shards (~133 kB each), under half the data
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> str:
+    """moto's S3 server on a loopback port; yields its endpoint URL."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            break
+        except Exception:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"moto_server did not start: {proc.poll()}")
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def aws(s3, monkeypatch) -> str:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    client = S.s3_client()
+    if BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=BUCKET)
+    return s3
+
+
+def _params(**train):
+    # 40 steps x 8 = 320 samples: more than two epochs of the 120, so every shard is
+    # fetched, evicted (the cache holds two) and fetched again
+    small = {
+        "steps": 40,
+        "batch_size": 8,
+        "block_shards": 1,
+        "checkpoint_every": 20,
+        "log_every": 10,
+    }
+    return resolve(
+        {
+            "ingest": {"image_size": 32},
+            "train_vae": {**small, **train},
+            "train_clip": {**small, **train},
+            "train_unet": {**small, **train, "preview_every": 0},
+        }
+    )
+
+
+def _weights(d: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(d / name)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A clean split of 32 px images, train 120 in 6 shards, val 24."""
+    root = tmp_path_factory.mktemp("data")
+    image_split(root / "clean" / "train", n=120, per_shard=20, size=32)
+    image_split(root / "clean" / "val", n=24, per_shard=20, size=32, seed=1, prefix="val")
+    return root
+
+
+def test_every_training_stage_streams_from_s3_as_from_disk(aws, data, tmp_path, monkeypatch):
+    from training.phases import clip, latents, unet, vae
+
+    monkeypatch.setenv(S.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(S.CACHE_LIMIT_ENV, str(LIMIT))
+    params = _params()
+    train_bytes = sum(p.stat().st_size for p in (data / "clean" / "train").glob("*.tar"))
+    assert train_bytes > 2 * LIMIT  # the cache cannot hold the split
+
+    remote = f"s3://{BUCKET}/run1"
+    # the models precompute_latents needs, trained from local disk
+    local, streamed = tmp_path / "local", tmp_path / "s3"
+    v = vae.run(params, data / "clean", local / "vae", local / "ck-vae")
+    clip.run(params, data / "clean", local / "clip", local / "ck-clip")
+    latents.run(params, data / "clean", local / "vae", local / "clip", data / "latents")
+    done = S.publish(data, remote)
+    assert done["uploaded"] > 0 and S.publish(data, remote)["uploaded"] == 0  # resumable
+
+    # the same three trainings, streamed from the store
+    s = vae.run(params, f"{remote}/clean", streamed / "vae", streamed / "ck-vae")
+    clip.run(params, f"{remote}/clean", streamed / "clip", streamed / "ck-clip")
+    name = "diffusion_pytorch_model.safetensors"
+    assert _same(_weights(local / "vae", name), _weights(streamed / "vae", name))
+    assert _same(
+        _weights(local / "clip", "model.safetensors"),
+        _weights(streamed / "clip", "model.safetensors"),
+    )
+    assert v["loader_downloaded_mb"] == 0 and s["loader_downloaded_mb"] * 1e6 > train_bytes
+    cached = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert 0 < cached <= LIMIT
+
+    u1 = unet.run(params, data / "latents", local / "vae", local / "unet", local / "ck-unet")
+    u2 = unet.run(
+        params, f"{remote}/latents", local / "vae", streamed / "unet", streamed / "ck-unet"
+    )
+    assert u1["loader_downloaded_mb"] == 0 and u2["loader_downloaded_mb"] > 0
+    assert _same(_weights(local / "unet", name), _weights(streamed / "unet", name))
+
+
+def test_missing_remote_shard_fails_up_front_naming_it(aws, data, tmp_path, monkeypatch):
+    monkeypatch.setenv(S.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    remote = f"s3://{BUCKET}/run2"
+    client = S.s3_client()
+    for p in sorted((data / "clean" / "train").iterdir()):
+        client.upload_file(str(p), BUCKET, f"run2/clean/train/{p.name}")
+    client.delete_object(Bucket=BUCKET, Key="run2/clean/train/train-00004.tar")
+    with pytest.raises(MissingShard, match="train-00004.tar"):
+        loaders.Split(f"{remote}/clean/train", lambda s: s, lambda xs: {})
+
+
+def test_full_cache_disk_says_so(aws, data, small_disk, monkeypatch):
+    remote = f"s3://{BUCKET}/run3"
+    client = S.s3_client()
+    for p in sorted((data / "clean" / "train").iterdir()):
+        client.upload_file(str(p), BUCKET, f"run3/clean/train/{p.name}")
+    # leave less room on the 2 MB cache disk than one shard needs
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (shutil.disk_usage(small_disk).free - 20_000))
+    monkeypatch.setenv(S.CACHE_DIR_ENV, str(small_disk / "cache"))
+    split = loaders.Split(
+        f"{remote}/clean/train", lambda s: s, lambda xs: {"n": torch.zeros(len(xs))}
+    )
+    with pytest.raises(
+        DiskFull, match="shard cache .* no room for s3://kiln-data/run3/clean/train/"
+    ):
+        split.take([0])
+    split.close()
+    assert not [p for p in (small_disk / "cache").rglob("*") if p.is_file()]  # no partial file

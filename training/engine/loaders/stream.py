@@ -1,0 +1,283 @@
+"""The streaming loader: batches read from shards on demand, never a whole split in RAM.
+
+``batch(step)`` returns this process's slice of the global batch of ``step``
+(``engine.order.BlockOrder``): sample ids -> (shard, index) -> the shard's reader
+(``readers``, opened from a local path or the object-store cache, ``intake.store``) ->
+the phase's ``decode(sample)`` in a thread pool -> its ``collate(samples)``. While the
+trainer runs step k, a background thread reads and decodes step k+1's samples (no torch
+there: see ``_decoded``), and the shards of the next block are downloaded ahead. Memory
+holds the open shards of about two blocks; the cache on disk is bounded; nothing grows
+with the split.
+
+Bad data never stops a run: a shard that cannot be read (truncated, corrupt, wrong
+checksum) is skipped from then on, a sample that cannot be decoded is skipped, both are
+counted (``stats()``) and said once with their reason. A skipped sample's place is
+taken by the next readable sample of the epoch's order after it (of the canonical order
+when reading in order), a rule that does not depend on which process reads it, so the
+batches stay the same for any number of processes and keep their size. A shard missing
+from the store, a full cache disk, or a split that is mostly unreadable stops the stage
+with a clear error instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.console import say
+from training.engine.distributed import rank, world_size
+from training.engine.loaders.readers import open_shard
+from training.engine.order import BlockOrder
+from training.errors import UserError
+from training.intake.store import CorruptShard, Store, is_remote
+
+Decode = Callable[[dict], Any]  # one raw sample -> what collate takes
+# decoded samples -> {name: numpy array} (torch-free: it runs on the look-ahead thread)
+Collate = Callable[[list], dict[str, Any]]
+Walk = Callable[[int, int], int]  # (i, k) -> the k-th stand-in for the i-th sample's id
+THREADS_ENV = "KILN_LOADER_THREADS"
+MAX_WALK = 1000  # stand-ins tried for one bad sample before giving up
+
+
+def loader_threads() -> int:
+    """Decode threads per process (``KILN_LOADER_THREADS``; results never depend on it)."""
+    return max(1, int(os.environ.get(THREADS_ENV) or min(4, os.cpu_count() or 1)))
+
+
+class Split:
+    """Random access to a split's samples by global id (canonical order: the index's
+    shards in order, each shard's samples in order), with skipping of bad data.
+    ``members``: the sample members to read (``None``: all)."""
+
+    def __init__(
+        self,
+        source: str,
+        decode: Decode,
+        collate: Collate,
+        batch_size: int = 1,
+        seed: int = 0,
+        block_shards: int = 1,
+        store: Store | None = None,
+        members: Sequence[str] | None = None,
+    ):
+        self.source, self.decode, self.collate = source, decode, collate
+        self.store = store or Store.shared()
+        self.index = self.store.index(source)
+        self.store.check_fits(self.index, block_shards)
+        self.order = BlockOrder(self.index.lengths, batch_size, seed, block_shards)
+        self.global_batch = self.order.batch_size
+        self.members = frozenset(members) if members else None
+        self.pool = ThreadPoolExecutor(loader_threads(), thread_name_prefix="kiln-decode")
+        self._readers: OrderedDict[int, Any] = OrderedDict()
+        self._shard_locks = {i: threading.Lock() for i in range(len(self.index.shards))}
+        self._read_lock = threading.Lock()
+        self._max_open = 2 * block_shards + 2
+        self.bad_shards: dict[str, str] = {}
+        self._bad_samples: set[tuple[int, int]] = set()
+        self.downloaded = 0  # bytes this split fetched from the store
+
+    def __len__(self) -> int:
+        return self.order.n
+
+    # ---- reading ----------------------------------------------------------------------
+    def _reader(self, shard: int):
+        with self._shard_locks[shard]:
+            reader = self._readers.get(shard)
+            if reader is not None:
+                self._readers.move_to_end(shard)
+            else:
+                name = self.index.shards[shard].url
+                if name in self.bad_shards:
+                    return None
+                try:
+                    reader = self._open(shard)
+                except CorruptShard as exc:
+                    self._bad_shard(name, str(exc))
+                    return None
+                self._readers[shard] = reader
+            return reader
+
+    def _open(self, shard: int):
+        nsamples = self.index.shards[shard].nsamples
+        try:
+            return open_shard(self.store.path(self.index, shard, self._count), nsamples)
+        except FileNotFoundError:  # evicted from the cache between fetch and open: refetch
+            return open_shard(self.store.path(self.index, shard, self._count), nsamples)
+
+    def _count(self, nbytes: int) -> None:
+        self.downloaded += nbytes
+
+    def _bad_shard(self, name: str, reason: str) -> None:
+        self.bad_shards[name] = reason
+        say(f"loader: skipping shard {name} of {self.source}: {reason}")
+        if len(self.bad_shards) * 2 > len(self.index.shards):
+            raise UserError(
+                f"{self.source}: {len(self.bad_shards)} of {len(self.index.shards)} shards are "
+                f"unreadable (last: {reason}); re-create the split"
+            )
+
+    def _sample(self, sample_id: int) -> Any:
+        """The decoded sample, or None if it cannot be read (counted and said)."""
+        shard, i = (int(v[0]) for v in self.order.shard_of(np.array([sample_id])))
+        return self._decode(shard, i, self._reader(shard))
+
+    def _decode(self, shard: int, i: int, reader: Any) -> Any:
+        if reader is None or (shard, i) in self._bad_samples:
+            return None
+        try:
+            return self.decode(reader.get(i, self.members))
+        except Exception as exc:  # a bad sample must not end a three-day run
+            name = self.index.shards[shard].url
+            if len(self._bad_samples) < 10:
+                say(f"loader: skipping sample {i} of {name}: {type(exc).__name__}: {exc}")
+            elif len(self._bad_samples) == 10:
+                say("loader: more bad samples; counting them without naming each")
+            self._bad_samples.add((shard, i))
+            return None
+
+    def _shard_run(self, shard: int, items: list[tuple[int, int]]) -> list[tuple[int, Any]]:
+        """Decode ``(slot, index)`` items of one shard: one task per shard, not per
+        sample, keeps the thread pool's own overhead off the step."""
+        reader = self._reader(shard)
+        return [(slot, self._decode(shard, i, reader)) for slot, i in items]
+
+    @property
+    def skipped_samples(self) -> int:
+        """Distinct samples skipped so far (each is tried once)."""
+        return len(self._bad_samples)
+
+    def _collated(self, ids: np.ndarray, walk: Walk) -> dict[str, Any]:
+        """The collated samples with these global ids, a bad one replaced by its first
+        readable stand-in along ``walk``. Torch-free (decode and collate make numpy
+        arrays): it runs on the look-ahead thread, where a torch op would start a second
+        OpenMP thread team that spins against the training step's own (that made the
+        tiny U-Net 1.8x slower). The caller's thread wraps the arrays (``_tensors``)."""
+        with self._read_lock:
+            shards, inner = self.order.shard_of(np.asarray(ids, dtype=np.int64))
+            groups: dict[int, list[tuple[int, int]]] = {}
+            for slot, (shard, i) in enumerate(zip(shards.tolist(), inner.tolist(), strict=True)):
+                groups.setdefault(shard, []).append((slot, i))
+            samples: list[Any] = [None] * len(shards)
+            for part in self.pool.map(self._shard_run, groups, groups.values()):
+                for slot, sample in part:
+                    samples[slot] = sample
+            for i, s in enumerate(samples):
+                k = 0
+                while s is None:
+                    k += 1
+                    if k > min(MAX_WALK, self.order.n):
+                        raise UserError(
+                            f"{self.source}: sample {ids[i]} and its {MAX_WALK} stand-ins are "
+                            f"all unreadable (bad shards: {', '.join(self.bad_shards) or 'none'})"
+                        )
+                    s = self._sample(walk(i, k))
+                samples[i] = s
+            self._close_unused()
+            return self.collate(samples)
+
+    def _close_unused(self) -> None:
+        while len(self._readers) > self._max_open:
+            self._readers.popitem(last=False)[1].close()
+
+    def take(self, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """The collated samples with these global ids (a bad one replaced by the next
+        readable sample in canonical order)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        walk: Walk = lambda i, k: (int(ids[i]) + k) % self.order.n  # noqa: E731
+        return _tensors(self._collated(ids, walk))
+
+    def scan(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """The first ``limit`` samples (all by default) in canonical order, in batches:
+        for validation sets and passes over the captions."""
+        stop = len(self) if limit is None else min(limit, len(self))
+        for lo in range(0, stop, batch_size):
+            yield self.take(np.arange(lo, min(lo + batch_size, stop)))
+
+    # ---- this process's batch ---------------------------------------------------------
+    def local_ids(self, step: int) -> tuple[np.ndarray, Walk]:
+        """This process's slice of the step's global batch, and its stand-in walk: the
+        epoch's order onwards from each sample's own position (the same on every rank)."""
+        ids, w = self.order.step_ids(step), world_size()
+        if len(ids) % w:
+            raise ValueError(f"global batch {len(ids)} does not split evenly over {w} processes")
+        per = len(ids) // w
+        epoch, start = self.order.position(step)
+        start += rank() * per
+        n = self.order.n
+
+        def walk(i: int, k: int) -> int:
+            pos = (start + i + k) % n
+            return int(self.order.ids(epoch, pos, pos + 1)[0])
+
+        return ids[rank() * per : (rank() + 1) * per], walk
+
+    def stats(self) -> dict[str, Any]:
+        """What the loader saw, summed over processes (every rank must call it)."""
+        from training.engine.distributed import all_sum
+
+        counts = all_sum([len(self.bad_shards), self.skipped_samples, self.downloaded / 1e6])
+        return {
+            "loader_skipped_shards": counts[0],
+            "loader_skipped_samples": counts[1],
+            "loader_downloaded_mb": counts[2],
+            # not metrics (strings stay in data/metrics): what was read, and its content
+            "loader_source": self.source,
+            "loader_index_fingerprint": self.index.fingerprint(),
+        }
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+
+class Streaming(Split):
+    """``batch(step)``: this process's slice of the step's global batch, read on demand,
+    the next step's samples and the next block's downloads prepared in the background."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="kiln-prefetch")
+        self._fetch = ThreadPoolExecutor(2, thread_name_prefix="kiln-download")
+        self._next: tuple[int, Future] | None = None
+        self._fetched_blocks: set[tuple[int, int]] = set()
+
+    def _build(self, step: int) -> dict[str, Any]:
+        if is_remote(self.index.base):
+            for key, block in self.order.blocks_at(step):
+                if key not in self._fetched_blocks:
+                    self._fetched_blocks.add(key)
+                    for s in block.tolist():
+                        self._fetch.submit(self.store.path, self.index, s, self._count)
+        return self._collated(*self.local_ids(step))
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        ahead, self._next = self._next, None
+        arrays = ahead[1].result() if ahead and ahead[0] == step else self._build(step)
+        self._next = (step + 1, self._ahead.submit(self._build, step + 1))
+        return _tensors(arrays)
+
+    def close(self) -> None:
+        if self._next:
+            self._next[1].cancel()
+            with contextlib.suppress(Exception):  # an unused look-ahead's error is moot
+                self._next[1].result()
+        self._ahead.shutdown(wait=True)
+        self._fetch.shutdown(wait=True, cancel_futures=True)
+        super().close()
+
+
+def _tensors(arrays: Any) -> Any:
+    """numpy arrays as tensors sharing their memory (no copy, no torch threads)."""
+    if not isinstance(arrays, dict):
+        return arrays
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}

@@ -1,0 +1,357 @@
+"""Where a split's bytes come from: a local directory, or an S3-compatible object store
+read through a bounded on-disk cache.
+
+Local shards are read where they lie. ``s3://bucket/prefix`` shards are downloaded with
+boto3 into ``cache_dir``, named by their sha256 (so a re-published split is never served
+stale bytes, and two splits sharing a shard share its file), verified, and evicted least
+recently used first to keep the cache under ``limit`` bytes. The endpoint and credentials
+are boto3's usual ones (``AWS_ENDPOINT_URL`` for MinIO or any other S3-compatible store,
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or a profile); none of them is ever
+written by Kiln. Where the bytes come from is not a parameter: the same split streamed
+from S3 trains bitwise the same weights as from local disk (``tests/test_stream_s3.py``).
+
+The environment says where the data lives, so moving it re-runs nothing:
+
+* ``KILN_DATA_REMOTE``: ``s3://bucket/prefix`` holding ``clean/`` and ``latents/`` as
+  ``kiln publish`` uploads them; unset, training reads ``data/`` on local disk;
+* ``KILN_CACHE_DIR`` (default ``data/cache``) and ``KILN_CACHE_LIMIT`` (bytes, or with a
+  unit: ``500MB``, ``20GB``; default 10 GB): per node, shared out between its processes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from training.disk import DiskFull, disk_full_code, free_bytes
+from training.errors import UserError
+from training.intake.index import INDEX, ShardEntry, SplitIndex, file_sha256, parse_index
+
+REMOTE_ENV, CACHE_DIR_ENV, CACHE_LIMIT_ENV = (
+    "KILN_DATA_REMOTE",
+    "KILN_CACHE_DIR",
+    "KILN_CACHE_LIMIT",
+)
+DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT = "data/cache", 10 * 10**9
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+class MissingShard(UserError):
+    """A shard the index lists is not in the store: the split was not (fully) published."""
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
+    if not m:
+        raise UserError(f"{CACHE_LIMIT_ENV}={text!r}: expected bytes, e.g. 500MB or 20GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def split_url(url: str) -> tuple[str, str]:
+    bucket, _, key = url[len("s3://") :].partition("/")
+    return bucket, key
+
+
+def s3_client():
+    """boto3's S3 client, configured the usual way (AWS_ENDPOINT_URL, credentials chain)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+
+
+def split_source(local: Path, relative: str) -> str:
+    """Where a split is read from: ``$KILN_DATA_REMOTE/<relative>`` if set, else ``local``."""
+    remote = os.environ.get(REMOTE_ENV, "").strip()
+    if not remote:
+        return str(local)
+    if not is_remote(remote):
+        raise UserError(f"{REMOTE_ENV}={remote!r}: expected s3://bucket/prefix")
+    return f"{remote.rstrip('/')}/{relative}"
+
+
+class Store:
+    """Local paths for a split's shards (see the module docstring). One per process and
+    cache (``Store.shared()``), so every split a stage reads shares one budget."""
+
+    _shared: dict[tuple[Path, int], Store] = {}
+
+    @classmethod
+    def shared(cls) -> Store:
+        """This process's store for the cache the environment names."""
+        root = Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR).absolute()
+        env = os.environ.get(CACHE_LIMIT_ENV)
+        key = (root, parse_bytes(env) if env else DEFAULT_CACHE_LIMIT)
+        if key not in cls._shared:
+            cls._shared[key] = cls(*key)
+        return cls._shared[key]
+
+    def __init__(self, root: Path, limit: int):
+        # One cache directory per process, named by host and local rank: a node's
+        # processes never wait for, or evict under, one another (the limit is shared
+        # out), and nodes that share a data/ folder keep apart. torchrun's variables are
+        # read here, not through the engine, so publishing stays torch-free.
+        host = socket.gethostname()
+        self.dir = Path(root) / f"{host}-{os.environ.get('LOCAL_RANK', '0')}"
+        self.limit = limit // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self._files: OrderedDict[Path, int] = OrderedDict()  # LRU of cached files
+        self._lock = threading.Lock()
+        self._busy: dict[Path, threading.Event] = {}
+        self._reserved = 0  # bytes of downloads in flight
+        self._client = None
+        # files an earlier run left: adopted oldest first, then trimmed to the limit
+        old = [p for p in self.dir.glob("*/*") if p.is_file() and not p.name.startswith(".")]
+        for p in sorted(old, key=lambda p: p.stat().st_mtime):
+            self._files[p] = p.stat().st_size
+        for p in self.dir.glob("*/.*.tmp"):  # a download a killed run left half-done
+            p.unlink(missing_ok=True)
+        self._evict(keep=None)
+
+    # ---- the index ------------------------------------------------------------------
+    def index(self, source: str) -> SplitIndex:
+        """The split at ``source`` (a directory or ``s3://`` prefix), checked against the
+        store before any training starts: every listed shard must be there at its size."""
+        where = f"{source.rstrip('/')}/{INDEX}"
+        if not is_remote(source):
+            path = Path(source) / INDEX
+            if not path.is_file():
+                raise UserError(f"{path}: no split index (re-run the stage that writes it)")
+            idx = parse_index(path.read_text(), source, where)
+            missing = [s.url for s in idx.shards if not (Path(source) / s.url).is_file()]
+            self._check_missing(missing, where)
+            return idx
+        text = self.read_bytes(where).decode()
+        idx = parse_index(text, source, where)
+        sizes = self._listing(source)
+        self._check_missing([s.url for s in idx.shards if s.url not in sizes], where)
+        wrong = [s.url for s in idx.shards if sizes[s.url] != s.filesize]
+        if wrong:
+            raise UserError(
+                f"{where}: shards differ in size from the index: {', '.join(wrong[:5])}"
+            )
+        return idx
+
+    def _listing(self, prefix: str) -> dict[str, int]:
+        bucket, key = split_url(prefix.rstrip("/") + "/")
+        sizes: dict[str, int] = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=key
+        ):
+            for obj in page.get("Contents", []):
+                sizes[obj["Key"][len(key) :]] = obj["Size"]
+        return sizes
+
+    @staticmethod
+    def _check_missing(missing: list[str], where: str) -> None:
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise MissingShard(
+                f"{where}: {len(missing)} listed shard(s) missing from the store: "
+                f"{', '.join(missing[:5])}{more}"
+            )
+
+    def read_bytes(self, url: str) -> bytes:
+        """A small file (an index, a manifest) from a local path or the store."""
+        if not is_remote(url):
+            return Path(url).read_bytes()
+        bucket, key = split_url(url)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            if _not_found(exc):
+                raise MissingShard(f"{url}: not in the store (was it published?)") from None
+            raise
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def check_fits(self, idx: SplitIndex, block_shards: int) -> None:
+        """Fail before training if two blocks of the largest shards exceed the cache."""
+        if not is_remote(idx.base):
+            return
+        sizes = sorted((s.filesize for s in idx.shards), reverse=True)
+        need = sum(sizes[: 2 * block_shards])
+        if need > self.limit:
+            raise UserError(
+                f"the shard cache ({self.limit / 1e6:.1f} MB per process, {CACHE_LIMIT_ENV}) "
+                f"cannot hold two blocks of shards ({need / 1e6:.1f} MB): raise "
+                f"{CACHE_LIMIT_ENV} or lower the stage's block_shards"
+            )
+
+    # ---- shards ---------------------------------------------------------------------
+    def path(self, idx: SplitIndex, i: int, on_download=None) -> Path:
+        """A local path of shard ``i``, downloading it if it lives in object storage
+        (then ``on_download(bytes)`` is called)."""
+        if not is_remote(idx.base):
+            return Path(idx.url(i))
+        entry = idx.shards[i]
+        local = self.dir / entry.sha256[:2] / f"{entry.sha256}{Path(entry.url).suffix}"
+        while True:
+            with self._lock:
+                if local in self._files:
+                    self._files.move_to_end(local)
+                    return local
+                event = self._busy.get(local)
+                if event is None:
+                    event = self._busy[local] = threading.Event()
+                    self._reserved += entry.filesize
+                    self._evict(keep=None)  # room for it, and for every download in flight
+                    break
+            event.wait()  # another thread is fetching it
+        try:
+            self._download(idx.url(i), entry, local)
+            with self._lock:
+                self._files[local] = entry.filesize
+        finally:
+            with self._lock:
+                self._reserved -= entry.filesize
+                self._busy.pop(local).set()
+        if on_download is not None:
+            on_download(entry.filesize)
+        return local
+
+    def _download(self, url: str, entry: ShardEntry, local: Path) -> None:
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        bucket, key = split_url(url)
+        try:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            self.client.download_file(bucket, key, str(tmp))
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            if _not_found(exc):
+                raise MissingShard(
+                    f"{url}: shard missing from the store (it is in the index)"
+                ) from None
+            code = disk_full_code(exc) or (errno.ENOSPC if "No space left" in str(exc) else None)
+            if code is not None:
+                raise DiskFull(
+                    f"shard cache {self.dir}: no room for {url} ({entry.filesize / 1e6:.1f} MB, "
+                    f"{free_bytes(self.dir) / 1e6:.1f} MB free); lower {CACHE_LIMIT_ENV} or "
+                    f"point {CACHE_DIR_ENV} at a larger disk",
+                    code,
+                ) from exc
+            raise
+        got = file_sha256(tmp)
+        if got != entry.sha256:
+            tmp.unlink(missing_ok=True)
+            raise CorruptShard(
+                f"{url}: downloaded bytes have sha256 {got[:12]}, index says {entry.sha256[:12]}"
+            )
+        os.replace(tmp, local)
+
+    def _evict(self, keep: Path | None) -> None:
+        """Drop least recently used files until they and the downloads in flight fit
+        under the limit (called with the lock held). A reader that still has an evicted
+        shard open keeps reading it: the kernel frees the bytes when it closes."""
+        total = sum(self._files.values())
+        for path in list(self._files):
+            if total + self._reserved <= self.limit:
+                break
+            if path == keep:
+                continue
+            total -= self._files.pop(path)
+            path.unlink(missing_ok=True)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(self._files.values())
+
+
+class CorruptShard(Exception):
+    """A shard that cannot be read: the loader skips it, counts it and says why."""
+
+
+def _not_found(exc: Exception) -> bool:
+    response = getattr(exc, "response", None)
+    error = response.get("Error", {}) if isinstance(response, dict) else {}
+    return error.get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+# ---- publishing ----------------------------------------------------------------------
+# What `kiln publish` uploads: each split's shards and index, and the latents' metadata.
+PUBLISHED = ("clean/train", "clean/val", "latents/train", "latents/val")
+LATENT_FILES = ("manifest.json", "null_text.safetensors", "preview_text.safetensors")
+
+
+def publish(data_dir: Path, remote: str) -> dict[str, int]:
+    """Upload the training splits under ``data_dir`` to ``remote`` (``s3://bucket/
+    prefix``), as ``<prefix>/clean/train/...`` and so on.
+
+    Shards go first, then the latents' metadata, and each split's ``index.json`` last,
+    so a reader never sees an index whose files are not all there. A file already in
+    the store with the same sha256 is not sent again, so an interrupted publish resumes
+    where it stopped. A prefix that already holds a *different* split is refused before
+    anything is sent: overwriting shards under a running job's feet would corrupt it.
+    Publish each version of the data to its own prefix."""
+    from tqdm.auto import tqdm
+
+    from training.intake.index import file_sha256
+
+    if not is_remote(remote):
+        raise UserError(f"publish: {remote!r} is not an s3://bucket/prefix")
+    remote = remote.rstrip("/")
+    client = s3_client()
+    bucket, prefix = split_url(remote + "/")
+    shards_, meta, indexes = [], [], []  # (local file, key under the prefix)
+    for rel in PUBLISHED:
+        split = data_dir / rel
+        if not (split / INDEX).is_file():
+            raise UserError(f"publish: {split / INDEX} is missing (run the pipeline first)")
+        text = (split / INDEX).read_text()
+        idx = parse_index(text, str(split), str(split / INDEX))
+        there = _remote_text(client, bucket, f"{prefix}{rel}/{INDEX}")
+        if there is not None and there != text:
+            raise UserError(
+                f"publish: {remote}/{rel} already holds a different split; publish this "
+                "data to a new prefix (e.g. .../v2)"
+            )
+        shards_ += [(split / s.url, f"{rel}/{s.url}") for s in idx.shards]
+        indexes.append((split / INDEX, f"{rel}/{INDEX}"))
+    meta = [(data_dir / "latents" / f, f"latents/{f}") for f in LATENT_FILES]
+    files = shards_ + meta + indexes
+    sent = skipped = 0
+    bar = tqdm(
+        total=sum(p.stat().st_size for p, _ in files), unit="B", unit_scale=True, desc="publish"
+    )
+    for path, rel in files:
+        sha = file_sha256(path)
+        if _remote_sha(client, bucket, prefix + rel) == sha:
+            skipped += 1
+        else:
+            client.upload_file(
+                str(path), bucket, prefix + rel, ExtraArgs={"Metadata": {"sha256": sha}}
+            )
+            sent += 1
+        bar.update(path.stat().st_size)
+    bar.close()
+    return {"uploaded": sent, "already_there": skipped}
+
+
+def _remote_text(client, bucket: str, key: str) -> str | None:
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except Exception as exc:
+        if _not_found(exc):
+            return None
+        raise
+
+
+def _remote_sha(client, bucket: str, key: str) -> str | None:
+    try:
+        return client.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get("sha256")
+    except Exception as exc:
+        if _not_found(exc):
+            return None
+        raise
