@@ -9,9 +9,9 @@ training samples, 256 validation samples) and a latents split of the same size l
 as precompute_latents writes it (4x16x16 latents, 24x256 16-bit text states: the
 ``small`` profile's shapes), then trains each stage ``--steps`` steps in a fresh
 process and reads its peak RSS (``ru_maxrss``). The in-memory loader runs at the
-scales whose decoded data fits in RAM. "Decoded" is the float32 tensors the in-memory
-loader holds for the split. The criterion (issue #14): RSS growth from 1x to 10x under
-10% of the growth of the decoded data.
+scales whose decoded data fits in RAM. "Decoded" is what the in-memory loader holds for
+the split: uint8 pixels, float32 latents and 16-bit text states. The criterion (issue
+#14): RSS growth from 1x to 10x under 10% of the growth of the decoded data.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from tests.loaderkit import (  # noqa: E402
 )
 
 SIZE, LATENT, TEXT = 64, (4, 16, 16), (24, 256)
-PER_SAMPLE = {  # float32 bytes per sample in the in-memory loader
-    "vae": 3 * SIZE * SIZE * 4,
-    "clip": 3 * SIZE * SIZE * 4,
-    "unet": (2 * LATENT[0] * LATENT[1] * LATENT[2] + TEXT[0] * TEXT[1]) * 4,
+PER_SAMPLE = {  # bytes per sample the in-memory loader holds (uint8 pixels; latents as stored)
+    "vae": 3 * SIZE * SIZE,
+    "clip": 3 * SIZE * SIZE,
+    "unet": 2 * LATENT[0] * LATENT[1] * LATENT[2] * 4 + TEXT[0] * TEXT[1] * 2,
 }
 
 
