@@ -1,20 +1,30 @@
 """Random access to one shard's samples: webdataset tars and safetensors row files.
 
-* ``.tar`` (the clean images): webdataset's indexed reader (``wids``) maps the file and
-  indexes its members once; sample ``i`` is ``{"__key__": key, ext: bytes, ...}``. Only
-  image, text and JSON members are returned: pickled members (``.pyd``, ``.pth``, ...)
-  make the sample unreadable instead of being loaded.
-* ``.safetensors`` (the latents): each tensor is memory-mapped from the file's own
-  header (no copy of the shard in RAM); sample ``i`` is ``{name: row i}``.
+Both read with ``os.pread`` at offsets found once when the shard is opened, never
+through a memory map: a mapped page a process touches counts in its RSS, so reading
+shards through maps made a stage's RSS grow with the number of shards open (measured:
+``benchmarks/RESULTS.md``, "Data engine"). ``pread`` goes through the page cache,
+which is the kernel's to keep or drop, and it is safe from many threads at once.
+
+* ``.tar`` (the clean images): the member index comes from Python's ``tarfile``
+  (headers only), grouped into samples by webdataset's key rule (``wids``); sample
+  ``i`` is ``{"__key__": key, ext: bytes, ...}``. Only image, text and JSON members are
+  returned: a pickled member (``.pyd``, ``.pth``, ...) makes the sample unreadable
+  instead of being loaded.
+* ``.safetensors`` (the latents): each tensor's rows are located from the file's own
+  header; sample ``i`` is ``{name: row i}``.
 
 A shard that cannot be opened (truncated, not a tar, a wrong sample count) raises
-``CorruptShard`` with the reason; the loader skips it and counts it.
+``CorruptShard`` with the reason; the loader skips it and counts it. A file that is
+gone (evicted from the cache) raises ``FileNotFoundError``: the loader fetches it again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -33,35 +43,52 @@ _DTYPES = {
 }
 
 
-class TarShard:
+class _File:
+    def __init__(self, path: Path):
+        self.name = path.name
+        self.fd = os.open(path, os.O_RDONLY)  # FileNotFoundError passes through
+        self.size = os.fstat(self.fd).st_size
+
+    def read(self, start: int, n: int, what: str) -> bytes:
+        data = os.pread(self.fd, n, start)
+        if len(data) != n:
+            raise CorruptShard(f"{self.name}: {what} is cut short (truncated shard)")
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class TarShard(_File):
     def __init__(self, path: Path, nsamples: int):
         from wids.wids import group_by_key, splitname
-        from wids.wids_mmtar import MMIndexedTar
 
+        super().__init__(path)
         try:
-            self.tar = MMIndexedTar(str(path))
-        except FileNotFoundError:
-            raise  # not corrupt: gone from the cache (the loader fetches it again)
-        except Exception as exc:
+            with tarfile.open(path, "r:") as tf:
+                members = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            self.close()
+            if isinstance(exc, FileNotFoundError):
+                raise
             raise CorruptShard(
-                f"{path.name}: cannot index the tar ({type(exc).__name__}: {exc})"
+                f"{path.name}: not a readable tar ({type(exc).__name__}: {exc})"
             ) from None
-        self.name = path.name
-        members = self.tar.by_index
         groups = group_by_key([name for name, _, _ in members])
         if len(groups) != nsamples:
             self.close()
             raise CorruptShard(f"{path.name}: {len(groups)} samples, the index says {nsamples}")
-        # per sample: its key and (extension, start, end) of each member, found once
+        # per sample: its key and (extension, offset, size) of each member
         self.samples: list[tuple[str, list[tuple[str, int, int]]]] = []
         for group in groups:
             key, parts = "", []
             for m in group:
                 fname, offset, size = members[m]
                 key, dotted = splitname(fname)
-                parts.append((dotted[1:], offset + 512, offset + 512 + size))
+                parts.append((dotted[1:], offset, size))
             self.samples.append((key, parts))
-        self.mm = self.tar.mmapped_file
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -71,54 +98,47 @@ class TarShard:
         those extensions)."""
         key, parts = self.samples[i]
         sample: dict = {"__key__": key}
-        for ext, start, end in parts:
+        for ext, offset, size in parts:
             if ext in _UNSAFE_EXTS:
                 raise CorruptShard(f"{self.name}: {key}.{ext}: refusing an unsafe (pickled) member")
             if ext in _SAFE_EXTS and (members is None or ext in members):
-                if end > len(self.mm):
-                    raise CorruptShard(f"{self.name}: {key}.{ext} is cut short (truncated shard)")
-                sample[ext] = self.mm[start:end]
+                sample[ext] = self.read(offset, size, f"{key}.{ext}")
         return sample
 
-    def close(self) -> None:
-        self.tar.close()
 
-
-class TensorShard:
+class TensorShard(_File):
     def __init__(self, path: Path, nsamples: int):
+        super().__init__(path)
         try:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            self.arrays = {}
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            header = json.loads(os.pread(self.fd, n, 8))
+            # name -> (offset of row 0, bytes per row, dtype, row shape)
+            self.arrays: dict[str, tuple[int, int, np.dtype, tuple[int, ...]]] = {}
+            rows = set()
             for name, spec in header.items():
                 if name == "__metadata__":
                     continue
-                begin, _ = spec["data_offsets"]
-                self.arrays[name] = np.memmap(
-                    path,
-                    dtype=_DTYPES[spec["dtype"]],
-                    mode="r",
-                    offset=8 + n + begin,
-                    shape=tuple(spec["shape"]),
-                )
-        except FileNotFoundError:
-            raise  # not corrupt: gone from the cache (the loader fetches it again)
-        except (OSError, ValueError, KeyError, struct.error) as exc:
+                begin, end = spec["data_offsets"]
+                dtype, shape = np.dtype(_DTYPES[spec["dtype"]]), tuple(spec["shape"])
+                row_bytes = (end - begin) // max(1, shape[0])
+                self.arrays[name] = (8 + n + begin, row_bytes, dtype, shape[1:])
+                rows.add(shape[0])
+                if 8 + n + end > self.size:
+                    raise ValueError(f"tensor {name!r} runs past the end of the file")
+        except (ValueError, KeyError, struct.error) as exc:
+            self.close()
             raise CorruptShard(f"{path.name}: not a readable safetensors file ({exc})") from None
-        counts = {len(a) for a in self.arrays.values()}
-        if counts != {nsamples}:
-            raise CorruptShard(f"{path.name}: {sorted(counts)} rows, the index says {nsamples}")
-        self.name = path.name
-
-    def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        if rows != {nsamples}:
+            self.close()
+            raise CorruptShard(f"{path.name}: {sorted(rows)} rows, the index says {nsamples}")
 
     def get(self, i: int, members: frozenset[str] | None = None) -> dict:
-        return {k: np.array(a[i]) for k, a in self.arrays.items() if not members or k in members}
-
-    def close(self) -> None:
-        self.arrays = {}
+        out = {}
+        for name, (base, row_bytes, dtype, shape) in self.arrays.items():
+            if not members or name in members:
+                data = self.read(base + i * row_bytes, row_bytes, f"row {i} of {name}")
+                out[name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+        return out
 
 
 def open_shard(path: Path, nsamples: int) -> TarShard | TensorShard:

@@ -5,9 +5,9 @@
 (``readers``, opened from a local path or the object-store cache, ``intake.store``) ->
 the phase's ``decode(sample)`` in a thread pool -> its ``collate(samples)``. While the
 trainer runs step k, a background thread reads and decodes step k+1's samples (no torch
-there: see ``_decoded``), and the shards of the next block are downloaded ahead. Memory
-holds the open shards of about two blocks; the cache on disk is bounded; nothing grows
-with the split.
+there: see ``_collated``), and the shards of the next block are downloaded ahead. Memory
+holds two batches and the open shards' indexes (shards are read with ``pread``, not
+mapped); the cache on disk is bounded; nothing grows with the split.
 
 Bad data never stops a run: a shard that cannot be read (truncated, corrupt, wrong
 checksum) is skipped from then on, a sample that cannot be decoded is skipped, both are
