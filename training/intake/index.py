@@ -38,10 +38,6 @@ class SplitIndex:
     def lengths(self) -> list[int]:
         return [s.nsamples for s in self.shards]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(s.filesize for s in self.shards)
-
     def url(self, i: int) -> str:
         return f"{self.base}/{self.shards[i].url}"
 

@@ -264,10 +264,6 @@ class Store:
             total -= self._files.pop(path)
             path.unlink(missing_ok=True)
 
-    @property
-    def cached_bytes(self) -> int:
-        return sum(self._files.values())
-
 
 class CorruptShard(Exception):
     """A shard that cannot be read: the loader skips it, counts it and says why."""
