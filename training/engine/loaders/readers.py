@@ -80,25 +80,49 @@ class TarShard(_File):
         if len(groups) != nsamples:
             self.close()
             raise CorruptShard(f"{path.name}: {len(groups)} samples, the index says {nsamples}")
-        # per sample: its key and (extension, offset, size) of each member
-        self.samples: list[tuple[str, list[tuple[str, int, int]]]] = []
+        # The member table as flat arrays, not a Python object per member: an open
+        # shard's index costs ~20 bytes a member instead of ~200 (up to 34 shards of
+        # 10,000 samples stay open per split). Sample i's members are rows
+        # first[i]:first[i+1] of (ext code, offset, size).
+        exts: dict[str, int] = {}
+        keys, codes, offsets, sizes, first = [], [], [], [], [0]
         for group in groups:
-            key, parts = "", []
             for m in group:
                 fname, offset, size = members[m]
                 key, dotted = splitname(fname)
-                parts.append((dotted[1:], offset, size))
-            self.samples.append((key, parts))
+                codes.append(exts.setdefault(dotted[1:], len(exts)))
+                offsets.append(offset)
+                sizes.append(size)
+            keys.append(key)
+            first.append(len(codes))
+        self.exts = list(exts)
+        encoded = [k.encode() for k in keys]  # one blob: keys differ in length
+        self._keys = b"".join(encoded)
+        self._key_at = np.cumsum([0] + [len(k) for k in encoded], dtype=np.int64)
+        self.codes = np.array(codes, dtype=np.uint16)
+        self.offsets = np.array(offsets, dtype=np.int64)
+        self.sizes = np.array(sizes, dtype=np.int64)
+        self.first = np.array(first, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.first) - 1
+
+    def key(self, i: int) -> str:
+        return self._keys[self._key_at[i] : self._key_at[i + 1]].decode()
 
     def get(self, i: int, members: frozenset[str] | None = None) -> dict:
         """Sample ``i``: its key and its image/text/JSON members (``members``: only
         those extensions)."""
-        key, parts = self.samples[i]
+        key = self.key(i)
         sample: dict = {"__key__": key}
-        for ext, offset, size in parts:
+        lo, hi = int(self.first[i]), int(self.first[i + 1])
+        for code, offset, size in zip(
+            self.codes[lo:hi].tolist(),
+            self.offsets[lo:hi].tolist(),
+            self.sizes[lo:hi].tolist(),
+            strict=True,
+        ):
+            ext = self.exts[code]
             if ext in _UNSAFE_EXTS:
                 raise CorruptShard(f"{self.name}: {key}.{ext}: refusing an unsafe (pickled) member")
             if ext in _SAFE_EXTS and (members is None or ext in members):
