@@ -73,6 +73,26 @@ def test_folder_with_sidecar_captions(tmp_path: Path):
     assert rejects.failed_checks.iloc[0] == "caption_chars"
 
 
+def test_transparency_is_composited_on_the_configured_background(tmp_path: Path):
+    """RGBA images (icons, clip art) keep their opaque pixels; transparent ones take
+    ``ingest.background``, not OpenCV's dropped alpha (whatever colour was under it)."""
+    src = tmp_path / "icons"
+    src.mkdir()
+    rgba = np.zeros((36, 36, 4), dtype=np.uint8)
+    rgba[..., :3] = (10, 200, 30)  # colour under the transparent half too
+    rgba[:, 18:, 3] = 255  # right half opaque, left half fully transparent
+    Image.fromarray(rgba, "RGBA").save(src / "icon.png")
+    (src / "icon.txt").write_text("a green square on the right\n")
+    params = _params(dataset="folder", source=str(src), background="#203040", resize_mode="no")
+    ingest.run(params, tmp_path / "raw", tmp_path / "work")
+    (rec,) = list(shards.read(shards.shard_paths(tmp_path / "raw" / "shards")))
+    px = np.asarray(rec.image())
+    assert (px[:, :18] == (0x20, 0x30, 0x40)).all()
+    assert (px[:, 18:] == (10, 200, 30)).all()
+    with pytest.raises(config.ConfigError, match="background"):
+        _params(dataset="folder", source=str(src), background="white")
+
+
 def _write_shards(directory: Path, n_shards: int, per: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for s in range(n_shards):

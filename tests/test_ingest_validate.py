@@ -178,3 +178,58 @@ def test_url_lists_in_every_format_normalise_alike(tmp_path: Path, name: str, bo
     assert n == 2
     assert table.url.tolist() == ["http://h/a.png", "http://h/b.png"]
     assert table.caption.tolist() == ["a red circle", ""]
+
+
+def _variants_raw(raw: Path) -> None:
+    """Samples 0-9, then: a rescaled copy of 1 captioned alike ("same"), a rescaled copy
+    of 2 with its own caption ("variant"), and an exact copy of 3 with its own caption
+    ("exact")."""
+    with shards.ShardWriter(raw / "shards", "raw", 50) as w:
+        for i in range(10):
+            w.write(shards.Record(f"{i:03d}", _png(i), "png", f"sample {i}", {"url": f"h/{i}"}))
+
+        def near(i):
+            return _png(0, _picture(i).resize((48, 48), Image.Resampling.BICUBIC))
+
+        w.write(shards.Record("same", near(1), "png", "Sample  1", {"url": "h/s"}))
+        w.write(shards.Record("variant", near(2), "png", "sample 2, smiling", {"url": "h/v"}))
+        w.write(shards.Record("exact", _png(3), "png", "sample 3, waving", {"url": "h/x"}))
+
+
+@pytest.mark.parametrize(
+    "policy, rejected",
+    [
+        (
+            "image",
+            {"same": "near_duplicate", "variant": "near_duplicate", "exact": "duplicate_image"},
+        ),
+        ("image+caption", {"same": "near_duplicate"}),
+        ("off", {"exact": "duplicate_image"}),
+    ],
+)
+def test_near_duplicate_policy_and_the_pairs_page(tmp_path: Path, policy: str, rejected: dict):
+    """A curated set's captioned variants are the user's call: ``image`` drops them,
+    ``image+caption`` keeps them (and still drops a copy whose caption only differs in
+    case and spacing), ``off`` keeps near-duplicates; every rejected pair is listed and
+    shown beside the sample it copies."""
+    raw = tmp_path / "raw"
+    _variants_raw(raw)
+    params = config.resolve(
+        {
+            "ingest": {"dataset": "url-list", "processes": 1, "threads": 1},
+            "validate": {"near_duplicates": policy, "val_fraction": 0.3},
+        }
+    )
+    report = validate.run(params, raw, tmp_path / "clean")
+    rejects = pd.read_parquet(tmp_path / "clean" / "rejects.parquet")
+    assert dict(zip(rejects.key, rejects.failed_checks, strict=True)) == rejected
+    dup = report["duplicates"]
+    assert dup["policy"] == policy and dup["rejected"] == len(rejected)
+    earlier = {"same": "001", "variant": "002", "exact": "003"}
+    assert {(p["key"], p["earlier"], p["check"]) for p in dup["first_pairs"]} == {
+        (k, earlier[k], check) for k, check in rejected.items()
+    }
+    page = (tmp_path / "clean" / dup["page"]).read_text()
+    for k in rejected:
+        assert f"<code>{k}</code>" in page and f"<code>{earlier[k]}</code>" in page
+    assert page.count("data:image/png;base64,") == 2 * len(rejected)

@@ -77,6 +77,9 @@ class IngestCfg(Section):
     url_col: str = "url"
     caption_col: str = "caption"
     resize_mode: Literal["border", "center_crop", "keep_ratio", "no"] = "border"
+    # Transparent pixels are composited on this colour ("#rrggbb"). img2dataset's
+    # `border` padding of non-square images stays white whatever this says.
+    background: str = Field("#ffffff", pattern=r"^#[0-9a-fA-F]{6}$")
     # shards hold lossless PNG; level 9 made 256 px ingestion 5x slower than level 1
     # for ~10% smaller files (benchmarks/RESULTS.md)
     png_compression: int = Field(1, ge=0, le=9)
@@ -96,6 +99,11 @@ class IngestCfg(Section):
     max_redirects: int = Field(5, ge=0)
     max_pixels: int = Field(40_000_000, ge=64)  # declared size; larger is a decompression bomb
 
+    @property
+    def background_rgb(self) -> tuple[int, int, int]:
+        h = self.background.lstrip("#")
+        return (int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16))
+
 
 class ValidateCfg(Section):
     min_side: int = Field(8, ge=1)
@@ -104,11 +112,16 @@ class ValidateCfg(Section):
     max_file_bytes: int = Field(16 * 1024 * 1024, ge=1)
     min_caption_chars: int = Field(1, ge=0)
     max_caption_chars: int = Field(300, ge=1)
-    # near-duplicates: colour-aware 8x8 difference hashes (192 bits) within this many
-    # bits of an earlier image's (null disables). Catches rescaled and re-encoded copies.
-    # Not applied to the built-in sets: their jittered renders are near-duplicates by
-    # design (2,342 of 4,000 shapes would go).
-    near_duplicate_bits: int | None = Field(6, ge=0, le=64)
+    # Duplicates: what makes a sample a copy of an earlier one.
+    #   image: its picture is an exact or near duplicate (web crawls: mirrors, resizes);
+    #   image+caption: that, and the same caption too (curated sets: variants of one
+    #     drawing with their own captions are kept);
+    #   off: no near-duplicate check (exact copies of the picture still go).
+    # Near: colour-aware 8x8 difference hashes (192 bits) within near_duplicate_bits.
+    # The built-in sets skip the near check: their jittered renders are near-duplicates
+    # by design (2,342 of 4,000 shapes would go).
+    near_duplicates: Literal["image", "image+caption", "off"] = "image"
+    near_duplicate_bits: int = Field(6, ge=0, le=64)
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
     samples_per_shard: int = Field(1000, ge=10)
     chunk_rows: int = Field(2000, ge=10)  # rows per GX batch: memory is flat in data size

@@ -39,29 +39,39 @@ def dhash(img) -> int:
 
 
 class NearDuplicates:
-    """Streaming near-duplicate finder: is a hash within ``max_bits`` (Hamming) of one
-    seen before? Multi-index hashing: the bits are cut into max_bits+1 bands, and by the
-    pigeonhole principle a match within max_bits agrees exactly on at least one band, so
-    only hashes sharing a band are compared. Memory: one int per kept image."""
+    """Streaming near-duplicate finder: the earlier image whose hash is within
+    ``max_bits`` (Hamming) of this one, if any. Multi-index hashing: the bits are cut
+    into max_bits+1 bands, and by the pigeonhole principle a match within max_bits
+    agrees exactly on at least one band, so only hashes sharing a band are compared.
+    ``tag`` narrows a match to entries with the same tag (the caption, for the
+    ``image+caption`` policy). Memory: the hash, tag and key of each kept image."""
 
     def __init__(self, max_bits: int):
         self.k = max_bits
         n = max_bits + 1
         edges = [round(i * HASH_BITS / n) for i in range(n + 1)]
         self.bands = [(lo, hi - lo) for lo, hi in zip(edges, edges[1:], strict=False)]
-        self.index: list[dict[int, list[int]]] = [{} for _ in self.bands]
+        self.index: list[dict[int, list[tuple[int, str, str]]]] = [{} for _ in self.bands]
 
-    def seen(self, h: int) -> bool:
+    def match(self, h: int, key: str, tag: str = "") -> tuple[str, int] | None:
+        """(key of the earlier near-duplicate, bits apart), or None: then ``h`` is
+        remembered under ``key``."""
         if h.bit_count() < MIN_HASH_BITS:  # flat pictures: all hashes alike, no evidence
-            return False
+            return None
         keys = [(h >> lo) & ((1 << width) - 1) for lo, width in self.bands]
-        for idx, key in zip(self.index, keys, strict=True):
-            for other in idx.get(key, ()):
-                if (other ^ h).bit_count() <= self.k:
-                    return True
-        for idx, key in zip(self.index, keys, strict=True):
-            idx.setdefault(key, []).append(h)
-        return False
+        for idx, band in zip(self.index, keys, strict=True):
+            for other, other_tag, other_key in idx.get(band, ()):
+                bits = (other ^ h).bit_count()
+                if bits <= self.k and other_tag == tag:
+                    return other_key, bits
+        for idx, band in zip(self.index, keys, strict=True):
+            idx.setdefault(band, []).append((h, tag, key))
+        return None
+
+
+def caption_tag(caption: str) -> str:
+    """What ``image+caption`` compares: the caption, case and spacing aside."""
+    return hashlib.sha1(" ".join(caption.lower().split()).encode()).hexdigest()[:16]
 
 
 def meta_row(rec) -> dict:
@@ -97,8 +107,7 @@ def meta_row(rec) -> dict:
 
 def near_duplicate_check(params: Params) -> bool:
     return (
-        params.validate_.near_duplicate_bits is not None
-        and params.ingest.dataset not in BUILTIN_DATASETS
+        params.validate_.near_duplicates != "off" and params.ingest.dataset not in BUILTIN_DATASETS
     )
 
 
@@ -157,7 +166,8 @@ def checks(params: Params) -> list[tuple[str, object, str]]:
         (
             "duplicate_image",
             E.ExpectColumnValuesToBeInSet(column="duplicate_image", value_set=[False]),
-            "exact duplicate of an earlier image",
+            "exact duplicate of an earlier image"
+            + (" with the same caption" if c.near_duplicates == "image+caption" else ""),
         ),
         (
             "duplicate_url",
@@ -170,7 +180,8 @@ def checks(params: Params) -> list[tuple[str, object, str]]:
             (
                 "near_duplicate",
                 E.ExpectColumnValuesToBeInSet(column="near_duplicate", value_set=[False]),
-                f"near-duplicate of an earlier image (hash within {c.near_duplicate_bits} bits)",
+                f"near-duplicate of an earlier image (hash within {c.near_duplicate_bits} bits"
+                + (", same caption)" if c.near_duplicates == "image+caption" else ")"),
             )
         )
     return out

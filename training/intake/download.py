@@ -7,8 +7,9 @@ declared sizes above ``max_pixels`` (decompression bombs) and bodies that are no
 are refused. It is then fully decoded (truncated files fail here, where OpenCV would
 return a half-grey picture), and what OpenCV gets wrong is normalised: EXIF orientation
 (OpenCV's ``IMREAD_UNCHANGED`` ignores it), CMYK, 16-bit, palette transparency and
-animated GIFs are re-encoded as an upright 8-bit RGB PNG (first frame; transparency on
-white, as img2dataset does for RGBA). Plain 8-bit RGB/grey JPEG/PNG/WebP pass through.
+animated GIFs are re-encoded as an upright 8-bit RGB PNG (first frame; transparency
+composited on ``ingest.background``, white by default). Plain 8-bit RGB/grey
+JPEG/PNG/WebP pass through.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albument
 _PASS_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
-def normalize(data: bytes, max_pixels: int) -> bytes:
+def normalize(
+    data: bytes, max_pixels: int, background: tuple[int, int, int] = (255, 255, 255)
+) -> bytes:
     """Check that ``data`` is one whole image of sane size; returns bytes OpenCV decodes
     correctly (the original when it already does). Raises Refused with the reason."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -59,17 +62,17 @@ def normalize(data: bytes, max_pixels: int) -> bytes:
         and frames == 1
         and "transparency" not in img.info
     ):
-        return data
+        return data  # RGBA never passes: OpenCV would drop the alpha, not composite it
     if frames > 1:
         img.seek(0)
     img = ImageOps.exif_transpose(img)
-    img = _to_rgb8(img)
+    img = _to_rgb8(img, background)
     out = io.BytesIO()
     img.save(out, format="PNG", compress_level=1)
     return out.getvalue()
 
 
-def _to_rgb8(img):
+def _to_rgb8(img, background: tuple[int, int, int]):
     import numpy as np
     from PIL import Image
 
@@ -81,8 +84,8 @@ def _to_rgb8(img):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
+        under = Image.new("RGBA", rgba.size, (*background, 255))
+        img = Image.alpha_composite(under, rgba)
     return img.convert("RGB")
 
 
@@ -102,7 +105,8 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives)
             headers, user_agent_token, disallowed_header_directives
         ):
             return key, None, "Use of image disallowed by X-Robots-Tag directive"
-        return key, io.BytesIO(normalize(body, policy.max_pixels)), None
+        data = normalize(body, policy.max_pixels, policy.background)
+        return key, io.BytesIO(data), None
     except Refused as exc:
         return key, None, str(exc)
     except Exception as exc:  # img2dataset records the message as the failure reason

@@ -51,6 +51,7 @@ class Policy:
     max_bytes: int = 32 * 1024 * 1024
     max_redirects: int = 5
     max_pixels: int = 40_000_000
+    background: tuple[int, int, int] = (255, 255, 255)  # transparency composited on it
     networks: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -340,4 +341,5 @@ def policy_for(params: Params, extra_networks: tuple[str, ...] = ()) -> Policy:
         max_bytes=c.max_bytes,
         max_redirects=c.max_redirects,
         max_pixels=c.max_pixels,
+        background=c.background_rgb,
     )

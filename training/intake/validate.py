@@ -22,7 +22,14 @@ from training import paths as P
 from training.config import Params
 from training.console import say
 from training.disk import write_json
-from training.intake.checks import Gate, NearDuplicates, meta_row, near_duplicate_check
+from training.intake import pairs as dup_pairs
+from training.intake.checks import (
+    Gate,
+    NearDuplicates,
+    caption_tag,
+    meta_row,
+    near_duplicate_check,
+)
 from training.intake.split import (
     MIN_VAL_FOR_DISTRIBUTION,
     SplitError,
@@ -51,8 +58,11 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
     gate = Gate(params, docs_dir or out_dir / "data_docs")
     schema = shards.rejects_schema()
     counts: Counter = Counter()
-    seen_px: set[str] = set()
-    near = NearDuplicates(c.near_duplicate_bits or 0) if near_duplicate_check(params) else None
+    seen_px: dict[str, str] = {}  # pixel hash (+ caption tag) -> first key
+    near = NearDuplicates(c.near_duplicate_bits) if near_duplicate_check(params) else None
+    by_caption = c.near_duplicates == "image+caption"
+    pairs: list[dict] = []  # the first rejected duplicates, for the side-by-side page
+    n_pairs = 0
     seen_url: set[str] = set()
     n_samples = n_rejected = n_ingest = 0
     lowest: list[int] = []  # max-heap (negated) of the lowest split hashes of clean samples
@@ -115,13 +125,30 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
 
         for rec in tqdm(shards.read(paths), desc="validate", unit="sample", mininterval=2):
             row = meta_row(rec)
-            row["duplicate_image"] = bool(row["pixel_sha"]) and row["pixel_sha"] in seen_px
+            tag = caption_tag(rec.caption) if by_caption else ""
+            px = row["pixel_sha"] + tag
+            earlier = seen_px.get(px) if row["pixel_sha"] else None
+            row["duplicate_image"] = earlier is not None
             h = row.pop("dhash")
-            row["near_duplicate"] = (
-                near is not None and h is not None and not row["duplicate_image"] and near.seen(h)
-            )
+            hit = None
+            if near is not None and h is not None and earlier is None:
+                hit = near.match(h, rec.key, tag)
+            row["near_duplicate"] = hit is not None
+            if earlier is not None or hit is not None:
+                n_pairs += 1
+                if len(pairs) < dup_pairs.MAX_PAIRS:
+                    pairs.append(
+                        {"key": rec.key, "earlier": earlier, "bits": 0, "check": "duplicate_image"}
+                        if earlier is not None
+                        else {
+                            "key": rec.key,
+                            "earlier": hit[0],
+                            "bits": hit[1],
+                            "check": "near_duplicate",
+                        }
+                    )
             row["duplicate_url"] = bool(row["url"]) and row["url"] in seen_url
-            seen_px.add(row["pixel_sha"])
+            seen_px.setdefault(px, rec.key)
             seen_url.add(row["url"])
             n_samples += 1
             chunk.append((rec, row))
@@ -130,6 +157,9 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
                 chunk = []
         flush(chunk)
     docs = gate.build_docs()
+    page = dup_pairs.write_page(
+        paths, pairs, n_pairs, c.near_duplicates, docs.parent / "duplicates.html"
+    )
     report = {
         "samples": n_samples,
         "train": tr.total,
@@ -139,6 +169,12 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
         "rejected_by_check": dict(counts.most_common()),
         # relative to the stage's output, so the report is the same wherever it ran
         "data_docs": Path(os.path.relpath(docs, out_dir)).as_posix(),
+        "duplicates": {
+            "policy": c.near_duplicates,
+            "rejected": n_pairs,
+            "page": Path(os.path.relpath(page, out_dir)).as_posix(),
+            "first_pairs": pairs,
+        },
     }
     error, warning = split_problem(
         tr.total + va.total, tr.total, va.total, c.val_fraction, [-h for h in lowest]
@@ -151,6 +187,11 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
         why = gate.described.get(name, "")
         say(f"validate:   {n:6d}  {name}{f' ({why})' if why else ''}")
     say(f"validate: Great Expectations Data Docs: {docs}")
+    if n_pairs:
+        say(
+            f"validate: {n_pairs} duplicates rejected (policy {c.near_duplicates}); "
+            f"side by side: {page}"
+        )
     if warning:
         say(f"validate: warning: {warning}")
     if error:
