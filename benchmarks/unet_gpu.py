@@ -58,8 +58,9 @@ def shapes(profile: str) -> tuple[config.Params, int, int, int, int]:
         ae = vae.build(params)
     size = params.ingest.image_size // 2 ** (len(params.train_vae.block_out_channels) - 1)
     ch = ae.config.latent_channels
-    text_dim = clip.build(params, vocab_size=1000).text_model.config.hidden_size
-    return params, ch, size, text_dim, params.train_clip.max_length
+    context = clip.context_bound(params.train_clip)  # the longest the data may ask for
+    text_dim = clip.build(params, 1000, context).text_model.config.hidden_size
+    return params, ch, size, text_dim, context
 
 
 def kiln_variant(

@@ -54,9 +54,10 @@ def setup(profile: str, image_size: int, batch: int):
     )
     torch.manual_seed(0)
     ae = vae.build(params).eval()
-    text_model = clip.build(params, vocab_size=600).text_model.eval()
+    context = clip.context_bound(params.train_clip)  # the longest the data may ask for
+    text_model = clip.build(params, 600, context).text_model.eval()
     images = torch.rand(N, 3, image_size, image_size) * 2 - 1
-    ids = torch.randint(2, 600, (N, params.train_clip.max_length))
+    ids = torch.randint(2, 600, (N, context))
     with torch.no_grad():
         post = torch.cat([ae.encode(b).latent_dist.mean for b in images.split(64)]), None
         mean = post[0]

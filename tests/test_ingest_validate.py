@@ -112,6 +112,11 @@ def test_quality_gate_rejects_with_reasons_and_splits_stably(tmp_path: Path):
     assert "decoded" in rejects.loc["junk", "failed_checks"]
     assert (tmp_path / "clean" / "data_docs" / "index.html").is_file()
     assert report["train"] + report["val"] == 40 and report["rejected"] == 5
+    # "sample 7": 2 words; "sample 17": 3 (CLIP's pre-tokenizer splits digits)
+    assert report["caption_words"] == {"p50": 3, "p90": 3, "p95": 3, "p99": 3, "max": 3}
+    assert report["caption_chars"]["p50"] == 9 and report["caption_chars"]["max"] == 9
+    m = validate.metrics(report)
+    assert m["caption_words_p95"] == 3.0 and m["caption_chars_max"] == 9.0
     val_keys = {r.key for r in shards.read(shards.shard_paths(tmp_path / "clean" / "val"))}
     expected = {f"{i:03d}" for i in range(40) if split.in_val(f"/{i}.png", 0.2)}
     assert val_keys == expected

@@ -54,8 +54,9 @@ def build_tiny_pipeline(out: Path) -> Path:
     torch.manual_seed(0)
     vae.build(params).save_pretrained(out / "vae", safe_serialization=True)
     c = params.train_clip
-    tokenizer = clip.train_tokenizer(CAPTIONS, c.vocab_size, c.max_length, out / "clip")
-    clip.build(params, len(tokenizer)).save_pretrained(out / "clip", safe_serialization=True)
+    tokenizer = clip.train_tokenizer(CAPTIONS, c.vocab_size, 24, out / "clip")
+    model = clip.build(params, len(tokenizer), tokenizer.model_max_length)
+    model.save_pretrained(out / "clip", safe_serialization=True)
     v = params.train_vae
     latent = params.ingest.image_size // 2 ** (len(v.block_out_channels) - 1)
     net = unet.build(params, v.latent_channels, latent, c.hidden_size)

@@ -88,6 +88,38 @@ def test_tokenizer_is_clip_style_and_loads_with_transformers(tmp_path):
     assert padded.shape == (1, 16) and padded[0, -1] == 1
 
 
+def test_text_context_is_chosen_from_the_captions_and_cuts_are_counted(tmp_path):
+    """``max_length: auto`` takes the smallest multiple of 8 holding 95% of the captions
+    whole (within the cap); what it still cuts is measured, not hidden; a fixed
+    ``max_length`` is kept as the user set it."""
+    from collections import Counter
+
+    from training import config
+    from training.intake import captions
+
+    short = [f"a red circle number {i}" for i in range(90)]
+    long = [" ".join(["a very long caption"] * 12)] * 10  # 10% of them, ~50 tokens
+    tok = clip.train_tokenizer(short + long, 320, 77, tmp_path)
+    hist = clip.token_lengths(tok, iter(short + long), batch=7)
+    assert sum(hist.values()) == 100
+    assert hist == Counter(len(tok(t).input_ids) for t in short + long)
+    c = config.resolve({}).train_clip
+    assert c.max_length == "auto"
+    p95 = captions.percentile(hist, 0.95)
+    context = clip.choose_context(hist, c)
+    assert context % 8 == 0 and context >= p95 > context - 8 and context > 24
+    stats = clip.caption_stats(hist, context)
+    assert stats["captions_truncated_frac"] == 0.0  # the long ones fit under 77
+    assert stats["caption_tokens_max"] == max(hist) and stats["context_length"] == context
+    capped = c.model_copy(update={"max_length_cap": 24})
+    assert clip.choose_context(hist, capped) == 24
+    assert clip.caption_stats(hist, 24)["captions_truncated_frac"] == 0.1
+    assert clip.choose_context(hist, c.model_copy(update={"max_length": 12})) == 12
+    # validate's word count is a lower bound: tokens >= words + 2 (start and end)
+    for t in short + long + ["Zebra's ☃ ünïcode #42!"]:
+        assert len(tok(t).input_ids) >= captions.words(t) + 2
+
+
 def test_identical_captions_are_positives(tmp_path):
     """Positives are captions the text encoder cannot tell apart: the same tokens after
     CLIP's lower-casing and whitespace normalisation."""

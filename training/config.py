@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -171,7 +171,13 @@ class ClipCfg(Section):
     # fully shuffled (training/engine/engine/order.py)
     block_shards: int = Field(16, ge=1)
     vocab_size: int = Field(ge=300)  # byte alphabet (2 x 256) is always included
-    max_length: int = Field(ge=4)
+    # The text context in tokens, specials included. "auto": from the data, the
+    # smallest multiple of 8 that holds context_coverage of the captions whole, at most
+    # max_length_cap (SD's CLIP reads 77). Longer captions are cut, counted and warned
+    # about, in training, in precompute_latents and in `kiln generate`.
+    max_length: Annotated[int, Field(ge=4)] | Literal["auto"] = "auto"
+    max_length_cap: int = Field(77, ge=8)
+    context_coverage: float = Field(0.95, gt=0.0, le=1.0)
     hidden_size: int = Field(ge=8)
     num_layers: int = Field(ge=1)
     num_heads: int = Field(ge=1)

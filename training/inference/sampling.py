@@ -101,7 +101,7 @@ MAX_STEPS = 1000
 # positive ones (-1 is 2**64 - 2), so two seeds would name one image; int64 is also
 # what the pyfunc signature declares.
 MAX_SEED = 2**63 - 1
-# CLIP reads at most model_max_length tokens (24 tiny, 77 base) and drops the rest, so
+# CLIP reads at most model_max_length tokens (set by train_clip) and drops the rest, so
 # a longer prompt only costs tokenizer time; the bound keeps that time small.
 MAX_PROMPT_CHARS = 4096
 

@@ -22,6 +22,7 @@ from training import paths as P
 from training.config import Params
 from training.console import say
 from training.disk import write_json
+from training.intake import captions as caption_lengths
 from training.intake import pairs as dup_pairs
 from training.intake.checks import (
     Gate,
@@ -62,6 +63,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
     near = NearDuplicates(c.near_duplicate_bits) if near_duplicate_check(params) else None
     by_caption = c.near_duplicates == "image+caption"
     pairs: list[dict] = []  # the first rejected duplicates, for the side-by-side page
+    chars: Counter = Counter()  # caption lengths of the clean samples (histograms)
+    words: Counter = Counter()
     n_pairs = 0
     seen_url: set[str] = set()
     n_samples = n_rejected = n_ingest = 0
@@ -94,6 +97,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
                 if names:
                     bad.append((rec, row, names))
                     continue
+                chars[row["caption_chars"]] += 1
+                words[caption_lengths.words(rec.caption)] += 1
                 h = split_hash(split_key(row["url"], rec.key))
                 (va if h < c.val_fraction * 0x100000000 else tr).write(rec)
                 # the lowest hashes say which val_fraction would give a usable split
@@ -167,6 +172,10 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
         "rejected": n_rejected,
         "ingest_rejected": n_ingest,
         "rejected_by_check": dict(counts.most_common()),
+        # the clean captions' lengths; words as CLIP's pre-tokenizer cuts them, so each
+        # caption is at least words + 2 tokens (train_clip measures the tokens)
+        "caption_chars": caption_lengths.summary(chars),
+        "caption_words": caption_lengths.summary(words),
         # relative to the stage's output, so the report is the same wherever it ran
         "data_docs": Path(os.path.relpath(docs, out_dir)).as_posix(),
         "duplicates": {
@@ -183,6 +192,11 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
         report["warning"] = warning
     write_json(out_dir / "report.json", report)
     say(f"validate: {report['train']} train, {report['val']} val, {n_rejected} rejected")
+    w = report["caption_words"]
+    say(
+        f"validate: captions are {w['p50']} words (median), {w['p95']} (p95), {w['max']} (max); "
+        "train_clip picks the text context from their token lengths"
+    )
     for name, n in counts.most_common():
         why = gate.described.get(name, "")
         say(f"validate:   {n:6d}  {name}{f' ({why})' if why else ''}")
@@ -202,6 +216,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
 def metrics(report: dict) -> dict[str, float]:
     """Flat numbers for MLflow: totals and one ``rejected.<check>`` per reason."""
     out = {k: float(report[k]) for k in ("samples", "train", "val", "rejected", "ingest_rejected")}
+    for what in ("caption_chars", "caption_words"):
+        out.update({f"{what}_{k}": float(v) for k, v in report.get(what, {}).items()})
     for name, n in report["rejected_by_check"].items():
         safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
         out[f"rejected.{safe}"] = float(n)

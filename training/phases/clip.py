@@ -14,8 +14,11 @@ target row is uniform over them) instead of a false negative.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import math
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from training.config import Params
 from training.engine import loaders
 from training.engine.images import caption, decode_image, to_tensor
 from training.inference.text import embed, encode_text
+from training.intake.captions import percentile, summary
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -78,7 +82,44 @@ def train_tokenizer(
     return CLIPTokenizer.from_pretrained(out_dir)
 
 
-def build(params: Params, vocab_size: int) -> CLIPModel:
+def token_lengths(tokenizer: CLIPTokenizer, captions: Iterable[str], batch: int = 1024) -> Counter:
+    """How many captions have each length in tokens (specials included, nothing cut):
+    a histogram, so memory stays flat however many captions there are."""
+    hist: Counter = Counter()
+    it = iter(captions)
+    while chunk := list(itertools.islice(it, batch)):
+        hist.update(len(ids) for ids in tokenizer(chunk, truncation=False).input_ids)
+    return hist
+
+
+def choose_context(hist: Counter, c) -> int:
+    """``train_clip.max_length``, or for ``auto`` the smallest multiple of 8 that
+    holds ``context_coverage`` of the captions, within [8, max_length_cap]."""
+    if c.max_length != "auto":
+        return c.max_length
+    need = percentile(hist, c.context_coverage)
+    return min(c.max_length_cap, max(8, math.ceil(need / 8) * 8))
+
+
+def context_bound(c) -> int:
+    """The most tokens the context can hold: ``max_length``, or for ``auto`` its cap
+    (what a cost benchmark sizes text states by before any data is seen)."""
+    return c.max_length if c.max_length != "auto" else c.max_length_cap
+
+
+def caption_stats(hist: Counter, context: int) -> dict[str, float]:
+    """The token-length distribution and what the context cuts, for the metrics."""
+    total = max(1, sum(hist.values()))
+    cut = sum(n for length, n in hist.items() if length > context)
+    return {
+        **{f"caption_tokens_{k}": float(v) for k, v in summary(hist).items()},
+        "context_length": float(context),
+        "captions_truncated_frac": cut / total,
+        "captions_measured": float(sum(hist.values())),
+    }
+
+
+def build(params: Params, vocab_size: int, max_length: int) -> CLIPModel:
     c = params.train_clip
     text = {
         "vocab_size": vocab_size,
@@ -86,7 +127,7 @@ def build(params: Params, vocab_size: int) -> CLIPModel:
         "intermediate_size": 4 * c.hidden_size,
         "num_hidden_layers": c.num_layers,
         "num_attention_heads": c.num_heads,
-        "max_position_embeddings": c.max_length,
+        "max_position_embeddings": max_length,
         "bos_token_id": 0,
         "eos_token_id": 1,
         "pad_token_id": 1,
@@ -187,18 +228,47 @@ def run(
     log = log or E.NullLogger()
     c = params.train_clip
     torch.manual_seed(params.seed)
+    text: dict[str, float] = {}
     if E.is_main():  # data parallel: one writer; the others load what it saved
-        captions = captions_of(f"{clean}/train", c.tokenizer_samples, params.seed)
-        train_tokenizer(captions, c.vocab_size, c.max_length, out_dir)
+        source = f"{clean}/train"
+        captions = captions_of(source, c.tokenizer_samples, params.seed)
+        tok = train_tokenizer(captions, c.vocab_size, c.max_length_cap, out_dir)
+        # the context from the data: the same captions, now measured in tokens
+        hist = token_lengths(tok, captions_of(source, c.tokenizer_samples, params.seed))
+        tok.model_max_length = choose_context(hist, c)
+        tok.save_pretrained(out_dir)
+        text = caption_stats(hist, tok.model_max_length)
+        say_context(text, c)
     E.barrier()
     tokenizer = CLIPTokenizer.from_pretrained(out_dir)
     batches = pair_split(params, f"{clean}/train", tokenizer, train=True)
     val = pair_split(params, f"{clean}/val", tokenizer)
     try:
-        return _train(params, tokenizer, batches, val, out_dir, ckpt_dir, log)
+        return {**text, **_train(params, tokenizer, batches, val, out_dir, ckpt_dir, log)}
     finally:
         batches.close()
         val.close()
+
+
+def say_context(text: dict[str, float], c) -> None:
+    """One line on the captions' lengths and the context; a warning when it cuts."""
+    context, frac = int(text["context_length"]), text["captions_truncated_frac"]
+    how = "from the data" if c.max_length == "auto" else "train_clip.max_length"
+    E.say(
+        f"train_clip: captions are {text['caption_tokens_p50']:.0f} tokens (median), "
+        f"{text['caption_tokens_p95']:.0f} (p95), {text['caption_tokens_max']:.0f} (max); "
+        f"context {context} ({how})"
+    )
+    if frac > 0:
+        fix = (
+            f"raise train_clip.max_length_cap (now {c.max_length_cap})"
+            if c.max_length == "auto"
+            else "set train_clip.max_length: auto, or raise it"
+        )
+        E.say(
+            f"train_clip: warning: {frac:.1%} of the captions are longer than {context} "
+            f"tokens and are cut: the model never sees their ends ({fix})"
+        )
 
 
 def _train(params, tokenizer, batches, val, out_dir: Path, ckpt_dir: Path, log) -> dict:
@@ -209,7 +279,7 @@ def _train(params, tokenizer, batches, val, out_dir: Path, ckpt_dir: Path, log) 
         f"train_clip: tokenizer with {len(tokenizer)} tokens; "
         f"{len(batches)} train / {len(val)} val pairs"
     )
-    model = build(params, len(tokenizer))
+    model = build(params, len(tokenizer), tokenizer.model_max_length)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.1)
     data_fp = batches.index.fingerprint()
     trainer = E.stage_trainer("train_clip", model, opt, c, params.seed, ckpt_dir, data_fp, log)

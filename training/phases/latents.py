@@ -151,8 +151,10 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     for split in ("train", "val"):
         (out_dir / split).mkdir(parents=True, exist_ok=True)
     text_dtype = getattr(torch, c.text_dtype)
-    part: dict = {}  # what this process wrote: files, counts, val captions, who
+    part: dict = {"truncated": {}}  # what this process wrote: files, counts, captions, who
+    context = tokenizer.model_max_length
     for split in ("train", "val"):
+        cut = 0  # captions longer than the text encoder's context: counted, never silent
         paths = shards.shard_paths(clean_dir / split)
         shard_no = {str(path): i for i, path in enumerate(paths)}
         loader = torch.utils.data.DataLoader(
@@ -173,6 +175,8 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
                     )
                 post = vae.encode(to_tensor(b["pixels"]).to(dev)).latent_dist
                 text = text_states(tokenizer, encoder, b["captions"])
+                lengths = map(len, tokenizer(b["captions"], truncation=False).input_ids)
+                cut += sum(n > context for n in lengths)
                 w.add(b["keys"], mean=post.mean.cpu(), std=post.std.cpu(), text=text.to(text_dtype))
                 if split == "val":
                     w.captions.extend(b["captions"])
@@ -189,6 +193,7 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
         if writers:  # every shard ends with a batch marked last
             raise RuntimeError(f"latents: shards left unfinished: {sorted(writers)}")
         part[split] = files
+        part["truncated"][split] = cut
     E.write_json(out_dir / f".part-{E.rank()}.json", part)
     E.barrier()  # every process's files and part are written
     if not E.is_main():
@@ -212,8 +217,12 @@ def _write_manifest(
 
     parts = sorted(out_dir.glob(".part-*.json"))
     merged: dict[str, dict] = {"train": {}, "val": {}}
+    truncated = {"train": 0, "val": 0}
     for path in parts:
-        for split, files in json.loads(path.read_text()).items():
+        part = json.loads(path.read_text())
+        for split, n in part.pop("truncated").items():
+            truncated[split] += n
+        for split, files in part.items():
             merged[split].update(files)
         path.unlink()
     manifest: dict = {
@@ -234,6 +243,7 @@ def _write_manifest(
             "count": sum(files[n]["count"] for n in names),
             "shards": len(names),
             "data_fingerprint": index_fingerprint(clean_dir / split),
+            "captions_truncated": truncated[split],
         }
         write_index(out_dir / split, {n: files[n]["count"] for n in names}, split)
     val = merged["val"]
@@ -253,7 +263,16 @@ def _write_manifest(
         f"{manifest['splits']['val']['count']} val; latent {manifest['tensors']['mean']['shape']}"
         f", text {manifest['tensors']['text']['shape']}"
     )
+    total = manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"]
+    if sum(truncated.values()):
+        E.say(
+            f"precompute_latents: warning: {sum(truncated.values())} of {total} captions are "
+            f"longer than the text encoder's {tokenizer.model_max_length} tokens; the U-Net "
+            "is conditioned on their first tokens only (train_clip.max_length_cap)"
+        )
     return {
+        "captions_truncated_train": truncated["train"],
+        "captions_truncated_val": truncated["val"],
         "train_count": manifest["splits"]["train"]["count"],
         "val_count": manifest["splits"]["val"]["count"],
         # not a metric: which process and worker encoded which files (E.write_json
