@@ -70,36 +70,39 @@ def latents_dir(
     text: tuple[int, int] = (24, 64),
     per_shard: int = 2000,
     seed: int = 0,
+    n_val: int = 64,
 ) -> Path:
     """A latents directory laid out as precompute_latents writes it (random values):
-    ``train/`` shards with their index, the manifest and the two text-state files."""
+    ``train/`` and ``val/`` shards with their indexes, the manifest and the two text-state
+    files."""
     from safetensors.torch import save_file
 
     from training.disk import write_json
     from training.intake.index import write_index
 
     g = torch.Generator().manual_seed(seed)
-    (root / "train").mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for k, lo in enumerate(range(0, n, per_shard)):
-        m, name = min(per_shard, n - lo), f"train-{k:05d}-000.safetensors"
-        save_file(
-            {
-                "mean": torch.randn((m, *latent), generator=g),
-                "std": torch.rand((m, *latent), generator=g) * 0.1 + 0.05,
-                "text": torch.randn((m, *text), generator=g).half(),
-            },
-            root / "train" / name,
-        )
-        counts[name] = m
-    write_index(root / "train", counts, "train")
+    for split, count in (("train", n), ("val", n_val)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        counts = {}
+        for k, lo in enumerate(range(0, count, per_shard)):
+            m, name = min(per_shard, count - lo), f"{split}-{k:05d}-000.safetensors"
+            save_file(
+                {
+                    "mean": torch.randn((m, *latent), generator=g),
+                    "std": torch.rand((m, *latent), generator=g) * 0.1 + 0.05,
+                    "text": torch.randn((m, *text), generator=g).half(),
+                },
+                root / split / name,
+            )
+            counts[name] = m
+        write_index(root / split, counts, split)
     save_file({"text": torch.zeros((1, *text))}, root / "null_text.safetensors")
     save_file({"text": torch.randn((2, *text), generator=g)}, root / "preview_text.safetensors")
     write_json(
         root / "manifest.json",
         {
             "vae": {"scaling_factor": 1.0},
-            "splits": {"train": {"count": n}},
+            "splits": {"train": {"count": n}, "val": {"count": n_val}},
             "tensors": {
                 "mean": {"shape": list(latent), "dtype": "torch.float32"},
                 "std": {"shape": list(latent), "dtype": "torch.float32"},

@@ -67,6 +67,28 @@ def test_every_stage_produced_its_outputs(run):
     assert (project / "mlflow.db").is_file() and (project / "dvc.lock").is_file()
 
 
+def test_caption_lengths_context_and_held_out_loss_are_reported(run):
+    """The text context comes from the captions and nothing is cut silently; the U-Net
+    reports a held-out denoising loss at fixed timesteps."""
+    project, _ = run
+    m = {
+        s: json.loads((project / "data" / "metrics" / f"{s}.json").read_text())
+        for s in ("validate", "train_clip", "precompute_latents", "train_unet")
+    }
+    words = m["validate"]["caption_words_p95"]
+    assert 4 <= words <= m["validate"]["caption_words_max"] <= 12  # "a small red circle ..."
+    clip = m["train_clip"]
+    assert clip["caption_tokens_p95"] >= words + 2  # tokens >= words + start and end
+    assert clip["context_length"] == 16 and clip["captions_truncated_frac"] == 0.0
+    assert clip["caption_tokens_max"] <= 16
+    assert m["precompute_latents"]["captions_truncated_train"] == 0
+    u = m["train_unet"]
+    per_t = [u[f"val_loss_t{t}"] for t in (100, 300, 500, 700, 900)]
+    assert u["val_loss"] == pytest.approx(sum(per_t) / 5)
+    assert 0 < u["val_loss"] < 1  # predicting all zeros scores about 1
+    assert u["val_loss_samples"] == min(256, m["precompute_latents"]["val_count"])
+
+
 def test_summary_names_models_metrics_and_next_command(run):
     _, proc = run
     for name in ("kiln-vae", "kiln-clip", "kiln-unet", "kiln-text2image"):
@@ -92,6 +114,7 @@ runs = mlflow.search_runs(experiment_names=["kiln"], output_format="list")
 info["runs"] = [{"name": r.info.run_name, "tags": r.data.tags} for r in runs]
 unet = [r for r in runs if r.info.run_name == "train_unet"][0]
 info["loss_points"] = len(c.get_metric_history(unet.info.run_id, "train_unet/loss"))
+info["val_steps"] = [m.step for m in c.get_metric_history(unet.info.run_id, "train_unet/val_loss")]
 info["signatures"] = {}
 for name in ("kiln-vae", "kiln-clip", "kiln-unet", "kiln-text2image"):
     sig = mlflow.models.get_model_info(f"models:/{name}/1").signature
@@ -113,6 +136,7 @@ print(json.dumps(info))
     assert stages["train_unet"]["dvc.dep.data/latents"]  # input hash from dvc.lock
     assert stages["train_unet"]["dvc.out.data/models/unet"]  # output hash tagged after lock
     assert info["loss_points"] > 5
+    assert info["val_steps"] == [600, 1200, 1800]  # held-out loss at every preview
     assert "metric.val_psnr" in info["kiln-vae"]["tags"]
     t2i = info["kiln-text2image"]["tags"]
     assert "metric.acc_all" in t2i

@@ -235,6 +235,10 @@ class UnetCfg(Section):
     min_snr_gamma: float | None = Field(5.0, gt=0)
     noise_offset: float = Field(0.0, ge=0.0)
     preview_every: int = Field(600, ge=0)  # sample grid of the preview prompts; 0 = never
+    # held-out denoising loss (evaluation/heldout.py) on this many val latents at
+    # val_timesteps fixed timesteps, at every preview and at the end; 0 = off
+    val_samples: int = Field(256, ge=0)
+    val_timesteps: int = Field(5, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(25, ge=1)
 

@@ -112,20 +112,29 @@ def make_step_fn(
     return step_fn
 
 
-def latent_split(params: Params, source: str):
-    """The latent shards of a split as ``{"mean", "std", "text"}`` float32 batches, in the
-    stage's batch order."""
+def _row(row: dict) -> dict:
+    return row
+
+
+def _stack(rows: list) -> dict[str, np.ndarray]:
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def latent_split(params: Params, source: str, train: bool = True):
+    """The latent shards of a split as ``{"mean", "std", "text"}`` batches (text in its
+    stored dtype): for training in the stage's batch order, else read in order."""
     c = params.train_unet
+    if not train:
+        return loaders.Split(source, _row, _stack)
+    return loaders.make(c.loader, source, _row, _stack, c.batch_size, params.seed, c.block_shards)
 
-    def decode(row: dict) -> dict:
-        return row
 
-    def collate(rows: list) -> dict[str, np.ndarray]:
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+def held_out(params: Params, model, sched, val, scaling: float, dev) -> dict[str, float]:
+    """The held-out denoising loss of ``model`` on the first ``val_samples`` of ``val``."""
+    from training.evaluation.heldout import denoising_loss
 
-    return loaders.make(
-        c.loader, source, decode, collate, c.batch_size, params.seed, c.block_shards
-    )
+    c = params.train_unet
+    return denoising_loss(model, sched, val.scan(64, c.val_samples), scaling, c.val_timesteps, dev)
 
 
 def run(
@@ -147,6 +156,9 @@ def run(
     preview_text = load(store.read_bytes(f"{latents}/preview_text.safetensors"))["text"]
     scaling = float(manifest["vae"]["scaling_factor"])
     batches = latent_split(params, f"{latents}/train")
+    val = None  # the held-out loss runs on rank 0 only, between steps like the previews
+    if E.is_main() and params.train_unet.val_samples:
+        val = latent_split(params, f"{latents}/val", train=False)
     try:
         return _train(
             params,
@@ -159,13 +171,26 @@ def run(
             out_dir,
             ckpt_dir,
             log,
+            val=val,
         )
     finally:
         batches.close()
+        if val is not None:
+            val.close()
 
 
 def _train(
-    params, manifest, batches, null_text, preview_text, scaling, vae_dir, out_dir, ckpt_dir, log
+    params,
+    manifest,
+    batches,
+    null_text,
+    preview_text,
+    scaling,
+    vae_dir,
+    out_dir,
+    ckpt_dir,
+    log,
+    val=None,
 ) -> dict:
     c = params.train_unet
     ch, size, _ = manifest["tensors"]["mean"]["shape"]
@@ -194,12 +219,16 @@ def _train(
 
     def preview(step: int) -> None:
         # The exported pipeline itself (the default sampler settings) on the EMA weights,
-        # fed the precomputed text states, so the grid is what a user would get.
+        # fed the precomputed text states, so the grid is what a user would get; and the
+        # held-out loss of those weights.
         from training.config import SAMPLER
         from training.inference.sampling import SCHEDULERS
 
         ema_model = copy.deepcopy(model).eval()
         trainer.ema.copy_to(ema_model)
+        if val is not None:
+            heldout = held_out(params, ema_model, sched, val, scaling, dev)
+            log.log_metrics({f"train_unet/{k}": v for k, v in heldout.items()}, step)
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=None,
@@ -231,6 +260,15 @@ def _train(
     if not E.is_main():  # data parallel: rank 0 saves
         return summary
     # fit leaves the EMA weights in `model`
+    if val is not None:
+        heldout = held_out(params, model, sched, val, scaling, dev)
+        summary.update(heldout)
+        if heldout:
+            E.say(
+                f"train_unet: held-out denoising loss {heldout['val_loss']:.4f} "
+                f"({heldout['val_loss_samples']:.0f} val samples x "
+                f"{params.train_unet.val_timesteps} fixed timesteps)"
+            )
     model.save_pretrained(out_dir, safe_serialization=True)
     sched.save_pretrained(out_dir)  # scheduler_config.json beside the U-Net config
     return {"params": sum(p.numel() for p in model.parameters()), **summary}
