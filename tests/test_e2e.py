@@ -75,8 +75,8 @@ def test_caption_lengths_context_and_held_out_loss_are_reported(run):
         s: json.loads((project / "data" / "metrics" / f"{s}.json").read_text())
         for s in ("validate", "train_clip", "precompute_latents", "train_unet")
     }
-    words = m["validate"]["caption_words_p95"]
-    assert 4 <= words <= m["validate"]["caption_words_max"] <= 12  # "a small red circle ..."
+    words = m["validate"]["caption_words"]["p95"]
+    assert 4 <= words <= m["validate"]["caption_words"]["max"] <= 12  # "a small red ..."
     clip = m["train_clip"]
     assert clip["caption_tokens_p95"] >= words + 2  # tokens >= words + start and end
     assert clip["context_length"] == 16 and clip["captions_truncated_frac"] == 0.0

@@ -269,11 +269,25 @@ class EvaluateCfg(Section):
     sweep_prompts: int = Field(16, ge=0)
     sweep_steps: tuple[int, ...] = (5, 10, 20, 40)
     sweep_guidance: tuple[float, ...] = (1.0, 2.0, 4.0, 7.0)
+    # memorisation check (evaluation/metrics/memorisation.py): a sample within this RMS
+    # pixel distance ([0, 1] scale) of a training image counts as a copy; the search
+    # covers the first copy_search_samples training images
+    copy_distance: float = Field(0.02, gt=0.0)
+    copy_search_samples: int = Field(50_000, ge=1)
     # Promotion gate: a new kiln-text2image version becomes @champion only if this metric
     # beats the current champion's by more than gate_min_delta, else @challenger.
-    # null: acc_all for the built-in sets (the oracle), clip_score for other data.
+    # null: acc_all for the built-in sets (the oracle); for other data fd_clip_ratio, the
+    # Frechet distance to real val images over the real halves' own distance (lower is
+    # better; GATE_LOWER_IS_BETTER). Not clip_score: that is measured by the very text
+    # encoder the U-Net was trained to follow, so it grades the model by its own teacher.
     gate_metric: str | None = None
     gate_min_delta: float = Field(0.0, ge=0.0)
+
+
+# Gate metrics where lower is better (distances, losses, copy rates); all others: higher.
+GATE_LOWER_IS_BETTER = frozenset(
+    {"fd_clip", "cmmd_clip", "fd_clip_ratio", "val_loss", "copies_frac"}
+)
 
 
 class Params(BaseModel):
@@ -298,7 +312,7 @@ class Params(BaseModel):
         """The promotion gate's metric: the oracle's accuracy where there is one."""
         if self.evaluate.gate_metric:
             return self.evaluate.gate_metric
-        return "acc_all" if self.ingest.dataset in BUILTIN_DATASETS else "clip_score"
+        return "acc_all" if self.ingest.dataset in BUILTIN_DATASETS else "fd_clip_ratio"
 
 
 @cache

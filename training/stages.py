@@ -98,7 +98,7 @@ STAGES: tuple[Stage, ...] = (
         "evaluate",
         "training.evaluation.evaluate",
         "Stage 7: sample the evaluation prompts, score them, register kiln-text2image.",
-        (P.CLEAN, P.VAE, P.CLIP, P.UNET),
+        (P.CLEAN, P.LATENTS, P.VAE, P.CLIP, P.UNET),
         (P.EVAL,),
         "kiln-text2image",
     ),

@@ -74,7 +74,10 @@ def run(
     unet_dir: Path,
     out_dir: Path,
     log: E.MetricLogger | None = None,
+    latents_dir: Path | None = None,
 ) -> dict:
+    """Sample, score and report; ``latents_dir`` (the precomputed val latents) adds the
+    held-out denoising loss."""
     from training.engine.images import grid
     from training.evaluation import oracle as O
     from training.evaluation.metrics import Samples, score_all
@@ -127,12 +130,35 @@ def run(
     metrics.update(score_all(samples))
     from training.evaluation import figures as X
 
+    copies = [(images[i], px, d) for i, px, d in metrics.pop("memorisation_pairs", [])]
+    if latents_dir is not None and params.train_unet.val_samples:
+        metrics.update(_held_out(params, pipe, unet_dir, latents_dir))
+
     for k, why in metrics.items():
         if k.endswith("_skipped"):
             E.say(f"evaluate: {k.removesuffix('_skipped')} skipped: {why}")
 
     figures: dict[str, Path] = {}
     tables: dict[str, str] = {}
+    if oracle is None:  # user data: the prompts are val captions, each has a real image
+        real = _real_by_caption(clean_dir, {p.prompt for p in prompts[:24]})
+        tables["Val captions: the real image, then the samples from its caption"] = (
+            X.captions_table(
+                [
+                    (
+                        p.prompt,
+                        real.get(p.prompt),
+                        [images[j * len(prompts) + i] for j in range(c.samples_per_prompt)],
+                    )
+                    for i, p in enumerate(prompts[:24])
+                ]
+            )
+        )
+    tables[
+        f"Memorisation: samples within {c.copy_distance:g} RMS of a training image "
+        f"({metrics.get('copies', 0)} of {len(images)}; real val images: "
+        f"{metrics.get('copies_frac_val', float('nan')):.1%})"
+    ] = X.copies_table(copies, c.copy_distance)
     if c.sweep_prompts:
         stride = max(1, len(prompts) // c.sweep_prompts)
         subset = prompts[::stride][: c.sweep_prompts]
@@ -190,12 +216,49 @@ def run(
             "ceiling_acc_all_vae_recon",
             "fd_clip",
             "cmmd_clip",
+            "val_loss",
+            "copies_frac",
+            "copies_frac_val",
         )
     }
     E.say(f"evaluate: {summary}")
     return metrics
 
 
+def _real_by_caption(clean_dir: Path, captions: set[str]) -> dict:
+    from training.intake import shards
+
+    found: dict = {}
+    for r in shards.read(shards.shard_paths(clean_dir / "val")):
+        if r.caption in captions and r.caption not in found:
+            found[r.caption] = r.image()
+            if len(found) == len(captions):
+                break
+    return found
+
+
+def _held_out(params: Params, pipe, unet_dir: Path, latents_dir: Path) -> dict:
+    """The held-out denoising loss of the pipeline's U-Net, as train_unet measures it
+    (the same val latents, timesteps and noise): the registered version carries it."""
+    import json
+
+    from diffusers import DDPMScheduler
+
+    from training.evaluation.heldout import denoising_loss
+    from training.phases.unet import latent_split
+
+    c = params.train_unet
+    scaling = json.loads((latents_dir / "manifest.json").read_text())["vae"]["scaling_factor"]
+    sched = DDPMScheduler.from_pretrained(unet_dir)
+    val = latent_split(params, str(latents_dir / "val"), train=False)
+    try:
+        return denoising_loss(
+            pipe.unet, sched, val.scan(64, c.val_samples), scaling, c.val_timesteps, pipe.device
+        )
+    finally:
+        val.close()
+
+
 def stage(params: Params, log: E.MetricLogger) -> dict:
     E.init_distributed()  # torch's threads; the process group under torchrun
-    return run(params, P.CLEAN, P.VAE, P.CLIP, P.UNET, P.EVAL, log)
+    return run(params, P.CLEAN, P.VAE, P.CLIP, P.UNET, P.EVAL, log, latents_dir=P.LATENTS)

@@ -132,3 +132,47 @@ def table_html(rows: list[dict]) -> str:
         for r in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _tag(img, scale: int = 3) -> str:
+    """A PIL image as an inline <img>, enlarged (nearest) so small images are visible."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = img.convert("RGB")
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def captions_table(rows: list[tuple[str, object, list]]) -> str:
+    """One row per val caption: the caption, its real image, the samples made from it
+    (people judge a model on real data by this side by side, not by a number)."""
+    import html
+
+    body = "".join(
+        f"<tr><td style='max-width:320px'>{html.escape(caption)}</td>"
+        f"<td>{_tag(real) if real is not None else ''}</td>"
+        f"<td>{''.join(_tag(s) for s in samples)}</td></tr>"
+        for caption, real, samples in rows
+    )
+    return f"<table><tr><th>caption</th><th>real (val)</th><th>samples</th></tr>{body}</table>"
+
+
+def copies_table(pairs: list[tuple[object, np.ndarray, float]], threshold: float) -> str:
+    """Samples flagged as copies, each beside the training image it is closest to."""
+    from PIL import Image
+
+    if not pairs:
+        return f"<p>No sample is within {threshold:g} RMS of a training image.</p>"
+    body = "".join(
+        f"<tr><td>{_tag(sample)}</td><td>{_tag(Image.fromarray(train))}</td><td>{d:.4f}</td></tr>"
+        for sample, train, d in pairs
+    )
+    return (
+        "<table><tr><th>sample</th><th>nearest training image</th><th>RMS distance</th></tr>"
+        f"{body}</table>"
+    )

@@ -174,10 +174,13 @@ def promote(
     name: str, version: str, metrics: dict[str, Any], metric: str, min_delta: float
 ) -> dict:
     """The promotion gate: alias ``champion`` if ``version`` beats the current champion
-    on ``metric`` (higher is better) by more than ``min_delta``, else ``challenger``.
-    The decision and both numbers are tagged on the version and returned for logging."""
+    on ``metric`` (higher is better, or lower for ``GATE_LOWER_IS_BETTER``) by more than
+    ``min_delta``, else ``challenger``. The decision and both numbers are tagged on the
+    version and returned for logging."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from training.config import GATE_LOWER_IS_BETTER
 
     client = MlflowClient()
     if metric not in metrics or not isinstance(metrics[metric], int | float):
@@ -194,7 +197,11 @@ def promote(
     if champ is not None and str(champ.version) != str(version):  # MLflow may give ints
         tag = champ.tags.get(f"metric.{metric}")
         old = float(tag) if tag is not None else None
-    promoted = champ is None or old is None or new > old + min_delta
+    lower = metric in GATE_LOWER_IS_BETTER
+    better = new < old - min_delta if lower and old is not None else None
+    if not lower and old is not None:
+        better = new > old + min_delta
+    promoted = champ is None or old is None or bool(better)
     alias = "champion" if promoted else "challenger"
     client.set_registered_model_alias(name, alias, version)
     decision = {
@@ -203,6 +210,7 @@ def promote(
         "gate_champion_value": old,
         "gate_champion_version": champ.version if champ is not None else None,
         "gate_decision": alias,
+        "gate_direction": "lower" if lower else "higher",
     }
     for k, v in decision.items():
         client.set_model_version_tag(name, version, k, str(v))

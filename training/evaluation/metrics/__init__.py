@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from training.evaluation.metrics import clip_score, distribution, oracle_accuracy, reconstruction
+from training.evaluation.metrics import (
+    clip_score,
+    distribution,
+    memorisation,
+    oracle_accuracy,
+    reconstruction,
+)
 from training.evaluation.metrics.base import Samples
 
 METRICS: dict[str, Callable[[Samples], dict]] = {
@@ -18,6 +24,7 @@ METRICS: dict[str, Callable[[Samples], dict]] = {
     "clip_score": clip_score.score,
     "reconstruction": reconstruction.score,
     "distribution": distribution.score,
+    "memorisation": memorisation.score,
 }
 
 

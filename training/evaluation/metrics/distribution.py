@@ -32,13 +32,18 @@ def distribution_metrics(gen_e: np.ndarray, real_e: np.ndarray) -> dict:
             "or add images"
         )
         return {f"{name}_skipped": why for name in names}
-    return {
+    out = {
         "fd_clip": frechet_distance(gen_e[:m], ref[:m]),
         "cmmd_clip": cmmd(gen_e[:m], ref[:m]),
         "fd_clip_real_halves": frechet_distance(other[:m], ref[:m]),
         "cmmd_clip_real_halves": cmmd(other[:m], ref[:m]),
         "fd_samples": m,
     }
+    # The distance in units of the floor: comparable between runs that trained different
+    # CLIPs (each run embeds with its own), which fd_clip alone is not. 1 = as close to
+    # the val images as real images are.
+    out["fd_clip_ratio"] = out["fd_clip"] / max(out["fd_clip_real_halves"], 1e-12)
+    return out
 
 
 @torch.no_grad()

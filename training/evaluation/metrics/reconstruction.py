@@ -15,7 +15,7 @@ from training.evaluation.metrics.base import Samples
 def reconstruction_scores(
     vae_dir: Path, clean_dir: Path, oracle, limit: int = 512
 ) -> dict[str, float]:
-    """VAE reconstruction PSNR on held-out images and, for the built-in sets, the
+    """VAE reconstruction PSNR and SSIM on held-out images and, for the built-in sets, the
     oracle's all-attributes accuracy on those real images and on their reconstructions.
 
     The two accuracies are ceilings for the samples: a generated image is decoded by the
@@ -28,7 +28,7 @@ def reconstruction_scores(
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from training.engine.images import psnr, to_tensor, to_uint8
+    from training.engine.images import psnr, ssim, to_tensor, to_uint8
     from training.intake import shards
 
     dev = E.device()
@@ -38,7 +38,7 @@ def reconstruction_scores(
     rec = torch.cat(
         [vae(b.to(dev), sample_posterior=False).sample.clamp(-1, 1).cpu() for b in x.split(128)]
     )
-    out = {"vae_psnr": float(np.mean(psnr(rec, x)))}
+    out = {"vae_psnr": float(np.mean(psnr(rec, x))), "vae_ssim": float(ssim(rec, x))}
     if oracle is None:
         return out
     # Built-in samples carry their ground truth through img2dataset as the `meta` column.

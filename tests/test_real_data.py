@@ -1,0 +1,135 @@
+"""End to end on a real collection: Twemoji clip art with free-text captions, fetched
+from npm when the test runs (tests/realkit.py; never committed), ingested as a user's
+folder. One short pipeline run (tiny sizes, few steps) feeds the assertions: the new
+reports exist and are sane. Quality on real data is measured by the benchmark
+(benchmarks/real_data.py, RESULTS.md), not here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import config
+
+from .conftest import copy_project, kiln
+from .realkit import emoji_folder
+
+pytestmark = pytest.mark.e2e
+N_IMAGES = 320
+SHORT = {  # a few minutes on 2 cores: this checks the reports, not the quality
+    "train_vae.steps": 120,
+    "train_clip.steps": 120,
+    "train_unet.steps": 240,
+    "train_unet.preview_every": 120,
+    "evaluate.max_prompts": 16,
+    "evaluate.sweep_prompts": 0,
+    "validate.val_fraction": 0.1,
+    "validate.near_duplicates": "image+caption",
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("real")
+    folder = emoji_folder(root / "emoji", limit=N_IMAGES, seed=0)
+    project = copy_project(root / "kiln")
+    config.set_values(project / "params.yaml", SHORT)
+    proc = kiln(
+        project,
+        "run",
+        "--dataset",
+        "folder",
+        "--source",
+        str(folder),
+        "--profile",
+        "tiny",
+        timeout=3000,
+    )
+    return project, folder, proc
+
+
+def _metrics(project: Path, stage: str) -> dict:
+    return json.loads((project / "data" / "metrics" / f"{stage}.json").read_text())
+
+
+def test_the_collection_is_real_transparent_clip_art_with_long_captions(run):
+    _, folder, _ = run
+    from .realkit import is_transparent
+
+    pngs = sorted(folder.glob("*.png"))
+    assert len(pngs) == N_IMAGES
+    assert all(is_transparent(p.read_bytes()) for p in pngs[:20])
+    words = [len(p.with_suffix(".txt").read_text().split()) for p in pngs]
+    assert np.median(words) > 8  # free text, far longer than the shapes captions
+
+
+def test_transparency_lands_on_the_background(run):
+    project, _, _ = run
+    from training.intake import shards
+
+    recs = list(shards.read(shards.shard_paths(project / "data" / "raw" / "shards")))
+    corners = np.stack([np.asarray(r.image())[[0, 0, -1, -1], [0, -1, 0, -1]] for r in recs])
+    assert (corners >= 250).mean() > 0.9  # Twemoji corners are transparent: white now
+
+
+def test_caption_lengths_set_the_context_and_cuts_are_counted(run):
+    project, _, proc = run
+    v, c = _metrics(project, "validate"), _metrics(project, "train_clip")
+    words = v["caption_words"]
+    assert words["p50"] > 8
+    context = c["context_length"]
+    # from the data: 95% of the captions whole, rounded up to 8, within the cap of 77
+    assert context == min(77, -(-c["caption_tokens_p95"] // 8) * 8)
+    assert context > 24  # tiny's old fixed context would have cut most of them
+    assert c["caption_tokens_p95"] >= words["p95"] + 2  # tokens >= words + start, end
+    lat = _metrics(project, "precompute_latents")
+    # train_clip measured every train caption here (fewer than tokenizer_samples), and
+    # precompute_latents counted the ones it cut: the same captions, the same count
+    assert c["captions_truncated_frac"] == pytest.approx(
+        lat["captions_truncated_train"] / lat["train_count"]
+    )
+    cut = lat["captions_truncated_train"] + lat["captions_truncated_val"]
+    if cut:  # never silent: said in the log, with the count
+        total = lat["train_count"] + lat["val_count"]
+        assert f"warning: {cut} of {total} captions are longer" in proc.stderr + proc.stdout
+    if c["captions_truncated_frac"]:
+        assert "of the captions are longer than" in proc.stderr + proc.stdout
+    manifest = json.loads((project / "data" / "latents" / "manifest.json").read_text())
+    assert manifest["tensors"]["text"]["shape"][0] == context
+
+
+def test_duplicates_policy_and_pairs_page(run):
+    project, _, _ = run
+    report = json.loads((project / "data" / "clean" / "report.json").read_text())
+    dup = report["duplicates"]
+    assert dup["policy"] == "image+caption"
+    page = project / "data" / "clean" / dup["page"]
+    assert page.is_file() and "Duplicates rejected by validate" in page.read_text()
+    assert dup["rejected"] == len(dup["first_pairs"]) or dup["rejected"] > 64
+
+
+def test_held_out_loss_memorisation_and_caption_grid_in_the_evaluation(run):
+    project, _, _ = run
+    u, e = _metrics(project, "train_unet"), _metrics(project, "evaluate")
+    assert 0 < u["val_loss"] < 1.5
+    # the evaluation scores the registered pipeline's U-Net on the same fixed draws
+    assert e["val_loss"] == pytest.approx(u["val_loss"], rel=1e-4)
+    assert 0.0 <= e["copies_frac"] <= 1.0 and 0.0 <= e["copies_frac_val"] <= 1.0
+    assert e["nn_train_dist_median"] > 0 and e["nn_train_dist_median_val"] > 0
+    assert e["fd_clip_ratio"] == pytest.approx(e["fd_clip"] / e["fd_clip_real_halves"])
+    assert 0 < e["vae_ssim"] <= 1
+    html = (project / "data" / "eval" / "report.html").read_text()
+    assert "Val captions: the real image, then the samples" in html
+    assert "Memorisation: samples within" in html
+
+
+def test_user_data_gates_on_fd_ratio(run):
+    project, _, proc = run
+    e = _metrics(project, "evaluate")
+    assert e["gate_metric"] == "fd_clip_ratio" and e["gate_direction"] == "lower"
+    assert "gate: kiln-text2image v1 fd_clip_ratio=" in proc.stderr + proc.stdout
