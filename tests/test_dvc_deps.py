@@ -87,6 +87,7 @@ EDITS = [
     ("training/phases/unet.py", {"train_unet"}),
     ("training/phases/backbones/unet2d.py", {"train_unet"}),
     ("training/evaluation/figures.py", {"evaluate"}),
+    ("training/evaluation/heldout.py", {"train_unet", "evaluate"}),
     ("training/evaluation/metrics/distribution.py", {"evaluate"}),
     ("training/tracking/registry.py", {s.name for s in STAGES}),
 ]

@@ -12,15 +12,14 @@ from training import config
 
 @pytest.fixture
 def registry(tmp_path: Path, monkeypatch):
-    import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = MlflowClient()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model("m")
     yield client
-    mlflow.set_tracking_uri(None)
 
 
 def _version(client, metric: str, value: float) -> str:
@@ -52,6 +51,21 @@ def test_the_gate_knows_which_way_is_better(registry, metric, values, decisions)
     assert got == decisions
     assert gate["gate_direction"] == ("lower" if metric == "fd_clip_ratio" else "higher")
     assert str(registry.get_model_version_by_alias("m", "champion").version) == version
+
+
+def test_a_metric_the_evaluation_could_not_measure_never_wins_nor_crashes(registry):
+    from training.tracking.registry import promote
+
+    why = {"fd_clip_ratio_skipped": "needs >= 2 val images per half"}
+    first = promote("m", _version(registry, "x", 0), why, "fd_clip_ratio", 0.0)
+    assert first["gate_decision"] == "champion"  # no champion yet: someone must serve
+    assert first["gate_skipped"] == why["fd_clip_ratio_skipped"]
+    second = promote("m", _version(registry, "x", 0), {"fd_clip_ratio": 1.4}, "fd_clip_ratio", 0)
+    assert second["gate_decision"] == "champion"  # the champion has no figure to beat
+    third = promote("m", _version(registry, "x", 0), why, "fd_clip_ratio", 0.0)
+    assert third["gate_decision"] == "challenger"
+    with pytest.raises(ValueError, match="not a metric of this run"):
+        promote("m", _version(registry, "x", 0), {"fid": 1.0}, "fd_clip_ratio", 0.0)
 
 
 def test_user_data_gates_on_the_distance_to_real_images_not_on_clip_score():

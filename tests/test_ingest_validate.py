@@ -238,3 +238,8 @@ def test_near_duplicate_policy_and_the_pairs_page(tmp_path: Path, policy: str, r
     for k in rejected:
         assert f"<code>{k}</code>" in page and f"<code>{earlier[k]}</code>" in page
     assert page.count("data:image/png;base64,") == 2 * len(rejected)
+
+
+def test_the_old_off_switch_says_what_replaced_it():
+    with pytest.raises(config.ConfigError, match="near_duplicates: off"):
+        config.resolve({"validate": {"near_duplicate_bits": None}})

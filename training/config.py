@@ -106,6 +106,16 @@ class IngestCfg(Section):
 
 
 class ValidateCfg(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _old_off_switch(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("near_duplicate_bits", 0) is None:
+            raise ValueError(
+                "near_duplicate_bits: null no longer turns the near-duplicate check "
+                "off; set near_duplicates: off (and near_duplicate_bits to a number)"
+            )
+        return values
+
     min_side: int = Field(8, ge=1)
     max_aspect_ratio: float = Field(2.0, ge=1.0)
     min_file_bytes: int = Field(32, ge=0)

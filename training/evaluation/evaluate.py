@@ -244,19 +244,13 @@ def _held_out(params: Params, pipe, unet_dir: Path, latents_dir: Path) -> dict:
 
     from diffusers import DDPMScheduler
 
-    from training.evaluation.heldout import denoising_loss
-    from training.phases.unet import latent_split
+    from training.evaluation.heldout import denoising_loss, val_batches
 
     c = params.train_unet
     scaling = json.loads((latents_dir / "manifest.json").read_text())["vae"]["scaling_factor"]
     sched = DDPMScheduler.from_pretrained(unet_dir)
-    val = latent_split(params, str(latents_dir / "val"), train=False)
-    try:
-        return denoising_loss(
-            pipe.unet, sched, val.scan(64, c.val_samples), scaling, c.val_timesteps, pipe.device
-        )
-    finally:
-        val.close()
+    batches = val_batches(str(latents_dir / "val"), c.val_samples)
+    return denoising_loss(pipe.unet, sched, batches, scaling, c.val_timesteps, pipe.device)
 
 
 def stage(params: Params, log: E.MetricLogger) -> dict:

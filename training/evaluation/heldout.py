@@ -15,6 +15,8 @@ spaces differ and so do the numbers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,18 @@ NOISE_SEED = 20_251_202  # fixed for every run, so two runs' losses are comparab
 def timesteps(num_train_timesteps: int, count: int) -> list[int]:
     """``count`` timesteps at the centres of equal slices of the schedule."""
     return [int((k + 0.5) * num_train_timesteps / count) for k in range(count)]
+
+
+def val_batches(source: str, limit: int, batch: int = 64) -> Iterator[dict[str, torch.Tensor]]:
+    """The first ``limit`` latents of the split at ``source`` (a directory or an
+    ``s3://`` prefix) in canonical order, as ``{"mean", "std", "text"}`` batches."""
+    from training.engine import loaders
+
+    split = loaders.Split(source, loaders.as_is, loaders.stack_rows)
+    try:
+        yield from split.scan(batch, limit)
+    finally:
+        split.close()
 
 
 @torch.no_grad()

@@ -4,8 +4,8 @@ that judges it.
 A row holds size, aspect, file size, a decode check, caption length, UTF-8 and
 printability, exact and near-duplicate image hashes and a duplicate-URL flag. The GX 1.x
 suite's thresholds come from ``params.yaml``; it runs one chunk of rows at a time, so
-memory stays flat as the data grows (only the duplicate hash sets grow, 32-64 bytes a
-sample), and every run is rendered into Data Docs HTML.
+memory stays flat as the data grows (only the duplicate indexes grow, a few hundred
+bytes a sample), and every run is rendered into Data Docs HTML.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class NearDuplicates:
     into max_bits+1 bands, and by the pigeonhole principle a match within max_bits
     agrees exactly on at least one band, so only hashes sharing a band are compared.
     ``tag`` narrows a match to entries with the same tag (the caption, for the
-    ``image+caption`` policy). Memory: the hash, tag and key of each kept image."""
+    ``image+caption`` policy). Memory: the hash, tag and key of each kept image, and a
+    reference to them per band (~250 bytes an image at 6 bits)."""
 
     def __init__(self, max_bits: int):
         self.k = max_bits
@@ -64,8 +65,9 @@ class NearDuplicates:
                 bits = (other ^ h).bit_count()
                 if bits <= self.k and other_tag == tag:
                     return other_key, bits
+        entry = (h, tag, key)  # one tuple shared by every band's list
         for idx, band in zip(self.index, keys, strict=True):
-            idx.setdefault(band, []).append((h, tag, key))
+            idx.setdefault(band, []).append(entry)
         return None
 
 

@@ -3,12 +3,12 @@
 One metadata row per raw sample (size, aspect, file size, decode check, caption length,
 UTF-8 and printability, exact and near-duplicate image hashes, duplicate URL) is
 validated by a Great Expectations 1.x suite whose thresholds come from ``params.yaml``,
-one chunk of rows at a time, so memory stays flat as the data grows (only the hash sets
-for duplicate detection grow, 32-64 bytes a sample). Rows failing any expectation are not
-dropped silently: they go to ``rejects.parquet`` with the failed checks and a reason, next
-to ingest's own rejects; every GX run is also rendered into Data Docs HTML. The rest are
-split train/val by a hash of the sample's URL path — stable when data is added — and
-written as clean shards.
+one chunk of rows at a time, so memory stays flat as the data grows (only the duplicate
+indexes grow: hashes, first keys and caption tags, a few hundred bytes a sample). Rows
+failing any expectation are not dropped silently: they go to ``rejects.parquet`` with
+the failed checks and a reason, next to ingest's own rejects; every GX run is also
+rendered into Data Docs HTML. The rest are split train/val by a hash of the sample's URL
+path — stable when data is added — and written as clean shards.
 """
 
 from __future__ import annotations

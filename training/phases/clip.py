@@ -259,16 +259,19 @@ def say_context(text: dict[str, float], c) -> None:
         f"{text['caption_tokens_p95']:.0f} (p95), {text['caption_tokens_max']:.0f} (max); "
         f"context {context} ({how})"
     )
-    if frac > 0:
-        fix = (
-            f"raise train_clip.max_length_cap (now {c.max_length_cap})"
-            if c.max_length == "auto"
-            else "set train_clip.max_length: auto, or raise it"
-        )
-        E.say(
-            f"train_clip: warning: {frac:.1%} of the captions are longer than {context} "
-            f"tokens and are cut: the model never sees their ends ({fix})"
-        )
+    if frac == 0:
+        return
+    if c.max_length != "auto":
+        kind, fix = "warning", f"set train_clip.max_length: auto, or raise it (now {context})"
+    elif context >= c.max_length_cap:
+        kind, fix = "warning", f"raise train_clip.max_length_cap (now {c.max_length_cap})"
+    else:  # the coverage asked for: the longest few percent are cut by design
+        kind = "note"
+        fix = f"train_clip.context_coverage is {c.context_coverage:g}; raise it to keep more"
+    E.say(
+        f"train_clip: {kind}: {frac:.1%} of the captions are longer than {context} tokens "
+        f"and are cut: the model never sees their ends ({fix})"
+    )
 
 
 def _train(params, tokenizer, batches, val, out_dir: Path, ckpt_dir: Path, log) -> dict:

@@ -268,7 +268,8 @@ def _write_manifest(
         E.say(
             f"precompute_latents: warning: {sum(truncated.values())} of {total} captions are "
             f"longer than the text encoder's {tokenizer.model_max_length} tokens; the U-Net "
-            "is conditioned on their first tokens only (train_clip.max_length_cap)"
+            "is conditioned on their first tokens only (train_clip's log says which setting "
+            "decides the context)"
         )
     return {
         "captions_truncated_train": truncated["train"],

@@ -19,7 +19,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
@@ -112,29 +111,24 @@ def make_step_fn(
     return step_fn
 
 
-def _row(row: dict) -> dict:
-    return row
-
-
-def _stack(rows: list) -> dict[str, np.ndarray]:
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-def latent_split(params: Params, source: str, train: bool = True):
+def latent_split(params: Params, source: str):
     """The latent shards of a split as ``{"mean", "std", "text"}`` batches (text in its
-    stored dtype): for training in the stage's batch order, else read in order."""
+    stored dtype), in the stage's batch order."""
     c = params.train_unet
-    if not train:
-        return loaders.Split(source, _row, _stack)
-    return loaders.make(c.loader, source, _row, _stack, c.batch_size, params.seed, c.block_shards)
+    return loaders.make(
+        c.loader, source, loaders.as_is, loaders.stack_rows, c.batch_size, params.seed,
+        c.block_shards,
+    )  # fmt: skip
 
 
-def held_out(params: Params, model, sched, val, scaling: float, dev) -> dict[str, float]:
-    """The held-out denoising loss of ``model`` on the first ``val_samples`` of ``val``."""
-    from training.evaluation.heldout import denoising_loss
+def held_out(params: Params, model, sched, val: str, scaling: float, dev) -> dict[str, float]:
+    """The held-out denoising loss of ``model`` on the first ``val_samples`` of the val
+    latents at ``val``."""
+    from training.evaluation.heldout import denoising_loss, val_batches
 
     c = params.train_unet
-    return denoising_loss(model, sched, val.scan(64, c.val_samples), scaling, c.val_timesteps, dev)
+    batches = val_batches(val, c.val_samples)
+    return denoising_loss(model, sched, batches, scaling, c.val_timesteps, dev)
 
 
 def run(
@@ -156,9 +150,8 @@ def run(
     preview_text = load(store.read_bytes(f"{latents}/preview_text.safetensors"))["text"]
     scaling = float(manifest["vae"]["scaling_factor"])
     batches = latent_split(params, f"{latents}/train")
-    val = None  # the held-out loss runs on rank 0 only, between steps like the previews
-    if E.is_main() and params.train_unet.val_samples:
-        val = latent_split(params, f"{latents}/val", train=False)
+    # the held-out loss runs on rank 0 only, between steps like the previews
+    val = f"{latents}/val" if E.is_main() and params.train_unet.val_samples else None
     try:
         return _train(
             params,
@@ -175,8 +168,6 @@ def run(
         )
     finally:
         batches.close()
-        if val is not None:
-            val.close()
 
 
 def _train(

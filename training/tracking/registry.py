@@ -175,20 +175,22 @@ def promote(
 ) -> dict:
     """The promotion gate: alias ``champion`` if ``version`` beats the current champion
     on ``metric`` (higher is better, or lower for ``GATE_LOWER_IS_BETTER``) by more than
-    ``min_delta``, else ``challenger``. The decision and both numbers are tagged on the
-    version and returned for logging."""
+    ``min_delta``, else ``challenger``. A version whose evaluation could not measure the
+    metric (``<metric>_skipped``) wins only where there is no champion yet. The decision
+    and both numbers are tagged on the version and returned for logging."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from training.config import GATE_LOWER_IS_BETTER
 
     client = MlflowClient()
-    if metric not in metrics or not isinstance(metrics[metric], int | float):
+    skipped = metrics.get(f"{metric}_skipped")
+    if not skipped and not isinstance(metrics.get(metric), int | float):
         raise ValueError(
             f"evaluate.gate_metric {metric!r} is not a metric of this run "
             f"(have: {', '.join(k for k, v in metrics.items() if isinstance(v, int | float))})"
         )
-    new = float(metrics[metric])
+    new = None if skipped else float(metrics[metric])
     try:
         champ = client.get_model_version_by_alias(name, "champion")
     except MlflowException:
@@ -196,12 +198,14 @@ def promote(
     old = None
     if champ is not None and str(champ.version) != str(version):  # MLflow may give ints
         tag = champ.tags.get(f"metric.{metric}")
-        old = float(tag) if tag is not None else None
+        old = float(tag) if tag not in (None, "None") else None
     lower = metric in GATE_LOWER_IS_BETTER
-    better = new < old - min_delta if lower and old is not None else None
-    if not lower and old is not None:
-        better = new > old + min_delta
-    promoted = champ is None or old is None or bool(better)
+    if new is None:
+        promoted = champ is None
+    elif old is None:
+        promoted = True
+    else:
+        promoted = new < old - min_delta if lower else new > old + min_delta
     alias = "champion" if promoted else "challenger"
     client.set_registered_model_alias(name, alias, version)
     decision = {
@@ -212,6 +216,8 @@ def promote(
         "gate_decision": alias,
         "gate_direction": "lower" if lower else "higher",
     }
+    if skipped:
+        decision["gate_skipped"] = skipped
     for k, v in decision.items():
         client.set_model_version_tag(name, version, k, str(v))
     return decision
@@ -219,6 +225,11 @@ def promote(
 
 def describe_gate(name: str, version: str, gate: dict) -> str:
     """One line for the console: the new version's score against the champion's."""
+    if gate.get("gate_skipped"):
+        return (
+            f"{name} v{version}: {gate['gate_metric']} was not measured "
+            f"({gate['gate_skipped']}) -> @{gate['gate_decision']}"
+        )
     old = gate["gate_champion_value"]
     vs = (
         "no champion yet"

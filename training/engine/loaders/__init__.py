@@ -19,6 +19,10 @@ Adding a loader: one module here plus one entry in ``LOADERS`` (and its name in 
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
 from training.engine.loaders.memory import InMemory
 from training.engine.loaders.stream import Collate, Decode, Split, Streaming
 from training.intake.store import Store, split_source
@@ -27,6 +31,16 @@ LOADERS: dict[str, type[Split]] = {
     "stream": Streaming,
     "memory": InMemory,
 }
+
+
+def as_is(row: dict) -> dict:
+    """``decode`` for rows that need none (safetensors rows: already arrays)."""
+    return row
+
+
+def stack_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """``collate`` for rows of arrays: each name's rows stacked into one array."""
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def make(
@@ -50,6 +64,8 @@ __all__ = [
     "Split",
     "Store",
     "Streaming",
+    "as_is",
     "make",
     "split_source",
+    "stack_rows",
 ]

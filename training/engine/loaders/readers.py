@@ -96,10 +96,10 @@ class TarShard(_File):
             keys.append(key)
             first.append(len(codes))
         self.exts = list(exts)
-        encoded = [k.encode() for k in keys]  # one blob: keys differ in length
+        encoded = [k.encode("utf-8", "surrogateescape") for k in keys]  # one blob
         self._keys = b"".join(encoded)
         self._key_at = np.cumsum([0] + [len(k) for k in encoded], dtype=np.int64)
-        self.codes = np.array(codes, dtype=np.uint16)
+        self.codes = np.array(codes, dtype=np.uint32)
         self.offsets = np.array(offsets, dtype=np.int64)
         self.sizes = np.array(sizes, dtype=np.int64)
         self.first = np.array(first, dtype=np.int64)
@@ -108,7 +108,7 @@ class TarShard(_File):
         return len(self.first) - 1
 
     def key(self, i: int) -> str:
-        return self._keys[self._key_at[i] : self._key_at[i + 1]].decode()
+        return self._keys[self._key_at[i] : self._key_at[i + 1]].decode("utf-8", "surrogateescape")
 
     def get(self, i: int, members: frozenset[str] | None = None) -> dict:
         """Sample ``i``: its key and its image/text/JSON members (``members``: only

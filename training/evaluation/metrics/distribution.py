@@ -24,7 +24,13 @@ def distribution_metrics(gen_e: np.ndarray, real_e: np.ndarray) -> dict:
     and the other real half are compared with one real half at a common size ``m``."""
     ref, other = real_e[0::2], real_e[1::2]
     m = min(len(gen_e), len(ref), len(other))
-    names = ("fd_clip", "cmmd_clip", "fd_clip_real_halves", "cmmd_clip_real_halves")
+    names = (
+        "fd_clip",
+        "cmmd_clip",
+        "fd_clip_real_halves",
+        "cmmd_clip_real_halves",
+        "fd_clip_ratio",
+    )
     if m < MIN_SAMPLES:
         why = (
             f"needs >= {MIN_SAMPLES} val images per half ({2 * MIN_SAMPLES} in all), have "
