@@ -70,5 +70,7 @@ def test_a_metric_the_evaluation_could_not_measure_never_wins_nor_crashes(regist
 
 def test_user_data_gates_on_the_distance_to_real_images_not_on_clip_score():
     user = config.resolve({"ingest": {"dataset": "folder", "source": "/x"}})
-    assert user.gate_metric() == "fd_clip_ratio" in config.GATE_LOWER_IS_BETTER
+    from training.tracking.registry import GATE_LOWER_IS_BETTER
+
+    assert user.gate_metric() == "fd_clip_ratio" in GATE_LOWER_IS_BETTER
     assert config.resolve({}).gate_metric() == "acc_all"

@@ -181,10 +181,8 @@ class ClipCfg(Section):
     # fully shuffled (training/engine/engine/order.py)
     block_shards: int = Field(16, ge=1)
     vocab_size: int = Field(ge=300)  # byte alphabet (2 x 256) is always included
-    # The text context in tokens, specials included. "auto": from the data, the
-    # smallest multiple of 8 that holds context_coverage of the captions whole, at most
-    # max_length_cap (SD's CLIP reads 77). Longer captions are cut, counted and warned
-    # about, in training, in precompute_latents and in `kiln generate`.
+    # Text context in tokens. auto: the smallest multiple of 8 holding context_coverage
+    # of the captions whole, at most max_length_cap (README "Real data").
     max_length: Annotated[int, Field(ge=4)] | Literal["auto"] = "auto"
     max_length_cap: int = Field(77, ge=8)
     context_coverage: float = Field(0.95, gt=0.0, le=1.0)
@@ -245,8 +243,7 @@ class UnetCfg(Section):
     min_snr_gamma: float | None = Field(5.0, gt=0)
     noise_offset: float = Field(0.0, ge=0.0)
     preview_every: int = Field(600, ge=0)  # sample grid of the preview prompts; 0 = never
-    # held-out denoising loss (evaluation/heldout.py) on this many val latents at
-    # val_timesteps fixed timesteps, at every preview and at the end; 0 = off
+    # held-out loss (evaluation/heldout.py): val latents x fixed timesteps; 0 = off
     val_samples: int = Field(256, ge=0)
     val_timesteps: int = Field(5, ge=1)
     checkpoint_every: int = Field(500, ge=1)
@@ -279,25 +276,17 @@ class EvaluateCfg(Section):
     sweep_prompts: int = Field(16, ge=0)
     sweep_steps: tuple[int, ...] = (5, 10, 20, 40)
     sweep_guidance: tuple[float, ...] = (1.0, 2.0, 4.0, 7.0)
-    # memorisation check (evaluation/metrics/memorisation.py): a sample within this RMS
-    # pixel distance ([0, 1] scale) of a training image counts as a copy; the search
-    # covers the first copy_search_samples training images
+    # memorisation (evaluation/metrics/memorisation.py): a sample within this RMS of a
+    # training image is a copy; the first copy_search_samples images are searched
     copy_distance: float = Field(0.02, gt=0.0)
     copy_search_samples: int = Field(50_000, ge=1)
     # Promotion gate: a new kiln-text2image version becomes @champion only if this metric
     # beats the current champion's by more than gate_min_delta, else @challenger.
-    # null: acc_all for the built-in sets (the oracle); for other data fd_clip_ratio, the
-    # Frechet distance to real val images over the real halves' own distance (lower is
-    # better; GATE_LOWER_IS_BETTER). Not clip_score: that is measured by the very text
-    # encoder the U-Net was trained to follow, so it grades the model by its own teacher.
+    # null: acc_all for the built-in sets (the oracle); for other data fd_clip_ratio
+    # (lower is better: tracking/registry.py), not clip_score, which the very text
+    # encoder the U-Net was trained to follow measures (README, "The promotion gate").
     gate_metric: str | None = None
     gate_min_delta: float = Field(0.0, ge=0.0)
-
-
-# Gate metrics where lower is better (distances, losses, copy rates); all others: higher.
-GATE_LOWER_IS_BETTER = frozenset(
-    {"fd_clip", "cmmd_clip", "fd_clip_ratio", "val_loss", "copies_frac"}
-)
 
 
 class Params(BaseModel):
@@ -406,31 +395,6 @@ def set_values(path: str | Path, updates: dict[str, Any]) -> dict[str, tuple[Any
     ``{key: (old, new)}`` for keys whose value actually changed. The file is validated
     with the updates applied before anything is written.
     """
-    from ruamel.yaml import YAML  # round-trip loader (ships with DVC) keeps comments
+    from training.params_file import write_values
 
-    path = Path(path)
-    rt = YAML()
-    rt.preserve_quotes = True
-    doc = rt.load(path.read_text())
-    changed: dict[str, tuple[Any, Any]] = {}
-    for dotted, value in updates.items():
-        node = doc
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        old = node.get(leaf)
-        if old != value:
-            node[leaf] = value
-            changed[dotted] = (old, value)
-    if changed:
-        import io
-
-        buf = io.StringIO()
-        rt.dump(doc, buf)
-        resolve(yaml.safe_load(buf.getvalue()) or {}, source=str(path))
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(buf.getvalue())
-        tmp.replace(path)
-    return changed
+    return write_values(path, updates, lambda raw: resolve(raw, source=str(path)))

@@ -170,6 +170,12 @@ def register_text2image(
     return version
 
 
+# Gate metrics where lower is better (distances, losses, copy rates); all others: higher.
+GATE_LOWER_IS_BETTER = frozenset(
+    {"fd_clip", "cmmd_clip", "fd_clip_ratio", "val_loss", "copies_frac"}
+)
+
+
 def promote(
     name: str, version: str, metrics: dict[str, Any], metric: str, min_delta: float
 ) -> dict:
@@ -180,8 +186,6 @@ def promote(
     and both numbers are tagged on the version and returned for logging."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-
-    from training.config import GATE_LOWER_IS_BETTER
 
     client = MlflowClient()
     skipped = metrics.get(f"{metric}_skipped")
