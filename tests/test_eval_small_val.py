@@ -108,6 +108,7 @@ def test_distribution_metrics_are_skipped_with_a_reason_on_a_tiny_val_split():
         "cmmd_clip_skipped",
         "fd_clip_real_halves_skipped",
         "cmmd_clip_real_halves_skipped",
+        "fd_clip_ratio_skipped",  # the user-data gate's metric: the gate reads the reason
     }
     full = distribution.distribution_metrics(_emb(8), _emb(4, 1))
     assert full["fd_samples"] == 2 and np.isfinite(full["fd_clip"])
