@@ -153,36 +153,15 @@ def run(
     # the held-out loss runs on rank 0 only, between steps like the previews
     val = f"{latents}/val" if E.is_main() and params.train_unet.val_samples else None
     try:
-        return _train(
-            params,
-            manifest,
-            batches,
-            null_text,
-            preview_text,
-            scaling,
-            vae_dir,
-            out_dir,
-            ckpt_dir,
-            log,
-            val=val,
-        )
+        return _train(params, manifest, batches, (null_text, preview_text, scaling), vae_dir,
+                      out_dir, ckpt_dir, log, val)  # fmt: skip
     finally:
         batches.close()
 
 
-def _train(
-    params,
-    manifest,
-    batches,
-    null_text,
-    preview_text,
-    scaling,
-    vae_dir,
-    out_dir,
-    ckpt_dir,
-    log,
-    val=None,
-) -> dict:
+def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, val) -> dict:
+    """``texts``: the empty-prompt and preview text states and the latent scaling."""
+    null_text, preview_text, scaling = texts
     c = params.train_unet
     ch, size, _ = manifest["tensors"]["mean"]["shape"]
     text_shape = manifest["tensors"]["text"]["shape"]
