@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from training import config
 
@@ -294,6 +295,17 @@ def test_generate_from_the_registry(run, tmp_path):
     proc = kiln(project, "generate", long, "--steps", "4", "--out", str(tmp_path / "long"))
     (warning,) = [x for x in proc.stderr.splitlines() if x.startswith("kiln: warning: prompt")]
     assert "the text encoder reads" in warning and "so only 'a large red circle" in warning
+    # other sizes: multiples of the model's stride (16 px at tiny), checked before sampling
+    wide = tmp_path / "wide"
+    kiln(project, "generate", "a red circle", "--width", "48", "--height", "16",
+         "--steps", "3", "--out", str(wide))  # fmt: skip
+    (png,) = wide.glob("*.png")
+    assert Image.open(png).size == (48, 16)
+    assert json.loads((wide / "manifest.jsonl").read_text())["width"] == 48
+    proc = kiln(project, "generate", "a red circle", "--width", "40", "--out",
+                str(tmp_path / "odd"), check=False)  # fmt: skip
+    assert proc.returncode != 0 and "width 40 is not a size this model draws" in proc.stderr
+    assert not (tmp_path / "odd").exists()
 
 
 def test_export_is_a_diffusers_pipeline_that_loads_offline(run, tmp_path):

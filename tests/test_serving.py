@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -107,9 +108,11 @@ def serve(root: Path, version: str, log: Path, extra_env: dict | None = None) ->
         yield base
 
 
-def invoke(base: str, rows: list[list], timeout: float = 120) -> tuple[int, dict | str]:
-    """POST rows (in ``COLUMNS`` order) to /invocations: (status, parsed JSON or text)."""
-    body = json.dumps({"dataframe_split": {"columns": COLUMNS, "data": rows}}).encode()
+def invoke(
+    base: str, rows: list[list], timeout: float = 120, columns: list[str] = COLUMNS
+) -> tuple[int, dict | str]:
+    """POST rows (in ``columns`` order) to /invocations: (status, parsed JSON or text)."""
+    body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
     req = urllib.request.Request(
         f"{base}/invocations", data=body, headers={"Content-Type": "application/json"}
     )
@@ -181,6 +184,8 @@ def test_check_request_accepts_good_requests():
         (sampling.Request("a red circle", -1), "seed must be a whole number in [0, "),
         (sampling.Request("a red circle", 2**63), "seed must be"),
         (sampling.Request("a red circle", 1.5), "seed must be"),  # type: ignore[arg-type]
+        (sampling.Request("a", 1, 4, 4.0, "", 0), "width must be a whole number of pixels"),
+        (sampling.Request("a", 1, 4, 4.0, "", 32, 1.5), "height must be a whole number"),  # type: ignore[arg-type]
     ],
 )
 def test_check_request_refuses_with_a_one_line_message(request_, says):
@@ -217,6 +222,28 @@ def test_concurrent_generate_calls_on_one_pipeline_match_sequential_ones(tiny):
         together = list(pool.map(run, jobs))
     for i, (a, b) in enumerate(zip(alone, together, strict=True)):
         assert np.array_equal(a, b), f"job {i} differs when run concurrently"
+
+
+def test_other_sizes_are_drawn_and_impossible_ones_refused(tiny):
+    from training.inference.text2image_model import BadRequest, parse_requests
+
+    pipe = sampling.load(tiny)
+    geometry = sampling.Geometry.of(pipe)
+    # tiny: 32 px, VAE /4 and U-Net /4 -> sides in multiples of 16, up to 4 x 32
+    assert (geometry.native, geometry.stride, geometry.sizes[-1]) == (32, 16, 128)
+    wide = sampling.Request("a red circle", 1, 3, 4.0, "", width=48, height=16)
+    square = sampling.Request("a red circle", 1, 3)
+    a, b = sampling.generate(pipe, [wide, square])
+    assert (a.size, b.size) == ((48, 16), (32, 32))
+    with pytest.raises(ValueError, match=r"width 40 is not a size this model draws: a multiple"):
+        geometry.size(sampling.Request("a", 1, width=40))
+    with pytest.raises(ValueError, match=r"height 144 .* from 16 to 128 px \(trained at 32\)"):
+        geometry.size(sampling.Request("a", 1, height=144))
+    # the step budget counts trained-size images: 300 steps at 64 x 64 are 1200
+    big = pd.DataFrame({"prompt": ["a"], "steps": [300], "width": [64], "height": [64]})
+    with pytest.raises(BadRequest, match="needs 1200 denoising steps"):
+        parse_requests(big, 64, 1000, geometry)
+    assert parse_requests(big.assign(width=32, height=32), 64, 1000, geometry)[0].width == 32
 
 
 # ---- the REST server --------------------------------------------------------------------
@@ -321,6 +348,15 @@ def test_oversized_requests_are_refused_at_once_and_the_server_keeps_serving(ser
 )
 def test_bad_values_are_400_with_a_one_line_message(server, row, says):
     _refused(server, [row], says)
+
+
+def test_width_and_height_columns_ask_for_other_sizes(server):
+    cols = [*COLUMNS, "width", "height"]
+    status, body = invoke(server, [["a red circle", 1, 3, 4.0, "", 64, 32]], columns=cols)
+    assert status == 200, body
+    assert pixels(body["predictions"][0]["image"]).shape == (32, 64, 3)
+    status, body = invoke(server, [["a red circle", 1, 3, 4.0, "", 40, 32]], columns=cols)
+    assert status == 400 and "row 0: width 40 is not a size this model draws" in str(body)
 
 
 def test_a_bad_row_is_named_by_its_number(server):

@@ -165,6 +165,12 @@ def generate(
     seed: Annotated[
         int, typer.Option(min=0, help="seed of the first image; image k uses seed+k")
     ] = 0,
+    width: Annotated[
+        int | None, typer.Option(min=1, help="pixels; default: the trained size")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(min=1, help="pixels; default: the trained size")
+    ] = None,
     scheduler: Annotated[str, typer.Option(help="dpm++ | ddim | ddpm | euler")] = SAMPLER.scheduler,
     model: Annotated[
         str,
@@ -173,7 +179,7 @@ def generate(
         ),
     ] = CHAMPION,
 ) -> None:
-    """Generate PNGs plus manifest.jsonl (file, prompt, seed, steps, guidance, scheduler)."""
+    """Generate PNGs plus manifest.jsonl (file, prompt, seed, steps, guidance, size, scheduler)."""
     try:  # everything that can be checked before a model load
         if any(not p.strip() for p in prompts):
             raise UserError("a prompt is empty")
@@ -185,7 +191,7 @@ def generate(
                 f"unknown scheduler {scheduler!r} (choose {', '.join(sampling.SCHEDULERS)})"
             )
         reqs = [  # the same checks as a REST request's rows
-            sampling.Request(p, seed + k, steps, guidance, negative)
+            sampling.Request(p, seed + k, steps, guidance, negative, width, height)
             for p in prompts
             for k in range(n)
         ]
@@ -197,6 +203,7 @@ def generate(
         set_torch_threads()
         pipe = sampling.load(pipe_dir)
         sampling.set_scheduler(pipe, scheduler)
+        sampling.Geometry.of(pipe).size(reqs[0])  # one size for all: checked once
     except (UserError, ValueError) as exc:
         fail(str(exc))
     warn_truncated(pipe.tokenizer, [*prompts, negative] if negative else list(prompts))
@@ -215,6 +222,8 @@ def generate(
                         "steps": r.steps,
                         "guidance": r.guidance,
                         "negative_prompt": r.negative,
+                        "width": img.width,
+                        "height": img.height,
                         "scheduler": scheduler,
                         "model": model,
                         "model_version": version,

@@ -93,6 +93,8 @@ class Request:
     steps: int = SAMPLER.steps
     guidance: float = SAMPLER.guidance
     negative: str = SAMPLER.negative_prompt
+    width: int | None = None  # pixels; None: the size the model was trained at
+    height: int | None = None
 
 
 # diffusers' schedulers refuse more inference steps than training timesteps (1000 here).
@@ -101,6 +103,9 @@ MAX_STEPS = 1000
 # positive ones (-1 is 2**64 - 2), so two seeds would name one image; int64 is also
 # what the pyfunc signature declares.
 MAX_SEED = 2**63 - 1
+# A side may be at most this many times the trained side: a U-Net's attention and
+# convolutions only ever saw the trained size, and the cost grows with the area.
+MAX_SIZE_FACTOR = 4
 # CLIP reads at most model_max_length tokens (set by train_clip) and drops the rest, so
 # a longer prompt only costs tokenizer time; the bound keeps that time small.
 MAX_PROMPT_CHARS = 4096
@@ -116,7 +121,9 @@ def check_request(r: Request) -> None:
 
     prompt: a non-empty string of at most MAX_PROMPT_CHARS characters; negative: a string
     (may be empty) of at most MAX_PROMPT_CHARS; seed: a whole number in [0, MAX_SEED];
-    steps: a whole number in [1, MAX_STEPS]; guidance: a finite number >= 0. Guidance
+    steps: a whole number in [1, MAX_STEPS]; guidance: a finite number >= 0; width and
+    height: None or a whole number >= 1 (which sizes a model draws is
+    ``Geometry.size``'s check, once the model is loaded). Guidance
     below 1 is legal (diffusers then skips classifier-free guidance: 1 is the plain
     conditional model, 0 the unconditional one); a negative scale or NaN only makes noise.
     Called by the REST/pyfunc model and ``kiln generate`` before loading or computing."""
@@ -136,6 +143,50 @@ def check_request(r: Request) -> None:
     g = r.guidance
     if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 0:
         raise ValueError(f"guidance must be a finite number >= 0, got {g!r}")
+    for field, side in (("width", r.width), ("height", r.height)):
+        if side is not None and (not _whole(side) or side < 1):
+            raise ValueError(f"{field} must be a whole number of pixels >= 1, got {side!r}")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What sizes a pipeline can draw: ``native`` is the trained side in pixels; width and
+    height must be multiples of ``stride`` (the VAE's downsampling times the U-Net's,
+    so every U-Net level gets a whole number of latent pixels) up to ``MAX_SIZE_FACTOR``
+    times ``native``."""
+
+    native: int
+    stride: int
+
+    @classmethod
+    def of(cls, pipe: StableDiffusionPipeline) -> Geometry:
+        vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        unet = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        return cls(native=int(pipe.unet.config.sample_size) * vae, stride=vae * unet)
+
+    @property
+    def sizes(self) -> range:
+        return range(self.stride, MAX_SIZE_FACTOR * self.native + 1, self.stride)
+
+    def size(self, r: Request) -> tuple[int, int]:
+        """``(width, height)`` of a checked request; ``ValueError`` naming the sizes
+        allowed when the model cannot draw it."""
+        out = []
+        for field, side in (("width", r.width), ("height", r.height)):
+            side = self.native if side is None else int(side)
+            if side not in self.sizes:
+                raise ValueError(
+                    f"{field} {side} is not a size this model draws: a multiple of "
+                    f"{self.stride} from {self.stride} to {self.sizes[-1]} px "
+                    f"(trained at {self.native})"
+                )
+            out.append(side)
+        return out[0], out[1]
+
+    def cost(self, r: Request) -> float:
+        """The request's area in trained-size images (1.0 at the native size)."""
+        w, h = self.size(r)
+        return w * h / self.native**2
 
 
 def slug(text: str, max_len: int = 48) -> str:
@@ -182,7 +233,7 @@ def generate(
 ) -> list[Image.Image]:
     """Images for ``requests`` in order, from the sampler ``pipe.scheduler`` names.
 
-    Requests sharing (steps, guidance, negative) are batched, up to ``batch_size``; each
+    Requests sharing (steps, guidance, negative, size) are batched, up to ``batch_size``; each
     image's initial noise comes from its own seed. Batching is not bit-exact on CPU:
     oneDNN chooses convolution algorithms by batch size, so a batched image can differ
     from the same request alone by 1/255 in a few pixels. ``batch_size=1`` makes every
@@ -195,10 +246,12 @@ def generate(
     own = private_pipeline(pipe)
     callback = _deadline_callback(deadline) if deadline is not None else None
     out: list[Image.Image | None] = [None] * len(requests)
+    geometry = Geometry.of(pipe)
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
-        groups.setdefault((r.steps, r.guidance, r.negative), []).append(i)
-    for (steps, guidance, negative), idx in groups.items():
+        key = (r.steps, r.guidance, r.negative, *geometry.size(r))
+        groups.setdefault(key, []).append(i)
+    for (steps, guidance, negative, width, height), idx in groups.items():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             if deadline is not None and time.monotonic() > deadline:
@@ -208,6 +261,8 @@ def generate(
                 negative_prompt=[negative] * len(chunk) if negative or guidance > 1 else None,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
+                width=width,
+                height=height,
                 generator=[torch.Generator().manual_seed(requests[i].seed) for i in chunk],
                 output_type="pil",
                 callback_on_step_end=callback,

@@ -1,8 +1,9 @@
 """MLflow pyfunc for ``kiln-text2image`` (logged as code: MLflow "models from code").
 
 Input: a DataFrame with a ``prompt`` column and optional ``seed``, ``steps``,
-``guidance``, ``negative_prompt`` columns (missing or null -> defaults: seed = row
-index, 20 steps, guidance 4.0, no negative prompt).
+``guidance``, ``negative_prompt``, ``width``, ``height`` columns (missing or null ->
+defaults: seed = row index, 20 steps, guidance 4.0, no negative prompt, the trained
+size; ``sampling.Geometry`` says which sizes a model draws).
 Output: a DataFrame with ``prompt``, ``seed`` and ``image``: the PNG bytes, base64
 encoded (``PIL.Image.open(io.BytesIO(base64.b64decode(s)))`` reads it back).
 
@@ -18,7 +19,8 @@ all on this one loaded model. So:
 * Every request is checked before anything is computed (``sampling.check_request`` per
   row, plus the size limits below); a bad one is HTTP 400 with a one-line message.
 * Requests are bounded: at most ``KILN_SERVE_MAX_ROWS`` rows (default 64) and at most
-  ``KILN_SERVE_MAX_STEPS_TOTAL`` denoising steps summed over the rows (default 1000).
+  ``KILN_SERVE_MAX_STEPS_TOTAL`` denoising steps summed over the rows (default 1000),
+  a row's steps counted in trained-size images (a 2x2-larger image's step counts 4).
   On the tiny profile one image-step costs ~8 ms on 2 idle CPU cores and ~30 ms when
   other jobs load them 5-9 deep (benchmarks/RESULTS.md, "REST serving"), so the largest
   request takes ~8-35 s, inside MLflow's 60 s scoring timeout. Raise both for bigger
@@ -59,7 +61,7 @@ DEFAULTS = {
     "guidance": SAMPLER.guidance,
     "negative_prompt": SAMPLER.negative_prompt,
 }
-COLUMNS = ("prompt", "seed", "steps", "guidance", "negative_prompt")
+COLUMNS = ("prompt", "seed", "steps", "guidance", "negative_prompt", "width", "height")
 LIMITS = {  # env var -> default
     "KILN_SERVE_MAX_ROWS": 64,
     "KILN_SERVE_MAX_STEPS_TOTAL": 1000,
@@ -110,9 +112,13 @@ def _whole(v: object) -> object:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-def parse_requests(model_input: pd.DataFrame, max_rows: int, max_steps_total: int) -> list:
+def parse_requests(
+    model_input: pd.DataFrame, max_rows: int, max_steps_total: int, geometry=None
+) -> list:
     """The ``sampling.Request`` of each row, or ``BadRequest`` naming the first problem
-    (row number, field, allowed range). Nothing is computed before this passes."""
+    (row number, field, allowed range). Nothing is computed before this passes.
+    ``geometry`` (the model's ``sampling.Geometry``) checks the sizes and weighs each
+    row's steps by its area; without it every row counts as the trained size."""
     from training.inference.sampling import Request, check_request
 
     if not isinstance(model_input, pd.DataFrame):
@@ -142,25 +148,29 @@ def parse_requests(model_input: pd.DataFrame, max_rows: int, max_steps_total: in
             steps=_whole(value("steps", i, DEFAULTS["steps"])),
             guidance=float(guidance) if isinstance(guidance, int | float) else guidance,
             negative=value("negative_prompt", i, DEFAULTS["negative_prompt"]),
+            width=_whole(value("width", i, None)),
+            height=_whole(value("height", i, None)),
         )
         try:
             check_request(r)
+            cost = geometry.cost(r) if geometry is not None else 1.0
         except ValueError as exc:
             raise BadRequest(f"row {i}: {exc}") from None
-        requests.append(r)
-    total = sum(r.steps for r in requests)
+        requests.append((r, cost))
+    total = math.ceil(sum(r.steps * cost for r, cost in requests))
     if total > max_steps_total:
         raise BadRequest(
-            f"request needs {total} denoising steps (steps summed over its rows); at most "
-            f"{max_steps_total} per request (KILN_SERVE_MAX_STEPS_TOTAL)"
+            f"request needs {total} denoising steps (steps summed over its rows, in "
+            f"trained-size images); at most {max_steps_total} per request "
+            "(KILN_SERVE_MAX_STEPS_TOTAL)"
         )
-    return requests
+    return [r for r, _ in requests]
 
 
 class Text2Image(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from training.env import offline_defaults
-        from training.inference.sampling import load
+        from training.inference.sampling import Geometry, load
 
         offline_defaults()  # never reach for a hub; no library progress bars in serving
 
@@ -168,6 +178,7 @@ class Text2Image(mlflow.pyfunc.PythonModel):
         self.max_steps_total = _limit("KILN_SERVE_MAX_STEPS_TOTAL")
         self.turns = threading.BoundedSemaphore(_limit("KILN_SERVE_CONCURRENCY"))
         self.pipe = load(context.artifacts["pipeline"])
+        self.geometry = Geometry.of(self.pipe)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from training.inference.sampling import generate
@@ -176,7 +187,7 @@ class Text2Image(mlflow.pyfunc.PythonModel):
         # nobody reads the result. Unset (a notebook's predict): no deadline.
         timeout = os.environ.get(TIMEOUT_ENV)
         deadline = time.monotonic() + float(timeout) if timeout else None
-        requests = parse_requests(model_input, self.max_rows, self.max_steps_total)
+        requests = parse_requests(model_input, self.max_rows, self.max_steps_total, self.geometry)
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self.turns.acquire(timeout=wait):
             raise TimeoutError("waited past the scoring timeout for a free turn")

@@ -138,6 +138,8 @@ def register_text2image(
                 ColSpec("long", "steps", required=False),
                 ColSpec("double", "guidance", required=False),
                 ColSpec("string", "negative_prompt", required=False),
+                ColSpec("long", "width", required=False),
+                ColSpec("long", "height", required=False),
             ]
         ),
         outputs=Schema(
