@@ -243,3 +243,13 @@ def test_near_duplicate_policy_and_the_pairs_page(tmp_path: Path, policy: str, r
 def test_the_old_off_switch_says_what_replaced_it():
     with pytest.raises(config.ConfigError, match="near_duplicates: off"):
         config.resolve({"validate": {"near_duplicate_bits": None}})
+
+
+def test_a_bare_off_in_the_params_file_means_off(tmp_path: Path):
+    """YAML 1.1 reads ``near_duplicates: off`` as false; that was refused ("got False")."""
+    path = tmp_path / "params.yaml"
+    path.write_text("validate:\n  near_duplicates: off\n")
+    assert config.load(path).validate_.near_duplicates == "off"
+    config.set_values(path, {"validate.near_duplicates": "image"})
+    config.set_values(path, {"validate.near_duplicates": "off"})  # written back bare
+    assert config.load(path).validate_.near_duplicates == "off"

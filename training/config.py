@@ -76,7 +76,10 @@ class IngestCfg(Section):
     source: str | None = None
     url_col: str = "url"
     caption_col: str = "caption"
-    resize_mode: Literal["border", "center_crop", "keep_ratio", "no"] = "border"
+    # buckets: validate fits each image to its aspect-ratio bucket (intake/buckets.py);
+    # border (pad to a square), center_crop, keep_ratio, no: img2dataset's own modes
+    resize_mode: Literal["buckets", "border", "center_crop", "keep_ratio", "no"] = "buckets"
+    bucket_stride: int = Field(ge=1)  # the profile's: VAE x U-Net downsampling, or a multiple
     # Transparent pixels are composited on this colour ("#rrggbb"). img2dataset's
     # `border` padding of non-square images stays white whatever this says.
     background: str = Field("#ffffff", pattern=r"^#[0-9a-fA-F]{6}$")
@@ -101,19 +104,20 @@ class IngestCfg(Section):
 
     @property
     def background_rgb(self) -> tuple[int, int, int]:
-        h = self.background.lstrip("#")
-        return (int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16))
+        return tuple(bytes.fromhex(self.background[1:]))  # type: ignore[return-value]
 
 
 class ValidateCfg(Section):
     @model_validator(mode="before")
     @classmethod
-    def _old_off_switch(cls, values: Any) -> Any:
+    def _off_switches(cls, values: Any) -> Any:
         if isinstance(values, dict) and values.get("near_duplicate_bits", 0) is None:
             raise ValueError(
                 "near_duplicate_bits: null no longer turns the near-duplicate check "
                 "off; set near_duplicates: off (and near_duplicate_bits to a number)"
             )
+        if isinstance(values, dict) and values.get("near_duplicates") is False:
+            return {**values, "near_duplicates": "off"}  # YAML 1.1 reads a bare off as false
         return values
 
     min_side: int = Field(8, ge=1)
@@ -141,7 +145,7 @@ class VaeCfg(Section):
     loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
     # shards per shuffle block: samples are shuffled within blocks of this many shards
     # (a cache of two blocks serves every batch); a split of at most this many shards is
-    # fully shuffled (training/engine/engine/order.py)
+    # fully shuffled (training/engine/order.py)
     block_shards: int = Field(16, ge=1)
     block_out_channels: tuple[int, ...]
     layers_per_block: int = Field(ge=1)
@@ -176,10 +180,7 @@ class ClipCfg(Section):
     # captions the tokenizer trains on: all of them up to this many, else a seeded
     # sample of whole shards (phases/clip.py, captions_of)
     tokenizer_samples: int = Field(1_000_000, ge=100)
-    # shards per shuffle block: samples are shuffled within blocks of this many shards
-    # (a cache of two blocks serves every batch); a split of at most this many shards is
-    # fully shuffled (training/engine/engine/order.py)
-    block_shards: int = Field(16, ge=1)
+    block_shards: int = Field(16, ge=1)  # as train_vae's
     vocab_size: int = Field(ge=300)  # byte alphabet (2 x 256) is always included
     # Text context in tokens. auto: the smallest multiple of 8 holding context_coverage
     # of the captions whole, at most max_length_cap (README "Real data").
@@ -220,10 +221,7 @@ class LatentsCfg(Section):
 class UnetCfg(Section):
     backbone: Literal["unet2d"] = "unet2d"  # the denoiser (training/phases/backbones/)
     loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
-    # shards per shuffle block: samples are shuffled within blocks of this many shards
-    # (a cache of two blocks serves every batch); a split of at most this many shards is
-    # fully shuffled (training/engine/engine/order.py)
-    block_shards: int = Field(16, ge=1)
+    block_shards: int = Field(16, ge=1)  # as train_vae's
     block_out_channels: tuple[int, ...]
     layers_per_block: int = Field(ge=1)
     # diffusers' name, and like diffusers' UNet2DConditionModel it is the number of heads
@@ -307,6 +305,19 @@ class Params(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json(by_alias=True))
 
+    @model_validator(mode="after")
+    def _buckets_fit_the_models(self) -> Params:
+        down = 2 ** (
+            len(self.train_vae.block_out_channels) + len(self.train_unet.block_out_channels) - 2
+        )
+        c = self.ingest
+        if c.bucket_stride % down or c.image_size % c.bucket_stride:
+            raise ValueError(
+                f"ingest.bucket_stride {c.bucket_stride} must be a multiple of {down} (the VAE's "
+                f"and the U-Net's downsampling) and divide image_size {c.image_size}"
+            )
+        return self
+
     def gate_metric(self) -> str:
         """The promotion gate's metric: the oracle's accuracy where there is one."""
         if self.evaluate.gate_metric:
@@ -324,21 +335,10 @@ def profiles() -> dict[str, dict[str, dict[str, Any]]]:
 _SECTION_FIELDS = {"validate": "validate_"}
 
 
-def _format_error(source: str, section: str | None, err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in ((section,) if section else ()) + tuple(e["loc"]))
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{loc}'")
-        else:
-            got = e.get("input")
-            shown = f" (got {got!r})" if not isinstance(got, dict) else ""
-            lines.append(f"{source}: {loc}: {e['msg']}{shown}")
-    return "\n".join(lines)
-
-
 def resolve(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     """Turn the raw mapping of a params file into ``Params`` (profile sizes applied)."""
+    from training.params_file import format_error  # the served model ships without it
+
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     known = {"profile", "seed", *STAGES}
@@ -367,12 +367,12 @@ def resolve(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         try:
             field_model.model_validate(values)  # type: ignore[union-attr]
         except ValidationError as err:
-            raise ConfigError(_format_error(source, section, err)) from None
+            raise ConfigError(format_error(source, section, err)) from None
         merged[section] = values
     try:
         return Params.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(_format_error(source, None, err)) from None
+        raise ConfigError(format_error(source, None, err)) from None
 
 
 def load(path: str | Path = "params.yaml") -> Params:

@@ -9,9 +9,12 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 def write_values(
@@ -46,3 +49,18 @@ def write_values(
         tmp.write_text(buf.getvalue())
         tmp.replace(path)
     return changed
+
+
+def format_error(source: str, section: str | None, err: ValidationError) -> str:
+    """One line per problem, naming the file and the dotted key."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in ((section,) if section else ()) + tuple(e["loc"]))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{loc}'")
+        else:
+            got = e.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {loc}: {msg}{shown}" if loc else f"{source}: {msg}")
+    return "\n".join(lines)

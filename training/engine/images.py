@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,10 @@ def to_tensor(u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
-def decode_image(sample: dict, size: int) -> np.ndarray:
-    """A shard sample's image as uint8 ``[size, size, 3]``; an error names what is wrong
-    (the loaders skip such a sample and say why).
+def decode_image(sample: dict, size: int | Collection[tuple[int, int]]) -> np.ndarray:
+    """A shard sample's image as uint8 ``[H, W, 3]``, of ``size`` x ``size`` or one of
+    the ``(width, height)`` sizes given (a split's aspect-ratio buckets); an error names
+    what is wrong (the loaders skip such a sample and say why).
 
     OpenCV decodes (3x faster than Pillow on 32 px PNGs and without holding the GIL,
     which the training step's Python needs: the loaders decode on background threads);
@@ -39,12 +40,34 @@ def decode_image(sample: dict, size: int) -> np.ndarray:
     else:
         pil = Image.open(io.BytesIO(sample[ext]))
         img = np.asarray(pil if pil.mode == "RGB" else pil.convert("RGB"), dtype=np.uint8)
-    if img.shape[:2] != (size, size):
+    sizes = {(size, size)} if isinstance(size, int) else set(size)
+    if (img.shape[1], img.shape[0]) not in sizes:
+        want = " or ".join(f"{w}x{h}" for w, h in sorted(sizes))
         raise ValueError(
-            f"{sample.get('__key__')}: image is {img.shape[1]}x{img.shape[0]}, "
-            f"expected {size}x{size}"
+            f"{sample.get('__key__')}: image is {img.shape[1]}x{img.shape[0]}, expected {want}"
         )
     return img
+
+
+def center_square(img: np.ndarray, size: int) -> np.ndarray:
+    """The centre square of an ``[H, W, 3]`` image, scaled to ``size`` (area averaging):
+    how a bucketed image meets a square-only model (CLIP's vision tower, the metrics)."""
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return img
+    import cv2
+
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = img[top : top + side, left : left + side]
+    return np.ascontiguousarray(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
+
+
+def square(img: Image.Image, size: int) -> Image.Image:
+    """A PIL image's centre square at ``size`` (``center_square``): real images of a
+    bucketed split beside square samples, in the metrics and the report."""
+    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return Image.fromarray(center_square(rgb, size))
 
 
 def caption(sample: dict) -> str:

@@ -16,6 +16,11 @@ global batches as one, and resuming at step ``k`` needs no loader state at all.
 
 The randomness is numpy's ``SeedSequence`` of ``(seed, epoch, purpose, block)``: streams
 for different epochs and blocks never collide.
+
+A split in aspect-ratio buckets (``intake.buckets``; each shard holds one bucket) gets a
+``BucketOrder``: one block order per bucket, each bucket's full batches, and the epoch's
+batches in a seeded order, so every batch comes from one bucket. A bad sample's
+stand-in (``stand_in``) comes from the same bucket.
 """
 
 from __future__ import annotations
@@ -25,11 +30,17 @@ from functools import lru_cache
 
 import numpy as np
 
-_SHARD_ORDER, _IN_BLOCK = 0, 1
+_SHARD_ORDER, _IN_BLOCK, _BATCH_ORDER = 0, 1, 2
 
 
 class BlockOrder:
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, block_shards: int):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int | Sequence[int],
+        block_shards: int,
+    ):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if len(self.lengths) == 0 or int(self.lengths.sum()) == 0:
             raise ValueError("a split with no samples has no batch order")
@@ -42,7 +53,8 @@ class BlockOrder:
         self._block = lru_cache(maxsize=4)(self._block_ids)
 
     def _rng(self, epoch: int, purpose: int, block: int = 0) -> np.random.Generator:
-        return np.random.default_rng([self.seed, epoch, purpose, block])
+        seed = [self.seed] if isinstance(self.seed, int) else list(self.seed)
+        return np.random.default_rng([*seed, epoch, purpose, block])
 
     def _epoch_layout(self, epoch: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
         """The epoch's blocks (shard numbers, each block sorted) and their end positions."""
@@ -103,3 +115,127 @@ class BlockOrder:
         """(epoch, position in the epoch's order) of ``step``'s first sample."""
         epoch, j = divmod(step, self.per_epoch)
         return epoch, j * self.batch_size
+
+    def stand_in(self, step: int, i: int, k: int) -> int:
+        """Global id of the ``k``-th stand-in for sample ``i`` of ``step``'s global batch:
+        the epoch's order onwards from the sample's own position."""
+        epoch, start = self.position(step)
+        pos = (start + i + k) % self.n
+        return int(self.ids(epoch, pos, pos + 1)[0])
+
+    def group_range(self, sample_id: int) -> tuple[int, int]:
+        """The canonical id range a sample's stand-ins in a plain read come from."""
+        return 0, self.n
+
+
+class BucketOrder:
+    """Batches that each come from one bucket. ``groups[s]`` is shard ``s``'s bucket
+    number; the shards of a bucket must be contiguous in the split's order (validate
+    names them so). Each bucket has its own ``BlockOrder`` (seeded with the run's seed
+    and the bucket number) and contributes its full batches to each epoch; a bucket
+    smaller than a batch contributes none (``untrained`` counts them, the stages say
+    so). The epoch's batches are a seeded permutation of all buckets' batches."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        groups: Sequence[int],
+        batch_size: int,
+        seed: int,
+        block_shards: int,
+    ):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+        self.n = int(self.lengths.sum())
+        self.seed = seed
+        groups = np.asarray(groups)
+        self.shards = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
+        for s in self.shards:
+            if np.any(np.diff(s) != 1):
+                raise ValueError("a bucket's shards must be contiguous in the split's order")
+        self.batch_size = min(batch_size, max(int(self.lengths[s].sum()) for s in self.shards))
+        self.orders = [
+            BlockOrder(self.lengths[s], self.batch_size, (seed, b), block_shards)
+            if self.lengths[s].sum() >= self.batch_size
+            else None
+            for b, s in enumerate(self.shards)
+        ]
+        self.untrained = sum(int(self.lengths[s].sum()) for s, o in self._pairs() if o is None)
+        # the epoch's batches, unpermuted: (bucket, batch number in the bucket's epoch)
+        self._batches = np.array(
+            [(b, j) for b, o in enumerate(self.orders) if o for j in range(o.per_epoch)]
+        )
+        self.per_epoch = len(self._batches)
+        self._perm = lru_cache(maxsize=2)(self._epoch_batches)
+
+    def _pairs(self):
+        return zip(self.shards, self.orders, strict=True)
+
+    def _epoch_batches(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, _BATCH_ORDER])
+        return self._batches[rng.permutation(self.per_epoch)]
+
+    def _batch(self, step: int) -> tuple[int, int, int]:
+        """(epoch, bucket, batch number in the bucket's epoch) of a step."""
+        epoch, j = divmod(step, self.per_epoch)
+        b, jb = self._perm(epoch)[j]
+        return epoch, int(b), int(jb)
+
+    def _global(self, bucket: int, local: np.ndarray) -> np.ndarray:
+        shards = self.shards[bucket]
+        return local + (self.starts[shards[0]])  # contiguous shards: one offset
+
+    def step_ids(self, step: int) -> np.ndarray:
+        epoch, b, jb = self._batch(step)
+        o = self.orders[b]
+        return self._global(b, o.ids(epoch, jb * o.batch_size, (jb + 1) * o.batch_size))
+
+    def stand_in(self, step: int, i: int, k: int) -> int:
+        epoch, b, jb = self._batch(step)
+        o = self.orders[b]
+        pos = (jb * o.batch_size + i + k) % o.n
+        return int(self._global(b, o.ids(epoch, pos, pos + 1))[0])
+
+    def ids(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Global ids at positions ``[start, stop)`` of the epoch's batches laid end to
+        end (positions past the last full batch are not part of an epoch)."""
+        B = self.batch_size
+        out = [self.step_ids(epoch * self.per_epoch + j) for j in range(start // B, -(-stop // B))]
+        if not out:
+            return np.zeros(0, dtype=np.int64)
+        flat = np.concatenate(out)
+        return flat[start - (start // B) * B : stop - (start // B) * B]
+
+    def shard_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shard = np.searchsorted(self.starts, ids, side="right") - 1
+        return shard, ids - self.starts[shard]
+
+    def group_range(self, sample_id: int) -> tuple[int, int]:
+        shard = int(np.searchsorted(self.starts, sample_id, side="right") - 1)
+        for s in self.shards:
+            if s[0] <= shard <= s[-1]:
+                return int(self.starts[s[0]]), int(self.starts[s[-1]] + self.lengths[s[-1]])
+        raise IndexError(sample_id)
+
+    def blocks_at(self, step: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
+        """The step's bucket's current and next block (global shard numbers)."""
+        epoch, b, jb = self._batch(step)
+        o = self.orders[b]
+        return [
+            ((b, *key), self.shards[b][block])
+            for key, block in o.blocks_at(epoch * o.per_epoch + jb)
+        ]
+
+
+def make(
+    lengths: Sequence[int],
+    batch_size: int,
+    seed: int,
+    block_shards: int,
+    groups: Sequence[int] | None = None,
+) -> BlockOrder | BucketOrder:
+    """The split's order: a ``BlockOrder``, or a ``BucketOrder`` when its shards are in
+    more than one bucket (``groups``: each shard's bucket)."""
+    if groups is None or len(set(groups)) <= 1:
+        return BlockOrder(lengths, batch_size, seed, block_shards)
+    return BucketOrder(lengths, groups, batch_size, seed, block_shards)

@@ -27,6 +27,7 @@ class ShardEntry:
     nsamples: int
     filesize: int
     sha256: str
+    bucket: str | None = None  # "WxH" in a split of aspect-ratio buckets (intake.buckets)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,19 @@ class SplitIndex:
     @property
     def lengths(self) -> list[int]:
         return [s.nsamples for s in self.shards]
+
+    @property
+    def groups(self) -> list[int] | None:
+        """Each shard's bucket number (first-seen order), or None: one bucket."""
+        names = [s.bucket for s in self.shards]
+        if len(set(names)) <= 1:
+            return None
+        first = {b: i for i, b in enumerate(dict.fromkeys(names))}
+        return [first[b] for b in names]
+
+    def buckets(self) -> list[str | None]:
+        """The split's buckets, in shard order."""
+        return list(dict.fromkeys(s.bucket for s in self.shards))
 
     def url(self, i: int) -> str:
         return f"{self.base}/{self.shards[i].url}"
@@ -54,22 +68,27 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_index(directory: Path, counts: dict[str, int], name: str) -> Path:
+def write_index(
+    directory: Path, counts: dict[str, int], name: str, buckets: dict[str, str] | None = None
+) -> Path:
     """Write ``directory/index.json`` for the shards named in ``counts`` (file name ->
-    samples), in sorted name order: the canonical order of the split's samples."""
+    samples), in sorted name order: the canonical order of the split's samples.
+    ``buckets`` (file name -> "WxH") marks a split in aspect-ratio buckets; only the
+    shards of a split with more than one bucket carry it."""
     from training.disk import write_json
 
     shardlist = []
     for fname in sorted(counts):
         path = directory / fname
-        shardlist.append(
-            {
-                "url": fname,
-                "nsamples": counts[fname],
-                "filesize": path.stat().st_size,
-                "sha256": file_sha256(path),
-            }
-        )
+        entry = {
+            "url": fname,
+            "nsamples": counts[fname],
+            "filesize": path.stat().st_size,
+            "sha256": file_sha256(path),
+        }
+        if buckets and len(set(buckets.values())) > 1:
+            entry["bucket"] = buckets[fname]
+        shardlist.append(entry)
     path = directory / INDEX
     write_json(path, {"wids_version": 1, "name": name, "shardlist": shardlist})
     return path
@@ -80,7 +99,13 @@ def parse_index(text: str, base: str, where: str) -> SplitIndex:
     try:
         desc = json.loads(text)
         shards = tuple(
-            ShardEntry(str(s["url"]), int(s["nsamples"]), int(s["filesize"]), str(s["sha256"]))
+            ShardEntry(
+                str(s["url"]),
+                int(s["nsamples"]),
+                int(s["filesize"]),
+                str(s["sha256"]),
+                str(s["bucket"]) if s.get("bucket") else None,
+            )
             for s in desc["shardlist"]
         )
     except (ValueError, KeyError, TypeError) as exc:

@@ -72,7 +72,9 @@ def download(
             output_format="webdataset",
             output_folder=str(out_dir),
             image_size=c.image_size,
-            resize_mode=c.resize_mode,
+            # buckets: the shorter side to image_size, aspect kept; validate fits each
+            # image to its bucket (it knows them all; img2dataset has one target size)
+            resize_mode="keep_ratio" if c.resize_mode == "buckets" else c.resize_mode,
             encode_format="png",
             encode_quality=c.png_compression,  # png: zlib level; lossless either way
             processes_count=c.processes,

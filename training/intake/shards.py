@@ -148,10 +148,13 @@ class ShardWriter:
     """Writes records to ``{prefix}-%05d.tar``; each shard is written to a temp name and
     renamed when complete, so a crash never leaves a partial shard under a final name."""
 
-    def __init__(self, directory: str | Path, prefix: str, per_shard: int):
+    def __init__(
+        self, directory: str | Path, prefix: str, per_shard: int, write_index: bool = True
+    ):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.per_shard = prefix, per_shard
+        self.write_index = write_index
         self.index, self.count, self.total = 0, 0, 0
         self.counts: dict[str, int] = {}  # finished shard -> samples (for index.json)
         self._tar = None
@@ -194,7 +197,7 @@ class ShardWriter:
         from training.intake.index import write_index
 
         self._close()
-        if self.counts:
+        if self.counts and self.write_index:
             write_index(self.dir, self.counts, self.prefix)
         return self.total
 
@@ -207,6 +210,61 @@ class ShardWriter:
         elif self._tar is not None:
             self._tar.close()
             self._tmp.unlink(missing_ok=True)
+
+
+class BucketWriter:
+    """A split in aspect-ratio buckets (``intake.buckets``): one ``ShardWriter`` per
+    bucket in one directory, so every shard holds one bucket. The square bucket's shards
+    are ``{prefix}-%05d.tar``, the others' ``{prefix}-b{W}x{H}-%05d.tar``: in name order,
+    the split's canonical order, each bucket's shards are contiguous. One ``index.json``
+    names each shard's bucket (when there is more than one)."""
+
+    def __init__(self, directory: str | Path, prefix: str, per_shard: int, square: str):
+        self.dir, self.prefix, self.per_shard, self.square = (
+            Path(directory),
+            prefix,
+            per_shard,
+            square,
+        )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.writers: dict[str, ShardWriter] = {}
+
+    def write(self, rec: Record, bucket: str) -> None:
+        w = self.writers.get(bucket)
+        if w is None:
+            name = self.prefix if bucket == self.square else f"{self.prefix}-b{bucket}"
+            w = self.writers[bucket] = ShardWriter(self.dir, name, self.per_shard, False)
+        w.write(rec)
+
+    @property
+    def total(self) -> int:
+        return sum(w.total for w in self.writers.values())
+
+    def sizes(self) -> dict[str, int]:
+        """Samples per bucket."""
+        return {b: w.total for b, w in sorted(self.writers.items())}
+
+    def close(self) -> int:
+        from training.intake.index import write_index
+
+        counts, buckets = {}, {}
+        for bucket, w in self.writers.items():
+            w.close()
+            counts.update(w.counts)
+            buckets.update(dict.fromkeys(w.counts, bucket))
+        if counts:
+            write_index(self.dir, counts, self.prefix, buckets)
+        return self.total
+
+    def __enter__(self) -> BucketWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            for w in self.writers.values():
+                w.__exit__(*exc)
 
 
 def load_images(directory: str | Path) -> tuple[np.ndarray, list[str]]:

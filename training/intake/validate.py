@@ -8,11 +8,14 @@ indexes grow: hashes, first keys and caption tags, a few hundred bytes a sample)
 failing any expectation are not dropped silently: they go to ``rejects.parquet`` with
 the failed checks and a reason, next to ingest's own rejects; every GX run is also
 rendered into Data Docs HTML. The rest are split train/val by a hash of the sample's URL
-path — stable when data is added — and written as clean shards.
+path — stable when data is added — and written as clean shards; with ``ingest.resize_mode:
+buckets`` each image is first fitted to its aspect-ratio bucket and the shards are
+written per bucket (``intake.buckets``, ``shards.BucketWriter``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import os
 from collections import Counter
@@ -22,6 +25,7 @@ from training import paths as P
 from training.config import Params
 from training.console import say
 from training.disk import write_json
+from training.intake import buckets
 from training.intake import captions as caption_lengths
 from training.intake import pairs as dup_pairs
 from training.intake.checks import (
@@ -56,6 +60,7 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
 
     c = params.validate_
     paths = shards.shard_paths(raw_dir / "shards")
+    sizes = buckets.of_params(params)
     gate = Gate(params, docs_dir or out_dir / "data_docs")
     schema = shards.rejects_schema()
     counts: Counter = Counter()
@@ -72,8 +77,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
     ingest_rejects = raw_dir / "rejects.parquet"
     out_dir.mkdir(parents=True, exist_ok=True)
     with (
-        shards.ShardWriter(out_dir / "train", "train", c.samples_per_shard) as tr,
-        shards.ShardWriter(out_dir / "val", "val", c.samples_per_shard) as va,
+        _writer(out_dir, "train", c.samples_per_shard, sizes) as tr,
+        _writer(out_dir, "val", c.samples_per_shard, sizes) as va,
         pq.ParquetWriter(out_dir / "rejects.parquet", schema) as rejects,
     ):
         if ingest_rejects.exists():  # carried over so the table is complete
@@ -100,7 +105,7 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
                 chars[row["caption_chars"]] += 1
                 words[caption_lengths.words(rec.caption)] += 1
                 h = split_hash(split_key(row["url"], rec.key))
-                (va if h < c.val_fraction * 0x100000000 else tr).write(rec)
+                _put(va if h < c.val_fraction * 0x100000000 else tr, rec, sizes)
                 # the lowest hashes say which val_fraction would give a usable split
                 if len(lowest) < MIN_VAL_FOR_DISTRIBUTION:
                     heapq.heappush(lowest, -h)
@@ -185,6 +190,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
             "first_pairs": pairs,
         },
     }
+    if sizes:
+        report["buckets"] = {"train": tr.sizes(), "val": va.sizes()}
     error, warning = split_problem(
         tr.total + va.total, tr.total, va.total, c.val_fraction, [-h for h in lowest]
     )
@@ -200,6 +207,9 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
     for name, n in counts.most_common():
         why = gate.described.get(name, "")
         say(f"validate:   {n:6d}  {name}{f' ({why})' if why else ''}")
+    if sizes:
+        shown = ", ".join(f"{b} {n}" for b, n in report["buckets"]["train"].items())
+        say(f"validate: train images per aspect-ratio bucket: {shown}")
     say(f"validate: Great Expectations Data Docs: {docs}")
     if n_pairs:
         say(
@@ -211,6 +221,25 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
     if error:
         raise SplitError(error)
     return report
+
+
+def _writer(out_dir: Path, split: str, per_shard: int, sizes: list | None):
+    from training.intake import shards
+
+    if sizes is None:
+        return shards.ShardWriter(out_dir / split, split, per_shard)
+    return shards.BucketWriter(out_dir / split, split, per_shard, buckets.name(sizes[0]))
+
+
+def _put(writer, rec, sizes: list | None) -> None:
+    """Write ``rec``, fitted to its bucket when bucketing."""
+    if sizes is None:
+        writer.write(rec)
+        return
+    data, size = buckets.fit_png(rec.image_bytes, sizes)
+    if data is not rec.image_bytes:
+        rec = dataclasses.replace(rec, image_bytes=data, image_ext="png")
+    writer.write(rec, buckets.name(size))
 
 
 def metrics(report: dict) -> dict[str, float]:

@@ -31,8 +31,9 @@ from training import engine as E
 from training import paths as P
 from training.config import Params
 from training.engine import loaders
-from training.engine.images import caption, decode_image, to_tensor
+from training.engine.images import caption, center_square, decode_image, to_tensor
 from training.inference.text import embed, encode_text
+from training.intake.buckets import image_sizes
 from training.intake.captions import percentile, summary
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -165,9 +166,11 @@ def pair_split(params: Params, source: str, tokenizer, train: bool = False):
     """A split of image-caption pairs as ``{"px", "ids"}`` batches (captions tokenized
     per batch); for training in the stage's batch order, else read in order."""
     size, c = params.ingest.image_size, params.train_clip
+    sizes = image_sizes(params)
 
     def decode(sample: dict) -> tuple[np.ndarray, str]:
-        return decode_image(sample, size), caption(sample)
+        # the vision tower is square: a bucketed image gives its centre square
+        return center_square(decode_image(sample, sizes), size), caption(sample)
 
     local = threading.local()  # a tokenizer per thread: a shared one is not thread-safe
 
@@ -180,10 +183,12 @@ def pair_split(params: Params, source: str, tokenizer, train: bool = False):
         }
 
     if not train:
-        return loaders.Split(source, decode, collate)
+        return loaders.Split(source, decode, collate, by_bucket=False)
+    # centre squares: every sample one shape, so batches need not keep to a bucket
     return loaders.make(
-        c.loader, source, decode, collate, c.batch_size, params.seed, c.block_shards
-    )
+        c.loader, source, decode, collate, c.batch_size, params.seed, c.block_shards,
+        by_bucket=False,
+    )  # fmt: skip
 
 
 def captions_of(source: str, limit: int, seed: int) -> Iterator[str]:

@@ -239,13 +239,20 @@ def _write_manifest(
         names = sorted(files)
         for name in names:
             by_process.setdefault(files[name]["by"], []).append(name)
+        bucket = clean_buckets(clean_dir / split)  # a latent file's bucket is its shard's
+        buckets = {n: bucket[int(n.split("-")[1])] for n in names}
         manifest["splits"][split] = {
             "count": sum(files[n]["count"] for n in names),
             "shards": len(names),
             "data_fingerprint": index_fingerprint(clean_dir / split),
             "captions_truncated": truncated[split],
         }
-        write_index(out_dir / split, {n: files[n]["count"] for n in names}, split)
+        if len(set(buckets.values())) > 1:
+            manifest["splits"][split]["buckets"] = {
+                b: sum(files[n]["count"] for n in names if buckets[n] == b)
+                for b in dict.fromkeys(buckets.values())
+            }
+        write_index(out_dir / split, {n: files[n]["count"] for n in names}, split, buckets)
     val = merged["val"]
     val_captions = [cap for n in sorted(val) for cap in val[n].get("captions", [])]
     null = text_states(tokenizer, encoder, [""])[0]
@@ -257,6 +264,11 @@ def _write_manifest(
     manifest["tensors"] = {
         k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in first.items()
     }
+    # the latent at the square image size (the U-Net's sample size), whichever bucket
+    # the first file holds
+    side = params.ingest.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    for k in ("mean", "std"):
+        manifest["tensors"][k]["shape"] = [vae.config.latent_channels, side, side]
     E.write_json(out_dir / "manifest.json", manifest)
     E.say(
         f"precompute_latents: {manifest['splits']['train']['count']} train, "
@@ -280,6 +292,14 @@ def _write_manifest(
         # keeps it in data/metrics; MLflow takes only the numbers)
         "files_by_process": by_process,
     }
+
+
+def clean_buckets(split_dir: Path) -> list[str | None]:
+    """Each clean shard's bucket, in the split's order (None: not bucketed)."""
+    from training.intake.index import INDEX, parse_index
+
+    path = split_dir / INDEX
+    return [s.bucket for s in parse_index(path.read_text(), str(split_dir), str(path)).shards]
 
 
 def index_fingerprint(split_dir: Path) -> str:

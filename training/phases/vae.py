@@ -34,6 +34,7 @@ from training import paths as P
 from training.config import Params
 from training.engine import loaders
 from training.engine.images import decode_image, psnr, save_grid, ssim, to_tensor
+from training.intake.buckets import image_sizes
 
 
 def build(params: Params) -> AutoencoderKL:
@@ -93,11 +94,11 @@ def adversarial_losses(
 def image_split(params: Params, source: str, loader: str = "stream", train: bool = False):
     """A split of the clean images as ``{"x": float [N, 3, H, W]}`` batches; for training
     (``train=True``) in the stage's batch order, else read in order (``scan``)."""
-    size = params.ingest.image_size
+    sizes = image_sizes(params)  # a bucketed split's batches have their own shapes
     c = params.train_vae
 
     def decode(sample: dict) -> np.ndarray:
-        return decode_image(sample, size)
+        return decode_image(sample, sizes)
 
     def collate(images: list) -> dict[str, np.ndarray]:
         return {"x": np.stack(images)}  # uint8; the step makes floats (to_tensor)
@@ -149,14 +150,12 @@ def _train(params, batches, val, out_dir: Path, ckpt_dir: Path, log: E.MetricLog
     trainer = E.stage_trainer("train_vae", trained, opt, c, params.seed, ckpt_dir, data_fp, log)
     dev = trainer.device
     disc_from = int(c.disc_start * c.steps)
-    with torch.no_grad():
-        latent_shape = model.encode(
-            torch.zeros(1, 3, size, size, device=dev)
-        ).latent_dist.mean.shape[1:]
+    down = 2 ** (len(c.block_out_channels) - 1)
 
     def step_fn(step: int) -> tuple[torch.Tensor, E.StepMetrics]:
         x = to_tensor(batches.batch(step)["x"])  # this process's slice of the global batch
         # the global batch's noise, then this process's slice (data parallel)
+        latent_shape = (c.latent_channels, x.shape[2] // down, x.shape[3] // down)
         eps = torch.randn(
             (batches.global_batch, *latent_shape), generator=E.step_generator(params.seed, step)
         )
@@ -186,15 +185,12 @@ def _train(params, batches, val, out_dir: Path, ckpt_dir: Path, log: E.MetricLog
         # the first of epoch 0's (seeded) order, read in chunks.
         g = torch.Generator().manual_seed(params.seed)
         ids = batches.order.ids(0, 0, min(2048, len(batches)))
-        lat = torch.cat(
-            [
-                model.encode(
-                    to_tensor(batches.take(ids[i : i + chunk])["x"]).to(dev)
-                ).latent_dist.sample(generator=g)
-                for i in range(0, len(ids), chunk)
-            ]
-        )
-        scaling = float(1.0 / lat.std())
+        lat = []  # chunks never mix buckets (one shape per forward pass)
+        for group in batches.by_bucket(ids):
+            for i in range(0, len(group), chunk):
+                x = to_tensor(batches.take(group[i : i + chunk])["x"]).to(dev)
+                lat.append(model.encode(x).latent_dist.sample(generator=g).flatten())
+        scaling = float(1.0 / torch.cat(lat).std())
         psnrs, ssim_sum, seen, first = [], 0.0, 0, None
         for b in val.scan(chunk, c.val_samples):
             x = to_tensor(b["x"])
@@ -216,7 +212,7 @@ def _train(params, batches, val, out_dir: Path, ckpt_dir: Path, log: E.MetricLog
         "val_ssim": float(ssim_sum / seen),
         "val_samples": seen,
         "scaling_factor": scaling,
-        "latent_shape": list(lat.shape[1:]),
+        "latent_shape": [c.latent_channels, size // down, size // down],
         "params": n_params,
         **summary,
     }

@@ -52,8 +52,13 @@ def make(
     seed: int,
     block_shards: int,
     store: Store | None = None,
+    by_bucket: bool = True,
 ) -> Split:
-    return LOADERS[name](source, decode, collate, batch_size, seed, block_shards, store)
+    """``by_bucket=False``: one order over all buckets, for a ``decode`` that gives every
+    sample one shape (CLIP's centre squares)."""
+    return LOADERS[name](
+        source, decode, collate, batch_size, seed, block_shards, store, by_bucket=by_bucket
+    )
 
 
 __all__ = [

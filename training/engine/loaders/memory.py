@@ -19,6 +19,8 @@ from training.errors import UserError
 
 
 class InMemory(Split):
+    """The split's decoded tensors, one set per bucket (a batch never mixes buckets)."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         parts, valid = [], []
@@ -37,14 +39,26 @@ class InMemory(Split):
         self.valid = np.array(valid)
         if not self.valid.any():
             raise UserError(f"{self.source}: no sample could be read")
-        shape = next(p for p in parts if p is not None)
-        for i, n in enumerate(self.index.lengths):  # an unreadable shard: placeholders
-            if parts[i] is None:
-                parts[i] = {k: np.repeat(v[:1], n, axis=0) for k, v in shape.items()}
-        self.tensors = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in shape}
+        groups = (self.bucketed and self.index.groups) or [0] * len(lengths)
+        self.tensors: dict[int, dict[str, torch.Tensor]] = {}  # bucket -> its samples
+        self.first: dict[int, int] = {}  # bucket -> its first global id
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        for g in dict.fromkeys(groups):
+            mine = [i for i, x in enumerate(groups) if x == g]
+            shape = next((parts[i] for i in mine if parts[i] is not None), None)
+            if shape is None:  # a bucket of unreadable shards: never drawn from
+                continue
+            for i in mine:  # an unreadable shard: placeholders
+                if parts[i] is None:
+                    parts[i] = {k: np.repeat(v[:1], lengths[i], axis=0) for k, v in shape.items()}
+            self.first[g] = int(starts[mine[0]])
+            self.tensors[g] = {
+                k: torch.from_numpy(np.concatenate([parts[i][k] for i in mine])) for k in shape
+            }
+        self._group_of = np.repeat(np.asarray(groups), lengths)
         self.close()  # everything is in self.tensors; no shard stays open
 
-    def _stand_ins(self, ids: np.ndarray, walk: Walk) -> torch.Tensor:
+    def _stand_ins(self, ids: np.ndarray, walk: Walk) -> np.ndarray:
         out = ids.copy()
         for i in np.flatnonzero(~self.valid[ids]):
             k = 1
@@ -53,13 +67,16 @@ class InMemory(Split):
                 if k > MAX_WALK:
                     raise UserError(f"{self.source}: sample {ids[i]} has no readable stand-in")
             out[i] = walk(int(i), k)
-        return torch.from_numpy(out)
+        return out
+
+    def _rows(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        g = int(self._group_of[idx[0]])
+        local = torch.from_numpy(idx - self.first[g])
+        return {k: v[local] for k, v in self.tensors[g].items()}
 
     def take(self, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         ids = np.asarray(ids, dtype=np.int64)
-        idx = self._stand_ins(ids, lambda i, k: (int(ids[i]) + k) % self.order.n)
-        return {k: v[idx] for k, v in self.tensors.items()}
+        return self._rows(self._stand_ins(ids, self.canonical_walk(ids)))
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        idx = self._stand_ins(*self.local_ids(step))
-        return {k: v[idx] for k, v in self.tensors.items()}
+        return self._rows(self._stand_ins(*self.local_ids(step)))

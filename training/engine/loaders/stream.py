@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from training.console import say
+from training.engine import order as orders
 from training.engine.distributed import rank, world_size
 from training.engine.loaders.readers import open_shard
-from training.engine.order import BlockOrder
 from training.errors import UserError
 from training.intake.store import CorruptShard, Store, is_remote
 
@@ -67,14 +67,26 @@ class Split:
         block_shards: int = 1,
         store: Store | None = None,
         members: Sequence[str] | None = None,
+        by_bucket: bool = True,
     ):
         self.source, self.decode, self.collate = source, decode, collate
         self.store = store or Store.shared()
         self.index = self.store.index(source)
         self.store.check_fits(self.index, block_shards)
-        self.order = BlockOrder(self.index.lengths, batch_size, seed, block_shards)
+        self.order = orders.make(
+            self.index.lengths, batch_size, seed, block_shards,
+            self.index.groups if by_bucket else None,
+        )  # fmt: skip
         self.global_batch = self.order.batch_size
+        untrained = getattr(self.order, "untrained", 0)
+        if untrained:
+            say(
+                f"loader: warning: {untrained} samples of {source} are in aspect-ratio "
+                f"buckets smaller than a batch of {self.global_batch} and are never drawn; "
+                "a smaller batch_size or fewer buckets (validate.max_aspect_ratio) keeps them"
+            )
         self.members = frozenset(members) if members else None
+        self.bucketed = by_bucket
         self.pool = ThreadPoolExecutor(loader_threads(), thread_name_prefix="kiln-decode")
         self._readers: OrderedDict[int, Any] = OrderedDict()
         self._shard_locks = {i: threading.Lock() for i in range(len(self.index.shards))}
@@ -187,37 +199,59 @@ class Split:
         while len(self._readers) > self._max_open:
             self._readers.popitem(last=False)[1].close()
 
+    def canonical_walk(self, ids: np.ndarray) -> Walk:
+        """Stand-ins for a plain read: the next readable sample in canonical order,
+        within the sample's bucket."""
+
+        def walk(i: int, k: int) -> int:
+            lo, hi = self.order.group_range(int(ids[i]))
+            return lo + (int(ids[i]) - lo + k) % (hi - lo)
+
+        return walk
+
     def take(self, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The collated samples with these global ids (a bad one replaced by the next
-        readable sample in canonical order)."""
+        readable sample in canonical order). In a split of buckets, ids of one bucket."""
         ids = np.asarray(ids, dtype=np.int64)
-        walk: Walk = lambda i, k: (int(ids[i]) + k) % self.order.n  # noqa: E731
-        return _tensors(self._collated(ids, walk))
+        return _tensors(self._collated(ids, self.canonical_walk(ids)))
+
+    def by_bucket(self, ids: np.ndarray) -> list[np.ndarray]:
+        """``ids`` grouped by bucket (first-seen order of buckets, ids in their order)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        firsts = np.array([self.order.group_range(int(i))[0] for i in ids])
+        return [ids[firsts == f] for f in dict.fromkeys(firsts.tolist())]
+
+    def ranges(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+        """The ids of the first ``limit`` samples in canonical order, in batches that
+        never cross from one bucket to the next."""
+        stop = len(self) if limit is None else min(limit, len(self))
+        lo = 0
+        while lo < stop:
+            end = min(self.order.group_range(lo)[1], stop, lo + batch_size)
+            yield np.arange(lo, end)
+            lo = end
 
     def scan(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """The first ``limit`` samples (all by default) in canonical order, in batches:
-        for validation sets and passes over the captions."""
-        stop = len(self) if limit is None else min(limit, len(self))
-        for lo in range(0, stop, batch_size):
-            yield self.take(np.arange(lo, min(lo + batch_size, stop)))
+        """The first ``limit`` samples (all by default) in canonical order, in batches
+        (of one bucket each): for validation sets and passes over the captions."""
+        for ids in self.ranges(batch_size, limit):
+            yield self.take(ids)
 
     # ---- this process's batch ---------------------------------------------------------
     def local_ids(self, step: int) -> tuple[np.ndarray, Walk]:
         """This process's slice of the step's global batch, and its stand-in walk: the
-        epoch's order onwards from each sample's own position (the same on every rank)."""
+        epoch's order onwards from each sample's own position (the same on every rank;
+        ``order.stand_in``)."""
         ids, w = self.order.step_ids(step), world_size()
         if len(ids) % w:
             raise ValueError(f"global batch {len(ids)} does not split evenly over {w} processes")
         per = len(ids) // w
-        epoch, start = self.order.position(step)
-        start += rank() * per
-        n = self.order.n
+        first = rank() * per
 
         def walk(i: int, k: int) -> int:
-            pos = (start + i + k) % n
-            return int(self.order.ids(epoch, pos, pos + 1)[0])
+            return self.order.stand_in(step, first + i, k)
 
-        return ids[rank() * per : (rank() + 1) * per], walk
+        return ids[first : first + per], walk
 
     def stats(self) -> dict[str, Any]:
         """What the loader saw, summed over processes (every rank must call it)."""

@@ -110,10 +110,12 @@ def cmmd(a: np.ndarray, b: np.ndarray, sigma: float = 10.0, scale: float = 1000.
 def score(s: Samples, limit: int = 512) -> dict:
     import itertools
 
+    from training.engine.images import square
     from training.intake import shards
 
     val = shards.read(shards.shard_paths(s.clean_dir / "val"))
-    real = [r.image() for r in itertools.islice(val, limit)]
+    size = s.params.ingest.image_size  # bucketed images: their centre squares
+    real = [square(r.image(), size) for r in itertools.islice(val, limit)]
     gen_e = clip_image_embeddings(s.clip_dir, s.images)
     real_e = clip_image_embeddings(s.clip_dir, real)
     return distribution_metrics(gen_e, real_e)

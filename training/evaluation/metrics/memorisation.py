@@ -124,17 +124,18 @@ def score(s: Samples) -> dict:
 
     from training import engine as E
     from training.engine import loaders
-    from training.engine.images import decode_image
+    from training.engine.images import center_square, decode_image, square
     from training.intake import shards
+    from training.intake.buckets import image_sizes
 
     c = s.params.evaluate
-    size = s.params.ingest.image_size
+    size, sizes = s.params.ingest.image_size, image_sizes(s.params)
     val_recs = itertools.islice(shards.read(shards.shard_paths(s.clean_dir / "val")), 512)
-    val = [r.image() for r in val_recs]
+    val = [square(r.image(), size) for r in val_recs]  # bucketed: compared as centre squares
     vae = AutoencoderKL.from_pretrained(s.vae_dir).eval().to(E.device())
     train = loaders.Split(
         str(s.clean_dir / "train"),
-        lambda sample: decode_image(sample, size),
+        lambda sample: center_square(decode_image(sample, sizes), size),
         lambda px: {"px": np.stack(px)},
     )
     try:

@@ -34,19 +34,33 @@ def reconstruction_scores(
     dev = E.device()
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
     records = list(itertools.islice(shards.read(shards.shard_paths(clean_dir / "val")), limit))
-    x = to_tensor(np.stack([np.asarray(r.image(), dtype=np.uint8) for r in records]))
-    rec = torch.cat(
-        [vae(b.to(dev), sample_posterior=False).sample.clamp(-1, 1).cpu() for b in x.split(128)]
-    )
-    out = {"vae_psnr": float(np.mean(psnr(rec, x))), "vae_ssim": float(ssim(rec, x))}
+    by_size: dict[tuple[int, int], list[int]] = {}  # a bucketed split: one pass per shape
+    for i, r in enumerate(records):
+        by_size.setdefault(r.image().size, []).append(i)
+    psnrs, ssim_sum = [], 0.0
+    real_u8: list = [None] * len(records)
+    rec_u8: list = [None] * len(records)
+    for idx in by_size.values():
+        x = to_tensor(np.stack([np.asarray(records[i].image(), dtype=np.uint8) for i in idx]))
+        rec = torch.cat(
+            [vae(b.to(dev), sample_posterior=False).sample.clamp(-1, 1).cpu() for b in x.split(128)]
+        )
+        psnrs.append(psnr(rec, x))
+        ssim_sum += ssim(rec, x) * len(idx)
+        for k, i in enumerate(idx):
+            real_u8[i], rec_u8[i] = to_uint8(x[k : k + 1])[0], to_uint8(rec[k : k + 1])[0]
+    out = {
+        "vae_psnr": float(np.mean(np.concatenate(psnrs))),
+        "vae_ssim": float(ssim_sum / len(records)),
+    }
     if oracle is None:
         return out
     # Built-in samples carry their ground truth through img2dataset as the `meta` column.
     truths = [json.loads(r.meta.get("meta") or "{}") for r in records]
-    for name, batch in (("real", x), ("vae_recon", rec)):
+    for name, images in (("real", real_u8), ("vae_recon", rec_u8)):
         hits = [
             oracle.score(Image.fromarray(u8), t)["all"]
-            for u8, t in zip(to_uint8(batch), truths, strict=True)
+            for u8, t in zip(images, truths, strict=True)
             if t
         ]
         if hits:
