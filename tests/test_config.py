@@ -55,6 +55,10 @@ def test_profiles_change_sizes_only():
         256,
     )
     assert small.train_unet.block_out_channels != tiny.train_unet.block_out_channels
+    # tiny64: 64 px through an f=8 VAE, so the U-Net sees tiny's 8x8 latents
+    t64 = config.resolve({"profile": "tiny64"})
+    down = 2 ** (len(t64.train_vae.block_out_channels) - 1)
+    assert t64.ingest.image_size // down == tiny.ingest.image_size // 4 == 8
     # Non-size knobs are the same in every profile.
     for p in (small, base):
         assert p.train_unet.lr == tiny.train_unet.lr

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from training.stages import NAMES
 
-ProfileName = Literal["tiny", "small", "base"]
+ProfileName = Literal["tiny", "tiny64", "small", "base"]
 DatasetName = Literal["shapes", "digits", "url-list", "folder", "shards"]
 BUILTIN_DATASETS = ("shapes", "digits")
 STAGES = NAMES  # params.yaml has one section per stage (training/stages.py)

@@ -43,7 +43,7 @@ def run_pipeline(
             "with .txt captions; shards: webdataset tars (path, glob, {000..009}, URLs)"
         ),
     ] = None,
-    profile: Annotated[str | None, typer.Option(help="tiny | small | base")] = None,
+    profile: Annotated[str | None, typer.Option(help="tiny | tiny64 | small | base")] = None,
 ) -> None:
     """Run the whole pipeline (Prefect flow over the DVC stages; DVC skips what is fresh).
 
