@@ -90,6 +90,9 @@ def test_bucket_order_draws_every_batch_from_one_bucket_and_each_sample_once_an_
             seen += ids.tolist()
         assert len(seen) == len(set(seen))  # no sample twice in an epoch
         assert 3 not in _bucket_of(o, seen)  # the bucket smaller than a batch never trains
+    # an epoch's positions (what the VAE's scaling-factor sample reads): no sample twice
+    ids = o.ids(0, 0, o.epoch_len)
+    assert o.epoch_len == o.per_epoch * 8 and len(set(ids.tolist())) == len(ids)
     # buckets interleave in a seeded order; the same seed gives the same batches
     first = [next(iter(_bucket_of(o, o.step_ids(s)))) for s in range(o.per_epoch)]
     assert first != sorted(first)
@@ -170,3 +173,23 @@ def test_stream_and_memory_agree_on_a_bucketed_split(tmp_path, broken):
         assert [len(g) for g in stream.by_bucket(np.array([0, 90, 1, 95]))] == [2, 2]
     finally:
         stream.close()
+
+
+def test_the_cache_must_hold_a_block_per_bucket_plus_one(tmp_path, monkeypatch):
+    """Buckets' batches interleave, each bucket reading its own block: a cache sized for
+    two blocks would re-download shards nearly every step (found in review)."""
+    from training.errors import UserError
+    from training.intake.index import ShardEntry, SplitIndex
+    from training.intake.store import Store
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    entries = tuple(
+        ShardEntry(f"train-{i:05d}.tar", 10, 100, f"{i:064x}", ("8x8", "16x8", "8x16")[i % 3])
+        for i in range(9)
+    )
+    index = SplitIndex("s3://bucket/clean/train", tuple(sorted(entries, key=lambda e: e.bucket)))
+    store = Store(tmp_path / "cache", 350)  # 3 shards: two blocks of one, not four
+    store.check_fits(index, 1, bucketed=False)
+    with pytest.raises(UserError, match="cannot hold 4 blocks of shards"):
+        store.check_fits(index, 1)
+    Store(tmp_path / "cache2", 400).check_fits(index, 1)

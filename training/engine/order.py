@@ -116,6 +116,11 @@ class BlockOrder:
         epoch, j = divmod(step, self.per_epoch)
         return epoch, j * self.batch_size
 
+    @property
+    def epoch_len(self) -> int:
+        """Positions in an epoch's order (``ids``): every sample."""
+        return self.n
+
     def stand_in(self, step: int, i: int, k: int) -> int:
         """Global id of the ``k``-th stand-in for sample ``i`` of ``step``'s global batch:
         the epoch's order onwards from the sample's own position."""
@@ -162,11 +167,18 @@ class BucketOrder:
         ]
         self.untrained = sum(int(self.lengths[s].sum()) for s, o in self._pairs() if o is None)
         # the epoch's batches, unpermuted: (bucket, batch number in the bucket's epoch)
-        self._batches = np.array(
-            [(b, j) for b, o in enumerate(self.orders) if o for j in range(o.per_epoch)]
+        per = [o.per_epoch if o else 0 for o in self.orders]
+        self._batches = np.stack(
+            [np.repeat(np.arange(len(per)), per), np.concatenate([np.arange(k) for k in per])],
+            axis=1,
         )
         self.per_epoch = len(self._batches)
         self._perm = lru_cache(maxsize=2)(self._epoch_batches)
+
+    @property
+    def epoch_len(self) -> int:
+        """Positions in an epoch's order (``ids``): its full batches."""
+        return self.per_epoch * self.batch_size
 
     def _pairs(self):
         return zip(self.shards, self.orders, strict=True)

@@ -177,16 +177,19 @@ class Store:
             self._client = s3_client()
         return self._client
 
-    def check_fits(self, idx: SplitIndex, block_shards: int) -> None:
-        """Fail before training if two blocks of the largest shards exceed the cache."""
+    def check_fits(self, idx: SplitIndex, block_shards: int, bucketed: bool = True) -> None:
+        """Fail before training if the blocks in use at once exceed the cache: two blocks
+        of the largest shards, or in a split of aspect-ratio buckets (whose batches
+        interleave, each bucket reading its own block) one block per bucket plus one."""
         if not is_remote(idx.base):
             return
+        blocks = len(idx.buckets()) + 1 if bucketed and idx.groups else 2
         sizes = sorted((s.filesize for s in idx.shards), reverse=True)
-        need = sum(sizes[: 2 * block_shards])
+        need = sum(sizes[: blocks * block_shards])
         if need > self.limit:
             raise UserError(
                 f"the shard cache ({self.limit / 1e6:.1f} MB per process, {CACHE_LIMIT_ENV}) "
-                f"cannot hold two blocks of shards ({need / 1e6:.1f} MB): raise "
+                f"cannot hold {blocks} blocks of shards ({need / 1e6:.1f} MB): raise "
                 f"{CACHE_LIMIT_ENV} or lower the stage's block_shards"
             )
 

@@ -184,7 +184,7 @@ def _train(params, batches, val, out_dir: Path, ckpt_dir: Path, log: E.MetricLog
         # Scaling factor from the data: posterior samples of up to 2k training images,
         # the first of epoch 0's (seeded) order, read in chunks.
         g = torch.Generator().manual_seed(params.seed)
-        ids = batches.order.ids(0, 0, min(2048, len(batches)))
+        ids = batches.order.ids(0, 0, min(2048, batches.order.epoch_len))
         lat = []  # chunks never mix buckets (one shape per forward pass)
         for group in batches.by_bucket(ids):
             for i in range(0, len(group), chunk):

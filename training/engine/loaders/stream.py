@@ -72,7 +72,7 @@ class Split:
         self.source, self.decode, self.collate = source, decode, collate
         self.store = store or Store.shared()
         self.index = self.store.index(source)
-        self.store.check_fits(self.index, block_shards)
+        self.store.check_fits(self.index, block_shards, by_bucket)
         self.order = orders.make(
             self.index.lengths, batch_size, seed, block_shards,
             self.index.groups if by_bucket else None,
@@ -91,7 +91,9 @@ class Split:
         self._readers: OrderedDict[int, Any] = OrderedDict()
         self._shard_locks = {i: threading.Lock() for i in range(len(self.index.shards))}
         self._read_lock = threading.Lock()
-        self._max_open = 2 * block_shards + 2
+        # blocks in use at once: two, or one per bucket plus one (``Store.check_fits``)
+        blocks = len(self.index.buckets()) + 1 if by_bucket and self.index.groups else 2
+        self._max_open = blocks * block_shards + 2
         self.bad_shards: dict[str, str] = {}
         self._bad_samples: set[tuple[int, int]] = set()
         self.downloaded = 0  # bytes this split fetched from the store
