@@ -108,7 +108,8 @@ def test_a_unet_size_change_restales_only_train_unet(locked_copy):
     f = locked_copy / "training" / "profiles.yaml"
     before = f.read_text()
     try:
-        f.write_text(before.replace("    steps: 1800\n", "    steps: 1900\n", 1))
+        at = before.index("  train_unet:")  # tiny's U-Net section, the first
+        f.write_text(before[:at] + before[at:].replace("    steps: 1800\n", "    steps: 1900\n", 1))
         assert f.read_text() != before
         assert _stale(locked_copy) == {"train_unet"}  # evaluate follows once it re-ran
         # another profile's sizes are not this run's
