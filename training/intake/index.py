@@ -48,6 +48,11 @@ class SplitIndex:
         first = {b: i for i, b in enumerate(dict.fromkeys(names))}
         return [first[b] for b in names]
 
+    def blocks_in_use(self, bucketed: bool = True) -> int:
+        """Shuffle blocks a reader holds at once: two (the one being read and the next),
+        or, when batches keep to aspect-ratio buckets, one per bucket plus one."""
+        return len(self.buckets()) + 1 if bucketed and self.groups else 2
+
     def buckets(self) -> list[str | None]:
         """The split's buckets, in shard order."""
         return list(dict.fromkeys(s.bucket for s in self.shards))

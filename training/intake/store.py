@@ -183,7 +183,7 @@ class Store:
         interleave, each bucket reading its own block) one block per bucket plus one."""
         if not is_remote(idx.base):
             return
-        blocks = len(idx.buckets()) + 1 if bucketed and idx.groups else 2
+        blocks = idx.blocks_in_use(bucketed)
         sizes = sorted((s.filesize for s in idx.shards), reverse=True)
         need = sum(sizes[: blocks * block_shards])
         if need > self.limit:

@@ -91,9 +91,7 @@ class Split:
         self._readers: OrderedDict[int, Any] = OrderedDict()
         self._shard_locks = {i: threading.Lock() for i in range(len(self.index.shards))}
         self._read_lock = threading.Lock()
-        # blocks in use at once: two, or one per bucket plus one (``Store.check_fits``)
-        blocks = len(self.index.buckets()) + 1 if by_bucket and self.index.groups else 2
-        self._max_open = blocks * block_shards + 2
+        self._max_open = self.index.blocks_in_use(by_bucket) * block_shards + 2
         self.bad_shards: dict[str, str] = {}
         self._bad_samples: set[tuple[int, int]] = set()
         self.downloaded = 0  # bytes this split fetched from the store
