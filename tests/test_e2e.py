@@ -4,6 +4,11 @@
 installing (test_readme checks that). One module-scoped run feeds every assertion here:
 outputs of every stage, registry contents and lineage, quality above chance, DVC
 staleness, and the three ways of consuming the model.
+
+The run is ``make run``'s but for two step counts (``BUDGET``): the VAE at 600 steps (the
+shapes were at 31 dB there; tiny's 1800 are for real pictures) and the U-Net at 900 of
+1800. That halves the run on a slow 2-core CI machine; the full budget's scores are
+``make run``'s business and are recorded in benchmarks/RESULTS.md, not asserted here.
 """
 
 from __future__ import annotations
@@ -25,9 +30,13 @@ pytestmark = pytest.mark.e2e
 CHANCE = {"acc_shape": 1 / 4, "acc_colour": 1 / 6, "acc_size": 1 / 2, "acc_position": 1 / 9}
 
 
+BUDGET = {"train_vae.steps": 600, "train_unet.steps": 900}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     project = copy_project(tmp_path_factory.mktemp("e2e") / "kiln")
+    config.set_values(project / "params.yaml", BUDGET)
     proc = kiln(project, "run", "--dataset", "shapes", "--profile", "tiny", timeout=3000)
     return project, proc
 
@@ -58,7 +67,7 @@ def test_every_stage_produced_its_outputs(run):
     assert (d / "models" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     # sample grids of the preview prompts while training: every 600 steps and the last
     previews = sorted(p.name for p in (d / "models" / "unet" / "previews").glob("*.png"))
-    assert previews == ["step-000600.png", "step-001200.png", "step-001800.png"]
+    assert previews == ["step-000600.png", "step-000900.png"]
     assert (d / "eval" / "pipeline" / "model_index.json").is_file()
     assert (d / "eval" / "report.html").stat().st_size > 1000
     for stage in config.STAGES:
@@ -137,7 +146,7 @@ print(json.dumps(info))
     assert stages["train_unet"]["dvc.dep.data/latents"]  # input hash from dvc.lock
     assert stages["train_unet"]["dvc.out.data/models/unet"]  # output hash tagged after lock
     assert info["loss_points"] > 5
-    assert info["val_steps"] == [600, 1200, 1800]  # held-out loss at every preview
+    assert info["val_steps"] == [600, 900]  # held-out loss at every preview
     assert "metric.val_psnr" in info["kiln-vae"]["tags"]
     t2i = info["kiln-text2image"]["tags"]
     assert "metric.acc_all" in t2i
@@ -190,8 +199,8 @@ def test_samples_beat_chance_on_every_shapes_attribute(run):
     m = json.loads((project / "data" / "metrics" / "evaluate.json").read_text())
     for attr, chance in CHANCE.items():
         assert m[attr] > chance, (attr, m[attr], chance)
-    # A regression floor well under what the tiny profile measures (~0.85, RESULTS.md);
-    # the L1-VAE baseline this replaced scored 0.35.
+    # A regression floor under what this budget scores (0.75 seen at 900 U-Net steps;
+    # make run's 1800 score ~0.97, RESULTS.md); the L1-VAE baseline scored 0.35.
     assert m["acc_all_seen"] >= 0.6, m["acc_all_seen"]
 
 
@@ -427,7 +436,10 @@ print(json.dumps(champ.tags))
 
 def test_unet_param_change_reruns_only_unet_and_evaluate(run):
     project, _ = run
-    config.set_values(project / "params.yaml", {"train_unet.steps": 40, "evaluate.max_prompts": 8})
+    config.set_values(
+        project / "params.yaml",
+        {"train_unet.steps": 40, "evaluate.max_prompts": 8, "evaluate.sweep_prompts": 0},
+    )
     proc = _dvc(project, "repro")
     ran = re.findall(r"Running stage '([^']+)'", proc.stdout)
     assert ran == ["train_unet", "evaluate"]

@@ -27,6 +27,7 @@ FAST = {
     "train_unet.steps": 20,
     "evaluate.max_prompts": 10,
     "evaluate.steps": 5,
+    "evaluate.sweep_prompts": 0,  # the report's sweeps: test_e2e's business
 }
 
 

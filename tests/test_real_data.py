@@ -22,10 +22,10 @@ from .realkit import emoji_folder
 pytestmark = pytest.mark.e2e
 N_IMAGES = 320
 SHORT = {  # a few minutes on 2 cores: this checks the reports, not the quality
-    "train_vae.steps": 120,
-    "train_clip.steps": 120,
-    "train_unet.steps": 240,
-    "train_unet.preview_every": 120,
+    "train_vae.steps": 60,
+    "train_clip.steps": 60,
+    "train_unet.steps": 120,
+    "train_unet.preview_every": 60,
     "evaluate.max_prompts": 16,
     "evaluate.sweep_prompts": 0,
     "validate.val_fraction": 0.1,
