@@ -42,7 +42,11 @@ def _write_lock(lock: dict) -> None:
 def upstream(stage: str) -> list[str]:
     """The stages whose outs ``stage`` reads (its data deps), from dvc.yaml."""
     stages = _dvc_yaml()
-    made_by = {out: name for name, st in stages.items() for out in st.get("outs", [])}
+    made_by = {
+        next(iter(out)) if isinstance(out, dict) else out: name  # `- path: {persist: true}`
+        for name, st in stages.items()
+        for out in st.get("outs", [])
+    }
     return [made_by[d] for d in stages[stage].get("deps", []) if d in made_by]
 
 

@@ -137,8 +137,24 @@ def _run_dvc_stage(stage: str) -> None:
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retryable)
 def ingest_task() -> None:
     """Ingestion talks to servers: transient failures are retried (img2dataset itself
-    resumes completed shards incrementally); a missing or bad source is not."""
+    resumes completed shards incrementally); a missing or bad source is not. The
+    source probe runs first: ingest runs only when the source changed (and then
+    fetches only what it gained)."""
+    _run_dvc_stage(stages.SOURCE_PROBE)
+    _restore_raw()
     _run_dvc_stage("ingest")
+
+
+def _restore_raw() -> None:
+    """data/raw persists between runs, so DVC never restores it from its run cache: with
+    it deleted (``make clean``) and the cache still there, `dvc repro` would fetch the
+    whole source again. Check it out from the cache first (a no-op when the cache lacks
+    it: ingest then fetches)."""
+    from training.paths import RAW
+
+    if (ROOT / RAW).exists() or not (ROOT / "dvc.lock").is_file():
+        return
+    _dvc_cmd("checkout", "--allow-missing", "--quiet", "ingest", what="dvc checkout ingest")
 
 
 # Stages that checkpoint: a retry resumes them, so it costs at most the steps since the

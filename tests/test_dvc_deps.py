@@ -14,20 +14,33 @@ import yaml
 
 from tests.conftest import copy_project
 from tests.layout import ROOT, expand, stage_files
-from training.stages import PIPELINE_MODEL, STAGES
+from training.paths import SOURCE
+from training.stages import PIPELINE_MODEL, SOURCE_PROBE, STAGES
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
+def _out_names(stage: dict) -> list[str]:
+    return [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
+
+
 def test_dvc_stages_are_the_stage_table():
-    assert list(DVC_YAML) == [s.name for s in STAGES]
+    """The table's stages, after the source probe that ingest depends on."""
+    assert list(DVC_YAML) == [SOURCE_PROBE, *(s.name for s in STAGES)]
+    probe = DVC_YAML[SOURCE_PROBE]
+    assert probe["cmd"] == f"kiln {SOURCE_PROBE}" and probe["always_changed"] is True
+    assert _out_names(probe) == [SOURCE.as_posix()]
     for s in STAGES:
         stage = DVC_YAML[s.name]
         assert stage["cmd"] == f"kiln {s.command}"
-        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
-        assert outs == [p.as_posix() for p in s.outs], s.name
+        assert _out_names(stage) == [p.as_posix() for p in s.outs], s.name
+        first = stage["outs"][0]
+        assert s.persist == (
+            isinstance(first, dict) and next(iter(first.values())).get("persist", False)
+        )
         data = [d for d in stage["deps"] if not d.startswith("training/")]
-        assert data == [p.as_posix() for p in s.inputs], s.name
+        probe_out = [SOURCE.as_posix()] if s.name == "ingest" else []
+        assert data == probe_out + [p.as_posix() for p in s.inputs], s.name
 
 
 @pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
@@ -59,6 +72,7 @@ def locked_copy(tmp_path_factory) -> Path:
             (dest / out / "placeholder").write_text(s.name)
         (dest / "data" / "metrics").mkdir(parents=True, exist_ok=True)
         (dest / "data" / "metrics" / f"{s.name}.json").write_text("{}")
+    (dest / SOURCE).write_text("{}")
     _dvc(dest, "config", "--local", "core.no_scm", "true")
     _dvc(dest, "commit", "--force", "--quiet")
     assert _stale(dest) == set()
@@ -66,8 +80,10 @@ def locked_copy(tmp_path_factory) -> Path:
 
 
 def _stale(root: Path) -> set[str]:
-    out = _dvc(root, "status", "--json").stdout
-    return set(json.loads(out or "{}"))
+    """The stages dvc status marks stale, but the source probe, which always runs."""
+    out = json.loads(_dvc(root, "status", "--json").stdout or "{}")
+    assert out.pop(SOURCE_PROBE, ["always changed"]) == ["always changed"]
+    return set(out)
 
 
 DOWNSTREAM = {"train_vae", "train_clip", "precompute_latents", "train_unet", "evaluate"}
@@ -81,6 +97,7 @@ EDITS = [
     ("training/cli/interrupt.py", set()),
     ("training/intake/guard.py", {"ingest"}),
     ("training/intake/kinds/folder.py", {"ingest"}),
+    ("training/intake/sync.py", {"ingest"}),
     ("training/intake/checks.py", {"validate"}),
     ("training/intake/shards.py", {s.name for s in STAGES}),
     ("training/phases/vae.py", {"train_vae"}),
@@ -127,3 +144,14 @@ def test_dvc_sees_the_code_not_the_bytecode(locked_copy):
         assert _stale(locked_copy) == set()
     finally:
         shutil.rmtree(cache)
+
+
+def test_upstream_stages_from_dvc_yaml_with_persistent_outs():
+    """A GPU worker pulls the outs of a stage's upstream stages (flows/stage.py). The
+    bug: an out written as a mapping (`- data/raw: {persist: true}`) crashed the lookup,
+    and every remote stage with it."""
+    from flows.stage import upstream
+
+    assert upstream("ingest") == [SOURCE_PROBE]
+    assert upstream("validate") == ["ingest"]
+    assert upstream("precompute_latents") == ["validate", "train_vae", "train_clip"]

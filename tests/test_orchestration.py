@@ -109,7 +109,8 @@ def test_deployed_pipeline_sends_gpu_stages_to_the_gpu_pool(tmp_path):
     assert (gpu / "data" / "checkpoints").is_dir() and not (cpu / "data" / "checkpoints").exists()
     assert any((tmp_path / "kiln-dvc-remote").rglob("*")), "nothing was pushed to the remote"
     lock = yaml.safe_load((cpu / "dvc.lock").read_text())["stages"]
-    assert set(lock) == set(config.STAGES)  # the cpu checkout's lock knows every stage
+    # the cpu checkout's lock knows every stage, and the source probe that ingest follows
+    assert set(lock) == {"source", *config.STAGES}
 
     # the deployment's parameter chose the data set; the cpu worker evaluated
     report = json.loads((cpu / "data" / "raw" / "report.json").read_text())

@@ -9,6 +9,7 @@ PARAMS = Path("params.yaml")
 STATE = Path(".kiln")  # the run lock and failure notes (git-ignored)
 
 DATA = Path("data")
+SOURCE = DATA / "source.json"  # the ingest source's fingerprint (DVC's probe, see stages.py)
 RAW = DATA / "raw"  # ingest: webdataset shards as fetched, report, rejects
 CLEAN = DATA / "clean"  # validate: train/ and val/ shards that passed the gate
 DOCS = DATA / "data_docs"  # validate's GX Data Docs (time-stamped: kept out of CLEAN's hash)

@@ -31,6 +31,9 @@ class Stage:
     # inputs it reads through the training loaders: with KILN_DATA_REMOTE set they come
     # from object storage and need not be on local disk ("Data at scale")
     streamed: tuple[Path, ...] = ()
+    # its first out is incremental: kept between runs (DVC ``persist``), never cleared
+    # before one; the phase brings it up to date itself (ingest: intake/sync.py)
+    persist: bool = False
 
     @property
     def command(self) -> str:
@@ -45,6 +48,7 @@ STAGES: tuple[Stage, ...] = (
         "Stage 1: fetch a source with img2dataset into webdataset shards.",
         (),
         (P.RAW,),
+        persist=True,
     ),
     Stage(
         "validate",
@@ -104,6 +108,13 @@ STAGES: tuple[Stage, ...] = (
     ),
 )
 BY_NAME = {s.name: s for s in STAGES}
+
+# DVC's probe of the ingest source: an ``always_changed`` stage before ingest (``kiln
+# source``) that writes the source's fingerprint (``intake/ingest.py``,
+# ``source_state``) to data/source.json, which ingest depends on. DVC re-runs ingest
+# exactly when that file changes, i.e. when the data outside the repository changed.
+# Not a row of the table: it has no params section, no MLflow run and makes no model.
+SOURCE_PROBE = "source"
 NAMES = tuple(BY_NAME)
 MODEL_NAMES = {s.name: s.model for s in STAGES if s.model}
 PIPELINE_MODEL = BY_NAME["evaluate"].model  # what users generate with and serve

@@ -10,6 +10,7 @@ load torch, and an edit to a user command (``training/cli/user.py``) re-runs no 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from training.cli.base import (
     writable,
 )
 from training.env import offline_defaults
-from training.stages import BY_NAME, PIPELINE_MODEL, STAGES
+from training.stages import BY_NAME, PIPELINE_MODEL, SOURCE_PROBE, STAGES
 
 offline_defaults()
 
@@ -51,6 +52,7 @@ def run_stage(stage: str, body: Callable[..., dict], register: Callable | None =
 
     spec = BY_NAME[stage]
     outs, inputs = list(spec.outs), list(spec.inputs)
+    fresh = [] if spec.persist else outs  # what starts empty (and is removed on failure)
     if spec.data_parallel and launch.relaunch_under_torchrun(stage):
         return {}
     if spec.data_parallel and launch.is_follower():
@@ -68,7 +70,7 @@ def run_stage(stage: str, body: Callable[..., dict], register: Callable | None =
         remote = os.environ.get("KILN_DATA_REMOTE", "").strip()
         require(*[p for p in inputs if not (remote and p in spec.streamed)])
         writable(*outs, P.METRICS)
-        cleanup(outs)  # DVC removes outs before a run; do the same outside DVC
+        cleanup(fresh)  # DVC removes outs before a run (but persist ones); do the same
         resolved = outs[0] / "resolved_params.json"  # every run records its config
         write_json(resolved, params.to_dict())
         with tracking.stage_run(stage, params.to_dict(), resolved) as tr:
@@ -82,17 +84,17 @@ def run_stage(stage: str, body: Callable[..., dict], register: Callable | None =
         write_json(P.METRICS / f"{stage}.json", metrics)
         return metrics
     except (config.ConfigError, UserError, TrainingDiverged) as exc:
-        cleanup(outs)
+        cleanup(fresh)
         record_failure(stage, str(exc), retry=False)
         fail(str(exc))
     except (OSError, ValueError, RuntimeError) as exc:
-        cleanup(outs)
+        cleanup(fresh)
         record_failure(stage, prefixed(stage, str(exc)), retry=transient(exc))
         if os.environ.get("KILN_DEBUG"):
             raise
         fail(prefixed(stage, str(exc)))
     except KeyboardInterrupt:
-        cleanup(outs)
+        cleanup(fresh)
         record_failure(stage, "interrupted", retry=False)
         typer.echo(
             f"kiln: {stage}: interrupted (re-run it: training resumes from its last "
@@ -199,14 +201,37 @@ def ingest(
         params = config.resolve(raw, source=str(P.PARAMS) if P.PARAMS.exists() else "defaults")
         dest = out or P.RAW
         writable(dest)
-        cleanup([dest / "shards", dest / "report.json", dest / "rejects.parquet"])
-        phase.run(params, dest, dest / ".work")
+        phase.run(params, dest, dest / ".work")  # what dest already holds is kept
     except (config.ConfigError, ValueError, OSError, RuntimeError) as exc:
         if os.environ.get("KILN_DEBUG"):
             raise
         fail(f"ingest: {exc}")
     except KeyboardInterrupt:
         fail("ingest: interrupted; run the same command again to resume (finished shards are kept)")
+
+
+@app.command(SOURCE_PROBE)
+def source() -> None:
+    """Fingerprint the ingest source into data/source.json (DVC's probe: ingest re-runs
+    when it changes). Prints whether it changed since the last check."""
+    from training import config
+    from training.disk import write_json
+
+    phase = importlib.import_module(BY_NAME["ingest"].phase)
+    failure_note(SOURCE_PROBE).unlink(missing_ok=True)
+    try:
+        state = phase.source_state(load_params())
+    except (config.ConfigError, ValueError) as exc:  # SourceError: no retry helps
+        record_failure(SOURCE_PROBE, f"source: {exc}", retry=False)
+        fail(f"source: {exc}")
+    except OSError as exc:
+        record_failure(SOURCE_PROBE, f"source: {exc}", retry=transient(exc))
+        fail(f"source: {exc}")
+    old = json.loads(P.SOURCE.read_text()) if P.SOURCE.is_file() else {}
+    write_json(P.SOURCE, state)
+    what = state["source"] or f"the built-in {state['dataset']} set (its params say it all)"
+    changed = "unchanged" if old == state else "changed: ingest will run"
+    typer.echo(f"[kiln] source: {what}: {state['entries']} entries, {changed}", err=True)
 
 
 for _spec in STAGES[1:]:  # ingest has its own command above (it also runs standalone)

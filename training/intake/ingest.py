@@ -6,12 +6,18 @@ local folders are served from a loopback HTTP server, so they take exactly the p
 data takes. Downloads go through Kiln's fetch guard (``intake/guard.py``: SSRF guard,
 total deadline, byte cap, image checks).
 
+Incremental: ``out_dir`` (``data/raw``, a DVC ``persist`` output) is the base. A re-run
+keeps the rows it already holds and fetches only what the source gained
+(``intake/sync.py``); ``report.json``'s ``sync`` says how many rows were new, kept,
+retried and removed.
+
 Resuming: img2dataset writes into a work folder (``data/.work/ingest``), never into the
 DVC output, in its ``incremental`` mode: a shard is done when its ``_stats.json`` exists,
 so a re-run after a crash or Ctrl-C downloads only the shards that were not finished (a
 shard killed mid-write has no stats file and is redone from scratch — it is never
-published). The work folder carries a fingerprint of the params and source; a different
-one starts over. When every shard is complete they are moved to ``data/raw/shards`` with
+published). The work folder carries a fingerprint of the params, source and base; a
+different one starts over. When every shard is complete they join the kept ones in
+``data/raw/shards``, with
 ``report.json`` (successes, failures by reason) and ``rejects.parquet`` (one row per
 sample that did not land: key, url, reason).
 
@@ -28,17 +34,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import signal
 from collections import Counter
 from pathlib import Path
 
+from tqdm import tqdm
+
 from training import paths as P
 from training.config import Params, fingerprint
 from training.console import say
 from training.disk import write_json
-from training.intake import sources
+from training.intake import sources, sync
 from training.intake.canonical import canonicalize_shard, stable_url
 from training.intake.guard import is_transient, policy_for
 from training.intake.kinds import SOURCE_KINDS
@@ -159,10 +166,16 @@ def collect_rejects(shard_dir: Path, out: Path) -> int:
 
 
 # ---- the stage -------------------------------------------------------------------------
-def _source_fingerprint(params: Params) -> str:
-    """What makes a half-finished work folder reusable: same params, same source."""
+def _source_fingerprint(params: Params, out_dir: Path) -> str:
+    """What makes a half-finished work folder reusable: same params, same source, same
+    base (``sync.base_state``: the fetch list is planned against it)."""
     kind = SOURCE_KINDS[params.ingest.dataset]
-    return fingerprint(params.seed, params.ingest.model_dump(mode="json"), kind.identity(params))
+    return fingerprint(
+        params.seed,
+        params.ingest.model_dump(mode="json"),
+        kind.identity(params),
+        sync.base_state(out_dir),
+    )
 
 
 def check_source(params: Params) -> None:
@@ -177,6 +190,23 @@ def check_source(params: Params) -> None:
             f"ingest.distributor is {c.distributor!r} but {c.distributor} is not installed "
             f"(pip install {c.distributor}, or use distributor: multiprocessing)"
         )
+
+
+def source_state(params: Params) -> dict:
+    """The source as DVC sees it (``data/source.json``, the ``source`` probe stage): its
+    kind, where it is, how many entries it has (files, shards) and a fingerprint of them
+    (``identity``: a URL list's bytes, a folder's names, sizes and times, the shard
+    list). A built-in set has none: its params say it all. Raises ``SourceError`` for a
+    source that vanished, before any work."""
+    check_source(params)
+    c = params.ingest
+    identity = SOURCE_KINDS[c.dataset].identity(params)
+    return {
+        "dataset": c.dataset,
+        "source": c.source,
+        "entries": len(identity),
+        "fingerprint": fingerprint(c.dataset, c.source, identity),
+    }
 
 
 def _prepare_work(work: Path, fp: str) -> None:
@@ -194,10 +224,13 @@ def _prepare_work(work: Path, fp: str) -> None:
 
 
 def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
-    """Ingest ``params.ingest`` into ``out_dir``: ``shards/`` (tars, per-shard parquet and
-    stats), ``report.json`` and ``rejects.parquet``."""
+    """Bring ``out_dir`` in line with ``params.ingest``'s source: ``shards/`` (tars,
+    per-shard parquet and stats), ``report.json`` and ``rejects.parquet``. What
+    ``out_dir`` already holds from this source is kept, and only the rest is fetched
+    (``intake/sync.py``)."""
     check_source(params)
-    _prepare_work(work_dir, _source_fingerprint(params))
+    sync.recover(out_dir / "shards", work_dir.parent / f".{work_dir.name}-replaced")
+    _prepare_work(work_dir, _source_fingerprint(params, out_dir))
     try:
         return _ingest(params, out_dir, work_dir)
     except sources.SourceError:
@@ -206,28 +239,61 @@ def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
         raise
 
 
+def _say_plan(plan: sync.Plan, total: int) -> None:
+    if plan.full:
+        say(f"ingest: fetching all {total} rows ({plan.full})")
+        return
+    n = plan.counts()
+    say(
+        f"ingest: {total} rows: {n['kept']} already fetched and kept, {n['new']} new"
+        + (f", {n['retried']} that failed last time" if n["retried"] else "")
+        + f"; {n['removed']} no longer in the source, dropped"
+    )
+
+
 def _ingest(params: Params, out_dir: Path, work_dir: Path) -> dict:
-    i2d_dir = work_dir / "shards"
-    prep = SOURCE_KINDS[params.ingest.dataset].prepare(params, work_dir)
-    if prep.url_list is not None:  # web URLs: fetched as they are, through the guard
-        download(prep.url_list, i2d_dir, params, policy_for(params))
-        return publish(params, i2d_dir, out_dir, work_dir, prep.report)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    url_list = work_dir / "urls.parquet"
-    with serve_directory(prep.folder) as base:
-        table = sources.url_rows(base, prep.rows)
-        for col in prep.extra_cols or ():
-            table[col] = [r[col] for r in prep.rows]
-        pq.write_table(pa.table(table), url_list)
-        say(f"ingest: serving {len(prep.rows)} images on {base}; fetching with img2dataset")
-        download(url_list, i2d_dir, params, policy_for(params, (LOOPBACK,)), prep.extra_cols)
-    return publish(params, i2d_dir, out_dir, work_dir, prep.report)
+    i2d_dir = work_dir / "shards"
+    prep = SOURCE_KINDS[params.ingest.dataset].prepare(params, work_dir)
+    fetch_list = work_dir / "fetch.parquet"
+    if prep.url_list is not None:  # web URLs: fetched as they are, through the guard
+        table = pq.read_table(prep.url_list)
+        cols = table.select(["url", "caption"]).to_pydict()
+        ids = [sync.url_row_id(u, c) for u, c in zip(cols["url"], cols["caption"], strict=True)]
+        plan = sync.plan(params, out_dir, ids)
+        _say_plan(plan, len(ids))
+        table = table.append_column(sync.ROW_ID, pa.array(ids, pa.string()))
+        if plan.fetch:
+            pq.write_table(table.take(plan.fetch), fetch_list)
+            download(fetch_list, i2d_dir, params, policy_for(params), [sync.ROW_ID])
+        return publish(params, i2d_dir, out_dir, work_dir, prep.report, plan)
+    ids = [
+        sync.file_row_id(r["path"], r["caption"], prep.folder / r["path"])
+        for r in tqdm(prep.rows, "ingest: hashing", unit="file", disable=len(prep.rows) < 5000)
+    ]
+    plan = sync.plan(params, out_dir, ids)
+    _say_plan(plan, len(ids))
+    if plan.fetch:
+        rows = [{**prep.rows[i], sync.ROW_ID: ids[i]} for i in plan.fetch]
+        extra = [*(prep.extra_cols or ()), sync.ROW_ID]
+        with serve_directory(prep.folder) as base:
+            table = sources.url_rows(base, rows)
+            for col in extra:
+                table[col] = [r[col] for r in rows]
+            pq.write_table(pa.table(table), fetch_list)
+            say(f"ingest: serving {len(rows)} images on {base}; fetching with img2dataset")
+            download(fetch_list, i2d_dir, params, policy_for(params, (LOOPBACK,)), extra)
+    return publish(params, i2d_dir, out_dir, work_dir, prep.report, plan)
 
 
-def publish(params: Params, i2d_dir: Path, out_dir: Path, work_dir: Path, extra: dict) -> dict:
-    """Move complete shards to ``out_dir``; refuse to publish while any is incomplete."""
+def publish(
+    params: Params, i2d_dir: Path, out_dir: Path, work_dir: Path, extra: dict, plan: sync.Plan
+) -> dict:
+    """The base's kept rows plus the complete new shards become ``out_dir/shards``;
+    refuses to publish while any new shard is incomplete."""
+    i2d_dir.mkdir(parents=True, exist_ok=True)
     done, incomplete = finished_shards(i2d_dir)
     if incomplete:  # a network fault or a kill: a retry (or a re-run) may finish them
         raise ConnectionError(
@@ -238,24 +304,28 @@ def publish(params: Params, i2d_dir: Path, out_dir: Path, work_dir: Path, extra:
     for shard_id in done:
         canonicalize_shard(i2d_dir, shard_id, fix_url)
     shard_dir = out_dir / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for p in sorted(i2d_dir.iterdir()):
-        if p.suffix in (".tar", ".parquet", ".json"):
-            os.replace(p, shard_dir / p.name)
+    staged = work_dir / "staged"
+    sync.assemble(plan, shard_dir, i2d_dir, staged, params.ingest.samples_per_shard)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sync.swap(staged, shard_dir, work_dir.parent / f".{work_dir.name}-replaced")
     rejected = collect_rejects(shard_dir, out_dir / "rejects.parquet")
     report = {
         "dataset": params.ingest.dataset,
         "image_size": params.ingest.image_size,
         **summarize(shard_dir),
         "rejected": rejected,
+        "fetch_fingerprint": sync.fetch_fingerprint(params),
         **extra,
     }
+    # what this run did (new, kept, removed) goes to the metrics and MLflow, not into
+    # data/raw: a re-run that changed nothing leaves data/raw byte-identical, so DVC
+    # runs nothing downstream
     write_json(out_dir / "report.json", report)
     shutil.rmtree(work_dir, ignore_errors=True)
     print_report(report)
     if not report.get("successes"):
         raise no_image_error(report, out_dir / "rejects.parquet")
-    return report
+    return {**report, **{f"rows_{k}": v for k, v in plan.counts().items()}}
 
 
 def no_image_error(report: dict, rejects: Path) -> Exception:

@@ -117,10 +117,14 @@ def tar_writer(path: str | Path):
 
 
 def sort_tar(
-    src: str | Path, dst: str | Path, edit: Callable[[str, bytes], bytes] | None = None
+    src: str | Path,
+    dst: str | Path,
+    edit: Callable[[str, bytes], bytes] | None = None,
+    rename: Callable[[str], str | None] | None = None,
 ) -> int:
     """Rewrite the webdataset tar ``src`` as ``dst``: samples in key order, members with
-    fixed metadata (``tar_writer``), ``edit(extension, data)`` applied to each member.
+    fixed metadata (``tar_writer``), ``edit(extension, data)`` applied to each member;
+    ``rename(key)`` gives a sample's new key, or None to leave it out.
 
     img2dataset's thread pool writes samples in the order their downloads finish, so
     two runs over one source would otherwise give differently ordered (and differently
@@ -133,15 +137,16 @@ def sort_tar(
             match = _KEY_EXT.match(m.name) if m.isfile() else None
             if match:
                 samples.setdefault(match.group(1), []).append((match.group(2), m))
+        kept = {k: rename(k) if rename is not None else k for k in samples}
         with tar_writer(dst) as w:
-            for key in sorted(samples):
-                sample: dict = {"__key__": key}
+            for key in sorted(k for k in samples if kept[k] is not None):
+                sample: dict = {"__key__": kept[key]}
                 for ext, m in samples[key]:
                     fh = tf.extractfile(m)
                     data = fh.read() if fh is not None else b""
                     sample[ext] = edit(ext, data) if edit is not None else data
                 w.write(sample)
-    return len(samples)
+    return sum(v is not None for v in kept.values())
 
 
 class ShardWriter:

@@ -15,11 +15,13 @@ def check(params: Params) -> None:
 
 
 def identity(params: Params) -> list:
-    """Names, sizes and modification times: a changed file is a different source."""
+    """Names (relative), sizes and modification times of every file: a changed, added or
+    removed file is a different source. Reads no image, so it is cheap to ask often."""
+    root = Path(params.ingest.source)
     return [
-        (str(p), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(Path(params.ingest.source).rglob("*"))
-        if p.is_file()
+        (p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and (st := p.stat())
     ]
 
 

@@ -18,7 +18,18 @@ def check(params: Params) -> None:
 
 
 def identity(params: Params) -> list:
-    return []  # unpacking keeps finished shards itself (sources.unpack_shards)
+    """The shard list; a local shard with its size and modification time. A remote
+    shard is known by its URL only: one rewritten in place is not noticed (name shards
+    immutably, as webdataset collections do)."""
+    out: list = []
+    for item in sources.expand_shards(params.ingest.source or ""):
+        path = Path(item)
+        if "://" not in item and path.is_file():
+            st = path.stat()
+            out.append((item, st.st_size, st.st_mtime_ns))
+        else:
+            out.append(item)
+    return out
 
 
 def prepare(params: Params, work_dir: Path) -> Prepared:

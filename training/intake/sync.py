@@ -1,0 +1,244 @@
+"""Incremental ingestion: a re-run fetches only the rows its source gained.
+
+``data/raw`` is the base (a DVC ``persist`` output, so DVC leaves it in place). Every
+fetched sample carries a ``row_id``, the identity of its source row:
+
+* a URL list's row: its URL and caption (a web server's bytes cannot be known before
+  fetching them);
+* a served row (a folder, unpacked shards, a built-in set): its path, caption and the
+  sha256 of the file, so an image replaced under the same name is fetched again.
+
+A sync compares the source's rows with the base's successes. Rows already there are
+kept as they are (whole shards hard-linked, untouched bytes); rows that left the source
+leave the dataset; only the rest are fetched: new rows, and rows that failed last time
+(a dead link gets another chance when the source changes). New shards are numbered
+after the base's, so keys never collide and kept samples keep theirs (and with them
+their train/val split).
+
+What a fetched sample's bytes depend on besides its row (image size, resize mode,
+background, limits: ``FETCH_KEYS``) is recorded in the base's report; when it changes,
+nothing is kept and the source is fetched again in full. The new ``shards/`` is
+assembled beside the old one and swapped in by two renames; a crash between them is
+repaired by the next run (``recover``). Memory: one id per source row and per base
+sample (about 100 bytes each).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.config import Params, fingerprint
+
+# the ingest params a fetched sample's bytes (or its admission) depend on
+FETCH_KEYS = (
+    "dataset",
+    "image_size",
+    "resize_mode",
+    "background",
+    "png_compression",
+    "samples_per_shard",
+    "max_bytes",
+    "max_pixels",
+    "allow_networks",
+)
+ROW_ID = "row_id"
+
+
+def fetch_fingerprint(params: Params) -> str:
+    c = params.ingest.model_dump(mode="json")
+    return fingerprint({k: c[k] for k in FETCH_KEYS})
+
+
+def url_row_id(url: str, caption: str) -> str:
+    return hashlib.sha1(f"url\0{url}\0{caption}".encode()).hexdigest()[:24]
+
+
+def file_row_id(path: str, caption: str, file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return hashlib.sha1(f"file\0{path}\0{caption}\0{h.hexdigest()}".encode()).hexdigest()[:24]
+
+
+@dataclass
+class Plan:
+    """What a sync keeps and fetches. ``fetch`` indexes the source's rows."""
+
+    fetch: list[int]
+    keep: dict[str, set[str]] = field(default_factory=dict)  # base shard id -> keys kept
+    kept: int = 0
+    removed: int = 0
+    retried: int = 0
+    next_shard: int = 0  # the first new shard's id
+    full: str | None = None  # why nothing could be kept, if so
+
+    def counts(self) -> dict:
+        return {
+            "new": len(self.fetch) - self.retried,
+            "retried": self.retried,
+            "kept": self.kept,
+            "removed": self.removed,
+            **({"full_reason": self.full} if self.full else {}),
+        }
+
+
+def _base_rows(shard_dir: Path):
+    """(shard id, key, status, row_id) of every base sample, shard by shard."""
+    import pyarrow.parquet as pq
+
+    for p in sorted(shard_dir.glob("*.parquet")):
+        t = pq.read_table(p)
+        if ROW_ID not in t.column_names:
+            raise LookupError("the base predates incremental ingestion (no row ids)")
+        d = t.select(["key", "status", ROW_ID]).to_pydict()
+        yield p.stem, d["key"], d["status"], d[ROW_ID]
+
+
+def base_state(out_dir: Path) -> str:
+    """A fingerprint of the base (its shard files' names, sizes and times): a resumed
+    fetch belongs to the plan made against this same base."""
+    shard_dir = out_dir / "shards"
+    files = sorted(shard_dir.glob("*")) if shard_dir.is_dir() else []
+    return fingerprint([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def plan(params: Params, out_dir: Path, ids: list[str]) -> Plan:
+    """Match the source's row ids against the base in ``out_dir``."""
+    report = out_dir / "report.json"
+    shard_dir = out_dir / "shards"
+    everything = list(range(len(ids)))
+    if not shard_dir.is_dir() or not report.is_file():
+        return Plan(everything, full="first ingest")
+    fetched_with = json.loads(report.read_text()).get("fetch_fingerprint")
+    if fetched_with is None:
+        return Plan(everything, full="the base predates incremental ingestion")
+    if fetched_with != fetch_fingerprint(params):
+        return Plan(everything, full=f"ingest settings changed (one of {', '.join(FETCH_KEYS)})")
+    have: dict[str, list[tuple[str, str]]] = {}
+    failed: set[str] = set()
+    shard_ids: list[str] = []
+    try:
+        for shard, keys, statuses, rids in _base_rows(shard_dir):
+            shard_ids.append(shard)
+            for key, status, rid in zip(keys, statuses, rids, strict=True):
+                if status == "success":
+                    have.setdefault(rid, []).append((shard, key))
+                else:
+                    failed.add(rid)
+    except LookupError as exc:
+        return Plan(everything, full=str(exc))
+    p = Plan(fetch=[], next_shard=max((int(s) for s in shard_ids), default=-1) + 1)
+    used: Counter = Counter()
+    for i, rid in enumerate(ids):
+        spots = have.get(rid, ())
+        if used[rid] < len(spots):  # the same row twice is kept twice if fetched twice
+            shard, key = spots[used[rid]]
+            p.keep.setdefault(shard, set()).add(key)
+            used[rid] += 1
+        else:
+            p.fetch.append(i)
+            p.retried += rid in failed
+    p.kept = sum(used.values())
+    p.removed = sum(len(v) for v in have.values()) - p.kept
+    return p
+
+
+def _rename_key(offset: int, per_shard_digits: int):
+    def rename(key: str) -> str:
+        return f"{int(key) + offset * 10**per_shard_digits:0{len(key)}d}"
+
+    return rename
+
+
+def _copy_shard(src_dir: Path, shard: str, dst_dir: Path, new_id: str, keys, rename) -> None:
+    """Shard ``shard`` of ``src_dir`` as ``new_id`` in ``dst_dir``: whole files linked
+    when every row stays under its key, else rewritten with only the rows in ``keys``
+    (None: all), renamed by ``rename``, and stats counted again from the rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from training.intake import shards
+
+    table = pq.read_table(src_dir / f"{shard}.parquet")
+    all_keys = table["key"].to_pylist()
+    if (keys is None or len(keys) == len(all_keys)) and rename is None and new_id == shard:
+        for suffix in (".tar", ".parquet", "_stats.json"):
+            src, dst = src_dir / f"{shard}{suffix}", dst_dir / f"{shard}{suffix}"
+            if src.exists():
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+        return
+    wanted = set(all_keys) if keys is None else set(keys)
+    name = rename or (lambda k: k)
+
+    def move(key: str) -> str | None:
+        return name(key) if key in wanted else None
+
+    def edit(ext: str, data: bytes) -> bytes:
+        if ext != "json":
+            return data
+        meta = json.loads(data)
+        meta["key"] = name(meta["key"])
+        return json.dumps(meta, indent=4).encode("utf-8")
+
+    if (src_dir / f"{shard}.tar").exists():
+        shards.sort_tar(src_dir / f"{shard}.tar", dst_dir / f"{new_id}.tar", edit, move)
+    table = table.filter(pc.is_in(table["key"], pa.array(sorted(wanted), pa.string())))
+    renamed = pa.array([name(k) for k in table["key"].to_pylist()], pa.string())
+    table = table.set_column(table.column_names.index("key"), "key", renamed)
+    pq.write_table(table, dst_dir / f"{new_id}.parquet")
+    stats_src = src_dir / f"{shard}_stats.json"
+    stats = json.loads(stats_src.read_text()) if stats_src.exists() else {}
+    d = table.select(["status", "error_message"]).to_pydict()
+    status = Counter(d["status"])
+    reasons = Counter(e or s for s, e in zip(d["status"], d["error_message"], strict=True))
+    stats.update(
+        count=len(d["status"]),
+        successes=status["success"],
+        failed_to_download=status["failed_to_download"],
+        failed_to_resize=status["failed_to_resize"],
+        status_dict=dict(sorted(reasons.items())),
+    )
+    (dst_dir / f"{new_id}_stats.json").write_text(json.dumps(stats, indent=4))
+
+
+def assemble(p: Plan, base_dir: Path, new_dir: Path, staged: Path, per_shard: int) -> None:
+    """``staged`` = the base's kept rows + the freshly fetched shards in ``new_dir``
+    (numbered from ``p.next_shard`` on)."""
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    for shard, keys in sorted(p.keep.items()):
+        _copy_shard(base_dir, shard, staged, shard, keys, None)
+    digits = max(1, math.ceil(math.log10(per_shard)))  # img2dataset's key layout
+    for tar_or_table in sorted(new_dir.glob("*.parquet")):
+        shard = tar_or_table.stem
+        new_id = f"{int(shard) + p.next_shard:0{len(shard)}d}"
+        rename = _rename_key(p.next_shard, digits) if p.next_shard else None
+        _copy_shard(new_dir, shard, staged, new_id, None, rename)
+
+
+def swap(staged: Path, shard_dir: Path, trash: Path) -> None:
+    """Put ``staged`` in place of ``shard_dir``: two renames (``recover`` repairs a crash
+    between them), then the old shards are deleted."""
+    shutil.rmtree(trash, ignore_errors=True)
+    if shard_dir.exists():
+        os.replace(shard_dir, trash)
+    os.replace(staged, shard_dir)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover(shard_dir: Path, trash: Path) -> None:
+    """After a crash between ``swap``'s renames, the old shards are back in place."""
+    if trash.is_dir() and not shard_dir.exists():
+        os.replace(trash, shard_dir)
