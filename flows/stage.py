@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.tasks import ROOT, StageFailed, _dvc_cmd, _set_params, _stage
 from training.paths import METRICS
+from training.stages import BY_NAME as STAGE_TABLE
 
 RESULT_KEY = "kiln-stage-result"  # the artifact a remote stage hands back
 
@@ -95,6 +96,10 @@ def _stage_here(
     deps = upstream(stage)
     if deps:
         _dvc_cmd("pull", *deps, what=f"dvc pull of {', '.join(deps)}")
+    spec = STAGE_TABLE.get(stage)
+    if spec is not None and spec.persist and stage in _lock()["stages"]:
+        # its last output, which it builds on (data/latents: rows it need not encode)
+        _dvc_cmd("pull", "--allow-missing", stage, what=f"dvc pull of {stage}'s last output")
     _stage(stage)(stage=stage)
     _dvc_cmd("push", stage, what=f"dvc push of {stage}")
     metrics = ROOT / METRICS / f"{stage}.json"

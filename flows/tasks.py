@@ -123,6 +123,7 @@ def _run_dvc_stage(stage: str) -> None:
 
     note = ROOT / failure_note(stage)
     note.unlink(missing_ok=True)
+    _restore_persistent(stage)
     try:
         _dvc_cmd("repro", "--single-item", stage, what=f"stage {stage}")
     except StageFailed as exc:
@@ -141,20 +142,19 @@ def ingest_task() -> None:
     source probe runs first: ingest runs only when the source changed (and then
     fetches only what it gained)."""
     _run_dvc_stage(stages.SOURCE_PROBE)
-    _restore_raw()
     _run_dvc_stage("ingest")
 
 
-def _restore_raw() -> None:
-    """data/raw persists between runs, so DVC never restores it from its run cache: with
-    it deleted (``make clean``) and the cache still there, `dvc repro` would fetch the
-    whole source again. Check it out from the cache first (a no-op when the cache lacks
-    it: ingest then fetches)."""
-    from training.paths import RAW
-
-    if (ROOT / RAW).exists() or not (ROOT / "dvc.lock").is_file():
+def _restore_persistent(stage: str) -> None:
+    """A persistent output (data/raw, data/latents) is kept between runs, so DVC never
+    restores it from its run cache: with it deleted (``make clean``) and the cache
+    still there, `dvc repro` would fetch or encode it all again. Check it out from the
+    cache first (a no-op when the cache lacks it: the stage then makes it anew)."""
+    spec = stages.BY_NAME.get(stage)
+    if spec is None or not spec.persist or not (ROOT / "dvc.lock").is_file():
         return
-    _dvc_cmd("checkout", "--allow-missing", "--quiet", "ingest", what="dvc checkout ingest")
+    if not (ROOT / spec.outs[0]).exists():
+        _dvc_cmd("checkout", "--allow-missing", "--quiet", stage, what=f"dvc checkout {stage}")
 
 
 # Stages that checkpoint: a retry resumes them, so it costs at most the steps since the

@@ -142,6 +142,9 @@ class ValidateCfg(Section):
 
 
 class VaeCfg(Section):
+    # install this VAE instead of training one (models:/name@alias|/version, or a
+    # diffusers folder): continuous training keeps its latent space (phases/reuse.py)
+    reuse: str | None = None
     loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
     # shards per shuffle block: samples are shuffled within blocks of this many shards
     # (a cache of two blocks serves every batch); a split of at most this many shards is
@@ -176,6 +179,7 @@ class VaeCfg(Section):
 
 
 class ClipCfg(Section):
+    reuse: str | None = None  # as train_vae's: keeps the text states the U-Net knows
     loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
     # captions the tokenizer trains on: all of them up to this many, else a seeded
     # sample of whole shards (phases/clip.py, captions_of)
@@ -219,6 +223,7 @@ class LatentsCfg(Section):
 
 
 class UnetCfg(Section):
+    init_from: str | None = None  # start from this U-Net (as train_vae.reuse's forms)
     backbone: Literal["unet2d"] = "unet2d"  # the denoiser (training/phases/backbones/)
     loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
     block_shards: int = Field(16, ge=1)  # as train_vae's
@@ -388,13 +393,8 @@ def load(path: str | Path = "params.yaml") -> Params:
 
 
 def set_values(path: str | Path, updates: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Write dotted-key updates into a params file, keeping its comments and order.
-
-    DVC tracks params by file, so `kiln run --dataset digits` records the choice in
-    params.yaml (the DVC way) rather than in a side channel DVC cannot see. Returns
-    ``{key: (old, new)}`` for keys whose value actually changed. The file is validated
-    with the updates applied before anything is written.
-    """
+    """Write dotted-key updates into a params file (comments and order kept; validated
+    first), where DVC sees them; ``{key: (old, new)}`` of the values that changed."""
     from training.params_file import write_values
 
     return write_values(path, updates, lambda raw: resolve(raw, source=str(path)))

@@ -32,7 +32,8 @@ class Stage:
     # from object storage and need not be on local disk ("Data at scale")
     streamed: tuple[Path, ...] = ()
     # its first out is incremental: kept between runs (DVC ``persist``), never cleared
-    # before one; the phase brings it up to date itself (ingest: intake/sync.py)
+    # before one; the phase brings it up to date itself (ingest: intake/sync.py;
+    # precompute_latents: phases/latent_cache.py)
     persist: bool = False
 
     @property
@@ -86,6 +87,7 @@ STAGES: tuple[Stage, ...] = (
         (P.CLEAN, P.VAE, P.CLIP),
         (P.LATENTS,),
         data_parallel=True,
+        persist=True,
     ),
     Stage(
         "train_unet",

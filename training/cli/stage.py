@@ -114,7 +114,14 @@ def _register(stage: str) -> Callable | None:
     from training import tracking
 
     if spec.model != PIPELINE_MODEL:
-        return lambda tr, metrics: tracking.register_dir(tr, spec.model, spec.outs[0], metrics)
+
+        def register_component(tr, metrics: dict) -> str:
+            if metrics.get("reused_version"):  # a registry version, installed as it was
+                tr.mlflow.set_tag("kiln.reused_from", metrics["reused_from"])
+                return str(metrics["reused_version"])
+            return tracking.register_dir(tr, spec.model, spec.outs[0], metrics)
+
+        return register_component
 
     def register_pipeline(tr, metrics: dict) -> str:
         for name in ("report.html", "samples.png"):  # the pipeline is logged with the model
@@ -129,6 +136,8 @@ def _register(stage: str) -> Callable | None:
         metrics.update(gate)
         gate_line = tracking.describe_gate(spec.model, version, gate)
         typer.echo(f"[kiln] {stage}: gate: {gate_line}", err=True)
+        if gate["gate_decision"] == "champion":
+            tracking.components.crown()
         return version
 
     return register_pipeline

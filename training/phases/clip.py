@@ -255,10 +255,10 @@ def run(
         val.close()
 
 
-def say_context(text: dict[str, float], c) -> None:
+def say_context(text: dict[str, float], c, how: str | None = None) -> None:
     """One line on the captions' lengths and the context; a warning when it cuts."""
     context, frac = int(text["context_length"]), text["captions_truncated_frac"]
-    how = "from the data" if c.max_length == "auto" else "train_clip.max_length"
+    how = how or ("from the data" if c.max_length == "auto" else "train_clip.max_length")
     E.say(
         f"train_clip: captions are {text['caption_tokens_p50']:.0f} tokens (median), "
         f"{text['caption_tokens_p95']:.0f} (p95), {text['caption_tokens_max']:.0f} (max); "
@@ -280,8 +280,6 @@ def say_context(text: dict[str, float], c) -> None:
 
 
 def _train(params, tokenizer, batches, val, out_dir: Path, ckpt_dir: Path, log) -> dict:
-    from training.engine.images import grid
-
     c = params.train_clip
     E.say(
         f"train_clip: tokenizer with {len(tokenizer)} tokens; "
@@ -307,6 +305,18 @@ def _train(params, tokenizer, batches, val, out_dir: Path, ckpt_dir: Path, log) 
     if not E.is_main():
         return summary
 
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return {**measure(model, val, params, out_dir, log), **summary}
+
+
+def measure(model: CLIPModel, val, params: Params, out_dir: Path, log) -> dict:
+    """Recall@1/5 both ways on the first ``val_samples`` val pairs, and a heatmap of
+    the first 32 pairs' similarities in ``out_dir`` (diagonal = matching pairs)."""
+    from PIL import Image
+
+    from training.engine.images import grid
+
+    c = params.train_clip
     px, ids = zip(
         *((to_tensor(b["px"]), b["ids"]) for b in val.scan(256, c.val_samples)), strict=True
     )
@@ -320,18 +330,12 @@ def _train(params, tokenizer, batches, val, out_dir: Path, ckpt_dir: Path, log) 
         "val_t2i_r1": recall_at(sim.T, g, g, 1),
         "val_t2i_r5": recall_at(sim.T, g, g, 5),
         "val_samples": len(val_ids),
-        "vocab_size": len(tokenizer),
+        "vocab_size": model.config.text_config.vocab_size,
         "params": sum(p.numel() for p in model.parameters()),
-        **summary,
     }
-    model.save_pretrained(out_dir, safe_serialization=True)
-
-    # Similarity heatmap of the first 32 val pairs (diagonal = matching pairs).
     k = min(32, len(val_ids))
     s = sim[:k, :k].numpy()
     heat = ((s - s.min()) / max(1e-6, float(s.max() - s.min())) * 255).astype(np.uint8)
-    from PIL import Image
-
     heat_path = out_dir / "similarity.png"
     grid([Image.fromarray(heat).convert("RGB")], nrow=1, scale=8).save(heat_path)
     log.log_image(heat_path)
@@ -342,6 +346,29 @@ def _train(params, tokenizer, batches, val, out_dir: Path, ckpt_dir: Path, log) 
     return metrics
 
 
+def reuse(params: Params, clean: str | Path, out_dir: Path, log) -> dict:
+    """``train_clip.reuse``: install that CLIP and tokenizer instead of training them
+    (the text states stay those the U-Net knows), then measure them on this data:
+    how its captions fit the tokenizer's context, and val recall."""
+    from training.phases import reuse as R
+
+    c = params.train_clip
+    info = R.install("train_clip", c.reuse, out_dir, params)
+    tokenizer = CLIPTokenizer.from_pretrained(out_dir)
+    hist = token_lengths(tokenizer, captions_of(f"{clean}/train", c.tokenizer_samples, params.seed))
+    text = caption_stats(hist, tokenizer.model_max_length)
+    say_context(text, c, how="the reused tokenizer's")
+    model = CLIPModel.from_pretrained(out_dir).eval()
+    val = pair_split(params, f"{clean}/val", tokenizer)
+    try:
+        return {**info, **text, **measure(model, val, params, out_dir, log)}
+    finally:
+        val.close()
+
+
 def stage(params: Params, log: E.MetricLogger) -> dict:
     E.init_distributed()  # torch's threads; the process group under torchrun
-    return run(params, loaders.split_source(P.CLEAN, "clean"), P.CLIP, P.CKPT / "train_clip", log)
+    clean = loaders.split_source(P.CLEAN, "clean")
+    if params.train_clip.reuse:
+        return reuse(params, clean, P.CLIP, log) if E.is_main() else {}
+    return run(params, clean, P.CLIP, P.CKPT / "train_clip", log)

@@ -10,11 +10,16 @@ dataset size; under ``KILN_NPROC=N`` the clean shards are split by node and then
 DataLoader worker (``run``). ``manifest.json`` records counts, shapes, dtypes and the
 fingerprints of the models and data they came from; ``null_text.safetensors`` is the
 empty-prompt embedding used for caption dropout.
+
+Incremental: ``data/latents`` persists, and a row already encoded by the same VAE and
+CLIP (by its image bytes and caption) is copied from the last output instead of encoded
+again (``phases/latent_cache.py``); the metrics count ``latents_encoded`` and
+``latents_reused``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,24 +27,13 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from training import engine as E
 from training import paths as P
 from training.config import Params
 from training.inference.text import load_text_encoder, text_states
 from training.intake.index import write_index
-
-
-def dir_fingerprint(directory: Path) -> str:
-    """Content hash of a model/data directory (file names + bytes) for the manifest."""
-    h = hashlib.sha256()
-    for p in sorted(directory.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(directory)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
+from training.phases.latent_cache import LatentCache, content_key, model_fingerprint, swap
 
 PREVIEW_PROMPTS = 8
 
@@ -77,6 +71,7 @@ def _decoded(batch: list, last: bool) -> dict:
         "last": last,  # the shard's final batch: its writer can close
         "worker": info.id if info else 0,
         "keys": [r.key for r in batch],
+        "content": [content_key(r.image_bytes, r.caption) for r in batch],
         "captions": [r.caption for r in batch],
         "pixels": np.stack([np.asarray(r.image(), dtype=np.uint8) for r in batch]),
     }
@@ -110,10 +105,12 @@ class _ShardWriter:
         self.files: dict[str, int] = {}
         self.captions: list[str] = []  # kept for val: the preview prompts come from them
         self.keys: list[str] = []
+        self.content: list[str] = []  # each row's content key (phases/latent_cache.py)
         self.buf: dict[str, list[torch.Tensor]] = {}
 
-    def add(self, keys: list[str], **tensors: torch.Tensor) -> None:
+    def add(self, keys: list[str], content: list[str], **tensors: torch.Tensor) -> None:
         self.keys.extend(keys)
+        self.content.extend(content)
         for name, t in tensors.items():
             self.buf.setdefault(name, []).append(t)
         if len(self.keys) >= self.per_shard:
@@ -125,10 +122,11 @@ class _ShardWriter:
         tensors = {k: torch.cat(v).contiguous() for k, v in self.buf.items()}
         name = f"{self.prefix}-{len(self.files):03d}.safetensors"
         tmp = self.out_dir / f".{name}.tmp"
-        save_file(tensors, tmp, metadata={"keys": ",".join(self.keys)})
+        meta = {"keys": ",".join(self.keys), "content": ",".join(self.content)}
+        save_file(tensors, tmp, metadata=meta)
         tmp.replace(self.out_dir / name)
         self.files[name] = len(self.keys)
-        self.keys, self.buf = [], {}
+        self.keys, self.content, self.buf = [], [], {}
 
 
 def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir: Path) -> dict:
@@ -143,7 +141,11 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     from training.intake import shards
 
     c = params.precompute_latents
-    E.barrier()  # rank 0 has cleared the old outputs before anyone writes
+    # the old output is the cache (and stays whole until the new one is complete)
+    old_dir, out_dir = out_dir, out_dir.with_name(f".{out_dir.name}.new")
+    if E.is_main():
+        shutil.rmtree(out_dir, ignore_errors=True)
+    E.barrier()  # rank 0 has cleared the staging folder before anyone writes
     dev = E.device()
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
     tokenizer, encoder = load_text_encoder(clip_dir)
@@ -151,7 +153,12 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     for split in ("train", "val"):
         (out_dir / split).mkdir(parents=True, exist_ok=True)
     text_dtype = getattr(torch, c.text_dtype)
-    part: dict = {"truncated": {}}  # what this process wrote: files, counts, captions, who
+    fps = model_fingerprint(vae_dir), model_fingerprint(clip_dir)
+    cache = LatentCache(old_dir, *fps, c.text_dtype)
+    if E.is_main():
+        E.say(f"precompute_latents: reusable: {cache.reason}")
+    # what this process wrote: files, counts, captions, who; rows encoded and reused
+    part: dict = {"truncated": {}, "encoded": 0}
     context = tokenizer.model_max_length
     for split in ("train", "val"):
         cut = 0  # captions longer than the text encoder's context: counted, never silent
@@ -173,11 +180,23 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
                     w = writers[b["shard"]] = _ShardWriter(
                         out_dir, split, shard_no[b["shard"]], c.samples_per_shard
                     )
-                post = vae.encode(to_tensor(b["pixels"]).to(dev)).latent_dist
-                text = text_states(tokenizer, encoder, b["captions"])
+                rows = [cache.get(k) for k in b["content"]]
+                todo = [i for i, row in enumerate(rows) if row is None]
+                if todo:  # through the VAE and the text encoder: what the cache lacks
+                    post = vae.encode(to_tensor(b["pixels"][todo]).to(dev)).latent_dist
+                    text = text_states(tokenizer, encoder, [b["captions"][i] for i in todo])
+                    new = {"mean": post.mean.cpu(), "std": post.std.cpu()}
+                    new["text"] = text.to(text_dtype)
+                    for j, i in enumerate(todo):
+                        rows[i] = {k: v[j : j + 1] for k, v in new.items()}
+                    part["encoded"] += len(todo)
                 lengths = map(len, tokenizer(b["captions"], truncation=False).input_ids)
                 cut += sum(n > context for n in lengths)
-                w.add(b["keys"], mean=post.mean.cpu(), std=post.std.cpu(), text=text.to(text_dtype))
+                w.add(
+                    b["keys"],
+                    b["content"],
+                    **{k: torch.cat([r[k] for r in rows]) for k in ("mean", "std", "text")},
+                )
                 if split == "val":
                     w.captions.extend(b["captions"])
                 if b["last"]:
@@ -194,32 +213,32 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
             raise RuntimeError(f"latents: shards left unfinished: {sorted(writers)}")
         part[split] = files
         part["truncated"][split] = cut
+    part["reused"] = cache.hits
     E.write_json(out_dir / f".part-{E.rank()}.json", part)
     E.barrier()  # every process's files and part are written
     if not E.is_main():
         return {}
-    return _write_manifest(params, clean_dir, vae_dir, clip_dir, out_dir, vae, tokenizer, encoder)
+    models = (vae_dir, clip_dir, fps, vae, tokenizer, encoder)
+    metrics = _write_manifest(params, clean_dir, models, out_dir)
+    swap(out_dir, old_dir)
+    return metrics
 
 
-def _write_manifest(
-    params: Params,
-    clean_dir: Path,
-    vae_dir: Path,
-    clip_dir: Path,
-    out_dir: Path,
-    vae: AutoencoderKL,
-    tokenizer: CLIPTokenizer,
-    encoder: CLIPTextModel,
-) -> dict:
+def _write_manifest(params: Params, clean_dir: Path, models: tuple, out_dir: Path) -> dict:
     """Rank 0: merge the processes' parts into ``manifest.json`` (files in input order),
-    and write the empty-prompt and preview-prompt text states."""
+    and write the empty-prompt and preview-prompt text states. ``models``: the VAE and
+    CLIP folders, their fingerprints, the VAE, the tokenizer and the text encoder."""
     import json
 
+    vae_dir, clip_dir, (vae_fp, clip_fp), vae, tokenizer, encoder = models
     parts = sorted(out_dir.glob(".part-*.json"))
     merged: dict[str, dict] = {"train": {}, "val": {}}
     truncated = {"train": 0, "val": 0}
+    counts = {"encoded": 0, "reused": 0}
     for path in parts:
         part = json.loads(path.read_text())
+        for k in counts:
+            counts[k] += part.pop(k)
         for split, n in part.pop("truncated").items():
             truncated[split] += n
         for split, files in part.items():
@@ -228,10 +247,10 @@ def _write_manifest(
     manifest: dict = {
         "vae": {
             "path": str(vae_dir),
-            "fingerprint": dir_fingerprint(vae_dir),
+            "fingerprint": vae_fp,
             "scaling_factor": vae.config.scaling_factor,
         },
-        "clip": {"path": str(clip_dir), "fingerprint": dir_fingerprint(clip_dir)},
+        "clip": {"path": str(clip_dir), "fingerprint": clip_fp},
         "splits": {},
     }
     by_process: dict[str, list[str]] = {}
@@ -283,7 +302,13 @@ def _write_manifest(
             "is conditioned on their first tokens only (train_clip's log says which setting "
             "decides the context)"
         )
+    E.say(
+        f"precompute_latents: {counts['encoded']} encoded, {counts['reused']} reused from "
+        "the last run"
+    )
     return {
+        "latents_encoded": counts["encoded"],
+        "latents_reused": counts["reused"],
         "captions_truncated_train": truncated["train"],
         "captions_truncated_val": truncated["val"],
         "train_count": manifest["splits"]["train"]["count"],

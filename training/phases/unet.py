@@ -172,6 +172,11 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
     )
 
     model = build(params, ch, size, text_shape[-1])
+    start: dict = {}
+    if c.init_from:  # continue from a registered U-Net (checked before any step)
+        from training.phases.reuse import warm_start
+
+        start = warm_start(model, c.init_from, params)
     sched = noise_scheduler(params)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
     trainer = E.stage_trainer(
@@ -241,7 +246,7 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
             )
     model.save_pretrained(out_dir, safe_serialization=True)
     sched.save_pretrained(out_dir)  # scheduler_config.json beside the U-Net config
-    return {"params": sum(p.numel() for p in model.parameters()), **summary}
+    return {"params": sum(p.numel() for p in model.parameters()), **start, **summary}
 
 
 def stage(params: Params, log: E.MetricLogger) -> dict:

@@ -177,9 +177,7 @@ def _train(params, batches, val, out_dir: Path, ckpt_dir: Path, log: E.MetricLog
     if not E.is_main():  # data parallel: rank 0 measures and saves
         return summary
 
-    # images per forward pass after training: 256 at 32 px, fewer as pixels grow, so the
-    # encoder's activations take the same memory at any image size
-    chunk = max(1, 256 * 32 * 32 // (size * size))
+    chunk = _chunk(size)
     with torch.no_grad():
         # Scaling factor from the data: posterior samples of up to 2k training images,
         # the first of epoch 0's (seeded) order, read in chunks.
@@ -191,8 +189,31 @@ def _train(params, batches, val, out_dir: Path, ckpt_dir: Path, log: E.MetricLog
                 x = to_tensor(batches.take(group[i : i + chunk])["x"]).to(dev)
                 lat.append(model.encode(x).latent_dist.sample(generator=g).flatten())
         scaling = float(1.0 / torch.cat(lat).std())
-        psnrs, ssim_sum, seen, first = [], 0.0, 0, None
-        for b in val.scan(chunk, c.val_samples):
+    model.register_to_config(scaling_factor=scaling)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    metrics = {
+        **measure(model, val, params, out_dir, log),
+        "latent_shape": [c.latent_channels, size // down, size // down],
+        "params": n_params,
+        **summary,
+    }
+    return metrics
+
+
+def _chunk(size: int) -> int:
+    """Images per forward pass after training: 256 at 32 px, fewer as pixels grow, so
+    the encoder's activations take the same memory at any image size."""
+    return max(1, 256 * 32 * 32 // (size * size))
+
+
+def measure(model: AutoencoderKL, val, params: Params, out_dir: Path, log) -> dict:
+    """Val PSNR and SSIM of ``model``'s reconstructions (posterior means) on the first
+    ``val_samples`` val images, and a grid of the first 16 in ``out_dir``."""
+    dev = next(model.parameters()).device
+    psnrs, ssim_sum, seen, first = [], 0.0, 0, None
+    with torch.no_grad():
+        for b in val.scan(_chunk(params.ingest.image_size), params.train_vae.val_samples):
             x = to_tensor(b["x"])
             recon = model(x.to(dev), sample_posterior=False).sample.cpu().clamp(-1, 1)
             psnrs.append(psnr(recon, x))
@@ -200,21 +221,15 @@ def _train(params, batches, val, out_dir: Path, ckpt_dir: Path, log: E.MetricLog
             seen += len(x)
             if first is None:
                 first = (x[:16], recon[:16])
-    model.register_to_config(scaling_factor=scaling)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-
     grid = out_dir / "reconstructions.png"
     save_grid(torch.cat(first), grid, nrow=len(first[0]))
     log.log_image(grid)
+    scaling = model.config.scaling_factor
     metrics = {
         "val_psnr": float(np.mean(np.concatenate(psnrs))),
         "val_ssim": float(ssim_sum / seen),
         "val_samples": seen,
         "scaling_factor": scaling,
-        "latent_shape": [c.latent_channels, size // down, size // down],
-        "params": n_params,
-        **summary,
     }
     E.say(
         f"train_vae: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.3f}, "
@@ -223,6 +238,23 @@ def _train(params, batches, val, out_dir: Path, ckpt_dir: Path, log: E.MetricLog
     return metrics
 
 
+def reuse(params: Params, clean: str | Path, out_dir: Path, log) -> dict:
+    """``train_vae.reuse``: install that VAE instead of training one (its latent space,
+    and its scaling factor, stay), then measure it on this data's val split."""
+    from training.phases import reuse as R
+
+    info = R.install("train_vae", params.train_vae.reuse, out_dir, params)
+    model = AutoencoderKL.from_pretrained(out_dir).eval()
+    val = image_split(params, f"{clean}/val")
+    try:
+        return {**info, **measure(model, val, params, out_dir, log)}
+    finally:
+        val.close()
+
+
 def stage(params: Params, log: E.MetricLogger) -> dict:
     E.init_distributed()  # torch's threads; the process group under torchrun
-    return run(params, loaders.split_source(P.CLEAN, "clean"), P.VAE, P.CKPT / "train_vae", log)
+    clean = loaders.split_source(P.CLEAN, "clean")
+    if params.train_vae.reuse:
+        return reuse(params, clean, P.VAE, log) if E.is_main() else {}
+    return run(params, clean, P.VAE, P.CKPT / "train_vae", log)

@@ -6,10 +6,12 @@
   process died;
 * ``lineage``: git commit and DVC hashes as tags;
 * ``registry``: each phase's model as a registered version, the promotion gate, and
-  re-registering what DVC restored from its cache.
+  re-registering what DVC restored from its cache;
+* ``components``: fetching a registered component to reuse, crowning a champion's.
 """
 
 from training.stages import MODEL_NAMES
+from training.tracking import components
 from training.tracking.lineage import dvc_lineage, git_commit, tag_stage_outputs
 from training.tracking.registry import (
     REGISTERED_OUTS,
@@ -40,6 +42,7 @@ __all__ = [
     "StageRun",
     "champion_version",
     "close_orphaned_runs",
+    "components",
     "component_model",
     "describe_gate",
     "dvc_lineage",

@@ -297,6 +297,9 @@ def ensure_registered(
     md5 = locked_md5(stage, out, root)
     if md5 is None:
         return None
+    reused = _metrics(root, stage).get("reused_version")
+    if reused:  # the stage installed a registered version (phases/reuse.py): that one
+        return str(reused)
     mlflow = setup(root)
     client = MlflowClient()
     tag = f"dvc.out.{out}"
@@ -316,6 +319,11 @@ def ensure_registered(
         if v.tags.get(tag) == md5:
             return str(v.version)
     return _register_restored(parent_run_id, stage, root, md5, gate)
+
+
+def _metrics(root: Path, stage: str) -> dict:
+    path = root / METRICS / f"{stage}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def champion_version(name: str, root: Path | None = None) -> str | None:
@@ -339,8 +347,7 @@ def _register_restored(
     mlflow = setup(root)
     out = root / REGISTERED_OUTS[stage]
     name = MODEL_NAMES[stage]
-    metrics_path = root / METRICS / f"{stage}.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = _metrics(root, stage)
     metrics = {k: v for k, v in metrics.items() if k not in ("mlflow_run_id", "registered_version")}
     tags = {
         "kiln.stage": stage,

@@ -1,0 +1,214 @@
+"""Component reuse (#16): ``train_vae.reuse`` / ``train_clip.reuse`` install a registered
+model instead of training one, measure it on this data, and register nothing new; a
+reference that cannot be reused stops the stage before anything is written. And
+precompute_latents encodes only the samples it has not encoded with those same models.
+
+The real stage commands (``kiln train-vae``, ``kiln train-clip``) on a project copy
+with its own MLflow store, on a small synthetic clean split."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.conftest import copy_project, kiln, py
+from tests.loaderkit import image_split
+from training import config
+
+STEPS = {
+    f"{stage}.{key}": value
+    for stage in ("train_vae", "train_clip")
+    for key, value in (("steps", 6), ("batch_size", 8), ("warmup_steps", 0), ("val_samples", 16))
+}
+REGISTRY = """
+import json
+from mlflow import MlflowClient
+from training import tracking
+tracking.setup()
+c = MlflowClient()
+print(json.dumps({n: sorted(int(v.version) for v in c.search_model_versions(f"name='{n}'"))
+                  for n in ("kiln-vae", "kiln-clip")}))
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A project copy whose VAE and CLIP were trained (briefly) and registered as v1."""
+    project = copy_project(tmp_path_factory.mktemp("reuse") / "kiln")
+    image_split(project / "data" / "clean" / "train", n=64, per_shard=32, size=32)
+    image_split(project / "data" / "clean" / "val", n=16, size=32, seed=1, prefix="val")
+    config.set_values(project / "params.yaml", STEPS)
+    kiln(project, "train-vae")
+    kiln(project, "train-clip")
+    shutil.copytree(project / "data" / "models", project.parent / "v1")  # as registered
+    return project
+
+
+def _registry(project: Path) -> dict[str, list[int]]:
+    return json.loads(py(project, REGISTRY).strip().splitlines()[-1])
+
+
+def _metrics(project: Path, stage: str) -> dict:
+    return json.loads((project / "data" / "metrics" / f"{stage}.json").read_text())
+
+
+def test_a_registered_version_is_installed_measured_and_not_registered_again(trained):
+    project = trained
+    weights = {
+        "vae": "diffusion_pytorch_model.safetensors",
+        "clip": "model.safetensors",
+    }
+    before = {k: (project / "data" / "models" / k / f).read_bytes() for k, f in weights.items()}
+    assert _registry(project) == {"kiln-vae": [1], "kiln-clip": [1]}
+    config.set_values(
+        project / "params.yaml",
+        {"train_vae.reuse": "models:/kiln-vae/1", "train_clip.reuse": "models:/kiln-clip/1"},
+    )
+    shutil.rmtree(project / "data" / "models")
+    try:
+        vae_run = kiln(project, "train-vae")
+        clip_run = kiln(project, "train-clip")
+    finally:
+        config.set_values(
+            project / "params.yaml", {"train_vae.reuse": None, "train_clip.reuse": None}
+        )
+    assert "train_vae: reusing models:/kiln-vae/1" in vae_run.stderr
+    for k, f in weights.items():  # the very weights of version 1
+        assert (project / "data" / "models" / k / f).read_bytes() == before[k], k
+    assert (project / "data" / "models" / "clip" / "tokenizer_config.json").is_file()
+    vae_m, clip_m = _metrics(project, "train_vae"), _metrics(project, "train_clip")
+    assert vae_m["reused_version"] == vae_m["registered_version"] == "1"
+    assert clip_m["reused_version"] == clip_m["registered_version"] == "1"
+    # measured on this data all the same
+    assert vae_m["val_samples"] == 16 and 0 < vae_m["val_psnr"] < 60
+    assert clip_m["val_samples"] == 16 and 0 <= clip_m["val_i2t_r1"] <= 1
+    assert clip_m["context_length"] > 0 and "the reused tokenizer's" in clip_run.stderr
+    assert "train_seconds" not in vae_m and "train_seconds" not in clip_m  # none trained
+    assert _registry(project) == {"kiln-vae": [1], "kiln-clip": [1]}  # nothing new
+
+
+@pytest.mark.parametrize(
+    "stage,ref,says",
+    [
+        ("train_vae", "models:/kiln-vae/7", "not in the registry"),
+        ("train_vae", "models:/kiln-nope@champion", "not in the registry"),
+        ("train_vae", "{v1}/clip", "not a AutoencoderKL folder"),
+        ("train_vae", "{v1}/no-such-dir", "is not a directory"),
+        ("train_vae", "{other_profile}", "the VAE downsamples 8x, the tiny profile's 4x"),
+        ("train_clip", "{v1}/vae", "not a clip folder"),
+    ],
+    ids=["no-version", "no-model", "wrong-kind", "no-dir", "other-profile", "clip-wrong-kind"],
+)
+def test_what_cannot_be_reused_stops_the_stage_before_anything_is_written(
+    trained, tmp_path, stage, ref, says
+):
+    project = trained
+    other = tmp_path / "vae-f8"  # a VAE with one more downsampling level than tiny's
+    v1 = project.parent / "v1"
+    shutil.copytree(v1 / "vae", other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["block_out_channels"] = [*cfg["block_out_channels"], cfg["block_out_channels"][-1]]
+    (other / "config.json").write_text(json.dumps(cfg))
+    ref = ref.format(v1=v1, other_profile=other)
+    config.set_values(project / "params.yaml", {f"{stage}.reuse": ref})
+    out = "vae" if stage == "train_vae" else "clip"
+    try:
+        proc = kiln(project, stage.replace("_", "-"), check=False)
+    finally:
+        config.set_values(project / "params.yaml", {f"{stage}.reuse": None})
+    assert proc.returncode != 0
+    assert says in proc.stderr, proc.stderr[-2000:]
+    assert not (project / "data" / "models" / out / "config.json").exists()  # removed
+    assert _registry(project) == {"kiln-vae": [1], "kiln-clip": [1]}
+
+
+def _rows(latents: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """content key -> (posterior mean, text states) of every train row."""
+    out = {}
+    for f in sorted((latents / "train").glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            keys = fh.metadata()["content"].split(",")
+            mean, text = fh.get_tensor("mean"), fh.get_tensor("text")
+        out.update({k: (mean[i], text[i]) for i, k in enumerate(keys)})
+    return out
+
+
+def test_latents_are_encoded_once_per_sample_and_models(trained):
+    project = trained
+    models = project / "data" / "models"
+    shutil.rmtree(models, ignore_errors=True)
+    shutil.copytree(project.parent / "v1", models)  # the registered v1 VAE and CLIP
+    latents = project / "data" / "latents"
+    first = kiln(project, "precompute-latents")
+    m = _metrics(project, "precompute_latents")
+    assert (m["latents_encoded"], m["latents_reused"]) == (80, 0)
+    assert "reusable: no earlier latents" in first.stderr
+    before = _rows(latents)
+
+    # the data grows: 16 more training pictures, the first 64 as they were
+    shutil.rmtree(project / "data" / "clean" / "train")
+    image_split(project / "data" / "clean" / "train", n=80, per_shard=32, size=32)
+    kiln(project, "precompute-latents")
+    m = _metrics(project, "precompute_latents")
+    assert (m["latents_encoded"], m["latents_reused"]) == (16, 80)
+    after = _rows(latents)
+    assert len(after) == 80 and set(before) < set(after)
+    for k, (mean, text) in before.items():  # copied, not encoded again
+        assert torch.equal(after[k][0], mean) and torch.equal(after[k][1], text)
+    assert not list(project.glob("data/.latents*"))  # nothing left beside the output
+
+    # a new VAE is a new latent space: everything is encoded again
+    config.set_values(project / "params.yaml", {"train_vae.steps": 7})
+    kiln(project, "train-vae")
+    again = kiln(project, "precompute-latents")
+    m = _metrics(project, "precompute_latents")
+    assert (m["latents_encoded"], m["latents_reused"]) == (96, 0)
+    assert "reusable: the VAE or CLIP changed" in again.stderr
+
+
+def test_the_unet_starts_from_a_registered_one_or_says_why_it_cannot(trained):
+    project = trained
+    if not (project / "data" / "latents" / "manifest.json").is_file():  # run alone (-k)
+        kiln(project, "precompute-latents")
+    weights = project / "data" / "models" / "unet" / "diffusion_pytorch_model.safetensors"
+    short = {"train_unet.batch_size": 8, "train_unet.preview_every": 0,
+             "train_unet.val_samples": 8, "train_unet.warmup_steps": 0}  # fmt: skip
+    # v1: 20 steps at a high rate, saved without averaging, far from any initialisation
+    v1_cfg = {"train_unet.steps": 20, "train_unet.lr": 0.01, "train_unet.ema_decay": 0.0}
+    config.set_values(project / "params.yaml", {**short, **v1_cfg})
+    kiln(project, "train-unet")
+    v1 = load_file(weights)
+    # then two steps at a low rate: from v1 they stay near v1, from scratch near the init
+    two_steps = {"train_unet.steps": 2, "train_unet.lr": 1.0e-4, "train_unet.ema_decay": 0.999}
+    config.set_values(project / "params.yaml", two_steps)
+
+    def distance(state: dict) -> float:  # largest difference from v1, any tensor
+        return max(float((state[k] - v1[k]).abs().max()) for k in v1)
+
+    config.set_values(project / "params.yaml", {"train_unet.init_from": "models:/kiln-unet/1"})
+    warm = kiln(project, "train-unet")
+    assert "train_unet: starting from models:/kiln-unet/1" in warm.stderr
+    m = _metrics(project, "train_unet")
+    assert m["init_version"] == "1" and m["registered_version"] == "2"  # a new version
+    # two steps on: the saved (EMA) weights are v1's plus at most a whisker
+    assert distance(load_file(weights)) < 1e-3
+
+    config.set_values(project / "params.yaml", {"train_unet.init_from": None})
+    kiln(project, "train-unet")  # the same two steps from a fresh initialisation
+    assert distance(load_file(weights)) > 0.05
+
+    # another width: refused before any step, with the first tensor that differs
+    config.set_values(
+        project / "params.yaml",
+        {"train_unet.init_from": "models:/kiln-unet/1", "train_unet.layers_per_block": 2},
+    )
+    bad = kiln(project, "train-unet", check=False)
+    assert bad.returncode != 0
+    assert "models:/kiln-unet/1 does not fit the tiny profile's U-Net" in bad.stderr
+    assert "tensors differ, e.g. " in bad.stderr

@@ -1,0 +1,94 @@
+"""Latents already encoded by the same VAE and CLIP are reused, not encoded again.
+
+``data/latents`` persists between runs (DVC ``persist``). Every row carries a content
+key: the hash of its clean image's bytes and its caption, stored in each safetensors
+file's metadata beside the sample keys. A new run reads the old output's index first;
+when the old manifest says its rows came from these exact models (the weights and
+configs of the VAE and of CLIP with its tokenizer, ``model_fingerprint``) and the text
+states are stored in the same type, a row whose content key is there is copied, and
+only the rest go through the VAE and the text encoder. A continuing run that reuses
+its VAE and CLIP (``phases/reuse.py``) so encodes only the samples the data gained.
+
+The new output is written beside the old one and swapped in at the end (the old one is
+the cache while it runs). Memory: the index holds one key per old row; one old file's
+tensors at a time are loaded to copy rows from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+# files of a model folder that make its outputs what they are (not its pictures or the
+# resolved params of the run that wrote it)
+_MODEL_SUFFIXES = (".safetensors", ".json", ".txt")
+_NOT_MODEL = ("resolved_params.json",)
+
+
+def content_key(image_bytes: bytes, caption: str) -> str:
+    return hashlib.sha1(image_bytes + b"\0" + caption.encode("utf-8")).hexdigest()[:24]
+
+
+def model_fingerprint(directory: Path) -> str:
+    """Hash of a model folder's weights, configs and tokenizer files."""
+    h = hashlib.sha256()
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.suffix in _MODEL_SUFFIXES and p.name not in _NOT_MODEL:
+            h.update(str(p.relative_to(directory)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class LatentCache:
+    """The rows of an earlier output, by content key (empty when there is none, or it
+    came from other models or another text type: ``reason`` says which)."""
+
+    def __init__(self, old_dir: Path, vae_fp: str, clip_fp: str, text_dtype: str):
+        self.where: dict[str, tuple[Path, int]] = {}
+        self.hits = 0
+        self._file: Path | None = None
+        self._rows: dict[str, torch.Tensor] = {}
+        manifest = old_dir / "manifest.json"
+        if not manifest.is_file():
+            self.reason = "no earlier latents"
+            return
+        old = json.loads(manifest.read_text())
+        if (old["vae"]["fingerprint"], old["clip"]["fingerprint"]) != (vae_fp, clip_fp):
+            self.reason = "the VAE or CLIP changed"
+            return
+        if old["tensors"]["text"]["dtype"] != f"torch.{text_dtype}":
+            self.reason = "the text states' type changed"
+            return
+        for f in sorted(old_dir.glob("*/*.safetensors")):
+            with safe_open(f, "pt") as fh:
+                content = (fh.metadata() or {}).get("content", "")
+            for i, key in enumerate(filter(None, content.split(","))):
+                self.where[key] = (f, i)
+        self.reason = f"{len(self.where)} rows encoded by the same models"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        """One cached row (tensors of batch size 1), or None."""
+        found = self.where.get(key)
+        if found is None:
+            return None
+        path, i = found
+        if path != self._file:  # rows are looked up in file order: one file at a time
+            self._rows, self._file = load_file(path), path
+        self.hits += 1
+        return {name: t[i : i + 1] for name, t in self._rows.items()}
+
+
+def swap(staged: Path, out_dir: Path) -> None:
+    """Put the new output in place of the old one."""
+    trash = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.replace(trash)
+    staged.replace(out_dir)
+    shutil.rmtree(trash, ignore_errors=True)

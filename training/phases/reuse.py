@@ -1,0 +1,149 @@
+"""Reuse a registered VAE or CLIP instead of training one (continuous training).
+
+A new VAE is a new latent space: every latent has to be encoded again, and a U-Net
+trained on the old one is worthless. A new CLIP is a new text space, with the same
+consequence. So a pipeline that builds on what it has keeps its components:
+``train_vae.reuse`` and ``train_clip.reuse`` name a model to install in place of
+training one:
+
+- ``models:/kiln-vae@champion`` (an alias) or ``models:/kiln-vae/3`` (a version);
+- a directory holding a diffusers ``AutoencoderKL`` (or a transformers ``CLIPModel``
+  with its tokenizer) that a user brings.
+
+The stage copies it into its output after checking, before anything else, that it is
+that kind of model and fits the profile, then measures it on this data's val split
+(the phase's own metrics), so a reused model is still graded on the data it now serves.
+A registry version is not registered again: the stage's ``registered_version`` is the
+version reused (``reused_version``).
+
+``train_unet.init_from`` (same forms) starts the U-Net from a registered one instead of
+a fresh initialisation (``warm_start``): it then trains ``train_unet.steps`` on all of
+the current data, old samples and new (the replay is the data itself), and registers a
+new version whose metrics name its parent (``init_from``, ``init_version``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from training.config import Params
+
+# stage -> (weights file, what config.json must say, the class it loads as)
+KINDS = {
+    "train_vae": ("diffusion_pytorch_model.safetensors", ("_class_name", "AutoencoderKL")),
+    "train_clip": ("model.safetensors", ("model_type", "clip")),
+}
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# files of a registered folder that describe the old run, not the model
+NOT_COPIED = ("MLmodel", "resolved_params.json")
+
+
+class ReuseError(ValueError):
+    """The model to reuse cannot be: not found, not that kind, or not this profile's."""
+
+
+def resolve(ref: str) -> tuple[Path, str | None]:
+    """(local directory, ``name/version`` or None for a plain directory) of ``ref``.
+    Raises ``ReuseError`` for what does not exist and ``ConnectionError`` when the
+    registry cannot be reached (a retry may help)."""
+    if not ref.startswith("models:/"):
+        path = Path(ref)
+        if not path.is_dir():
+            raise ReuseError(f"{ref} is not a directory (nor a models:/ registry URI)")
+        return path, None
+    from training.tracking import components
+
+    try:
+        return components.fetch(ref)
+    except LookupError as exc:
+        raise ReuseError(str(exc)) from None
+
+
+def check(stage: str, ref: str, directory: Path, params: Params) -> None:
+    """That ``directory`` holds the stage's kind of model, and one the profile can use."""
+    weights, (key, value) = KINDS[stage]
+    cfg_path = directory / "config.json"
+    if not (directory / weights).is_file() or not cfg_path.is_file():
+        raise ReuseError(f"{ref}: no {weights} and config.json: not a {value} folder")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get(key) != value:
+        raise ReuseError(f"{ref}: config.json says {key} {cfg.get(key)!r}, not {value!r}")
+    if stage == "train_vae":
+        down = 2 ** (len(cfg["block_out_channels"]) - 1)
+        want = 2 ** (len(params.train_vae.block_out_channels) - 1)
+        if down != want:
+            raise ReuseError(
+                f"{ref}: the VAE downsamples {down}x, the {params.profile} profile's "
+                f"{want}x (its buckets and U-Net sizes assume {want}x); reuse a VAE "
+                "trained for this profile"
+            )
+    else:
+        side = cfg["vision_config"]["image_size"]
+        if side != params.ingest.image_size:
+            raise ReuseError(
+                f"{ref}: the CLIP sees {side} px images, the {params.profile} profile "
+                f"{params.ingest.image_size} px"
+            )
+        if not (directory / "tokenizer_config.json").is_file():
+            raise ReuseError(f"{ref}: no tokenizer beside the CLIP model")
+
+
+def install(stage: str, ref: str, out_dir: Path, params: Params) -> dict:
+    """Copy the model ``ref`` names into ``out_dir`` (checked first); returns the
+    metrics that say what was reused."""
+    directory, version = resolve(ref)
+    check(stage, ref, directory, params)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in sorted(directory.iterdir()):
+        if f.is_file() and f.name not in NOT_COPIED:
+            shutil.copy2(f, out_dir / f.name)
+    from training import engine as E
+
+    E.say(f"{stage}: reusing {ref}" + (f" (= models:/{version})" if version else ""))
+    return {"reused_from": ref, "reused_version": version.split("/")[1] if version else ""}
+
+
+def warm_start(model, ref: str, params: Params) -> dict:
+    """``train_unet.init_from``: load the U-Net ``ref`` names into ``model``, the
+    profile's freshly built denoiser, before any step. It must be the same architecture
+    tensor for tensor (a champion trained at other widths or on another latent or text
+    size cannot be continued: train from scratch). Returns the metrics that say where
+    training started from."""
+    import torch
+    from safetensors.torch import load_file
+
+    directory, version = resolve(ref)
+    cfg_path = directory / "config.json"
+    if not (directory / UNET_WEIGHTS).is_file() or not cfg_path.is_file():
+        raise ReuseError(f"{ref}: no {UNET_WEIGHTS} and config.json: not a U-Net folder")
+    cls = json.loads(cfg_path.read_text()).get("_class_name")
+    if cls != type(model).__name__:
+        raise ReuseError(
+            f"{ref}: a {cls}, but the {params.train_unet.backbone} backbone is a "
+            f"{type(model).__name__}"
+        )
+    state = load_file(directory / UNET_WEIGHTS)
+    own = model.state_dict()
+    differ = sorted(
+        k for k in own.keys() | state.keys()
+        if k not in own or k not in state or own[k].shape != state[k].shape
+    )  # fmt: skip
+    if differ:
+        k = differ[0]
+
+        def shape(d: dict) -> str:
+            return str(list(d[k].shape)) if k in d else "missing"
+
+        raise ReuseError(
+            f"{ref} does not fit the {params.profile} profile's U-Net: {len(differ)} "
+            f"tensors differ, e.g. {k}: {shape(state)} there, {shape(own)} here (a "
+            "changed width, latent or text size); train this one from scratch"
+        )
+    with torch.no_grad():
+        model.load_state_dict(state)
+    from training import engine as E
+
+    E.say(f"train_unet: starting from {ref}" + (f" (= models:/{version})" if version else ""))
+    return {"init_from": ref, "init_version": version.split("/")[1] if version else ""}
