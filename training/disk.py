@@ -104,3 +104,21 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_dir(new: Path, target: Path, trash: Path) -> None:
+    """Put the folder ``new`` in place of ``target`` (an incremental stage's output, built
+    beside the old one): two renames, the old one through ``trash``, then deleted. A
+    crash between the renames leaves the old folder at ``trash``, where
+    ``restore_dir`` finds it."""
+    shutil.rmtree(trash, ignore_errors=True)
+    if target.exists():
+        os.replace(target, trash)
+    os.replace(new, target)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def restore_dir(target: Path, trash: Path) -> None:
+    """After a crash between ``replace_dir``'s renames, the old folder goes back."""
+    if trash.is_dir() and not target.exists():
+        os.replace(trash, target)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from training import paths as P
 from training.config import Params, fingerprint
 from training.console import say
-from training.disk import write_json
+from training.disk import replace_dir, restore_dir, write_json
 from training.intake import sources, sync
 from training.intake.canonical import canonicalize_shard, stable_url
 from training.intake.guard import is_transient, policy_for
@@ -229,7 +229,7 @@ def run(params: Params, out_dir: Path, work_dir: Path) -> dict:
     ``out_dir`` already holds from this source is kept, and only the rest is fetched
     (``intake/sync.py``)."""
     check_source(params)
-    sync.recover(out_dir / "shards", work_dir.parent / f".{work_dir.name}-replaced")
+    restore_dir(out_dir / "shards", work_dir.parent / f".{work_dir.name}-replaced")
     _prepare_work(work_dir, _source_fingerprint(params, out_dir))
     try:
         return _ingest(params, out_dir, work_dir)
@@ -307,7 +307,7 @@ def publish(
     staged = work_dir / "staged"
     sync.assemble(plan, shard_dir, i2d_dir, staged, params.ingest.samples_per_shard)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sync.swap(staged, shard_dir, work_dir.parent / f".{work_dir.name}-replaced")
+    replace_dir(staged, shard_dir, work_dir.parent / f".{work_dir.name}-replaced")
     rejected = collect_rejects(shard_dir, out_dir / "rejects.parquet")
     report = {
         "dataset": params.ingest.dataset,

@@ -19,7 +19,7 @@ What a fetched sample's bytes depend on besides its row (image size, resize mode
 background, limits: ``FETCH_KEYS``) is recorded in the base's report; when it changes,
 nothing is kept and the source is fetched again in full. The new ``shards/`` is
 assembled beside the old one and swapped in by two renames; a crash between them is
-repaired by the next run (``recover``). Memory: one id per source row and per base
+repaired by the next run (``disk.restore_dir``). Memory: one id per source row and per base
 sample (about 100 bytes each).
 """
 
@@ -226,19 +226,3 @@ def assemble(p: Plan, base_dir: Path, new_dir: Path, staged: Path, per_shard: in
         new_id = f"{int(shard) + p.next_shard:0{len(shard)}d}"
         rename = _rename_key(p.next_shard, digits) if p.next_shard else None
         _copy_shard(new_dir, shard, staged, new_id, None, rename)
-
-
-def swap(staged: Path, shard_dir: Path, trash: Path) -> None:
-    """Put ``staged`` in place of ``shard_dir``: two renames (``recover`` repairs a crash
-    between them), then the old shards are deleted."""
-    shutil.rmtree(trash, ignore_errors=True)
-    if shard_dir.exists():
-        os.replace(shard_dir, trash)
-    os.replace(staged, shard_dir)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def recover(shard_dir: Path, trash: Path) -> None:
-    """After a crash between ``swap``'s renames, the old shards are back in place."""
-    if trash.is_dir() and not shard_dir.exists():
-        os.replace(trash, shard_dir)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -82,13 +81,3 @@ class LatentCache:
             self._rows, self._file = load_file(path), path
         self.hits += 1
         return {name: t[i : i + 1] for name, t in self._rows.items()}
-
-
-def swap(staged: Path, out_dir: Path) -> None:
-    """Put the new output in place of the old one."""
-    trash = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(trash, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.replace(trash)
-    staged.replace(out_dir)
-    shutil.rmtree(trash, ignore_errors=True)

@@ -31,9 +31,10 @@ from safetensors.torch import load_file, save_file
 from training import engine as E
 from training import paths as P
 from training.config import Params
+from training.disk import replace_dir
 from training.inference.text import load_text_encoder, text_states
 from training.intake.index import write_index
-from training.phases.latent_cache import LatentCache, content_key, model_fingerprint, swap
+from training.phases.latent_cache import LatentCache, content_key, model_fingerprint
 
 PREVIEW_PROMPTS = 8
 
@@ -220,7 +221,7 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
         return {}
     models = (vae_dir, clip_dir, fps, vae, tokenizer, encoder)
     metrics = _write_manifest(params, clean_dir, models, out_dir)
-    swap(out_dir, old_dir)
+    replace_dir(out_dir, old_dir, old_dir.with_name(f".{old_dir.name}.old"))
     return metrics
 
 
