@@ -74,6 +74,7 @@ class Plan:
 
     fetch: list[int]
     keep: dict[str, set[str]] = field(default_factory=dict)  # base shard id -> keys kept
+    rows: dict[str, int] = field(default_factory=dict)  # base shard id -> rows it holds
     kept: int = 0
     removed: int = 0
     retried: int = 0
@@ -124,10 +125,10 @@ def plan(params: Params, out_dir: Path, ids: list[str]) -> Plan:
         return Plan(everything, full=f"ingest settings changed (one of {', '.join(FETCH_KEYS)})")
     have: dict[str, list[tuple[str, str]]] = {}
     failed: set[str] = set()
-    shard_ids: list[str] = []
+    rows: dict[str, int] = {}
     try:
         for shard, keys, statuses, rids in _base_rows(shard_dir):
-            shard_ids.append(shard)
+            rows[shard] = len(keys)
             for key, status, rid in zip(keys, statuses, rids, strict=True):
                 if status == "success":
                     have.setdefault(rid, []).append((shard, key))
@@ -135,7 +136,7 @@ def plan(params: Params, out_dir: Path, ids: list[str]) -> Plan:
                     failed.add(rid)
     except LookupError as exc:
         return Plan(everything, full=str(exc))
-    p = Plan(fetch=[], next_shard=max((int(s) for s in shard_ids), default=-1) + 1)
+    p = Plan(fetch=[], rows=rows, next_shard=max((int(s) for s in rows), default=-1) + 1)
     used: Counter = Counter()
     for i, rid in enumerate(ids):
         spots = have.get(rid, ())
@@ -158,10 +159,20 @@ def _rename_key(offset: int, per_shard_digits: int):
     return rename
 
 
+def _link_shard(src_dir: Path, shard: str, dst_dir: Path) -> None:
+    """A shard kept whole, under its own id: its files linked (copied across devices)."""
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        src, dst = src_dir / f"{shard}{suffix}", dst_dir / f"{shard}{suffix}"
+        if src.exists():
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+
 def _copy_shard(src_dir: Path, shard: str, dst_dir: Path, new_id: str, keys, rename) -> None:
-    """Shard ``shard`` of ``src_dir`` as ``new_id`` in ``dst_dir``: whole files linked
-    when every row stays under its key, else rewritten with only the rows in ``keys``
-    (None: all), renamed by ``rename``, and stats counted again from the rows."""
+    """Shard ``shard`` of ``src_dir`` rewritten as ``new_id`` in ``dst_dir`` with only
+    the rows in ``keys`` (None: all), renamed by ``rename``, stats counted again."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -169,17 +180,7 @@ def _copy_shard(src_dir: Path, shard: str, dst_dir: Path, new_id: str, keys, ren
     from training.intake import shards
 
     table = pq.read_table(src_dir / f"{shard}.parquet")
-    all_keys = table["key"].to_pylist()
-    if (keys is None or len(keys) == len(all_keys)) and rename is None and new_id == shard:
-        for suffix in (".tar", ".parquet", "_stats.json"):
-            src, dst = src_dir / f"{shard}{suffix}", dst_dir / f"{shard}{suffix}"
-            if src.exists():
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copy2(src, dst)
-        return
-    wanted = set(all_keys) if keys is None else set(keys)
+    wanted = set(table["key"].to_pylist()) if keys is None else set(keys)
     name = rename or (lambda k: k)
 
     def move(key: str) -> str | None:
@@ -219,10 +220,15 @@ def assemble(p: Plan, base_dir: Path, new_dir: Path, staged: Path, per_shard: in
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
     for shard, keys in sorted(p.keep.items()):
-        _copy_shard(base_dir, shard, staged, shard, keys, None)
+        if len(keys) == p.rows[shard]:  # every row kept: the files as they are
+            _link_shard(base_dir, shard, staged)
+        else:
+            _copy_shard(base_dir, shard, staged, shard, keys, None)
     digits = max(1, math.ceil(math.log10(per_shard)))  # img2dataset's key layout
-    for tar_or_table in sorted(new_dir.glob("*.parquet")):
-        shard = tar_or_table.stem
+    for table in sorted(new_dir.glob("*.parquet")):
+        shard = table.stem
+        if not p.next_shard:  # nothing before them: ids and keys stay
+            _link_shard(new_dir, shard, staged)
+            continue
         new_id = f"{int(shard) + p.next_shard:0{len(shard)}d}"
-        rename = _rename_key(p.next_shard, digits) if p.next_shard else None
-        _copy_shard(new_dir, shard, staged, new_id, None, rename)
+        _copy_shard(new_dir, shard, staged, new_id, None, _rename_key(p.next_shard, digits))

@@ -61,13 +61,18 @@ def resolve(ref: str) -> tuple[Path, str | None]:
         raise ReuseError(str(exc)) from None
 
 
+def _config(ref: str, directory: Path, weights: str, what: str) -> dict:
+    """A model folder's config.json, once its weights and config are known to be there."""
+    cfg_path = directory / "config.json"
+    if not (directory / weights).is_file() or not cfg_path.is_file():
+        raise ReuseError(f"{ref}: no {weights} and config.json: not {what} folder")
+    return json.loads(cfg_path.read_text())
+
+
 def check(stage: str, ref: str, directory: Path, params: Params) -> None:
     """That ``directory`` holds the stage's kind of model, and one the profile can use."""
     weights, (key, value) = KINDS[stage]
-    cfg_path = directory / "config.json"
-    if not (directory / weights).is_file() or not cfg_path.is_file():
-        raise ReuseError(f"{ref}: no {weights} and config.json: not a {value} folder")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = _config(ref, directory, weights, f"a {value}")
     if cfg.get(key) != value:
         raise ReuseError(f"{ref}: config.json says {key} {cfg.get(key)!r}, not {value!r}")
     if stage == "train_vae":
@@ -115,10 +120,7 @@ def warm_start(model, ref: str, params: Params) -> dict:
     from safetensors.torch import load_file
 
     directory, version = resolve(ref)
-    cfg_path = directory / "config.json"
-    if not (directory / UNET_WEIGHTS).is_file() or not cfg_path.is_file():
-        raise ReuseError(f"{ref}: no {UNET_WEIGHTS} and config.json: not a U-Net folder")
-    cls = json.loads(cfg_path.read_text()).get("_class_name")
+    cls = _config(ref, directory, UNET_WEIGHTS, "a U-Net").get("_class_name")
     if cls != type(model).__name__:
         raise ReuseError(
             f"{ref}: a {cls}, but the {params.train_unet.backbone} backbone is a "
