@@ -62,6 +62,27 @@ def _metrics(stage: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _preflight(params) -> None:
+    """``mode: continue``: the registry answers and the champion fits this profile,
+    or the run stops here, before any stage (``training/phases/continuing.py``)."""
+    if params.mode != "continue":
+        return
+    from training.phases.continuing import preflight
+
+    try:
+        base = preflight(params)
+    except (ValueError, ConnectionError) as exc:  # ReuseError is a ValueError
+        raise PreflightFailed(f"mode continue: {exc}") from None
+    if base is None:
+        print("mode continue: no champion yet, so this run trains from scratch")
+    else:
+        print("mode continue: building on " + ", ".join(f"models:/{v}" for v in base.values()))
+
+
+class PreflightFailed(RuntimeError):
+    """A continuing run that cannot build on its champion (said before any stage)."""
+
+
 def summarize(params: dict, versions: dict[str, str]) -> tuple[str, str]:
     """(markdown for Prefect/MLflow, plain text for the terminal)."""
     ev = _metrics("evaluate")
@@ -125,32 +146,40 @@ def kiln_pipeline(
     dataset: str | None = None,
     source: str | None = None,
     gpu_deployment: str | None = None,
+    mode: str | None = None,
 ) -> dict:
     """ingest -> validate -> train_vae -> train_clip -> precompute_latents -> train_unet
     -> evaluate, each a DVC stage.
 
-    ``profile``/``dataset``/``source`` are written into params.yaml first (where DVC
-    tracks them); ``gpu_deployment`` (or ``KILN_GPU_DEPLOYMENT``), e.g.
-    ``kiln-stage/gpu``, sends the GPU stages to that deployment's work pool."""
+    ``profile``/``dataset``/``source``/``mode`` are written into params.yaml first
+    (where DVC tracks them); ``mode: continue`` builds on the registered champion
+    (checked before any stage: ``training/phases/continuing.py``).
+    ``gpu_deployment`` (or ``KILN_GPU_DEPLOYMENT``), e.g. ``kiln-stage/gpu``, sends the
+    GPU stages to that deployment's work pool."""
     from training import runlock
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_NoTracebackForStageFailed())
     with runlock.pipeline_lock("kiln-pipeline", ROOT):
-        return _pipeline(profile, dataset, source, gpu_deployment)
+        return _pipeline(profile, dataset, source, gpu_deployment, mode)
 
 
 def _pipeline(
-    profile: str | None, dataset: str | None, source: str | None, gpu_deployment: str | None
+    profile: str | None,
+    dataset: str | None,
+    source: str | None,
+    gpu_deployment: str | None,
+    mode: str | None,
 ) -> dict:
     from training import config, tracking
 
+    _set_params(profile, dataset, source, mode)
+    gpu_deployment = gpu_deployment or os.environ.get("KILN_GPU_DEPLOYMENT") or None
+    params = config.load(ROOT / "params.yaml")
+    _preflight(params)  # before any stage, and before anything is registered
     closed = tracking.close_orphaned_runs(ROOT)
     if closed:
         print(f"marked {len(closed)} MLflow run(s) of dead earlier runs KILLED")
-    _set_params(profile, dataset, source)
-    gpu_deployment = gpu_deployment or os.environ.get("KILN_GPU_DEPLOYMENT") or None
-    params = config.load(ROOT / "params.yaml")
     gate = (params.gate_metric(), params.evaluate.gate_min_delta)
     versions: dict[str, str] = {}
     done: list[str] = []

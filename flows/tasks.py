@@ -174,13 +174,21 @@ def _stage(stage: str):
     return stage_task.with_options(name=stage, retries=1 if stage in CHECKPOINTED else 0)
 
 
-def _set_params(profile: str | None, dataset: str | None, source: str | None) -> None:
-    """Write a run's profile / data choices into params.yaml, where DVC tracks them."""
+def _set_params(
+    profile: str | None, dataset: str | None, source: str | None, mode: str | None = None
+) -> None:
+    """Write a run's profile / data / mode choices into params.yaml, where DVC tracks
+    them."""
     from training import config
 
     updates = {
         k: v
-        for k, v in (("profile", profile), ("ingest.dataset", dataset), ("ingest.source", source))
+        for k, v in (
+            ("profile", profile),
+            ("ingest.dataset", dataset),
+            ("ingest.source", source),
+            ("mode", mode),
+        )
         if v
     }
     if updates:

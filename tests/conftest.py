@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,6 +124,43 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180)
                 return
         time.sleep(1)
     raise AssertionError(f"{url} did not come up in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+class CountingImages(http.server.BaseHTTPRequestHandler):
+    """Serves ``images`` (URL path -> bytes) and counts the requests for each path."""
+
+    hits: Counter = Counter()
+    images: dict[str, bytes] = {}
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).hits[self.path] += 1
+        body = self.images.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def counting_server(images: dict[str, bytes]) -> Iterator[str]:
+    """A loopback image server (``CountingImages``, its counts reset); yields its URL."""
+    CountingImages.hits.clear()
+    CountingImages.images = images
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CountingImages)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@ def test_repo_params_load_and_default_to_tiny():
     assert p.profile == "tiny"
     assert p.ingest.dataset == "shapes"
     assert p.ingest.image_size == 32
-    assert set(p.to_dict()) == {"profile", "seed", *config.STAGES}
+    assert set(p.to_dict()) == {"profile", "seed", "mode", *config.STAGES}
+    assert p.mode == "scratch" and p.train_unet.finetune_steps == p.train_unet.steps // 4
 
 
 @pytest.mark.parametrize(
@@ -26,6 +27,8 @@ def test_repo_params_load_and_default_to_tiny():
         ({"ingest": {"dataset": "cats"}}, "ingest.dataset"),
         ({"validate": {"val_fraction": 2.0}}, "validate.val_fraction"),
         ({"train_vae": "big"}, "train_vae"),
+        ({"mode": "resume"}, "mode"),
+        ({"evaluate": {"oracle": "cats"}}, "evaluate.oracle"),
     ],
 )
 def test_bad_params_name_the_key_and_file(tmp_path, raw, needle):

@@ -40,7 +40,7 @@ def _version(client, metric: str, value: float) -> str:
     ],
 )
 def test_the_gate_knows_which_way_is_better(registry, metric, values, decisions):
-    from training.tracking.registry import promote
+    from training.tracking.gate import promote
 
     got = []
     for value in values:
@@ -54,7 +54,7 @@ def test_the_gate_knows_which_way_is_better(registry, metric, values, decisions)
 
 
 def test_a_metric_the_evaluation_could_not_measure_never_wins_nor_crashes(registry):
-    from training.tracking.registry import promote
+    from training.tracking.gate import promote
 
     why = {"fd_clip_ratio_skipped": "needs >= 2 val images per half"}
     first = promote("m", _version(registry, "x", 0), why, "fd_clip_ratio", 0.0)
@@ -68,9 +68,35 @@ def test_a_metric_the_evaluation_could_not_measure_never_wins_nor_crashes(regist
         promote("m", _version(registry, "x", 0), {"fid": 1.0}, "fd_clip_ratio", 0.0)
 
 
+def test_the_champion_is_judged_by_its_score_in_this_run_not_its_old_record(registry):
+    """The champion's recorded 0.9 was measured under other prompts or code; this run
+    re-scored it at 0.6 on the same requests as the challenger's 0.7: the challenger
+    wins on the like-for-like numbers, and the decision records both."""
+    from training.tracking.gate import promote
+
+    champion = _version(registry, "acc_all", 0.9)
+    promote("m", champion, {"acc_all": 0.9}, "acc_all", 0.0)
+    same_run = {"acc_all": 0.7, "champion_version": int(champion), "champion.acc_all": 0.6}
+    gate = promote("m", _version(registry, "acc_all", 0.7), same_run, "acc_all", 0.0)
+    assert gate["gate_decision"] == "champion"
+    assert (gate["gate_value"], gate["gate_champion_value"]) == (0.7, 0.6)
+    assert gate["gate_champion_source"] == "rescored"
+    # a re-score of another version (the champion moved since) is not this champion's
+    stale = {"acc_all": 0.65, "champion_version": int(champion), "champion.acc_all": 0.1}
+    gate = promote("m", _version(registry, "acc_all", 0.65), stale, "acc_all", 0.0)
+    assert gate["gate_champion_source"] == "recorded" and gate["gate_champion_value"] == 0.7
+    assert gate["gate_decision"] == "challenger"
+
+
 def test_user_data_gates_on_the_distance_to_real_images_not_on_clip_score():
     user = config.resolve({"ingest": {"dataset": "folder", "source": "/x"}})
-    from training.tracking.registry import GATE_LOWER_IS_BETTER
+    from training.tracking.gate import GATE_LOWER_IS_BETTER
 
     assert user.gate_metric() == "fd_clip_ratio" in GATE_LOWER_IS_BETTER
     assert config.resolve({}).gate_metric() == "acc_all"
+    # an export of a built-in set (a URL list of shapes) is graded by that set's oracle
+    export = config.resolve(
+        {"ingest": {"dataset": "url-list", "source": "/x"}, "evaluate": {"oracle": "shapes"}}
+    )
+    assert (export.oracle(), export.gate_metric()) == ("shapes", "acc_all")
+    assert user.oracle() is None

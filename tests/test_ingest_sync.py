@@ -9,15 +9,11 @@ the ``source`` probe makes ``dvc repro`` re-run ingest exactly when the folder c
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import io
 import json
 import os
 import subprocess
 import sys
-import threading
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +21,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.conftest import copy_project
+from tests.conftest import CountingImages, copy_project, counting_server
 from training import config
 from training.intake import ingest, shards, validate
 
@@ -40,36 +36,10 @@ def _jpeg(i: int) -> bytes:
     return buf.getvalue()
 
 
-class _Counting(http.server.BaseHTTPRequestHandler):
-    hits: Counter = Counter()
-    images: dict[str, bytes] = {}
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802
-        type(self).hits[self.path] += 1
-        body = self.images.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        with contextlib.suppress(OSError):
-            self.wfile.write(body)
-
-
 @pytest.fixture()
 def server():
-    _Counting.hits.clear()
-    _Counting.images = {f"/{i}.jpg": _jpeg(i) for i in range(40)}
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with counting_server({f"/{i}.jpg": _jpeg(i) for i in range(40)}) as url:
+        yield url
 
 
 def _params(**ingest_cfg) -> config.Params:
@@ -110,7 +80,7 @@ def test_url_list_sync_fetches_only_what_the_source_gained(tmp_path: Path, serve
     _write_list(lst, server, list(range(20)))
     first = ingest.run(params, raw, work)
     assert first["successes"] == 20 and first["rows_full_reason"] == "first ingest"
-    assert all(_Counting.hits[f"/{i}.jpg"] == 1 for i in range(20))
+    assert all(CountingImages.hits[f"/{i}.jpg"] == 1 for i in range(20))
     before_files, before = _files(raw), _samples(raw)
     clean1 = tmp_path / "clean1"
     validate.run(params, raw, clean1)
@@ -120,7 +90,7 @@ def test_url_list_sync_fetches_only_what_the_source_gained(tmp_path: Path, serve
     second = ingest.run(params, raw, work)
     assert (second["rows_new"], second["rows_kept"], second["rows_removed"]) == (11, 15, 5)
     assert second["rows_retried"] == 0
-    assert all(_Counting.hits[f"/{i}.jpg"] == 1 for i in range(30))  # none fetched twice
+    assert all(CountingImages.hits[f"/{i}.jpg"] == 1 for i in range(30))  # none fetched twice
     after = _samples(raw)
     assert sorted(after) == sorted(f"picture {i}" for i in range(5, 30))
     assert all(after[c] == before[c] for c in after if c in before)  # kept keys stay
@@ -151,13 +121,13 @@ def test_url_list_sync_fetches_only_what_the_source_gained(tmp_path: Path, serve
     # the source did not change: nothing is fetched but the row that failed
     third = ingest.run(params, raw, work)
     assert (third["rows_new"], third["rows_retried"], third["rows_kept"]) == (0, 1, 25)
-    assert _Counting.hits["/gone-1.jpg"] == 2
-    assert all(_Counting.hits[f"/{i}.jpg"] == 1 for i in range(30))
+    assert CountingImages.hits["/gone-1.jpg"] == 2
+    assert all(CountingImages.hits[f"/{i}.jpg"] == 1 for i in range(30))
 
     # fetch settings changed: every row is fetched again, at the new size
     resized = ingest.run(_params(dataset="url-list", source=str(lst), image_size=48), raw, work)
     assert "settings changed" in resized["rows_full_reason"]
-    assert resized["rows_new"] == 26 and _Counting.hits["/5.jpg"] == 2
+    assert resized["rows_new"] == 26 and CountingImages.hits["/5.jpg"] == 2
     assert not work.exists() and not (tmp_path / ".work-replaced").exists()
 
 

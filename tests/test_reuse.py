@@ -185,7 +185,8 @@ def test_the_unet_starts_from_a_registered_one_or_says_why_it_cannot(trained):
     kiln(project, "train-unet")
     v1 = load_file(weights)
     # then two steps at a low rate: from v1 they stay near v1, from scratch near the init
-    two_steps = {"train_unet.steps": 2, "train_unet.lr": 1.0e-4, "train_unet.ema_decay": 0.999}
+    two_steps = {"train_unet.steps": 2, "train_unet.finetune_steps": 2,
+                 "train_unet.lr": 1.0e-4, "train_unet.ema_decay": 0.999}  # fmt: skip
     config.set_values(project / "params.yaml", two_steps)
 
     def distance(state: dict) -> float:  # largest difference from v1, any tensor
@@ -196,6 +197,7 @@ def test_the_unet_starts_from_a_registered_one_or_says_why_it_cannot(trained):
     assert "train_unet: starting from models:/kiln-unet/1" in warm.stderr
     m = _metrics(project, "train_unet")
     assert m["init_version"] == "1" and m["registered_version"] == "2"  # a new version
+    assert m["finetune_steps"] == 2
     # two steps on: the saved (EMA) weights are v1's plus at most a whisker
     assert distance(load_file(weights)) < 1e-3
 

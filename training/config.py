@@ -18,37 +18,54 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from training.sections import (
+    SAMPLER,
+    ClipCfg,
+    DatasetName,
+    EvaluateCfg,
+    IngestCfg,
+    LatentsCfg,
+    SamplerDefaults,
+    UnetCfg,
+    VaeCfg,
+    ValidateCfg,
+)
 from training.stages import NAMES
 
+# the schemas live in training/sections.py; this is still the module to import them from
+__all__ = [
+    "SAMPLER",
+    "ClipCfg",
+    "ConfigError",
+    "DatasetName",
+    "EvaluateCfg",
+    "IngestCfg",
+    "LatentsCfg",
+    "Params",
+    "SamplerDefaults",
+    "UnetCfg",
+    "VaeCfg",
+    "ValidateCfg",
+    "fingerprint",
+    "load",
+    "resolve",
+    "set_values",
+]
+
 ProfileName = Literal["tiny", "tiny64", "small", "base"]
-DatasetName = Literal["shapes", "digits", "url-list", "folder", "shards"]
+# scratch: every model trained from its initialisation; continue: build on the registered
+# @champion (its VAE and CLIP reused, its U-Net fine-tuned; training/phases/reuse.py)
+Mode = Literal["scratch", "continue"]
 BUILTIN_DATASETS = ("shapes", "digits")
 STAGES = NAMES  # params.yaml has one section per stage (training/stages.py)
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
-SchedulerName = Literal["ddpm", "ddim", "dpm++", "euler"]
-Loader = Literal["stream", "memory"]  # training data loaders (training/engine/loaders/)
-
-
-@dataclass(frozen=True)
-class SamplerDefaults:
-    """Sampler settings used wherever a caller gives none: the evaluate stage, ``kiln
-    generate`` and the REST model (one place, so they cannot drift apart)."""
-
-    scheduler: SchedulerName = "dpm++"
-    steps: int = 20
-    guidance: float = 4.0
-    negative_prompt: str = ""
-
-
-SAMPLER = SamplerDefaults()
 
 
 def fingerprint(*parts: Any) -> str:
@@ -61,237 +78,6 @@ class ConfigError(ValueError):
     """A params file that cannot be used; the message names the file and key."""
 
 
-class Section(BaseModel):
-    # strict: "32" is not an int and 1 is not a bool; ints are still accepted for floats.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class IngestCfg(Section):
-    dataset: DatasetName = "shapes"
-    image_size: int = Field(ge=8, le=2048)
-    num_samples: int = Field(ge=1, description="built-in sets: how many samples to render")
-    include_held_out: bool = False  # shapes: also render the held-out colour-shape pairs
-    # url-list: a parquet/csv/tsv/jsonl file; folder: a directory of images with sidecar
-    # .txt captions; shards: webdataset tars (a path, a glob or a brace pattern, or URLs)
-    source: str | None = None
-    url_col: str = "url"
-    caption_col: str = "caption"
-    # buckets: validate fits each image to its aspect-ratio bucket (intake/buckets.py);
-    # border (pad to a square), center_crop, keep_ratio, no: img2dataset's own modes
-    resize_mode: Literal["buckets", "border", "center_crop", "keep_ratio", "no"] = "buckets"
-    bucket_stride: int = Field(ge=1)  # the profile's: VAE x U-Net downsampling, or a multiple
-    # Transparent pixels are composited on this colour ("#rrggbb"). img2dataset's
-    # `border` padding of non-square images stays white whatever this says.
-    background: str = Field("#ffffff", pattern=r"^#[0-9a-fA-F]{6}$")
-    # shards hold lossless PNG; level 9 made 256 px ingestion 5x slower than level 1
-    # for ~10% smaller files (benchmarks/RESULTS.md)
-    png_compression: int = Field(1, ge=0, le=9)
-    # img2dataset's distributor: multiprocessing on one machine; pyspark/ray on a cluster
-    # (the guard travels inside the pickled downloader; only multiprocessing is tested)
-    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
-    processes: int = Field(ge=1)
-    threads: int = Field(ge=1)
-    timeout_s: int = Field(10, ge=1)  # per socket operation (urllib's meaning)
-    retries: int = Field(1, ge=0)
-    samples_per_shard: int = Field(1000, ge=10)
-    # The fetch guard (training/intake/guard.py): CIDR ranges that may be contacted although
-    # loopback/private/link-local; the built-in sets add 127.0.0.1/32 for their server.
-    allow_networks: tuple[str, ...] = ()
-    deadline_s: float = Field(30.0, gt=0)  # total per download, slow-drip servers included
-    max_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    max_redirects: int = Field(5, ge=0)
-    max_pixels: int = Field(40_000_000, ge=64)  # declared size; larger is a decompression bomb
-
-    @property
-    def background_rgb(self) -> tuple[int, int, int]:
-        return tuple(bytes.fromhex(self.background[1:]))  # type: ignore[return-value]
-
-
-class ValidateCfg(Section):
-    @model_validator(mode="before")
-    @classmethod
-    def _off_switches(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("near_duplicate_bits", 0) is None:
-            raise ValueError(
-                "near_duplicate_bits: null no longer turns the near-duplicate check "
-                "off; set near_duplicates: off (and near_duplicate_bits to a number)"
-            )
-        if isinstance(values, dict) and values.get("near_duplicates") is False:
-            return {**values, "near_duplicates": "off"}  # YAML 1.1 reads a bare off as false
-        return values
-
-    min_side: int = Field(8, ge=1)
-    max_aspect_ratio: float = Field(2.0, ge=1.0)
-    min_file_bytes: int = Field(32, ge=0)
-    max_file_bytes: int = Field(16 * 1024 * 1024, ge=1)
-    min_caption_chars: int = Field(1, ge=0)
-    max_caption_chars: int = Field(300, ge=1)
-    # Duplicates: what makes a sample a copy of an earlier one.
-    #   image: its picture is an exact or near duplicate (web crawls: mirrors, resizes);
-    #   image+caption: that, and the same caption too (curated sets: variants of one
-    #     drawing with their own captions are kept);
-    #   off: no near-duplicate check (exact copies of the picture still go).
-    # Near: colour-aware 8x8 difference hashes (192 bits) within near_duplicate_bits.
-    # The built-in sets skip the near check: their jittered renders are near-duplicates
-    # by design (2,342 of 4,000 shapes would go).
-    near_duplicates: Literal["image", "image+caption", "off"] = "image"
-    near_duplicate_bits: int = Field(6, ge=0, le=64)
-    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
-    samples_per_shard: int = Field(1000, ge=10)
-    chunk_rows: int = Field(2000, ge=10)  # rows per GX batch: memory is flat in data size
-
-
-class VaeCfg(Section):
-    # install this VAE instead of training one (models:/name@alias|/version, or a
-    # diffusers folder): continuous training keeps its latent space (phases/reuse.py)
-    reuse: str | None = None
-    loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
-    # shards per shuffle block: samples are shuffled within blocks of this many shards
-    # (a cache of two blocks serves every batch); a split of at most this many shards is
-    # fully shuffled (training/engine/order.py)
-    block_shards: int = Field(16, ge=1)
-    block_out_channels: tuple[int, ...]
-    layers_per_block: int = Field(ge=1)
-    latent_channels: int = Field(4, ge=1)
-    norm_num_groups: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    steps: int = Field(ge=1)
-    lr: float = Field(2e-3, gt=0)
-    kl_weight: float = Field(1e-6, ge=0)
-    # MSE, not L1: on small objects on black, L1's median-seeking optimum greyed out red
-    # and green (reconstructions scored 0.69 on colour vs 1.00 with MSE; RESULTS.md).
-    recon_loss: Literal["l1", "mse"] = "mse"
-    # Optional PatchGAN discriminator (pix2pix / SD's first stage); profiles.yaml says
-    # which profiles use it
-    discriminator: bool
-    disc_weight: float = Field(0.1, ge=0)
-    disc_start: float = Field(0.5, ge=0, le=1)  # fraction of steps before it joins
-    disc_channels: int = Field(64, ge=8)
-    disc_layers: int = Field(3, ge=1)
-    disc_lr_scale: float = Field(1.0, gt=0)  # its learning rate / the VAE's
-    warmup_steps: int = Field(50, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    checkpoint_every: int = Field(200, ge=1)
-    log_every: int = Field(25, ge=1)
-    # validation metrics use the first this-many validation samples (memory and time
-    # stay flat however large the split)
-    val_samples: int = Field(2048, ge=1)
-
-
-class ClipCfg(Section):
-    reuse: str | None = None  # as train_vae's: keeps the text states the U-Net knows
-    loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
-    # captions the tokenizer trains on: all of them up to this many, else a seeded
-    # sample of whole shards (phases/clip.py, captions_of)
-    tokenizer_samples: int = Field(1_000_000, ge=100)
-    block_shards: int = Field(16, ge=1)  # as train_vae's
-    vocab_size: int = Field(ge=300)  # byte alphabet (2 x 256) is always included
-    # Text context in tokens. auto: the smallest multiple of 8 holding context_coverage
-    # of the captions whole, at most max_length_cap (README "Real data").
-    max_length: Annotated[int, Field(ge=4)] | Literal["auto"] = "auto"
-    max_length_cap: int = Field(77, ge=8)
-    context_coverage: float = Field(0.95, gt=0.0, le=1.0)
-    hidden_size: int = Field(ge=8)
-    num_layers: int = Field(ge=1)
-    num_heads: int = Field(ge=1)
-    vision_hidden_size: int = Field(ge=8)
-    vision_layers: int = Field(ge=1)
-    patch_size: int = Field(ge=1)
-    projection_dim: int = Field(ge=8)
-    batch_size: int = Field(ge=2)
-    steps: int = Field(ge=1)
-    lr: float = Field(2e-3, gt=0)
-    warmup_steps: int = Field(50, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    checkpoint_every: int = Field(200, ge=1)
-    log_every: int = Field(25, ge=1)
-    # validation metrics use the first this-many validation samples (memory and time
-    # stay flat however large the split)
-    val_samples: int = Field(2048, ge=1)
-
-
-class LatentsCfg(Section):
-    batch_size: int = Field(256, ge=1)
-    samples_per_shard: int = Field(2000, ge=10)
-    # DataLoader workers per process that read and decode the shards (split by worker);
-    # 0 decodes in the main process
-    workers: int = Field(ge=0)
-    # the text states' storage type: float16 halves the largest part of the latents
-    # (77 x 768 per sample at SD's sizes) and costs no measurable quality
-    # (benchmarks/RESULTS.md, "16-bit text states"); training computes in float32
-    text_dtype: Literal["float16", "float32"] = "float16"
-
-
-class UnetCfg(Section):
-    init_from: str | None = None  # start from this U-Net (as train_vae.reuse's forms)
-    backbone: Literal["unet2d"] = "unet2d"  # the denoiser (training/phases/backbones/)
-    loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
-    block_shards: int = Field(16, ge=1)  # as train_vae's
-    block_out_channels: tuple[int, ...]
-    layers_per_block: int = Field(ge=1)
-    # diffusers' name, and like diffusers' UNet2DConditionModel it is the number of heads
-    # (a historical misnomer).
-    attention_head_dim: int = Field(ge=1)
-    norm_num_groups: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    steps: int = Field(ge=1)
-    lr: float = Field(3e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
-    num_train_timesteps: int = Field(1000, ge=10)
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
-    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
-    min_snr_gamma: float | None = Field(5.0, gt=0)
-    noise_offset: float = Field(0.0, ge=0.0)
-    preview_every: int = Field(600, ge=0)  # sample grid of the preview prompts; 0 = never
-    # held-out loss (evaluation/heldout.py): val latents x fixed timesteps; 0 = off
-    val_samples: int = Field(256, ge=0)
-    val_timesteps: int = Field(5, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
-    log_every: int = Field(25, ge=1)
-
-    @model_validator(mode="after")
-    def _epsilon_needs_nonzero_terminal_snr(self) -> UnetCfg:
-        # The cosine schedule reaches (almost) zero SNR at t=T, where x0 = (x_t -
-        # sigma*eps)/alpha divides by ~0: an eps-predicting model then samples garbage
-        # with any sampler that starts at t=T (DDPM, trailing spacing). v-prediction is
-        # well-defined there (Salimans & Ho 2022; Lin et al. 2024).
-        if self.prediction_type == "epsilon" and self.beta_schedule == "squaredcos_cap_v2":
-            raise ValueError(
-                "prediction_type 'epsilon' is ill-conditioned with the cosine schedule "
-                "(zero terminal SNR); use v_prediction or beta_schedule scaled_linear"
-            )
-        return self
-
-
-class EvaluateCfg(Section):
-    scheduler: SchedulerName = SAMPLER.scheduler
-    steps: int = Field(SAMPLER.steps, ge=1)
-    guidance: float = Field(SAMPLER.guidance, ge=0.0)
-    negative_prompt: str = SAMPLER.negative_prompt
-    samples_per_prompt: int = Field(ge=1)
-    max_prompts: int | None = Field(None, ge=1)  # cap for quick runs; None = the full set
-    batch_size: int = Field(64, ge=1)
-    # Pictures and tables of the report: a guidance sweep, one denoising trajectory and
-    # a steps-vs-quality table per scheduler over `sweep_prompts` prompts (0: skip them)
-    sweep_prompts: int = Field(16, ge=0)
-    sweep_steps: tuple[int, ...] = (5, 10, 20, 40)
-    sweep_guidance: tuple[float, ...] = (1.0, 2.0, 4.0, 7.0)
-    # memorisation (evaluation/metrics/memorisation.py): a sample within this RMS of a
-    # training image is a copy; the first copy_search_samples images are searched
-    copy_distance: float = Field(0.02, gt=0.0)
-    copy_search_samples: int = Field(50_000, ge=1)
-    # Promotion gate: a new kiln-text2image version becomes @champion only if this metric
-    # beats the current champion's by more than gate_min_delta, else @challenger.
-    # null: acc_all for the built-in sets (the oracle); for other data fd_clip_ratio
-    # (lower is better: tracking/registry.py), not clip_score, which the very text
-    # encoder the U-Net was trained to follow measures (README, "The promotion gate").
-    gate_metric: str | None = None
-    gate_min_delta: float = Field(0.0, ge=0.0)
-
-
 class Params(BaseModel):
     """The whole resolved parameter set; one attribute per DVC stage."""
 
@@ -299,6 +85,7 @@ class Params(BaseModel):
 
     profile: ProfileName = "tiny"
     seed: int = 0
+    mode: Mode = "scratch"
     ingest: IngestCfg
     validate_: ValidateCfg = Field(alias="validate")
     train_vae: VaeCfg
@@ -327,7 +114,14 @@ class Params(BaseModel):
         """The promotion gate's metric: the oracle's accuracy where there is one."""
         if self.evaluate.gate_metric:
             return self.evaluate.gate_metric
-        return "acc_all" if self.ingest.dataset in BUILTIN_DATASETS else "fd_clip_ratio"
+        return "acc_all" if self.oracle() else "fd_clip_ratio"
+
+    def oracle(self) -> str | None:
+        """The built-in set whose oracle grades the samples: the dataset's, or the one
+        ``evaluate.oracle`` names for an export of it; None for other data."""
+        if self.evaluate.oracle:
+            return self.evaluate.oracle
+        return self.ingest.dataset if self.ingest.dataset in BUILTIN_DATASETS else None
 
 
 @cache
@@ -346,7 +140,7 @@ def resolve(raw: dict[str, Any], source: str = "params.yaml") -> Params:
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    known = {"profile", "seed", *STAGES}
+    known = {"profile", "seed", "mode", *STAGES}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(
@@ -357,7 +151,11 @@ def resolve(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         raise ConfigError(
             f"{source}: profile: unknown profile {profile!r} (choose {', '.join(profiles())})"
         )
-    merged: dict[str, Any] = {"profile": profile, "seed": raw.get("seed", 0)}
+    merged: dict[str, Any] = {
+        "profile": profile,
+        "seed": raw.get("seed", 0),
+        "mode": raw.get("mode", "scratch"),
+    }
     for section in STAGES:
         body = raw.get(section) or {}
         if not isinstance(body, dict):

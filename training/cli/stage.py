@@ -119,7 +119,9 @@ def _register(stage: str) -> Callable | None:
             if metrics.get("reused_version"):  # a registry version, installed as it was
                 tr.mlflow.set_tag("kiln.reused_from", metrics["reused_from"])
                 return str(metrics["reused_version"])
-            return tracking.register_dir(tr, spec.model, spec.outs[0], metrics)
+            version = tracking.register_dir(tr, spec.model, spec.outs[0], metrics)
+            tracking.lineage.tag_lineage(tr, spec.model, version, metrics, Path.cwd())
+            return version
 
         return register_component
 
@@ -136,6 +138,13 @@ def _register(stage: str) -> Callable | None:
         metrics.update(gate)
         gate_line = tracking.describe_gate(spec.model, version, gate)
         typer.echo(f"[kiln] {stage}: gate: {gate_line}", err=True)
+        tracking.lineage.tag_lineage(tr, spec.model, version, metrics, Path.cwd())
+        card = tracking.gate.model_card(
+            spec.model, version, metrics, gate, params.to_dict(), Path.cwd()
+        )
+        tracking.gate.publish_card(
+            tr, spec.model, version, card, [P.EVAL / "samples.png", P.EVAL / "champion_samples.png"]
+        )
         if gate["gate_decision"] == "champion":
             tracking.components.crown()
         return version

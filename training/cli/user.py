@@ -44,11 +44,18 @@ def run_pipeline(
         ),
     ] = None,
     profile: Annotated[str | None, typer.Option(help="tiny | tiny64 | small | base")] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="scratch | continue: build on the registered @champion (reuse its VAE "
+            "and CLIP, fine-tune its U-Net)"
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline (Prefect flow over the DVC stages; DVC skips what is fresh).
 
-    --dataset/--source/--profile are written into params.yaml first, where DVC tracks
-    them.
+    --dataset/--source/--profile/--mode are written into params.yaml first, where DVC
+    tracks them.
     """
     from training import config, doctor, runlock
 
@@ -56,7 +63,12 @@ def run_pipeline(
         fail(f"environment: {problem}")
     updates = {
         k: v
-        for k, v in (("ingest.dataset", dataset), ("ingest.source", source), ("profile", profile))
+        for k, v in (
+            ("ingest.dataset", dataset),
+            ("ingest.source", source),
+            ("profile", profile),
+            ("mode", mode),
+        )
         if v
     }
     with contextlib.ExitStack() as stack:

@@ -23,8 +23,8 @@ from training.config import Params
 def prompt_set(params: Params, clean_dir: Path) -> list:
     from training.intake import builtin, shards
 
-    ds = params.ingest.dataset
-    if ds in ("shapes", "digits"):
+    ds = params.oracle()
+    if ds:  # a built-in set, or an export of one (evaluate.oracle)
         prompts = builtin.eval_prompts(ds)
     else:  # user data: distinct captions of the validation split
         caps = dict.fromkeys(r.caption for r in shards.read(shards.shard_paths(clean_dir / "val")))
@@ -116,7 +116,7 @@ def run(
     gen_s = time.perf_counter() - t0
 
     metrics: dict = {"samples": len(images), "images_per_s": len(images) / gen_s}
-    oracle = O.for_dataset(params.ingest.dataset, params.seed)
+    oracle = O.for_dataset(params.oracle() or "", params.seed)
     samples = Samples(
         params=params,
         images=images,
@@ -128,6 +128,8 @@ def run(
         clip_dir=clip_dir,
     )
     metrics.update(score_all(samples))
+    champion = champion_scores(samples, requests, c.batch_size)
+    metrics.update(champion.pop("metrics", {}))
     from training.evaluation import figures as X
 
     copies = [(images[i], px, d) for i, px, d in metrics.pop("memorisation_pairs", [])]
@@ -193,6 +195,19 @@ def run(
     grid_path = out_dir / "samples.png"
     grid(rows, nrow=c.samples_per_prompt * 4, scale=3).save(grid_path)
     log.log_image(grid_path)
+    if champion.get("images"):  # the gate's other side, on the same prompts and seeds
+        theirs = champion["images"]
+        champ_rows = [
+            theirs[j * len(prompts) + i] for i in range(n_show) for j in range(c.samples_per_prompt)
+        ]
+        champ_path = out_dir / "champion_samples.png"
+        grid(champ_rows, nrow=c.samples_per_prompt * 4, scale=3).save(champ_path)
+        log.log_image(champ_path)
+        figures = {
+            f"The champion (v{metrics['champion_version']}), re-scored in this run: the same "
+            "prompts and seeds": champ_path,
+            **figures,
+        }
     legend = "; ".join(
         f"row {i // 4 + 1}.{i % 4 + 1}: {p.prompt}" for i, p in enumerate(prompts[:n_show])
     )
@@ -223,6 +238,44 @@ def run(
     }
     E.say(f"evaluate: {summary}")
     return metrics
+
+
+# What the champion is re-scored on: the metrics of its samples (not the VAE's
+# reconstructions, which are this run's VAE's, nor the held-out loss on this run's latents)
+SAMPLE_METRICS = ("oracle_accuracy", "clip_score", "distribution", "memorisation")
+
+
+def champion_scores(samples, requests: list, batch_size: int) -> dict:
+    """The registered ``@champion`` pipeline sampled and scored exactly as this run's
+    was: the same requests (prompts, seeds, steps, guidance), this run's sampler, the
+    same metric code, scoring CLIP and reference images. So the promotion gate compares
+    two numbers measured side by side, not this run's against one recorded under other
+    prompts, another sampler or older code (``tracking/registry.py``, ``promote``).
+    ``{"metrics": {"champion_version": N, "champion.<metric>": value, ...}, "images":
+    [...]}``, or ``{}`` when there is no champion yet."""
+    import dataclasses
+
+    from training.evaluation.metrics import METRICS
+    from training.inference import sampling
+    from training.stages import PIPELINE_MODEL
+    from training.tracking import components, resolve_model_dir
+
+    version = components.champion(PIPELINE_MODEL)
+    if version is None:
+        return {}
+    c = samples.params.evaluate
+    root = resolve_model_dir(f"models:/{PIPELINE_MODEL}/{version}")
+    pipe = sampling.load(root / "artifacts" / "pipeline")
+    sampling.set_scheduler(pipe, c.scheduler)
+    E.say(f"evaluate: re-scoring the champion {PIPELINE_MODEL} v{version} on the same requests")
+    images = sampling.generate(pipe, requests, batch_size=batch_size)
+    theirs = dataclasses.replace(samples, images=images)
+    out: dict = {"champion_version": int(version)}
+    for name in SAMPLE_METRICS:
+        for k, v in METRICS[name](theirs).items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out[f"champion.{k}"] = v
+    return {"metrics": out, "images": images}
 
 
 def _real_by_caption(clean_dir: Path, captions: set[str]) -> dict:

@@ -346,14 +346,15 @@ def measure(model: CLIPModel, val, params: Params, out_dir: Path, log) -> dict:
     return metrics
 
 
-def reuse(params: Params, clean: str | Path, out_dir: Path, log) -> dict:
-    """``train_clip.reuse``: install that CLIP and tokenizer instead of training them
+def reuse(params: Params, clean: str | Path, out_dir: Path, log, ref: str) -> dict:
+    """``train_clip.reuse`` (or the champion's, ``mode: continue``): install that CLIP
+    and tokenizer instead of training them
     (the text states stay those the U-Net knows), then measure them on this data:
     how its captions fit the tokenizer's context, and val recall."""
     from training.phases import reuse as R
 
     c = params.train_clip
-    info = R.install("train_clip", c.reuse, out_dir, params)
+    info = R.install("train_clip", ref, out_dir, params)
     tokenizer = CLIPTokenizer.from_pretrained(out_dir)
     hist = token_lengths(tokenizer, captions_of(f"{clean}/train", c.tokenizer_samples, params.seed))
     text = caption_stats(hist, tokenizer.model_max_length)
@@ -369,6 +370,9 @@ def reuse(params: Params, clean: str | Path, out_dir: Path, log) -> dict:
 def stage(params: Params, log: E.MetricLogger) -> dict:
     E.init_distributed()  # torch's threads; the process group under torchrun
     clean = loaders.split_source(P.CLEAN, "clean")
-    if params.train_clip.reuse:
-        return reuse(params, clean, P.CLIP, log) if E.is_main() else {}
+    from training.phases.reuse import builds_on
+
+    ref = builds_on("train_clip", params)
+    if ref:
+        return reuse(params, clean, P.CLIP, log, ref) if E.is_main() else {}
     return run(params, clean, P.CLIP, P.CKPT / "train_clip", log)

@@ -42,8 +42,8 @@ PREVIEW_PROMPTS = 8
 def preview_prompts(params: Params, val_captions: list[str]) -> list[str]:
     """The few fixed prompts ``train_unet`` samples while it trains: a seeded spread of
     the built-in set's evaluation prompts, or the first distinct validation captions."""
-    ds = params.ingest.dataset
-    if ds not in ("shapes", "digits"):
+    ds = params.oracle()
+    if ds is None:
         return list(dict.fromkeys(val_captions))[:PREVIEW_PROMPTS]
     from training.intake.builtin import eval_prompts
 

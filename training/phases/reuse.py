@@ -44,6 +44,30 @@ class ReuseError(ValueError):
     """The model to reuse cannot be: not found, not that kind, or not this profile's."""
 
 
+# the param that names what each stage builds on
+BUILDS_ON = {"train_vae": "reuse", "train_clip": "reuse", "train_unet": "init_from"}
+
+
+def builds_on(stage: str, params: Params) -> str | None:
+    """The model ``stage`` starts from: the one its param names; else, in ``mode:
+    continue``, the champion's component (``models:/kiln-vae@champion``: crowned
+    with the champion pipeline, ``tracking/components.py``); else None, from scratch.
+    With no champion yet a continuing run trains from scratch and says so. Raises
+    ``ConnectionError`` when the registry cannot be reached (never "no champion")."""
+    named = getattr(getattr(params, stage), BUILDS_ON[stage])
+    if named or params.mode == "scratch":
+        return named
+    from training import engine as E
+    from training.stages import BY_NAME, PIPELINE_MODEL
+    from training.tracking import components
+
+    champion = components.champion(PIPELINE_MODEL)
+    if champion is None:
+        E.say(f"{stage}: mode continue, but {PIPELINE_MODEL} has no @champion yet: from scratch")
+        return None
+    return f"models:/{BY_NAME[stage].model}@champion"
+
+
 def resolve(ref: str) -> tuple[Path, str | None]:
     """(local directory, ``name/version`` or None for a plain directory) of ``ref``.
     Raises ``ReuseError`` for what does not exist and ``ConnectionError`` when the
@@ -110,6 +134,19 @@ def install(stage: str, ref: str, out_dir: Path, params: Params) -> dict:
     return {"reused_from": ref, "reused_version": version.split("/")[1] if version else ""}
 
 
+def fits(ref: str, params: Params, own: dict[str, list], theirs: dict[str, list]) -> None:
+    """Raise ``ReuseError`` unless two U-Nets' tensors (name -> shape) match one for one."""
+    differ = sorted(k for k in own.keys() | theirs.keys() if own.get(k) != theirs.get(k))
+    if differ:
+        k = differ[0]
+        raise ReuseError(
+            f"{ref} does not fit the {params.profile} profile's U-Net: {len(differ)} "
+            f"tensors differ, e.g. {k}: {theirs.get(k, 'missing')} there, "
+            f"{own.get(k, 'missing')} here (a changed width, latent or text size); "
+            "train this one from scratch (mode: scratch)"
+        )
+
+
 def warm_start(model, ref: str, params: Params) -> dict:
     """``train_unet.init_from``: load the U-Net ``ref`` names into ``model``, the
     profile's freshly built denoiser, before any step. It must be the same architecture
@@ -127,22 +164,8 @@ def warm_start(model, ref: str, params: Params) -> dict:
             f"{type(model).__name__}"
         )
     state = load_file(directory / UNET_WEIGHTS)
-    own = model.state_dict()
-    differ = sorted(
-        k for k in own.keys() | state.keys()
-        if k not in own or k not in state or own[k].shape != state[k].shape
-    )  # fmt: skip
-    if differ:
-        k = differ[0]
-
-        def shape(d: dict) -> str:
-            return str(list(d[k].shape)) if k in d else "missing"
-
-        raise ReuseError(
-            f"{ref} does not fit the {params.profile} profile's U-Net: {len(differ)} "
-            f"tensors differ, e.g. {k}: {shape(state)} there, {shape(own)} here (a "
-            "changed width, latent or text size); train this one from scratch"
-        )
+    fits(ref, params, {k: list(v.shape) for k, v in model.state_dict().items()},
+         {k: list(v.shape) for k, v in state.items()})  # fmt: skip
     with torch.no_grad():
         model.load_state_dict(state)
     from training import engine as E

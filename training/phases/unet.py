@@ -173,10 +173,16 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
 
     model = build(params, ch, size, text_shape[-1])
     start: dict = {}
-    if c.init_from:  # continue from a registered U-Net (checked before any step)
-        from training.phases.reuse import warm_start
+    from training.phases.reuse import builds_on, warm_start
 
-        start = warm_start(model, c.init_from, params)
+    ref = builds_on("train_unet", params)
+    if ref:  # continue from a registered U-Net (checked before any step) ...
+        start = warm_start(model, ref, params)
+        # ... for fewer steps, at a lower peak rate: the parent is trained, and a restart
+        # at the full rate undoes part of it (RESULTS.md, "Continuous training")
+        tune = {"steps": c.finetune_steps or c.steps, "lr": c.lr * c.finetune_lr_scale}
+        c = c.model_copy(update=tune)
+        start.update(finetune_steps=c.steps, finetune_lr=c.lr)
     sched = noise_scheduler(params)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
     trainer = E.stage_trainer(

@@ -238,12 +238,13 @@ def measure(model: AutoencoderKL, val, params: Params, out_dir: Path, log) -> di
     return metrics
 
 
-def reuse(params: Params, clean: str | Path, out_dir: Path, log) -> dict:
-    """``train_vae.reuse``: install that VAE instead of training one (its latent space,
-    and its scaling factor, stay), then measure it on this data's val split."""
+def reuse(params: Params, clean: str | Path, out_dir: Path, log, ref: str) -> dict:
+    """``train_vae.reuse`` (or the champion's, ``mode: continue``): install that VAE
+    instead of training one (its latent space, and its scaling factor, stay), then
+    measure it on this data's val split."""
     from training.phases import reuse as R
 
-    info = R.install("train_vae", params.train_vae.reuse, out_dir, params)
+    info = R.install("train_vae", ref, out_dir, params)
     model = AutoencoderKL.from_pretrained(out_dir).eval()
     val = image_split(params, f"{clean}/val")
     try:
@@ -255,6 +256,9 @@ def reuse(params: Params, clean: str | Path, out_dir: Path, log) -> dict:
 def stage(params: Params, log: E.MetricLogger) -> dict:
     E.init_distributed()  # torch's threads; the process group under torchrun
     clean = loaders.split_source(P.CLEAN, "clean")
-    if params.train_vae.reuse:
-        return reuse(params, clean, P.VAE, log) if E.is_main() else {}
+    from training.phases.reuse import builds_on
+
+    ref = builds_on("train_vae", params)
+    if ref:
+        return reuse(params, clean, P.VAE, log, ref) if E.is_main() else {}
     return run(params, clean, P.VAE, P.CKPT / "train_vae", log)

@@ -11,16 +11,15 @@
 """
 
 from training.stages import MODEL_NAMES
-from training.tracking import components
+from training.tracking import components, gate, lineage
+from training.tracking.gate import describe_gate, promote
 from training.tracking.lineage import dvc_lineage, git_commit, tag_stage_outputs
 from training.tracking.registry import (
     REGISTERED_OUTS,
     champion_version,
     component_model,
-    describe_gate,
     ensure_registered,
     model_version,
-    promote,
     register_dir,
     register_text2image,
     resolve_model_dir,
@@ -43,6 +42,8 @@ __all__ = [
     "champion_version",
     "close_orphaned_runs",
     "components",
+    "gate",
+    "lineage",
     "component_model",
     "describe_gate",
     "dvc_lineage",

@@ -17,6 +17,9 @@ def fetch(ref: str) -> tuple[Path, str]:
     have, ``ConnectionError`` when it cannot be reached."""
     from mlflow.exceptions import MlflowException
 
+    from training.tracking.store import check_reachable
+
+    check_reachable()  # seconds, not MLflow's minutes of retries
     try:
         name_version = model_version(ref)
         return resolve_model_dir(f"models:/{name_version}"), name_version
@@ -28,6 +31,26 @@ def fetch(ref: str) -> tuple[Path, str]:
         raise LookupError(f"{ref}: not in the registry ({first})") from None
     except (ValueError, OSError) as exc:  # no versions at all, a lost artifact store
         raise LookupError(f"{ref}: {exc}") from None
+
+
+def champion(name: str) -> str | None:
+    """The version ``name@champion`` points at, None when there is none yet. Unlike
+    ``registry.champion_version`` a registry that cannot be reached is an error
+    (``ConnectionError``), never "no champion": continuing from nothing would silently
+    train from scratch."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from training.tracking.store import check_reachable, setup
+
+    check_reachable()
+    setup()
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, "champion").version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None  # no such model, or no such alias
+        raise ConnectionError(f"the registry did not answer for {name}@champion: {exc}") from None
 
 
 def crown(root: Path = Path(".")) -> dict[str, str]:

@@ -87,3 +87,31 @@ def locked_md5(stage: str, out: str, root: Path) -> str | None:
         return None
     lock = yaml.safe_load(lock_path.read_text()).get("stages", {}).get(stage, {})
     return next((o.get("md5") for o in lock.get("outs", []) if o["path"] == out), None)
+
+
+def tag_lineage(tr, name: str, version: str, metrics: dict, root: Path) -> dict[str, str]:
+    """Tag a newly registered version and its run with what it was trained on: the data
+    fingerprint (``kiln.data``: data/clean's locked hash), the rows the last ingestion
+    added and removed, and for a model started from another (``init_version``) that
+    parent and the data the parent was trained on (``kiln.parent_data``)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    tags = {"kiln.data": locked_md5("validate", "data/clean", root) or "unknown"}
+    ingest = root / "data" / "metrics" / "ingest.json"
+    counts = json.loads(ingest.read_text()) if ingest.is_file() else {}
+    for k in ("rows_new", "rows_kept", "rows_removed"):
+        if k in counts:
+            tags[f"kiln.{k}"] = str(counts[k])
+    client = MlflowClient()
+    if metrics.get("init_version"):
+        parent = str(metrics["init_version"])
+        tags["kiln.parent"] = f"models:/{name}/{parent}"
+        tags["kiln.parent_data"] = client.get_model_version(name, parent).tags.get(
+            "kiln.data", "unknown"
+        )
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    tr.mlflow.set_tags(tags)
+    return tags

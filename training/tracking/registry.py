@@ -15,6 +15,7 @@ from typing import Any
 
 from training.paths import METRICS
 from training.stages import MODEL_NAMES, STAGES
+from training.tracking.gate import promote
 from training.tracking.lineage import dvc_lineage, flatten, git_commit, locked_md5
 from training.tracking.runs import StageRun, process_tags
 from training.tracking.store import EXPERIMENT, setup
@@ -93,6 +94,7 @@ def register_dir(tr: StageRun, name: str, directory: Path, metrics: dict[str, An
 SERVING_CODE = (
     "__init__.py",
     "config.py",
+    "sections.py",
     "console.py",
     "disk.py",
     "env.py",
@@ -170,82 +172,6 @@ def register_text2image(
         if k.startswith(("dvc.", "git")):
             client.set_model_version_tag(name, version, k, v)
     return version
-
-
-# Gate metrics where lower is better (distances, losses, copy rates); all others: higher.
-GATE_LOWER_IS_BETTER = frozenset(
-    {"fd_clip", "cmmd_clip", "fd_clip_ratio", "val_loss", "copies_frac"}
-)
-
-
-def promote(
-    name: str, version: str, metrics: dict[str, Any], metric: str, min_delta: float
-) -> dict:
-    """The promotion gate: alias ``champion`` if ``version`` beats the current champion
-    on ``metric`` (higher is better, or lower for ``GATE_LOWER_IS_BETTER``) by more than
-    ``min_delta``, else ``challenger``. A version whose evaluation could not measure the
-    metric (``<metric>_skipped``) wins only where there is no champion yet. The decision
-    and both numbers are tagged on the version and returned for logging."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    skipped = metrics.get(f"{metric}_skipped")
-    if not skipped and not isinstance(metrics.get(metric), int | float):
-        raise ValueError(
-            f"evaluate.gate_metric {metric!r} is not a metric of this run "
-            f"(have: {', '.join(k for k, v in metrics.items() if isinstance(v, int | float))})"
-        )
-    new = None if skipped else float(metrics[metric])
-    try:
-        champ = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        champ = None
-    old = None
-    if champ is not None and str(champ.version) != str(version):  # MLflow may give ints
-        tag = champ.tags.get(f"metric.{metric}")
-        old = float(tag) if tag not in (None, "None") else None
-    lower = metric in GATE_LOWER_IS_BETTER
-    if new is None:
-        promoted = champ is None
-    elif old is None:
-        promoted = True
-    else:
-        promoted = new < old - min_delta if lower else new > old + min_delta
-    alias = "champion" if promoted else "challenger"
-    client.set_registered_model_alias(name, alias, version)
-    decision = {
-        "gate_metric": metric,
-        "gate_value": new,
-        "gate_champion_value": old,
-        "gate_champion_version": champ.version if champ is not None else None,
-        "gate_decision": alias,
-        "gate_direction": "lower" if lower else "higher",
-    }
-    if skipped:
-        decision["gate_skipped"] = skipped
-    for k, v in decision.items():
-        client.set_model_version_tag(name, version, k, str(v))
-    return decision
-
-
-def describe_gate(name: str, version: str, gate: dict) -> str:
-    """One line for the console: the new version's score against the champion's."""
-    if gate.get("gate_skipped"):
-        return (
-            f"{name} v{version}: {gate['gate_metric']} was not measured "
-            f"({gate['gate_skipped']}) -> @{gate['gate_decision']}"
-        )
-    old = gate["gate_champion_value"]
-    vs = (
-        "no champion yet"
-        if old is None
-        else f"champion v{gate['gate_champion_version']} has {old:.4f}"
-    )
-    return (
-        f"{name} v{version} {gate['gate_metric']}={gate['gate_value']:.4f}, {vs} "
-        f"-> @{gate['gate_decision']}"
-    )
 
 
 def _requirements() -> list[str]:

@@ -46,3 +46,25 @@ def setup(root: Path | None = None):
             mlflow.create_experiment(EXPERIMENT, artifact_location=location)
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
+
+
+def check_reachable(timeout_s: float = 5.0) -> None:
+    """Raise ``ConnectionError`` now if the tracking server does not answer, instead of
+    MLflow's minutes of retries followed by an error deep inside a stage. A local store
+    (SQLite, a folder) is always reachable."""
+    import urllib.error
+    import urllib.request
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):  # noqa: S310
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy's 401/404 is an answer; auth errors come later)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(
+            f"the MLflow server at {uri} (MLFLOW_TRACKING_URI) cannot be reached: {reason}"
+        ) from None

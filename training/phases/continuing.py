@@ -1,0 +1,70 @@
+"""The check a continuing run (``mode: continue``) makes before any stage runs.
+
+A continuing run builds on the registered champion: its VAE and CLIP are installed by
+``train_vae``/``train_clip`` and its U-Net is fine-tuned by ``train_unet``
+(``phases/reuse.py``). Each stage checks its own model when it starts, but the U-Net's
+stage comes after ingestion, validation and the VAE and CLIP stages: a champion whose
+U-Net no longer fits the profile (another width, latent or text size) would fail there,
+minutes in. ``preflight`` fails first, in seconds: the registry answers, and the
+champion's three components exist and fit this profile, the U-Net tensor for tensor
+(built on the ``meta`` device, so nothing is allocated).
+
+Only the flow and ``kiln run`` import this module, so its imports are no stage's DVC
+deps.
+"""
+
+from __future__ import annotations
+
+import json
+
+from training.config import Params
+from training.phases.reuse import UNET_WEIGHTS, ReuseError, builds_on, check, fits, resolve
+
+STAGES = ("train_vae", "train_clip", "train_unet")
+
+
+def preflight(params: Params) -> dict[str, str] | None:
+    """``{stage: "name/version"}`` of what a continuing run will build on, or None when
+    it trains from scratch (``mode: scratch``, or no champion yet). Raises
+    ``ReuseError`` for a champion that does not fit, ``ConnectionError`` for a
+    registry that cannot be reached."""
+    if params.mode != "continue":
+        return None
+    from training.stages import PIPELINE_MODEL
+    from training.tracking import components
+
+    if components.champion(PIPELINE_MODEL) is None:
+        return None  # each stage will say so too, and train from scratch
+    refs = {s: builds_on(s, params) for s in STAGES}
+    if not all(refs.values()):  # a champion crowned before its components were
+        missing = ", ".join(f"{s}" for s, r in refs.items() if not r)
+        raise ReuseError(f"mode continue: nothing to build on for {missing}")
+    dirs, versions = {}, {}
+    for stage, ref in refs.items():
+        dirs[stage], version = resolve(ref)  # type: ignore[arg-type]
+        versions[stage] = version or str(dirs[stage])
+        if stage != "train_unet":
+            check(stage, ref, dirs[stage], params)  # type: ignore[arg-type]
+    _unet_fits(refs["train_unet"], dirs, params)  # type: ignore[arg-type]
+    return versions
+
+
+def _unet_fits(ref: str, dirs: dict, params: Params) -> None:
+    """The champion U-Net against the profile's, built for the champion VAE's latents
+    and CLIP's text states (the ones this run will install)."""
+    import torch
+    from safetensors import safe_open
+
+    from training.phases.unet import build
+
+    vae = json.loads((dirs["train_vae"] / "config.json").read_text())
+    clip = json.loads((dirs["train_clip"] / "config.json").read_text())
+    weights = dirs["train_unet"] / UNET_WEIGHTS
+    if not weights.is_file():
+        raise ReuseError(f"{ref}: no {UNET_WEIGHTS}: not a U-Net folder")
+    size = params.ingest.image_size // 2 ** (len(vae["block_out_channels"]) - 1)
+    with torch.device("meta"):
+        model = build(params, vae["latent_channels"], size, clip["text_config"]["hidden_size"])
+    with safe_open(weights, "pt") as f:
+        theirs = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    fits(ref, params, {k: list(v.shape) for k, v in model.state_dict().items()}, theirs)

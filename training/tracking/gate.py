@@ -1,0 +1,202 @@
+"""The promotion gate, and the model card each text-to-image version carries.
+
+A new ``kiln-text2image`` version becomes ``@champion`` only if it beats the current
+one on the gate metric, both measured in the same evaluation (``promote``); the card
+(``model_card``) says what the version was made from and what moved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Gate metrics where lower is better (distances, losses, copy rates); all others: higher.
+GATE_LOWER_IS_BETTER = frozenset(
+    {"fd_clip", "cmmd_clip", "fd_clip_ratio", "val_loss", "copies_frac"}
+)
+
+
+def promote(
+    name: str, version: str, metrics: dict[str, Any], metric: str, min_delta: float
+) -> dict:
+    """The promotion gate: alias ``champion`` if ``version`` beats the current champion
+    on ``metric`` (higher is better, or lower for ``GATE_LOWER_IS_BETTER``) by more than
+    ``min_delta``, else ``challenger``. A version whose evaluation could not measure the
+    metric (``<metric>_skipped``) wins only where there is no champion yet. The decision
+    and both numbers are tagged on the version and returned for logging.
+
+    The champion's number is the one this run's evaluation measured for it
+    (``champion.<metric>``: its samples on the same prompts, seeds, sampler and metric
+    code, ``evaluation/evaluate.py``) when it re-scored this very champion; else the
+    number recorded when the champion was registered (``gate_champion_source`` says
+    which: a recorded number may have been measured under other prompts or code)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    skipped = metrics.get(f"{metric}_skipped")
+    if not skipped and not isinstance(metrics.get(metric), int | float):
+        raise ValueError(
+            f"evaluate.gate_metric {metric!r} is not a metric of this run "
+            f"(have: {', '.join(k for k, v in metrics.items() if isinstance(v, int | float))})"
+        )
+    new = None if skipped else float(metrics[metric])
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champ = None
+    old, source = None, None
+    if champ is not None and str(champ.version) != str(version):  # MLflow may give ints
+        rescored = metrics.get(f"champion.{metric}")
+        if str(metrics.get("champion_version")) == str(champ.version) and isinstance(
+            rescored, int | float
+        ):
+            old, source = float(rescored), "rescored"
+        else:
+            tag = champ.tags.get(f"metric.{metric}")
+            old = float(tag) if tag not in (None, "None") else None
+            source = "recorded" if old is not None else None
+    lower = metric in GATE_LOWER_IS_BETTER
+    if new is None:
+        promoted = champ is None
+    elif old is None:
+        promoted = True
+    else:
+        promoted = new < old - min_delta if lower else new > old + min_delta
+    alias = "champion" if promoted else "challenger"
+    client.set_registered_model_alias(name, alias, version)
+    decision = {
+        "gate_metric": metric,
+        "gate_value": new,
+        "gate_champion_value": old,
+        "gate_champion_version": champ.version if champ is not None else None,
+        "gate_champion_source": source,  # rescored (in this run) | recorded | None
+        "gate_decision": alias,
+        "gate_direction": "lower" if lower else "higher",
+    }
+    if skipped:
+        decision["gate_skipped"] = skipped
+    for k, v in decision.items():
+        client.set_model_version_tag(name, version, k, str(v))
+    return decision
+
+
+def describe_gate(name: str, version: str, gate: dict) -> str:
+    """One line for the console: the new version's score against the champion's."""
+    if gate.get("gate_skipped"):
+        return (
+            f"{name} v{version}: {gate['gate_metric']} was not measured "
+            f"({gate['gate_skipped']}) -> @{gate['gate_decision']}"
+        )
+    old = gate["gate_champion_value"]
+    how = " (re-scored in this run)" if gate.get("gate_champion_source") == "rescored" else ""
+    vs = (
+        "no champion yet"
+        if old is None
+        else f"champion v{gate['gate_champion_version']} has {old:.4f}{how}"
+    )
+    return (
+        f"{name} v{version} {gate['gate_metric']}={gate['gate_value']:.4f}, {vs} "
+        f"-> @{gate['gate_decision']}"
+    )
+
+
+# metrics the card compares, where this run has them (the gate's first)
+CARD_METRICS = (
+    "acc_all",
+    "acc_all_seen",
+    "acc_all_held_out",
+    "clip_score",
+    "fd_clip",
+    "fd_clip_ratio",
+    "cmmd_clip",
+    "copies_frac",
+)
+
+
+def _read(root, name: str) -> dict:
+    import json
+
+    path = root / "data" / "metrics" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def model_card(name: str, version: str, metrics: dict, gate: dict, params: dict, root) -> str:
+    """The version's model card (markdown): the decision with both numbers, what data,
+    what it was built on (reused components, the parent U-Net), which metrics moved
+    against the champion re-scored in the same run, and where its samples are."""
+    ingest, validate = _read(root, "ingest"), _read(root, "validate")
+    vae, clip, unet = _read(root, "train_vae"), _read(root, "train_clip"), _read(root, "train_unet")
+    from training.tracking.lineage import locked_md5
+
+    data = params["ingest"]
+    lines = [
+        f"# {name} v{version}",
+        "",
+        f"**Gate: @{gate['gate_decision']}.** {describe_gate(name, version, gate)}.",
+        "",
+        "## Data",
+        f"- dataset `{data['dataset']}`"
+        + (f", source `{data['source']}`" if data["source"] else ""),
+        f"- {_fmt(validate.get('train', '?'))} train / {_fmt(validate.get('val', '?'))} val "
+        f"samples (data/clean {locked_md5('validate', 'data/clean', root) or 'not locked'})",
+    ]
+    if "rows_new" in ingest:
+        lines.append(
+            f"- rows new {ingest['rows_new']}, kept {ingest.get('rows_kept', 0)}, "
+            f"removed {ingest.get('rows_removed', 0)} since the last ingestion"
+        )
+    lines += ["", f"## Built on (mode `{params.get('mode', 'scratch')}`)"]
+    for what, m in (("VAE", vae), ("CLIP", clip)):
+        how = f"reused {m['reused_from']}" if m.get("reused_from") else "trained on this data"
+        lines.append(f"- {what} v{m.get('registered_version', '?')}: {how}")
+    if unet.get("init_from"):
+        lines.append(
+            f"- U-Net v{unet.get('registered_version', '?')}: fine-tuned from {unet['init_from']}"
+            f" (v{unet.get('init_version', '?')}) for {unet.get('finetune_steps', '?')} steps"
+        )
+    else:
+        lines.append(f"- U-Net v{unet.get('registered_version', '?')}: trained from scratch")
+    champ = metrics.get("champion_version")
+    lines += ["", "## Metrics"]
+    if champ is not None:
+        lines += [
+            f"The champion v{champ} re-scored in this run: same prompts, seeds and sampler.",
+            "",
+            f"| metric | v{version} | champion v{champ} | change |",
+            "|---|---|---|---|",
+        ]
+        for k in CARD_METRICS:
+            new, old = metrics.get(k), metrics.get(f"champion.{k}")
+            if isinstance(new, int | float) and isinstance(old, int | float):
+                lines.append(f"| {k} | {new:.4f} | {old:.4f} | {new - old:+.4f} |")
+    else:
+        lines += [f"| metric | v{version} |", "|---|---|"]
+        lines += [f"| {k} | {metrics[k]:.4f} |" for k in CARD_METRICS if k in metrics]
+    lines += [
+        "",
+        "## Samples",
+        "![samples](samples.png) (this version; `champion_samples.png`: the champion on the "
+        "same prompts and seeds), beside this card in the run's `model_card/` artifacts",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def publish_card(tr, name: str, version: str, card: str, images: list) -> None:
+    """The card as the version's description (MLflow keeps 5,000 characters) and as an
+    artifact, ``model_card/README.md``, with the sample grids it shows beside it."""
+    import tempfile
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "README.md").write_text(card)
+        tr.mlflow.log_artifact(str(Path(tmp) / "README.md"), artifact_path="model_card")
+    for image in images:
+        if Path(image).is_file():
+            tr.mlflow.log_artifact(str(image), artifact_path="model_card")
+    MlflowClient().update_model_version(name, version, description=card[:5000])
