@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from training import config
 from training.intake import builtin
@@ -71,27 +73,6 @@ def _rows(base: str, n: int = N) -> tuple[list[dict], list[dict]]:
         )
     return seen, held
 
-
-TRIGGER = r"""
-import asyncio, json, sys, time
-from prefect.client.orchestration import get_client
-
-async def main():
-    async with get_client() as client:
-        dep = await client.read_deployment_by_name("kiln-pipeline/kiln-pipeline")
-        params = json.loads(sys.argv[1])
-        run = await client.create_flow_run_from_deployment(dep.id, parameters=params)
-        deadline = time.monotonic() + 1500
-        while time.monotonic() < deadline:
-            run = await client.read_flow_run(run.id)
-            if run.state and run.state.is_final():
-                break
-            await asyncio.sleep(3)
-        print(json.dumps({"state": run.state.type.value, "message": run.state.message,
-                          "mode": dep.parameters.get("mode")}))
-
-asyncio.run(main())
-"""
 
 REGISTRY = r"""
 import json
@@ -155,31 +136,32 @@ def test_a_scheduled_run_continues_from_the_champion_on_new_data(tmp_path):
         for pool in ("cpu", "gpu"):
             run_ok(env, project, prefect, "work-pool", "create", pool, "--type", "process")
         run_ok(env, project, prefect, "--no-prompt", "deploy", "--all")
-        # the scheduled deployment's own parameters, but every stage on the one worker
-        params = json.dumps({"gpu_deployment": None})
-        trigger = [str(BIN / "python"), "-c", TRIGGER, params]
-        with background(
-            [prefect, "worker", "start", "--pool", "cpu"], env, project, tmp_path / "worker.log"
-        ):
-            run1 = json.loads(run_ok(env, project, *trigger, timeout=1800).splitlines()[-1])
-            assert run1["state"] == "COMPLETED", (
-                run1,
-                (tmp_path / "worker.log").read_text()[-6000:],
-            )
+        # the README's command: the deployment's own parameters (mode: continue), but
+        # every stage on the one worker; --watch exits non-zero unless it completed
+        worker_log = tmp_path / "worker.log"
+
+        def deployment_run() -> None:
+            proc = subprocess.run(
+                [prefect, "deployment", "run", "kiln-pipeline/kiln-pipeline",
+                 "--param", "gpu_deployment=null", "--watch", "--watch-timeout", "1500"],
+                cwd=project, env=env, capture_output=True, text=True, timeout=1800,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stdout[-2000:] + worker_log.read_text()[-6000:]
+
+        with background([prefect, "worker", "start", "--pool", "cpu"], env, project, worker_log):
+            deployment_run()
             first = {s: _metrics(project, s) for s in ("validate", "train_unet", "evaluate")}
             hits_after_1 = sum(CountingImages.hits.values())
 
             pd.DataFrame(seen + held).to_parquet(source)  # the source gains the held-out pairs
-            run2 = json.loads(run_ok(env, project, *trigger, timeout=1800).splitlines()[-1])
-            assert run2["state"] == "COMPLETED", (
-                run2,
-                (tmp_path / "worker.log").read_text()[-6000:],
-            )
+            deployment_run()
         log = (tmp_path / "worker.log").read_text()
         registry = _registry(env, project)
 
         # the deployment runs in continue mode by default; run 1 had nothing to build on
-        assert run1["mode"] == "continue"
+        deployments = yaml.safe_load((project / "prefect.yaml").read_text())["deployments"]
+        pipeline = next(d for d in deployments if d["name"] == "kiln-pipeline")
+        assert pipeline["parameters"]["mode"] == "continue"
         assert "no champion yet, so this run trains from scratch" in log
         assert first["train_unet"].get("init_version", "") == ""
         # run 2 fetched only the new images: each image was requested exactly once

@@ -100,3 +100,40 @@ def test_user_data_gates_on_the_distance_to_real_images_not_on_clip_score():
     )
     assert (export.oracle(), export.gate_metric()) == ("shapes", "acc_all")
     assert user.oracle() is None
+
+
+def test_the_model_card_says_what_moved_against_the_champion_and_what_it_was_built_on(
+    tmp_path: Path,
+):
+    import json
+
+    from training.tracking.gate import model_card
+
+    metrics_dir = tmp_path / "data" / "metrics"
+    metrics_dir.mkdir(parents=True)
+    stages = {
+        "ingest": {"rows_new": 403, "rows_kept": 1997, "rows_removed": 0},
+        "validate": {"train": 2100.0, "val": 130.0},
+        "train_vae": {"registered_version": "1", "reused_from": "models:/kiln-vae@champion"},
+        "train_clip": {"registered_version": "1", "reused_from": "models:/kiln-clip@champion"},
+        "train_unet": {"registered_version": "2", "init_from": "models:/kiln-unet@champion",
+                       "init_version": "1", "finetune_steps": 300},
+    }  # fmt: skip
+    for stage, m in stages.items():
+        (metrics_dir / f"{stage}.json").write_text(json.dumps(m))
+    params = config.resolve({"mode": "continue"}).to_dict()
+    gate = {"gate_metric": "acc_all", "gate_value": 0.51, "gate_champion_value": 0.44,
+            "gate_champion_version": "1", "gate_decision": "champion",
+            "gate_champion_source": "rescored"}  # fmt: skip
+    metrics = {"acc_all": 0.51, "champion_version": 1, "champion.acc_all": 0.44}
+    card = model_card("kiln-text2image", "2", metrics, gate, params, tmp_path)
+    assert "**Gate: @champion.**" in card and "(re-scored in this run)" in card
+    assert "rows new 403, kept 1997, removed 0" in card
+    assert "- VAE v1: reused models:/kiln-vae@champion" in card
+    assert "fine-tuned from models:/kiln-unet@champion (v1) for 300 steps" in card
+    assert "| acc_all | 0.5100 | 0.4400 | +0.0700 |" in card
+    # a champion that could not be re-scored: said, and no made-up comparison
+    skipped = {"acc_all": 0.51, "champion_version": 1, "champion_skipped": "could not re-score"}
+    card = model_card("kiln-text2image", "2", skipped, gate, params, tmp_path)
+    assert "could not re-score (the gate used its recorded number)" in card
+    assert "| change |" not in card

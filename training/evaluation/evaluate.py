@@ -250,7 +250,7 @@ def champion_scores(samples, requests: list, batch_size: int) -> dict:
     was: the same requests (prompts, seeds, steps, guidance), this run's sampler, the
     same metric code, scoring CLIP and reference images. So the promotion gate compares
     two numbers measured side by side, not this run's against one recorded under other
-    prompts, another sampler or older code (``tracking/registry.py``, ``promote``).
+    prompts, another sampler or older code (``tracking/gate.py``, ``promote``).
     ``{"metrics": {"champion_version": N, "champion.<metric>": value, ...}, "images":
     [...]}``, or ``{}`` when there is no champion yet."""
     import dataclasses
@@ -264,17 +264,24 @@ def champion_scores(samples, requests: list, batch_size: int) -> dict:
     if version is None:
         return {}
     c = samples.params.evaluate
-    root = resolve_model_dir(f"models:/{PIPELINE_MODEL}/{version}")
-    pipe = sampling.load(root / "artifacts" / "pipeline")
-    sampling.set_scheduler(pipe, c.scheduler)
     E.say(f"evaluate: re-scoring the champion {PIPELINE_MODEL} v{version} on the same requests")
-    images = sampling.generate(pipe, requests, batch_size=batch_size)
-    theirs = dataclasses.replace(samples, images=images)
     out: dict = {"champion_version": int(version)}
-    for name in SAMPLE_METRICS:
-        for k, v in METRICS[name](theirs).items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                out[f"champion.{k}"] = v
+    try:
+        root = resolve_model_dir(f"models:/{PIPELINE_MODEL}/{version}")
+        pipe = sampling.load(root / "artifacts" / "pipeline")
+        sampling.set_scheduler(pipe, c.scheduler)
+        images = sampling.generate(pipe, requests, batch_size=batch_size)
+        theirs = dataclasses.replace(samples, images=images)
+        for name in SAMPLE_METRICS:
+            for k, v in METRICS[name](theirs).items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    out[f"champion.{k}"] = v
+    except ConnectionError:
+        raise  # the registry went away: a retry may help, a fallback would hide it
+    except (ValueError, RuntimeError, OSError) as exc:  # e.g. another profile's pipeline
+        # the gate then uses the number recorded with the champion, and says so
+        out["champion_skipped"] = f"could not re-score v{version}: {str(exc)[:300]}"
+        return {"metrics": out}
     return {"metrics": out, "images": images}
 
 

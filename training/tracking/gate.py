@@ -162,7 +162,10 @@ def model_card(name: str, version: str, metrics: dict, gate: dict, params: dict,
         lines.append(f"- U-Net v{unet.get('registered_version', '?')}: trained from scratch")
     champ = metrics.get("champion_version")
     lines += ["", "## Metrics"]
-    if champ is not None:
+    if metrics.get("champion_skipped"):
+        lines += [f"The champion: {metrics['champion_skipped']} (the gate used its recorded "
+                  "number).", ""]  # fmt: skip
+    if champ is not None and not metrics.get("champion_skipped"):
         lines += [
             f"The champion v{champ} re-scored in this run: same prompts, seeds and sampler.",
             "",
