@@ -99,6 +99,48 @@ def py(project: Path, code: str, timeout: float = 600) -> str:
     return proc.stdout
 
 
+# ---- the end-to-end run (tests/test_e2e.py, tests/test_dit_e2e.py) ---------------------
+# make run's command with two step counts lowered (test_e2e.py's docstring says why)
+E2E_BUDGET = {"train_vae.steps": 600, "train_unet.steps": 900}
+
+
+@pytest.fixture(scope="session")
+def e2e_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``kiln run --dataset shapes --profile tiny`` on a fresh copy, once per session."""
+    from training import config
+
+    project = copy_project(tmp_path_factory.mktemp("e2e") / "kiln")
+    config.set_values(project / "params.yaml", E2E_BUDGET)
+    proc = kiln(project, "run", "--dataset", "shapes", "--profile", "tiny", timeout=3000)
+    return project, proc
+
+
+def outputs_copy(project: Path, dest: Path) -> Path:
+    """The finished project with its data and models, without its tracking state."""
+    ignore = shutil.ignore_patterns("mlflow.db", "mlartifacts", ".prefect", "checkpoints")
+    shutil.copytree(project, dest, ignore=ignore)
+    return dest
+
+
+def stage_losses(project: Path, stage: str) -> list[float]:
+    """The logged training loss curve of the project's (one) run of ``stage``."""
+    import json
+
+    out = py(
+        project,
+        f"""
+import json
+from mlflow import MlflowClient
+c = MlflowClient()
+runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+run = next(r for r in runs if "{stage}/loss" in r.data.metrics)
+hist = sorted(c.get_metric_history(run.info.run_id, "{stage}/loss"), key=lambda m: m.step)
+print(json.dumps([m.value for m in hist]))
+""",
+    )
+    return json.loads(out.strip().splitlines()[-1])
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "kiln")

@@ -102,7 +102,8 @@ EDITS = [
     ("training/intake/shards.py", {s.name for s in STAGES}),
     ("training/phases/vae.py", {"train_vae"}),
     ("training/phases/unet.py", {"train_unet"}),
-    ("training/phases/backbones/unet2d.py", {"train_unet"}),
+    # what the denoiser is, and which text states its pipeline feeds it
+    ("training/backbones/unet2d.py", {"precompute_latents", "train_unet", "evaluate"}),
     ("training/evaluation/figures.py", {"evaluate"}),
     ("training/evaluation/heldout.py", {"train_unet", "evaluate"}),
     ("training/evaluation/metrics/distribution.py", {"evaluate"}),

@@ -5,10 +5,11 @@ installing (test_readme checks that). One module-scoped run feeds every assertio
 outputs of every stage, registry contents and lineage, quality above chance, DVC
 staleness, and the three ways of consuming the model.
 
-The run is ``make run``'s but for two step counts (``BUDGET``): the VAE at 600 steps (the
-shapes were at 31 dB there; tiny's 1800 are for real pictures) and the U-Net at 900 of
-1800. That halves the run on a slow 2-core CI machine; the full budget's scores are
-``make run``'s business and are recorded in benchmarks/RESULTS.md, not asserted here.
+The run is ``make run``'s but for two step counts (``conftest.E2E_BUDGET``): the VAE at
+600 steps (the shapes were at 31 dB there; tiny's 1800 are for real pictures) and the
+U-Net at 900 of 1800. That halves the run on a slow 2-core CI machine; the full budget's
+scores are ``make run``'s business and are recorded in benchmarks/RESULTS.md, not
+asserted here.
 """
 
 from __future__ import annotations
@@ -23,22 +24,25 @@ from PIL import Image
 
 from training import config
 
-from .conftest import BIN, background, copy_project, free_port, kiln, project_env, wait_http
+from .conftest import (
+    BIN,
+    background,
+    free_port,
+    kiln,
+    outputs_copy,
+    project_env,
+    stage_losses,
+    wait_http,
+)
 from .conftest import py as _py
 
 pytestmark = pytest.mark.e2e
 CHANCE = {"acc_shape": 1 / 4, "acc_colour": 1 / 6, "acc_size": 1 / 2, "acc_position": 1 / 9}
 
 
-BUDGET = {"train_vae.steps": 600, "train_unet.steps": 900}
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    project = copy_project(tmp_path_factory.mktemp("e2e") / "kiln")
-    config.set_values(project / "params.yaml", BUDGET)
-    proc = kiln(project, "run", "--dataset", "shapes", "--profile", "tiny", timeout=3000)
-    return project, proc
+def run(e2e_run) -> tuple[Path, subprocess.CompletedProcess]:
+    return e2e_run  # conftest.py: one run per session, shared with test_dit_e2e.py
 
 
 def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
@@ -406,7 +410,7 @@ def test_restored_from_dvc_cache_still_registers_every_model(run, tmp_path):
     `kiln generate` then failed. Now each restored output is registered (tagged as
     restored), the gate names a champion, and generate works."""
     project, _ = run
-    copy = _outputs_copy(project, tmp_path / "cleaned")
+    copy = outputs_copy(project, tmp_path / "cleaned")
     assert (copy / "data" / "models").is_dir() and (copy / ".dvc" / "cache").is_dir()
     subprocess.run(["make", "clean"], cwd=copy, check=True, capture_output=True)
     assert not (copy / "data" / "models").exists() and (copy / ".dvc" / "cache").is_dir()
@@ -473,31 +477,6 @@ DP_STEPS = {"train_vae": 20, "train_clip": 20, "train_unet": 30}
 DP_REL_TOL = 1e-3
 
 
-def _losses(project: Path, stage: str) -> list[float]:
-    out = _py(
-        project,
-        f"""
-import json
-from mlflow import MlflowClient
-c = MlflowClient()
-runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
-run = next(r for r in runs if "{stage}/loss" in r.data.metrics)
-hist = sorted(c.get_metric_history(run.info.run_id, "{stage}/loss"), key=lambda m: m.step)
-print(json.dumps([m.value for m in hist]))
-""",
-    )
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def _outputs_copy(project: Path, dest: Path) -> Path:
-    """The finished project with its data and models, without its tracking state."""
-    import shutil
-
-    ignore = shutil.ignore_patterns("mlflow.db", "mlartifacts", ".prefect", "checkpoints")
-    shutil.copytree(project, dest, ignore=ignore)
-    return dest
-
-
 def test_data_parallel_training_matches_one_process(run, tmp_path):
     """Every training stage under torchrun with 2 CPU processes (gloo) follows the
     1-process loss curve at the same global batch."""
@@ -505,7 +484,7 @@ def test_data_parallel_training_matches_one_process(run, tmp_path):
     project, _ = run
     curves: dict[int, dict[str, list[float]]] = {}
     for nproc in (1, 2):
-        copy = _outputs_copy(project, tmp_path / f"nproc{nproc}")
+        copy = outputs_copy(project, tmp_path / f"nproc{nproc}")
         config.set_values(
             copy / "params.yaml",
             {
@@ -520,7 +499,7 @@ def test_data_parallel_training_matches_one_process(run, tmp_path):
             proc = kiln(copy, cmd, timeout=900, env={"KILN_NPROC": str(nproc)})
             if nproc == 2:
                 assert "2 data-parallel processes" in proc.stderr
-            curves[nproc][stage] = _losses(copy, stage)
+            curves[nproc][stage] = stage_losses(copy, stage)
     for stage, steps in DP_STEPS.items():
         one, two = curves[1][stage], curves[2][stage]
         assert len(one) == len(two) == steps // 5
@@ -540,7 +519,7 @@ def test_latents_split_by_node_and_worker_match_one_process(run, tmp_path):
     from safetensors.torch import load_file
 
     project, _ = run
-    copy = _outputs_copy(project, tmp_path / "latents2")
+    copy = outputs_copy(project, tmp_path / "latents2")
     config.set_values(copy / "params.yaml", {"precompute_latents.workers": 2})
     proc = kiln(copy, "precompute-latents", timeout=900, env={"KILN_NPROC": "2"})
     assert "2 data-parallel processes" in proc.stderr

@@ -43,15 +43,16 @@ CAPTIONS = [
 
 
 # ---- helpers (benchmarks/serving.py uses them too) --------------------------------------
-def build_tiny_pipeline(out: Path) -> Path:
-    """A saved StableDiffusionPipeline with random weights and the tiny profile's sizes:
-    what ``evaluate`` saves, minus the training. Returns the pipeline directory."""
+def build_tiny_pipeline(out: Path, backbone: str = "unet2d") -> Path:
+    """A saved pipeline with random weights and the tiny profile's sizes: what
+    ``evaluate`` saves, minus the training. Returns the pipeline directory."""
     import torch
 
     from training import config
+    from training.backbones import TextDims
     from training.phases import clip, unet, vae
 
-    params = config.resolve({"profile": "tiny"})
+    params = config.resolve({"profile": "tiny", "train_unet": {"backbone": backbone}})
     torch.manual_seed(0)
     vae.build(params).save_pretrained(out / "vae", safe_serialization=True)
     c = params.train_clip
@@ -60,7 +61,7 @@ def build_tiny_pipeline(out: Path) -> Path:
     model.save_pretrained(out / "clip", safe_serialization=True)
     v = params.train_vae
     latent = params.ingest.image_size // 2 ** (len(v.block_out_channels) - 1)
-    net = unet.build(params, v.latent_channels, latent, c.hidden_size)
+    net = unet.build(params, v.latent_channels, latent, TextDims(c.hidden_size, c.projection_dim))
     net.save_pretrained(out / "unet", safe_serialization=True)
     unet.noise_scheduler(params).save_pretrained(out / "unet")
     pipe = sampling.assemble(out / "vae", out / "clip", out / "unet")

@@ -98,15 +98,27 @@ class Params(BaseModel):
         return json.loads(self.model_dump_json(by_alias=True))
 
     @model_validator(mode="after")
-    def _buckets_fit_the_models(self) -> Params:
-        down = 2 ** (
-            len(self.train_vae.block_out_channels) + len(self.train_unet.block_out_channels) - 2
-        )
+    def _sizes_fit_the_models(self) -> Params:
+        vae = 2 ** (len(self.train_vae.block_out_channels) - 1)
+        down = vae * self.train_unet.downsampling()
         c = self.ingest
+        patch = self.train_unet.dit_patch_size
+        if self.train_unet.backbone == "dit" and (c.image_size // vae) % patch:
+            raise ValueError(
+                f"train_unet.dit_patch_size {patch} does not divide "
+                f"the latent side {c.image_size // vae} (ingest.image_size {c.image_size} / "
+                f"the VAE's downsampling {vae})"
+            )
+        flow_samplers = ("euler", "dpm++")  # inference/sampling.py's FLOW_SCHEDULERS
+        if self.train_unet.backbone == "dit" and self.evaluate.scheduler not in flow_samplers:
+            raise ValueError(
+                f"evaluate.scheduler {self.evaluate.scheduler} does not sample a rectified "
+                f"flow (train_unet.backbone dit): choose {' or '.join(flow_samplers)}"
+            )
         if c.bucket_stride % down or c.image_size % c.bucket_stride:
             raise ValueError(
                 f"ingest.bucket_stride {c.bucket_stride} must be a multiple of {down} (the VAE's "
-                f"and the U-Net's downsampling) and divide image_size {c.image_size}"
+                f"and the denoiser's downsampling) and divide image_size {c.image_size}"
             )
         return self
 

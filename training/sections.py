@@ -194,7 +194,9 @@ class LatentsCfg(Section):
 
 class UnetCfg(Section):
     init_from: str | None = None  # start from this U-Net (as train_vae.reuse's forms)
-    backbone: Literal["unet2d"] = "unet2d"  # the denoiser (training/phases/backbones/)
+    # the denoiser (training/backbones/): unet2d, SD 1.x/2.x's U-Net trained on the
+    # DDPM objective; dit, SD3's diffusion transformer (MMDiT) trained as a rectified flow
+    backbone: Literal["unet2d", "dit"] = "unet2d"
     loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
     block_shards: int = Field(16, ge=1)  # as train_vae's
     block_out_channels: tuple[int, ...]
@@ -203,6 +205,18 @@ class UnetCfg(Section):
     # (a historical misnomer).
     attention_head_dim: int = Field(ge=1)
     norm_num_groups: int = Field(ge=1)
+    # backbone dit: SD3Transformer2DModel sizes (profiles.yaml has them for every profile).
+    # Latent patches of dit_patch_size^2 are the tokens; dit_width = dit_heads x head size.
+    dit_patch_size: int = Field(2, ge=1)
+    dit_width: int | None = Field(None, ge=1)
+    dit_heads: int | None = Field(None, ge=1)
+    dit_layers: int | None = Field(None, ge=1)
+    # rectified flow (Esser et al. 2024): timesteps t = sigmoid(n), n ~ N(logit_mean,
+    # logit_std) (their logit-normal sampling), then shifted, t' = s t / (1 + (s - 1) t),
+    # toward noise for large images (SD3: s = 3 at 1024 px; 1 at Kiln's sizes)
+    flow_shift: float = Field(1.0, gt=0)
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
     batch_size: int = Field(ge=1)
     steps: int = Field(ge=1)
     # steps of a warm-started run (init_from, or mode: continue): it starts from a
@@ -225,6 +239,27 @@ class UnetCfg(Section):
     val_timesteps: int = Field(5, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(25, ge=1)
+
+    @model_validator(mode="after")
+    def _dit_sizes(self) -> UnetCfg:
+        if self.backbone != "dit":
+            return self
+        for key in ("dit_width", "dit_heads", "dit_layers"):
+            if getattr(self, key) is None:
+                raise ValueError(f"backbone dit needs train_unet.{key} (profiles.yaml sets it)")
+        if self.dit_width % self.dit_heads:  # type: ignore[operator]
+            raise ValueError(
+                f"train_unet.dit_heads {self.dit_heads} does not divide train_unet.dit_width "
+                f"{self.dit_width}: each head gets dit_width / dit_heads channels"
+            )
+        return self
+
+    def downsampling(self) -> int:
+        """Latent pixels per step of the denoiser's coarsest grid: the U-Net's levels
+        halve the latent, the DiT's tokens are patches of it."""
+        if self.backbone == "dit":
+            return self.dit_patch_size
+        return 2 ** (len(self.block_out_channels) - 1)
 
     @model_validator(mode="after")
     def _epsilon_needs_nonzero_terminal_snr(self) -> UnetCfg:

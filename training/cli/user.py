@@ -106,7 +106,7 @@ def run_pipeline(
 
 
 def _pipeline_dir(model: str) -> tuple[Path, str]:
-    """(StableDiffusionPipeline directory, version label) from a path, registry URI or
+    """(diffusers pipeline directory, version label) from a path, registry URI or
     alias of kiln-text2image."""
     p = Path(model).expanduser()
     version = str(p.resolve())
@@ -129,7 +129,7 @@ def _pipeline_dir(model: str) -> tuple[Path, str]:
     if (p / "MLmodel").is_file():
         p = p / "artifacts" / "pipeline"
     if not (p / "model_index.json").is_file():
-        raise UserError(f"{p} is not a StableDiffusionPipeline directory (no model_index.json)")
+        raise UserError(f"{p} is not a diffusers pipeline directory (no model_index.json)")
     return p, version
 
 
@@ -253,7 +253,8 @@ def export(
         str, typer.Option(help="registry URI, alias or pipeline directory")
     ] = CHAMPION,
 ) -> None:
-    """Write a diffusers StableDiffusionPipeline directory (loads offline with from_pretrained)."""
+    """Write the model's diffusers pipeline directory (StableDiffusionPipeline, or
+    StableDiffusion3Pipeline for the DiT backbone; loads offline with from_pretrained)."""
     from training.inference import sampling
 
     try:
@@ -262,7 +263,7 @@ def export(
     except UserError as exc:
         fail(str(exc))
     pipe.save_pretrained(out, safe_serialization=True)
-    typer.echo(f"exported StableDiffusionPipeline to {out}")
+    typer.echo(f"exported {type(pipe).__name__} to {out}")
 
 
 @app.command()

@@ -302,15 +302,17 @@ def _held_out(params: Params, pipe, unet_dir: Path, latents_dir: Path) -> dict:
     (the same val latents, timesteps and noise): the registered version carries it."""
     import json
 
-    from diffusers import DDPMScheduler
-
+    from training import backbones
     from training.evaluation.heldout import denoising_loss, val_batches
+    from training.inference.sampling import trained_scheduler
 
     c = params.train_unet
     scaling = json.loads((latents_dir / "manifest.json").read_text())["vae"]["scaling_factor"]
-    sched = DDPMScheduler.from_pretrained(unet_dir)
+    sched = trained_scheduler(unet_dir)
     batches = val_batches(str(latents_dir / "val"), c.val_samples)
-    return denoising_loss(pipe.unet, sched, batches, scaling, c.val_timesteps, pipe.device)
+    bb = backbones.of_pipeline(pipe)
+    net = backbones.denoiser(pipe)
+    return denoising_loss(net, sched, batches, scaling, c.val_timesteps, pipe.device, bb.predict)
 
 
 def stage(params: Params, log: E.MetricLogger) -> dict:

@@ -38,6 +38,7 @@ def trajectory(pipe, prompt: str, seed: int, steps: int, guidance: float):
     the clean image at that step where it keeps one (DPM-Solver++), else x_t again."""
     from PIL import Image
 
+    from training import backbones
     from training.engine.images import grid, to_uint8
 
     noisy: list[torch.Tensor] = []
@@ -59,6 +60,7 @@ def trajectory(pipe, prompt: str, seed: int, steps: int, guidance: float):
         callback_on_step_end=grab,
         callback_on_step_end_tensor_inputs=["latents"],
         output_type="latent",
+        **backbones.of_pipeline(pipe).call_kwargs(pipe),
     )
     scaling = pipe.vae.config.scaling_factor
     frames = torch.cat(noisy + clean).to(pipe.vae.device)
@@ -78,7 +80,7 @@ def steps_table(
     original = pipe.scheduler
     rows = []
     try:
-        for name in sampling.SCHEDULERS:
+        for name in sampling.scheduler_names(original.config):
             sampling.set_scheduler(pipe, name)
             for n in steps:
                 reqs = [

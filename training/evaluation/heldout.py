@@ -48,9 +48,18 @@ def denoising_loss(
     scaling: float,
     count: int,
     device: torch.device,
+    predict=None,
 ) -> dict[str, float]:
     """``val_loss`` and ``val_loss_t<t>`` per timestep over ``batches`` of
-    ``{"mean", "text"}`` (posterior means and text states, as precomputed)."""
+    ``{"mean", "text"}`` (posterior means and text states, as precomputed; and
+    ``"pooled"`` for a backbone that takes it). ``predict(model, z_t, t, text)``: the
+    backbone's call (default: the U-Net's). A flow-matching schedule (the DiT) noises
+    on its straight line, t/T of the way to the noise, with the velocity as target."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if predict is None:
+        from training.backbones.unet2d import predict
+    flow = isinstance(sched, FlowMatchEulerDiscreteScheduler)
     was_training = model.training
     model.eval()
     ts = timesteps(sched.config.num_train_timesteps, count)
@@ -58,7 +67,7 @@ def denoising_loss(
     n = 0
     for b in batches:
         z0 = b["mean"].float() * scaling
-        text = b["text"].float().to(device)
+        cond = {k: b[k].float().to(device) for k in ("text", "pooled") if k in b}
         # sample i's noise depends on i alone, not on how the samples are batched
         noise = torch.stack(
             [
@@ -72,13 +81,17 @@ def denoising_loss(
         )  # [timestep, sample, ...]
         for i, t in enumerate(ts):
             tt = torch.full((len(z0),), t, dtype=torch.long)
-            zt = sched.add_noise(z0, noise[i], tt)
-            target = (
-                noise[i]
-                if sched.config.prediction_type == "epsilon"
-                else sched.get_velocity(z0, noise[i], tt)
-            )
-            pred = model(zt.to(device), tt.to(device), encoder_hidden_states=text).sample
+            if flow:
+                s = t / sched.config.num_train_timesteps
+                zt, target, tt = (1 - s) * z0 + s * noise[i], noise[i] - z0, tt.float()
+            else:
+                zt = sched.add_noise(z0, noise[i], tt)
+                target = (
+                    noise[i]
+                    if sched.config.prediction_type == "epsilon"
+                    else sched.get_velocity(z0, noise[i], tt)
+                )
+            pred = predict(model, zt.to(device), tt.to(device), cond)
             err = F.mse_loss(pred.float().cpu(), target, reduction="none")
             sums[i] += err.flatten(1).mean(1).sum().item()
         n += len(z0)

@@ -1,8 +1,11 @@
 """Assembling and sampling the text-to-image model.
 
-The product is a standard diffusers ``StableDiffusionPipeline`` directory (VAE, CLIP
-text encoder + tokenizer, U-Net, scheduler; safetensors weights) that anyone can load
-offline with ``from_pretrained``. Samplers are diffusers schedulers chosen by name.
+The product is a standard diffusers pipeline directory that anyone can load offline
+with ``from_pretrained``: ``StableDiffusionPipeline`` (VAE, CLIP text encoder +
+tokenizer, U-Net, scheduler) or, for the DiT backbone, ``StableDiffusion3Pipeline``
+(the same CLIP in both CLIP slots, no T5); safetensors weights. Samplers are diffusers
+schedulers chosen by name, in the DDPM family or the flow-matching one as the
+denoiser was trained.
 
 ``generate`` may be called from many threads on one shared pipeline (``mlflow models
 serve`` runs each request in its own thread): it never changes the shared pipeline. A
@@ -28,15 +31,18 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 from PIL import Image
 
+from training import backbones
 from training.config import SAMPLER
 
+# samplers of a denoiser trained on a DDPM schedule, made from its config
 SCHEDULERS = {
     "ddpm": lambda cfg: DDPMScheduler.from_config(cfg),
     "ddim": lambda cfg: DDIMScheduler.from_config(cfg),
@@ -45,45 +51,105 @@ SCHEDULERS = {
     ),
     "euler": lambda cfg: EulerDiscreteScheduler.from_config(cfg),
 }
+# samplers of a rectified flow (the DiT), from its training steps and timestep shift
+FLOW_SCHEDULERS = {
+    "euler": lambda steps, shift: FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=steps, shift=shift
+    ),
+    "dpm++": lambda steps, shift: DPMSolverMultistepScheduler(
+        num_train_timesteps=steps,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=shift,
+    ),  # fmt: skip
+}
+
+
+def is_flow(config) -> bool:
+    """Whether a scheduler config samples a rectified flow."""
+    # DPM-Solver++ set up for flow sigmas, or a scheduler without a beta schedule
+    # (FlowMatchEulerDiscreteScheduler; every DDPM-family one has beta_start, and a
+    # config made in memory has no _class_name to ask)
+    return bool(config.get("use_flow_sigmas")) or "beta_start" not in config
+
+
+def scheduler_names(config) -> tuple[str, ...]:
+    """The samplers a denoiser with this scheduler config can use."""
+    return tuple(FLOW_SCHEDULERS if is_flow(config) else SCHEDULERS)
+
+
+def trained_scheduler(unet_dir: Path):
+    """The training schedule saved beside a denoiser's weights (either family)."""
+    import json
+
+    config = json.loads((Path(unet_dir) / "scheduler_config.json").read_text())
+    cls = FlowMatchEulerDiscreteScheduler if is_flow(config) else DDPMScheduler
+    return cls.from_pretrained(unet_dir)
+
+
+def make_scheduler(name: str, config):
+    """The sampler ``name`` for a denoiser whose training (or current) scheduler has
+    ``config``; ``ValueError`` naming the choices when that family has no such sampler."""
+    if is_flow(config):
+        if name not in FLOW_SCHEDULERS:
+            raise ValueError(
+                f"scheduler {name!r} does not sample a rectified flow (the dit backbone): "
+                f"choose {', '.join(FLOW_SCHEDULERS)}"
+            )
+        shift = config.get("shift", config.get("flow_shift", 1.0))
+        return FLOW_SCHEDULERS[name](config["num_train_timesteps"], shift)
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r} (choose {', '.join(SCHEDULERS)})")
+    return SCHEDULERS[name](config)
 
 
 def assemble(
     vae_dir: Path, clip_dir: Path, unet_dir: Path, scheduler: str = SAMPLER.scheduler
-) -> StableDiffusionPipeline:
-    from training.inference.text import load_text_encoder
+) -> DiffusionPipeline:
+    """The pipeline of the denoiser in ``unet_dir`` (either backbone: its config says
+    which), its VAE and CLIP."""
+    import json
 
-    tokenizer, text_encoder = load_text_encoder(clip_dir)
-    ddpm = DDPMScheduler.from_pretrained(unet_dir)
-    return StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(vae_dir),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_pretrained(unet_dir),
-        scheduler=SCHEDULERS[scheduler](ddpm.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    name = json.loads((Path(unet_dir) / "config.json").read_text())["_class_name"]
+    bb = backbones.of_class(name)
+    tokenizer, text_encoder = bb.text_encoder(clip_dir)
+    trained = json.loads((Path(unet_dir) / "scheduler_config.json").read_text())
+    pipe = bb.assemble(
+        AutoencoderKL.from_pretrained(vae_dir),
+        tokenizer,
+        text_encoder,
+        bb.model_class.from_pretrained(unet_dir),
+        make_scheduler(scheduler, trained),
     )
+    bb.prepare(pipe)
+    return pipe
 
 
-def load(path: str | Path) -> StableDiffusionPipeline:
+def load(path: str | Path) -> DiffusionPipeline:
     """A saved pipeline directory, on the GPU when there is one (``engine.distributed.device``)."""
+    import json
+
     from diffusers.utils import logging as diffusers_logging
 
     from training.engine.distributed import device
 
     diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(path), safety_checker=None, requires_safety_checker=False, local_files_only=True
-    )
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    extra = {  # the components Kiln's pipelines go without
+        "StableDiffusionPipeline": {"safety_checker": None, "requires_safety_checker": False},
+        # no T5: diffusers' documented way to run SD3 on its CLIPs alone
+        "StableDiffusion3Pipeline": {"text_encoder_3": None, "tokenizer_3": None},
+    }.get(index["_class_name"], {})
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
+    backbones.of_pipeline(pipe).prepare(pipe)
     return pipe.to(device())
 
 
-def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r} (choose {', '.join(SCHEDULERS)})")
-    pipe.scheduler = SCHEDULERS[name](pipe.scheduler.config)
+def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
 
 
 @dataclass(frozen=True)
@@ -159,10 +225,11 @@ class Geometry:
     stride: int
 
     @classmethod
-    def of(cls, pipe: StableDiffusionPipeline) -> Geometry:
+    def of(cls, pipe: DiffusionPipeline) -> Geometry:
         vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        unet = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-        return cls(native=int(pipe.unet.config.sample_size) * vae, stride=vae * unet)
+        net = backbones.denoiser(pipe).config
+        down = backbones.of_pipeline(pipe).downsampling(net)
+        return cls(native=int(net.sample_size) * vae, stride=vae * down)
 
     @property
     def sizes(self) -> range:
@@ -194,7 +261,7 @@ def slug(text: str, max_len: int = 48) -> str:
     return s[:max_len].rstrip("-") or "empty"
 
 
-def private_pipeline(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+def private_pipeline(pipe: DiffusionPipeline) -> DiffusionPipeline:
     """A pipeline object of one's own around ``pipe``'s modules (shared, not copied) with
     a fresh scheduler of the same class and config.
 
@@ -209,8 +276,12 @@ def private_pipeline(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
     The modules themselves are only read under ``no_grad``, so sharing them is safe and
     costs no memory."""
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    parts = {**pipe.components, "scheduler": scheduler, "tokenizer": copy.deepcopy(pipe.tokenizer)}
-    own = StableDiffusionPipeline(**parts, requires_safety_checker=False)
+    parts = {**pipe.components, "scheduler": scheduler}
+    for name in ("tokenizer", "tokenizer_2"):
+        if parts.get(name) is not None:
+            parts[name] = copy.deepcopy(parts[name])
+    extra = {"requires_safety_checker": False} if isinstance(pipe, StableDiffusionPipeline) else {}
+    own = type(pipe)(**parts, **extra)
     own.set_progress_bar_config(disable=True)
     return own
 
@@ -226,7 +297,7 @@ def _deadline_callback(deadline: float) -> Callable:
 
 @torch.no_grad()
 def generate(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     requests: list[Request],
     batch_size: int = 64,
     deadline: float | None = None,
@@ -244,6 +315,7 @@ def generate(
     work with ``TimeoutError`` at the next denoising step after it passes, so a request
     nobody waits for any more does not keep the worker busy."""
     own = private_pipeline(pipe)
+    extra = backbones.of_pipeline(pipe).call_kwargs(pipe)
     callback = _deadline_callback(deadline) if deadline is not None else None
     out: list[Image.Image | None] = [None] * len(requests)
     geometry = Geometry.of(pipe)
@@ -266,6 +338,7 @@ def generate(
                 generator=[torch.Generator().manual_seed(requests[i].seed) for i in chunk],
                 output_type="pil",
                 callback_on_step_end=callback,
+                **extra,
             )
             for i, img in zip(chunk, result.images, strict=True):
                 out[i] = img

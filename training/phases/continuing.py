@@ -55,6 +55,7 @@ def _unet_fits(ref: str, dirs: dict, params: Params) -> None:
     import torch
     from safetensors import safe_open
 
+    from training.backbones import TextDims
     from training.phases.unet import build
 
     vae = json.loads((dirs["train_vae"] / "config.json").read_text())
@@ -63,8 +64,15 @@ def _unet_fits(ref: str, dirs: dict, params: Params) -> None:
     if not weights.is_file():
         raise ReuseError(f"{ref}: no {UNET_WEIGHTS}: not a U-Net folder")
     size = params.ingest.image_size // 2 ** (len(vae["block_out_channels"]) - 1)
+    text = TextDims(hidden=clip["text_config"]["hidden_size"], pooled=clip["projection_dim"])
     with torch.device("meta"):
-        model = build(params, vae["latent_channels"], size, clip["text_config"]["hidden_size"])
+        model = build(params, vae["latent_channels"], size, text)
+    cls = json.loads((dirs["train_unet"] / "config.json").read_text()).get("_class_name")
+    if cls != type(model).__name__:
+        raise ReuseError(
+            f"{ref}: a {cls}, but the {params.train_unet.backbone} backbone is a "
+            f"{type(model).__name__}: set mode: scratch to change backbones"
+        )
     with safe_open(weights, "pt") as f:
         theirs = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     fits(ref, params, {k: list(v.shape) for k, v in model.state_dict().items()}, theirs)

@@ -48,7 +48,9 @@ class LatentCache:
     """The rows of an earlier output, by content key (empty when there is none, or it
     came from other models or another text type: ``reason`` says which)."""
 
-    def __init__(self, old_dir: Path, vae_fp: str, clip_fp: str, text_dtype: str):
+    def __init__(
+        self, old_dir: Path, vae_fp: str, clip_fp: str, text_dtype: str, backbone: str = "unet2d"
+    ):
         self.where: dict[str, tuple[Path, int]] = {}
         self.hits = 0
         self._file: Path | None = None
@@ -60,6 +62,9 @@ class LatentCache:
         old = json.loads(manifest.read_text())
         if (old["vae"]["fingerprint"], old["clip"]["fingerprint"]) != (vae_fp, clip_fp):
             self.reason = "the VAE or CLIP changed"
+            return
+        if old.get("backbone", "unet2d") != backbone:  # another pipeline's text states
+            self.reason = f"the text states were made for the {old['backbone']} backbone"
             return
         if old["tensors"]["text"]["dtype"] != f"torch.{text_dtype}":
             self.reason = "the text states' type changed"

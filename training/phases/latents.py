@@ -1,15 +1,16 @@
 """Phase ``precompute_latents``: encode every clean sample once, for the U-Net to reuse.
 
 Per sample: the VAE posterior mean and std (so training can *sample* latents, as the
-VAE's KL term intends, instead of freezing one draw) and the CLIP text encoder's last
-hidden states for its caption, made exactly as ``StableDiffusionPipeline`` makes prompt
-embeddings (padded to max length, no attention mask), stored as ``text_dtype`` (16-bit
-by default). Streamed batch by batch into safetensors shards under ``train/`` and
-``val/``, each split with the training loaders' ``index.json``, so memory is flat in
-dataset size; under ``KILN_NPROC=N`` the clean shards are split by node and then by
-DataLoader worker (``run``). ``manifest.json`` records counts, shapes, dtypes and the
-fingerprints of the models and data they came from; ``null_text.safetensors`` is the
-empty-prompt embedding used for caption dropout.
+VAE's KL term intends, instead of freezing one draw) and the CLIP text states for its
+caption, made exactly as the backbone's pipeline makes prompt embeddings (padded to max
+length, no attention mask; ``training/backbones/``: the last hidden states for the
+U-Net, the penultimate ones and the pooled projection for the DiT), stored as
+``text_dtype`` (16-bit by default). Streamed batch by batch into safetensors shards
+under ``train/`` and ``val/``, each split with the training loaders' ``index.json``, so
+memory is flat in dataset size; under ``KILN_NPROC=N`` the clean shards are split by
+node and then by DataLoader worker (``run``). ``manifest.json`` records counts, shapes,
+dtypes and the fingerprints of the models and data they came from;
+``null_text.safetensors`` is the empty-prompt embedding used for caption dropout.
 
 Incremental: ``data/latents`` persists, and a row already encoded by the same VAE and
 CLIP (by its image bytes and caption) is copied from the last output instead of encoded
@@ -28,11 +29,12 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
+from training import backbones
 from training import engine as E
 from training import paths as P
 from training.config import Params
 from training.disk import replace_dir
-from training.inference.text import load_text_encoder, text_states
+from training.inference.text import encode_text
 from training.intake.index import write_index
 from training.phases.latent_cache import LatentCache, content_key, model_fingerprint
 
@@ -130,6 +132,13 @@ class _ShardWriter:
         self.keys, self.content, self.buf = [], [], {}
 
 
+@torch.no_grad()
+def _text(bb, tokenizer, encoder, captions: list[str]) -> dict[str, torch.Tensor]:
+    """The backbone's text tensors for ``captions``, in float32 on the CPU."""
+    ids = encode_text(tokenizer, captions).to(encoder.device)
+    return {k: v.float().cpu() for k, v in bb.text_states(encoder, ids).items()}
+
+
 def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir: Path) -> dict:
     """Encode every clean sample. Under ``KILN_NPROC=N`` (torchrun) each process encodes
     its share of the shards and ``precompute_latents.workers`` DataLoader workers per
@@ -149,13 +158,14 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     E.barrier()  # rank 0 has cleared the staging folder before anyone writes
     dev = E.device()
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
-    tokenizer, encoder = load_text_encoder(clip_dir)
+    bb = backbones.get(params.train_unet.backbone)  # which text states its pipeline feeds
+    tokenizer, encoder = bb.text_encoder(clip_dir)
     encoder.to(dev)
     for split in ("train", "val"):
         (out_dir / split).mkdir(parents=True, exist_ok=True)
     text_dtype = getattr(torch, c.text_dtype)
     fps = model_fingerprint(vae_dir), model_fingerprint(clip_dir)
-    cache = LatentCache(old_dir, *fps, c.text_dtype)
+    cache = LatentCache(old_dir, *fps, c.text_dtype, bb.name)
     if E.is_main():
         E.say(f"precompute_latents: reusable: {cache.reason}")
     # what this process wrote: files, counts, captions, who; rows encoded and reused
@@ -185,9 +195,9 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
                 todo = [i for i, row in enumerate(rows) if row is None]
                 if todo:  # through the VAE and the text encoder: what the cache lacks
                     post = vae.encode(to_tensor(b["pixels"][todo]).to(dev)).latent_dist
-                    text = text_states(tokenizer, encoder, [b["captions"][i] for i in todo])
+                    text = _text(bb, tokenizer, encoder, [b["captions"][i] for i in todo])
                     new = {"mean": post.mean.cpu(), "std": post.std.cpu()}
-                    new["text"] = text.to(text_dtype)
+                    new.update({k: v.to(text_dtype) for k, v in text.items()})
                     for j, i in enumerate(todo):
                         rows[i] = {k: v[j : j + 1] for k, v in new.items()}
                     part["encoded"] += len(todo)
@@ -196,7 +206,7 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
                 w.add(
                     b["keys"],
                     b["content"],
-                    **{k: torch.cat([r[k] for r in rows]) for k in ("mean", "std", "text")},
+                    **{k: torch.cat([r[k] for r in rows]) for k in rows[0]},
                 )
                 if split == "val":
                     w.captions.extend(b["captions"])
@@ -219,7 +229,7 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     E.barrier()  # every process's files and part are written
     if not E.is_main():
         return {}
-    models = (vae_dir, clip_dir, fps, vae, tokenizer, encoder)
+    models = (vae_dir, clip_dir, fps, vae, tokenizer, encoder, bb)
     metrics = _write_manifest(params, clean_dir, models, out_dir)
     replace_dir(out_dir, old_dir, old_dir.with_name(f".{old_dir.name}.old"))
     return metrics
@@ -231,7 +241,7 @@ def _write_manifest(params: Params, clean_dir: Path, models: tuple, out_dir: Pat
     CLIP folders, their fingerprints, the VAE, the tokenizer and the text encoder."""
     import json
 
-    vae_dir, clip_dir, (vae_fp, clip_fp), vae, tokenizer, encoder = models
+    vae_dir, clip_dir, (vae_fp, clip_fp), vae, tokenizer, encoder, bb = models
     parts = sorted(out_dir.glob(".part-*.json"))
     merged: dict[str, dict] = {"train": {}, "val": {}}
     truncated = {"train": 0, "val": 0}
@@ -252,6 +262,7 @@ def _write_manifest(params: Params, clean_dir: Path, models: tuple, out_dir: Pat
             "scaling_factor": vae.config.scaling_factor,
         },
         "clip": {"path": str(clip_dir), "fingerprint": clip_fp},
+        "backbone": bb.name,  # whose pipeline's text states these are
         "splits": {},
     }
     by_process: dict[str, list[str]] = {}
@@ -275,11 +286,11 @@ def _write_manifest(params: Params, clean_dir: Path, models: tuple, out_dir: Pat
         write_index(out_dir / split, {n: files[n]["count"] for n in names}, split, buckets)
     val = merged["val"]
     val_captions = [cap for n in sorted(val) for cap in val[n].get("captions", [])]
-    null = text_states(tokenizer, encoder, [""])[0]
-    save_file({"text": null.contiguous()}, out_dir / "null_text.safetensors")
+    null = _text(bb, tokenizer, encoder, [""])
+    save_file({k: v[0].contiguous() for k, v in null.items()}, out_dir / "null_text.safetensors")
     manifest["preview_prompts"] = preview_prompts(params, val_captions)
-    preview = text_states(tokenizer, encoder, manifest["preview_prompts"])
-    save_file({"text": preview.contiguous()}, out_dir / "preview_text.safetensors")
+    preview = _text(bb, tokenizer, encoder, manifest["preview_prompts"])
+    save_file({k: v.contiguous() for k, v in preview.items()}, out_dir / "preview_text.safetensors")
     first = load_file(next(iter(sorted((out_dir / "train").glob("*.safetensors")))))
     manifest["tensors"] = {
         k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in first.items()

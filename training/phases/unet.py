@@ -1,9 +1,12 @@
-"""Phase ``train_unet``: ``diffusers.UNet2DConditionModel`` on precomputed latents.
+"""Phase ``train_unet``: the denoiser on precomputed latents, a U-Net or a diffusion
+transformer (``train_unet.backbone``, ``backbones/``); the stage keeps its name.
 
 The latent-diffusion objective (Rombach et al. 2022, eq. 2): sample z0 from the VAE
 posterior (scaled by the measured scaling factor), a timestep t and noise eps; train
 the U-Net, cross-attending to CLIP text states, to predict eps (or v, Salimans & Ho
-2022) from the DDPM-noised z_t. Captions are dropped to the empty-prompt embedding
+2022) from the DDPM-noised z_t. The DiT learns SD3's rectified flow instead (Esser et
+al. 2024): z_t = (1 - t) z0 + t eps on a straight line, t logit-normal, and the target
+is the velocity eps - z0. Captions are dropped to the empty-prompt embedding
 with probability ``caption_dropout`` so one network learns both the conditional and
 unconditional scores that classifier-free guidance (Ho & Salimans 2022) combines.
 Min-SNR-gamma loss weighting (Hang et al. 2023) and offset noise are optional; the
@@ -21,24 +24,36 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+from training import backbones
 from training import engine as E
 from training import paths as P
+from training.backbones import TextDims
 from training.config import Params
 from training.engine import loaders
 from training.engine.images import grid
 
 
-def build(params: Params, latent_channels: int, latent_size: int, text_dim: int) -> torch.nn.Module:
-    """The denoiser named by ``train_unet.backbone`` (``phases/backbones/``)."""
-    from training.phases.backbones import BACKBONES
+def build(
+    params: Params, latent_channels: int, latent_size: int, text: TextDims | int
+) -> torch.nn.Module:
+    """The denoiser named by ``train_unet.backbone`` (``backbones/``); ``text``:
+    the text encoder's widths (an int: per-token states only, for the U-Net)."""
+    if isinstance(text, int):
+        text = TextDims(hidden=text, pooled=text)
+    bb = backbones.get(params.train_unet.backbone)
+    return bb.build(params, latent_channels, latent_size, text)
 
-    return BACKBONES[params.train_unet.backbone](params, latent_channels, latent_size, text_dim)
 
-
-def noise_scheduler(params: Params) -> DDPMScheduler:
+def noise_scheduler(params: Params) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
+    """The training schedule, saved beside the weights: the pipeline's scheduler and
+    every sampler (``inference/sampling.py``) are made from its config."""
     c = params.train_unet
+    if backbones.get(c.backbone).objective == "flow":
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=c.num_train_timesteps, shift=c.flow_shift
+        )
     return DDPMScheduler(
         num_train_timesteps=c.num_train_timesteps,
         beta_schedule=c.beta_schedule,
@@ -59,25 +74,33 @@ def snr_weights(
     return w / snr if prediction_type == "epsilon" else w / (snr + 1)
 
 
-# step -> (posterior mean, posterior std, text states): this process's slice of the
-# step's global batch
-BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# The text tensors of a batch: {"text": per-token states} plus {"pooled": ...} for a
+# backbone that takes a pooled vector (a bare tensor is {"text": it})
+Cond = dict[str, torch.Tensor]
+# step -> (posterior mean, posterior std, text): this process's slice of the step's
+# global batch
+BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor, Cond | torch.Tensor]]
+
+
+def _cond(x: Cond | torch.Tensor) -> Cond:
+    return x if isinstance(x, dict) else {"text": x}
 
 
 def make_step_fn(
     params: Params,
     model: torch.nn.Module,
-    sched: DDPMScheduler,
+    sched: DDPMScheduler | FlowMatchEulerDiscreteScheduler,
     batch: BatchFn,
-    null_text: torch.Tensor,
+    null_text: Cond | torch.Tensor,
     scaling: float,
     dev: torch.device,
 ) -> Callable[[int], tuple[torch.Tensor, E.StepMetrics]]:
-    """The training step: ``batch(step) -> (posterior mean, std, text states)`` gives
-    the samples (precomputed latents from the loader in the pipeline; the benchmark
-    also plugs in encoding inside the step), everything else is the latent-diffusion
-    objective."""
+    """The training step: ``batch(step) -> (posterior mean, std, text)`` gives the
+    samples (precomputed latents from the loader in the pipeline; the benchmark also
+    plugs in encoding inside the step), everything else is the backbone's objective."""
     c = params.train_unet
+    bb = backbones.get(c.backbone)
+    null = _cond(null_text)
 
     def step_fn(step: int) -> tuple[torch.Tensor, E.StepMetrics]:
         # Every random draw is made for the whole global batch on the CPU from the
@@ -85,26 +108,39 @@ def make_step_fn(
         # the same update as one; only the network runs on `dev`.
         g = E.step_generator(params.seed, step)
         mean, std, text = batch(step)  # this process's slice of the global batch
+        cond = _cond(text)
         b = len(mean) * E.world_size()
         shape = (b, *mean.shape[1:])
         eps = torch.randn(shape, generator=g)
         noise = torch.randn(shape, generator=g)
         if c.noise_offset > 0:  # offset noise: lets the model shift whole-image brightness
             noise = noise + c.noise_offset * torch.randn((b, shape[1], 1, 1), generator=g)
-        t = torch.randint(0, c.num_train_timesteps, (b,), generator=g)
+        if bb.objective == "flow":  # logit-normal t in (0, 1), shifted as the sampler is
+            u = torch.sigmoid(c.logit_mean + c.logit_std * torch.randn(b, generator=g))
+            t = c.flow_shift * u / (1 + (c.flow_shift - 1) * u)
+        else:
+            t = torch.randint(0, c.num_train_timesteps, (b,), generator=g)
         drop = torch.rand(b, generator=g) < c.caption_dropout
         eps, noise, t, drop = E.local(eps, noise, t, drop)
         z0 = (mean + std * eps) * scaling
-        text = torch.where(drop[:, None, None], null_text.expand_as(text), text)
-        zt = sched.add_noise(z0, noise, t)
-        target = noise if c.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
-        w = (
-            snr_weights(sched, t, c.min_snr_gamma, c.prediction_type)
-            if c.min_snr_gamma is not None
-            else torch.ones(len(t))
-        )
-        zt, t, text, target, w = E.to_device(dev, zt, t, text, target, w)
-        pred = model(zt, t, encoder_hidden_states=text).sample
+        for k, v in cond.items():  # caption dropout: the empty prompt's states
+            dropped = drop.view(-1, *([1] * (v.dim() - 1)))
+            cond[k] = torch.where(dropped, null[k].expand_as(v), v)
+        if bb.objective == "flow":
+            s = t.view(-1, 1, 1, 1)
+            zt, target = (1 - s) * z0 + s * noise, noise - z0
+            t, w = t * c.num_train_timesteps, torch.ones(len(t))  # the pipeline's timesteps
+        else:
+            zt = sched.add_noise(z0, noise, t)
+            target = noise if c.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
+            w = (
+                snr_weights(sched, t, c.min_snr_gamma, c.prediction_type)
+                if c.min_snr_gamma is not None
+                else torch.ones(len(t))
+            )
+        zt, t, target, w = E.to_device(dev, zt, t, target, w)
+        cond = dict(zip(cond, E.to_device(dev, *cond.values()), strict=True))
+        pred = bb.predict(model, zt, t, cond)
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * w).mean(), {}
 
@@ -128,7 +164,8 @@ def held_out(params: Params, model, sched, val: str, scaling: float, dev) -> dic
 
     c = params.train_unet
     batches = val_batches(val, c.val_samples)
-    return denoising_loss(model, sched, batches, scaling, c.val_timesteps, dev)
+    predict = backbones.get(c.backbone).predict
+    return denoising_loss(model, sched, batches, scaling, c.val_timesteps, dev, predict)
 
 
 def run(
@@ -146,8 +183,14 @@ def run(
     torch.manual_seed(params.seed)
     store = loaders.Store.shared()
     manifest = json.loads(store.read_bytes(f"{latents}/manifest.json"))
-    null_text = load(store.read_bytes(f"{latents}/null_text.safetensors"))["text"]
-    preview_text = load(store.read_bytes(f"{latents}/preview_text.safetensors"))["text"]
+    made_for = manifest.get("backbone", "unet2d")
+    if made_for != params.train_unet.backbone:
+        raise ValueError(
+            f"{latents}: text states made for the {made_for} backbone, and train_unet.backbone "
+            f"is {params.train_unet.backbone}: run precompute_latents again"
+        )
+    null_text = load(store.read_bytes(f"{latents}/null_text.safetensors"))
+    preview_text = load(store.read_bytes(f"{latents}/preview_text.safetensors"))
     scaling = float(manifest["vae"]["scaling_factor"])
     batches = latent_split(params, f"{latents}/train")
     # the held-out loss runs on rank 0 only, between steps like the previews
@@ -160,18 +203,20 @@ def run(
 
 
 def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, val) -> dict:
-    """``texts``: the empty-prompt and preview text states and the latent scaling."""
+    """``texts``: the empty-prompt and preview text tensors and the latent scaling."""
     null_text, preview_text, scaling = texts
     c = params.train_unet
+    bb = backbones.get(c.backbone)
     ch, size, _ = manifest["tensors"]["mean"]["shape"]
     text_shape = manifest["tensors"]["text"]["shape"]
+    pooled = manifest["tensors"].get("pooled", {"shape": text_shape})["shape"][-1]
     E.say(
-        f"train_unet: {len(batches)} latents {ch}x{size}x{size}, text states "
-        f"{tuple(text_shape)} ({manifest['tensors']['text']['dtype']}), "
-        f"scaling factor {scaling:.4f}"
+        f"train_unet: {bb.name} backbone ({bb.objective} objective); {len(batches)} latents "
+        f"{ch}x{size}x{size}, text states {tuple(text_shape)} "
+        f"({manifest['tensors']['text']['dtype']}), scaling factor {scaling:.4f}"
     )
 
-    model = build(params, ch, size, text_shape[-1])
+    model = build(params, ch, size, TextDims(hidden=text_shape[-1], pooled=pooled))
     start: dict = {}
     from training.phases.reuse import builds_on, warm_start
 
@@ -190,9 +235,10 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
     )
     dev = trainer.device
 
-    def precomputed(step: int) -> tuple[torch.Tensor, ...]:
-        b = batches.batch(step)
-        return b["mean"].float(), b["std"].float(), b["text"].float()  # text: 16-bit on disk
+    def precomputed(step: int) -> tuple[torch.Tensor, torch.Tensor, Cond]:
+        b = batches.batch(step)  # text states: 16-bit on disk
+        cond = {k: b[k].float() for k in ("text", "pooled") if k in b}
+        return b["mean"].float(), b["std"].float(), cond
 
     step_fn = make_step_fn(params, model, sched, precomputed, null_text, scaling, dev)
 
@@ -203,27 +249,23 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
         # fed the precomputed text states, so the grid is what a user would get; and the
         # held-out loss of those weights.
         from training.config import SAMPLER
-        from training.inference.sampling import SCHEDULERS
+        from training.inference.sampling import make_scheduler
 
         ema_model = copy.deepcopy(model).eval()
         trainer.ema.copy_to(ema_model)
         if val is not None:
             heldout = held_out(params, ema_model, sched, val, scaling, dev)
             log.log_metrics({f"train_unet/{k}": v for k, v in heldout.items()}, step)
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            unet=ema_model,
-            scheduler=SCHEDULERS[SAMPLER.scheduler](sched.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        sampler = make_scheduler(SAMPLER.scheduler, sched.config)
+        pipe = bb.assemble(vae, None, None, ema_model, sampler)
         pipe.set_progress_bar_config(disable=True)
+        n = len(preview_text["text"])
+        prompt = {k: v.to(dev) for k, v in bb.prompt_kwargs(preview_text).items()}
+        empty = {k: v.expand(n, *v.shape) for k, v in null_text.items()}  # one, unbatched
+        negative = {f"negative_{k}": v.to(dev) for k, v in bb.prompt_kwargs(empty).items()}
         images = pipe(
-            prompt_embeds=preview_text.to(dev),
-            negative_prompt_embeds=null_text.expand_as(preview_text).to(dev),
+            **prompt,
+            **negative,
             num_inference_steps=SAMPLER.steps,
             guidance_scale=SAMPLER.guidance,
             generator=torch.Generator().manual_seed(params.seed),

@@ -50,6 +50,16 @@ def component_model(name: str, directory: Path):
             TensorSpec(f32, (-1, cfg["projection_dim"]), "image_embeds"),
         ]
         loader = "transformers.CLIPModel.from_pretrained (+ CLIPTokenizer)"
+    elif name == MODEL_NAMES["train_unet"] and cfg["_class_name"] == "SD3Transformer2DModel":
+        size, ch = cfg["sample_size"], cfg["in_channels"]
+        inputs = [  # the DiT: timesteps are t x 1000 of a rectified flow, floats
+            TensorSpec(f32, (-1, ch, size, size), "hidden_states"),
+            TensorSpec(f32, (-1,), "timestep"),
+            TensorSpec(f32, (-1, -1, cfg["joint_attention_dim"]), "encoder_hidden_states"),
+            TensorSpec(f32, (-1, cfg["pooled_projection_dim"]), "pooled_projections"),
+        ]
+        outputs = [TensorSpec(f32, (-1, cfg["out_channels"], size, size), "prediction")]
+        loader = "diffusers.SD3Transformer2DModel.from_pretrained"
     elif name == MODEL_NAMES["train_unet"]:
         size, ch = cfg["sample_size"], cfg["in_channels"]
         inputs = [
@@ -104,6 +114,7 @@ SERVING_CODE = (
     "paths.py",
     "engine",
     "inference",
+    "backbones",
 )
 
 
