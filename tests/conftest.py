@@ -115,6 +115,31 @@ def e2e_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return project, proc
 
 
+def sigkill_after_checkpoint(
+    project: Path, command: str, ckpt: Path, step: int, timeout: float = 300
+) -> int:
+    """Start ``kiln <command>`` in ``project``, SIGKILL it as soon as ``ckpt`` (a stage's
+    checkpoint folder) holds a complete checkpoint at ``step`` or later, and return the
+    last complete step: a training stage killed mid-run, as a crash would."""
+
+    def complete() -> list[int]:
+        steps = (p for p in ckpt.glob("step-*") if (p / "COMPLETE").is_file())
+        return sorted(int(p.name.split("-")[1]) for p in steps)
+
+    proc = subprocess.Popen(
+        [str(BIN / "kiln"), command], cwd=project, env=project_env(project),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not any(s >= step for s in complete()):
+        assert proc.poll() is None, f"kiln {command} finished before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return complete()[-1]
+
+
 def outputs_copy(project: Path, dest: Path) -> Path:
     """The finished project with its data and models, without its tracking state."""
     ignore = shutil.ignore_patterns("mlflow.db", "mlartifacts", ".prefect", "checkpoints")

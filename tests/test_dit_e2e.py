@@ -10,11 +10,8 @@ tiny's budget is benchmarks/backbones.py's, in RESULTS.md."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from safetensors.torch import load_file
 
 from training import config
 
-from .conftest import BIN, kiln, outputs_copy, project_env, py, stage_losses
+from .conftest import kiln, outputs_copy, py, sigkill_after_checkpoint, stage_losses
 
 pytestmark = pytest.mark.e2e
 WEIGHTS = Path("data/models/unet/diffusion_pytorch_model.safetensors")
@@ -170,14 +167,6 @@ def test_dit_data_parallel_training_matches_one_process(dit, tmp_path):
     assert max(abs(a - b) / abs(a) for a, b in zip(one, two, strict=True)) < 1e-3, (one, two)
 
 
-def _complete_steps(project: Path) -> list[int]:
-    return sorted(
-        int(p.name.split("-")[1])
-        for p in (project / CKPT).glob("step-*")
-        if (p / "COMPLETE").is_file()
-    )
-
-
 def test_sigkilled_dit_training_resumes_bitwise_identical(dit, tmp_path):
     project = outputs_copy(dit[0], tmp_path / "resume")
     config.set_values(
@@ -188,18 +177,8 @@ def test_sigkilled_dit_training_resumes_bitwise_identical(dit, tmp_path):
     uninterrupted = load_file(project / WEIGHTS)
     shutil.rmtree(project / CKPT)
 
-    proc = subprocess.Popen(
-        [str(BIN / "kiln"), "train-unet"], cwd=project, env=project_env(project),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not any(s >= 20 for s in _complete_steps(project)):
-        assert proc.poll() is None, "train-unet finished before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 20 <= _complete_steps(project)[-1] < 60
+    killed_at = sigkill_after_checkpoint(project, "train-unet", project / CKPT, 20)
+    assert 20 <= killed_at < 60, killed_at
 
     resumed = kiln(project, "train-unet")
     assert "resuming from step-" in resumed.stderr

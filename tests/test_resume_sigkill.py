@@ -4,11 +4,7 @@ issue's resume test, on the real `kiln train-vae` process)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -16,19 +12,11 @@ from safetensors.torch import load_file
 
 from training import config
 
-from .conftest import BIN, kiln, project_env
+from .conftest import kiln, sigkill_after_checkpoint
 
 pytestmark = pytest.mark.e2e
 WEIGHTS = Path("data/models/vae/diffusion_pytorch_model.safetensors")
 CKPT = Path("data/checkpoints/train_vae")
-
-
-def _complete_steps(project: Path) -> list[int]:
-    return sorted(
-        int(p.name.split("-")[1])
-        for p in (project / CKPT).glob("step-*")
-        if (p / "COMPLETE").is_file()
-    )
 
 
 def test_sigkilled_training_resumes_bitwise_identical(project):
@@ -48,21 +36,7 @@ def test_sigkilled_training_resumes_bitwise_identical(project):
     uninterrupted = load_file(project / WEIGHTS)
     shutil.rmtree(project / CKPT)
 
-    proc = subprocess.Popen(
-        [str(BIN / "kiln"), "train-vae"],
-        cwd=project,
-        env=project_env(project),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while not any(s >= 20 for s in _complete_steps(project)):
-        assert proc.poll() is None, "train-vae finished before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _complete_steps(project)[-1]
+    killed_at = sigkill_after_checkpoint(project, "train-vae", project / CKPT, 20)
     assert 20 <= killed_at < 80, killed_at
 
     resumed = kiln(project, "train-vae")

@@ -9,12 +9,13 @@ followed by ``T5_TOKENS`` zero tokens where T5's would be; the pooled vector is 
 slots' projected embeddings side by side. The exported pipeline is therefore the
 standard one, and ``from_pretrained`` plus a plain call gives Kiln's images.
 
-The 256 zero tokens would be most of every sequence at Kiln's sizes (8.5x the step time
-at tiny). They are all equal, and stay equal through every block (each block treats
-tokens alike), so in attention they act as one token counted 256 times: Kiln trains and
-samples with one zero token whose attention logit carries + log 256
-(``CollapsedZerosProcessor``), which is the same function. ``tests/test_dit.py`` checks
-that the standard pipeline (256 zeros, diffusers' processor) draws the same images.
+The 256 zero tokens would be most of every sequence at Kiln's sizes (4.6x the step time
+at tiny: benchmarks/dit_t5_slot.py). They are all equal, and stay equal through every
+block (each block treats tokens alike), so in attention they act as one token counted
+256 times: Kiln trains and samples with one zero token whose attention logit carries
++ log 256 (``CollapsedZerosProcessor``), which is the same function. ``tests/test_dit.py``
+checks that the standard pipeline (256 zeros, diffusers' processor) draws the same
+images.
 """
 
 from __future__ import annotations
