@@ -2,7 +2,7 @@
 
 Usage (from the repository root, alone on the machine; about 20 minutes per seed):
     .venv/bin/python benchmarks/backbones.py [--seeds 0 1 2] [--dit-lr 0.001]
-        [--unet-steps 1800] [--calibrate 100]
+        [--check-dit-lr 0.003] [--unet-steps 1800] [--calibrate 100]
 
 One project runs the pipeline up to the latents once (tiny's full VAE and CLIP budget).
 Then a calibration trains each denoiser ``--calibrate`` steps to measure its training
@@ -10,7 +10,9 @@ steps/s on this machine, and the DiT gets the steps that take the U-Net's
 ``--unet-steps`` time: the same wall-clock budget, measured in this invocation. Per
 seed each backbone runs ``kiln precompute-latents`` (its own text states), ``kiln
 train-unet`` and ``kiln evaluate`` (the 144 shapes prompts x 2 seeds, oracle graded);
-the two alternate, so drift in the machine's speed hits both.
+the two alternate, so drift in the machine's speed hits both. ``--check-dit-lr`` adds one
+DiT run per rate at the first seed (the U-Net's rate, by default): the evidence for the
+DiT's own default rate.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--dit-lr", type=float, default=0.001)
+    ap.add_argument("--check-dit-lr", type=float, nargs="*", default=[0.003])
     ap.add_argument("--unet-steps", type=int, default=1800)
     ap.add_argument("--calibrate", type=int, default=100)
     args = ap.parse_args()
@@ -86,6 +89,15 @@ def main() -> None:
                 }  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        for lr in args.check_dit_lr:
+            m = train(project, "dit", steps["dit"], args.seeds[0], lr)
+            kiln(project, "evaluate", timeout=3600)
+            ev = _metrics(project, "evaluate")
+            print(json.dumps({
+                "check_dit_lr": lr, "seed": args.seeds[0], "steps": steps["dit"],
+                "seen": ev["acc_all_seen"], "held_out": ev["acc_all_held_out"],
+                "acc_all": ev["acc_all"], "val_loss": m.get("val_loss"),
+            }), flush=True)  # fmt: skip
     print("| backbone | params | steps | train s | acc_all | seen | held-out | val loss |")
     print("|---|---:|---:|---:|---|---|---|---:|")
     for b in ("unet2d", "dit"):

@@ -149,7 +149,7 @@ def kiln_pipeline(
     mode: str | None = None,
 ) -> dict:
     """ingest -> validate -> train_vae -> train_clip -> precompute_latents -> train_unet
-    -> evaluate, each a DVC stage.
+    -> train_controlnet (when enabled) -> evaluate, each a DVC stage.
 
     ``profile``/``dataset``/``source``/``mode`` are written into params.yaml first
     (where DVC tracks them); ``mode: continue`` builds on the registered champion
@@ -162,6 +162,12 @@ def kiln_pipeline(
         logging.getLogger(name).addFilter(_NoTracebackForStageFailed())
     with runlock.pipeline_lock("kiln-pipeline", ROOT):
         return _pipeline(profile, dataset, source, gpu_deployment, mode)
+
+
+def _trains(stage: str, params) -> bool:
+    """Whether ``stage`` trains anything in this run: a switched-off ControlNet stage
+    only records its skip, which is not worth a GPU worker's round trip."""
+    return stage != "train_controlnet" or params.train_controlnet.enabled
 
 
 def _pipeline(
@@ -187,7 +193,7 @@ def _pipeline(
         for stage in stages.NAMES:
             if stage == "ingest":
                 ingest_task()
-            elif gpu_deployment and stage in GPU_STAGES:
+            elif gpu_deployment and stage in GPU_STAGES and _trains(stage, params):
                 run_remote(stage, gpu_deployment, done, parent)
             else:
                 _stage(stage)(stage=stage)

@@ -86,12 +86,14 @@ def _stale(root: Path) -> set[str]:
     return set(out)
 
 
-DOWNSTREAM = {"train_vae", "train_clip", "precompute_latents", "train_unet", "evaluate"}
+DOWNSTREAM = {
+    "train_vae", "train_clip", "precompute_latents", "train_unet", "train_controlnet", "evaluate"
+}  # fmt: skip
 # (file edited, stages dvc status must mark stale: exactly these)
 EDITS = [
     ("training/engine/ema.py", DOWNSTREAM),
     ("training/engine/loop.py", DOWNSTREAM),
-    ("training/inference/sampling.py", {"train_unet", "evaluate"}),
+    ("training/inference/sampling.py", {"train_unet", "train_controlnet", "evaluate"}),
     ("training/inference/text2image_model.py", {"evaluate"}),
     ("training/cli/user.py", set()),
     ("training/cli/interrupt.py", set()),
@@ -101,11 +103,16 @@ EDITS = [
     ("training/intake/checks.py", {"validate"}),
     ("training/intake/shards.py", {s.name for s in STAGES}),
     ("training/phases/vae.py", {"train_vae"}),
-    ("training/phases/unet.py", {"train_unet"}),
+    ("training/phases/unet.py", {"train_unet", "train_controlnet"}),  # its training step
+    ("training/phases/controlnet.py", {"train_controlnet"}),
+    ("training/inference/control.py", {"train_controlnet"}),
     # what the denoiser is, and which text states its pipeline feeds it
-    ("training/backbones/unet2d.py", {"precompute_latents", "train_unet", "evaluate"}),
-    ("training/evaluation/figures.py", {"evaluate"}),
-    ("training/evaluation/heldout.py", {"train_unet", "evaluate"}),
+    (
+        "training/backbones/unet2d.py",
+        {"precompute_latents", "train_unet", "train_controlnet", "evaluate"},
+    ),
+    ("training/evaluation/figures.py", {"train_controlnet", "evaluate"}),
+    ("training/evaluation/heldout.py", {"train_unet", "train_controlnet", "evaluate"}),
     ("training/evaluation/metrics/distribution.py", {"evaluate"}),
     ("training/tracking/registry.py", {s.name for s in STAGES}),
 ]

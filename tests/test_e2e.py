@@ -449,7 +449,8 @@ def test_unet_param_change_reruns_only_unet_and_evaluate(run):
     )
     proc = _dvc(project, "repro")
     ran = re.findall(r"Running stage '([^']+)'", proc.stdout)
-    assert ran == ["source", "train_unet", "evaluate"]  # the probe always runs
+    # the probe always runs; the ControlNet stage follows the U-Net (off: it records a skip)
+    assert ran == ["source", "train_unet", "train_controlnet", "evaluate"]
     # the 40-step U-Net is worse than the champion: the gate keeps the champion
     out = _py(
         project,

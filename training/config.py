@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from training.sections import (
     SAMPLER,
     ClipCfg,
+    ControlNetCfg,
     DatasetName,
     EvaluateCfg,
     IngestCfg,
@@ -44,6 +45,7 @@ __all__ = [
     "SAMPLER",
     "ClipCfg",
     "ConfigError",
+    "ControlNetCfg",
     "DatasetName",
     "EvaluateCfg",
     "IngestCfg",
@@ -92,6 +94,7 @@ class Params(BaseModel):
     train_clip: ClipCfg
     precompute_latents: LatentsCfg
     train_unet: UnetCfg
+    train_controlnet: ControlNetCfg
     evaluate: EvaluateCfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,6 +117,11 @@ class Params(BaseModel):
             raise ValueError(
                 f"evaluate.scheduler {self.evaluate.scheduler} does not sample a rectified "
                 f"flow (train_unet.backbone dit): choose {' or '.join(flow_samplers)}"
+            )
+        if self.train_controlnet.enabled and self.train_unet.backbone != "unet2d":
+            raise ValueError(
+                "train_controlnet.enabled needs train_unet.backbone unet2d: Kiln trains "
+                "ControlNets for the U-Net only (SD3's ControlNet is not built; README)"
             )
         if c.bucket_stride % down or c.image_size % c.bucket_stride:
             raise ValueError(

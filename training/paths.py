@@ -15,6 +15,7 @@ CLEAN = DATA / "clean"  # validate: train/ and val/ shards that passed the gate
 DOCS = DATA / "data_docs"  # validate's GX Data Docs (time-stamped: kept out of CLEAN's hash)
 MODELS = DATA / "models"
 VAE, CLIP, UNET = MODELS / "vae", MODELS / "clip", MODELS / "unet"
+CONTROLNET = MODELS / "controlnet"  # train_controlnet (when enabled)
 LATENTS = DATA / "latents"  # precompute_latents: VAE posteriors + CLIP text states
 EVAL = DATA / "eval"  # evaluate: the assembled pipeline, report.html, figures
 METRICS = DATA / "metrics"  # one JSON per stage (DVC metrics, not cached)

@@ -275,6 +275,45 @@ class UnetCfg(Section):
         return self
 
 
+class ControlNetCfg(Section):
+    """``train_controlnet``: a ControlNet (Zhang et al. 2023) on the trained, frozen U-Net,
+    conditioned on a control image that a detector derives from each training image."""
+
+    # off for the default run: it would add minutes to `make run` (README, "ControlNet")
+    enabled: bool = False
+    # the control image: Canny edges (OpenCV) of the picture, white on black; thresholds
+    # on the grey image's gradient (OpenCV's; 100/200 as diffusers' ControlNet examples)
+    detector: Literal["canny"] = "canny"
+    canny_low: int = Field(100, ge=0, le=1000)
+    canny_high: int = Field(200, ge=0, le=1000)
+    conditioning_scale: float = Field(1.0, ge=0.0)  # the residuals' weight when sampling
+    loader: Loader = "stream"
+    block_shards: int = Field(16, ge=1)
+    batch_size: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    # the U-Net's rate: at 1e-3 the zero-initialised ControlNet had learnt half as much
+    # position control after 400 steps (RESULTS.md, "ControlNet")
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(25, ge=1)
+    preview_every: int = Field(200, ge=0)  # val controls -> samples grid; 0 = never
+    # evaluation: val images as controls with prompts of another colour, sampled with
+    # and without the ControlNet (built-in shapes: graded by the oracle); 0 = skip
+    eval_samples: int = Field(64, ge=0)
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> ControlNetCfg:
+        if self.canny_low > self.canny_high:
+            raise ValueError(
+                f"train_controlnet.canny_low {self.canny_low} is above canny_high "
+                f"{self.canny_high}: OpenCV's hysteresis needs low <= high"
+            )
+        return self
+
+
 class EvaluateCfg(Section):
     scheduler: SchedulerName = SAMPLER.scheduler
     steps: int = Field(SAMPLER.steps, ge=1)

@@ -101,9 +101,21 @@ STAGES: tuple[Stage, ...] = (
         streamed=(P.LATENTS,),
     ),
     Stage(
+        "train_controlnet",
+        "training.phases.controlnet",
+        "Stage 7: a ControlNet on the frozen U-Net, steered by edge maps; registers "
+        "kiln-controlnet (train_controlnet.enabled; off by default).",
+        (P.CLEAN, P.VAE, P.CLIP, P.UNET),
+        (P.CONTROLNET,),
+        "kiln-controlnet",
+        data_parallel=True,
+        checkpoints=True,
+        streamed=(P.CLEAN,),
+    ),
+    Stage(
         "evaluate",
         "training.evaluation.evaluate",
-        "Stage 7: sample the evaluation prompts, score them, register kiln-text2image.",
+        "Stage 8: sample the evaluation prompts, score them, register kiln-text2image.",
         (P.CLEAN, P.LATENTS, P.VAE, P.CLIP, P.UNET),
         (P.EVAL,),
         "kiln-text2image",

@@ -115,7 +115,10 @@ def _register(stage: str) -> Callable | None:
 
     if spec.model != PIPELINE_MODEL:
 
-        def register_component(tr, metrics: dict) -> str:
+        def register_component(tr, metrics: dict) -> str | None:
+            if metrics.get("skipped"):  # a stage switched off (train_controlnet) makes none
+                tr.mlflow.set_tag("kiln.skipped", metrics["skipped"])
+                return None
             if metrics.get("reused_version"):  # a registry version, installed as it was
                 tr.mlflow.set_tag("kiln.reused_from", metrics["reused_from"])
                 return str(metrics["reused_version"])

@@ -18,6 +18,7 @@ import typer
 from training import paths as P
 from training.cli import stage
 from training.cli.base import UserError, fail, load_params, writable
+from training.cli.control import controlnet_dir, open_control, with_control
 from training.config import SAMPLER
 from training.stages import PIPELINE_MODEL
 
@@ -190,6 +191,25 @@ def generate(
             help="a registry URI (models:/kiln-text2image/3), an alias, or a pipeline dir"
         ),
     ] = CHAMPION,
+    control: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="a picture whose Canny edges steer the layout (train_controlnet), or an "
+            "edge map with --control-is-map",
+        ),
+    ] = None,
+    control_scale: Annotated[
+        float, typer.Option(min=0.0, max=10.0, help="weight of the ControlNet (0: off)")
+    ] = 1.0,
+    control_is_map: Annotated[
+        bool, typer.Option(help="--control is already an edge map: use it as it is")
+    ] = False,
+    controlnet: Annotated[
+        str,
+        typer.Option(help="the ControlNet: a folder or models:/kiln-controlnet/N"),
+    ] = str(P.CONTROLNET),
 ) -> None:
     """Generate PNGs plus manifest.jsonl (file, prompt, seed, steps, guidance, size, scheduler)."""
     try:  # everything that can be checked before a model load
@@ -213,13 +233,22 @@ def generate(
         from training.engine.distributed import set_torch_threads
 
         set_torch_threads()
+        cn_dir = picture = None
+        if control is not None:
+            cn_dir = controlnet_dir(controlnet)
+            picture = open_control(control)
         pipe = sampling.load(pipe_dir)
         sampling.set_scheduler(pipe, scheduler)
-        sampling.Geometry.of(pipe).size(reqs[0])  # one size for all: checked once
+        size = sampling.Geometry.of(pipe).size(reqs[0])  # one size for all: checked once
+        steer = None
+        if cn_dir is not None:
+            pipe, steer = with_control(pipe, pipe_dir, cn_dir, (control, picture), size,
+                                        control_is_map)  # fmt: skip
+            steer = (steer, control_scale)
     except (UserError, ValueError) as exc:
         fail(str(exc))
     warn_truncated(pipe.tokenizer, [*prompts, negative] if negative else list(prompts))
-    images = sampling.generate(pipe, reqs)
+    images = sampling.generate(pipe, reqs, control=steer)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "manifest.jsonl", "a") as manifest:
         for i, (r, img) in enumerate(zip(reqs, images, strict=True)):
@@ -239,6 +268,15 @@ def generate(
                         "scheduler": scheduler,
                         "model": model,
                         "model_version": version,
+                        **(
+                            {
+                                "control": str(control),
+                                "control_scale": control_scale,
+                                "controlnet": controlnet,
+                            }
+                            if control is not None
+                            else {}
+                        ),  # fmt: skip
                     }
                 )
                 + "\n"
@@ -252,14 +290,32 @@ def export(
     model: Annotated[
         str, typer.Option(help="registry URI, alias or pipeline directory")
     ] = CHAMPION,
+    controlnet: Annotated[
+        str | None,
+        typer.Option(
+            help="also a ControlNet (a folder or models:/kiln-controlnet/N): writes a "
+            "StableDiffusionControlNetPipeline"
+        ),
+    ] = None,
 ) -> None:
     """Write the model's diffusers pipeline directory (StableDiffusionPipeline, or
-    StableDiffusion3Pipeline for the DiT backbone; loads offline with from_pretrained)."""
+    StableDiffusion3Pipeline for the DiT backbone, or StableDiffusionControlNetPipeline
+    with --controlnet; loads offline with from_pretrained)."""
     from training.inference import sampling
 
     try:
-        pipe = sampling.load(_pipeline_dir(model)[0])
+        pipe_dir = _pipeline_dir(model)[0]
+        cn_dir = controlnet_dir(controlnet) if controlnet else None
         writable(out)
+        pipe = sampling.load(pipe_dir)
+        if cn_dir is not None:
+            if not hasattr(pipe, "unet"):
+                raise UserError("a ControlNet steers a U-Net; this pipeline has a DiT")
+            from diffusers import ControlNetModel
+
+            from training.inference.control import with_controlnet
+
+            pipe = with_controlnet(pipe, ControlNetModel.from_pretrained(cn_dir))
     except UserError as exc:
         fail(str(exc))
     pipe.save_pretrained(out, safe_serialization=True)

@@ -35,6 +35,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
 )
 from PIL import Image
@@ -139,6 +140,10 @@ def load(path: str | Path) -> DiffusionPipeline:
     index = json.loads((Path(path) / "model_index.json").read_text())
     extra = {  # the components Kiln's pipelines go without
         "StableDiffusionPipeline": {"safety_checker": None, "requires_safety_checker": False},
+        "StableDiffusionControlNetPipeline": {
+            "safety_checker": None,
+            "requires_safety_checker": False,
+        },
         # no T5: diffusers' documented way to run SD3 on its CLIPs alone
         "StableDiffusion3Pipeline": {"text_encoder_3": None, "tokenizer_3": None},
     }.get(index["_class_name"], {})
@@ -280,10 +285,18 @@ def private_pipeline(pipe: DiffusionPipeline) -> DiffusionPipeline:
     for name in ("tokenizer", "tokenizer_2"):
         if parts.get(name) is not None:
             parts[name] = copy.deepcopy(parts[name])
-    extra = {"requires_safety_checker": False} if isinstance(pipe, StableDiffusionPipeline) else {}
+    sd = (StableDiffusionPipeline, StableDiffusionControlNetPipeline)
+    extra = {"requires_safety_checker": False} if isinstance(pipe, sd) else {}
     own = type(pipe)(**parts, **extra)
     own.set_progress_bar_config(disable=True)
     return own
+
+
+def _control_kwargs(control: tuple[Image.Image, float] | None, n: int) -> dict:
+    if control is None:
+        return {}
+    image, scale = control
+    return {"image": [image] * n, "controlnet_conditioning_scale": scale}
 
 
 def _deadline_callback(deadline: float) -> Callable:
@@ -301,6 +314,7 @@ def generate(
     requests: list[Request],
     batch_size: int = 64,
     deadline: float | None = None,
+    control: tuple[Image.Image, float] | None = None,
 ) -> list[Image.Image]:
     """Images for ``requests`` in order, from the sampler ``pipe.scheduler`` names.
 
@@ -313,7 +327,9 @@ def generate(
     Safe to call concurrently on one ``pipe``: the call runs on ``private_pipeline(pipe)``
     and leaves ``pipe`` untouched. ``deadline`` (a ``time.monotonic()`` value) stops the
     work with ``TimeoutError`` at the next denoising step after it passes, so a request
-    nobody waits for any more does not keep the worker busy."""
+    nobody waits for any more does not keep the worker busy. ``control``: (control image,
+    conditioning scale) for every request, on a ``StableDiffusionControlNetPipeline``
+    (``inference/control.py``: ``load_control``, ``with_controlnet``)."""
     own = private_pipeline(pipe)
     extra = backbones.of_pipeline(pipe).call_kwargs(pipe)
     callback = _deadline_callback(deadline) if deadline is not None else None
@@ -339,6 +355,7 @@ def generate(
                 output_type="pil",
                 callback_on_step_end=callback,
                 **extra,
+                **_control_kwargs(control, len(chunk)),
             )
             for i, img in zip(chunk, result.images, strict=True):
                 out[i] = img

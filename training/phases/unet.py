@@ -94,12 +94,17 @@ def make_step_fn(
     null_text: Cond | torch.Tensor,
     scaling: float,
     dev: torch.device,
+    predict: Callable | None = None,
 ) -> Callable[[int], tuple[torch.Tensor, E.StepMetrics]]:
     """The training step: ``batch(step) -> (posterior mean, std, text)`` gives the
-    samples (precomputed latents from the loader in the pipeline; the benchmark also
-    plugs in encoding inside the step), everything else is the backbone's objective."""
+    samples (precomputed latents from the loader in the pipeline; the benchmark and the
+    ControlNet encode inside the step), everything else is the backbone's objective.
+    ``predict(model, z_t, t, cond)``: the prediction, when it is not the backbone's
+    (the ControlNet's: its residuals into the frozen U-Net); condition tensors without
+    an empty-prompt counterpart in ``null_text`` (a control image) are never dropped."""
     c = params.train_unet
     bb = backbones.get(c.backbone)
+    predict = predict or bb.predict
     null = _cond(null_text)
 
     def step_fn(step: int) -> tuple[torch.Tensor, E.StepMetrics]:
@@ -124,6 +129,8 @@ def make_step_fn(
         eps, noise, t, drop = E.local(eps, noise, t, drop)
         z0 = (mean + std * eps) * scaling
         for k, v in cond.items():  # caption dropout: the empty prompt's states
+            if k not in null:
+                continue
             dropped = drop.view(-1, *([1] * (v.dim() - 1)))
             cond[k] = torch.where(dropped, null[k].expand_as(v), v)
         if bb.objective == "flow":
@@ -140,7 +147,7 @@ def make_step_fn(
             )
         zt, t, target, w = E.to_device(dev, zt, t, target, w)
         cond = dict(zip(cond, E.to_device(dev, *cond.values()), strict=True))
-        pred = bb.predict(model, zt, t, cond)
+        pred = predict(model, zt, t, cond)
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * w).mean(), {}
 

@@ -69,6 +69,19 @@ def component_model(name: str, directory: Path):
         ]
         outputs = [TensorSpec(f32, (-1, cfg["out_channels"], size, size), "prediction")]
         loader = "diffusers.UNet2DConditionModel.from_pretrained"
+    elif name == MODEL_NAMES["train_controlnet"]:
+        ch, text = cfg["in_channels"], cfg["cross_attention_dim"]
+        inputs = [  # the control image: RGB in [0, 1] at the sample's pixel size
+            TensorSpec(f32, (-1, ch, -1, -1), "sample"),
+            TensorSpec(i64, (-1,), "timestep"),
+            TensorSpec(f32, (-1, -1, text), "encoder_hidden_states"),
+            TensorSpec(f32, (-1, cfg["conditioning_channels"], -1, -1), "controlnet_cond"),
+        ]
+        outputs = [  # one residual per U-Net down block output, and the middle block's
+            TensorSpec(f32, (-1, -1, -1, -1), "down_block_res_samples"),
+            TensorSpec(f32, (-1, cfg["block_out_channels"][-1], -1, -1), "mid_block_res_sample"),
+        ]
+        loader = "diffusers.ControlNetModel.from_pretrained"
     else:
         raise ValueError(f"no component signature for {name!r}")
     return Model(
@@ -234,7 +247,10 @@ def ensure_registered(
     md5 = locked_md5(stage, out, root)
     if md5 is None:
         return None
-    reused = _metrics(root, stage).get("reused_version")
+    done = _metrics(root, stage)
+    if done.get("skipped"):  # switched off (train_controlnet.enabled): no model to register
+        return None
+    reused = done.get("reused_version")
     if reused:  # the stage installed a registered version (phases/reuse.py): that one
         return str(reused)
     mlflow = setup(root)

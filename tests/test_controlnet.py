@@ -1,0 +1,144 @@
+"""The ControlNet without a pipeline run: its config checks, the control-image detector
+and the checks on a user's control image, the zero start (a fresh ControlNet leaves the
+U-Net's prediction exactly as it was) and the U-Net fingerprint that ``kiln generate``
+compares. Training, evaluation, registry and generation are in tests/test_controlnet_e2e.py."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_serving import build_tiny_pipeline
+from training import config
+from training.inference.control import (
+    ControlImageError,
+    edges,
+    load_control,
+    weights_fingerprint,
+)
+from training.intake import builtin as B
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"train_controlnet": {"canny_low": 210, "canny_high": 200}},
+            "train_controlnet.canny_low 210 is above canny_high 200",
+        ),
+        (
+            {
+                "train_controlnet": {"enabled": True},
+                "train_unet": {"backbone": "dit"},
+                "evaluate": {"scheduler": "euler"},
+            },
+            "train_controlnet.enabled needs train_unet.backbone unet2d",
+        ),  # fmt: skip
+    ],
+)
+def test_a_controlnet_that_cannot_work_fails_at_config_load_naming_the_key(raw, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.resolve(raw)
+
+
+def test_every_profile_sizes_the_controlnet_and_the_default_run_skips_it():
+    for profile in config.profiles():
+        c = config.resolve({"profile": profile}).train_controlnet
+        assert c.steps > 0 and c.batch_size > 0
+    assert not config.load().train_controlnet.enabled  # params.yaml: make run stays fast
+
+
+def _square() -> np.ndarray:
+    spec = B.ShapeSpec("square", "red", "large", "middle", "center")
+    return np.asarray(B.render_shape(spec, 32, side=18.0, cx=16.0, cy=16.0))
+
+
+def test_canny_edges_outline_the_object_and_nothing_else():
+    img = _square()
+    e = edges(img, 100, 200)
+    assert e.shape == img.shape and e.dtype == np.uint8
+    assert set(np.unique(e)) == {0, 255}
+    obj = img.max(axis=2) > 48
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(obj, iterations=2)
+    ring = ndimage.binary_dilation(obj, iterations=2) & ~inner
+    on = e[..., 0] > 0
+    assert on.sum() > 20  # an outline, not a dot
+    assert not (on & inner).any() and not (on & ~ring).any()  # only near the border
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_control_image_of_another_size_is_resized_with_a_note():
+    big = Image.fromarray(_square()).resize((96, 96), Image.Resampling.NEAREST)
+    img, notes = load_control(_png(big), (32, 32), False, 100, 200)
+    assert img.size == (32, 32) and len(notes) == 1 and "96x96 resized to 32x32" in notes[0]
+    # the edges are taken after the resize, at the size the ControlNet learnt them
+    assert np.array_equal(
+        np.asarray(img),
+        edges(np.asarray(big.resize((32, 32), Image.Resampling.BILINEAR)), 100, 200),
+    )
+    same, notes = load_control(_png(Image.fromarray(_square())), (32, 32), False, 100, 200)
+    assert notes == [] and np.array_equal(np.asarray(same), edges(_square(), 100, 200))
+    as_map, _ = load_control(_png(Image.fromarray(_square())), (32, 32), True, 100, 200)
+    assert np.array_equal(np.asarray(as_map), _square())  # --control-is-map: as given
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty file"),
+        (b"this is not a picture", "not an image"),
+        (_png(Image.new("RGB", (1, 1))), "1x1 pixels, too small"),
+    ],
+)
+def test_a_control_that_is_no_usable_image_is_refused_by_name(data, message):
+    with pytest.raises(ControlImageError, match=message):
+        load_control(data, (32, 32), False, 100, 200)
+
+
+def test_a_fresh_controlnet_leaves_the_unet_prediction_unchanged(tmp_path):
+    """from_unet's zero convolutions: training starts from the base model exactly, so
+    the ControlNet can only add what the control teaches."""
+    from diffusers import UNet2DConditionModel
+
+    from training.phases.controlnet import build, control_tensor
+
+    pipe_dir = build_tiny_pipeline(tmp_path)
+    unet = UNet2DConditionModel.from_pretrained(pipe_dir / "unet").eval()
+    net = build(unet, 3).eval()
+    g = torch.Generator().manual_seed(0)
+    zt = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+    text = torch.randn(2, 24, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([10, 500])
+    control = control_tensor(np.stack([edges(_square(), 100, 200)] * 2))
+    with torch.no_grad():
+        down, mid = net(zt, t, text, controlnet_cond=control, return_dict=False)
+        plain = unet(zt, t, text).sample
+        steered = unet(
+            zt, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
+    assert all(float(r.abs().max()) == 0 for r in (*down, mid))
+    assert torch.equal(plain, steered)
+
+
+def test_the_unet_fingerprint_follows_the_tensors_not_the_files(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    pipe_dir = build_tiny_pipeline(tmp_path)
+    unet = UNet2DConditionModel.from_pretrained(pipe_dir / "unet")
+    unet.save_pretrained(tmp_path / "again", safe_serialization=True)
+    assert weights_fingerprint(tmp_path / "again") == weights_fingerprint(pipe_dir / "unet")
+    with torch.no_grad():
+        unet.conv_out.bias.add_(1e-3)
+    unet.save_pretrained(tmp_path / "changed", safe_serialization=True)
+    assert weights_fingerprint(tmp_path / "changed") != weights_fingerprint(pipe_dir / "unet")

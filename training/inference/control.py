@@ -1,0 +1,121 @@
+"""Control images for the ControlNet: the detector, written once for training, evaluation,
+``kiln generate --control`` and serving, so the maps a ControlNet sees at sampling time
+are made exactly as the ones it learnt from.
+
+The detector is Canny (OpenCV, which the stack already has for decoding): edges of the
+grey picture, white on black, as three channels (the ``StableDiffusionControlNetPipeline``
+convention: an RGB control image in [0, 1]). It needs no downloaded weights.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MIN_SIDE = 8  # a smaller control image has no spatial layout worth following
+
+
+class ControlImageError(ValueError):
+    """A control image that cannot be used; the message says which and why."""
+
+
+def edges(rgb: np.ndarray, low: int, high: int) -> np.ndarray:
+    """Canny edges of a uint8 ``[H, W, 3]`` picture as a uint8 ``[H, W, 3]`` map (255 on
+    an edge, 0 elsewhere)."""
+    import cv2
+
+    grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    e = cv2.Canny(grey, low, high)
+    return np.repeat(e[..., None], 3, axis=2)
+
+
+def open_control(source: str | Path | bytes | Image.Image) -> Image.Image:
+    """A control image from a file, bytes or a picture, as RGB (transparency on black,
+    the maps' background); a non-image, an empty file or one smaller than ``MIN_SIDE``
+    pixels is a ``ControlImageError`` naming it. Cheap: callers check before loading
+    any model."""
+    name = str(source) if isinstance(source, (str, Path)) else "the control image"
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+        if not data:
+            raise ControlImageError(f"{name}: empty file, not an image")
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        except UnidentifiedImageError:
+            raise ControlImageError(f"{name}: not an image (Pillow cannot identify it)") from None
+        except OSError as e:  # a truncated or damaged file of a known format
+            raise ControlImageError(f"{name}: not an image Pillow can read ({e})") from None
+    if min(img.size) < MIN_SIDE:
+        raise ControlImageError(
+            f"{name}: {img.size[0]}x{img.size[1]} pixels, too small to carry a layout "
+            f"(at least {MIN_SIDE}x{MIN_SIDE})"
+        )
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
+    return img.convert("RGB")
+
+
+def load_control(
+    source: str | Path | bytes | Image.Image,
+    size: tuple[int, int],
+    is_map: bool,
+    low: int,
+    high: int,
+    name: str | None = None,
+) -> tuple[Image.Image, list[str]]:
+    """The control image for a ``(width, height)`` sample (``open_control``'s checks):
+    edges of it (``is_map=False``), or the map as given. A picture of another size is
+    resized first (edges are taken at the size they were learnt at) and a note says so."""
+    name = name or (str(source) if isinstance(source, (str, Path)) else "the control image")
+    img, notes = open_control(source), []
+    if img.size != size:
+        notes.append(
+            f"{name}: {img.size[0]}x{img.size[1]} resized to {size[0]}x{size[1]}, the sample's size"
+        )
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    if is_map:
+        return img, notes
+    return Image.fromarray(edges(np.asarray(img), low, high)), notes
+
+
+def with_controlnet(pipe, controlnet):
+    """``pipe`` (a ``StableDiffusionPipeline``) with ``controlnet``: the standard
+    ``StableDiffusionControlNetPipeline`` sharing its components."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    out = StableDiffusionControlNetPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=pipe.unet,
+        controlnet=controlnet,
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """A hash of a model folder's tensors (names and values, not file layout): tells
+    whether a ControlNet was trained on the U-Net a pipeline carries."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as st:
+            for k in sorted(st.keys()):
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(st.get_tensor(k)).tobytes())
+    return h.hexdigest()[:16]
