@@ -142,3 +142,15 @@ def test_the_unet_fingerprint_follows_the_tensors_not_the_files(tmp_path):
         unet.conv_out.bias.add_(1e-3)
     unet.save_pretrained(tmp_path / "changed", safe_serialization=True)
     assert weights_fingerprint(tmp_path / "changed") != weights_fingerprint(pipe_dir / "unet")
+
+
+def test_a_controlnet_for_a_dit_pipeline_is_refused_before_anything_loads(tmp_path):
+    from training.cli.base import UserError
+    from training.cli.control import controlnet_dir
+
+    pipe_dir = build_tiny_pipeline(tmp_path / "dit", backbone="dit")
+    with pytest.raises(UserError, match="has a DiT; a Kiln ControlNet steers a U-Net"):
+        controlnet_dir(str(tmp_path / "no-controlnet"), pipe_dir)
+    unet_pipe = build_tiny_pipeline(tmp_path / "unet")
+    with pytest.raises(UserError, match="no ControlNet at .*train_controlnet.enabled: true"):
+        controlnet_dir(str(tmp_path / "no-controlnet"), unet_pipe)

@@ -113,7 +113,8 @@ EDITS = [
     ),
     ("training/evaluation/figures.py", {"train_controlnet", "evaluate"}),
     ("training/evaluation/heldout.py", {"train_unet", "train_controlnet", "evaluate"}),
-    ("training/evaluation/metrics/distribution.py", {"evaluate"}),
+    # via evaluation/figures.py, which train_controlnet's report uses
+    ("training/evaluation/metrics/distribution.py", {"train_controlnet", "evaluate"}),
     ("training/tracking/registry.py", {s.name for s in STAGES}),
 ]
 

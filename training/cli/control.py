@@ -11,8 +11,14 @@ import typer
 from training.cli.base import UserError
 
 
-def controlnet_dir(model: str) -> Path:
-    """The ControlNet folder a path or ``models:/kiln-controlnet/N`` names."""
+def controlnet_dir(model: str, pipe_dir: Path) -> Path:
+    """The ControlNet folder a path or ``models:/kiln-controlnet/N`` names, for the
+    pipeline at ``pipe_dir`` (refused when that pipeline's denoiser is a DiT)."""
+    if (pipe_dir / "transformer").is_dir():
+        raise UserError(
+            f"the pipeline at {pipe_dir} has a DiT; a Kiln ControlNet steers a U-Net "
+            "(train_unet.backbone unet2d)"
+        )
     p = Path(model).expanduser()
     if not p.exists() and model.startswith("models:/"):
         from training import tracking

@@ -235,7 +235,7 @@ def generate(
         set_torch_threads()
         cn_dir = picture = None
         if control is not None:
-            cn_dir = controlnet_dir(controlnet)
+            cn_dir = controlnet_dir(controlnet, pipe_dir)
             picture = open_control(control)
         pipe = sampling.load(pipe_dir)
         sampling.set_scheduler(pipe, scheduler)
@@ -305,12 +305,10 @@ def export(
 
     try:
         pipe_dir = _pipeline_dir(model)[0]
-        cn_dir = controlnet_dir(controlnet) if controlnet else None
+        cn_dir = controlnet_dir(controlnet, pipe_dir) if controlnet else None
         writable(out)
         pipe = sampling.load(pipe_dir)
         if cn_dir is not None:
-            if not hasattr(pipe, "unet"):
-                raise UserError("a ControlNet steers a U-Net; this pipeline has a DiT")
             from diffusers import ControlNetModel
 
             from training.inference.control import with_controlnet
