@@ -8,6 +8,10 @@ BIN := $(VENV)/bin
 DATASET ?= shapes
 PROFILE ?= tiny
 PYTEST_ARGS ?=
+# The suite runs on this many pytest-xdist workers: one takes the e2e run and the tests
+# built on it (the longest chain), the other the rest (tests/conftest.py groups them and
+# gives each worker its share of the CPUs). `make test TEST_WORKERS=0`: one process.
+TEST_WORKERS ?= 2
 
 .PHONY: browser postgres install run test lint clean
 
@@ -31,7 +35,7 @@ run: install
 	$(BIN)/kiln run --dataset $(DATASET) --profile $(PROFILE)
 
 test: install browser postgres
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Headless Chromium for the report screenshot test (Debian's package; needs root). Not
 # fatal: without it that one test is skipped, and says so.

@@ -24,6 +24,42 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# ---- make test's two workers (pytest-xdist) --------------------------------------------
+# `make test` runs the suite on N workers (-n, --dist loadgroup). Two trainings with
+# torch's default threads on the same cores thrash (5.1 steps/s between them against 11.3
+# alone: RESULTS.md, "Torch threads"); two with one thread each make 13.7. So a worker
+# and every command it starts (the variable is inherited) take their share of the CPUs,
+# unless the user set OMP_NUM_THREADS.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _WORKERS > 1 and not os.environ.get("OMP_NUM_THREADS"):
+    from training.env import thread_plan
+
+    os.environ["OMP_NUM_THREADS"] = str(max(1, thread_plan({}).cpus // _WORKERS))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The scheduling units of ``--dist loadgroup``: a module's tests stay on one worker
+    (its module fixtures run once), and every test that uses the session's e2e run
+    (``e2e_run``) is in one group, so that run happens once. Longest first: that group
+    (23 of the 66 minutes a single process takes), then the other ``e2e`` modules, then
+    the rest, so no worker is left with a long module while the other idles
+    (``--no-loadscope-reorder`` keeps this order; xdist would sort by test count)."""
+
+    def rank(item: pytest.Item) -> int:
+        if "e2e_run" in item.fixturenames:
+            return 0
+        return 1 if item.get_closest_marker("e2e") else 2
+
+    for item in items:
+        group = "e2e_run" if "e2e_run" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=rank)  # stable: each module's own order stays
+
+
 def project_env(project: Path) -> dict[str, str]:
     """Environment for commands run in a project copy: its own MLflow DB (the default
     sqlite file in the project root), its own Prefect home, the venv's bin on PATH."""

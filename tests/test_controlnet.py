@@ -154,3 +154,64 @@ def test_a_controlnet_for_a_dit_pipeline_is_refused_before_anything_loads(tmp_pa
     unet_pipe = build_tiny_pipeline(tmp_path / "unet")
     with pytest.raises(UserError, match="no ControlNet at .*train_controlnet.enabled: true"):
         controlnet_dir(str(tmp_path / "no-controlnet"), unet_pipe)
+
+
+def _b64_png(size: tuple[int, int]) -> str:
+    import base64
+
+    buf = io.BytesIO()
+    B.render_shape(B.ShapeSpec("circle", "red", "large", "middle", "centre"), 32, 12, 10, 10
+                   ).resize(size).save(buf, format="PNG")  # fmt: skip
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+DETECTOR = {"canny_low": 100, "canny_high": 200}
+
+
+@pytest.mark.parametrize(
+    ("columns", "detector", "message"),
+    [
+        ({"control_scale": [1.0]}, DETECTOR, "'control_scale' needs a 'control' column"),
+        ({"control": [_b64_png((32, 32))]}, None, "this model version has no ControlNet"),
+        ({"control": [""]}, DETECTOR, "row 0: control: empty file, not an image"),
+        ({"control": ["%%%"]}, DETECTOR, "row 0: control is not valid base64"),
+        ({"control": [_b64_png((1, 1))]}, DETECTOR, "row 0: control: 1x1 pixels, too small"),
+        (
+            {"control": [_b64_png((32, 32))], "control_scale": [11.0]},
+            DETECTOR,
+            "row 0: control_scale 11.0 is outside 0..10",
+        ),
+        (
+            {"control": [_b64_png((32, 32))], "control_is_map": ["yes"]},
+            DETECTOR,
+            "row 0: control_is_map must be true or false",
+        ),
+    ],  # fmt: skip
+)
+def test_a_request_control_it_cannot_use_is_refused_naming_the_row(columns, detector, message):
+    import pandas as pd
+
+    from training.inference.text2image_model import BadRequest, parse_controls
+
+    with pytest.raises(BadRequest, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
+        parse_controls(pd.DataFrame({"prompt": ["a"], **columns}), [(32, 32)], detector)
+
+
+def test_request_controls_are_made_into_maps_of_the_row_size_with_a_note():
+    import pandas as pd
+
+    from training.inference.text2image_model import parse_controls
+
+    frame = pd.DataFrame(
+        {"prompt": ["a", "b", "c"], "control": [_b64_png((64, 64)), None, _b64_png((32, 32))],
+         "control_scale": [0.5, None, None]}
+    )  # fmt: skip
+    first, none, third = parse_controls(frame, [(32, 32)] * 3, DETECTOR)
+    assert none is None
+    image, scale, note = first
+    assert image.size == (32, 32) and scale == 0.5
+    assert note == "row 0: control: 64x64 resized to 32x32, the sample's size"
+    assert set(np.unique(np.asarray(image))) <= {0, 255}  # an edge map, not the picture
+    assert third[1:] == (1.0, "")
+    # without a control column nothing changes: every row is the base model's
+    assert parse_controls(frame[["prompt"]], [(32, 32)] * 3, None) == [None] * 3

@@ -153,3 +153,73 @@ print(type(pipe).__name__, img.size, np.abs(np.asarray(img, dtype=float) - ours)
     size, diff = rest.rsplit(" ", 1)
     assert name == "StableDiffusionControlNetPipeline" and size == "(32, 32)", out
     assert float(diff) <= 2, out
+
+
+def test_evaluate_ships_the_controlnet_and_the_registered_model_takes_control_images(
+    controlled, tmp_path
+):
+    """``kiln evaluate`` after the ControlNet: the pipeline it registers carries it, the
+    report shows its evaluation, and the pyfunc (what REST serving runs, its signature
+    enforced) draws a control row as ``kiln generate --control`` does, a plain row as
+    plain ``kiln generate`` does, notes a resized control and refuses one it cannot use
+    (the no-ControlNet refusal: tests/test_controlnet.py)."""
+    project, _ = controlled
+    config.set_values(project / "params.yaml",
+                      {"evaluate.max_prompts": 4, "evaluate.sweep_prompts": 0})  # fmt: skip
+    proc = kiln(project, "evaluate", timeout=900)
+    assert "ships with the pipeline" in proc.stderr, proc.stderr[-3000:]
+    assert (project / "data/eval/controlnet/config.json").is_file()
+    report = (project / "data/eval/report.html").read_text()
+    assert "ControlNet (shipped with this pipeline" in report
+    version = _json(project / "data/metrics/evaluate.json")["registered_version"]
+    model = f"models:/kiln-text2image/{version}"
+    edges = tmp_path / "edges.png"
+    picture = np.asarray(Image.open(_control_png(tmp_path / "c.png")))
+    Image.fromarray(canny(picture, 100, 200)).save(edges)
+    # kiln generate takes the ControlNet shipped with the registered version by default
+    kiln(project, "generate", "a blue cross", "--control", str(edges), "--control-is-map",
+         "--seed", "5", "--steps", "6", "--model", model,
+         "--out", str(tmp_path / "cn"))  # fmt: skip
+    manifest = json.loads((tmp_path / "cn/manifest.jsonl").read_text())
+    assert manifest["controlnet"].endswith("artifacts/controlnet"), manifest
+    kiln(project, "generate", "a red circle", "--seed", "1", "--steps", "6", "--model", model,
+         "--out", str(tmp_path / "plain"))  # fmt: skip
+    (with_cn,) = (tmp_path / "cn").glob("*.png")
+    (plain,) = (tmp_path / "plain").glob("*.png")
+    out = py(
+        project,
+        f"""
+import base64, io, json, mlflow, numpy as np, pandas as pd
+from PIL import Image
+def b64(path, size=None):
+    buf = io.BytesIO(); img = Image.open(path)
+    (img.resize(size) if size else img).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+m = mlflow.pyfunc.load_model({model!r})
+rows = pd.DataFrame({{"prompt": ["a blue cross", "a blue cross", "a red circle"],
+                     "seed": [5, 5, 1], "steps": [6, 6, 6],
+                     "control": [b64({str(edges)!r}), b64({str(edges)!r}, (64, 64)), None],
+                     "control_is_map": [True, True, None]}})
+got = m.predict(rows)
+def diff(i, path):
+    a = np.asarray(Image.open(io.BytesIO(base64.b64decode(got["image"][i]))), dtype=float)
+    return float(np.abs(a - np.asarray(Image.open(path).convert("RGB"), dtype=float)).max())
+errors = {{}}
+for key, control in (("not an image", base64.b64encode(b"hello").decode()),
+                     ("not base64", "%%%")):
+    try:
+        m.predict(rows[:1].assign(control=control))
+        errors[key] = "accepted"
+    except Exception as exc:
+        errors[key] = str(exc)
+print(json.dumps({{"columns": list(got.columns), "notes": list(got["note"]),
+                  "control_row": diff(0, {str(with_cn)!r}), "plain_row": diff(2, {str(plain)!r}),
+                  "errors": errors}}))
+""",
+    )
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["columns"] == ["prompt", "seed", "image", "note"], res
+    assert res["notes"] == ["", "row 1: control: 64x64 resized to 32x32, the sample's size", ""]
+    assert res["control_row"] <= 2 and res["plain_row"] <= 2, res
+    assert "row 0: control: not an image" in res["errors"]["not an image"], res
+    assert "row 0: control is not valid base64" in res["errors"]["not base64"], res

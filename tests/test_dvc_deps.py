@@ -105,7 +105,8 @@ EDITS = [
     ("training/phases/vae.py", {"train_vae"}),
     ("training/phases/unet.py", {"train_unet", "train_controlnet"}),  # its training step
     ("training/phases/controlnet.py", {"train_controlnet"}),
-    ("training/inference/control.py", {"train_controlnet"}),
+    # the detector: the ControlNet learns from it, the served model reads controls with it
+    ("training/inference/control.py", {"train_controlnet", "evaluate"}),
     # what the denoiser is, and which text states its pipeline feeds it
     (
         "training/backbones/unet2d.py",

@@ -18,6 +18,9 @@ VAE, CLIP, UNET = MODELS / "vae", MODELS / "clip", MODELS / "unet"
 CONTROLNET = MODELS / "controlnet"  # train_controlnet (when enabled)
 LATENTS = DATA / "latents"  # precompute_latents: VAE posteriors + CLIP text states
 EVAL = DATA / "eval"  # evaluate: the assembled pipeline, report.html, figures
+# beside a pipeline folder (data/eval/pipeline, a registered version's artifacts/pipeline):
+# the ControlNet it carries, when evaluate shipped one (inference/control.py, ship)
+SHIPPED_CONTROLNET = "controlnet"
 METRICS = DATA / "metrics"  # one JSON per stage (DVC metrics, not cached)
 CKPT = DATA / "checkpoints"  # training checkpoints (outside DVC: resume state only)
 WORK = DATA / ".work"  # resumable scratch (ingest's unfinished shards)

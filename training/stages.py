@@ -116,7 +116,7 @@ STAGES: tuple[Stage, ...] = (
         "evaluate",
         "training.evaluation.evaluate",
         "Stage 8: sample the evaluation prompts, score them, register kiln-text2image.",
-        (P.CLEAN, P.LATENTS, P.VAE, P.CLIP, P.UNET),
+        (P.CLEAN, P.LATENTS, P.VAE, P.CLIP, P.UNET, P.CONTROLNET),
         (P.EVAL,),
         "kiln-text2image",
     ),

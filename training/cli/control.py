@@ -56,9 +56,14 @@ def with_control(pipe, pipe_dir: Path, cn_dir: Path, control: tuple, size, is_ma
     pipeline's is named in a warning."""
     from diffusers import ControlNetModel
 
-    from training.inference.control import load_control, weights_fingerprint, with_controlnet
+    from training.inference.control import (
+        detector,
+        load_control,
+        weights_fingerprint,
+        with_controlnet,
+    )
 
-    det = json.loads((cn_dir / "kiln_control.json").read_text())
+    det = detector(cn_dir)
     path, picture = control
     low, high = det["canny_low"], det["canny_high"]
     image, notes = load_control(picture, size, is_map, low, high, name=str(path))

@@ -208,8 +208,11 @@ def generate(
     ] = False,
     controlnet: Annotated[
         str,
-        typer.Option(help="the ControlNet: a folder or models:/kiln-controlnet/N"),
-    ] = str(P.CONTROLNET),
+        typer.Option(
+            help="the ControlNet: a folder or models:/kiln-controlnet/N (default: the one "
+            "shipped with --model's version, else data/models/controlnet)"
+        ),
+    ] = "",
 ) -> None:
     """Generate PNGs plus manifest.jsonl (file, prompt, seed, steps, guidance, size, scheduler)."""
     try:  # everything that can be checked before a model load
@@ -235,6 +238,12 @@ def generate(
         set_torch_threads()
         cn_dir = picture = None
         if control is not None:
+            from training.inference.control import SHIPPED
+
+            shipped = pipe_dir.parent / SHIPPED  # evaluate ships the ControlNet it scored
+            if not controlnet:
+                has = (shipped / "config.json").is_file()
+                controlnet = str(shipped) if has else str(P.CONTROLNET)
             cn_dir = controlnet_dir(controlnet, pipe_dir)
             picture = open_control(control)
         pipe = sampling.load(pipe_dir)

@@ -70,7 +70,8 @@ def evaluate_control(
     """Sample ``eval_samples`` val controls (``split``: the val images with their control
     maps and captions, read in order) with and without ``controlnet`` (the models in
     ``dirs`` = VAE, CLIP, U-Net folders); metrics, ``control_eval.png`` (rows: control,
-    real, without, with) and ``control_report.html`` in ``out_dir``."""
+    real, without, with), its prompts in ``control_eval.json`` and ``control_report.html``
+    in ``out_dir``."""
     from training.evaluation import oracle as O
 
     c = params.train_controlnet
@@ -109,6 +110,9 @@ def evaluate_control(
     tiles = [t for i in shown for t in (controls[i], rows[i][0], without[i], with_cn[i])]
     grid(tiles, nrow=4, scale=2).save(out_dir / "control_eval.png")
     log.log_image(out_dir / "control_eval.png", "controlnet")
+    # the grid's prompts and scores, for the evaluate stage's report (the ControlNet
+    # ships with the pipeline: inference/control.py, ship)
+    E.write_json(out_dir / "control_eval.json", {"prompts": [prompts[i] for i in shown], **metrics})
     _report(out_dir / "control_report.html", rows, prompts, without, with_cn, metrics)
     return metrics
 

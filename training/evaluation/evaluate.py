@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 
 from training import engine as E
@@ -75,9 +76,12 @@ def run(
     out_dir: Path,
     log: E.MetricLogger | None = None,
     latents_dir: Path | None = None,
+    controlnet_dir: Path | None = None,
 ) -> dict:
     """Sample, score and report; ``latents_dir`` (the precomputed val latents) adds the
-    held-out denoising loss."""
+    held-out denoising loss. A ControlNet in ``controlnet_dir`` trained on this U-Net
+    ships with the pipeline (``pipeline/`` beside ``controlnet/``): the registered
+    model then takes control images, and the report shows its evaluation."""
     from training.engine.images import grid
     from training.evaluation import oracle as O
     from training.evaluation.metrics import Samples, score_all
@@ -90,6 +94,9 @@ def run(
     pipe_dir = out_dir / "pipeline"
     pipe.save_pretrained(pipe_dir, safe_serialization=True)
     pipe = sampling.load(pipe_dir)  # evaluate exactly what was saved
+    from training.inference import control
+
+    E.say(f"evaluate: {control.ship(controlnet_dir, unet_dir, out_dir / control.SHIPPED)}")
 
     prompts = prompt_set(params, clean_dir)
     E.write_json(out_dir / "prompts.json", [p.prompt for p in prompts])
@@ -208,6 +215,21 @@ def run(
             "prompts and seeds": champ_path,
             **figures,
         }
+    shipped = out_dir / control.SHIPPED
+    if (shipped / "control_eval.json").is_file():
+        cn = json.loads((shipped / "control_eval.json").read_text())
+        scores = ", ".join(
+            f"{k} {cn[f'base_{k}']:.2f} -> {cn[f'controlnet_{k}']:.2f}"
+            for k in ("shape", "size", "position", "colour")
+            if f"controlnet_{k}" in cn
+        )
+        figures[
+            "ControlNet (shipped with this pipeline; train_controlnet's evaluation on val "
+            "images). Each row: the control (a val image's edges), that image, the base "
+            "model, the base model with the ControlNet, on a prompt that changes only the "
+            f"colour. Base -> with ControlNet: {scores or 'no oracle for this data'}. Rows: "
+            + "; ".join(f"{i + 1}. {p}" for i, p in enumerate(cn["prompts"]))
+        ] = shipped / "control_eval.png"
     legend = "; ".join(
         f"row {i // 4 + 1}.{i % 4 + 1}: {p.prompt}" for i, p in enumerate(prompts[:n_show])
     )
@@ -317,4 +339,7 @@ def _held_out(params: Params, pipe, unet_dir: Path, latents_dir: Path) -> dict:
 
 def stage(params: Params, log: E.MetricLogger) -> dict:
     E.init_distributed()  # torch's threads; the process group under torchrun
-    return run(params, P.CLEAN, P.VAE, P.CLIP, P.UNET, P.EVAL, log, latents_dir=P.LATENTS)
+    return run(
+        params, P.CLEAN, P.VAE, P.CLIP, P.UNET, P.EVAL, log,
+        latents_dir=P.LATENTS, controlnet_dir=P.CONTROLNET,
+    )  # fmt: skip

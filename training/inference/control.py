@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from training import paths as P
+
 MIN_SIDE = 8  # a smaller control image has no spatial layout worth following
+# beside a ControlNet's weights: its detector, thresholds and the U-Net it was trained on
+CONTROL_FILE = "kiln_control.json"
+SHIPPED = P.SHIPPED_CONTROLNET  # the folder beside a pipeline that carries its ControlNet
 
 
 class ControlImageError(ValueError):
@@ -32,12 +37,12 @@ def edges(rgb: np.ndarray, low: int, high: int) -> np.ndarray:
     return np.repeat(e[..., None], 3, axis=2)
 
 
-def open_control(source: str | Path | bytes | Image.Image) -> Image.Image:
+def open_control(source: str | Path | bytes | Image.Image, name: str | None = None) -> Image.Image:
     """A control image from a file, bytes or a picture, as RGB (transparency on black,
     the maps' background); a non-image, an empty file or one smaller than ``MIN_SIDE``
     pixels is a ``ControlImageError`` naming it. Cheap: callers check before loading
     any model."""
-    name = str(source) if isinstance(source, (str, Path)) else "the control image"
+    name = name or (str(source) if isinstance(source, (str, Path)) else "the control image")
     if isinstance(source, Image.Image):
         img = source
     else:
@@ -74,7 +79,7 @@ def load_control(
     edges of it (``is_map=False``), or the map as given. A picture of another size is
     resized first (edges are taken at the size they were learnt at) and a note says so."""
     name = name or (str(source) if isinstance(source, (str, Path)) else "the control image")
-    img, notes = open_control(source), []
+    img, notes = open_control(source, name), []
     if img.size != size:
         notes.append(
             f"{name}: {img.size[0]}x{img.size[1]} resized to {size[0]}x{size[1]}, the sample's size"
@@ -119,3 +124,26 @@ def weights_fingerprint(model_dir: str | Path) -> str:
                 h.update(k.encode())
                 h.update(np.ascontiguousarray(st.get_tensor(k)).tobytes())
     return h.hexdigest()[:16]
+
+
+def detector(cn_dir: str | Path) -> dict:
+    """The detector settings a ControlNet was trained with (``CONTROL_FILE``)."""
+    import json
+
+    return json.loads((Path(cn_dir) / CONTROL_FILE).read_text())
+
+
+def ship(cn_dir: Path | None, unet_dir: Path, dest: Path) -> str:
+    """Copy the ControlNet at ``cn_dir`` to ``dest`` when it was trained on the U-Net in
+    ``unet_dir`` (so a pipeline made of that U-Net carries it, and the registered model
+    serves control images); ``dest`` is removed otherwise. Says what it did, in a line."""
+    import shutil
+
+    shutil.rmtree(dest, ignore_errors=True)
+    if cn_dir is None or not (Path(cn_dir) / "config.json").is_file():
+        return "no ControlNet trained (train_controlnet.enabled is false)"
+    trained_on = detector(cn_dir).get("unet")
+    if trained_on != weights_fingerprint(unet_dir):
+        return f"the ControlNet in {cn_dir} was trained on another U-Net: not shipped"
+    shutil.copytree(cn_dir, dest, ignore=shutil.ignore_patterns("previews"))
+    return f"the ControlNet ({cn_dir}) ships with the pipeline"

@@ -7,6 +7,18 @@ size; ``sampling.Geometry`` says which sizes a model draws).
 Output: a DataFrame with ``prompt``, ``seed`` and ``image``: the PNG bytes, base64
 encoded (``PIL.Image.open(io.BytesIO(base64.b64decode(s)))`` reads it back).
 
+Control images (a version whose pipeline carries a ControlNet: ``train_controlnet`` was
+on and trained on this U-Net; ``inference/control.py``, ``ship``): optional columns
+``control`` (a picture, PNG or JPEG bytes base64-encoded; its Canny edges steer the
+layout, as ``kiln generate --control``), ``control_scale`` (default 1.0, 0-10) and
+``control_is_map`` (true: ``control`` is already an edge map). A row without a control
+is drawn by the base model. With a ``control`` column the output gains ``note``: what
+was done to that row's control (resized to the sample's size), "" for nothing. A control
+sent to a version without a ControlNet, or one that is no image, empty or under 8
+pixels, is refused (HTTP 400) naming the row. A control row's steps count as one
+image-step each in the budget below, though the ControlNet adds about half a U-Net's
+work to each.
+
 Serving (``mlflow models serve``) runs each HTTP request's ``predict`` in its own thread,
 all on this one loaded model. So:
 
@@ -43,11 +55,13 @@ all on this one loaded model. So:
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import math
 import os
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -62,6 +76,8 @@ DEFAULTS = {
     "negative_prompt": SAMPLER.negative_prompt,
 }
 COLUMNS = ("prompt", "seed", "steps", "guidance", "negative_prompt", "width", "height")
+CONTROL_COLUMNS = ("control", "control_scale", "control_is_map")
+MAX_CONTROL_SCALE = 10.0  # as kiln generate --control-scale
 LIMITS = {  # env var -> default
     "KILN_SERVE_MAX_ROWS": 64,
     "KILN_SERVE_MAX_STEPS_TOTAL": 1000,
@@ -167,6 +183,58 @@ def parse_requests(
     return [r for r, _ in requests]
 
 
+def parse_controls(model_input: pd.DataFrame, sizes: list, detector: dict | None) -> list:
+    """Each row's ``(control map, scale, note)``, or None for a row without a control;
+    ``sizes``: each row's (width, height). ``detector``: the ControlNet's
+    ``kiln_control.json`` (None: the version has none). ``BadRequest`` names the first
+    row that cannot be used; nothing is computed before this passes."""
+    from training.inference.control import ControlImageError, load_control
+
+    rows = len(model_input)
+    cols = {c: model_input[c].tolist() for c in CONTROL_COLUMNS if c in model_input.columns}
+    if "control" not in cols:
+        for c in ("control_scale", "control_is_map"):
+            if c in cols and not all(_missing(v) for v in cols[c]):
+                raise BadRequest(f"'{c}' needs a 'control' column")
+        return [None] * rows
+    if detector is None and not all(_missing(v) for v in cols["control"]):
+        raise BadRequest(
+            "this model version has no ControlNet (train_controlnet was off, or trained "
+            "on another U-Net, when it was made); send no 'control' column"
+        )
+    out = []
+    for i in range(rows):
+        raw = cols["control"][i]
+        if _missing(raw):
+            out.append(None)
+            continue
+        if not isinstance(raw, str):
+            raise BadRequest(f"row {i}: control must be an image's bytes, base64-encoded")
+        try:
+            data = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"row {i}: control is not valid base64") from None
+        scale = cols.get("control_scale", [None] * rows)[i]
+        scale = 1.0 if _missing(scale) else scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float):
+            raise BadRequest(f"row {i}: control_scale must be a number, got {scale!r}")
+        if not 0.0 <= scale <= MAX_CONTROL_SCALE:
+            raise BadRequest(f"row {i}: control_scale {scale} is outside 0..{MAX_CONTROL_SCALE:g}")
+        is_map = cols.get("control_is_map", [None] * rows)[i]
+        is_map = False if _missing(is_map) else is_map
+        if not isinstance(is_map, bool):
+            raise BadRequest(f"row {i}: control_is_map must be true or false, got {is_map!r}")
+        try:
+            image, notes = load_control(
+                data, sizes[i], is_map, detector["canny_low"], detector["canny_high"],
+                name=f"row {i}: control",
+            )  # fmt: skip
+        except ControlImageError as exc:
+            raise BadRequest(str(exc)) from None
+        out.append((image, float(scale), "; ".join(notes)))
+    return out
+
+
 class Text2Image(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from training.env import offline_defaults
@@ -179,6 +247,16 @@ class Text2Image(mlflow.pyfunc.PythonModel):
         self.turns = threading.BoundedSemaphore(_limit("KILN_SERVE_CONCURRENCY"))
         self.pipe = load(context.artifacts["pipeline"])
         self.geometry = Geometry.of(self.pipe)
+        self.detector = self.control_pipe = None
+        if context.artifacts.get("controlnet"):  # shipped by evaluate (control.ship)
+            from diffusers import ControlNetModel
+
+            from training.inference.control import detector, with_controlnet
+
+            cn = Path(context.artifacts["controlnet"])
+            self.detector = detector(cn)
+            net = ControlNetModel.from_pretrained(cn).eval().to(self.pipe.device)
+            self.control_pipe = with_controlnet(self.pipe, net)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from training.inference.sampling import generate
@@ -188,11 +266,21 @@ class Text2Image(mlflow.pyfunc.PythonModel):
         timeout = os.environ.get(TIMEOUT_ENV)
         deadline = time.monotonic() + float(timeout) if timeout else None
         requests = parse_requests(model_input, self.max_rows, self.max_steps_total, self.geometry)
+        sizes = [self.geometry.size(r) for r in requests]
+        controls = parse_controls(model_input, sizes, self.detector)
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self.turns.acquire(timeout=wait):
             raise TimeoutError("waited past the scoring timeout for a free turn")
         try:
-            images = generate(self.pipe, requests, batch_size=1, deadline=deadline)
+            if all(c is None for c in controls):
+                images = generate(self.pipe, requests, batch_size=1, deadline=deadline)
+            else:  # row by row: each row its own control (or none)
+                images = [
+                    generate(self.pipe, [r], batch_size=1, deadline=deadline)[0]
+                    if c is None
+                    else generate(self.control_pipe, [r], 1, deadline, control=c[:2])[0]
+                    for r, c in zip(requests, controls, strict=True)
+                ]
         finally:
             self.turns.release()
         encoded = []
@@ -200,13 +288,16 @@ class Text2Image(mlflow.pyfunc.PythonModel):
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             encoded.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-        return pd.DataFrame(
+        out = pd.DataFrame(
             {
                 "prompt": [r.prompt for r in requests],
                 "seed": [r.seed for r in requests],
                 "image": encoded,
             }
         )
+        if "control" in model_input.columns:
+            out["note"] = ["" if c is None else c[2] for c in controls]
+        return out
 
 
 mlflow.models.set_model(Text2Image())

@@ -35,14 +35,13 @@ from training import paths as P
 from training.config import Params
 from training.engine import loaders
 from training.engine.images import caption, decode_image, grid, to_tensor
-from training.inference.control import edges, weights_fingerprint
+from training.inference.control import CONTROL_FILE, edges, weights_fingerprint
 from training.inference.sampling import trained_scheduler
 from training.inference.text import encode_text
 from training.intake.buckets import image_sizes
 from training.phases.latent_cache import model_fingerprint
 from training.phases.unet import make_step_fn
 
-CONTROL_FILE = "kiln_control.json"  # the detector and its thresholds, beside the weights
 SKIPPED_FILE = "skipped.json"  # the note a disabled stage leaves instead of a model
 PREVIEWS = 8  # val controls sampled at every preview
 

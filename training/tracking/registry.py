@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.paths import METRICS
+from training.paths import METRICS, SHIPPED_CONTROLNET
 from training.stages import MODEL_NAMES, STAGES
 from training.tracking.gate import promote
 from training.tracking.lineage import dvc_lineage, flatten, git_commit, locked_md5
@@ -150,7 +150,8 @@ def serving_code(dest: Path) -> Path:
 def register_text2image(
     tr: StageRun, name: str, pipeline_dir: Path, metrics: dict[str, Any]
 ) -> str:
-    """Log the assembled pipeline as a code-defined pyfunc and register it."""
+    """Log the assembled pipeline as a code-defined pyfunc and register it, with the
+    ControlNet shipped beside it (``controlnet/``, ``inference/control.py``) if any."""
     import tempfile
 
     from mlflow.models import ModelSignature
@@ -166,18 +167,25 @@ def register_text2image(
                 ColSpec("string", "negative_prompt", required=False),
                 ColSpec("long", "width", required=False),
                 ColSpec("long", "height", required=False),
+                ColSpec("string", "control", required=False),
+                ColSpec("double", "control_scale", required=False),
+                ColSpec("boolean", "control_is_map", required=False),
             ]
         ),
         outputs=Schema(
             [ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image")]
         ),
     )
+    artifacts = {"pipeline": str(pipeline_dir)}
+    shipped = pipeline_dir.parent / SHIPPED_CONTROLNET
+    if (shipped / "config.json").is_file():
+        artifacts["controlnet"] = str(shipped)
     with tempfile.TemporaryDirectory() as tmp:
         code = serving_code(Path(tmp))
         info = tr.mlflow.pyfunc.log_model(
             name="text2image",
             python_model=str(code / "inference" / "text2image_model.py"),
-            artifacts={"pipeline": str(pipeline_dir)},
+            artifacts=artifacts,
             code_paths=[str(code)],
             signature=signature,
             pip_requirements=_requirements(),
@@ -213,6 +221,7 @@ def _requirements() -> list[str]:
         "accelerate",
         "pydantic",  # the served code reads its sampler defaults from training/config.py
         "PyYAML",
+        "opencv-python-headless",  # a control image's Canny edges (inference/control.py)
     ):
         with contextlib.suppress(md.PackageNotFoundError):
             pins.append(f"{dist}=={md.version(dist).split('+')[0]}")
