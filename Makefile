@@ -35,7 +35,7 @@ run: install
 	$(BIN)/kiln run --dataset $(DATASET) --profile $(PROFILE)
 
 test: install browser postgres
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Headless Chromium for the report screenshot test (Debian's package; needs root). Not
 # fatal: without it that one test is skipped, and says so.

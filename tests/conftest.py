@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 
 
 # ---- make test's two workers (pytest-xdist) --------------------------------------------
-# `make test` runs the suite on N workers (-n, --dist loadgroup). Two trainings with
+# `make test` runs the suite on N workers (-n, --dist loadscope). Two trainings with
 # torch's default threads on the same cores thrash (5.1 steps/s between them against 11.3
 # alone: RESULTS.md, "Torch threads"); two with one thread each make 13.7. So a worker
 # and every command it starts (the variable is inherited) take their share of the CPUs,
@@ -40,24 +40,52 @@ if _WORKERS > 1 and not os.environ.get("OMP_NUM_THREADS"):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# The modules built on the session's e2e run (``e2e_run``): xdist must send them all to
+# one worker, or each worker would make that run itself.
+SHARED_RUN = frozenset(
+    f"tests/{f.name}" for f in Path(__file__).parent.glob("test_*.py") if "e2e_run" in f.read_text()
+)
+
+
+def _unit(nodeid: str) -> str:
+    """A test's scheduling unit: its module, or "e2e_run" for the modules in SHARED_RUN."""
+    module = nodeid.split("::", 1)[0]
+    return "e2e_run" if module in SHARED_RUN else module
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The scheduling units of ``--dist loadgroup``: a module's tests stay on one worker
-    (its module fixtures run once), and every test that uses the session's e2e run
-    (``e2e_run``) is in one group, so that run happens once. Longest first: that group
-    (23 of the 66 minutes a single process takes), then the other ``e2e`` modules, then
-    the rest, so no worker is left with a long module while the other idles
-    (``--no-loadscope-reorder`` keeps this order; xdist would sort by test count)."""
+    """Longest first: the e2e run's modules (23 of the 66 minutes one process takes),
+    then the other ``e2e`` modules, then the rest, so that no worker is left with a long
+    module at the end while the other idles (``--no-loadscope-reorder`` keeps this
+    order; xdist would sort the units by test count)."""
 
     def rank(item: pytest.Item) -> int:
-        if "e2e_run" in item.fixturenames:
+        if _unit(item.nodeid) == "e2e_run":
             return 0
         return 1 if item.get_closest_marker("e2e") else 2
 
-    for item in items:
-        group = "e2e_run" if "e2e_run" in item.fixturenames else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=rank)  # stable: each module's own order stays
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # without pytest-xdist the suite runs in one process
+    pass
+else:
+
+    class _ModuleScheduling(LoadScopeScheduling):
+        """``--dist loadscope`` with ``_unit`` as the scope: a module's tests stay on one
+        worker (its module fixtures run once) and the e2e run's modules share one.
+        (xdist's own ``loadgroup`` cannot do it on pytest 9.2: it renames ``item._nodeid``,
+        which pytest no longer reads.)"""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadScopeScheduling | None:
+        return _ModuleScheduling(config, log) if config.getvalue("dist") == "loadscope" else None
 
 
 def project_env(project: Path) -> dict[str, str]:
