@@ -56,8 +56,15 @@ def champion(name: str) -> str | None:
 def crown(root: Path = Path(".")) -> dict[str, str]:
     """A new champion pipeline makes champions of the components it was built from (the
     versions its stages registered or reused, from their metrics), so
-    ``models:/kiln-vae@champion`` is the champion's VAE: what a continuing run reuses."""
+    ``models:/kiln-vae@champion`` is the champion's VAE: what a continuing run reuses.
+    A version this registry does not hold (the stage ran against another registry, or
+    this one was emptied since; a single stage run by hand does not re-register its
+    inputs as ``kiln run`` does) is named and left alone: the pipeline is registered
+    either way."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from training.console import say
 
     crowned = {}
     for s in STAGES:
@@ -65,7 +72,17 @@ def crown(root: Path = Path(".")) -> dict[str, str]:
         if s.model in (None, PIPELINE_MODEL) or not metrics.is_file():
             continue
         version = json.loads(metrics.read_text()).get("registered_version")
-        if version:
+        if not version:
+            continue
+        try:
             MlflowClient().set_registered_model_alias(s.model, "champion", str(version))
-            crowned[s.model] = str(version)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            say(
+                f"{s.model} v{version} (from {metrics}) is not in this registry: not made "
+                "champion; `kiln run` registers what a stage made again"
+            )
+            continue
+        crowned[s.model] = str(version)
     return crowned
