@@ -54,14 +54,7 @@ def with_control(pipe, pipe_dir: Path, cn_dir: Path, control: tuple, size, is_ma
     path, the opened picture), made into the map the ControlNet learnt from (its
     detector and thresholds); a ControlNet trained on another U-Net than the
     pipeline's is named in a warning."""
-    from diffusers import ControlNetModel
-
-    from training.inference.control import (
-        detector,
-        load_control,
-        weights_fingerprint,
-        with_controlnet,
-    )
+    from training.inference.control import attach, detector, load_control, weights_fingerprint
 
     det = detector(cn_dir)
     path, picture = control
@@ -75,5 +68,4 @@ def with_control(pipe, pipe_dir: Path, cn_dir: Path, control: tuple, size, is_ma
             f"the pipeline's ({pipe_dir}); its control may not hold",
             err=True,
         )
-    net = ControlNetModel.from_pretrained(cn_dir).eval().to(pipe.device)
-    return with_controlnet(pipe, net), image
+    return attach(pipe, cn_dir)[0], image

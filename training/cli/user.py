@@ -201,7 +201,7 @@ def generate(
         ),
     ] = None,
     control_scale: Annotated[
-        float, typer.Option(min=0.0, max=10.0, help="weight of the ControlNet (0: off)")
+        float, typer.Option(min=0.0, max=10.0, help="weight of the ControlNet (0: off, at most 10)")
     ] = 1.0,
     control_is_map: Annotated[
         bool, typer.Option(help="--control is already an edge map: use it as it is")
@@ -238,12 +238,9 @@ def generate(
         set_torch_threads()
         cn_dir = picture = None
         if control is not None:
-            from training.inference.control import SHIPPED
-
-            shipped = pipe_dir.parent / SHIPPED  # evaluate ships the ControlNet it scored
-            if not controlnet:
-                has = (shipped / "config.json").is_file()
-                controlnet = str(shipped) if has else str(P.CONTROLNET)
+            if not controlnet:  # evaluate ships the ControlNet it scored beside the pipeline
+                shipped = pipe_dir.parent / P.SHIPPED_CONTROLNET
+                controlnet = str(shipped if (shipped / "config.json").is_file() else P.CONTROLNET)
             cn_dir = controlnet_dir(controlnet, pipe_dir)
             picture = open_control(control)
         pipe = sampling.load(pipe_dir)

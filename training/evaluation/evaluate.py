@@ -96,7 +96,7 @@ def run(
     pipe = sampling.load(pipe_dir)  # evaluate exactly what was saved
     from training.inference import control
 
-    E.say(f"evaluate: {control.ship(controlnet_dir, unet_dir, out_dir / control.SHIPPED)}")
+    E.say(f"evaluate: {control.ship(controlnet_dir, unet_dir, out_dir / P.SHIPPED_CONTROLNET)}")
 
     prompts = prompt_set(params, clean_dir)
     E.write_json(out_dir / "prompts.json", [p.prompt for p in prompts])
@@ -215,7 +215,7 @@ def run(
             "prompts and seeds": champ_path,
             **figures,
         }
-    shipped = out_dir / control.SHIPPED
+    shipped = out_dir / P.SHIPPED_CONTROLNET
     if (shipped / "control_eval.json").is_file():
         cn = json.loads((shipped / "control_eval.json").read_text())
         scores = ", ".join(

@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from training import paths as P
-
 MIN_SIDE = 8  # a smaller control image has no spatial layout worth following
 # beside a ControlNet's weights: its detector, thresholds and the U-Net it was trained on
 CONTROL_FILE = "kiln_control.json"
-SHIPPED = P.SHIPPED_CONTROLNET  # the folder beside a pipeline that carries its ControlNet
+MAX_SCALE = 10.0  # the largest conditioning scale kiln generate and the REST model take
 
 
 class ControlImageError(ValueError):
@@ -131,6 +129,16 @@ def detector(cn_dir: str | Path) -> dict:
     import json
 
     return json.loads((Path(cn_dir) / CONTROL_FILE).read_text())
+
+
+def attach(pipe, cn_dir: str | Path) -> tuple:
+    """(``pipe`` with the ControlNet in ``cn_dir``, on ``pipe``'s device, the detector
+    settings it was trained with): what ``kiln generate --control`` and the REST model
+    sample with."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_pretrained(cn_dir).eval().to(pipe.device)
+    return with_controlnet(pipe, net), detector(cn_dir)
 
 
 def ship(cn_dir: Path | None, unet_dir: Path, dest: Path) -> str:

@@ -61,7 +61,6 @@ import math
 import os
 import threading
 import time
-from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -77,7 +76,6 @@ DEFAULTS = {
 }
 COLUMNS = ("prompt", "seed", "steps", "guidance", "negative_prompt", "width", "height")
 CONTROL_COLUMNS = ("control", "control_scale", "control_is_map")
-MAX_CONTROL_SCALE = 10.0  # as kiln generate --control-scale
 LIMITS = {  # env var -> default
     "KILN_SERVE_MAX_ROWS": 64,
     "KILN_SERVE_MAX_STEPS_TOTAL": 1000,
@@ -188,7 +186,7 @@ def parse_controls(model_input: pd.DataFrame, sizes: list, detector: dict | None
     ``sizes``: each row's (width, height). ``detector``: the ControlNet's
     ``kiln_control.json`` (None: the version has none). ``BadRequest`` names the first
     row that cannot be used; nothing is computed before this passes."""
-    from training.inference.control import ControlImageError, load_control
+    from training.inference.control import MAX_SCALE, ControlImageError, load_control
 
     rows = len(model_input)
     cols = {c: model_input[c].tolist() for c in CONTROL_COLUMNS if c in model_input.columns}
@@ -218,8 +216,8 @@ def parse_controls(model_input: pd.DataFrame, sizes: list, detector: dict | None
         scale = 1.0 if _missing(scale) else scale
         if isinstance(scale, bool) or not isinstance(scale, int | float):
             raise BadRequest(f"row {i}: control_scale must be a number, got {scale!r}")
-        if not 0.0 <= scale <= MAX_CONTROL_SCALE:
-            raise BadRequest(f"row {i}: control_scale {scale} is outside 0..{MAX_CONTROL_SCALE:g}")
+        if not 0.0 <= scale <= MAX_SCALE:
+            raise BadRequest(f"row {i}: control_scale {scale} is outside 0..{MAX_SCALE:g}")
         is_map = cols.get("control_is_map", [None] * rows)[i]
         is_map = False if _missing(is_map) else is_map
         if not isinstance(is_map, bool):
@@ -249,14 +247,9 @@ class Text2Image(mlflow.pyfunc.PythonModel):
         self.geometry = Geometry.of(self.pipe)
         self.detector = self.control_pipe = None
         if context.artifacts.get("controlnet"):  # shipped by evaluate (control.ship)
-            from diffusers import ControlNetModel
+            from training.inference.control import attach
 
-            from training.inference.control import detector, with_controlnet
-
-            cn = Path(context.artifacts["controlnet"])
-            self.detector = detector(cn)
-            net = ControlNetModel.from_pretrained(cn).eval().to(self.pipe.device)
-            self.control_pipe = with_controlnet(self.pipe, net)
+            self.control_pipe, self.detector = attach(self.pipe, context.artifacts["controlnet"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from training.inference.sampling import generate
@@ -272,15 +265,12 @@ class Text2Image(mlflow.pyfunc.PythonModel):
         if not self.turns.acquire(timeout=wait):
             raise TimeoutError("waited past the scoring timeout for a free turn")
         try:
-            if all(c is None for c in controls):
-                images = generate(self.pipe, requests, batch_size=1, deadline=deadline)
-            else:  # row by row: each row its own control (or none)
-                images = [
-                    generate(self.pipe, [r], batch_size=1, deadline=deadline)[0]
-                    if c is None
-                    else generate(self.control_pipe, [r], 1, deadline, control=c[:2])[0]
-                    for r, c in zip(requests, controls, strict=True)
-                ]
+            # row by row (batch 1 either way): each row its own control, or none
+            images = [
+                generate(self.pipe if c is None else self.control_pipe, [r], 1, deadline,
+                         control=None if c is None else c[:2])[0]
+                for r, c in zip(requests, controls, strict=True)
+            ]  # fmt: skip
         finally:
             self.turns.release()
         encoded = []
