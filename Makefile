@@ -37,11 +37,12 @@ run: install
 test: install browser postgres
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
-# Headless Chromium for the report screenshot test (Debian's package; needs root). Not
-# fatal: without it that one test is skipped, and says so.
+# Headless Chromium and its WebDriver for the report screenshot and playground tests
+# (Debian's packages; needs root). Not fatal: without them those tests are skipped, and say so.
 browser:
-	@command -v chromium >/dev/null || (apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
-		|| echo "make: chromium could not be installed; the report screenshot test will be skipped")
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| (apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+		|| echo "make: chromium could not be installed; the browser tests will be skipped")
 
 # PostgreSQL for the infra test that runs compose's Prefect and MLflow server command
 # lines against it (Debian's package; needs root). Not fatal: without it that test is

@@ -1,5 +1,6 @@
 """The user commands: ``kiln run`` (the whole pipeline), ``generate``, ``export``,
-``publish`` and ``doctor``, plus the full ``kiln`` app (these and the stage commands).
+``publish``, ``playground`` and ``doctor``, plus the full ``kiln`` app (these and the
+stage commands).
 
 No stage imports this module (``training/cli/__init__.py`` routes a stage command to
 ``training/cli/stage.py`` alone), so editing a user command re-runs no stage.
@@ -21,6 +22,7 @@ from training.cli.base import UserError, fail, load_params, writable
 from training.cli.control import controlnet_dir, open_control, with_control
 from training.config import SAMPLER
 from training.stages import PIPELINE_MODEL
+from training.tracking.versions import pipeline_dir
 
 app = typer.Typer(
     add_completion=False,
@@ -104,34 +106,6 @@ def run_pipeline(
                 raise typer.Exit(1) from None
             fail(f"pipeline failed: {exc}")
     typer.echo(summary["text"])
-
-
-def _pipeline_dir(model: str) -> tuple[Path, str]:
-    """(diffusers pipeline directory, version label) from a path, registry URI or
-    alias of kiln-text2image."""
-    p = Path(model).expanduser()
-    version = str(p.resolve())
-    if not p.exists():
-        if model.startswith(("/", "./", "../", "~")):
-            raise UserError(f"cannot resolve model {model!r}: no such pipeline directory")
-        if not model.startswith("models:/"):
-            model = (
-                f"models:/{model}"
-                if "/" in model or "@" in model
-                else f"models:/{PIPELINE_MODEL}@{model}"
-            )
-        from training import tracking
-
-        try:
-            version = tracking.model_version(model)
-            p = tracking.resolve_model_dir(f"models:/{version}")
-        except Exception as exc:
-            raise UserError(f"cannot resolve model {model!r}: {exc}") from None
-    if (p / "MLmodel").is_file():
-        p = p / "artifacts" / "pipeline"
-    if not (p / "model_index.json").is_file():
-        raise UserError(f"{p} is not a diffusers pipeline directory (no model_index.json)")
-    return p, version
 
 
 def _can_create(d: Path) -> None:
@@ -232,7 +206,7 @@ def generate(
         ]
         for r in reqs:
             sampling.check_request(r)
-        pipe_dir, version = _pipeline_dir(model)
+        pipe_dir, version = pipeline_dir(model)
         from training.engine.distributed import set_torch_threads
 
         set_torch_threads()
@@ -260,33 +234,14 @@ def generate(
         for i, (r, img) in enumerate(zip(reqs, images, strict=True)):
             name = f"{i:04d}-{sampling.slug(r.prompt)}-{r.seed}.png"
             img.save(out / name)
-            manifest.write(
-                json.dumps(
-                    {
-                        "file": name,
-                        "prompt": r.prompt,
-                        "seed": r.seed,
-                        "steps": r.steps,
-                        "guidance": r.guidance,
-                        "negative_prompt": r.negative,
-                        "width": img.width,
-                        "height": img.height,
-                        "scheduler": scheduler,
-                        "model": model,
-                        "model_version": version,
-                        **(
-                            {
-                                "control": str(control),
-                                "control_scale": control_scale,
-                                "controlnet": controlnet,
-                            }
-                            if control is not None
-                            else {}
-                        ),  # fmt: skip
-                    }
-                )
-                + "\n"
-            )
+            line = sampling.manifest_line(name, r, img, scheduler, model, version)
+            if control is not None:
+                line |= {
+                    "control": str(control),
+                    "control_scale": control_scale,
+                    "controlnet": controlnet,
+                }
+            manifest.write(json.dumps(line) + "\n")
     typer.echo(f"wrote {len(images)} images and manifest.jsonl to {out}")
 
 
@@ -310,7 +265,7 @@ def export(
     from training.inference import sampling
 
     try:
-        pipe_dir = _pipeline_dir(model)[0]
+        pipe_dir = pipeline_dir(model)[0]
         cn_dir = controlnet_dir(controlnet, pipe_dir) if controlnet else None
         writable(out)
         pipe = sampling.load(pipe_dir)
@@ -351,6 +306,42 @@ def publish(
         f"published to {target}: {done['uploaded']} files uploaded, "
         f"{done['already_there']} already there"
     )
+
+
+@app.command()
+def playground(
+    host: Annotated[
+        str, typer.Option(help="address to listen on (loopback by default: no login)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 7860,
+    allow_promote: Annotated[
+        bool, typer.Option(help="show the button that makes a version @champion")
+    ] = False,
+    queue: Annotated[
+        int, typer.Option(min=1, max=1000, help="jobs that may wait; more get 'busy'")
+    ] = 8,
+) -> None:
+    """A web page to try the registered kiln-text2image versions, compare two side by
+    side and (with --allow-promote) make one @champion. Images go to data/playground/."""
+    import ipaddress
+    import socket
+
+    with contextlib.suppress(ValueError):
+        if not ipaddress.ip_address(host).is_loopback:
+            typer.echo(
+                f"kiln: warning: the playground has no login; {host} exposes it (and, with "
+                "--allow-promote, the champion) to the network",
+                err=True,
+            )
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:  # a taken port is a one-line error, before torch loads
+            probe.bind((host, port))
+        except OSError as exc:
+            fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+    from training.playground.app import serve
+
+    typer.echo(f"Kiln playground: http://{host}:{port}/ (Ctrl-C stops it)")
+    serve(host, port, P.DATA / "playground", allow_promote, queue)
 
 
 @app.command()

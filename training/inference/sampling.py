@@ -261,6 +261,26 @@ class Geometry:
         return w * h / self.native**2
 
 
+def manifest_line(
+    file: str, r: Request, image: Image.Image, scheduler: str, model: str, version: str
+) -> dict:
+    """One picture's line of a ``manifest.jsonl`` (``kiln generate``'s, the playground's
+    gallery): what it takes to draw it again."""
+    return {
+        "file": file,
+        "prompt": r.prompt,
+        "seed": r.seed,
+        "steps": r.steps,
+        "guidance": r.guidance,
+        "negative_prompt": r.negative,
+        "width": image.width,
+        "height": image.height,
+        "scheduler": scheduler,
+        "model": model,
+        "model_version": version,
+    }
+
+
 def slug(text: str, max_len: int = 48) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return s[:max_len].rstrip("-") or "empty"
@@ -299,13 +319,37 @@ def _control_kwargs(control: tuple[Image.Image, float] | None, n: int) -> dict:
     return {"image": [image] * n, "controlnet_conditioning_scale": scale}
 
 
-def _deadline_callback(deadline: float) -> Callable:
+def _step_callback(deadline: float | None, progress: Callable[[int], None] | None) -> Callable:
     def check(pipe, step: int, timestep, kwargs: dict) -> dict:
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"generation stopped at step {step}: past its deadline")
+        if progress is not None:
+            progress(1)
         return kwargs
 
     return check
+
+
+def _batches(
+    pipe: DiffusionPipeline, requests: list[Request], batch_size: int
+) -> list[tuple[tuple, list[int]]]:
+    """(steps, guidance, negative, width, height) and the request indices of each batch
+    ``generate`` runs: requests that share those settings, ``batch_size`` at a time."""
+    geometry = Geometry.of(pipe)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        key = (r.steps, r.guidance, r.negative, *geometry.size(r))
+        groups.setdefault(key, []).append(i)
+    return [
+        (key, idx[start : start + batch_size])
+        for key, idx in groups.items()
+        for start in range(0, len(idx), batch_size)
+    ]
+
+
+def total_steps(pipe: DiffusionPipeline, requests: list[Request], batch_size: int = 64) -> int:
+    """How many times ``generate`` calls ``progress``: each batch's denoising steps."""
+    return sum(key[0] for key, _ in _batches(pipe, requests, batch_size))
 
 
 @torch.no_grad()
@@ -315,6 +359,7 @@ def generate(
     batch_size: int = 64,
     deadline: float | None = None,
     control: tuple[Image.Image, float] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[Image.Image]:
     """Images for ``requests`` in order, from the sampler ``pipe.scheduler`` names.
 
@@ -329,34 +374,31 @@ def generate(
     work with ``TimeoutError`` at the next denoising step after it passes, so a request
     nobody waits for any more does not keep the worker busy. ``control``: (control image,
     conditioning scale) for every request, on a ``StableDiffusionControlNetPipeline``
-    (``inference/control.py``: ``load_control``, ``with_controlnet``)."""
+    (``inference/control.py``: ``load_control``, ``with_controlnet``). ``progress`` is
+    called with 1 after each denoising step of each batch (``total_steps`` says how
+    many calls make the whole job): the playground's progress bar."""
     own = private_pipeline(pipe)
     extra = backbones.of_pipeline(pipe).call_kwargs(pipe)
-    callback = _deadline_callback(deadline) if deadline is not None else None
+    callback = (
+        _step_callback(deadline, progress) if deadline is not None or progress is not None else None
+    )
     out: list[Image.Image | None] = [None] * len(requests)
-    geometry = Geometry.of(pipe)
-    groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(requests):
-        key = (r.steps, r.guidance, r.negative, *geometry.size(r))
-        groups.setdefault(key, []).append(i)
-    for (steps, guidance, negative, width, height), idx in groups.items():
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("generation stopped before a batch: past its deadline")
-            result = own(
-                prompt=[requests[i].prompt for i in chunk],
-                negative_prompt=[negative] * len(chunk) if negative or guidance > 1 else None,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                width=width,
-                height=height,
-                generator=[torch.Generator().manual_seed(requests[i].seed) for i in chunk],
-                output_type="pil",
-                callback_on_step_end=callback,
-                **extra,
-                **_control_kwargs(control, len(chunk)),
-            )
-            for i, img in zip(chunk, result.images, strict=True):
-                out[i] = img
+    for (steps, guidance, negative, width, height), chunk in _batches(pipe, requests, batch_size):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("generation stopped before a batch: past its deadline")
+        result = own(
+            prompt=[requests[i].prompt for i in chunk],
+            negative_prompt=[negative] * len(chunk) if negative or guidance > 1 else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            generator=[torch.Generator().manual_seed(requests[i].seed) for i in chunk],
+            output_type="pil",
+            callback_on_step_end=callback,
+            **extra,
+            **_control_kwargs(control, len(chunk)),
+        )
+        for i, img in zip(chunk, result.images, strict=True):
+            out[i] = img
     return out  # type: ignore[return-value]

@@ -7,7 +7,9 @@
 * ``lineage``: git commit and DVC hashes as tags;
 * ``registry``: each phase's model as a registered version, the promotion gate, and
   re-registering what DVC restored from its cache;
-* ``components``: fetching a registered component to reuse, crowning a champion's.
+* ``components``: fetching a registered component to reuse, crowning a champion's;
+* ``versions``: the text-to-image versions as people see them (``kiln generate``'s
+  model argument, the playground's list, promotion by hand).
 """
 
 from training.stages import MODEL_NAMES
@@ -32,6 +34,7 @@ from training.tracking.runs import (
     stage_run,
 )
 from training.tracking.store import EXPERIMENT, PARENT_ENV, setup, tracking_uri
+from training.tracking.versions import list_versions, pipeline_dir, promote_by_hand
 
 __all__ = [
     "EXPERIMENT",
@@ -49,10 +52,13 @@ __all__ = [
     "dvc_lineage",
     "ensure_registered",
     "git_commit",
+    "list_versions",
     "log_pipeline_summary",
     "model_version",
+    "pipeline_dir",
     "pipeline_run",
     "promote",
+    "promote_by_hand",
     "register_dir",
     "register_text2image",
     "resolve_model_dir",

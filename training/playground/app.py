@@ -1,0 +1,177 @@
+"""The playground's web app: a page (``static/``) and a small JSON API.
+
+FastAPI and uvicorn because the stack already ships them (Prefect's and MLflow's
+servers run on them): no new dependency, and sync endpoints run in uvicorn's thread
+pool, so a slow registry call never blocks the page. The page is plain HTML, CSS and
+JavaScript served from this package: no fonts, scripts or styles from elsewhere, so
+it works offline.
+
+Every failure is an answer with ``{"error": message}``: 400 for bad input, 404 for a
+version that does not exist, 403 for promotion when it is off, 429 when the queue is
+full, 503 when the registry does not answer. The server itself never goes down on a
+request.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fastapi import Body, FastAPI
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from training.playground.jobs import MAX_IMAGES, Busy, Settings, Worker
+from training.tracking.versions import UnknownVersion
+
+STATIC = Path(__file__).parent / "static"
+KIND_NAMES = {str: "text", int: "a whole number", float: "a number"}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _failure(exc: Exception) -> JSONResponse:
+    """The HTTP answer for an exception of the registry or of bad input."""
+    if isinstance(exc, ConnectionError):
+        return _error(503, f"the model registry cannot be reached: {exc}")
+    if isinstance(exc, Busy):
+        return _error(429, str(exc))
+    if isinstance(exc, UnknownVersion):
+        return _error(404, str(exc))
+    return _error(400, str(exc))
+
+
+def _settings(body: dict[str, Any]) -> Settings:
+    """The request's sampling settings; ``ValueError`` naming a field of the wrong type."""
+    from training.config import SAMPLER
+
+    types = {
+        "prompt": str, "negative": str, "seed": int, "steps": int, "guidance": float,
+        "scheduler": str, "n": int,
+    }  # fmt: skip
+    values: dict[str, Any] = {}
+    for key, kind in types.items():
+        if key not in body or body[key] is None:
+            continue
+        v = body[key]
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise ValueError(f"{key} must be {KIND_NAMES[kind]}, got {v!r}")
+        values[key] = v
+    defaults = {
+        "steps": SAMPLER.steps, "guidance": SAMPLER.guidance,
+        "scheduler": SAMPLER.scheduler, "negative": SAMPLER.negative_prompt,
+    }  # fmt: skip
+    return Settings(**{**defaults, **values})
+
+
+def create_app(gallery: Path, allow_promote: bool = False, max_queue: int = 8) -> FastAPI:
+    """The app; its worker thread starts now and keeps ``gallery`` (``data/playground``)."""
+    from training.tracking import versions as V
+
+    worker = Worker(gallery, max_queue=max_queue)
+    app = FastAPI(title="Kiln playground", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/gallery", StaticFiles(directory=gallery), name="gallery")
+    app.state.worker = worker
+
+    @app.get("/")
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/config")
+    def config() -> dict[str, Any]:
+        from training.config import SAMPLER
+
+        return {
+            "allow_promote": allow_promote,
+            "max_images": MAX_IMAGES,
+            "defaults": {
+                "steps": SAMPLER.steps,
+                "guidance": SAMPLER.guidance,
+                "scheduler": SAMPLER.scheduler,
+                "negative": SAMPLER.negative_prompt,
+            },  # fmt: skip
+        }
+
+    @app.get("/api/versions", response_model=None)
+    def versions() -> dict[str, Any] | JSONResponse:
+        try:
+            return {"versions": V.list_versions()}
+        except Exception as exc:
+            return _failure(exc if isinstance(exc, ConnectionError) else ConnectionError(exc))
+
+    @app.get("/api/model", response_model=None)
+    def model(ref: str) -> dict[str, Any] | JSONResponse:
+        """What the page needs to offer a version's settings: its samplers and size."""
+        from training.inference.sampling import scheduler_names
+
+        try:
+            version = V.resolve_version(ref)
+            folder = worker.pipeline_dir(version)
+        except Exception as exc:
+            return _failure(exc)
+        index = json.loads((folder / "model_index.json").read_text())
+        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        return {
+            "version": version,
+            "pipeline": index["_class_name"],
+            "backbone": "dit" if "transformer" in index else "unet2d",
+            "schedulers": list(scheduler_names(sched)),
+        }
+
+    @app.post("/api/generate", response_model=None)
+    def generate(body: dict[str, Any] = Body(...)) -> dict[str, Any] | JSONResponse:
+        """Queue one job: ``models`` (one, or two to compare) and the settings."""
+        models = body.get("models")
+        if (
+            not isinstance(models, list)
+            or not 1 <= len(models) <= 2
+            or not all(isinstance(m, str) and m.strip() for m in models)
+        ):
+            return _error(400, "models must be a list of one or two versions or aliases")
+        try:
+            job = worker.submit([m.strip() for m in models], _settings(body))
+        except Exception as exc:
+            return _failure(exc)
+        return worker.view(job.id) or {}
+
+    @app.get("/api/jobs/{job_id}", response_model=None)
+    def job(job_id: str) -> dict[str, Any] | JSONResponse:
+        view = worker.view(job_id)
+        return view if view is not None else _error(404, f"no job {job_id!r}")
+
+    @app.get("/api/gallery")
+    def recent(limit: int = 24) -> dict[str, Any]:
+        return {"items": worker.recent(max(1, min(limit, 200)))}
+
+    @app.post("/api/promote", response_model=None)
+    def promote(body: dict[str, Any] = Body(...)) -> dict[str, Any] | JSONResponse:
+        """Make a version ``@champion``; ``confirm`` must repeat the version."""
+        if not allow_promote:
+            return _error(403, "promotion is off: start `kiln playground --allow-promote`")
+        version = str(body.get("version", ""))
+        if not version.isdigit() or str(body.get("confirm", "")) != version:
+            return _error(400, "promote needs a version number and confirm: the same number")
+        try:
+            decision = V.promote_by_hand(version, reason="kiln playground")
+        except Exception as exc:
+            return _failure(exc)
+        return {"version": version, **decision}
+
+    return app
+
+
+def serve(host: str, port: int, gallery: Path, allow_promote: bool, max_queue: int) -> None:
+    """Run the playground until interrupted."""
+    import uvicorn
+
+    from training.engine.distributed import set_torch_threads
+
+    set_torch_threads()
+    app = create_app(gallery, allow_promote=allow_promote, max_queue=max_queue)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

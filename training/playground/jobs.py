@@ -1,0 +1,259 @@
+"""The playground's sampling: one worker thread takes jobs from a bounded queue.
+
+One worker, because one sampling job already uses every core torch was given: two at
+once would only thrash (RESULTS.md, "Torch threads"). A request that arrives while a
+job runs waits in the queue, its position shown; past ``max_queue`` waiting jobs the
+answer is a clear "busy" (HTTP 429), never an unbounded backlog.
+
+Images are drawn by ``sampling.generate`` with the same requests, batching and
+scheduler construction as ``kiln generate``, so a playground image is the image ``kiln
+generate`` draws for the same settings. Each job's pictures and a manifest line per
+picture (``kiln generate``'s fields plus the job and the side of a comparison) are
+kept under ``data/playground/``: the gallery.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.errors import UserError
+
+MAX_IMAGES = 8  # images per prompt in one job
+KEEP_PIPELINES = 2  # loaded pipelines kept (a comparison needs two)
+KEEP_JOBS = 200  # finished jobs the server remembers (the gallery keeps them all)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the page asks for; ``check`` refuses what ``kiln generate`` would refuse."""
+
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 4.0
+    scheduler: str = "dpm++"
+    n: int = 1
+
+    def requests(self) -> list:
+        from training.inference.sampling import Request
+
+        return [
+            Request(self.prompt, self.seed + k, self.steps, self.guidance, self.negative)
+            for k in range(self.n)
+        ]
+
+    def check(self) -> None:
+        """``ValueError`` naming the field, before anything is queued."""
+        from training.inference.sampling import (
+            FLOW_SCHEDULERS,
+            MAX_SEED,
+            SCHEDULERS,
+            check_request,
+        )
+
+        names = sorted({*SCHEDULERS, *FLOW_SCHEDULERS})
+        if self.scheduler not in names:
+            raise ValueError(f"unknown scheduler {self.scheduler!r} (choose {', '.join(names)})")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_IMAGES:
+            raise ValueError(f"images must be a whole number from 1 to {MAX_IMAGES}")
+        if isinstance(self.seed, int) and self.seed + self.n - 1 > MAX_SEED:
+            raise ValueError(f"seed must be at most {MAX_SEED - self.n + 1} for {self.n} images")
+        for r in self.requests():
+            check_request(r)
+
+
+@dataclass
+class Job:
+    id: str
+    models: list[str]  # as asked: an alias, a version number, a models:/ URI
+    settings: Settings
+    versions: list[str]  # name/version each model resolved to when the job was queued
+    state: str = "queued"  # queued | running | done | error
+    done_steps: int = 0
+    total_steps: int = 0
+    results: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def view(self, position: int | None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "position": position,
+            "models": self.models,
+            "versions": self.versions,
+            "settings": self.settings.__dict__,
+            "done_steps": self.done_steps,
+            "total_steps": self.total_steps,
+            "results": self.results,
+            "error": self.error,
+        }
+
+
+class Busy(Exception):
+    """The queue is full: the caller should try again later (HTTP 429)."""
+
+
+class Worker:
+    """The queue, the thread that empties it and the pipelines it keeps loaded."""
+
+    def __init__(self, gallery: Path, max_queue: int = 8) -> None:
+        self.gallery = gallery
+        self.images = gallery / "images"
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.waiting: list[str] = []
+        self.lock = threading.Lock()
+        self.pipes: OrderedDict[str, tuple[Any, dict]] = OrderedDict()
+        self.dirs: dict[str, Path] = {}  # version -> its pipeline folder (downloaded once)
+        self.dirs_lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, name="playground-worker", daemon=True)
+        self.thread.start()
+
+    # ---- the request side --------------------------------------------------------------
+    def submit(self, models: list[str], settings: Settings) -> Job:
+        """Check and queue a job; ``ValueError``/``UserError`` for bad input, ``Busy``
+        when ``max_queue`` jobs already wait, ``ConnectionError`` without a registry."""
+        settings.check()
+        from training.tracking.versions import resolve_version
+
+        versions = [resolve_version(m) for m in models]  # a missing version fails now
+        job = Job(uuid.uuid4().hex[:12], models, settings, versions)
+        with self.lock:
+            try:
+                self.queue.put_nowait(job)
+            except queue.Full:
+                raise Busy(
+                    f"busy: {self.queue.qsize()} jobs are waiting; try again when one is done"
+                ) from None
+            self.jobs[job.id] = job
+            self.waiting.append(job.id)
+            while len(self.jobs) > KEEP_JOBS:
+                self.jobs.popitem(last=False)
+        return job
+
+    def view(self, job_id: str) -> dict[str, Any] | None:
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return None
+            pos = self.waiting.index(job_id) + 1 if job_id in self.waiting else None
+            return job.view(pos)
+
+    # ---- the worker thread -------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            job = self.queue.get()
+            with self.lock:
+                self.waiting.remove(job.id)
+                job.state = "running"
+            try:
+                self._run(job)
+                job.state = "done"
+            except (UserError, ValueError, TimeoutError, ConnectionError) as exc:
+                job.error, job.state = str(exc), "error"
+            except Exception as exc:  # a bug must not kill the worker: say it on the page
+                job.error, job.state = f"{type(exc).__name__}: {exc}", "error"
+            job.finished = time.time()
+
+    def pipeline_dir(self, version: str) -> Path:
+        """The pipeline folder of ``name/version``, fetched from the registry once."""
+        with self.dirs_lock:
+            if version not in self.dirs:
+                from training.tracking.versions import pipeline_dir
+
+                self.dirs[version] = pipeline_dir(f"models:/{version}")[0]
+            return self.dirs[version]
+
+    def _pipeline(self, version: str):
+        """The loaded pipeline of ``name/version`` and its scheduler config as saved."""
+        if version in self.pipes:
+            self.pipes.move_to_end(version)
+            return self.pipes[version]
+        from training.inference import sampling
+
+        pipe = sampling.load(self.pipeline_dir(version))
+        entry = (pipe, dict(pipe.scheduler.config))
+        self.pipes[version] = entry
+        while len(self.pipes) > KEEP_PIPELINES:
+            self.pipes.popitem(last=False)
+        return entry
+
+    def _run(self, job: Job) -> None:
+        from training.inference import sampling
+
+        s = job.settings
+        reqs = s.requests()
+        loaded = []
+        for version in job.versions:
+            pipe, saved = self._pipeline(version)
+            # from the saved config each time, as `kiln generate` does after a fresh load
+            # (a scheduler made from another sampler's config is not the same sampler)
+            pipe.scheduler = sampling.make_scheduler(s.scheduler, saved)
+            loaded.append(pipe)
+            job.total_steps += sampling.total_steps(pipe, reqs)
+
+        def advance(k: int) -> None:
+            job.done_steps += k
+
+        for side, (model, version, pipe) in enumerate(
+            zip(job.models, job.versions, loaded, strict=True)
+        ):
+            images = sampling.generate(pipe, reqs, progress=advance)
+            files = []
+            for k, (r, img) in enumerate(zip(reqs, images, strict=True)):
+                name = f"{job.id}-{side}-{k}-{sampling.slug(r.prompt, 32)}-{r.seed}.png"
+                img.save(self.images / name)
+                files.append({"file": f"images/{name}", "seed": r.seed})
+                self._record(job, side, model, version, r, img, name)
+            note = _truncation_note(pipe, s)
+            job.results.append({"model": model, "version": version, "images": files, "note": note})
+
+    def _record(self, job: Job, side: int, model: str, version: str, r, img, name: str) -> None:
+        from training.inference.sampling import manifest_line
+
+        line = manifest_line(f"images/{name}", r, img, job.settings.scheduler, model, version)
+        line |= {
+            "job": job.id,
+            "side": side,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        with open(self.gallery / "manifest.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def recent(self, limit: int = 24) -> list[dict[str, Any]]:
+        """The gallery's newest pictures (manifest lines whose file still exists)."""
+        path = self.gallery / "manifest.jsonl"
+        if not path.is_file():
+            return []
+        out = []
+        for text in reversed(path.read_text().splitlines()):
+            try:
+                line = json.loads(text)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write
+            if (self.gallery / line.get("file", "")).is_file():
+                out.append(line)
+            if len(out) >= limit:
+                break
+        return out
+
+
+def _truncation_note(pipe, s: Settings) -> str | None:
+    """Say so when the text encoder reads only the start of the prompt."""
+    tok = pipe.tokenizer
+    n = len(tok(s.prompt, truncation=False).input_ids)
+    if n <= tok.model_max_length:
+        return None
+    return f"the prompt is {n} tokens; this model reads the first {tok.model_max_length}"
