@@ -1,8 +1,9 @@
 """The DiT against the U-Net at the same wall-clock budget (issue #17), tiny shapes.
 
 Usage (from the repository root, alone on the machine; about 20 minutes per seed):
-    .venv/bin/python benchmarks/backbones.py [--seeds 0 1 2] [--dit-lr 0.001]
-        [--check-dit-lr 0.003] [--unet-steps 1800] [--calibrate 100]
+    .venv/bin/python benchmarks/backbones.py [--seeds 0 1 2] [--dit-lr 0.003]
+        [--check-dit-lr 0.001] [--unet-steps 1800] [--calibrate 100]
+        [--only dit --dit-steps 983]   (more seeds of one backbone, no calibration)
 
 One project runs the pipeline up to the latents once (tiny's full VAE and CLIP budget).
 Then a calibration trains each denoiser ``--calibrate`` steps to measure its training
@@ -11,8 +12,8 @@ steps/s on this machine, and the DiT gets the steps that take the U-Net's
 seed each backbone runs ``kiln precompute-latents`` (its own text states), ``kiln
 train-unet`` and ``kiln evaluate`` (the 144 shapes prompts x 2 seeds, oracle graded);
 the two alternate, so drift in the machine's speed hits both. ``--check-dit-lr`` adds one
-DiT run per rate at the first seed (the U-Net's rate, by default): the evidence for the
-DiT's own default rate.
+DiT run per rate at the first seed: the evidence for the DiT's default rate (the
+U-Net's ``train_unet.lr``).
 """
 
 from __future__ import annotations
@@ -56,28 +57,35 @@ def train(project: Path, backbone: str, steps: int, seed: int, lr: float | None)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--dit-lr", type=float, default=0.001)
-    ap.add_argument("--check-dit-lr", type=float, nargs="*", default=[0.003])
+    ap.add_argument("--dit-lr", type=float, default=None, help="default: params.yaml's")
+    ap.add_argument("--check-dit-lr", type=float, nargs="*", default=[0.001])
     ap.add_argument("--unet-steps", type=int, default=1800)
     ap.add_argument("--calibrate", type=int, default=100)
+    ap.add_argument("--only", choices=["unet2d", "dit"], help="train one backbone only")
+    ap.add_argument("--dit-steps", type=int, help="skip the calibration: the DiT's steps")
     args = ap.parse_args()
-    lrs = {"unet2d": None, "dit": args.dit_lr}  # None: params.yaml's (the U-Net's 0.003)
+    lrs = {"unet2d": None, "dit": args.dit_lr}  # None: params.yaml's (train_unet.lr)
     with tempfile.TemporaryDirectory() as tmp:
         project = copy_project(Path(tmp) / "kiln")
         config.set_values(project / "params.yaml", SETUP)
         kiln(project, "run", "--dataset", "shapes", "--profile", "tiny", timeout=4 * 3600)
         config.set_values(project / "params.yaml", {"evaluate.sweep_prompts": 0})
-        rate = {}
-        for b in ("unet2d", "dit"):
-            rate[b] = train(project, b, args.calibrate, 0, lrs[b])["samples_per_s"]
-        steps = {
-            "unet2d": args.unet_steps,
-            "dit": round(args.unet_steps * rate["dit"] / rate["unet2d"]),
-        }
-        print(f"calibration samples/s: {rate}; steps at the U-Net's budget: {steps}", flush=True)
+        if args.dit_steps:
+            steps = {"unet2d": args.unet_steps, "dit": args.dit_steps}
+        else:
+            rate = {}
+            for b in ("unet2d", "dit"):
+                rate[b] = train(project, b, args.calibrate, 0, lrs[b])["samples_per_s"]
+            steps = {
+                "unet2d": args.unet_steps,
+                "dit": round(args.unet_steps * rate["dit"] / rate["unet2d"]),
+            }
+            print(f"calibration samples/s: {rate}; steps at the U-Net's budget: {steps}")
         rows = []
         for seed in args.seeds:
             for b in ("unet2d", "dit") if seed % 2 == 0 else ("dit", "unet2d"):
+                if args.only and b != args.only:
+                    continue
                 m = train(project, b, steps[b], seed, lrs[b])
                 kiln(project, "evaluate", timeout=3600)
                 ev = _metrics(project, "evaluate")
@@ -102,6 +110,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---|---|---|---:|")
     for b in ("unet2d", "dit"):
         rs = [r for r in rows if r["backbone"] == b]
+        if not rs:
+            continue
 
         def spread(key: str, rs: list = rs) -> str:
             vals = [r[key] for r in rs]
