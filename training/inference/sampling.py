@@ -264,8 +264,7 @@ class Geometry:
 def manifest_line(
     file: str, r: Request, image: Image.Image, scheduler: str, model: str, version: str
 ) -> dict:
-    """One picture's line of a ``manifest.jsonl`` (``kiln generate``'s, the playground's
-    gallery): what it takes to draw it again."""
+    """A picture's ``manifest.jsonl`` line (kiln generate, the playground's gallery)."""
     return {
         "file": file,
         "prompt": r.prompt,
@@ -333,8 +332,7 @@ def _step_callback(deadline: float | None, progress: Callable[[int], None] | Non
 def _batches(
     pipe: DiffusionPipeline, requests: list[Request], batch_size: int
 ) -> list[tuple[tuple, list[int]]]:
-    """(steps, guidance, negative, width, height) and the request indices of each batch
-    ``generate`` runs: requests that share those settings, ``batch_size`` at a time."""
+    """Each batch ``generate`` runs: (steps, guidance, negative, width, height), indices."""
     geometry = Geometry.of(pipe)
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
@@ -374,14 +372,12 @@ def generate(
     work with ``TimeoutError`` at the next denoising step after it passes, so a request
     nobody waits for any more does not keep the worker busy. ``control``: (control image,
     conditioning scale) for every request, on a ``StableDiffusionControlNetPipeline``
-    (``inference/control.py``: ``load_control``, ``with_controlnet``). ``progress`` is
-    called with 1 after each denoising step of each batch (``total_steps`` says how
-    many calls make the whole job): the playground's progress bar."""
+    (``inference/control.py``: ``load_control``, ``with_controlnet``). ``progress(1)``
+    follows each batch's every step (``total_steps`` calls in all): the playground's bar."""
     own = private_pipeline(pipe)
     extra = backbones.of_pipeline(pipe).call_kwargs(pipe)
-    callback = (
-        _step_callback(deadline, progress) if deadline is not None or progress is not None else None
-    )
+    watched = deadline is not None or progress is not None
+    callback = _step_callback(deadline, progress) if watched else None
     out: list[Image.Image | None] = [None] * len(requests)
     for (steps, guidance, negative, width, height), chunk in _batches(pipe, requests, batch_size):
         if deadline is not None and time.monotonic() > deadline:
