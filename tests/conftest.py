@@ -83,7 +83,8 @@ else:
         def _split_scope(self, nodeid: str) -> str:
             return _unit(nodeid)
 
-    @pytest.hookimpl(tryfirst=True)
+    # optionalhook: `pytest -p no:xdist` does not know the hook and must still collect
+    @pytest.hookimpl(tryfirst=True, optionalhook=True)
     def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadScopeScheduling | None:
         return _ModuleScheduling(config, log) if config.getvalue("dist") == "loadscope" else None
 
