@@ -60,6 +60,8 @@ def test_an_unreachable_or_empty_registry_is_a_message_on_the_page(tmp_path):
         # input is checked before the registry is asked
         code, body = call(f"{url}/api/generate", {"models": ["champion"], "prompt": " "})
         assert (code, body["error"]) == (400, "prompt must be a non-empty string")
+        code, body = call(f"{url}/api/generate", {"models": ["champion"]})  # no prompt key
+        assert (code, body["error"]) == (400, "prompt must be a non-empty string")
         code, body = call(f"{url}/api/promote", {"version": "1", "confirm": "1"})
         assert code == 403 and "--allow-promote" in body["error"]
         text, cls = page_status(url)

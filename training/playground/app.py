@@ -46,8 +46,6 @@ def _failure(exc: Exception) -> JSONResponse:
 
 def _settings(body: dict[str, Any]) -> Settings:
     """The request's sampling settings; ``ValueError`` naming a field of the wrong type."""
-    from training.config import SAMPLER
-
     types = {
         "prompt": str, "negative": str, "seed": int, "steps": int, "guidance": float,
         "scheduler": str, "n": int,
@@ -62,11 +60,7 @@ def _settings(body: dict[str, Any]) -> Settings:
         if not isinstance(v, kind) or isinstance(v, bool):
             raise ValueError(f"{key} must be {KIND_NAMES[kind]}, got {v!r}")
         values[key] = v
-    defaults = {
-        "steps": SAMPLER.steps, "guidance": SAMPLER.guidance,
-        "scheduler": SAMPLER.scheduler, "negative": SAMPLER.negative_prompt,
-    }  # fmt: skip
-    return Settings(**{**defaults, **values})
+    return Settings(**values)  # what the body leaves out: SAMPLER's defaults
 
 
 def create_app(gallery: Path, allow_promote: bool = False, max_queue: int = 8) -> FastAPI:
@@ -85,17 +79,11 @@ def create_app(gallery: Path, allow_promote: bool = False, max_queue: int = 8) -
 
     @app.get("/api/config")
     def config() -> dict[str, Any]:
-        from training.config import SAMPLER
-
+        d = Settings()  # the defaults the page starts from
         return {
             "allow_promote": allow_promote,
             "max_images": MAX_IMAGES,
-            "defaults": {
-                "steps": SAMPLER.steps,
-                "guidance": SAMPLER.guidance,
-                "scheduler": SAMPLER.scheduler,
-                "negative": SAMPLER.negative_prompt,
-            },  # fmt: skip
+            "defaults": {k: getattr(d, k) for k in ("steps", "guidance", "scheduler", "negative")},
         }
 
     @app.get("/api/versions", response_model=None)

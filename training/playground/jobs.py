@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.config import SAMPLER
 from training.errors import UserError
 
 MAX_IMAGES = 8  # images per prompt in one job
@@ -35,12 +36,12 @@ KEEP_JOBS = 200  # finished jobs the server remembers (the gallery keeps them al
 class Settings:
     """What the page asks for; ``check`` refuses what ``kiln generate`` would refuse."""
 
-    prompt: str
-    negative: str = ""
+    prompt: str = ""  # check() refuses it empty
+    negative: str = SAMPLER.negative_prompt
     seed: int = 0
-    steps: int = 20
-    guidance: float = 4.0
-    scheduler: str = "dpm++"
+    steps: int = SAMPLER.steps
+    guidance: float = SAMPLER.guidance
+    scheduler: str = SAMPLER.scheduler
     n: int = 1
 
     def requests(self) -> list:
@@ -82,8 +83,6 @@ class Job:
     total_steps: int = 0
     results: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
-    created: float = field(default_factory=time.time)
-    finished: float | None = None
 
     def view(self, position: int | None) -> dict[str, Any]:
         return {
@@ -165,7 +164,6 @@ class Worker:
                 job.error, job.state = str(exc), "error"
             except Exception as exc:  # a bug must not kill the worker: say it on the page
                 job.error, job.state = f"{type(exc).__name__}: {exc}", "error"
-            job.finished = time.time()
 
     def pipeline_dir(self, version: str) -> Path:
         """The pipeline folder of ``name/version``, fetched from the registry once."""
