@@ -152,7 +152,7 @@ class ClipCfg(Section):
     reuse: str | None = None  # as train_vae's: keeps the text states the U-Net knows
     loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
     # captions the tokenizer trains on: all of them up to this many, else a seeded
-    # sample of whole shards (phases/clip.py, captions_of)
+    # sample of whole shards (phases/clip_data.py, captions_of)
     tokenizer_samples: int = Field(1_000_000, ge=100)
     block_shards: int = Field(16, ge=1)  # as train_vae's
     vocab_size: int = Field(ge=300)  # byte alphabet (2 x 256) is always included

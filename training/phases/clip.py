@@ -13,13 +13,11 @@ target row is uniform over them) instead of a false negative.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
-import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +29,11 @@ from training import engine as E
 from training import paths as P
 from training.config import Params
 from training.engine import loaders
-from training.engine.images import caption, center_square, decode_image, to_tensor
-from training.inference.text import embed, encode_text
-from training.intake.buckets import image_sizes
+from training.engine.images import to_tensor
+from training.inference.text import embed
 from training.intake.captions import percentile, summary
+from training.phases import clip_data
+from training.phases.clip_data import captions_of, pair_split
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -162,59 +161,6 @@ def recall_at(sim: torch.Tensor, groups_q: torch.Tensor, groups_k: torch.Tensor,
     return float((groups_k[top] == groups_q[:, None]).any(1).float().mean())
 
 
-def pair_split(params: Params, source: str, tokenizer, train: bool = False):
-    """A split of image-caption pairs as ``{"px", "ids"}`` batches (captions tokenized
-    per batch); for training in the stage's batch order, else read in order."""
-    size, c = params.ingest.image_size, params.train_clip
-    sizes = image_sizes(params)
-
-    def decode(sample: dict) -> tuple[np.ndarray, str]:
-        # the vision tower is square: a bucketed image gives its centre square
-        return center_square(decode_image(sample, sizes), size), caption(sample)
-
-    local = threading.local()  # a tokenizer per thread: a shared one is not thread-safe
-
-    def collate(pairs: list) -> dict[str, np.ndarray]:
-        if not hasattr(local, "tok"):
-            local.tok = copy.deepcopy(tokenizer)
-        return {
-            "px": np.stack([p for p, _ in pairs]),  # uint8; the step makes floats
-            "ids": encode_text(local.tok, [t for _, t in pairs], tensors="np").astype(np.int64),
-        }
-
-    if not train:
-        return loaders.Split(source, decode, collate, by_bucket=False)
-    # centre squares: every sample one shape, so batches need not keep to a bucket
-    return loaders.make(
-        c.loader, source, decode, collate, c.batch_size, params.seed, c.block_shards,
-        by_bucket=False,
-    )  # fmt: skip
-
-
-def captions_of(source: str, limit: int, seed: int) -> Iterator[str]:
-    """The tokenizer's training text: every caption of the split if it has at most
-    ``limit``, else the captions of a seeded sample of whole shards holding at least
-    ``limit``. Only the text members are read, and nothing is kept in memory."""
-    split = loaders.Split(source, caption, lambda caps: {"caps": caps}, members=("txt",))
-    try:
-        ids = np.arange(len(split))
-        if len(split) > limit:
-            pick = np.random.default_rng(seed).permutation(len(split.index.shards))
-            counts = np.array(split.index.lengths)[pick]
-            chosen = np.sort(pick[: int(np.searchsorted(np.cumsum(counts), limit)) + 1])
-            starts = split.order.starts
-            ids = np.concatenate(
-                [
-                    np.arange(starts[s], starts[s] + counts_s)
-                    for s, counts_s in ((s, split.index.lengths[s]) for s in chosen)
-                ]
-            )
-        for lo in range(0, len(ids), 1024):
-            yield from split.take(ids[lo : lo + 1024])["caps"]
-    finally:
-        split.close()
-
-
 def groups_of(ids: torch.Tensor) -> torch.Tensor:
     """Integer id per distinct token sequence of the global batch: equal ids are
     positives (captions the text encoder cannot tell apart)."""
@@ -246,7 +192,13 @@ def run(
         say_context(text, c)
     E.barrier()
     tokenizer = CLIPTokenizer.from_pretrained(out_dir)
-    batches = pair_split(params, f"{clean}/train", tokenizer, train=True)
+    tokens = ckpt_dir / "tokens"
+    # one process builds the token table; the others find it (or, on a node without
+    # the shared directory, build their own)
+    if E.is_main():
+        clip_data.build(f"{clean}/train", tokenizer, tokens).close()
+    E.barrier()
+    batches = pair_split(params, f"{clean}/train", tokenizer, tokens=tokens)
     val = pair_split(params, f"{clean}/val", tokenizer)
     try:
         return {**text, **_train(params, tokenizer, batches, val, out_dir, ckpt_dir, log)}

@@ -53,12 +53,15 @@ def make(
     block_shards: int,
     store: Store | None = None,
     by_bucket: bool = True,
+    with_ids: bool = False,
+    members: tuple[str, ...] | None = None,
 ) -> Split:
     """``by_bucket=False``: one order over all buckets, for a ``decode`` that gives every
-    sample one shape (CLIP's centre squares)."""
+    sample one shape (CLIP's centre squares). ``with_ids``, ``members``: as ``Split``'s."""
     return LOADERS[name](
-        source, decode, collate, batch_size, seed, block_shards, store, by_bucket=by_bucket
-    )
+        source, decode, collate, batch_size, seed, block_shards, store,
+        by_bucket=by_bucket, with_ids=with_ids, members=members,
+    )  # fmt: skip
 
 
 __all__ = [

@@ -55,7 +55,9 @@ def loader_threads() -> int:
 class Split:
     """Random access to a split's samples by global id (canonical order: the index's
     shards in order, each shard's samples in order), with skipping of bad data.
-    ``members``: the sample members to read (``None``: all)."""
+    ``members``: the sample members to read (``None``: all). ``with_ids``: each sample
+    ``decode`` gets carries its global id as ``"__id__"`` (to look up data kept beside
+    the shards, such as CLIP's token table)."""
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class Split:
         store: Store | None = None,
         members: Sequence[str] | None = None,
         by_bucket: bool = True,
+        with_ids: bool = False,
     ):
         self.source, self.decode, self.collate = source, decode, collate
         self.store = store or Store.shared()
@@ -87,6 +90,7 @@ class Split:
             )
         self.members = frozenset(members) if members else None
         self.bucketed = by_bucket
+        self.with_ids = with_ids
         self.pool = ThreadPoolExecutor(loader_threads(), thread_name_prefix="kiln-decode")
         self._readers: OrderedDict[int, Any] = OrderedDict()
         self._shard_locks = {i: threading.Lock() for i in range(len(self.index.shards))}
@@ -95,6 +99,8 @@ class Split:
         self.bad_shards: dict[str, str] = {}
         self._bad_samples: set[tuple[int, int]] = set()
         self.downloaded = 0  # bytes this split fetched from the store
+        self._closers: list[Callable[[], None]] = []
+        self._closed = False
 
     def __len__(self) -> int:
         return self.order.n
@@ -145,7 +151,10 @@ class Split:
         if reader is None or (shard, i) in self._bad_samples:
             return None
         try:
-            return self.decode(reader.get(i, self.members))
+            sample = reader.get(i, self.members)
+            if self.with_ids:
+                sample["__id__"] = int(self.order.starts[shard]) + i
+            return self.decode(sample)
         except Exception as exc:  # a bad sample must not end a three-day run
             name = self.index.shards[shard].url
             if len(self._bad_samples) < 10:
@@ -267,11 +276,22 @@ class Split:
             "loader_index_fingerprint": self.index.fingerprint(),
         }
 
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` when the split is closed (now, if it already is: the in-memory
+        loader closes itself once it has read everything)."""
+        if self._closed:
+            fn()
+        else:
+            self._closers.append(fn)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
+        self._closed = True
+        while self._closers:
+            self._closers.pop()()
 
 
 class Streaming(Split):
