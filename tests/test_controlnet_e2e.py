@@ -5,8 +5,9 @@ and without it, writes previews and registers ``kiln-controlnet`` with its signa
 ``kiln generate --control`` uses it (a registered version too), resizes a control of
 another size with a note and refuses what is no image by name; ``kiln export
 --controlnet`` writes a ``StableDiffusionControlNetPipeline`` that draws what ``kiln
-generate`` draws. A few steps only: CI's 90 minutes. Quality at a real budget (control
-well above the base model, the text keeping the colour) is RESULTS.md's "ControlNet"."""
+generate`` draws. The ControlNet trains 400 steps on the e2e run's 900-step U-Net (about
+2.5 minutes): enough for its layout to be well above the base model's. The targets at
+tiny's full budget are RESULTS.md's "ControlNet" (benchmarks/controlnet.py)."""
 
 from __future__ import annotations
 
@@ -16,28 +17,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from training import config
 from training.inference.control import edges as canny
 from training.intake import builtin as B
 
-from .conftest import kiln, outputs_copy, py
+from .conftest import kiln, outputs_copy, py, sigkill_after_checkpoint, stage_losses
 
 pytestmark = pytest.mark.e2e
 CN = Path("data/models/controlnet")
 CKPT = Path("data/checkpoints/train_controlnet")
-STEPS = 60
+STEPS = 400
 
 
 @pytest.fixture(scope="module")
 def controlled(e2e_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The e2e run's models with the ControlNet switched on, trained for a few steps by
-    its stage command (quality at a real budget: RESULTS.md, "ControlNet")."""
+    """The e2e run's models with the ControlNet switched on, trained by its stage
+    command."""
     project = outputs_copy(e2e_run[0], tmp_path_factory.mktemp("controlnet") / "kiln")
     settings = {"train_controlnet.enabled": True, "train_controlnet.steps": STEPS,
-                "train_controlnet.checkpoint_every": 20, "train_controlnet.preview_every": 40,
-                "train_controlnet.eval_samples": 16}  # fmt: skip
+                "train_controlnet.checkpoint_every": 100, "train_controlnet.preview_every": 200,
+                "train_controlnet.eval_samples": 64}  # fmt: skip
     config.set_values(project / "params.yaml", settings)
     proc = kiln(project, "train-controlnet", timeout=1800)
     return project, proc
@@ -69,11 +72,18 @@ def test_the_stage_trains_measures_and_registers_the_controlnet(controlled):
     log = proc.stdout + proc.stderr
     assert "ControlNet 0.69 M parameters on the frozen U-Net" in log
     m = _json(project / "data/metrics/train_controlnet.json")
-    assert m["control_eval_samples"] == 16 and m["registered_version"] == "1"
-    for arm in ("base", "controlnet"):  # both arms graded by the oracle
-        assert all(0 <= m[f"{arm}_{a}"] <= 1 for a in ("shape", "size", "position", "colour"))
+    assert m["control_eval_samples"] == 64 and m["registered_version"] == "1"
+    scores = {k: round(v, 3) for k, v in m.items() if k.startswith(("base_", "controlnet_"))}
+    # the control decides where and how large: well above the base model, which
+    # cannot know (the prompt names neither); measured 0.14 -> 0.84 (position) and
+    # 0.05 -> 0.63 (layout) at this budget (RESULTS.md, "ControlNet")
+    assert m["controlnet_position"] >= m["base_position"] + 0.4, scores
+    assert m["controlnet_size"] >= m["base_size"] + 0.1, scores
+    assert m["controlnet_layout"] >= m["base_layout"] + 0.3, scores
+    # ... and the text still decides the colour (the prompt's, not the control's)
+    assert m["controlnet_colour"] >= 0.6, scores
     for name in ("control_eval.png", "control_report.html", "kiln_control.json",
-                 "previews/step-000040.png", "previews/step-000060.png"):  # fmt: skip
+                 "previews/step-000200.png", "previews/step-000400.png"):  # fmt: skip
         assert (project / CN / name).is_file(), name
     assert _json(project / CN / "config.json")["_class_name"] == "ControlNetModel"
     info = py(
@@ -86,6 +96,41 @@ print(json.dumps([s.name for s in sig.inputs.inputs]))
     )
     inputs = json.loads(info.strip().splitlines()[-1])
     assert inputs == ["sample", "timestep", "encoder_hidden_states", "controlnet_cond"]
+
+
+def test_a_sigkilled_controlnet_stage_resumes_to_the_same_weights(controlled, tmp_path):
+    """The shared engine's resume, on the ControlNet's real stage process: killed after
+    its step-100 checkpoint and run again, it ends bit for bit where the fixture's
+    uninterrupted run ended."""
+    project, _ = controlled
+    again = outputs_copy(project, tmp_path / "kiln")  # no checkpoints, no registry
+    killed_at = sigkill_after_checkpoint(again, "train-controlnet", again / CKPT, 100)
+    assert 100 <= killed_at < STEPS, killed_at
+    resumed = kiln(again, "train-controlnet", timeout=1800)
+    assert f"resuming from step-{killed_at:08d}" in resumed.stderr, resumed.stderr[-2000:]
+    name = "diffusion_pytorch_model.safetensors"
+    want, got = load_file(project / CN / name), load_file(again / CN / name)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_controlnet_data_parallel_training_matches_one_process(controlled, tmp_path):
+    """``KILN_NPROC=2``: two gloo processes, each reading half of every global batch,
+    make the one-process run's updates (the same loss curve)."""
+    project, _ = controlled
+    curves = {}
+    for nproc in (1, 2):
+        copy = outputs_copy(project, tmp_path / f"nproc{nproc}")
+        config.set_values(copy / "params.yaml",
+                          {"train_controlnet.steps": 30, "train_controlnet.log_every": 5,
+                           "train_controlnet.preview_every": 0,
+                           "train_controlnet.eval_samples": 0})  # fmt: skip
+        proc = kiln(copy, "train-controlnet", timeout=900, env={"KILN_NPROC": str(nproc)})
+        assert nproc == 1 or "2 data-parallel processes" in proc.stderr
+        curves[nproc] = stage_losses(copy, "train_controlnet")
+    one, two = curves[1], curves[2]
+    assert len(one) == len(two) == 6
+    assert max(abs(a - b) / abs(a) for a, b in zip(one, two, strict=True)) < 1e-3, (one, two)
 
 
 def _control_png(path: Path, size: int = 32) -> Path:
