@@ -69,7 +69,7 @@ def table_path(directory: Path, split: loaders.Split, tokenizer) -> Path:
     ):
         h.update(part.encode())
         h.update(b"\0")
-    return Path(directory) / f"tokens-{h.hexdigest()[:20]}.bin"
+    return Path(directory) / f"tokens-{h.hexdigest()[:20]}.tokens"  # raw rows, not weights
 
 
 def token_dtype(tokenizer) -> np.dtype:
@@ -99,7 +99,7 @@ def build(source: str, tokenizer, directory: Path) -> TokenTable:
                     f.write(encode_text(tokenizer, caps, tensors="np").astype(dtype).tobytes())
                     bar.update(len(caps))
             os.replace(tmp, path)  # complete or absent: a killed build is redone
-            for old in path.parent.glob("tokens-*.bin"):  # other data or tokenizer
+            for old in path.parent.glob("tokens-*.tokens"):  # other data or tokenizer
                 if old != path:
                     old.unlink(missing_ok=True)
         return TokenTable(path, width, dtype)
