@@ -173,3 +173,27 @@ def test_pickled_member_is_refused_not_loaded(tmp_path):
     with pytest.raises(UserError, match="stand-ins are all unreadable"):
         loader.batch(0)
     loader.close()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA"])
+def test_decoder_gives_pillows_pixels_for_each_png_kind(mode):
+    """The loaders decode with OpenCV (fast, GIL-free); the pixels must be Pillow's, the
+    reference every other path (validate, the metrics, the report) uses."""
+    import io
+
+    from PIL import Image
+
+    from training.engine.images import decode_image
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    img = rgb.quantize(16) if mode == "P" else rgb.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    got = decode_image({"__key__": "k", "png": buf.getvalue()}, [(8, 6)])
+    want = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert got.dtype == np.uint8 and np.array_equal(got, want)
+    with pytest.raises(ValueError, match="image is 8x6, expected 6x6"):
+        decode_image({"__key__": "k", "png": buf.getvalue()}, 6)
+    with pytest.raises(ValueError, match="no image member"):
+        decode_image({"__key__": "k", "txt": b"a caption"}, 6)
