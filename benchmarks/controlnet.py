@@ -3,7 +3,7 @@ by ControlNet steps and learning rate.
 
 Usage (from the repository root, alone on the machine):
     .venv/bin/python benchmarks/controlnet.py [--unet-steps N] [--steps 400 800]
-        [--lr 0.001 0.003] [--seed 0] [--project DIR]
+        [--lr 0.001 0.003] [--seed 0] [--project DIR] [--hand-drawn PNG]
 
 One project runs the pipeline (tiny shapes, ``kiln run``: with no ``--unet-steps`` and
 seed 0 exactly what ``make run`` runs, so its wall time and scores are printed as
@@ -29,14 +29,84 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import copy_project, kiln  # noqa: E402
 from training import config  # noqa: E402
 
+S = 32  # tiny's image size
+CELLS = (S / 6, S / 2, 5 * S / 6)  # the shapes set's cell centres (DATASETS.md)
+
+
+def hand_drawn_controls(out: Path, n: int = 12, seed: int = 1) -> list[tuple[Path, str, str]]:
+    """``n`` controls drawn with ``ImageDraw``: white square, circle or triangle, 9 or 18
+    px, in a random cell, kept a pixel inside the canvas; with the prompt's colour."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    cases = []
+    for k in range(n):
+        shape = ("square", "circle", "triangle")[k % 3]
+        colour = ("red", "green", "blue", "yellow")[k % 4]
+        side = int(rng.choice([9, 18]))
+        cy, cx = (min(max(CELLS[int(rng.integers(3))], side / 2 + 1), S - side / 2 - 1)
+                  for _ in range(2))  # fmt: skip
+        x0, y0 = round(cx - side / 2), round(cy - side / 2)
+        x1, y1 = x0 + side - 1, y0 + side - 1
+        img = Image.new("RGB", (S, S))
+        draw = ImageDraw.Draw(img)
+        if shape == "square":
+            draw.rectangle([x0, y0, x1, y1], fill="white")
+        elif shape == "circle":
+            draw.ellipse([x0, y0, x1, y1], fill="white")
+        else:
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill="white")
+        path = out / f"control-{k:02d}.png"
+        img.save(path)
+        cases.append((path, shape, colour))
+    return cases
+
+
+def hand_drawn(project: Path, grid_png: Path, seeds: int = 4) -> dict[str, float]:
+    """Control- and text-following of ``kiln generate --control`` on hand-drawn controls."""
+    from PIL import Image
+
+    from training.engine.images import grid
+    from training.evaluation.oracle import ShapesOracle
+
+    oracle = ShapesOracle(0)
+    hits = dict.fromkeys(("shape", "size", "position", "layout", "colour"), 0)
+    tiles, n = [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for path, shape, colour in hand_drawn_controls(Path(tmp)):
+            truth = oracle.read(Image.open(path))
+            out = Path(tmp) / f"gen-{path.stem}"
+            kiln(project, "generate", f"a {colour} {shape}", "--control", str(path),
+                 "--controlnet", "data/models/controlnet", "--model", "data/eval/pipeline",
+                 "-n", str(seeds), "--out", str(out))  # fmt: skip
+            tiles.append(Image.open(path).convert("RGB"))
+            for png in sorted(out.glob("*.png")):
+                img = Image.open(png).convert("RGB")
+                tiles.append(img)
+                r = oracle.read(img)
+                ok = {
+                    "shape": r.found and r.shape == truth.shape,
+                    "size": r.found and r.size == truth.size,
+                    "position": r.found and (r.row, r.col) == (truth.row, truth.col),
+                    "colour": r.found and r.colour == colour,
+                }
+                ok["layout"] = ok["shape"] and ok["size"] and ok["position"]
+                for k, v in ok.items():
+                    hits[k] += bool(v)
+                n += 1
+    grid(tiles, nrow=2 * (seeds + 1), scale=2).save(grid_png)
+    return {k: v / n for k, v in hits.items()} | {"samples": n}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--unet-steps", type=int, default=None, help="default: the profile's")
-    ap.add_argument("--steps", type=int, nargs="+", default=[400, 800])
+    ap.add_argument("--steps", type=int, nargs="*", default=[400, 800], help="none: no training")
     ap.add_argument("--lr", type=float, nargs="+", default=[0.001, 0.003])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--project", type=Path, default=None)
+    ap.add_argument("--hand-drawn", type=Path, default=None, metavar="PNG")
     args = ap.parse_args()
     rows = []
     with contextlib.ExitStack() as stack:
@@ -71,6 +141,9 @@ def main() -> None:
                 row = {"steps": steps, "lr": lr, "train_s": m["train_seconds"], **scores}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        if args.hand_drawn:
+            hand = hand_drawn(project, args.hand_drawn)
+            print("hand-drawn controls:", json.dumps({k: round(v, 3) for k, v in hand.items()}))
     arms = ("shape", "size", "position", "layout", "colour")
     print(
         "| steps | lr | train s | " + " | ".join(f"{a} (base -> ControlNet)" for a in arms) + " |"
