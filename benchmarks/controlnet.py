@@ -29,27 +29,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import copy_project, kiln  # noqa: E402
 from training import config  # noqa: E402
 
-S = 32  # tiny's image size
-CELLS = (S / 6, S / 2, 5 * S / 6)  # the shapes set's cell centres (DATASETS.md)
 
-
-def hand_drawn_controls(out: Path, n: int = 12, seed: int = 1) -> list[tuple[Path, str, str]]:
-    """``n`` controls drawn with ``ImageDraw``: white square, circle or triangle, 9 or 18
-    px, in a random cell, kept a pixel inside the canvas; with the prompt's colour."""
+def hand_drawn_controls(
+    out: Path, size: int, n: int = 12, seed: int = 1
+) -> list[tuple[Path, str, str]]:
+    """``n`` controls drawn with ``ImageDraw``, ``size`` px: a white square, circle or
+    triangle of 0.28 or 0.56 of the side (small, large) at a random cell centre of the
+    shapes set, kept a pixel inside the canvas; each with its prompt's colour."""
     import numpy as np
     from PIL import Image, ImageDraw
+
+    from training.intake.builtin import CELL_CENTRES
 
     rng = np.random.default_rng(seed)
     cases = []
     for k in range(n):
         shape = ("square", "circle", "triangle")[k % 3]
         colour = ("red", "green", "blue", "yellow")[k % 4]
-        side = int(rng.choice([9, 18]))
-        cy, cx = (min(max(CELLS[int(rng.integers(3))], side / 2 + 1), S - side / 2 - 1)
-                  for _ in range(2))  # fmt: skip
+        side = round(float(rng.choice([0.28, 0.56])) * size)
+        cy, cx = (
+            min(max(CELL_CENTRES[int(rng.integers(3))] * size, side / 2 + 1), size - side / 2 - 1)
+            for _ in range(2)
+        )
         x0, y0 = round(cx - side / 2), round(cy - side / 2)
         x1, y1 = x0 + side - 1, y0 + side - 1
-        img = Image.new("RGB", (S, S))
+        img = Image.new("RGB", (size, size))
         draw = ImageDraw.Draw(img)
         if shape == "square":
             draw.rectangle([x0, y0, x1, y1], fill="white")
@@ -64,39 +68,32 @@ def hand_drawn_controls(out: Path, n: int = 12, seed: int = 1) -> list[tuple[Pat
 
 
 def hand_drawn(project: Path, grid_png: Path, seeds: int = 4) -> dict[str, float]:
-    """Control- and text-following of ``kiln generate --control`` on hand-drawn controls."""
+    """Control- and text-following of ``kiln generate --control`` on hand-drawn controls,
+    graded as the stage grades its val controls (``evaluation.control.grade``)."""
     from PIL import Image
 
     from training.engine.images import grid
+    from training.evaluation.control import grade
     from training.evaluation.oracle import ShapesOracle
 
     oracle = ShapesOracle(0)
-    hits = dict.fromkeys(("shape", "size", "position", "layout", "colour"), 0)
-    tiles, n = [], 0
+    size = config.load(project / "params.yaml").ingest.image_size
+    truths, prompts, samples, tiles = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for path, shape, colour in hand_drawn_controls(Path(tmp)):
-            truth = oracle.read(Image.open(path))
+        for path, shape, colour in hand_drawn_controls(Path(tmp), size):
+            control = Image.open(path).convert("RGB")
             out = Path(tmp) / f"gen-{path.stem}"
-            kiln(project, "generate", f"a {colour} {shape}", "--control", str(path),
+            prompt = f"a {colour} {shape}"
+            kiln(project, "generate", prompt, "--control", str(path),
                  "--controlnet", "data/models/controlnet", "--model", "data/eval/pipeline",
                  "-n", str(seeds), "--out", str(out))  # fmt: skip
-            tiles.append(Image.open(path).convert("RGB"))
-            for png in sorted(out.glob("*.png")):
-                img = Image.open(png).convert("RGB")
-                tiles.append(img)
-                r = oracle.read(img)
-                ok = {
-                    "shape": r.found and r.shape == truth.shape,
-                    "size": r.found and r.size == truth.size,
-                    "position": r.found and (r.row, r.col) == (truth.row, truth.col),
-                    "colour": r.found and r.colour == colour,
-                }
-                ok["layout"] = ok["shape"] and ok["size"] and ok["position"]
-                for k, v in ok.items():
-                    hits[k] += bool(v)
-                n += 1
+            drawn = [Image.open(p).convert("RGB") for p in sorted(out.glob("*.png"))]
+            truths += [oracle.read(control)] * len(drawn)
+            prompts += [prompt] * len(drawn)
+            samples += drawn
+            tiles += [control, *drawn]
     grid(tiles, nrow=2 * (seeds + 1), scale=2).save(grid_png)
-    return {k: v / n for k, v in hits.items()} | {"samples": n}
+    return grade(oracle, truths, prompts, samples) | {"samples": len(samples)}
 
 
 def main() -> None:

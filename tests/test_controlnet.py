@@ -215,3 +215,30 @@ def test_request_controls_are_made_into_maps_of_the_row_size_with_a_note():
     assert third[1:] == (1.0, "")
     # without a control column nothing changes: every row is the base model's
     assert parse_controls(frame[["prompt"]], [(32, 32)] * 3, None) == [None] * 3
+
+
+def test_grade_reads_layout_from_the_control_and_colour_from_the_prompt():
+    """``evaluation.control.grade`` (the stage's scores and the hand-drawn benchmark's):
+    shape, size and position against the control's reading, colour against the
+    prompt's; a control the oracle could not read is left out, a sample it cannot read
+    is wrong."""
+    from types import SimpleNamespace as NS
+
+    from training.evaluation.control import grade
+
+    def reading(found=True, shape="square", size="small", row="top", col="left", colour="red"):
+        return NS(found=found, shape=shape, size=size, row=row, col=col, colour=colour)
+
+    samples = {
+        "right": reading(),
+        "moved": reading(col="right"),
+        "other colour": reading(colour="blue"),
+        "nothing": reading(found=False),
+        "for the unread control": reading(),
+    }
+    truths = [reading(colour="white")] * 4 + [reading(found=False)]
+    oracle = NS(read=lambda name: samples[name])
+    got = grade(oracle, truths, ["a red square"] * 5, list(samples))
+    assert got == {
+        "shape": 0.75, "size": 0.75, "position": 0.5, "layout": 0.5, "colour": 0.5,
+    }  # fmt: skip

@@ -117,25 +117,33 @@ def evaluate_control(
     return metrics
 
 
+def grade(shapes, truths, prompts: list[str], images: list) -> dict[str, float]:
+    """Control- and text-following of ``images``: each control attribute and all three
+    matching the control's reading (``truths``: the oracle's, ``layout``), and the
+    colour matching the prompt's (``a {colour} {shape}``). Controls the oracle could not
+    read are left out."""
+    hits: dict[str, list[bool]] = {a: [] for a in (*ATTRS, "layout", "colour")}
+    for t, prompt, img in zip(truths, prompts, images, strict=True):
+        if not t.found:
+            continue
+        r = shapes.read(img)
+        ok = {
+            "shape": r.found and r.shape == t.shape,
+            "size": r.found and r.size == t.size,
+            "position": r.found and (r.row, r.col) == (t.row, t.col),
+        }
+        for a in ATTRS:
+            hits[a].append(ok[a])
+        hits["layout"].append(all(ok.values()))
+        hits["colour"].append(r.found and r.colour == prompt.split()[1])
+    return {a: float(np.mean(v)) for a, v in hits.items() if v}
+
+
 def _scores(shapes, truths, prompts, without, with_cn) -> dict[str, float]:
-    """Per arm: each control attribute and all three matching the val image's reading
-    (``layout``), and the colour matching the prompt's."""
+    """``grade`` per arm: the base model alone, and with the ControlNet."""
     out: dict[str, float] = {}
-    graded = [i for i, t in enumerate(truths) if t.found]
     for arm, images in (("base", without), ("controlnet", with_cn)):
-        hits: dict[str, list[bool]] = {a: [] for a in (*ATTRS, "layout", "colour")}
-        for i in graded:
-            t, r = truths[i], shapes.read(images[i])
-            ok = {
-                "shape": r.found and r.shape == t.shape,
-                "size": r.found and r.size == t.size,
-                "position": r.found and (r.row, r.col) == (t.row, t.col),
-            }
-            for a in ATTRS:
-                hits[a].append(ok[a])
-            hits["layout"].append(all(ok.values()))
-            hits["colour"].append(r.found and r.colour == prompts[i].split()[1])
-        out.update({f"{arm}_{a}": float(np.mean(v)) for a, v in hits.items() if v})
+        out.update({f"{arm}_{a}": v for a, v in grade(shapes, truths, prompts, images).items()})
     return out
 
 
