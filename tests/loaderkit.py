@@ -71,16 +71,18 @@ def latents_dir(
     per_shard: int = 2000,
     seed: int = 0,
     n_val: int = 64,
+    pooled: int | None = None,
 ) -> Path:
     """A latents directory laid out as precompute_latents writes it (random values):
     ``train/`` and ``val/`` shards with their indexes, the manifest and the two text-state
-    files."""
+    files. ``pooled``: also a pooled text vector of that width per sample (the DiT's)."""
     from safetensors.torch import save_file
 
     from training.disk import write_json
     from training.intake.index import write_index
 
     g = torch.Generator().manual_seed(seed)
+    extra = {"pooled": (pooled,)} if pooled else {}
     for split, count in (("train", n), ("val", n_val)):
         (root / split).mkdir(parents=True, exist_ok=True)
         counts = {}
@@ -91,12 +93,16 @@ def latents_dir(
                     "mean": torch.randn((m, *latent), generator=g),
                     "std": torch.rand((m, *latent), generator=g) * 0.1 + 0.05,
                     "text": torch.randn((m, *text), generator=g).half(),
+                    **{k: torch.randn((m, *v), generator=g).half() for k, v in extra.items()},
                 },
                 root / split / name,
             )
             counts[name] = m
         write_index(root / split, counts, split)
-    save_file({"text": torch.zeros((1, *text))}, root / "null_text.safetensors")
+    save_file(
+        {"text": torch.zeros((1, *text)), **{k: torch.zeros((1, *v)) for k, v in extra.items()}},
+        root / "null_text.safetensors",
+    )
     save_file({"text": torch.randn((2, *text), generator=g)}, root / "preview_text.safetensors")
     write_json(
         root / "manifest.json",
@@ -107,6 +113,7 @@ def latents_dir(
                 "mean": {"shape": list(latent), "dtype": "torch.float32"},
                 "std": {"shape": list(latent), "dtype": "torch.float32"},
                 "text": {"shape": list(text), "dtype": "torch.float16"},
+                **{k: {"shape": list(v), "dtype": "torch.float16"} for k, v in extra.items()},
             },
             "preview_prompts": ["one", "two"],
         },
