@@ -2,16 +2,21 @@
 
 Usage (from the repository root, alone on the machine; ~40 minutes at tiny):
     .venv/bin/python benchmarks/common_space.py OLD_COMMIT [NEW_COMMIT] [--profile tiny]
-        [--out DIR]
+        [--out DIR] [--draws 5] [--ruler-steps N] [--ruler-seed 1]
 
 FD and CMMD in Kiln are measured in the image space of the CLIP each run trained, so a
 run that trains a different CLIP moves the ruler as well as the samples: two runs'
 ``cmmd_clip`` cannot be compared. This trains both commits on the same collection
 (Twemoji from npm, as ``benchmarks/real_data.py``), then has each run's pipeline draw
 the same requests (the newer run's first distinct val captions, one seed each) and
-embeds both sample sets, and the same real val images, with each run's CLIP. Each row
-of the printout is one ruler; within a row, the two sample sets are measured alike.
-Each commit's tree is taken with ``git archive``, so it runs with its own code.
+embeds both sample sets, and the same real val images, with each run's CLIP and with a
+fixed ruler (``kiln ruler``'s CLIP, trained here on the newer run's clean split with its
+own seed: neither run's). Each row of the printout is one ruler; within a row, the two
+sample sets are measured alike. ``--draws`` sample sets per run (seeds apart) give each
+figure a spread.
+Each commit's tree is taken with ``git archive``, so it runs with its own code. The
+trained projects stay under ``OUT/work``; a second invocation with the same commits
+reuses them and only draws and measures.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +66,27 @@ def train(project: Path, folder: Path, profile: str, log: Path) -> float:
     return time.perf_counter() - t0
 
 
+def trained(work: Path, name: str, commit: str, profile: str, log: Path) -> Path:
+    """``commit``'s project under ``work/name``, trained on Twemoji (once: a project
+    with a finished run, recorded in ``trained.json``, is reused as it is)."""
+    project = work / name
+    done = project / "trained.json"
+    if done.is_file() and json.loads(done.read_text())["commit"] == commit:
+        print(f"{name} ({commit}): trained before, reused", flush=True)
+        return project
+    import shutil
+
+    shutil.rmtree(project, ignore_errors=True)
+    checkout(commit, project)
+    folder = work / "emoji"
+    if not (folder / "LICENCE.txt").is_file():
+        emoji_folder(folder)
+    wall = train(project, folder, profile, log)
+    done.write_text(json.dumps({"commit": commit, "kiln_run_s": round(wall)}))
+    print(f"{name} ({commit}): kiln run {wall:.0f} s", flush=True)
+    return project
+
+
 def real_and_prompts(project: Path) -> tuple[list, list[str]]:
     """The run's val images (centre squares, as evaluate scores them) and its distinct
     val captions in file order."""
@@ -78,57 +103,89 @@ def real_and_prompts(project: Path) -> tuple[list, list[str]]:
     return [square(r.image(), size) for r in val], captions
 
 
-def draw(project: Path, prompts: list[str]) -> list:
+def draw(project: Path, prompts: list[str], offset: int = 0) -> list:
     from training.inference.sampling import Request, generate, load
 
     pipe = load(project / "data/eval/pipeline")
-    return generate(pipe, [Request(prompt=p, seed=i) for i, p in enumerate(prompts)])
+    requests = [Request(prompt=p, seed=offset + i) for i, p in enumerate(prompts)]
+    return generate(pipe, requests)
+
+
+def ruler(project: Path, work: Path, steps: int | None, seed: int) -> Path:
+    """A fixed ruler CLIP (``training/phases/ruler.py``, this checkout's code) trained on
+    ``project``'s clean split, kept under ``work/ruler-<seed>-<steps>``."""
+    from training.phases.ruler import train
+
+    params = config.load(project / "params.yaml")
+    steps = steps or 2 * params.train_clip.steps
+    out = work / f"ruler-{seed}-{steps}"
+    if (out / "model.safetensors").is_file():
+        print(f"ruler: trained before ({out}), reused", flush=True)
+        return out
+    t0 = time.perf_counter()
+    train(params, project / "data/clean", out, work / "ruler-ckpt", steps, seed)
+    print(f"ruler: {steps} CLIP steps, seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
 
 
 def main() -> None:
+    import statistics
+
     ap = argparse.ArgumentParser()
     ap.add_argument("old")
     ap.add_argument("new", nargs="?", default="HEAD")
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--out", type=Path, default=Path("/tmp/kiln-common-space"))
+    ap.add_argument("--draws", type=int, default=5, help="sample sets per run (seeds apart)")
+    ap.add_argument("--ruler-steps", type=int, help="default: twice the profile's CLIP steps")
+    ap.add_argument("--ruler-seed", type=int, default=1)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     names = {"old": args.old, "new": args.new}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = emoji_folder(Path(tmp) / "emoji")
-        projects, walls = {}, {}
-        for name, commit in names.items():
-            projects[name] = checkout(commit, Path(tmp) / name)
-            walls[name] = train(projects[name], folder, args.profile, args.out / f"{name}.log")
-            print(f"{name} ({commit}): kiln run {walls[name]:.0f} s", flush=True)
+    work = args.out / "work"  # kept: a second invocation reuses the trained projects
+    projects = {}
+    for name, commit in names.items():
+        projects[name] = trained(work, name, commit, args.profile, args.out / f"{name}.log")
+    rulers = {name: p / "data/models/clip" for name, p in projects.items()}
+    rulers["fixed"] = ruler(projects["new"], work, args.ruler_steps, args.ruler_seed)
 
-        from training.evaluation.metrics.distribution import (
-            clip_image_embeddings,
-            distribution_metrics,
-        )
+    from training.evaluation.metrics.distribution import (
+        clip_image_embeddings,
+        distribution_metrics,
+    )
 
-        real, captions = real_and_prompts(projects["new"])
-        prompts = (captions * (len(real) // 2 // len(captions) + 1))[: len(real) // 2]
-        samples = {name: draw(p, prompts) for name, p in projects.items()}
-        rows = []
-        for ruler, p in projects.items():
-            clip = p / "data/models/clip"
-            real_e = clip_image_embeddings(clip, real)
-            for name, images in samples.items():
-                m = distribution_metrics(clip_image_embeddings(clip, images), real_e)
-                rows.append({"clip": ruler, "samples": name, **m})
+    real, captions = real_and_prompts(projects["new"])
+    prompts = (captions * (len(real) // 2 // len(captions) + 1))[: len(real) // 2]
+    samples = {
+        name: [draw(p, prompts, k * len(prompts)) for k in range(args.draws)]
+        for name, p in projects.items()
+    }
+    rows = []
+    for r, clip in rulers.items():
+        real_e = clip_image_embeddings(clip, real)
+        for name, sets in samples.items():
+            per_draw = [distribution_metrics(clip_image_embeddings(clip, s), real_e) for s in sets]
+            row = {"clip": r, "samples": name, "draws": per_draw}
+            for k in ("fd_clip", "fd_clip_real_halves", "fd_clip_ratio", "cmmd_clip",
+                      "cmmd_clip_real_halves"):  # fmt: skip
+                vals = [d[k] for d in per_draw]
+                row[k] = statistics.mean(vals)
+                row[f"{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            rows.append(row)
     (args.out / "common_space.json").write_text(json.dumps(rows, indent=1))
+    label = {**names, "fixed": f"ruler, seed {args.ruler_seed}, {rulers['fixed'].name}"}
     print(
-        f"{len(prompts)} requests ({len(captions)} distinct val captions), "
-        f"{len(real)} real val images"
+        f"{len(prompts)} requests x {args.draws} draws ({len(captions)} distinct val "
+        f"captions), {len(real)} real val images; mean ± sd over the draws"
     )
     print("| CLIP (ruler) | samples of | fd_clip | floor | fd / floor | cmmd_clip | cmmd floor |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['clip']} ({names[r['clip']]}) | {r['samples']} ({names[r['samples']]}) | "
-            f"{r['fd_clip']:.3f} | {r['fd_clip_real_halves']:.3f} | {r['fd_clip_ratio']:.2f} | "
-            f"{r['cmmd_clip']:.3f} | {r['cmmd_clip_real_halves']:.3f} |"
+            f"| {r['clip']} ({label[r['clip']]}) | {r['samples']} ({names[r['samples']]}) | "
+            f"{r['fd_clip']:.3f} ± {r['fd_clip_sd']:.3f} | {r['fd_clip_real_halves']:.3f} | "
+            f"{r['fd_clip_ratio']:.2f} ± {r['fd_clip_ratio_sd']:.2f} | "
+            f"{r['cmmd_clip']:.3f} ± {r['cmmd_clip_sd']:.3f} | {r['cmmd_clip_real_halves']:.3f} |"
         )
 
 

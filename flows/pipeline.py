@@ -63,8 +63,16 @@ def _metrics(stage: str) -> dict:
 
 
 def _preflight(params) -> None:
-    """``mode: continue``: the registry answers and the champion fits this profile,
-    or the run stops here, before any stage (``training/phases/continuing.py``)."""
+    """``evaluate.ruler`` is a CLIP for this profile, and, in ``mode: continue``, the
+    registry answers and the champion fits this profile; or the run stops here, before
+    any stage (``training/evaluation/ruler.py``, ``training/phases/continuing.py``)."""
+    if params.evaluate.ruler:
+        from training.evaluation.ruler import resolve
+
+        try:
+            resolve(params)
+        except (ValueError, ConnectionError) as exc:  # ReuseError is a ValueError
+            raise PreflightFailed(str(exc)) from None
     if params.mode != "continue":
         return
     from training.phases.continuing import preflight

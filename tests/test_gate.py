@@ -137,3 +137,49 @@ def test_the_model_card_says_what_moved_against_the_champion_and_what_it_was_bui
     card = model_card("kiln-text2image", "2", skipped, gate, params, tmp_path)
     assert "could not re-score (the gate used its recorded number)" in card
     assert "| change |" not in card
+
+
+def test_a_champion_whose_artifacts_are_gone_is_not_rescored_and_the_run_goes_on(
+    registry, monkeypatch
+):
+    """The registry still names a champion, but its artifact store lost the files (a
+    copied project, a wiped bucket). Re-scoring it is impossible; the evaluation must
+    say so and let the gate fall back to the recorded number, not crash after sampling."""
+    from training.evaluation.evaluate import champion_scores
+    from training.evaluation.metrics import Samples
+    from training.stages import PIPELINE_MODEL
+
+    registry.create_registered_model(PIPELINE_MODEL)
+    lost = registry.create_model_version(PIPELINE_MODEL, source="file:///nowhere/artifacts")
+    registry.set_registered_model_alias(PIPELINE_MODEL, "champion", lost.version)
+    params = config.resolve({"profile": "tiny"})
+    samples = Samples(params, [], [], [], None, Path("."), Path("."), Path("."))
+    out = champion_scores(samples, [], batch_size=1)
+    assert out["metrics"]["champion_version"] == int(lost.version)
+    assert out["metrics"]["champion_skipped"].startswith(f"could not re-score v{lost.version}")
+    assert "images" not in out
+
+
+def test_a_distance_recorded_with_another_ruler_is_not_compared(registry):
+    """The champion could not be re-scored in this run, and the number recorded with it
+    was measured in another CLIP's space (its own CLIP; this run uses a fixed ruler):
+    neither a win nor a loss can be read from it, so the new version waits as
+    @challenger and the decision says why."""
+    from training.tracking.gate import describe_gate, promote
+
+    first = _version(registry, "fd_clip_ratio", 1.4)
+    promote("m", first, {"fd_clip_ratio": 1.4}, "fd_clip_ratio", 0.0)
+    ruled = {"fd_clip_ratio": 1.1, "ruler": "models:/kiln-ruler/1"}
+    version = _version(registry, "fd_clip_ratio", 1.1)
+    gate = promote("m", version, ruled, "fd_clip_ratio", 0.0)
+    assert gate["gate_decision"] == "challenger"
+    assert gate["gate_champion_source"] == "recorded with another ruler"
+    assert (
+        "measured with its own CLIP, this one with models:/kiln-ruler/1"
+        in (gate["gate_incomparable"])
+    )
+    assert "-> @challenger" in describe_gate("m", version, gate)
+    # a champion recorded with the same ruler is compared as before
+    registry.set_model_version_tag("m", first, "metric.ruler", "models:/kiln-ruler/1")
+    gate = promote("m", _version(registry, "x", 0), ruled, "fd_clip_ratio", 0.0)
+    assert gate["gate_decision"] == "champion" and gate["gate_champion_source"] == "recorded"

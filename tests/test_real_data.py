@@ -136,3 +136,42 @@ def test_user_data_gates_on_fd_ratio(run):
     e = _metrics(project, "evaluate")
     assert e["gate_metric"] == "fd_clip_ratio" and e["gate_direction"] == "lower"
     assert "gate: kiln-text2image v1 fd_clip_ratio=" in proc.stderr + proc.stdout
+
+
+def test_a_fixed_ruler_measures_every_version_in_one_space(run):
+    """``kiln ruler`` trains and registers a CLIP of its own; with ``evaluate.ruler``
+    set, the evaluation measures fd_clip and cmmd_clip, for the new version and the
+    re-scored champion alike, with that CLIP and not the run's. Last in this module: it
+    changes params.yaml and registers a second pipeline version."""
+    from mlflow import MlflowClient
+
+    project, _, _ = run
+    own = _metrics(project, "evaluate")
+    made = kiln(project, "ruler", "--steps", "40", timeout=1200)
+    out = made.stdout + made.stderr
+    assert "ruler: registered models:/kiln-ruler/1 (seed 1, 40 steps, profile tiny" in out
+    assert "params.yaml: evaluate.ruler: None -> models:/kiln-ruler/1" in out
+    assert config.load(project / "params.yaml").evaluate.ruler == "models:/kiln-ruler/1"
+    ruler = json.loads((project / "data" / "ruler" / "resolved_params.json").read_text())
+    assert ruler["seed"] == 1 and ruler["train_clip"]["steps"] == 40
+    assert not (project / "data" / "checkpoints" / "ruler").exists()  # done: no resume state
+
+    proc = kiln(project, "evaluate", timeout=1800)
+    e = _metrics(project, "evaluate")
+    assert e["ruler"] == "models:/kiln-ruler/1"
+    assert "measured with the fixed ruler models:/kiln-ruler/1" in proc.stdout + proc.stderr
+    # the same val images, another CLIP: another floor (the run's own CLIP gave `own`'s)
+    assert e["fd_clip_real_halves"] != pytest.approx(own["fd_clip_real_halves"], rel=1e-3)
+    # the champion (v1) was re-scored on the same requests with the same ruler: the
+    # same real images in the same space give the very same floor
+    assert e["champion_version"] == 1
+    assert e["champion.fd_clip_real_halves"] == pytest.approx(e["fd_clip_real_halves"])
+    assert e["fd_clip_ratio"] == pytest.approx(e["fd_clip"] / e["fd_clip_real_halves"])
+    assert (
+        "<td>ruler</td><td>models:/kiln-ruler/1</td>"
+        in (project / "data" / "eval" / "report.html").read_text()
+    )
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    tags = client.get_model_version("kiln-ruler", "1").tags
+    assert tags["ruler.seed"] == "1" and tags["ruler.steps"] == "40"
+    assert tags["ruler.collection"] == _metrics(project, "train_clip")["loader_index_fingerprint"]

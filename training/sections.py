@@ -341,3 +341,8 @@ class EvaluateCfg(Section):
     # encoder the U-Net was trained to follow measures (README, "The promotion gate").
     gate_metric: str | None = None
     gate_min_delta: float = Field(0.0, ge=0.0)
+    # The CLIP that fd_clip, cmmd_clip and their floors are measured with: null = the
+    # run's own; a fixed ruler (`kiln ruler`: models:/kiln-ruler/N, or a directory with a
+    # CLIPModel and tokenizer) puts every run on a collection in one space
+    # (training/evaluation/ruler.py; README, "A fixed ruler")
+    ruler: str | None = None

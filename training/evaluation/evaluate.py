@@ -89,6 +89,11 @@ def run(
 
     log = log or E.NullLogger()
     c = params.evaluate
+    from training.evaluation import ruler as R
+
+    ruler = R.resolve(params)  # checked before any sampling
+    if ruler is not None:
+        E.say(f"evaluate: fd_clip and cmmd_clip measured with the fixed ruler {c.ruler}")
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = sampling.assemble(vae_dir, clip_dir, unet_dir, scheduler=c.scheduler)
     pipe_dir = out_dir / "pipeline"
@@ -133,7 +138,10 @@ def run(
         clean_dir=clean_dir,
         vae_dir=vae_dir,
         clip_dir=clip_dir,
+        ruler_dir=ruler[0] if ruler else None,
     )
+    if ruler is not None:  # a string: the report and metrics JSON show it, MLflow does not
+        metrics["ruler"] = ruler[1]
     metrics.update(score_all(samples))
     champion = champion_scores(samples, requests, c.batch_size)
     metrics.update(champion.pop("metrics", {}))
@@ -280,7 +288,7 @@ def champion_scores(samples, requests: list, batch_size: int) -> dict:
     from training.evaluation.metrics import METRICS
     from training.inference import sampling
     from training.stages import PIPELINE_MODEL
-    from training.tracking import components, resolve_model_dir
+    from training.tracking import components
 
     version = components.champion(PIPELINE_MODEL)
     if version is None:
@@ -289,7 +297,7 @@ def champion_scores(samples, requests: list, batch_size: int) -> dict:
     E.say(f"evaluate: re-scoring the champion {PIPELINE_MODEL} v{version} on the same requests")
     out: dict = {"champion_version": int(version)}
     try:
-        root = resolve_model_dir(f"models:/{PIPELINE_MODEL}/{version}")
+        root, _ = components.fetch(f"models:/{PIPELINE_MODEL}/{version}")
         pipe = sampling.load(root / "artifacts" / "pipeline")
         sampling.set_scheduler(pipe, c.scheduler)
         images = sampling.generate(pipe, requests, batch_size=batch_size)
@@ -300,7 +308,8 @@ def champion_scores(samples, requests: list, batch_size: int) -> dict:
                     out[f"champion.{k}"] = v
     except ConnectionError:
         raise  # the registry went away: a retry may help, a fallback would hide it
-    except (ValueError, RuntimeError, OSError) as exc:  # e.g. another profile's pipeline
+    except (ValueError, RuntimeError, OSError, LookupError) as exc:
+        # e.g. another profile's pipeline, or an artifact store that lost its files
         # the gate then uses the number recorded with the champion, and says so
         out["champion_skipped"] = f"could not re-score v{version}: {str(exc)[:300]}"
         return {"metrics": out}

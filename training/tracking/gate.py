@@ -13,6 +13,8 @@ from typing import Any
 GATE_LOWER_IS_BETTER = frozenset(
     {"fd_clip", "cmmd_clip", "fd_clip_ratio", "val_loss", "copies_frac"}
 )
+# Measured in a CLIP's image space: the run's own, or evaluate.ruler's (``ruler``)
+RULER_METRICS = frozenset({"fd_clip", "cmmd_clip", "fd_clip_ratio"})
 
 
 def promote(
@@ -44,7 +46,7 @@ def promote(
         champ = client.get_model_version_by_alias(name, "champion")
     except MlflowException:
         champ = None
-    old, source = None, None
+    old, source, incomparable = None, None, None
     if champ is not None and str(champ.version) != str(version):  # MLflow may give ints
         rescored = metrics.get(f"champion.{metric}")
         if str(metrics.get("champion_version")) == str(champ.version) and isinstance(
@@ -55,8 +57,19 @@ def promote(
             tag = champ.tags.get(f"metric.{metric}")
             old = float(tag) if tag not in (None, "None") else None
             source = "recorded" if old is not None else None
+            theirs, ours = champ.tags.get("metric.ruler"), metrics.get("ruler")
+            if old is not None and metric in RULER_METRICS and theirs != ours:
+                # another ruler's number: not comparable, and not "no number" either
+                source = "recorded with another ruler"
+                incomparable = (
+                    f"the champion v{champ.version} could not be re-scored, and its recorded "
+                    f"{metric} was measured with {theirs or 'its own CLIP'}, this one with "
+                    f"{ours or 'its own CLIP'}: promote by hand if it should serve"
+                )
     lower = metric in GATE_LOWER_IS_BETTER
-    if new is None:
+    if incomparable and new is not None:  # measured, but nothing to compare it with
+        promoted = False
+    elif new is None:
         promoted = champ is None
     elif old is None:
         promoted = True
@@ -69,12 +82,15 @@ def promote(
         "gate_value": new,
         "gate_champion_value": old,
         "gate_champion_version": champ.version if champ is not None else None,
-        "gate_champion_source": source,  # rescored (in this run) | recorded | None
+        # rescored (in this run) | recorded | recorded with another ruler | None
+        "gate_champion_source": source,
         "gate_decision": alias,
         "gate_direction": "lower" if lower else "higher",
     }
     if skipped:
         decision["gate_skipped"] = skipped
+    if incomparable:
+        decision["gate_incomparable"] = incomparable
     for k, v in decision.items():
         client.set_model_version_tag(name, version, k, str(v))
     return decision
@@ -86,6 +102,11 @@ def describe_gate(name: str, version: str, gate: dict) -> str:
         return (
             f"{name} v{version}: {gate['gate_metric']} was not measured "
             f"({gate['gate_skipped']}) -> @{gate['gate_decision']}"
+        )
+    if gate.get("gate_incomparable"):
+        return (
+            f"{name} v{version} {gate['gate_metric']}={gate['gate_value']:.4f}; "
+            f"{gate['gate_incomparable']} -> @{gate['gate_decision']}"
         )
     old = gate["gate_champion_value"]
     how = " (re-scored in this run)" if gate.get("gate_champion_source") == "rescored" else ""
@@ -163,8 +184,11 @@ def model_card(name: str, version: str, metrics: dict, gate: dict, params: dict,
     champ = metrics.get("champion_version")
     lines += ["", "## Metrics"]
     if metrics.get("champion_skipped"):
-        lines += [f"The champion: {metrics['champion_skipped']} (the gate used its recorded "
-                  "number).", ""]  # fmt: skip
+        used = (
+            "the gate did not compare" if gate.get("gate_incomparable")
+            else "the gate used its recorded number"
+        )  # fmt: skip
+        lines += [f"The champion: {metrics['champion_skipped']} ({used}).", ""]
     if champ is not None and not metrics.get("champion_skipped"):
         lines += [
             f"The champion v{champ} re-scored in this run: same prompts, seeds and sampler.",

@@ -20,6 +20,8 @@ from training.tracking.lineage import dvc_lineage, flatten, git_commit, locked_m
 from training.tracking.runs import StageRun, process_tags
 from training.tracking.store import EXPERIMENT, setup
 
+RULER_MODEL = "kiln-ruler"  # evaluation/ruler.py: the fixed CLIP for FD and CMMD
+
 
 def component_model(name: str, directory: Path):
     """The ``MLmodel`` of a registered component folder: its tensor signature, read from
@@ -38,7 +40,7 @@ def component_model(name: str, directory: Path):
         inputs = [TensorSpec(f32, (-1, cfg["in_channels"], size, size), "images")]
         outputs = [TensorSpec(f32, (-1, cfg["latent_channels"], lat, lat), "latent_mean")]
         loader = "diffusers.AutoencoderKL.from_pretrained"
-    elif name == MODEL_NAMES["train_clip"]:
+    elif name in (MODEL_NAMES["train_clip"], RULER_MODEL):  # the ruler is a CLIP too
         size, text = cfg["vision_config"]["image_size"], cfg["text_config"]["hidden_size"]
         inputs = [
             TensorSpec(i64, (-1, -1), "input_ids"),
@@ -90,10 +92,17 @@ def component_model(name: str, directory: Path):
     )
 
 
-def register_dir(tr: StageRun, name: str, directory: Path, metrics: dict[str, Any]) -> str:
+def register_dir(
+    tr: StageRun,
+    name: str,
+    directory: Path,
+    metrics: dict[str, Any],
+    tags: dict[str, str] | None = None,
+) -> str:
     """Log a model directory and register it as a new version of ``name``, with an
     ``MLmodel`` beside the weights that carries its tensor signature (so
-    ``mlflow.models.get_model_info`` describes what to feed it)."""
+    ``mlflow.models.get_model_info`` describes what to feed it); ``tags``: more version
+    tags beside the metrics and the lineage."""
     import tempfile
 
     from mlflow import MlflowClient
@@ -106,9 +115,12 @@ def register_dir(tr: StageRun, name: str, directory: Path, metrics: dict[str, An
     with contextlib.suppress(Exception):
         client.create_registered_model(name)
     source = f"{tr.run.info.artifact_uri}/model"
-    tags = {k: str(v) for k, v in flatten({"metric": metrics}).items()}
-    tags.update({k: v for k, v in tr.run.data.tags.items() if k.startswith(("dvc.", "git"))})
-    mv = client.create_model_version(name, source=source, run_id=tr.run_id, tags=tags)
+    version_tags = {k: str(v) for k, v in flatten({"metric": metrics}).items()}
+    version_tags.update(
+        {k: v for k, v in tr.run.data.tags.items() if k.startswith(("dvc.", "git"))}
+    )
+    version_tags.update(tags or {})
+    mv = client.create_model_version(name, source=source, run_id=tr.run_id, tags=version_tags)
     return str(mv.version)
 
 

@@ -36,6 +36,9 @@ class StageRun:
     def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
         self.mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.mlflow.set_tags(tags)
+
 
 def process_tags() -> dict[str, str]:
     """Who is running this MLflow run: lets a later pipeline tell a run whose process

@@ -19,3 +19,5 @@ class Samples:
     clean_dir: Path
     vae_dir: Path
     clip_dir: Path
+    # the CLIP the distribution metrics use (evaluate.ruler), None: ``clip_dir``
+    ruler_dir: Path | None = None

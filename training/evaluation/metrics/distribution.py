@@ -1,5 +1,6 @@
 """Fréchet distance and CMMD in CLIP space: generated vs held-out real images, embedded by
-Kiln's own CLIP image tower (no downloaded Inception or DINO weights).
+Kiln's own CLIP image tower (no downloaded Inception or DINO weights): the run's, or the
+fixed ruler ``evaluate.ruler`` names (``evaluation/ruler.py``).
 
 FD is Heusel et al.'s formula on those embeddings; CMMD is Jayasumana et al.'s MMD with a
 Gaussian kernel (sigma 10, result x 1000) on normalised CLIP embeddings. Both depend on
@@ -116,6 +117,7 @@ def score(s: Samples, limit: int = 512) -> dict:
     val = shards.read(shards.shard_paths(s.clean_dir / "val"))
     size = s.params.ingest.image_size  # bucketed images: their centre squares
     real = [square(r.image(), size) for r in itertools.islice(val, limit)]
-    gen_e = clip_image_embeddings(s.clip_dir, s.images)
-    real_e = clip_image_embeddings(s.clip_dir, real)
+    ruler = s.ruler_dir or s.clip_dir  # a fixed ruler where one is set (evaluation/ruler.py)
+    gen_e = clip_image_embeddings(ruler, s.images)
+    real_e = clip_image_embeddings(ruler, real)
     return distribution_metrics(gen_e, real_e)

@@ -1,0 +1,81 @@
+"""``evaluate.ruler``: what may be a ruler is checked before anything is sampled, by the
+evaluate stage and by the pipeline's preflight. (The ruler trained, registered and
+measured with end to end: tests/test_real_data.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training import config
+
+
+def _params(ruler: str | None) -> config.Params:
+    return config.resolve({"profile": "tiny", "evaluate": {"ruler": ruler}})
+
+
+def _folder(root: Path, cfg: dict, weights: str = "model.safetensors", tokenizer=True) -> Path:
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps(cfg))
+    (root / weights).write_bytes(b"")
+    if tokenizer:
+        (root / "tokenizer_config.json").write_text("{}")
+    return root
+
+
+def test_without_a_ruler_each_run_measures_with_its_own_clip():
+    from training.evaluation.ruler import resolve
+
+    assert resolve(_params(None)) is None
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing", "is not a directory"),
+        (
+            lambda d: _folder(
+                d / "vae",
+                {"_class_name": "AutoencoderKL", "model_type": None},
+                "diffusion_pytorch_model.safetensors",
+            ),
+            "no model.safetensors and config.json",
+        ),
+        (
+            lambda d: _folder(d / "unet", {"model_type": "unet"}),
+            "config.json says model_type 'unet', not 'clip'",
+        ),
+        (
+            lambda d: _folder(
+                d / "big", {"model_type": "clip", "vision_config": {"image_size": 64}}
+            ),
+            "the CLIP sees 64 px images, the tiny profile 32 px",
+        ),
+        (
+            lambda d: _folder(
+                d / "notok",
+                {"model_type": "clip", "vision_config": {"image_size": 32}},
+                tokenizer=False,
+            ),
+            "no tokenizer beside the CLIP model",
+        ),
+    ],
+    ids=["missing", "a-vae", "not-a-clip", "other-size", "no-tokenizer"],
+)
+def test_what_is_not_a_clip_ruler_for_this_profile_is_refused(tmp_path, make, message):
+    from training.evaluation.ruler import resolve
+    from training.phases.reuse import ReuseError
+
+    ref = str(make(tmp_path))
+    with pytest.raises(ReuseError, match="^evaluate.ruler: ") as err:
+        resolve(_params(ref))
+    assert message in str(err.value)
+
+
+def test_the_pipeline_stops_before_any_stage_on_a_bad_ruler(tmp_path):
+    from flows.pipeline import PreflightFailed, _preflight
+
+    with pytest.raises(PreflightFailed, match="evaluate.ruler: .* is not a directory"):
+        _preflight(_params(str(tmp_path / "nowhere")))
