@@ -141,7 +141,13 @@ def main() -> None:
     ap.add_argument("--ruler-seed", type=int, default=1)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    names = {"old": args.old, "new": args.new}
+    names = {  # full hashes: a project trained at an older HEAD is not this HEAD's
+        k: subprocess.run(
+            ["git", "rev-parse", "--short", c], cwd=REPO, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()
+        for k, c in (("old", args.old), ("new", args.new))
+    }  # fmt: skip
     work = args.out / "work"  # kept: a second invocation reuses the trained projects
     projects = {}
     for name, commit in names.items():

@@ -79,3 +79,18 @@ def test_the_pipeline_stops_before_any_stage_on_a_bad_ruler(tmp_path):
 
     with pytest.raises(PreflightFailed, match="evaluate.ruler: .* is not a directory"):
         _preflight(_params(str(tmp_path / "nowhere")))
+
+
+def test_a_directory_ruler_is_named_with_its_weights_digest(tmp_path):
+    """A directory can be retrained in place (``kiln ruler`` rewrites data/ruler), so
+    its path alone does not say which CLIP measured a recorded distance."""
+    from training.evaluation.ruler import resolve
+
+    folder = _folder(tmp_path / "r", {"model_type": "clip", "vision_config": {"image_size": 32}})
+    (folder / "model.safetensors").write_bytes(b"one")
+    first = resolve(_params(str(folder)))
+    (folder / "model.safetensors").write_bytes(b"two")
+    second = resolve(_params(str(folder)))
+    assert first is not None and second is not None
+    assert first[1].startswith(f"{folder} (weights sha256 ")
+    assert first[1] != second[1]

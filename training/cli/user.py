@@ -17,11 +17,10 @@ from typing import Annotated
 import typer
 
 from training import paths as P
-from training.cli import stage
+from training.cli import ruler, stage
 from training.cli.base import UserError, fail, load_params, writable
 from training.cli.control import controlnet_dir, open_control, with_control
 from training.config import SAMPLER
-from training.evaluation.ruler import DEFAULT_SEED as RULER_SEED
 from training.stages import PIPELINE_MODEL
 from training.tracking.versions import pipeline_dir
 
@@ -346,56 +345,6 @@ def playground(
 
 
 @app.command()
-def ruler(
-    steps: Annotated[
-        int | None,
-        typer.Option(min=1, help="CLIP training steps (default: twice the profile's)"),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="the ruler's pinned seed")] = RULER_SEED,
-    use: Annotated[
-        bool, typer.Option(help="set evaluate.ruler in params.yaml to the new ruler")
-    ] = True,
-) -> None:
-    """Train a fixed ruler for data without an oracle: a CLIP trained once on data/clean,
-    registered as kiln-ruler, that evaluate then measures fd_clip and cmmd_clip with, so
-    runs on one collection are compared in one space (README, "A fixed ruler")."""
-    from training import config, runlock
-    from training.cli.base import require
-    from training.phases import ruler as R
-
-    require(P.CLEAN / "train", P.CLEAN / "val")
-    with contextlib.ExitStack() as stack:
-        try:  # the pipeline writes data/ and params.yaml: not while it runs
-            stack.enter_context(runlock.pipeline_lock("kiln ruler", Path.cwd()))
-            params = load_params()
-        except (config.ConfigError, runlock.PipelineBusy) as exc:
-            fail(str(exc))
-        n = steps or 2 * params.train_clip.steps
-        out = P.DATA / "ruler"
-        writable(out)
-        typer.echo(f"ruler: training a {params.profile} CLIP on {P.CLEAN}, seed {seed}, {n} steps")
-        from training import engine as E
-
-        E.init_distributed()  # torch's threads, as a stage sets them
-        try:
-            version, metrics = R.make(params, P.CLEAN, out, P.CKPT / "ruler", n, seed)
-        except UserError as exc:
-            fail(f"ruler: {exc}")
-        uri = f"models:/{R.RULER_MODEL}/{version}"
-        recall = metrics.get("val_i2t_r1")
-        typer.echo(
-            f"ruler: registered {uri} ({R.describe(out)}"
-            + (f"; val recall@1 image->text {recall:.2f}" if recall is not None else "")
-            + ")"
-        )
-        if use:
-            for key, (old, new) in config.set_values(P.PARAMS, {"evaluate.ruler": uri}).items():
-                typer.echo(f"params.yaml: {key}: {old} -> {new}")
-        else:
-            typer.echo(f"to measure with it: evaluate.ruler: {uri} in params.yaml")
-
-
-@app.command()
 def doctor() -> None:
     """Check the environment for the known dependency traps."""
     from training.doctor import main
@@ -403,5 +352,6 @@ def doctor() -> None:
     raise typer.Exit(main())
 
 
-# the stage commands too, after the user commands in --help
+# `kiln ruler` (its own module), then the stage commands, after the user commands in --help
+app.registered_commands.extend(ruler.app.registered_commands)
 app.registered_commands.extend(stage.app.registered_commands)

@@ -31,7 +31,8 @@ DEFAULT_SEED = 1
 
 
 def resolve(params: Params) -> tuple[Path, str] | None:
-    """(directory, what it is: ``models:/name/version`` or the directory) of ``evaluate.ruler``,
+    """(directory, what it is: ``models:/name/version``, or the directory and its weights'
+    digest) of ``evaluate.ruler``,
     checked to be a CLIP with its tokenizer for this profile's image size; None when no
     ruler is set. Raises ``ReuseError`` (a ``ValueError``) for anything else and
     ``ConnectionError`` when the registry cannot be reached."""
@@ -46,4 +47,17 @@ def resolve(params: Params) -> tuple[Path, str] | None:
         check("train_clip", ref, directory, params)
     except ReuseError as exc:
         raise ReuseError(f"evaluate.ruler: {exc}") from None
-    return directory, f"models:/{version}" if version else str(directory)
+    if version:  # registry versions never change
+        return directory, f"models:/{version}"
+    # a directory may be retrained in place: its weights' digest says which CLIP it was
+    return directory, f"{directory} (weights sha256 {_digest(directory / 'model.safetensors')})"
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]

@@ -23,17 +23,16 @@ def ruler_params(params: Params, steps: int, seed: int) -> Params:
 def train(params: Params, clean: str | Path, out_dir: Path, ckpt_dir: Path,
           steps: int, seed: int, log: E.MetricLogger | None = None) -> dict:  # fmt: skip
     """Train the ruler: the profile's CLIP, ``steps`` steps from ``seed``, on the clean
-    split at ``clean``, into ``out_dir`` (resumable from ``ckpt_dir``). Nothing of the
-    pipeline's configuration but the CLIP's architecture and data carries over: no
-    ``reuse``, no ``mode: continue``."""
+        split at ``clean``, into ``out_dir`` (resumable from ``ckpt_dir``, which the caller
+    removes once the ruler is safe: ``make`` after registering). Nothing of the
+        pipeline's configuration but the CLIP's architecture and data carries over: no
+        ``reuse``, no ``mode: continue``."""
     from training.phases import clip
 
     p = ruler_params(params, steps, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     E.write_json(out_dir / "resolved_params.json", p.to_dict())
-    metrics = clip.run(p, clean, out_dir, ckpt_dir, log)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # done: nothing left to resume
-    return metrics
+    return clip.run(p, clean, out_dir, ckpt_dir, log)
 
 
 def collection(clean: str | Path) -> str:
@@ -56,14 +55,17 @@ def make(params: Params, clean: Path, out_dir: Path, ckpt_dir: Path, steps: int,
             "profile": params.profile}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = out_dir / "resolved_params.json"
-    E.write_json(resolved, ruler_params(params, steps, seed).to_dict())
-    with stage_run("ruler", params.to_dict(), resolved) as tr:
+    own = ruler_params(params, steps, seed).to_dict()
+    E.write_json(resolved, own)
+    # the run's params: the ruler's seed and its CLIP section (steps, widths)
+    with stage_run("ruler", {**own, "ruler": own["train_clip"]}, resolved) as tr:
         tr.set_tags({f"ruler.{k}": v for k, v in tags.items()})
         metrics = train(params, clean, out_dir, ckpt_dir, steps, seed, tr)
         numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         tr.log_metrics(numeric)
         ruler_tags = {f"ruler.{k}": v for k, v in tags.items()}
         version = register_dir(tr, RULER_MODEL, out_dir, numeric, ruler_tags)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # registered: nothing left to resume
     return version, metrics
 
 
