@@ -41,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.unet_gpu import NoCheckpoints  # noqa: E402
 from tests.loaderkit import latents_dir  # noqa: E402
 from training import config  # noqa: E402
 from training import engine as E  # noqa: E402
@@ -51,16 +52,13 @@ from training.phases import clip, unet, vae  # noqa: E402
 LOADERS = ("memory", "stream")
 
 
-class NoCheckpoints:  # checkpoints are not steps
-    def restore(self, *a, **k) -> int:
-        return 0
-
-    def save(self, *a, **k) -> None:
-        pass
-
-
 def profile_params(profile: str, **unet_knobs) -> config.Params:
     return config.resolve({"profile": profile, "train_unet": unet_knobs})
+
+
+def with_unet(params: config.Params, **knobs) -> config.Params:
+    """``params`` with these ``train_unet`` settings (the loader, the backbone)."""
+    return params.model_copy(update={"train_unet": params.train_unet.model_copy(update=knobs)})
 
 
 def latent_shapes(params: config.Params) -> tuple[tuple[int, int, int], tuple[int, int], int]:
@@ -86,9 +84,7 @@ def drop_page_cache() -> bool:
 
 
 def loader_alone(params: config.Params, source: str, loader: str, steps: int) -> dict:
-    p = params.model_copy(
-        update={"train_unet": params.train_unet.model_copy(update={"loader": loader})}
-    )
+    p = with_unet(params, loader=loader)
     t0 = time.perf_counter()
     split = unet.latent_split(p, source)
     first = split.batch(0)
@@ -109,7 +105,7 @@ def trainer_run(params: config.Params, backbone: str, source: str, dev: torch.de
     """``run(steps) -> s/step`` per loader for one model; both loaders train the same
     model in turn (a throughput measurement: the weights' values do not matter)."""
     c = params.train_unet
-    p = params.model_copy(update={"train_unet": c.model_copy(update={"backbone": backbone})})
+    p = with_unet(params, backbone=backbone)
     latent, text, pooled = latent_shapes(p)
     model = unet.build(p, latent[0], latent[1], TextDims(hidden=text[1], pooled=pooled)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
@@ -118,8 +114,7 @@ def trainer_run(params: config.Params, backbone: str, source: str, dev: torch.de
     splits = {}
     fns = {}
     for loader in LOADERS:
-        q = p.model_copy(update={"train_unet": p.train_unet.model_copy(update={"loader": loader})})
-        split = splits[loader] = unet.latent_split(q, source)
+        split = splits[loader] = unet.latent_split(with_unet(p, loader=loader), source)
 
         def precomputed(step: int, split=split):
             b = split.batch(step)

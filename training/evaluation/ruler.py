@@ -32,10 +32,10 @@ DEFAULT_SEED = 1
 
 def resolve(params: Params) -> tuple[Path, str] | None:
     """(directory, what it is: ``models:/name/version``, or the directory and its weights'
-    digest) of ``evaluate.ruler``,
-    checked to be a CLIP with its tokenizer for this profile's image size; None when no
-    ruler is set. Raises ``ReuseError`` (a ``ValueError``) for anything else and
-    ``ConnectionError`` when the registry cannot be reached."""
+    digest) of ``evaluate.ruler``, checked to be a CLIP with its tokenizer for this
+    profile's image size; None when no ruler is set. Raises ``ReuseError`` (a
+    ``ValueError``) for anything else and ``ConnectionError`` when the registry cannot be
+    reached."""
     from training.phases.reuse import ReuseError, check
     from training.phases.reuse import resolve as find
 
@@ -49,15 +49,8 @@ def resolve(params: Params) -> tuple[Path, str] | None:
         raise ReuseError(f"evaluate.ruler: {exc}") from None
     if version:  # registry versions never change
         return directory, f"models:/{version}"
+    from training.intake.index import file_sha256
+
     # a directory may be retrained in place: its weights' digest says which CLIP it was
-    return directory, f"{directory} (weights sha256 {_digest(directory / 'model.safetensors')})"
-
-
-def _digest(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    digest = file_sha256(directory / "model.safetensors")[:16]
+    return directory, f"{directory} (weights sha256 {digest})"

@@ -23,16 +23,14 @@ def ruler_params(params: Params, steps: int, seed: int) -> Params:
 def train(params: Params, clean: str | Path, out_dir: Path, ckpt_dir: Path,
           steps: int, seed: int, log: E.MetricLogger | None = None) -> dict:  # fmt: skip
     """Train the ruler: the profile's CLIP, ``steps`` steps from ``seed``, on the clean
-        split at ``clean``, into ``out_dir`` (resumable from ``ckpt_dir``, which the caller
+    split at ``clean``, into ``out_dir`` (resumable from ``ckpt_dir``, which the caller
     removes once the ruler is safe: ``make`` after registering). Nothing of the
-        pipeline's configuration but the CLIP's architecture and data carries over: no
-        ``reuse``, no ``mode: continue``."""
+    pipeline's configuration but the CLIP's architecture and data carries over: no
+    ``reuse``, no ``mode: continue``."""
     from training.phases import clip
 
-    p = ruler_params(params, steps, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    E.write_json(out_dir / "resolved_params.json", p.to_dict())
-    return clip.run(p, clean, out_dir, ckpt_dir, log)
+    return clip.run(ruler_params(params, steps, seed), clean, out_dir, ckpt_dir, log)
 
 
 def collection(clean: str | Path) -> str:
@@ -51,20 +49,19 @@ def make(params: Params, clean: Path, out_dir: Path, ckpt_dir: Path, steps: int,
     from training.tracking.registry import register_dir
     from training.tracking.runs import stage_run
 
-    tags = {"collection": collection(clean), "seed": str(seed), "steps": str(steps),
-            "profile": params.profile}  # fmt: skip
+    tags = {"ruler.collection": collection(clean), "ruler.seed": str(seed),
+            "ruler.steps": str(steps), "ruler.profile": params.profile}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = out_dir / "resolved_params.json"
+    resolved = out_dir / "resolved_params.json"  # logged with the run and the model
     own = ruler_params(params, steps, seed).to_dict()
     E.write_json(resolved, own)
     # the run's params: the ruler's seed and its CLIP section (steps, widths)
     with stage_run("ruler", {**own, "ruler": own["train_clip"]}, resolved) as tr:
-        tr.set_tags({f"ruler.{k}": v for k, v in tags.items()})
+        tr.set_tags(tags)
         metrics = train(params, clean, out_dir, ckpt_dir, steps, seed, tr)
+        tr.log_metrics(metrics)  # numbers only
         numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        tr.log_metrics(numeric)
-        ruler_tags = {f"ruler.{k}": v for k, v in tags.items()}
-        version = register_dir(tr, RULER_MODEL, out_dir, numeric, ruler_tags)
+        version = register_dir(tr, RULER_MODEL, out_dir, numeric, tags)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # registered: nothing left to resume
     return version, metrics
 
