@@ -125,6 +125,8 @@ def test_held_out_loss_memorisation_and_caption_grid_in_the_evaluation(run):
     assert 0.0 <= e["copies_frac"] <= 1.0 and 0.0 <= e["copies_frac_val"] <= 1.0
     assert e["nn_train_dist_median"] > 0 and e["nn_train_dist_median_val"] > 0
     assert e["fd_clip_ratio"] == pytest.approx(e["fd_clip"] / e["fd_clip_real_halves"])
+    # the samples set beside the real half are those of its captions (test_distribution)
+    assert e["fd_pairing"] == "captions"
     assert 0 < e["vae_ssim"] <= 1
     html = (project / "data" / "eval" / "report.html").read_text()
     assert "Val captions: the real image, then the samples" in html

@@ -22,7 +22,9 @@ def distribution_metrics(gen_e: np.ndarray, real_e: np.ndarray) -> dict:
     """fd_clip, cmmd_clip and their real-halves floors, or, when the sets are too small,
     ``<metric>_skipped`` reasons in their place (the report and the metrics JSON show
     them; MLflow gets numbers only). FD is biased by sample size, so the generated set
-    and the other real half are compared with one real half at a common size ``m``."""
+    and the other real half are compared with one real half at a common size ``m``.
+    ``gen_e`` should be drawn like the other half, ``real_e[1::2]``: samples of its
+    captions (``paired``)."""
     ref, other = real_e[0::2], real_e[1::2]
     m = min(len(gen_e), len(ref), len(other))
     names = (
@@ -108,16 +110,37 @@ def cmmd(a: np.ndarray, b: np.ndarray, sigma: float = 10.0, scale: float = 1000.
     return float(scale * (term_a + term_b - 2 * kab.mean()))
 
 
+def paired(prompts: list[str], real_captions: list[str]) -> tuple[list[int], str]:
+    """Which samples to compare: one for each caption of the second real half
+    (``real_captions[1::2]``, the half the floor compares), in its order (a caption's
+    k-th use takes its k-th sample), so the samples and that half are drawn for the same
+    captions and differ only in being generated. Val shards keep the collection's order
+    (often by category), so the first m samples would be of the first m captions, a few
+    categories, set against a half that spans all of them: a distance that measures
+    the choice, not the model. Where some caption has no sample (a built-in set's own
+    prompt list, ``evaluate.max_prompts``), an even spread over all the samples.
+    Returns the indices and ``"captions"`` or ``"spread"``."""
+    free: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        free.setdefault(p, []).append(i)
+    want = real_captions[1::2]
+    if all(len(free.get(c, ())) >= want.count(c) for c in set(want)):
+        return [free[c].pop(0) for c in want], "captions"
+    n = min(len(prompts), len(want))
+    return sorted({round(x) for x in np.linspace(0, len(prompts) - 1, n)}), "spread"
+
+
 def score(s: Samples, limit: int = 512) -> dict:
     import itertools
 
     from training.engine.images import square
     from training.intake import shards
 
-    val = shards.read(shards.shard_paths(s.clean_dir / "val"))
+    val = list(itertools.islice(shards.read(shards.shard_paths(s.clean_dir / "val")), limit))
     size = s.params.ingest.image_size  # bucketed images: their centre squares
-    real = [square(r.image(), size) for r in itertools.islice(val, limit)]
+    real = [square(r.image(), size) for r in val]
+    pick, how = paired(s.prompts, [r.caption for r in val])
     ruler = s.ruler_dir or s.clip_dir  # a fixed ruler where one is set (evaluation/ruler.py)
-    gen_e = clip_image_embeddings(ruler, s.images)
+    gen_e = clip_image_embeddings(ruler, [s.images[i] for i in pick])
     real_e = clip_image_embeddings(ruler, real)
-    return distribution_metrics(gen_e, real_e)
+    return {**distribution_metrics(gen_e, real_e), "fd_pairing": how}

@@ -1,0 +1,90 @@
+"""FD and CMMD compare the samples with the real val images drawn for the same captions.
+
+Val shards keep a collection's order, which is often by category (Twemoji: flags, then
+faces, ...). evaluate took the first m samples, those of the first m val captions, and
+set them against a real half spread over every caption: a perfect generator scored as
+far from the data as its first categories are from the rest."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training import config
+from training.evaluation.metrics import distribution
+from training.evaluation.metrics.base import Samples
+from training.intake import shards
+
+SIZE = 32
+
+
+def _picture(rgb: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.full((SIZE, SIZE, 3), rgb, dtype=np.uint8))
+
+
+def _colour_embeddings(clip_dir: Path, images: list) -> np.ndarray:
+    """A stand-in image tower: each picture's mean colour, normalised as CLIP's are."""
+    e = np.stack([np.asarray(i.convert("RGB"), dtype=np.float64).mean((0, 1)) for i in images])
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def _val_in_category_order(clean: Path, n: int = 80) -> tuple[list[str], list[np.ndarray]]:
+    """``n`` val pictures: the first half reds, the second blues, each with its caption."""
+    rng = np.random.default_rng(0)
+    captions, colours = [], []
+    with shards.ShardWriter(clean / "val", "val", 25) as w:
+        for i in range(n):
+            base = np.array([200, 40, 40]) if i < n // 2 else np.array([40, 40, 200])
+            rgb = np.clip(base + rng.normal(0, 25, 3), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            _picture(rgb).save(buf, format="PNG")
+            caption = f"{'red' if i < n // 2 else 'blue'} thing {i}"
+            w.write(shards.Record(f"{i:06d}", buf.getvalue(), "png", caption, {}))
+            captions.append(caption)
+            colours.append(rgb)
+    return captions, colours
+
+
+def test_a_perfect_generator_scores_at_the_floor_on_a_collection_in_category_order(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(distribution, "clip_image_embeddings", _colour_embeddings)
+    captions, colours = _val_in_category_order(tmp_path / "clean")
+    # as evaluate draws them: every distinct val caption, twice, repetition-major; each
+    # sample is its caption's real picture (a generator that cannot do better)
+    prompts = [c for _ in range(2) for c in captions]
+    images = [_picture(colours[i % len(captions)]) for i in range(len(prompts))]
+    params = config.resolve({"ingest": {"dataset": "folder", "source": "x", "image_size": SIZE}})
+    s = Samples(params, images, prompts, [], None, tmp_path / "clean", tmp_path, tmp_path)
+
+    out = distribution.score(s)
+
+    assert out["fd_pairing"] == "captions"
+    assert out["fd_samples"] == len(captions) // 2
+    # the samples are the second real half itself: exactly the floor
+    assert out["cmmd_clip"] == out["cmmd_clip_real_halves"]
+    assert out["fd_clip_ratio"] == 1.0
+    # what the first m samples (all red) scored against the same half
+    real_e = _colour_embeddings(tmp_path, images[: len(captions)])
+    first = distribution.distribution_metrics(real_e[: len(captions) // 2], real_e)
+    assert first["cmmd_clip"] > 10 * abs(out["cmmd_clip_real_halves"]) + 1
+    assert first["fd_clip_ratio"] > 5
+
+
+def test_samples_for_other_prompts_are_picked_evenly_across_the_list():
+    pick, how = distribution.paired(
+        [f"prompt {i}" for i in range(40)], [f"val caption {i}" for i in range(20)]
+    )
+    assert how == "spread"
+    assert len(pick) == 10 and pick[0] == 0 and pick[-1] == 39
+    assert all(b - a in (4, 5) for a, b in zip(pick[:-1], pick[1:], strict=True))
+
+
+def test_a_caption_used_twice_in_the_half_takes_two_samples():
+    pick, how = distribution.paired(["a", "b", "a", "b"], ["x", "a", "y", "a"])
+    assert (pick, how) == ([0, 2], "captions")
+    # one sample of "a" is not enough for two uses: the even spread, not a repeat
+    assert distribution.paired(["a", "b"], ["x", "a", "y", "a"])[1] == "spread"
