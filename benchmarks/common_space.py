@@ -2,21 +2,25 @@
 
 Usage (from the repository root, alone on the machine; ~40 minutes at tiny):
     .venv/bin/python benchmarks/common_space.py OLD_COMMIT [NEW_COMMIT] [--profile tiny]
-        [--out DIR] [--draws 5] [--ruler-steps N] [--ruler-seed 1]
+        [--out DIR] [--draws 5] [--ruler-steps N] [--ruler-seed 1] [--guidance 4]
+        [--ref 1024] [--extra PROJECT ...]
 
 FD and CMMD in Kiln are measured in the image space of the CLIP each run trained, so a
 run that trains a different CLIP moves the ruler as well as the samples: two runs'
 ``cmmd_clip`` cannot be compared. This trains both commits on the same collection
 (Twemoji from npm, as ``benchmarks/real_data.py``), then has each run's pipeline draw
-the same requests (the newer run's first distinct val captions, one seed each) and
+the same requests (every distinct val caption of the newer run, one seed each) and
 embeds both sample sets, and the same real val images, with each run's CLIP and with a
 fixed ruler (``kiln ruler``'s CLIP, trained here on the newer run's clean split with its
 own seed: neither run's). Each row of the printout is one ruler; within a row, the two
 sample sets are measured alike. ``--draws`` sample sets per run (seeds apart) give each
-figure a spread.
+figure a spread; a second table pools the draws and measures them against ``--ref``
+real training images, where the estimators' noise is several times smaller.
+``--guidance 1,2,4`` draws at each scale (classifier-free guidance trades diversity for
+fidelity, which is what these distances see).
 Each commit's tree is taken with ``git archive``, so it runs with its own code. The
-trained projects stay under ``OUT/work``; a second invocation with the same commits
-reuses them and only draws and measures.
+trained projects stay under ``OUT/work``, and the samples drawn under ``OUT/work/samples``;
+a second invocation with the same commits reuses them and only measures what is new.
 """
 
 from __future__ import annotations
@@ -87,28 +91,76 @@ def trained(work: Path, name: str, commit: str, profile: str, log: Path) -> Path
     return project
 
 
-def real_and_prompts(project: Path) -> tuple[list, list[str]]:
-    """The run's val images (centre squares, as evaluate scores them) and its distinct
-    val captions in file order."""
+def real_and_prompts(project: Path, split: str = "val", n: int = N_REAL) -> tuple[list, list[str]]:
+    """The run's first ``n`` images of ``split`` (centre squares, as evaluate scores them)
+    and their distinct captions in file order."""
     import itertools
 
     from training.engine.images import square
     from training.intake import shards
 
     params = config.load(project / "params.yaml")
-    paths = shards.shard_paths(project / "data/clean/val")
-    val = list(itertools.islice(shards.read(paths), N_REAL))
+    paths = shards.shard_paths(project / "data/clean" / split)
+    rows = list(itertools.islice(shards.read(paths), n))
     size = params.ingest.image_size
-    captions = list(dict.fromkeys(r.caption for r in val))
-    return [square(r.image(), size) for r in val], captions
+    captions = list(dict.fromkeys(r.caption for r in rows))
+    return [square(r.image(), size) for r in rows], captions
 
 
-def draw(project: Path, prompts: list[str], offset: int = 0) -> list:
+def real_captions(project: Path) -> list[str]:
+    """The captions of the val images ``real_and_prompts`` returns, in their order."""
+    import itertools
+
+    from training.intake import shards
+
+    paths = shards.shard_paths(project / "data/clean/val")
+    return [r.caption for r in itertools.islice(shards.read(paths), N_REAL)]
+
+
+def pooled(gen_e, ref_e, floor_e) -> dict:
+    """All of a run's draws at once against a large reference of real training images
+    (a seeded random pick): ``len(gen_e)`` samples, and the floor the same number of
+    other real training images, against the same reference. The per-draw figures
+    compare 61 samples with 61 val images, where the unbiased CMMD's noise is as large as
+    the gap being measured; pooling the draws and taking the reference from the train
+    split (the samples are no copies of it:
+    evaluate's memorisation check) shrinks it several-fold."""
+    from training.evaluation.metrics.distribution import cmmd, frechet_distance
+
+    n = min(len(gen_e), len(floor_e))
+    fd, fd_floor = frechet_distance(gen_e[:n], ref_e), frechet_distance(floor_e[:n], ref_e)
+    return {
+        "n": n,
+        "ref": len(ref_e),
+        "fd_clip": fd,
+        "fd_floor": fd_floor,
+        "fd_ratio": fd / fd_floor,
+        "cmmd_clip": cmmd(gen_e[:n], ref_e),
+        "cmmd_floor": cmmd(floor_e[:n], ref_e),
+    }
+
+
+def draw(project: Path, prompts: list[str], offset: int, guidance: float, cache: Path) -> list:
+    """One sample per prompt, seeds ``offset``, ``offset + 1``...; kept as PNGs in
+    ``cache`` (with the requests), so a second invocation measures without drawing."""
+    from PIL import Image
+
     from training.inference.sampling import Request, generate, load
 
+    key = {"prompts": prompts, "offset": offset, "guidance": guidance}
+    done = cache / "requests.json"
+    if done.is_file() and json.loads(done.read_text()) == key:
+        return [Image.open(cache / f"{i:05d}.png").convert("RGB") for i in range(len(prompts))]
     pipe = load(project / "data/eval/pipeline")
-    requests = [Request(prompt=p, seed=offset + i) for i, p in enumerate(prompts)]
-    return generate(pipe, requests)
+    requests = [
+        Request(prompt=p, seed=offset + i, guidance=guidance) for i, p in enumerate(prompts)
+    ]
+    images = generate(pipe, requests)
+    cache.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(cache / f"{i:05d}.png")
+    done.write_text(json.dumps(key))
+    return images
 
 
 def ruler(project: Path, work: Path, steps: int | None, seed: int) -> Path:
@@ -131,6 +183,8 @@ def ruler(project: Path, work: Path, steps: int | None, seed: int) -> Path:
 def main() -> None:
     import statistics
 
+    import numpy as np
+
     ap = argparse.ArgumentParser()
     ap.add_argument("old")
     ap.add_argument("new", nargs="?", default="HEAD")
@@ -139,6 +193,15 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=5, help="sample sets per run (seeds apart)")
     ap.add_argument("--ruler-steps", type=int, help="default: twice the profile's CLIP steps")
     ap.add_argument("--ruler-seed", type=int, default=1)
+    ap.add_argument(
+        "--guidance", type=lambda v: [float(g) for g in v.split(",")], default=[4.0],
+        help="comma-separated guidance scales to draw at (evaluate's default: 4)",
+    )  # fmt: skip
+    ap.add_argument("--ref", type=int, default=1024, help="train images in the pooled reference")
+    ap.add_argument(
+        "--extra", type=Path, action="append", default=[],
+        help="a project trained on the same collection (a variant: other params), measured too",
+    )  # fmt: skip
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     names = {  # full hashes: a project trained at an older HEAD is not this HEAD's
@@ -153,45 +216,93 @@ def main() -> None:
     for name, commit in names.items():
         projects[name] = trained(work, name, commit, args.profile, args.out / f"{name}.log")
     rulers = {name: p / "data/models/clip" for name, p in projects.items()}
+    for extra in args.extra:  # measured, not a ruler: its CLIP may be one of the above
+        projects[extra.name] = extra
+        names[extra.name] = str(extra)
     rulers["fixed"] = ruler(projects["new"], work, args.ruler_steps, args.ruler_seed)
 
+    from training.evaluation.metrics.clip_score import clip_scores
     from training.evaluation.metrics.distribution import (
         clip_image_embeddings,
         distribution_metrics,
+        paired,
     )
 
     real, captions = real_and_prompts(projects["new"])
-    prompts = (captions * (len(real) // 2 // len(captions) + 1))[: len(real) // 2]
-    samples = {
-        name: [draw(p, prompts, k * len(prompts)) for k in range(args.draws)]
+    prompts = captions  # every distinct val caption, as evaluate draws them
+    pick, _ = paired(prompts, real_captions(projects["new"]))  # the other half's captions
+    n_pool = args.draws * len(prompts)
+    # the train split in a seeded random order: shards keep the collection's (by category)
+    train_imgs, _ = real_and_prompts(projects["new"], "train", 10**9)
+    order = np.random.default_rng(0).permutation(len(train_imgs))
+    if len(train_imgs) < args.ref + n_pool:
+        sys.exit(f"{len(train_imgs)} train images: --ref {args.ref} + {n_pool} pooled needs more")
+    ref_imgs = [train_imgs[i] for i in order[: args.ref]]
+    floor_imgs = [train_imgs[i] for i in order[args.ref : args.ref + n_pool]]
+    samples = {  # (run, guidance) -> draws
+        (name, g): [
+            draw(p, prompts, k * len(prompts), g, work / "samples" / f"{name}-g{g:g}-{k}")
+            for k in range(args.draws)
+        ]
         for name, p in projects.items()
+        for g in args.guidance
     }
     rows = []
     for r, clip in rulers.items():
         real_e = clip_image_embeddings(clip, real)
-        for name, sets in samples.items():
-            per_draw = [distribution_metrics(clip_image_embeddings(clip, s), real_e) for s in sets]
-            row = {"clip": r, "samples": name, "draws": per_draw}
+        real_clip = float(clip_scores(clip, real_captions(projects["new"]), real).mean())
+        ref_e = clip_image_embeddings(clip, ref_imgs)
+        floor_e = clip_image_embeddings(clip, floor_imgs)
+        for (name, g), sets in samples.items():
+            embs = [clip_image_embeddings(clip, s) for s in sets]
+            per_draw = [distribution_metrics(e[pick], real_e) for e in embs]
+            row = {"clip": r, "samples": name, "guidance": g, "draws": per_draw}
             for k in ("fd_clip", "fd_clip_real_halves", "fd_clip_ratio", "cmmd_clip",
                       "cmmd_clip_real_halves"):  # fmt: skip
                 vals = [d[k] for d in per_draw]
                 row[k] = statistics.mean(vals)
                 row[f"{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row["pooled"] = pooled(np.concatenate(embs), ref_e, floor_e)
+            # prompt fidelity, what lower guidance gives up: the ruler's CLIP score over
+            # all draws, beside the real val images' with their own captions
+            row["pooled"]["clip_score"] = float(
+                np.mean([clip_scores(clip, prompts, s).mean() for s in sets])
+            )
+            row["pooled"]["clip_score_real"] = real_clip
             rows.append(row)
     (args.out / "common_space.json").write_text(json.dumps(rows, indent=1))
     label = {**names, "fixed": f"ruler, seed {args.ruler_seed}, {rulers['fixed'].name}"}
     print(
-        f"{len(prompts)} requests x {args.draws} draws ({len(captions)} distinct val "
-        f"captions), {len(real)} real val images; mean ± sd over the draws"
+        f"Per draw (as evaluate measures): of {len(prompts)} requests (the distinct val "
+        f"captions, one seed each), the {len(pick)} for the second real half's captions "
+        f"against the first half of {len(real)} real val images; mean ± sd over "
+        f"{args.draws} draws"
     )
-    print("| CLIP (ruler) | samples of | fd_clip | floor | fd / floor | cmmd_clip | cmmd floor |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| CLIP (ruler) | samples of | guidance | fd_clip | floor | fd / floor | cmmd_clip "
+          "| cmmd floor |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['clip']} ({label[r['clip']]}) | {r['samples']} ({names[r['samples']]}) | "
-            f"{r['fd_clip']:.3f} ± {r['fd_clip_sd']:.3f} | {r['fd_clip_real_halves']:.3f} | "
+            f"{r['guidance']:g} | {r['fd_clip']:.3f} ± {r['fd_clip_sd']:.3f} | "
+            f"{r['fd_clip_real_halves']:.3f} | "
             f"{r['fd_clip_ratio']:.2f} ± {r['fd_clip_ratio_sd']:.2f} | "
             f"{r['cmmd_clip']:.3f} ± {r['cmmd_clip_sd']:.3f} | {r['cmmd_clip_real_halves']:.3f} |"
+        )
+    print(
+        f"\nPooled: the {n_pool} samples of all draws against {args.ref} real train images; "
+        f"the floor is {n_pool} other real train images against the same reference"
+    )
+    print("| CLIP (ruler) | samples of | guidance | fd_clip | floor | fd / floor | cmmd_clip "
+          "| cmmd floor | clip score (real) |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        q = r["pooled"]
+        print(
+            f"| {r['clip']} ({label[r['clip']]}) | {r['samples']} ({names[r['samples']]}) | "
+            f"{r['guidance']:g} | {q['fd_clip']:.3f} | {q['fd_floor']:.3f} | "
+            f"{q['fd_ratio']:.2f} | {q['cmmd_clip']:.3f} | {q['cmmd_floor']:.3f} | "
+            f"{q['clip_score']:.3f} ({q['clip_score_real']:.3f}) |"
         )
 
 
