@@ -2,7 +2,7 @@
 
 Input: a DataFrame with a ``prompt`` column and optional ``seed``, ``steps``,
 ``guidance``, ``negative_prompt``, ``width``, ``height`` columns (missing or null ->
-defaults: seed = row index, 20 steps, guidance 4.0, no negative prompt, the trained
+defaults: seed = row index, 20 steps, guidance 2.0, no negative prompt, the trained
 size; ``sampling.Geometry`` says which sizes a model draws).
 Output: a DataFrame with ``prompt``, ``seed`` and ``image``: the PNG bytes, base64
 encoded (``PIL.Image.open(io.BytesIO(base64.b64decode(s)))`` reads it back).

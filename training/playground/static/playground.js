@@ -264,7 +264,7 @@ async function init() {
   }
   const d = config.defaults || {};
   $("steps").value = d.steps ?? 20;
-  $("guidance").value = d.guidance ?? 4;
+  $("guidance").value = d.guidance ?? 2;
   $("negative").value = d.negative ?? "";
   $("count").max = config.max_images;
   $("random-seed").onclick = () => { $("seed").value = Math.floor(Math.random() * 2 ** 31); };
