@@ -88,3 +88,14 @@ def test_a_caption_used_twice_in_the_half_takes_two_samples():
     assert (pick, how) == ([0, 2], "captions")
     # one sample of "a" is not enough for two uses: the even spread, not a repeat
     assert distribution.paired(["a", "b"], ["x", "a", "y", "a"])[1] == "spread"
+
+
+def test_a_val_split_of_one_image_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(distribution, "clip_image_embeddings", _colour_embeddings)
+    captions, colours = _val_in_category_order(tmp_path / "clean", n=1)
+    params = config.resolve({"ingest": {"dataset": "folder", "source": "x", "image_size": SIZE}})
+    images = [_picture(colours[0])] * 2
+    s = Samples(params, images, captions * 2, [], None, tmp_path / "clean", tmp_path, tmp_path)
+    out = distribution.score(s)  # no second half to pair with: nothing to embed
+    assert out["fd_clip_skipped"].startswith("needs >= 2 val images per half")
+    assert "have 1 val images" in out["fd_clip_skipped"]
