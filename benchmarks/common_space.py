@@ -2,7 +2,7 @@
 
 Usage (from the repository root, alone on the machine; ~40 minutes at tiny):
     .venv/bin/python benchmarks/common_space.py OLD_COMMIT [NEW_COMMIT] [--profile tiny]
-        [--out DIR] [--draws 5] [--ruler-steps N] [--ruler-seed 1] [--guidance 4]
+        [--out DIR] [--draws 5] [--ruler-steps N] [--ruler-seed 1] [--guidance 2]
         [--ref 1024] [--extra PROJECT ...]
 
 FD and CMMD in Kiln are measured in the image space of the CLIP each run trained, so a
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import REPO, kiln  # noqa: E402
 from tests.realkit import emoji_folder  # noqa: E402
 from training import config  # noqa: E402
+from training.sections import SAMPLER  # noqa: E402
 
 N_REAL = 512  # real val images, as evaluate's distribution metrics take at most
 
@@ -147,7 +148,9 @@ def draw(project: Path, prompts: list[str], offset: int, guidance: float, cache:
 
     from training.inference.sampling import Request, generate, load
 
-    key = {"prompts": prompts, "offset": offset, "guidance": guidance}
+    trained = project / "trained.json"  # a retrained project's samples are not reused
+    commit = json.loads(trained.read_text())["commit"] if trained.is_file() else None
+    key = {"prompts": prompts, "offset": offset, "guidance": guidance, "commit": commit}
     done = cache / "requests.json"
     if done.is_file() and json.loads(done.read_text()) == key:
         return [Image.open(cache / f"{i:05d}.png").convert("RGB") for i in range(len(prompts))]
@@ -194,8 +197,8 @@ def main() -> None:
     ap.add_argument("--ruler-steps", type=int, help="default: twice the profile's CLIP steps")
     ap.add_argument("--ruler-seed", type=int, default=1)
     ap.add_argument(
-        "--guidance", type=lambda v: [float(g) for g in v.split(",")], default=[4.0],
-        help="comma-separated guidance scales to draw at (evaluate's default: 4)",
+        "--guidance", type=lambda v: [float(g) for g in v.split(",")], default=[SAMPLER.guidance],
+        help=f"comma-separated scales to draw at (evaluate's default: {SAMPLER.guidance:g})",
     )  # fmt: skip
     ap.add_argument("--ref", type=int, default=1024, help="train images in the pooled reference")
     ap.add_argument(
@@ -230,7 +233,8 @@ def main() -> None:
 
     real, captions = real_and_prompts(projects["new"])
     prompts = captions  # every distinct val caption, as evaluate draws them
-    pick, _ = paired(prompts, real_captions(projects["new"]))  # the other half's captions
+    pick, how = paired(prompts, real_captions(projects["new"]))  # the other half's captions
+    print(f"samples paired with the second real half by {how}", flush=True)
     n_pool = args.draws * len(prompts)
     # the train split in a seeded random order: shards keep the collection's (by category)
     train_imgs, _ = real_and_prompts(projects["new"], "train", 10**9)

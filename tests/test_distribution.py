@@ -99,3 +99,18 @@ def test_a_val_split_of_one_image_is_skipped_with_its_reason(tmp_path, monkeypat
     out = distribution.score(s)  # no second half to pair with: nothing to embed
     assert out["fd_clip_skipped"].startswith("needs >= 2 val images per half")
     assert "have 1 val images" in out["fd_clip_skipped"]
+
+
+def test_a_prompt_cap_keeps_the_captions_the_distances_compare(tmp_path):
+    from training.evaluation.evaluate import prompt_set
+
+    captions, _ = _val_in_category_order(tmp_path / "clean", n=12)
+    params = config.resolve(
+        {"ingest": {"dataset": "folder", "source": "x"}, "evaluate": {"max_prompts": 6}}
+    )
+    prompts = [p.prompt for p in prompt_set(params, tmp_path / "clean")]
+    assert prompts == captions[1::2]  # not the first six: all red
+    pick, how = distribution.paired([p for _ in range(2) for p in prompts], captions)
+    assert how == "captions" and pick == list(range(6))
+    uncapped = config.resolve({"ingest": {"dataset": "folder", "source": "x"}})
+    assert sorted(p.prompt for p in prompt_set(uncapped, tmp_path / "clean")) == sorted(captions)

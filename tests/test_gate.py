@@ -183,3 +183,25 @@ def test_a_distance_recorded_with_another_ruler_is_not_compared(registry):
     registry.set_model_version_tag("m", first, "metric.ruler", "models:/kiln-ruler/1")
     gate = promote("m", _version(registry, "x", 0), ruled, "fd_clip_ratio", 0.0)
     assert gate["gate_decision"] == "champion" and gate["gate_champion_source"] == "recorded"
+
+
+def test_a_distance_recorded_before_the_caption_pairing_is_not_compared(registry):
+    """Before 2026-12-04 evaluate compared the first samples with the real val half,
+    whatever their captions: a champion's number recorded then (no ``fd_pairing``) is
+    inflated, and a new version must not win against it by that alone."""
+    from training.tracking.gate import promote
+
+    first = _version(registry, "fd_clip_ratio", 1.9)
+    promote("m", first, {"fd_clip_ratio": 1.9}, "fd_clip_ratio", 0.0)
+    now = {"fd_clip_ratio": 1.2, "fd_pairing": "captions"}
+    gate = promote("m", _version(registry, "fd_clip_ratio", 1.2), now, "fd_clip_ratio", 0.0)
+    assert gate["gate_decision"] == "challenger"
+    assert gate["gate_champion_source"] == "recorded with another pairing"
+    assert (
+        "compared the first samples with the real val half, this one captions"
+        in (gate["gate_incomparable"])
+    )
+    # recorded with the same pairing: compared as before
+    registry.set_model_version_tag("m", first, "metric.fd_pairing", "captions")
+    gate = promote("m", _version(registry, "x", 0), now, "fd_clip_ratio", 0.0)
+    assert gate["gate_decision"] == "champion" and gate["gate_champion_source"] == "recorded"

@@ -26,7 +26,7 @@ SHORT = {  # a few minutes on 2 cores: this checks the reports, not the quality
     "train_clip.steps": 60,
     "train_unet.steps": 120,
     "train_unet.preview_every": 60,
-    "evaluate.max_prompts": 16,
+    "evaluate.max_prompts": 24,  # covers the second val half's captions (paired)
     "evaluate.sweep_prompts": 0,
     "validate.val_fraction": 0.1,
 }

@@ -26,7 +26,7 @@ class SamplerDefaults:
     steps: int = 20
     # 2, not 4 (2026-12-04, benchmarks/RESULTS.md "Real data: guidance"): on tiny shapes
     # acc_all 0.934 vs 0.917, on Twemoji (fixed ruler) CMMD 0.096 vs 0.312 and FD 0.042 vs
-    # 0.080 at the same CLIP score; 1.5 is closer still on Twemoji, a point lower on shapes
+    # 0.080 at the same CLIP score; 1.5 is closer still on Twemoji, ~3 points lower on shapes
     guidance: float = 2.0
     negative_prompt: str = ""
 

@@ -22,14 +22,19 @@ from training.config import Params
 
 
 def prompt_set(params: Params, clean_dir: Path) -> list:
+    from training.evaluation.metrics import distribution
     from training.intake import builtin, shards
 
     ds = params.oracle()
     if ds:  # a built-in set, or an export of one (evaluate.oracle)
         prompts = builtin.eval_prompts(ds)
     else:  # user data: distinct captions of the validation split
-        caps = dict.fromkeys(r.caption for r in shards.read(shards.shard_paths(clean_dir / "val")))
-        prompts = [builtin.EvalPrompt(c, {}) for c in caps]
+        caps = [r.caption for r in shards.read(shards.shard_paths(clean_dir / "val"))]
+        # those FD and CMMD compare first (the second real half's, metrics/distribution.py
+        # ``paired``), so that an evaluate.max_prompts cap keeps them rather than the
+        # first captions in the collection's order, which is often by category
+        first = caps[: distribution.LIMIT][1::2]
+        prompts = [builtin.EvalPrompt(c, {}) for c in dict.fromkeys(first + caps)]
     if params.evaluate.max_prompts:
         prompts = prompts[: params.evaluate.max_prompts]
     return prompts

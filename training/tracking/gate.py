@@ -58,6 +58,7 @@ def promote(
             old = float(tag) if tag not in (None, "None") else None
             source = "recorded" if old is not None else None
             theirs, ours = champ.tags.get("metric.ruler"), metrics.get("ruler")
+            paired = champ.tags.get("metric.fd_pairing"), metrics.get("fd_pairing")
             if old is not None and metric in RULER_METRICS and theirs != ours:
                 # another ruler's number: not comparable, and not "no number" either
                 source = "recorded with another ruler"
@@ -65,6 +66,16 @@ def promote(
                     f"the champion v{champ.version} could not be re-scored, and its recorded "
                     f"{metric} was measured with {theirs or 'its own CLIP'}, this one with "
                     f"{ours or 'its own CLIP'}: promote by hand if it should serve"
+                )
+            elif old is not None and metric in RULER_METRICS and paired[0] != paired[1]:
+                # before 2026-12-04 the first samples were compared, whatever their
+                # captions (metrics/distribution.py, ``paired``): a number inflated by that
+                source = "recorded with another pairing"
+                incomparable = (
+                    f"the champion v{champ.version} could not be re-scored, and its recorded "
+                    f"{metric} compared {paired[0] or 'the first samples'} with the real val "
+                    f"half, this one {paired[1] or 'the first samples'}: promote by hand if "
+                    "it should serve"
                 )
     lower = metric in GATE_LOWER_IS_BETTER
     if incomparable and new is not None:  # measured, but nothing to compare it with
@@ -82,7 +93,8 @@ def promote(
         "gate_value": new,
         "gate_champion_value": old,
         "gate_champion_version": champ.version if champ is not None else None,
-        # rescored (in this run) | recorded | recorded with another ruler | None
+        # rescored (in this run) | recorded | recorded with another ruler | recorded
+        # with another pairing | None
         "gate_champion_source": source,
         "gate_decision": alias,
         "gate_direction": "lower" if lower else "higher",

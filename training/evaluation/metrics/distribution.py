@@ -130,7 +130,11 @@ def paired(prompts: list[str], real_captions: list[str]) -> tuple[list[int], str
     return sorted({round(x) for x in np.linspace(0, len(prompts) - 1, n)}), "spread"
 
 
-def score(s: Samples, limit: int = 512) -> dict:
+# Real val images the distances read at most (evaluate's prompt order follows it)
+LIMIT = 512
+
+
+def score(s: Samples, limit: int = LIMIT) -> dict:
     import itertools
 
     from training.engine.images import square
