@@ -174,7 +174,7 @@ def test_export_writes_a_controlnet_pipeline_that_draws_what_kiln_generate_draws
     picture = np.asarray(Image.open(_control_png(tmp_path / "c.png")))
     Image.fromarray(canny(picture, 100, 200)).save(edges)
     kiln(project, "generate", "a blue cross", "--control", str(edges), "--control-is-map",
-         "--seed", "5", "--steps", "6", "--model", "data/eval/pipeline",
+         "--seed", "5", "--steps", "6", "--guidance", "4", "--model", "data/eval/pipeline",
          "--out", str(tmp_path / "gen"))  # fmt: skip
     (png,) = (tmp_path / "gen").glob("*.png")
     out = py(

@@ -128,7 +128,8 @@ def test_export_loads_in_plain_diffusers_and_draws_what_kiln_generate_draws(dit,
     proc = kiln(project, "export", str(tmp_path / "sd3"))
     assert "exported StableDiffusion3Pipeline" in proc.stdout
     kiln(project, "generate", "a large red circle in the center", "--seed", "5",
-         "--steps", "6", "--scheduler", "euler", "--out", str(tmp_path / "gen"))  # fmt: skip
+         "--steps", "6", "--scheduler", "euler", "--guidance", "4",
+         "--out", str(tmp_path / "gen"))  # fmt: skip
     (png,) = (tmp_path / "gen").glob("*.png")
     out = py(
         project,
