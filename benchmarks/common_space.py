@@ -92,9 +92,9 @@ def trained(work: Path, name: str, commit: str, profile: str, log: Path) -> Path
     return project
 
 
-def real_and_prompts(project: Path, split: str = "val", n: int = N_REAL) -> tuple[list, list[str]]:
+def real_images(project: Path, split: str = "val", n: int = N_REAL) -> tuple[list, list[str]]:
     """The run's first ``n`` images of ``split`` (centre squares, as evaluate scores them)
-    and their distinct captions in file order."""
+    and the caption of each."""
     import itertools
 
     from training.engine.images import square
@@ -104,18 +104,7 @@ def real_and_prompts(project: Path, split: str = "val", n: int = N_REAL) -> tupl
     paths = shards.shard_paths(project / "data/clean" / split)
     rows = list(itertools.islice(shards.read(paths), n))
     size = params.ingest.image_size
-    captions = list(dict.fromkeys(r.caption for r in rows))
-    return [square(r.image(), size) for r in rows], captions
-
-
-def real_captions(project: Path) -> list[str]:
-    """The captions of the val images ``real_and_prompts`` returns, in their order."""
-    import itertools
-
-    from training.intake import shards
-
-    paths = shards.shard_paths(project / "data/clean/val")
-    return [r.caption for r in itertools.islice(shards.read(paths), N_REAL)]
+    return [square(r.image(), size) for r in rows], [r.caption for r in rows]
 
 
 def pooled(gen_e, ref_e, floor_e) -> dict:
@@ -231,13 +220,14 @@ def main() -> None:
         paired,
     )
 
-    real, captions = real_and_prompts(projects["new"])
+    real, real_caps = real_images(projects["new"])
+    captions = list(dict.fromkeys(real_caps))
     prompts = captions  # every distinct val caption, as evaluate draws them
-    pick, how = paired(prompts, real_captions(projects["new"]))  # the other half's captions
+    pick, how = paired(prompts, real_caps)  # the other half's captions
     print(f"samples paired with the second real half by {how}", flush=True)
     n_pool = args.draws * len(prompts)
     # the train split in a seeded random order: shards keep the collection's (by category)
-    train_imgs, _ = real_and_prompts(projects["new"], "train", 10**9)
+    train_imgs, _ = real_images(projects["new"], "train", 10**9)
     order = np.random.default_rng(0).permutation(len(train_imgs))
     if len(train_imgs) < args.ref + n_pool:
         sys.exit(f"{len(train_imgs)} train images: --ref {args.ref} + {n_pool} pooled needs more")
@@ -254,7 +244,7 @@ def main() -> None:
     rows = []
     for r, clip in rulers.items():
         real_e = clip_image_embeddings(clip, real)
-        real_clip = float(clip_scores(clip, real_captions(projects["new"]), real).mean())
+        real_clip = float(clip_scores(clip, real_caps, real).mean())
         ref_e = clip_image_embeddings(clip, ref_imgs)
         floor_e = clip_image_embeddings(clip, floor_imgs)
         for (name, g), sets in samples.items():

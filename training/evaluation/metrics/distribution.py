@@ -141,11 +141,11 @@ def score(s: Samples, limit: int = LIMIT) -> dict:
     from training.intake import shards
 
     val = list(itertools.islice(shards.read(shards.shard_paths(s.clean_dir / "val")), limit))
+    pick, how = paired(s.prompts, [r.caption for r in val])
+    if len(pick) < MIN_SAMPLES or len(val) < 2 * MIN_SAMPLES:  # skipped, with the reason
+        return distribution_metrics(np.empty((len(pick), 0)), np.empty((len(val), 0)))
     size = s.params.ingest.image_size  # bucketed images: their centre squares
     real = [square(r.image(), size) for r in val]
-    pick, how = paired(s.prompts, [r.caption for r in val])
-    if len(pick) < MIN_SAMPLES or len(real) < 2 * MIN_SAMPLES:  # skipped, with the reason
-        return distribution_metrics(np.empty((len(pick), 0)), np.empty((len(real), 0)))
     ruler = s.ruler_dir or s.clip_dir  # a fixed ruler where one is set (evaluation/ruler.py)
     gen_e = clip_image_embeddings(ruler, [s.images[i] for i in pick])
     real_e = clip_image_embeddings(ruler, real)
