@@ -1,7 +1,7 @@
 """The whole pipeline on a real collection: Twemoji clip art with free-text captions.
 
 Usage (from the repository root, alone on the machine):
-    .venv/bin/python benchmarks/real_data.py [--profile tiny] [--limit N] [--out DIR]
+    .venv/bin/python benchmarks/real_data.py [--profile tiny] [--limit N] [--out DIR] [--keep]
         [KEY=VALUE ...]
 
 Fetches the collection from npm (tests/realkit.py: 3,786 Twemoji at 64 px, captions from
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--limit", type=int, default=None, help="a seeded sample of N images")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the project in OUT/project")
     ap.add_argument("overrides", nargs="*", help="params.yaml KEY=VALUE (dotted keys)")
     args = ap.parse_args()
     updates = {}
@@ -61,9 +62,13 @@ def main() -> None:
         updates[key] = yaml.safe_load(value)
     out = args.out or Path("/tmp/kiln-real") / args.profile
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = emoji_folder(Path(tmp) / "emoji", limit=args.limit)
-        project = copy_project(Path(tmp) / "kiln")
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = out if args.keep else Path(scratch)
+        if args.keep:
+            for old in ("project", "emoji"):
+                shutil.rmtree(tmp / old, ignore_errors=True)
+        folder = emoji_folder(tmp / "emoji", limit=args.limit)
+        project = copy_project(tmp / ("project" if args.keep else "kiln"))
         if updates:
             config.set_values(project / "params.yaml", updates)
         t0 = time.perf_counter()

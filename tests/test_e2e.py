@@ -230,6 +230,9 @@ def test_report_has_sweep_trajectory_steps_table_and_distances(run):
         assert math.isfinite(m[k]), k
     assert m["fd_clip"] >= 0 and m["fd_clip_real_halves"] >= 0  # (unbiased CMMD can dip < 0)
     assert m["fd_pairing"] == "spread"  # shapes draws its own prompt list, not val captions
+    # a built-in set keeps evaluate.guidance (its oracle chose it) and ships it
+    assert m["guidance"] == 2.0 and m["guidance_source"].startswith("evaluate.guidance")
+    assert json.loads((ev / "pipeline" / "kiln_sampler.json").read_text())["guidance"] == 2.0
     rows = json.loads((ev / "steps_table.json").read_text())
     assert {(r["scheduler"], r["steps"]) for r in rows} == {
         (s, n) for s in ("ddpm", "ddim", "dpm++", "euler") for n in (5, 10, 20, 40)

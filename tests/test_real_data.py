@@ -140,6 +140,39 @@ def test_user_data_gates_on_fd_ratio(run):
     assert "gate: kiln-text2image v1 fd_clip_ratio=" in proc.stderr + proc.stdout
 
 
+def test_the_guidance_is_chosen_on_the_data_and_ships_with_the_model(run, tmp_path):
+    """evaluate samples the val captions at each candidate scale, adopts the one whose
+    samples are closest to training images, and the registered pipeline carries it:
+    ``kiln generate`` and the REST model default to it (evaluation/guidance.py)."""
+    from types import SimpleNamespace
+
+    from training.inference.text2image_model import Text2Image
+
+    project, _, proc = run
+    e = _metrics(project, "evaluate")
+    fds = {
+        g: e[f"guidance_{g:g}_fd_train"]
+        for g in config.load(project / "params.yaml").evaluate.guidance_candidates
+    }
+    assert len(fds) == 3 and e["guidance"] == min(fds, key=fds.get)
+    assert e["guidance_source"].startswith("chosen: the lowest FD to ")
+    assert f"guidance {e['guidance']:g} chosen" in proc.stdout + proc.stderr
+    assert "Guidance chosen for this model" in (project / "data/eval/report.html").read_text()
+    pipe_dir = project / "data" / "eval" / "pipeline"
+    assert json.loads((pipe_dir / "kiln_sampler.json").read_text())["guidance"] == e["guidance"]
+    # from the registry (the champion: v1, this run's), as a user calls it
+    out = tmp_path / "gen"
+    made = kiln(project, "generate", "a red heart", "--steps", "2", "--out", str(out))
+    line = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert line["guidance"] == e["guidance"] and "the model's" in made.stdout
+    asked = kiln(project, "generate", "a red heart", "--steps", "2", "--guidance", "4",
+                 "--out", str(tmp_path / "asked"))  # fmt: skip
+    assert "(guidance 4, as asked)" in asked.stdout
+    served = Text2Image()
+    served.load_context(SimpleNamespace(artifacts={"pipeline": str(pipe_dir)}))
+    assert served.defaults["guidance"] == e["guidance"]
+
+
 def test_a_fixed_ruler_measures_every_version_in_one_space(run):
     """``kiln ruler`` trains and registers a CLIP of its own; with ``evaluate.ruler``
     set, the evaluation measures fd_clip and cmmd_clip, for the new version and the

@@ -333,6 +333,11 @@ class EvaluateCfg(Section):
     sweep_prompts: int = Field(16, ge=0)
     sweep_steps: tuple[int, ...] = (5, 10, 20, 40)
     sweep_guidance: tuple[float, ...] = (1.0, 2.0, 4.0, 7.0)
+    # Data without an oracle: sample the val captions at each of these guidance scales
+    # and adopt the one whose samples are closest (FD) to training images, for this
+    # evaluation and as the registered pipeline's default (evaluation/guidance.py). Empty,
+    # or a built-in set (graded by its oracle): `guidance` as set.
+    guidance_candidates: tuple[Annotated[float, Field(ge=0.0)], ...] = (1.5, 2.0, 3.0)
     # memorisation (evaluation/metrics/memorisation.py): a sample within this RMS of a
     # training image is a copy; the first copy_search_samples images are searched
     copy_distance: float = Field(0.02, gt=0.0)

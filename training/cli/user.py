@@ -9,6 +9,7 @@ No stage imports this module (``training/cli/__init__.py`` routes a stage comman
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -146,8 +147,14 @@ def generate(
     n: Annotated[int, typer.Option("-n", min=1, max=1000, help="images per prompt")] = 1,
     steps: Annotated[int, typer.Option(min=1, max=1000, help="sampler steps")] = SAMPLER.steps,
     guidance: Annotated[
-        float, typer.Option(min=0.0, max=100.0, help="classifier-free guidance scale (1: off)")
-    ] = SAMPLER.guidance,
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=100.0,
+            help="classifier-free guidance scale (1: off); default: the model's, chosen by "
+            f"its evaluation (else {SAMPLER.guidance:g})",
+        ),
+    ] = None,
     negative: Annotated[str, typer.Option(help="negative prompt")] = SAMPLER.negative_prompt,
     seed: Annotated[
         int, typer.Option(min=0, help="seed of the first image; image k uses seed+k")
@@ -199,14 +206,18 @@ def generate(
             raise UserError(
                 f"unknown scheduler {scheduler!r} (choose {', '.join(sampling.SCHEDULERS)})"
             )
+        g = SAMPLER.guidance if guidance is None else guidance  # checked now, set below
         reqs = [  # the same checks as a REST request's rows
-            sampling.Request(p, seed + k, steps, guidance, negative, width, height)
+            sampling.Request(p, seed + k, steps, g, negative, width, height)
             for p in prompts
             for k in range(n)
         ]
         for r in reqs:
             sampling.check_request(r)
         pipe_dir, version = pipeline_dir(model)
+        if guidance is None:  # the scale this model's evaluation chose and scored
+            g = sampling.recommended(pipe_dir).guidance
+            reqs = [dataclasses.replace(r, guidance=g) for r in reqs]
         from training.engine.distributed import set_torch_threads
 
         set_torch_threads()
@@ -242,7 +253,8 @@ def generate(
                     "controlnet": controlnet,
                 }
             manifest.write(json.dumps(line) + "\n")
-    typer.echo(f"wrote {len(images)} images and manifest.jsonl to {out}")
+    how = "the model's" if guidance is None else "as asked"
+    typer.echo(f"wrote {len(images)} images and manifest.jsonl to {out} (guidance {g:g}, {how})")
 
 
 @app.command()

@@ -110,12 +110,23 @@ def run(
 
     prompts = prompt_set(params, clean_dir)
     E.write_json(out_dir / "prompts.json", [p.prompt for p in prompts])
+    metrics: dict = {}
+    tables: dict[str, str] = {}
+    guidance = _choose_guidance(
+        params, pipe, prompts, clean_dir, ruler[0] if ruler else clip_dir, clip_dir,
+        metrics, tables,
+    )  # fmt: skip
+    # the registered pipeline carries the scale it was evaluated at: its callers' default
+    E.write_json(
+        pipe_dir / sampling.SAMPLER_FILE,
+        {"guidance": guidance, "source": metrics["guidance_source"]},
+    )
     requests = [
         sampling.Request(
             p.prompt,
             seed=params.seed + 1000 * j + i,
             steps=c.steps,
-            guidance=c.guidance,
+            guidance=guidance,
             negative=c.negative_prompt,
         )
         for j in range(c.samples_per_prompt)
@@ -124,7 +135,7 @@ def run(
     truths = [p for _ in range(c.samples_per_prompt) for p in prompts]
     E.say(
         f"evaluate: {len(requests)} samples ({len(prompts)} prompts x "
-        f"{c.samples_per_prompt}), {c.scheduler} {c.steps} steps, guidance {c.guidance}"
+        f"{c.samples_per_prompt}), {c.scheduler} {c.steps} steps, guidance {guidance:g}"
     )
     import time
 
@@ -132,7 +143,7 @@ def run(
     images = sampling.generate(pipe, requests, batch_size=c.batch_size)
     gen_s = time.perf_counter() - t0
 
-    metrics: dict = {"samples": len(images), "images_per_s": len(images) / gen_s}
+    metrics.update({"samples": len(images), "images_per_s": len(images) / gen_s})
     oracle = O.for_dataset(params.oracle() or "", params.seed)
     samples = Samples(
         params=params,
@@ -161,7 +172,6 @@ def run(
             E.say(f"evaluate: {k.removesuffix('_skipped')} skipped: {why}")
 
     figures: dict[str, Path] = {}
-    tables: dict[str, str] = {}
     if oracle is None:  # user data: the prompts are val captions, each has a real image
         real = _real_by_caption(clean_dir, {p.prompt for p in prompts[:24]})
         tables["Val captions: the real image, then the samples from its caption"] = (
@@ -195,16 +205,16 @@ def run(
             + "; ".join(p.prompt for p in subset[:6])
         ] = sweep
         traj = out_dir / "trajectory.png"
-        X.trajectory(pipe, subset[0].prompt, params.seed, c.steps, c.guidance).save(traj)
+        X.trajectory(pipe, subset[0].prompt, params.seed, c.steps, guidance).save(traj)
         figures[
             f"Denoising trajectory of '{subset[0].prompt}' ({c.scheduler}, {c.steps} steps): "
             "top, the noisy latents after each step; bottom, the sampler's clean estimate"
         ] = traj
-        rows = X.steps_table(pipe, subset, c.sweep_steps, c.guidance, params.seed, oracle, clip_dir)
+        rows = X.steps_table(pipe, subset, c.sweep_steps, guidance, params.seed, oracle, clip_dir)
         E.write_json(out_dir / "steps_table.json", rows)
-        tables[
-            f"Steps vs quality per scheduler ({len(subset)} prompts, guidance {c.guidance:g})"
-        ] = X.table_html(rows)
+        tables[f"Steps vs quality per scheduler ({len(subset)} prompts, guidance {guidance:g})"] = (
+            X.table_html(rows)
+        )
         for path in (sweep, traj, out_dir / "steps_table.json"):
             log.log_image(path)
 
@@ -225,7 +235,7 @@ def run(
         log.log_image(champ_path)
         figures = {
             f"The champion (v{metrics['champion_version']}), re-scored in this run: the same "
-            "prompts and seeds": champ_path,
+            f"prompts and seeds, at its own guidance {metrics['champion_guidance']:g}": champ_path,
             **figures,
         }
     shipped = out_dir / P.SHIPPED_CONTROLNET
@@ -258,6 +268,7 @@ def run(
         for k, v in metrics.items()
         if k
         in (
+            "guidance",
             "acc_all",
             "acc_all_seen",
             "acc_all_held_out",
@@ -275,6 +286,59 @@ def run(
     return metrics
 
 
+def _choose_guidance(
+    params: Params, pipe, prompts: list, clean_dir: Path, ruler_dir: Path, clip_dir: Path,
+    metrics: dict, tables: dict,
+) -> float:  # fmt: skip
+    """The guidance this evaluation samples at and the pipeline ships with:
+    ``evaluate.guidance``, or for data without an oracle the best of
+    ``evaluate.guidance_candidates`` (``evaluation/guidance.py``). Fills ``metrics``
+    (``guidance``, ``guidance_source``, one FD and CLIP score per candidate) and the
+    report's table of the candidates."""
+    from training.evaluation import figures as X
+    from training.evaluation import guidance as G
+
+    c = params.evaluate
+    metrics["guidance"] = c.guidance
+    if params.oracle():
+        metrics["guidance_source"] = "evaluate.guidance (a built-in set: graded by its oracle)"
+        return c.guidance
+    if not c.guidance_candidates:
+        metrics["guidance_source"] = "evaluate.guidance (no guidance_candidates)"
+        return c.guidance
+    got = G.choose(
+        pipe, [p.prompt for p in prompts], c.guidance_candidates, clean_dir, ruler_dir,
+        clip_dir, params.ingest.image_size, c.steps, c.negative_prompt, params.seed,
+        c.batch_size,
+    )  # fmt: skip
+    if "skipped" in got:
+        metrics["guidance_choice_skipped"] = got["skipped"]
+        metrics["guidance_source"] = "evaluate.guidance (the choice was skipped)"
+        return c.guidance
+    for row in got["table"]:
+        metrics[f"guidance_{row['guidance']:g}_fd_train"] = row["fd_train"]
+        metrics[f"guidance_{row['guidance']:g}_clip_score"] = row["clip_score"]
+    metrics["guidance"] = got["guidance"]
+    metrics["guidance_source"] = (
+        f"chosen: the lowest FD to {got['reference']} training images among "
+        + ", ".join(f"{g:g}" for g in c.guidance_candidates)
+    )
+    E.say(f"evaluate: guidance {got['guidance']:g} chosen ({metrics['guidance_source']})")
+    tables[
+        f"Guidance chosen for this model: {got['guidance']:g} ({got['prompts']} val captions, "
+        f"one seed each, at each scale; FD to {got['reference']} training images, lower is "
+        "closer; CLIP score, higher follows the captions more)"
+    ] = X.table_html(
+        [
+            {"guidance": f"{r['guidance']:g}", "FD to training images": f"{r['fd_train']:.4f}",
+             "CLIP score": f"{r['clip_score']:.3f}",
+             "chosen": "yes" if r["guidance"] == got["guidance"] else ""}
+            for r in got["table"]
+        ]
+    )  # fmt: skip
+    return got["guidance"]
+
+
 # What the champion is re-scored on: the metrics of its samples (not the VAE's
 # reconstructions, which are this run's VAE's, nor the held-out loss on this run's latents)
 SAMPLE_METRICS = ("oracle_accuracy", "clip_score", "distribution", "memorisation")
@@ -282,8 +346,9 @@ SAMPLE_METRICS = ("oracle_accuracy", "clip_score", "distribution", "memorisation
 
 def champion_scores(samples, requests: list, batch_size: int) -> dict:
     """The registered ``@champion`` pipeline sampled and scored exactly as this run's
-    was: the same requests (prompts, seeds, steps, guidance), this run's sampler, the
-    same metric code, scoring CLIP and reference images. So the promotion gate compares
+    was: the same requests (prompts, seeds, steps), this run's sampler, the same metric
+    code, scoring CLIP and reference images; each pipeline at the guidance it is served
+    at (``sampling.recommended``: chosen by its own evaluation). So the promotion gate compares
     two numbers measured side by side, not this run's against one recorded under other
     prompts, another sampler or older code (``tracking/gate.py``, ``promote``).
     ``{"metrics": {"champion_version": N, "champion.<metric>": value, ...}, "images":
@@ -305,6 +370,10 @@ def champion_scores(samples, requests: list, batch_size: int) -> dict:
         root, _ = components.fetch(f"models:/{PIPELINE_MODEL}/{version}")
         pipe = sampling.load(root / "artifacts" / "pipeline")
         sampling.set_scheduler(pipe, c.scheduler)
+        # at the guidance it is served at (its evaluation chose it), as this run is
+        own = sampling.recommended(root / "artifacts" / "pipeline").guidance
+        out["champion_guidance"] = own
+        requests = [dataclasses.replace(r, guidance=own) for r in requests]
         images = sampling.generate(pipe, requests, batch_size=batch_size)
         theirs = dataclasses.replace(samples, images=images)
         for name in SAMPLE_METRICS:

@@ -2,8 +2,9 @@
 
 Input: a DataFrame with a ``prompt`` column and optional ``seed``, ``steps``,
 ``guidance``, ``negative_prompt``, ``width``, ``height`` columns (missing or null ->
-defaults: seed = row index, 20 steps, guidance 2.0, no negative prompt, the trained
-size; ``sampling.Geometry`` says which sizes a model draws).
+defaults: seed = row index, 20 steps, the guidance the version's evaluation chose
+(``sampling.recommended``; 2.0 for a version saved without one), no negative prompt, the
+trained size; ``sampling.Geometry`` says which sizes a model draws).
 Output: a DataFrame with ``prompt``, ``seed`` and ``image``: the PNG bytes, base64
 encoded (``PIL.Image.open(io.BytesIO(base64.b64decode(s)))`` reads it back).
 
@@ -127,12 +128,19 @@ def _whole(v: object) -> object:
 
 
 def parse_requests(
-    model_input: pd.DataFrame, max_rows: int, max_steps_total: int, geometry=None
+    model_input: pd.DataFrame,
+    max_rows: int,
+    max_steps_total: int,
+    geometry=None,
+    defaults: dict | None = None,
 ) -> list:
     """The ``sampling.Request`` of each row, or ``BadRequest`` naming the first problem
     (row number, field, allowed range). Nothing is computed before this passes.
     ``geometry`` (the model's ``sampling.Geometry``) checks the sizes and weighs each
-    row's steps by its area; without it every row counts as the trained size."""
+    row's steps by its area; without it every row counts as the trained size.
+    ``defaults``: what a row leaves out (the model's, ``Text2Image.defaults``; else
+    ``DEFAULTS``)."""
+    defaults = defaults or DEFAULTS
     from training.inference.sampling import Request, check_request
 
     if not isinstance(model_input, pd.DataFrame):
@@ -155,13 +163,13 @@ def parse_requests(
     requests = []
     for i in range(rows):
         prompt = cols["prompt"][i]
-        guidance = value("guidance", i, DEFAULTS["guidance"])
+        guidance = value("guidance", i, defaults["guidance"])
         r = Request(
             prompt="" if _missing(prompt) else prompt,
             seed=_whole(value("seed", i, i)),
-            steps=_whole(value("steps", i, DEFAULTS["steps"])),
+            steps=_whole(value("steps", i, defaults["steps"])),
             guidance=float(guidance) if isinstance(guidance, int | float) else guidance,
-            negative=value("negative_prompt", i, DEFAULTS["negative_prompt"]),
+            negative=value("negative_prompt", i, defaults["negative_prompt"]),
             width=_whole(value("width", i, None)),
             height=_whole(value("height", i, None)),
         )
@@ -236,7 +244,7 @@ def parse_controls(model_input: pd.DataFrame, sizes: list, detector: dict | None
 class Text2Image(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from training.env import offline_defaults
-        from training.inference.sampling import Geometry, load
+        from training.inference.sampling import Geometry, load, recommended
 
         offline_defaults()  # never reach for a hub; no library progress bars in serving
 
@@ -244,6 +252,8 @@ class Text2Image(mlflow.pyfunc.PythonModel):
         self.max_steps_total = _limit("KILN_SERVE_MAX_STEPS_TOTAL")
         self.turns = threading.BoundedSemaphore(_limit("KILN_SERVE_CONCURRENCY"))
         self.pipe = load(context.artifacts["pipeline"])
+        # a row without a guidance gets the scale this version's evaluation chose
+        self.defaults = DEFAULTS | {"guidance": recommended(context.artifacts["pipeline"]).guidance}
         self.geometry = Geometry.of(self.pipe)
         self.detector = self.control_pipe = None
         if context.artifacts.get("controlnet"):  # shipped by evaluate (control.ship)
@@ -258,7 +268,9 @@ class Text2Image(mlflow.pyfunc.PythonModel):
         # nobody reads the result. Unset (a notebook's predict): no deadline.
         timeout = os.environ.get(TIMEOUT_ENV)
         deadline = time.monotonic() + float(timeout) if timeout else None
-        requests = parse_requests(model_input, self.max_rows, self.max_steps_total, self.geometry)
+        requests = parse_requests(
+            model_input, self.max_rows, self.max_steps_total, self.geometry, self.defaults
+        )
         sizes = [self.geometry.size(r) for r in requests]
         controls = parse_controls(model_input, sizes, self.detector)
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())

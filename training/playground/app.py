@@ -95,12 +95,14 @@ def create_app(gallery: Path, allow_promote: bool = False, max_queue: int = 8) -
 
     @app.get("/api/model", response_model=None)
     def model(ref: str) -> dict[str, Any] | JSONResponse:
-        """What the page needs to offer a version's settings: its samplers and size."""
-        from training.inference.sampling import scheduler_names
+        """What the page needs to offer a version's settings: its samplers, size and
+        guidance."""
+        from training.inference.sampling import recommended, scheduler_names
 
         try:
             version = V.resolve_version(ref)
             folder = worker.pipeline_dir(version)
+            guidance = recommended(folder).guidance  # what its evaluation chose
         except Exception as exc:
             return _failure(exc)
         index = json.loads((folder / "model_index.json").read_text())
@@ -110,6 +112,7 @@ def create_app(gallery: Path, allow_promote: bool = False, max_queue: int = 8) -
             "pipeline": index["_class_name"],
             "backbone": "dit" if "transformer" in index else "unet2d",
             "schedulers": list(scheduler_names(sched)),
+            "guidance": guidance,
         }
 
     @app.post("/api/generate", response_model=None)

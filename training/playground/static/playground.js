@@ -5,6 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 let config = { allow_promote: false, max_images: 8, defaults: {} };
+let guidanceSet = false; // the user typed a guidance: model changes keep it
 let versions = [];
 
 function say(text, isError = false) {
@@ -101,6 +102,8 @@ async function loadSchedulers() {
     sel.innerHTML = "";
     for (const s of m.schedulers) sel.add(new Option(s, s));
     sel.value = m.schedulers.includes(keep) ? keep : m.schedulers[0];
+    // the scale this version's evaluation chose, until the user sets one
+    if (!guidanceSet && m.guidance != null) $("guidance").value = m.guidance;
   } catch (e) {
     say(e.message, true);
   }
@@ -265,6 +268,7 @@ async function init() {
   const d = config.defaults || {};
   $("steps").value = d.steps ?? 20;
   $("guidance").value = d.guidance ?? 2;
+  $("guidance").oninput = () => { guidanceSet = true; };
   $("negative").value = d.negative ?? "";
   $("count").max = config.max_images;
   $("random-seed").onclick = () => { $("seed").value = Math.floor(Math.random() * 2 ** 31); };

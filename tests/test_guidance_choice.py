@@ -1,0 +1,117 @@
+"""The guidance scale is chosen per model on its own data (evaluation/guidance.py) and the
+pipeline carries it to its callers (``sampling.recommended``).
+
+The end-to-end check (evaluate picks, ``kiln generate`` and the REST model default to
+the pick) is in test_real_data.py; these pin the rule and the file's handling with
+stand-ins for the sampler and the CLIP tower, which a unit test cannot train."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from training.config import SAMPLER
+from training.evaluation import guidance as G
+from training.evaluation.metrics import clip_score, distribution
+from training.inference import sampling
+from training.intake import shards
+
+SIZE = 16
+
+
+def _picture(rgb) -> Image.Image:
+    return Image.fromarray(np.full((SIZE, SIZE, 3), rgb, dtype=np.uint8))
+
+
+def _write(split_dir: Path, colours: list) -> None:
+    with shards.ShardWriter(split_dir, split_dir.name, 40) as w:
+        for i, rgb in enumerate(colours):
+            buf = io.BytesIO()
+            _picture(rgb).save(buf, format="PNG")
+            w.write(shards.Record(f"{i:06d}", buf.getvalue(), "png", f"thing {i}", {}))
+
+
+def _mean_colour(clip_dir: Path, images: list) -> np.ndarray:
+    """A stand-in image tower: each picture's mean colour."""
+    return np.stack([np.asarray(i, dtype=np.float64).mean((0, 1)) for i in images]) / 255
+
+
+def test_the_reference_is_a_seeded_pick_across_the_whole_train_split(tmp_path):
+    # in the collection's order: 120 reds, then 120 blues (the first 60 would be all red)
+    rng = np.random.default_rng(0)
+    colours = [
+        np.clip(base + rng.normal(0, 10, 3), 0, 255).astype(np.uint8)
+        for base in [np.array([200, 30, 30])] * 120 + [np.array([30, 30, 200])] * 120
+    ]
+    _write(tmp_path / "train", colours)
+    pick = G.reference_images(tmp_path, SIZE, n=60, seed=3)
+    reds = sum(np.asarray(p)[0, 0, 0] > 100 for p in pick)
+    assert len(pick) == 60 and 15 < reds < 45  # both halves, not the first 60
+    again = G.reference_images(tmp_path, SIZE, n=60, seed=3)
+    assert [p.tobytes() for p in again] == [p.tobytes() for p in pick]  # reproducible
+    assert len(G.reference_images(tmp_path, SIZE, n=1000)) == 240  # all there are
+
+
+def test_the_choice_is_the_candidate_closest_to_training_images_not_to_val(tmp_path, monkeypatch):
+    """Samples at guidance g are grey level 40*g: training images are grey 80 (g=2),
+    val images grey 120 (g=3). The pick must be 2: a choice made on the val images would
+    grade itself against what evaluate then reports on."""
+    rng = np.random.default_rng(0)
+
+    def grey(level: float) -> np.ndarray:  # a little colour noise: a full-rank covariance
+        return np.clip(level + rng.normal(0, 3, 3), 0, 255).astype(np.uint8)
+
+    _write(tmp_path / "train", [grey(80) for _ in range(40)])
+    _write(tmp_path / "val", [grey(120) for _ in range(20)])
+    seen: list[float] = []
+
+    def fake_generate(pipe, requests, batch_size=8, deadline=None, control=None):
+        seen.extend(r.guidance for r in requests)
+        return [_picture(grey(40 * r.guidance)) for r in requests]
+
+    monkeypatch.setattr(sampling, "generate", fake_generate)
+    monkeypatch.setattr(distribution, "clip_image_embeddings", _mean_colour)
+    monkeypatch.setattr(clip_score, "clip_scores", lambda d, p, i: np.full(len(i), 0.5))
+    caps = [f"caption {i}" for i in range(30)] * 2  # duplicates are sampled once
+    got = G.choose(None, caps, (1.5, 2.0, 3.0), tmp_path, tmp_path, tmp_path,
+                   SIZE, 4, "", 0, 8)  # fmt: skip
+    assert got["guidance"] == 2.0
+    assert [r["guidance"] for r in got["table"]] == [1.5, 2.0, 3.0]
+    assert got["prompts"] == 30 and got["reference"] == 40
+    assert seen == [1.5] * 30 + [2.0] * 30 + [3.0] * 30
+    fds = {r["guidance"]: r["fd_train"] for r in got["table"]}
+    assert fds[2.0] < fds[1.5] and fds[2.0] < fds[3.0]
+
+
+def test_too_little_to_measure_is_a_recorded_skip(tmp_path):
+    _write(tmp_path / "train", [np.full(3, 80, np.uint8)] * 5)
+    got = G.choose(None, ["only one caption"], (1.5, 2.0), tmp_path, tmp_path, tmp_path,
+                   SIZE, 4, "", 0, 8)  # fmt: skip
+    assert "needs >= 2 distinct val captions" in got["skipped"]
+
+
+def test_a_pipeline_carries_its_guidance_to_its_callers(tmp_path):
+    assert sampling.recommended(tmp_path) == SAMPLER  # saved before there was a choice
+    (tmp_path / sampling.SAMPLER_FILE).write_text(json.dumps({"guidance": 1.5}))
+    rec = sampling.recommended(tmp_path)
+    assert rec.guidance == 1.5 and rec.steps == SAMPLER.steps
+    for bad in ("{", '{"steps": 3}', '{"guidance": -1}', '{"guidance": true}'):
+        (tmp_path / sampling.SAMPLER_FILE).write_text(bad)
+        with pytest.raises(ValueError, match="kiln_sampler.json"):
+            sampling.recommended(tmp_path)
+
+
+def test_a_rest_row_without_guidance_gets_the_models(tmp_path):
+    from training.inference import text2image_model as T
+
+    rows = pd.DataFrame({"prompt": ["a", "b"], "guidance": [None, 4.0]})
+    mine = T.DEFAULTS | {"guidance": 1.5}
+    got = T.parse_requests(rows, 8, 1000, None, mine)
+    assert [r.guidance for r in got] == [1.5, 4.0]
+    assert T.parse_requests(rows, 8, 1000)[0].guidance == SAMPLER.guidance
