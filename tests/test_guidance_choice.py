@@ -1,5 +1,5 @@
 """The guidance scale is chosen per model on its own data (evaluation/guidance.py) and the
-pipeline carries it to its callers (``sampling.recommended``).
+pipeline carries it to its callers (``inference/defaults.py``).
 
 The end-to-end check (evaluate picks, ``kiln generate`` and the REST model default to
 the pick) is in test_real_data.py; these pin the rule and the file's handling with
@@ -19,7 +19,7 @@ from PIL import Image
 from training.config import SAMPLER
 from training.evaluation import guidance as G
 from training.evaluation.metrics import clip_score, distribution
-from training.inference import sampling
+from training.inference import defaults, sampling
 from training.intake import shards
 
 SIZE = 16
@@ -97,14 +97,14 @@ def test_too_little_to_measure_is_a_recorded_skip(tmp_path):
 
 
 def test_a_pipeline_carries_its_guidance_to_its_callers(tmp_path):
-    assert sampling.recommended(tmp_path) == SAMPLER  # saved before there was a choice
-    (tmp_path / sampling.SAMPLER_FILE).write_text(json.dumps({"guidance": 1.5}))
-    rec = sampling.recommended(tmp_path)
+    assert defaults.recommended(tmp_path) == SAMPLER  # saved before there was a choice
+    (tmp_path / defaults.SAMPLER_FILE).write_text(json.dumps({"guidance": 1.5}))
+    rec = defaults.recommended(tmp_path)
     assert rec.guidance == 1.5 and rec.steps == SAMPLER.steps
     for bad in ("{", '{"steps": 3}', '{"guidance": -1}', '{"guidance": true}'):
-        (tmp_path / sampling.SAMPLER_FILE).write_text(bad)
+        (tmp_path / defaults.SAMPLER_FILE).write_text(bad)
         with pytest.raises(ValueError, match="kiln_sampler.json"):
-            sampling.recommended(tmp_path)
+            defaults.recommended(tmp_path)
 
 
 def test_a_rest_row_without_guidance_gets_the_models(tmp_path):

@@ -200,7 +200,7 @@ def generate(
         if any(not p.strip() for p in prompts):
             raise UserError("a prompt is empty")
         _can_create(out)
-        from training.inference import sampling
+        from training.inference import defaults, sampling
 
         if scheduler not in sampling.SCHEDULERS:
             raise UserError(
@@ -216,7 +216,7 @@ def generate(
             sampling.check_request(r)
         pipe_dir, version = pipeline_dir(model)
         if guidance is None:  # the scale this model's evaluation chose and scored
-            g = sampling.recommended(pipe_dir).guidance
+            g = defaults.recommended(pipe_dir).guidance
             reqs = [dataclasses.replace(r, guidance=g) for r in reqs]
         from training.engine.distributed import set_torch_threads
 

@@ -88,9 +88,10 @@ def run(
     ships with the pipeline (``pipeline/`` beside ``controlnet/``): the registered
     model then takes control images, and the report shows its evaluation."""
     from training.engine.images import grid
+    from training.evaluation import guidance as G
     from training.evaluation import oracle as O
     from training.evaluation.metrics import Samples, score_all
-    from training.inference import sampling
+    from training.inference import defaults, sampling
 
     log = log or E.NullLogger()
     c = params.evaluate
@@ -112,13 +113,13 @@ def run(
     E.write_json(out_dir / "prompts.json", [p.prompt for p in prompts])
     metrics: dict = {}
     tables: dict[str, str] = {}
-    guidance = _choose_guidance(
+    guidance = G.adopt(
         params, pipe, prompts, clean_dir, ruler[0] if ruler else clip_dir, clip_dir,
         metrics, tables,
     )  # fmt: skip
     # the registered pipeline carries the scale it was evaluated at: its callers' default
     E.write_json(
-        pipe_dir / sampling.SAMPLER_FILE,
+        pipe_dir / defaults.SAMPLER_FILE,
         {"guidance": guidance, "source": metrics["guidance_source"]},
     )
     requests = [
@@ -286,59 +287,6 @@ def run(
     return metrics
 
 
-def _choose_guidance(
-    params: Params, pipe, prompts: list, clean_dir: Path, ruler_dir: Path, clip_dir: Path,
-    metrics: dict, tables: dict,
-) -> float:  # fmt: skip
-    """The guidance this evaluation samples at and the pipeline ships with:
-    ``evaluate.guidance``, or for data without an oracle the best of
-    ``evaluate.guidance_candidates`` (``evaluation/guidance.py``). Fills ``metrics``
-    (``guidance``, ``guidance_source``, one FD and CLIP score per candidate) and the
-    report's table of the candidates."""
-    from training.evaluation import figures as X
-    from training.evaluation import guidance as G
-
-    c = params.evaluate
-    metrics["guidance"] = c.guidance
-    if params.oracle():
-        metrics["guidance_source"] = "evaluate.guidance (a built-in set: graded by its oracle)"
-        return c.guidance
-    if not c.guidance_candidates:
-        metrics["guidance_source"] = "evaluate.guidance (no guidance_candidates)"
-        return c.guidance
-    got = G.choose(
-        pipe, [p.prompt for p in prompts], c.guidance_candidates, clean_dir, ruler_dir,
-        clip_dir, params.ingest.image_size, c.steps, c.negative_prompt, params.seed,
-        c.batch_size,
-    )  # fmt: skip
-    if "skipped" in got:
-        metrics["guidance_choice_skipped"] = got["skipped"]
-        metrics["guidance_source"] = "evaluate.guidance (the choice was skipped)"
-        return c.guidance
-    for row in got["table"]:
-        metrics[f"guidance_{row['guidance']:g}_fd_train"] = row["fd_train"]
-        metrics[f"guidance_{row['guidance']:g}_clip_score"] = row["clip_score"]
-    metrics["guidance"] = got["guidance"]
-    metrics["guidance_source"] = (
-        f"chosen: the lowest FD to {got['reference']} training images among "
-        + ", ".join(f"{g:g}" for g in c.guidance_candidates)
-    )
-    E.say(f"evaluate: guidance {got['guidance']:g} chosen ({metrics['guidance_source']})")
-    tables[
-        f"Guidance chosen for this model: {got['guidance']:g} ({got['prompts']} val captions, "
-        f"one seed each, at each scale; FD to {got['reference']} training images, lower is "
-        "closer; CLIP score, higher follows the captions more)"
-    ] = X.table_html(
-        [
-            {"guidance": f"{r['guidance']:g}", "FD to training images": f"{r['fd_train']:.4f}",
-             "CLIP score": f"{r['clip_score']:.3f}",
-             "chosen": "yes" if r["guidance"] == got["guidance"] else ""}
-            for r in got["table"]
-        ]
-    )  # fmt: skip
-    return got["guidance"]
-
-
 # What the champion is re-scored on: the metrics of its samples (not the VAE's
 # reconstructions, which are this run's VAE's, nor the held-out loss on this run's latents)
 SAMPLE_METRICS = ("oracle_accuracy", "clip_score", "distribution", "memorisation")
@@ -348,7 +296,7 @@ def champion_scores(samples, requests: list, batch_size: int) -> dict:
     """The registered ``@champion`` pipeline sampled and scored exactly as this run's
     was: the same requests (prompts, seeds, steps), this run's sampler, the same metric
     code, scoring CLIP and reference images; each pipeline at the guidance it is served
-    at (``sampling.recommended``: chosen by its own evaluation). So the promotion gate compares
+    at (``inference/defaults.py``: chosen by its own evaluation). So the promotion gate compares
     two numbers measured side by side, not this run's against one recorded under other
     prompts, another sampler or older code (``tracking/gate.py``, ``promote``).
     ``{"metrics": {"champion_version": N, "champion.<metric>": value, ...}, "images":
@@ -356,7 +304,7 @@ def champion_scores(samples, requests: list, batch_size: int) -> dict:
     import dataclasses
 
     from training.evaluation.metrics import METRICS
-    from training.inference import sampling
+    from training.inference import defaults, sampling
     from training.stages import PIPELINE_MODEL
     from training.tracking import components
 
@@ -371,7 +319,7 @@ def champion_scores(samples, requests: list, batch_size: int) -> dict:
         pipe = sampling.load(root / "artifacts" / "pipeline")
         sampling.set_scheduler(pipe, c.scheduler)
         # at the guidance it is served at (its evaluation chose it), as this run is
-        own = sampling.recommended(root / "artifacts" / "pipeline").guidance
+        own = defaults.recommended(root / "artifacts" / "pipeline").guidance
         out["champion_guidance"] = own
         requests = [dataclasses.replace(r, guidance=own) for r in requests]
         images = sampling.generate(pipe, requests, batch_size=batch_size)

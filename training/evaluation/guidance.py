@@ -6,7 +6,7 @@ shapes grade best near 2, while Twemoji's samples come closest to real pictures 
 and over-guide at 4 (benchmarks/RESULTS.md, "Real data: guidance"). One constant cannot
 serve both, so for data without an oracle ``evaluate`` measures each of
 ``evaluate.guidance_candidates`` and the pipeline it registers carries the winner
-(``sampling.SAMPLER_FILE``): ``kiln generate``, the REST model and the playground
+(``inference/defaults.py``): ``kiln generate``, the REST model and the playground
 default to it.
 
 The rule, and why:
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from training import engine as E
+from training.config import Params
 
 REFERENCE = 1024  # training images the candidates are measured against
 MAX_PROMPTS = 256  # distinct val captions sampled per candidate
@@ -103,3 +104,55 @@ def choose(
         "prompts": len(prompts),
         "reference": len(refs),
     }
+
+
+def adopt(
+    params: Params, pipe, prompts: list, clean_dir: Path, ruler_dir: Path, clip_dir: Path,
+    metrics: dict, tables: dict,
+) -> float:  # fmt: skip
+    """The guidance this evaluation samples at and the pipeline ships with:
+    ``evaluate.guidance``, or for data without an oracle the best of
+    ``evaluate.guidance_candidates`` (``choose``). Fills ``metrics``
+    (``guidance``, ``guidance_source``, one FD and CLIP score per candidate) and the
+    report's table of the candidates."""
+    from training.evaluation import figures as X
+
+    c = params.evaluate
+    metrics["guidance"] = c.guidance
+    if params.oracle():
+        metrics["guidance_source"] = "evaluate.guidance (a built-in set: graded by its oracle)"
+        return c.guidance
+    if not c.guidance_candidates:
+        metrics["guidance_source"] = "evaluate.guidance (no guidance_candidates)"
+        return c.guidance
+    got = choose(
+        pipe, [p.prompt for p in prompts], c.guidance_candidates, clean_dir, ruler_dir,
+        clip_dir, params.ingest.image_size, c.steps, c.negative_prompt, params.seed,
+        c.batch_size,
+    )  # fmt: skip
+    if "skipped" in got:
+        metrics["guidance_choice_skipped"] = got["skipped"]
+        metrics["guidance_source"] = "evaluate.guidance (the choice was skipped)"
+        return c.guidance
+    for row in got["table"]:
+        metrics[f"guidance_{row['guidance']:g}_fd_train"] = row["fd_train"]
+        metrics[f"guidance_{row['guidance']:g}_clip_score"] = row["clip_score"]
+    metrics["guidance"] = got["guidance"]
+    metrics["guidance_source"] = (
+        f"chosen: the lowest FD to {got['reference']} training images among "
+        + ", ".join(f"{g:g}" for g in c.guidance_candidates)
+    )
+    E.say(f"evaluate: guidance {got['guidance']:g} chosen ({metrics['guidance_source']})")
+    tables[
+        f"Guidance chosen for this model: {got['guidance']:g} ({got['prompts']} val captions, "
+        f"one seed each, at each scale; FD to {got['reference']} training images, lower is "
+        "closer; CLIP score, higher follows the captions more)"
+    ] = X.table_html(
+        [
+            {"guidance": f"{r['guidance']:g}", "FD to training images": f"{r['fd_train']:.4f}",
+             "CLIP score": f"{r['clip_score']:.3f}",
+             "chosen": "yes" if r["guidance"] == got["guidance"] else ""}
+            for r in got["table"]
+        ]
+    )  # fmt: skip
+    return got["guidance"]

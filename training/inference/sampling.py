@@ -41,7 +41,7 @@ from diffusers import (
 from PIL import Image
 
 from training import backbones
-from training.config import SAMPLER, SamplerDefaults
+from training.config import SAMPLER
 
 # samplers of a denoiser trained on a DDPM schedule, made from its config
 SCHEDULERS = {
@@ -155,30 +155,6 @@ def load(path: str | Path) -> DiffusionPipeline:
 
 def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
     pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
-
-
-# Written by evaluate into the pipeline it registers (evaluation/guidance.py): the
-# sampler settings chosen for this model, which callers that give none default to.
-SAMPLER_FILE = "kiln_sampler.json"
-
-
-def recommended(pipe_dir: str | Path) -> SamplerDefaults:
-    """``SAMPLER`` with what evaluate chose for the pipeline in ``pipe_dir`` (its
-    ``SAMPLER_FILE``; a pipeline saved before there was one keeps ``SAMPLER``). A file
-    that is there but unreadable is an error, not a silent fallback."""
-    import dataclasses
-    import json
-
-    path = Path(pipe_dir) / SAMPLER_FILE
-    if not path.is_file():
-        return SAMPLER
-    try:
-        g = json.loads(path.read_text())["guidance"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a Kiln sampler file ({exc})") from None
-    if isinstance(g, bool) or not isinstance(g, int | float) or not math.isfinite(g) or g < 0:
-        raise ValueError(f"{path}: guidance must be a finite number >= 0, got {g!r}")
-    return dataclasses.replace(SAMPLER, guidance=float(g))
 
 
 @dataclass(frozen=True)

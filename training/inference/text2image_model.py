@@ -3,7 +3,7 @@
 Input: a DataFrame with a ``prompt`` column and optional ``seed``, ``steps``,
 ``guidance``, ``negative_prompt``, ``width``, ``height`` columns (missing or null ->
 defaults: seed = row index, 20 steps, the guidance the version's evaluation chose
-(``sampling.recommended``; 2.0 for a version saved without one), no negative prompt, the
+(``inference/defaults.py``; 2.0 for a version saved without one), no negative prompt, the
 trained size; ``sampling.Geometry`` says which sizes a model draws).
 Output: a DataFrame with ``prompt``, ``seed`` and ``image``: the PNG bytes, base64
 encoded (``PIL.Image.open(io.BytesIO(base64.b64decode(s)))`` reads it back).
@@ -244,7 +244,8 @@ def parse_controls(model_input: pd.DataFrame, sizes: list, detector: dict | None
 class Text2Image(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from training.env import offline_defaults
-        from training.inference.sampling import Geometry, load, recommended
+        from training.inference.defaults import recommended
+        from training.inference.sampling import Geometry, load
 
         offline_defaults()  # never reach for a hub; no library progress bars in serving
 

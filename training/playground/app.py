@@ -97,7 +97,8 @@ def create_app(gallery: Path, allow_promote: bool = False, max_queue: int = 8) -
     def model(ref: str) -> dict[str, Any] | JSONResponse:
         """What the page needs to offer a version's settings: its samplers, size and
         guidance."""
-        from training.inference.sampling import recommended, scheduler_names
+        from training.inference.defaults import recommended
+        from training.inference.sampling import scheduler_names
 
         try:
             version = V.resolve_version(ref)
