@@ -106,6 +106,7 @@ def summarize(params: dict, versions: dict[str, str]) -> tuple[str, str]:
             "acc_position",
             "acc_digit",
             "clip_score",
+            "guidance",  # the scale the model was evaluated at and is served at
             "vae_psnr",
             "ceiling_acc_all_vae_recon",
             "images_per_s",

@@ -115,3 +115,50 @@ def test_a_rest_row_without_guidance_gets_the_models(tmp_path):
     got = T.parse_requests(rows, 8, 1000, None, mine)
     assert [r.guidance for r in got] == [1.5, 4.0]
     assert T.parse_requests(rows, 8, 1000)[0].guidance == SAMPLER.guidance
+
+
+def test_no_finite_distance_is_a_recorded_skip_not_a_pick(tmp_path, monkeypatch):
+    _write(tmp_path / "train", [np.full(3, 80 + i, np.uint8) for i in range(8)])
+    monkeypatch.setattr(
+        sampling, "generate", lambda pipe, reqs, **kw: [_picture(np.full(3, 90)) for _ in reqs]
+    )
+    monkeypatch.setattr(distribution, "clip_image_embeddings", _mean_colour)
+    monkeypatch.setattr(distribution, "frechet_distance", lambda a, b: float("nan"))
+    monkeypatch.setattr(clip_score, "clip_scores", lambda d, p, i: np.full(len(i), 0.5))
+    got = G.choose(None, ["a", "b", "c"], (1.5, 2.0), tmp_path, tmp_path, tmp_path,
+                   SIZE, 4, "", 0, 8)  # fmt: skip
+    assert got == {"skipped": "no candidate has a finite FD to the training images"}
+
+
+def test_what_keeps_evaluate_guidance_samples_nothing():
+    from training import config
+
+    def adopt(overrides: dict) -> tuple[float, dict]:
+        params = config.resolve(overrides)
+        metrics: dict = {}
+        # pipe=None: any sampling would fail here
+        return G.adopt(params, None, [], Path("."), Path("."), Path("."), metrics, {}), metrics
+
+    g, m = adopt({"ingest": {"dataset": "shapes"}})  # a built-in set: its oracle chose 2
+    assert g == SAMPLER.guidance and m["guidance_source"].startswith("evaluate.guidance")
+    folder = {"ingest": {"dataset": "folder", "source": "x"}}
+    g, m = adopt({**folder, "evaluate": {"guidance": 3.0, "guidance_candidates": []}})
+    assert g == 3.0 and "no guidance_candidates" in m["guidance_source"]
+    g, m = adopt({**folder, "evaluate": {"guidance_candidates": [2.5]}})
+    assert g == m["guidance"] == 2.5
+
+
+def test_candidates_are_distinct_finite_scales():
+    from training import config
+
+    for bad in ([1.5, 1.5], [float("inf")], [101.0], [-1.0]):
+        with pytest.raises(config.ConfigError):
+            config.resolve({"evaluate": {"guidance_candidates": bad}})
+
+
+def test_a_playground_job_without_guidance_samples_each_version_at_its_own():
+    from training.playground.jobs import Settings
+
+    assert [r.guidance for r in Settings(prompt="p", n=2).requests(own=1.5)] == [1.5, 1.5]
+    assert Settings(prompt="p", guidance=4.0).requests(own=1.5)[0].guidance == 4.0
+    Settings(prompt="p").check()  # checked at the default scale before it is queued

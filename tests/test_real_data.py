@@ -16,7 +16,7 @@ import pytest
 
 from training import config
 
-from .conftest import copy_project, kiln
+from .conftest import copy_project, kiln, py
 from .realkit import emoji_folder
 
 pytestmark = pytest.mark.e2e
@@ -168,9 +168,26 @@ def test_the_guidance_is_chosen_on_the_data_and_ships_with_the_model(run, tmp_pa
     asked = kiln(project, "generate", "a red heart", "--steps", "2", "--guidance", "4",
                  "--out", str(tmp_path / "asked"))  # fmt: skip
     assert "(guidance 4, as asked)" in asked.stdout
-    served = Text2Image()
-    served.load_context(SimpleNamespace(artifacts={"pipeline": str(pipe_dir)}))
-    assert served.defaults["guidance"] == e["guidance"]
+    # the REST model, loaded from the registry as `mlflow models serve` loads it
+    served = py(project, """
+import mlflow
+from training import tracking
+tracking.setup()
+m = mlflow.pyfunc.load_model("models:/kiln-text2image@champion")
+print("guidance", m.unwrap_python_model().defaults["guidance"])
+""")  # fmt: skip
+    assert f"guidance {e['guidance']}" in served
+    # an export keeps the file; a scale no candidate had proves it is the one read
+    kiln(project, "export", str(tmp_path / "sd"))
+    shipped = tmp_path / "sd" / "kiln_sampler.json"
+    assert json.loads(shipped.read_text())["guidance"] == e["guidance"]
+    shipped.write_text(json.dumps({"guidance": 3.7}))
+    kiln(project, "generate", "a red heart", "--steps", "2", "--model", str(tmp_path / "sd"),
+         "--out", str(tmp_path / "own"))  # fmt: skip
+    assert json.loads((tmp_path / "own/manifest.jsonl").read_text())["guidance"] == 3.7
+    mine = Text2Image()
+    mine.load_context(SimpleNamespace(artifacts={"pipeline": str(tmp_path / "sd")}))
+    assert mine.defaults["guidance"] == 3.7
 
 
 def test_a_fixed_ruler_measures_every_version_in_one_space(run):
@@ -200,6 +217,7 @@ def test_a_fixed_ruler_measures_every_version_in_one_space(run):
     # the champion (v1) was re-scored on the same requests with the same ruler: the
     # same real images in the same space give the very same floor
     assert e["champion_version"] == 1
+    assert e["champion_guidance"] == own["guidance"]  # v1 sampled at its own chosen scale
     assert e["champion.fd_clip_real_halves"] == pytest.approx(e["fd_clip_real_halves"])
     assert e["fd_clip_ratio"] == pytest.approx(e["fd_clip"] / e["fd_clip_real_halves"])
     assert (

@@ -337,7 +337,9 @@ class EvaluateCfg(Section):
     # and adopt the one whose samples are closest (FD) to training images, for this
     # evaluation and as the registered pipeline's default (evaluation/guidance.py). Empty,
     # or a built-in set (graded by its oracle): `guidance` as set.
-    guidance_candidates: tuple[Annotated[float, Field(ge=0.0)], ...] = (1.5, 2.0, 3.0)
+    guidance_candidates: tuple[
+        Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)], ...
+    ] = (1.5, 2.0, 3.0)
     # memorisation (evaluation/metrics/memorisation.py): a sample within this RMS of a
     # training image is a copy; the first copy_search_samples images are searched
     copy_distance: float = Field(0.02, gt=0.0)
@@ -354,3 +356,10 @@ class EvaluateCfg(Section):
     # CLIPModel and tokenizer) puts every run on a collection in one space
     # (training/evaluation/ruler.py; README, "A fixed ruler")
     ruler: str | None = None
+
+    @model_validator(mode="after")
+    def _distinct_candidates(self) -> EvaluateCfg:
+        c = self.guidance_candidates
+        if len(set(c)) != len(c):
+            raise ValueError(f"guidance_candidates lists a scale twice: {list(c)}")
+        return self

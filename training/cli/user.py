@@ -290,6 +290,12 @@ def export(
     except UserError as exc:
         fail(str(exc))
     pipe.save_pretrained(out, safe_serialization=True)
+    from training.inference.defaults import SAMPLER_FILE
+
+    if (pipe_dir / SAMPLER_FILE).is_file():  # diffusers ignores it; Kiln's callers read it
+        import shutil
+
+        shutil.copy2(pipe_dir / SAMPLER_FILE, out / SAMPLER_FILE)
     typer.echo(f"exported {type(pipe).__name__} to {out}")
 
 

@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from training import engine as E
 from training.config import Params
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 REFERENCE = 1024  # training images the candidates are measured against
 MAX_PROMPTS = 256  # distinct val captions sampled per candidate
@@ -54,7 +58,7 @@ def reference_images(clean_dir: Path, size: int, n: int = REFERENCE, seed: int =
 
 
 def choose(
-    pipe,
+    pipe: DiffusionPipeline,
     captions: list[str],
     candidates: tuple[float, ...],
     clean_dir: Path,
@@ -97,7 +101,10 @@ def choose(
         table.append({"guidance": float(g), "fd_train": fd, "clip_score": clip})
         E.say(f"evaluate: guidance {g:g}: FD to {len(refs)} training images {fd:.4f}, "
               f"CLIP score {clip:.3f} ({len(prompts)} val captions)")  # fmt: skip
-    best = min(table, key=lambda row: row["fd_train"])
+    finite = [row for row in table if np.isfinite(row["fd_train"])]
+    if not finite:  # e.g. a degenerate covariance: no figure to choose by
+        return {"skipped": "no candidate has a finite FD to the training images"}
+    best = min(finite, key=lambda row: row["fd_train"])  # a tie: the earlier candidate
     return {
         "guidance": best["guidance"],
         "table": table,
@@ -107,8 +114,8 @@ def choose(
 
 
 def adopt(
-    params: Params, pipe, prompts: list, clean_dir: Path, ruler_dir: Path, clip_dir: Path,
-    metrics: dict, tables: dict,
+    params: Params, pipe: DiffusionPipeline, prompts: list, clean_dir: Path,
+    ruler_dir: Path, clip_dir: Path, metrics: dict[str, Any], tables: dict[str, str],
 ) -> float:  # fmt: skip
     """The guidance this evaluation samples at and the pipeline ships with:
     ``evaluate.guidance``, or for data without an oracle the best of
@@ -125,6 +132,10 @@ def adopt(
     if not c.guidance_candidates:
         metrics["guidance_source"] = "evaluate.guidance (no guidance_candidates)"
         return c.guidance
+    if len(c.guidance_candidates) == 1:  # nothing to choose between: no sampling for it
+        metrics["guidance"] = c.guidance_candidates[0]
+        metrics["guidance_source"] = "evaluate.guidance_candidates (the only one)"
+        return c.guidance_candidates[0]
     got = choose(
         pipe, [p.prompt for p in prompts], c.guidance_candidates, clean_dir, ruler_dir,
         clip_dir, params.ingest.image_size, c.steps, c.negative_prompt, params.seed,

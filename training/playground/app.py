@@ -60,7 +60,8 @@ def _settings(body: dict[str, Any]) -> Settings:
         if not isinstance(v, kind) or isinstance(v, bool):
             raise ValueError(f"{key} must be {KIND_NAMES[kind]}, got {v!r}")
         values[key] = v
-    return Settings(**values)  # what the body leaves out: SAMPLER's defaults
+    # what the body leaves out: SAMPLER's defaults; guidance: each version's own
+    return Settings(**values)
 
 
 def create_app(gallery: Path, allow_promote: bool = False, max_queue: int = 8) -> FastAPI:

@@ -40,17 +40,19 @@ class Settings:
     negative: str = SAMPLER.negative_prompt
     seed: int = 0
     steps: int = SAMPLER.steps
-    guidance: float = SAMPLER.guidance
+    # None: each version at its own scale, the one its evaluation chose (a comparison
+    # then shows both as they are served); the page sends one once the user sets it
+    guidance: float | None = None
     scheduler: str = SAMPLER.scheduler
     n: int = 1
 
-    def requests(self) -> list:
+    def requests(self, own: float = SAMPLER.guidance) -> list:
+        """The job's requests for a version whose own guidance is ``own``."""
         from training.inference.sampling import Request
 
-        return [
-            Request(self.prompt, self.seed + k, self.steps, self.guidance, self.negative)
-            for k in range(self.n)
-        ]
+        g = own if self.guidance is None else self.guidance
+        return [Request(self.prompt, self.seed + k, self.steps, g, self.negative)
+                for k in range(self.n)]  # fmt: skip
 
     def check(self) -> None:
         """``ValueError`` naming the field, before anything is queued."""
@@ -175,14 +177,17 @@ class Worker:
             return self.dirs[version]
 
     def _pipeline(self, version: str):
-        """The loaded pipeline of ``name/version`` and its scheduler config as saved."""
+        """The loaded pipeline of ``name/version``, its scheduler config as saved and
+        its own guidance."""
         if version in self.pipes:
             self.pipes.move_to_end(version)
             return self.pipes[version]
         from training.inference import sampling
+        from training.inference.defaults import recommended
 
-        pipe = sampling.load(self.pipeline_dir(version))
-        entry = (pipe, dict(pipe.scheduler.config))
+        folder = self.pipeline_dir(version)
+        pipe = sampling.load(folder)
+        entry = (pipe, dict(pipe.scheduler.config), recommended(folder).guidance)
         self.pipes[version] = entry
         while len(self.pipes) > KEEP_PIPELINES:
             self.pipes.popitem(last=False)
@@ -192,20 +197,20 @@ class Worker:
         from training.inference import sampling
 
         s = job.settings
-        reqs = s.requests()
         loaded = []
         for version in job.versions:
-            pipe, saved = self._pipeline(version)
+            pipe, saved, own = self._pipeline(version)
             # from the saved config each time, as `kiln generate` does after a fresh load
             # (a scheduler made from another sampler's config is not the same sampler)
             pipe.scheduler = sampling.make_scheduler(s.scheduler, saved)
-            loaded.append(pipe)
+            reqs = s.requests(own)
+            loaded.append((pipe, reqs))
             job.total_steps += sampling.total_steps(pipe, reqs)
 
         def advance(k: int) -> None:
             job.done_steps += k
 
-        for side, (model, version, pipe) in enumerate(
+        for side, (model, version, (pipe, reqs)) in enumerate(
             zip(job.models, job.versions, loaded, strict=True)
         ):
             images = sampling.generate(pipe, reqs, progress=advance)
@@ -213,7 +218,7 @@ class Worker:
             for k, (r, img) in enumerate(zip(reqs, images, strict=True)):
                 name = f"{job.id}-{side}-{k}-{sampling.slug(r.prompt, 32)}-{r.seed}.png"
                 img.save(self.images / name)
-                files.append({"file": f"images/{name}", "seed": r.seed})
+                files.append({"file": f"images/{name}", "seed": r.seed, "guidance": r.guidance})
                 self._record(job, side, model, version, r, img, name)
             note = _truncation_note(pipe, s)
             job.results.append({"model": model, "version": version, "images": files, "note": note})

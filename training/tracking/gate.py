@@ -28,7 +28,8 @@ def promote(
 
     The champion's number is the one this run's evaluation measured for it
     (``champion.<metric>``: its samples on the same prompts, seeds, sampler and metric
-    code, ``evaluation/evaluate.py``) when it re-scored this very champion; else the
+    code, each version at the guidance it is served at, ``evaluation/evaluate.py``) when
+    it re-scored this very champion; else the
     number recorded when the champion was registered (``gate_champion_source`` says
     which: a recorded number may have been measured under other prompts or code)."""
     from mlflow import MlflowClient

@@ -5,7 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 let config = { allow_promote: false, max_images: 8, defaults: {} };
-let guidanceSet = false; // the user typed a guidance: model changes keep it
+let guidanceSet = false; // the user typed a guidance: sent, and model changes keep it
 let versions = [];
 
 function say(text, isError = false) {
@@ -143,7 +143,8 @@ function settings() {
     seed: number("seed", (s) => (/^\d+$/.test(s) ? Number(s) : NaN)),
     n: number("count", (s) => (/^\d+$/.test(s) ? Number(s) : NaN)),
     steps: number("steps", (s) => (/^\d+$/.test(s) ? Number(s) : NaN)),
-    guidance: number("guidance", Number),
+    // until the user sets one: null, so each version samples at its own chosen scale
+    guidance: guidanceSet ? number("guidance", Number) : null,
     scheduler: $("scheduler").value,
   };
 }
@@ -230,7 +231,7 @@ function show(job) {
     grid.className = "grid";
     for (const im of r.images) {
       grid.append(figure(im.file,
-        `seed ${im.seed} · ${s.steps} steps · guidance ${s.guidance} · ${s.scheduler}`));
+        `seed ${im.seed} · ${s.steps} steps · guidance ${im.guidance ?? s.guidance} · ${s.scheduler}`));
     }
     side.append(grid);
     out.append(side);
@@ -267,7 +268,7 @@ async function init() {
   }
   const d = config.defaults || {};
   $("steps").value = d.steps ?? 20;
-  $("guidance").value = d.guidance ?? 2;
+  $("guidance").value = d.guidance ?? ""; // the chosen version's own, once loaded
   $("guidance").oninput = () => { guidanceSet = true; };
   $("negative").value = d.negative ?? "";
   $("count").max = config.max_images;
