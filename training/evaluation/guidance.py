@@ -82,12 +82,11 @@ def choose(
     from training.inference import sampling
 
     prompts = list(dict.fromkeys(captions))[:MAX_PROMPTS]
+    if len(prompts) < MIN_SAMPLES:  # checked before the pass over the training split
+        return {"skipped": f"needs >= {MIN_SAMPLES} distinct val captions, have {len(prompts)}"}
     refs = reference_images(clean_dir, size, seed=seed)
-    if len(prompts) < MIN_SAMPLES or len(refs) < MIN_SAMPLES:
-        return {
-            "skipped": f"needs >= {MIN_SAMPLES} distinct val captions and training images, "
-            f"have {len(prompts)} and {len(refs)}"
-        }
+    if len(refs) < MIN_SAMPLES:
+        return {"skipped": f"needs >= {MIN_SAMPLES} training images, have {len(refs)}"}
     ref_e = clip_image_embeddings(ruler_dir, refs)
     table = []
     for g in candidates:
