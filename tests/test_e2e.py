@@ -477,6 +477,7 @@ print(json.dumps({"champion": champ.version, "challenger": chall.version, "tags"
 
 
 DP_STEPS = {"train_vae": 20, "train_clip": 20, "train_unet": 30}
+DP_VAE_STOP = 10  # the VAE's early stop, checked at step 10 against a target any VAE meets
 # Stated tolerance: N processes average the same global-batch gradient as one process;
 # only float summation order differs (measured: the curves agree to 5 decimals).
 DP_REL_TOL = 1e-3
@@ -484,7 +485,8 @@ DP_REL_TOL = 1e-3
 
 def test_data_parallel_training_matches_one_process(run, tmp_path):
     """Every training stage under torchrun with 2 CPU processes (gloo) follows the
-    1-process loss curve at the same global batch."""
+    1-process loss curve at the same global batch, and the VAE's early stop, decided
+    from val PSNR on each rank, ends both ranks at the same step."""
 
     project, _ = run
     curves: dict[int, dict[str, list[float]]] = {}
@@ -496,6 +498,8 @@ def test_data_parallel_training_matches_one_process(run, tmp_path):
                 **{f"{s}.steps": n for s, n in DP_STEPS.items()},
                 **{f"{s}.log_every": 5 for s in DP_STEPS},
                 "train_unet.preview_every": 1000,
+                "train_vae.check_every": DP_VAE_STOP,
+                "train_vae.target_psnr": 1.0,
             },
         )
         curves[nproc] = {}
@@ -505,7 +509,9 @@ def test_data_parallel_training_matches_one_process(run, tmp_path):
             if nproc == 2:
                 assert "2 data-parallel processes" in proc.stderr
             curves[nproc][stage] = stage_losses(copy, stage)
-    for stage, steps in DP_STEPS.items():
+        vae = json.loads((copy / "data" / "metrics" / "train_vae.json").read_text())
+        assert vae["steps_trained"] == DP_VAE_STOP and vae["val_psnr"] >= 1.0
+    for stage, steps in {**DP_STEPS, "train_vae": DP_VAE_STOP}.items():
         one, two = curves[1][stage], curves[2][stage]
         assert len(one) == len(two) == steps // 5
         worst = max(abs(a - b) / abs(a) for a, b in zip(one, two, strict=True))

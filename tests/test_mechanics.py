@@ -58,6 +58,50 @@ def test_resume_is_bitwise_identical(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_stop_ends_training_early_and_a_resume_stops_at_the_same_step(tmp_path):
+    """``stop`` (e.g. the VAE's val-PSNR target) ends a run at a check step, never at the
+    last; a run interrupted before that point, resumed, ends at the same step with the
+    same weights, and a finished early-stopped run asked again trains nothing."""
+    asked: list[int] = []
+
+    def stop_at_6(step):
+        asked.append(step)
+        return step >= 6
+
+    full, fn = _setup(tmp_path / "a")  # 12 steps, checkpoints every 4
+    summary = full.fit(fn, every=3, stop=stop_at_6)
+    assert asked == [3, 6] and summary["steps_trained"] == 6
+    # 6 is no checkpoint step: the stop saves one there for a resume to find
+    assert (tmp_path / "a" / "ck" / "step-00000006" / "COMPLETE").is_file()
+
+    part, fn2 = _setup(tmp_path / "b")
+
+    def interrupted(step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return fn2(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        part.fit(interrupted, every=3, stop=stop_at_6)
+    resumed, fn3 = _setup(tmp_path / "b")
+    summary = resumed.fit(fn3, every=3, stop=stop_at_6)
+    assert (summary["resumed_from_step"], summary["steps_trained"]) == (4, 6)
+    uninterrupted, resumed_ = full.model.state_dict(), resumed.model.state_dict()
+    weights = zip(uninterrupted.values(), resumed_.values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in weights)
+
+    def no_training(step):
+        raise AssertionError(f"step {step} trained again")
+
+    again, _ = _setup(tmp_path / "a")
+    summary = again.fit(no_training, every=3, stop=stop_at_6)
+    assert (summary["resumed_from_step"], summary["steps_trained"]) == (6, 6)
+
+    last, fn4 = _setup(tmp_path / "c", steps=6)  # a stop due at the last step is not asked
+    asked.clear()
+    assert last.fit(fn4, every=3, stop=stop_at_6)["steps_trained"] == 6 and asked == [3]
+
+
 def test_keeps_last_two_complete_checkpoints(tmp_path):
     trainer, fn = _setup(tmp_path)
     trainer.fit(fn)

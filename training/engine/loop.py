@@ -64,9 +64,16 @@ class Trainer:
         step_fn: Callable[[int], tuple[torch.Tensor, StepMetrics]],
         every: int = 0,
         on_every: Callable[[int], None] | None = None,
+        stop: Callable[[int], bool] | None = None,
     ) -> dict:
         """Train to ``cfg.steps``; ``on_every(step)`` runs after every ``every`` steps and
-        after the last one (previews). It must not touch the global RNG or the weights."""
+        after the last one (previews). It must not touch the global RNG or the weights.
+
+        ``stop(step)``, asked at the same points before the last step, ends training
+        early when it returns True (a validation target reached). It must depend on the
+        weights alone and agree on every rank: a run resumed at a checkpoint where it
+        would have stopped asks again, stops there, and so ends where an uninterrupted
+        run does."""
         from tqdm.auto import tqdm
 
         start = self.checkpoints.restore(self.model, self.optimizer, self.ema)
@@ -83,6 +90,13 @@ class Trainer:
             file=sys.stderr,
         )
         t0, seen, last = time.perf_counter(), 0, {}
+        end = self.cfg.steps
+
+        def stops_at(step: int) -> bool:
+            return bool(stop and every and step % every == 0 and step < end and stop(step))
+
+        if start and stops_at(start):  # resumed where the interrupted run had stopped
+            end = start
         # The NaN/Inf guard records the first bad step on the device and is read only at
         # log, checkpoint and preview steps: reading it every step would make the CPU wait
         # for the GPU each step. A diverged run still stops with the exact step, before
@@ -98,7 +112,7 @@ class Trainer:
                     "(lower the learning rate or check the data). Nothing was registered."
                 )
 
-        for step in range(start, self.cfg.steps):
+        for step in range(start, end):
             lr = cosine_lr(step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.steps)
             for group in self.optimizer.param_groups:  # "lr_scale": e.g. a discriminator
                 group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -143,6 +157,11 @@ class Trainer:
                 torch.distributed.barrier()  # no rank runs ahead of the newest checkpoint
             if main and on_every and preview:
                 on_every(step + 1)
+            if stops_at(step + 1):
+                if main and not checkpoint:  # a resume must find the step it stopped at
+                    self.checkpoints.save(step + 1, self.model, self.optimizer, self.ema)
+                end = step + 1
+                break
         bar.close()
         if self.ema is not None:
             self.ema.copy_to(self.model)
@@ -153,6 +172,7 @@ class Trainer:
             "samples_per_s": seen / max(elapsed, 1e-9),
             "final_loss": last.get("loss", float("nan")),
             "resumed_from_step": start,
+            "steps_trained": end,
         }
 
 

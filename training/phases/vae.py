@@ -173,7 +173,23 @@ def _train(params, batches, val, out_dir: Path, ckpt_dir: Path, log: E.MetricLog
             metrics.update(gan_g=g_loss.detach(), gan_d=d_loss.detach())
         return loss, metrics
 
-    summary = {**trainer.fit(step_fn), **batches.stats()}
+    def reached(step: int) -> bool:
+        """Early stop: val PSNR at or above ``target_psnr``. Every rank measures the same
+        weights; the mean makes their decision one."""
+        score = float(E.all_mean(torch.tensor(val_psnr(model, val, params), device=dev)))
+        if E.is_main():
+            log.log_metrics({"train_vae/val_psnr": score}, step)
+        return c.target_psnr is not None and score >= c.target_psnr
+
+    summary = {
+        **trainer.fit(step_fn, every=c.check_every, stop=reached),
+        **batches.stats(),
+    }
+    if summary["steps_trained"] < c.steps:
+        E.say(
+            f"train_vae: val PSNR reached target_psnr {c.target_psnr} dB at step "
+            f"{summary['steps_trained']} of {c.steps}; stopped there"
+        )
     if not E.is_main():  # data parallel: rank 0 measures and saves
         return summary
 
@@ -207,20 +223,37 @@ def _chunk(size: int) -> int:
     return max(1, 256 * 32 * 32 // (size * size))
 
 
-def measure(model: AutoencoderKL, val, params: Params, out_dir: Path, log) -> dict:
-    """Val PSNR and SSIM of ``model``'s reconstructions (posterior means) on the first
-    ``val_samples`` val images, and a grid of the first 16 in ``out_dir``."""
+def _reconstructions(model: AutoencoderKL, val, params: Params):
+    """(images, reconstructions from posterior means) of the first ``val_samples`` val
+    images, a chunk at a time, on the CPU and clamped to the images' range."""
     dev = next(model.parameters()).device
-    psnrs, ssim_sum, seen, first = [], 0.0, 0, None
     with torch.no_grad():
         for b in val.scan(_chunk(params.ingest.image_size), params.train_vae.val_samples):
             x = to_tensor(b["x"])
-            recon = model(x.to(dev), sample_posterior=False).sample.cpu().clamp(-1, 1)
-            psnrs.append(psnr(recon, x))
-            ssim_sum += ssim(recon, x) * len(x)
-            seen += len(x)
-            if first is None:
-                first = (x[:16], recon[:16])
+            yield x, model(x.to(dev), sample_posterior=False).sample.cpu().clamp(-1, 1)
+
+
+def val_psnr(model: AutoencoderKL, val, params: Params) -> float:
+    """Mean val PSNR, as ``measure`` reports it (the early-stop check)."""
+    was_training = model.training
+    model.eval()
+    try:
+        scores = [psnr(recon, x) for x, recon in _reconstructions(model, val, params)]
+        return float(np.mean(np.concatenate(scores)))
+    finally:
+        model.train(was_training)
+
+
+def measure(model: AutoencoderKL, val, params: Params, out_dir: Path, log) -> dict:
+    """Val PSNR and SSIM of ``model``'s reconstructions (posterior means) on the first
+    ``val_samples`` val images, and a grid of the first 16 in ``out_dir``."""
+    psnrs, ssim_sum, seen, first = [], 0.0, 0, None
+    for x, recon in _reconstructions(model, val, params):
+        psnrs.append(psnr(recon, x))
+        ssim_sum += ssim(recon, x) * len(x)
+        seen += len(x)
+        if first is None:
+            first = (x[:16], recon[:16])
     grid = out_dir / "reconstructions.png"
     save_grid(torch.cat(first), grid, nrow=len(first[0]))
     log.log_image(grid)
