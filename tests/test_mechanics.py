@@ -102,6 +102,49 @@ def test_stop_ends_training_early_and_a_resume_stops_at_the_same_step(tmp_path):
     assert last.fit(fn4, every=3, stop=stop_at_6)["steps_trained"] == 6 and asked == [3]
 
 
+def test_a_resumed_run_asks_stop_again_of_its_restored_weights(tmp_path):
+    """A stop that reads the weights (as the VAE's val PSNR does): resumed at a check
+    step where the first run went on, it goes on again, and stops where an
+    uninterrupted run stops, with the same weights."""
+    probe = torch.randn(16, 4)
+
+    def score(trainer):
+        with torch.no_grad():
+            return float(((trainer.model(probe) - probe.sum(1, keepdim=True)) ** 2).mean())
+
+    reference, fn = _setup(tmp_path / "ref")  # 12 steps; checks at 4 and 8
+    seen: dict[int, float] = {}
+    reference.fit(fn, every=4, stop=lambda step: seen.setdefault(step, score(reference)) < 0)
+    assert seen[8] < seen[4]  # it is learning; stop once the probe loss is at 8's
+    target = seen[8]
+
+    full, fn = _setup(tmp_path / "a")
+    assert full.fit(fn, every=4, stop=lambda step: score(full) <= target)["steps_trained"] == 8
+
+    part, fn2 = _setup(tmp_path / "b")
+
+    def interrupted(step):
+        if step == 5:  # checkpoint 4 on disk, where the check said: go on
+            raise KeyboardInterrupt
+        return fn2(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        part.fit(interrupted, every=4, stop=lambda step: score(part) <= target)
+    resumed, fn3 = _setup(tmp_path / "b")
+    asked: list[int] = []
+
+    def stop(step):
+        asked.append(step)
+        return score(resumed) <= target
+
+    summary = resumed.fit(fn3, every=4, stop=stop)
+    assert asked == [4, 8] and (summary["resumed_from_step"], summary["steps_trained"]) == (4, 8)
+    for a, b in zip(
+        full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
 def test_keeps_last_two_complete_checkpoints(tmp_path):
     trainer, fn = _setup(tmp_path)
     trainer.fit(fn)

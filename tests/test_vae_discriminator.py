@@ -87,3 +87,27 @@ def test_adversarial_losses_send_each_gradient_to_its_own_network():
     _, d_loss = vae.adversarial_losses(disc, real, fake)
     d_loss.backward()
     assert fake.grad is None and all(p.grad is not None for p in disc.parameters())
+
+
+def test_the_vae_stops_at_target_psnr_but_never_with_a_discriminator(tmp_path: Path):
+    """A target any VAE meets stops training at the first check; with a discriminator
+    the target is not a criterion (its term trades PSNR for texture), so every step
+    runs, and val PSNR is still logged at each check."""
+    clean = _clean(tmp_path)
+    base = {
+        "steps": 8,
+        "batch_size": 8,
+        "warmup_steps": 0,
+        "checkpoint_every": 4,
+        "check_every": 2,
+        "target_psnr": 1.0,
+    }
+    for disc, trained, checks in ((False, 2, [2]), (True, 8, [2, 4, 6])):
+        train_vae = {**base, "discriminator": disc, "disc_channels": 16, "disc_layers": 2}
+        params = config.resolve({"train_vae": train_vae})
+        rec = Recorder()
+        out = vae.run(params, clean, tmp_path / f"vae{disc}", tmp_path / f"ck{disc}", rec)
+        assert out["steps_trained"] == trained, disc
+        logged = sorted(s for s, m in rec.metrics.items() if "train_vae/val_psnr" in m)
+        assert logged == checks, disc
+        assert (tmp_path / f"ck{disc}" / f"step-{trained:08d}" / "COMPLETE").is_file()

@@ -150,7 +150,7 @@ class VaeCfg(Section):
     # stay flat however large the split)
     val_samples: int = Field(2048, ge=1)
     # Early stop: every check_every steps val PSNR is measured (and logged); training
-    # ends once it reaches target_psnr dB. None: always all the steps.
+    # ends once it reaches target_psnr dB. None, or a discriminator: all the steps.
     target_psnr: float | None = Field(None, gt=0)
     check_every: int = Field(200, ge=1)
 

@@ -71,9 +71,9 @@ class Trainer:
 
         ``stop(step)``, asked at the same points before the last step, ends training
         early when it returns True (a validation target reached). It must depend on the
-        weights alone and agree on every rank: a run resumed at a checkpoint where it
-        would have stopped asks again, stops there, and so ends where an uninterrupted
-        run does."""
+        weights alone (the trained ones: an EMA is copied in only after the loop) and
+        agree on every rank: a run resumed at a check step asks again of the restored
+        weights, so it stops, or goes on, as the uninterrupted run did."""
         from tqdm.auto import tqdm
 
         start = self.checkpoints.restore(self.model, self.optimizer, self.ema)
@@ -135,7 +135,11 @@ class Trainer:
             preview = bool(every) and ((step + 1) % every == 0 or step + 1 == self.cfg.steps)
             if (step + 1) % self.cfg.log_every == 0 or checkpoint or preview:
                 check_finite()
-            if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.steps:
+            # asked after the guard (never of non-finite weights); a stop is the run's
+            # last step: logged, and checkpointed so that a resume finds where it ended
+            stop_now = stops_at(step + 1)
+            checkpoint = checkpoint or stop_now
+            if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.steps or stop_now:
                 rate = seen / max(1e-9, time.perf_counter() - t0)
                 last = {
                     "loss": float(global_loss.item()),
@@ -157,9 +161,7 @@ class Trainer:
                 torch.distributed.barrier()  # no rank runs ahead of the newest checkpoint
             if main and on_every and preview:
                 on_every(step + 1)
-            if stops_at(step + 1):
-                if main and not checkpoint:  # a resume must find the step it stopped at
-                    self.checkpoints.save(step + 1, self.model, self.optimizer, self.ema)
+            if stop_now:
                 end = step + 1
                 break
         bar.close()

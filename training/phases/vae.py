@@ -175,17 +175,19 @@ def _train(params, batches, val, out_dir: Path, ckpt_dir: Path, log: E.MetricLog
 
     def reached(step: int) -> bool:
         """Early stop: val PSNR at or above ``target_psnr``. Every rank measures the same
-        weights; the mean makes their decision one."""
+        weights; the mean makes their decision one. Never with a discriminator: its term
+        trades PSNR for texture, so PSNR cannot say when it is done (the curve is logged
+        all the same)."""
         score = float(E.all_mean(torch.tensor(val_psnr(model, val, params), device=dev)))
         if E.is_main():
             log.log_metrics({"train_vae/val_psnr": score}, step)
-        return c.target_psnr is not None and score >= c.target_psnr
+        return disc is None and c.target_psnr is not None and score >= c.target_psnr
 
     summary = {
         **trainer.fit(step_fn, every=c.check_every, stop=reached),
         **batches.stats(),
     }
-    if summary["steps_trained"] < c.steps:
+    if summary["steps_trained"] < c.steps and E.is_main():
         E.say(
             f"train_vae: val PSNR reached target_psnr {c.target_psnr} dB at step "
             f"{summary['steps_trained']} of {c.steps}; stopped there"
