@@ -26,6 +26,7 @@ a second invocation with the same commits reuses them and only measures what is 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -137,13 +138,22 @@ def draw(project: Path, prompts: list[str], offset: int, guidance: float, cache:
 
     from training.inference.sampling import Request, generate, load
 
-    trained = project / "trained.json"  # a retrained project's samples are not reused
-    commit = json.loads(trained.read_text())["commit"] if trained.is_file() else None
-    key = {"prompts": prompts, "offset": offset, "guidance": guidance, "commit": commit}
+    # samples are reused only for the same weights: a retrained project's, or a copy
+    # retrained with other settings, are drawn again
+    pipeline = project / "data/eval/pipeline"
+    weights = hashlib.sha256()
+    for f in sorted(pipeline.rglob("*.safetensors")):
+        weights.update(f.read_bytes())
+    key = {
+        "prompts": prompts,
+        "offset": offset,
+        "guidance": guidance,
+        "weights": weights.hexdigest(),
+    }
     done = cache / "requests.json"
     if done.is_file() and json.loads(done.read_text()) == key:
         return [Image.open(cache / f"{i:05d}.png").convert("RGB") for i in range(len(prompts))]
-    pipe = load(project / "data/eval/pipeline")
+    pipe = load(pipeline)
     requests = [
         Request(prompt=p, seed=offset + i, guidance=guidance) for i, p in enumerate(prompts)
     ]

@@ -10,7 +10,7 @@ training images against the same reference) for runs that need no common ruler: 
 project is measured with the CLIP it trained, and read as the ratio to its own floor.
 So runs of different profiles (tiny at 32 px, tiny64 at 64 px, whose CLIPs cannot embed
 each other's pictures) are set side by side. Samples are kept under
-``PROJECT/../pooled-samples``.
+``PROJECT/../pooled-samples/<project's name>``, reused only for the same weights.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
         )
         real_clip = float(clip_scores(clip, real_caps, real).mean())
         for g in args.guidance:
-            cache = project.parent / "pooled-samples"
+            cache = project.parent / "pooled-samples" / project.name
             sets = [
                 draw(project, prompts, k * len(prompts), g, cache / f"g{g:g}-{k}")
                 for k in range(args.draws)
