@@ -2,7 +2,7 @@
 
 Usage (from the repository root, alone on the machine, on projects that ran ``kiln run``):
     .venv/bin/python benchmarks/pooled_own.py PROJECT [PROJECT ...] [--guidance 1.5,2]
-        [--draws 5] [--ref 1024]
+        [--draws 5] [--ref 1024] [--vae]
 
 ``benchmarks/common_space.py``'s pooled measurement (all draws of every distinct val
 caption against ``--ref`` seeded-random training images; the floor: as many other
@@ -24,6 +24,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common_space import draw, pooled, real_images  # noqa: E402
 
 
+def reconstruct(project: Path, images: list) -> list:
+    """``images`` encoded (posterior means) and decoded by the run's VAE: what a perfect
+    denoiser's samples could at best look like, so their distance to the reference is
+    the part of the samples' distance the VAE alone accounts for (LDM's reconstruction
+    FID)."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from training.engine.images import to_tensor, to_uint8
+
+    vae = AutoencoderKL.from_pretrained(project / "data/models/vae").eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 128):
+            x = to_tensor(np.stack([np.asarray(im.convert("RGB")) for im in images[i : i + 128]]))
+            recon = vae(x, sample_posterior=False).sample
+            out += [Image.fromarray(a) for a in to_uint8(recon)]
+    return out
+
+
 def main() -> None:
     import numpy as np
 
@@ -36,6 +58,8 @@ def main() -> None:
                     default=[1.5, 2.0])  # fmt: skip
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--ref", type=int, default=1024)
+    ap.add_argument("--vae", action="store_true",
+                    help="also the floor's images reconstructed by the run's VAE")  # fmt: skip
     args = ap.parse_args()
     print("| project | guidance | samples | fd_clip | floor | fd / floor | cmmd_clip | cmmd floor "
           "| CLIP score (real) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
@@ -53,6 +77,16 @@ def main() -> None:
             clip, [train_imgs[i] for i in order[args.ref : args.ref + n_pool]]
         )
         real_clip = float(clip_scores(clip, real_caps, real).mean())
+        if args.vae:  # the floor's images through the run's VAE, in place of samples
+            floor_imgs = [train_imgs[i] for i in order[args.ref : args.ref + n_pool]]
+            q = pooled(clip_image_embeddings(clip, reconstruct(project, floor_imgs)), ref_e,
+                       floor_e)  # fmt: skip
+            print(
+                f"| {project} | VAE recon | {q['n']} vs {q['ref']} | {q['fd_clip']:.3f} | "
+                f"{q['fd_floor']:.3f} | {q['fd_ratio']:.2f} | {q['cmmd_clip']:.3f} | "
+                f"{q['cmmd_floor']:.3f} | |",
+                flush=True,
+            )
         for g in args.guidance:
             cache = project.parent / "pooled-samples" / project.name
             sets = [
