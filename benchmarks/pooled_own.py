@@ -73,12 +73,10 @@ def main() -> None:
         if len(train_imgs) < args.ref + n_pool:
             sys.exit(f"{project}: {len(train_imgs)} train images, --ref + pooled needs more")
         ref_e = clip_image_embeddings(clip, [train_imgs[i] for i in order[: args.ref]])
-        floor_e = clip_image_embeddings(
-            clip, [train_imgs[i] for i in order[args.ref : args.ref + n_pool]]
-        )
+        floor_imgs = [train_imgs[i] for i in order[args.ref : args.ref + n_pool]]
+        floor_e = clip_image_embeddings(clip, floor_imgs)
         real_clip = float(clip_scores(clip, real_caps, real).mean())
         if args.vae:  # the floor's images through the run's VAE, in place of samples
-            floor_imgs = [train_imgs[i] for i in order[args.ref : args.ref + n_pool]]
             q = pooled(clip_image_embeddings(clip, reconstruct(project, floor_imgs)), ref_e,
                        floor_e)  # fmt: skip
             print(
