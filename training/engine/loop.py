@@ -92,8 +92,9 @@ class Trainer:
         t0, seen, last = time.perf_counter(), 0, {}
         end = self.cfg.steps
 
-        def stops_at(step: int) -> bool:
-            return bool(stop and every and step % every == 0 and step < end and stop(step))
+        def stops_at(step: int) -> bool:  # a check step before the last; then stop's answer
+            last = self.cfg.steps
+            return bool(stop and every and step % every == 0 and step < last and stop(step))
 
         if start and stops_at(start):  # resumed where the interrupted run had stopped
             end = start
