@@ -1,9 +1,9 @@
 """Two commits' real-data runs scored in one another's feature spaces (issue #15).
 
-Usage (from the repository root, alone on the machine; ~40 minutes at tiny):
+Usage (from the repository root, alone on the machine; ~45 minutes at tiny):
     .venv/bin/python benchmarks/common_space.py OLD_COMMIT [NEW_COMMIT] [--profile tiny]
         [--out DIR] [--draws 5] [--ruler-steps N] [--ruler-seed 1] [--guidance 2]
-        [--ref 1024] [--extra PROJECT ...]
+        [--ref 1024] [--pool 640] [--extra PROJECT ...]
 
 FD and CMMD in Kiln are measured in the image space of the CLIP each run trained, so a
 run that trains a different CLIP moves the ruler as well as the samples: two runs'
@@ -14,8 +14,9 @@ embeds both sample sets, and the same real val images, with each run's CLIP and 
 fixed ruler (``kiln ruler``'s CLIP, trained here on the newer run's clean split with its
 own seed: neither run's). Each row of the printout is one ruler; within a row, the two
 sample sets are measured alike. ``--draws`` sample sets per run (seeds apart) give each
-figure a spread; a second table pools the draws and measures them against ``--ref``
-real training images, where the estimators' noise is several times smaller.
+figure a spread; a second table draws once for each of ``--pool`` training captions and
+measures those samples, and the captions' own images as the floor, against ``--ref``
+other real training images, where the estimators' noise is several times smaller.
 ``--guidance 1,2,4`` draws at each scale (classifier-free guidance trades diversity for
 fidelity, which is what these distances see).
 Each commit's tree is taken with ``git archive``, so it runs with its own code. The
@@ -108,14 +109,36 @@ def real_images(project: Path, split: str = "val", n: int = N_REAL) -> tuple[lis
     return [square(r.image(), size) for r in rows], [r.caption for r in rows]
 
 
+def train_pool(project: Path, n_ref: int, n_pool: int) -> tuple[list, list, list[str]]:
+    """The pooled measurement's real images, from the train split in a seeded random
+    order (shards keep the collection's order, by category): ``n_ref`` reference images,
+    then ``n_pool`` others with their captions. The samples are drawn for those
+    ``n_pool`` captions, one each, and the images themselves are the floor: sample and
+    floor then have the same captions, as many, and so the same spread of subjects.
+    (Samples of the few distinct val captions, several draws each, against as many
+    *other* training images measured the narrower caption set as much as the model:
+    the 122 val images themselves, each five times, scored 5.7x that floor at tiny;
+    RESULTS.md "the pooled floor".)"""
+    import numpy as np
+
+    train_imgs, train_caps = real_images(project, "train", 10**9)
+    if len(train_imgs) < n_ref + n_pool:
+        sys.exit(f"{project}: {len(train_imgs)} train images, {n_ref} + {n_pool} needed")
+    order = np.random.default_rng(0).permutation(len(train_imgs))
+    pool = order[n_ref : n_ref + n_pool]
+    return (
+        [train_imgs[i] for i in order[:n_ref]],
+        [train_imgs[i] for i in pool],
+        [train_caps[i] for i in pool],
+    )
+
+
 def pooled(gen_e, ref_e, floor_e) -> dict:
-    """All of a run's draws at once against a large reference of real training images
-    (a seeded random pick): ``len(gen_e)`` samples, and the floor the same number of
-    other real training images, against the same reference. The per-draw figures
-    compare 61 samples with 61 val images, where the unbiased CMMD's noise is as large as
-    the gap being measured; pooling the draws and taking the reference from the train
-    split (the samples are no copies of it:
-    evaluate's memorisation check) shrinks it several-fold."""
+    """Many samples at once against a large reference of real training images
+    (``train_pool``): ``len(gen_e)`` samples, and the floor the real images of the same
+    captions, against the same reference. The per-draw figures compare 61 samples with
+    61 val images, where the unbiased CMMD's noise is as large as the gap being
+    measured; hundreds of captions and a large reference shrink it several-fold."""
     from training.evaluation.metrics.distribution import cmmd, frechet_distance
 
     n = min(len(gen_e), len(floor_e))
@@ -185,8 +208,6 @@ def ruler(project: Path, work: Path, steps: int | None, seed: int) -> Path:
 def main() -> None:
     import statistics
 
-    import numpy as np
-
     ap = argparse.ArgumentParser()
     ap.add_argument("old")
     ap.add_argument("new", nargs="?", default="HEAD")
@@ -200,6 +221,7 @@ def main() -> None:
         help=f"comma-separated scales to draw at (evaluate's default: {SAMPLER.guidance:g})",
     )  # fmt: skip
     ap.add_argument("--ref", type=int, default=1024, help="train images in the pooled reference")
+    ap.add_argument("--pool", type=int, default=640, help="train captions in the pooled table")
     ap.add_argument(
         "--extra", type=Path, action="append", default=[],
         help="a project trained on the same collection (a variant: other params), measured too",
@@ -235,19 +257,18 @@ def main() -> None:
     prompts = captions  # every distinct val caption, as evaluate draws them
     pick, how = paired(prompts, real_caps)  # the other half's captions
     print(f"samples paired with the second real half by {how}", flush=True)
-    n_pool = args.draws * len(prompts)
-    # the train split in a seeded random order: shards keep the collection's (by category)
-    train_imgs, _ = real_images(projects["new"], "train", 10**9)
-    order = np.random.default_rng(0).permutation(len(train_imgs))
-    if len(train_imgs) < args.ref + n_pool:
-        sys.exit(f"{len(train_imgs)} train images: --ref {args.ref} + {n_pool} pooled needs more")
-    ref_imgs = [train_imgs[i] for i in order[: args.ref]]
-    floor_imgs = [train_imgs[i] for i in order[args.ref : args.ref + n_pool]]
+    # every run splits by URL, so the new run's train split is each run's
+    ref_imgs, floor_imgs, floor_caps = train_pool(projects["new"], args.ref, args.pool)
     samples = {  # (run, guidance) -> draws
         (name, g): [
             draw(p, prompts, k * len(prompts), g, work / "samples" / f"{name}-g{g:g}-{k}")
             for k in range(args.draws)
         ]
+        for name, p in projects.items()
+        for g in args.guidance
+    }
+    pool_samples = {  # (run, guidance) -> one sample per pooled train caption
+        (name, g): draw(p, floor_caps, 0, g, work / "samples" / f"{name}-train-g{g:g}")
         for name, p in projects.items()
         for g in args.guidance
     }
@@ -266,12 +287,12 @@ def main() -> None:
                 vals = [d[k] for d in per_draw]
                 row[k] = statistics.mean(vals)
                 row[f"{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            row["pooled"] = pooled(np.concatenate(embs), ref_e, floor_e)
-            # prompt fidelity, what lower guidance gives up: the ruler's CLIP score over
-            # all draws, beside the real val images' with their own captions
-            row["pooled"]["clip_score"] = float(
-                np.mean([clip_scores(clip, prompts, s).mean() for s in sets])
-            )
+            pool = pool_samples[(name, g)]
+            row["pooled"] = pooled(clip_image_embeddings(clip, pool), ref_e, floor_e)
+            # prompt fidelity, what lower guidance gives up: the ruler's CLIP score of
+            # the pooled samples, beside the real val images' with their own captions (the
+            # pooled captions' own images are the runs' CLIPs' training pairs: inflated)
+            row["pooled"]["clip_score"] = float(clip_scores(clip, floor_caps, pool).mean())
             row["pooled"]["clip_score_real"] = real_clip
             rows.append(row)
     (args.out / "common_space.json").write_text(json.dumps(rows, indent=1))
@@ -294,8 +315,9 @@ def main() -> None:
             f"{r['cmmd_clip']:.3f} ± {r['cmmd_clip_sd']:.3f} | {r['cmmd_clip_real_halves']:.3f} |"
         )
     print(
-        f"\nPooled: the {n_pool} samples of all draws against {args.ref} real train images; "
-        f"the floor is {n_pool} other real train images against the same reference"
+        f"\nPooled: {args.pool} samples, one for each of {args.pool} train captions, against "
+        f"{args.ref} other real train images; the floor is those captions' own images "
+        f"against the same reference"
     )
     print("| CLIP (ruler) | samples of | guidance | fd_clip | floor | fd / floor | cmmd_clip "
           "| cmmd floor | clip score (real) |")  # fmt: skip

@@ -2,15 +2,28 @@
 
 Usage (from the repository root, alone on the machine, on projects that ran ``kiln run``):
     .venv/bin/python benchmarks/pooled_own.py PROJECT [PROJECT ...] [--guidance 1.5,2]
-        [--draws 5] [--ref 1024] [--vae]
+        [--pool 640] [--draws 5] [--ref 1024] [--vae [DIR]]
 
-``benchmarks/common_space.py``'s pooled measurement (all draws of every distinct val
-caption against ``--ref`` seeded-random training images; the floor: as many other
-training images against the same reference) for runs that need no common ruler: each
-project is measured with the CLIP it trained, and read as the ratio to its own floor.
-So runs of different profiles (tiny at 32 px, tiny64 at 64 px, whose CLIPs cannot embed
-each other's pictures) are set side by side. Samples are kept under
-``PROJECT/../pooled-samples/<project's name>``, reused only for the same weights.
+Each project is measured with the CLIP it trained and read as the ratio to its own
+floor, so runs of different profiles (tiny at 32 px, tiny64 at 64 px, whose CLIPs cannot
+embed each other's pictures) are set side by side. Two protocols, each with a floor of
+the real images of the same captions (``common_space.train_pool``):
+
+- train captions, pooled: one sample for each of ``--pool`` training captions (seeded
+  random, seeds 0...), against ``--ref`` other training images; the floor is the
+  captions' own images against the same reference (COCO-style FID on a disjoint real
+  reference). Samples that copied their caption's image would flatter it, so each is
+  also compared with that image (``own_copies``, evaluate's copy test).
+- val captions, per draw: one sample per distinct val caption, each of ``--draws``
+  draws against the same reference; the floor is the val images of those captions. No
+  training image is involved, but with ~120 captions FD's finite-sample bias is several
+  times the pooled floor and hides most of the gap (RESULTS.md "the pooled floor").
+
+``--vae`` adds the pooled images reconstructed by the run's VAE: what a perfect
+denoiser's samples could at best be (``--vae DIR``: by another VAE, e.g. one
+``benchmarks/vae_curve.py`` trained with other settings; ``--guidance ''`` draws none).
+Samples are kept under ``PROJECT/../pooled-samples/<project's name>``, reused only for
+the same weights.
 """
 
 from __future__ import annotations
@@ -21,14 +34,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common_space import draw, pooled, real_images  # noqa: E402
+from benchmarks.common_space import draw, pooled, real_images, train_pool  # noqa: E402
 
 
-def reconstruct(project: Path, images: list) -> list:
-    """``images`` encoded (posterior means) and decoded by the run's VAE: what a perfect
-    denoiser's samples could at best look like, so their distance to the reference is
-    the part of the samples' distance the VAE alone accounts for (LDM's reconstruction
-    FID)."""
+def reconstruct(vae_dir: Path, images: list) -> list:
+    """``images`` encoded (posterior means) and decoded by the VAE in ``vae_dir``: what a
+    perfect denoiser's samples could at best look like, so their distance to the
+    reference is the part of the samples' distance the VAE alone accounts for (LDM's
+    reconstruction FID)."""
     import numpy as np
     import torch
     from diffusers import AutoencoderKL
@@ -36,7 +49,7 @@ def reconstruct(project: Path, images: list) -> list:
 
     from training.engine.images import to_tensor, to_uint8
 
-    vae = AutoencoderKL.from_pretrained(project / "data/models/vae").eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(images), 128):
@@ -46,60 +59,119 @@ def reconstruct(project: Path, images: list) -> list:
     return out
 
 
+def own_copies(project: Path, samples: list, recons: list) -> tuple[int, float]:
+    """How many samples drawn for a training caption are copies of that caption's own
+    image, and the median distance: evaluate's distance and threshold (RMS in [0, 1] RGB
+    to the image as the VAE reconstructs it, ``recons``, under
+    ``evaluate.copy_distance``), but against the caption's own image only, not the
+    nearest of the whole split (evaluate's memorisation check does that search). Drawing
+    for training captions is what makes the pooled floor fair; this says whether those
+    samples hand their training image back, which would flatter it."""
+    import torch
+
+    from training import config
+    from training.engine.images import to_tensor
+    from training.evaluation.metrics.memorisation import _flat, _to_u8
+
+    params = config.load(project / "params.yaml")
+    size = params.ingest.image_size
+    gen = _flat(to_tensor(_to_u8(samples, size)))
+    own = _flat(to_tensor(_to_u8(recons, size)))
+    d = (gen - own).pow(2).mean(1).sqrt()
+    return int((d < params.evaluate.copy_distance).sum()), float(torch.median(d))
+
+
 def main() -> None:
+    import statistics
+
     import numpy as np
 
     from training.evaluation.metrics.clip_score import clip_scores
-    from training.evaluation.metrics.distribution import clip_image_embeddings
+    from training.evaluation.metrics.distribution import (
+        clip_image_embeddings,
+        cmmd,
+        frechet_distance,
+    )
 
     ap = argparse.ArgumentParser()
     ap.add_argument("projects", type=Path, nargs="+")
-    ap.add_argument("--guidance", type=lambda v: [float(g) for g in v.split(",")],
-                    default=[1.5, 2.0])  # fmt: skip
-    ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--guidance", type=lambda v: [float(g) for g in v.split(",") if g],
+                    default=[1.5, 2.0], help="comma-separated; '' for none")  # fmt: skip
+    ap.add_argument("--draws", type=int, default=5, help="val-caption sample sets (seeds apart)")
     ap.add_argument("--ref", type=int, default=1024)
-    ap.add_argument("--vae", action="store_true",
-                    help="also the floor's images reconstructed by the run's VAE")  # fmt: skip
+    ap.add_argument("--pool", type=int, default=640, help="train captions drawn once each")
+    ap.add_argument("--vae", nargs="?", const="run", metavar="DIR",
+                    help="also the pooled images reconstructed by the run's VAE, or by the "
+                         "VAE in DIR (another of the same image size)")  # fmt: skip
     args = ap.parse_args()
-    print("| project | guidance | samples | fd_clip | floor | fd / floor | cmmd_clip | cmmd floor "
-          "| CLIP score (real) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    if args.draws < 1 or args.pool < 2:
+        ap.error("--draws must be at least 1 and --pool at least 2")
+    # CLIP score (real): the real images' with the same captions; for training captions
+    # that is the CLIP's own training pairs, so it reads high
+    print("| project | captions | images | n vs ref | fd_clip | floor | fd / floor | cmmd_clip "
+          "| cmmd floor | CLIP score (real) | own-image copies (median RMS) |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+
+    def row(project, captions, images, n, q, score="", copies="") -> None:
+        print(f"| {project} | {captions} | {images} | {n} | {q['fd_clip']} | {q['fd_floor']:.3f} "
+              f"| {q['fd_ratio']} | {q['cmmd_clip']} | {q['cmmd_floor']:.3f} | {score} "
+              f"| {copies} |", flush=True)  # fmt: skip
+
     for project in args.projects:
         clip = project / "data/models/clip"
-        real, real_caps = real_images(project)
-        prompts = list(dict.fromkeys(real_caps))
-        n_pool = args.draws * len(prompts)
-        train_imgs, _ = real_images(project, "train", 10**9)
-        order = np.random.default_rng(0).permutation(len(train_imgs))
-        if len(train_imgs) < args.ref + n_pool:
-            sys.exit(f"{project}: {len(train_imgs)} train images, --ref + pooled needs more")
-        ref_e = clip_image_embeddings(clip, [train_imgs[i] for i in order[: args.ref]])
-        floor_imgs = [train_imgs[i] for i in order[args.ref : args.ref + n_pool]]
-        floor_e = clip_image_embeddings(clip, floor_imgs)
-        real_clip = float(clip_scores(clip, real_caps, real).mean())
-        if args.vae:  # the floor's images through the run's VAE, in place of samples
-            q = pooled(clip_image_embeddings(clip, reconstruct(project, floor_imgs)), ref_e,
-                       floor_e)  # fmt: skip
-            print(
-                f"| {project} | VAE recon | {q['n']} vs {q['ref']} | {q['fd_clip']:.3f} | "
-                f"{q['fd_floor']:.3f} | {q['fd_ratio']:.2f} | {q['cmmd_clip']:.3f} | "
-                f"{q['cmmd_floor']:.3f} | |",
-                flush=True,
-            )
+        cache = project.parent / "pooled-samples" / project.name
+        ref, pool, pool_caps = train_pool(project, args.ref, args.pool)
+        ref_e, floor_e = clip_image_embeddings(clip, ref), clip_image_embeddings(clip, pool)
+        real_score = float(clip_scores(clip, pool_caps, pool).mean())
+        # the val captions, each with its own val image (the split is by URL, so a caption
+        # may also be a training one; on Twemoji none is): few captions, so each draw is
+        # measured on its own against the val images of the same captions
+        val, val_caps = real_images(project)
+        own: dict = {}
+        for image, caption in zip(val, val_caps, strict=True):
+            own.setdefault(caption, image)  # each caption's first val image
+        prompts = list(dict.fromkeys(val_caps))
+        val_e = clip_image_embeddings(clip, [own[p] for p in prompts])
+        val_fd, val_cmmd = frechet_distance(val_e, ref_e), cmmd(val_e, ref_e)
+        real_val = float(clip_scores(clip, prompts, [own[p] for p in prompts]).mean())
+        recons = reconstruct(project / "data/models/vae", pool)
+        n_pool = f"{len(pool)} vs {len(ref)}"
+        if args.vae:  # the pooled images through the run's VAE, in place of samples
+            other = args.vae != "run"
+            images = reconstruct(Path(args.vae), pool) if other else recons
+            q = pooled(clip_image_embeddings(clip, images), ref_e, floor_e)
+            q = {**q, "fd_clip": f"{q['fd_clip']:.3f}", "fd_ratio": f"**{q['fd_ratio']:.2f}**",
+                 "cmmd_clip": f"{q['cmmd_clip']:.3f}"}  # fmt: skip
+            row(project, "train", f"reconstructions by {args.vae if other else 'its VAE'}",
+                n_pool, q)  # fmt: skip
         for g in args.guidance:
-            cache = project.parent / "pooled-samples" / project.name
+            samples = draw(project, pool_caps, 0, g, cache / f"train-g{g:g}")
+            q = pooled(clip_image_embeddings(clip, samples), ref_e, floor_e)
+            k, d = own_copies(project, samples, recons)
+            q = {**q, "fd_clip": f"{q['fd_clip']:.3f}", "fd_ratio": f"**{q['fd_ratio']:.2f}**",
+                 "cmmd_clip": f"{q['cmmd_clip']:.3f}"}  # fmt: skip
+            score = float(clip_scores(clip, pool_caps, samples).mean())
+            row(project, "train", f"samples at {g:g}", n_pool, q,
+                f"{score:.3f} ({real_score:.3f})", f"{k} ({d:.3f})")  # fmt: skip
             sets = [
-                draw(project, prompts, k * len(prompts), g, cache / f"g{g:g}-{k}")
-                for k in range(args.draws)
+                draw(project, prompts, i * len(prompts), g, cache / f"g{g:g}-{i}")
+                for i in range(args.draws)
             ]
-            q = pooled(np.concatenate([clip_image_embeddings(clip, s) for s in sets]), ref_e,
-                       floor_e)  # fmt: skip
+            embs = [clip_image_embeddings(clip, s) for s in sets]
+            fds = [frechet_distance(e, ref_e) for e in embs]
+            cms = [cmmd(e, ref_e) for e in embs]
+            ratios = [f / val_fd for f in fds]
+            sd = statistics.stdev if len(fds) > 1 else (lambda v: 0.0)
+            q = {
+                "fd_clip": f"{statistics.mean(fds):.3f} ± {sd(fds):.3f}",
+                "fd_floor": val_fd,
+                "fd_ratio": f"**{statistics.mean(ratios):.2f}** ± {sd(ratios):.2f}",
+                "cmmd_clip": f"{statistics.mean(cms):.3f} ± {sd(cms):.3f}",
+                "cmmd_floor": val_cmmd,
+            }
             score = float(np.mean([clip_scores(clip, prompts, s).mean() for s in sets]))
-            print(
-                f"| {project} | {g:g} | {q['n']} vs {q['ref']} | {q['fd_clip']:.3f} | "
-                f"{q['fd_floor']:.3f} | {q['fd_ratio']:.2f} | {q['cmmd_clip']:.3f} | "
-                f"{q['cmmd_floor']:.3f} | {score:.3f} ({real_clip:.3f}) |",
-                flush=True,
-            )
+            row(project, "val", f"samples at {g:g}, per draw", f"{len(prompts)} vs {len(ref)}",
+                q, f"{score:.3f} ({real_val:.3f})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@ stop it (README "train_vae", RESULTS.md "VAE early stop").
 
 Usage (from the repository root, alone on the machine):
     .venv/bin/python benchmarks/vae_curve.py NAME=PROJECT [NAME=PROJECT ...] [--every 200]
+        [--set KEY=VALUE ...]
 
 PROJECT is a Kiln project whose `data/clean` splits exist (after `kiln validate`). For
 each, `training.phases.vae.run` trains the VAE from scratch with the project's params
-and profile, `train_vae.target_psnr` off and `check_every` as given, into a scratch
-folder under /tmp/kiln-vae-curve (the project's own models and checkpoints are not
-touched). It prints one row per project: val PSNR at every check, the final one, and
-the step `target_psnr` (default 30 dB) would have stopped at.
+and profile, `train_vae.target_psnr` off and `check_every` as given (``--set`` overrides
+other train_vae keys for all, e.g. ``latent_channels=16``), into a scratch folder under
+/tmp/kiln-vae-curve/NAME (the project's own models and checkpoints are not touched; the
+trained VAE stays there). It prints one row per project: val PSNR at every check, the
+final one, and the step `target_psnr` (default 30 dB) would have stopped at.
 """
 
 from __future__ import annotations
@@ -47,12 +49,17 @@ def main() -> None:
     ap.add_argument("projects", nargs="+", help="NAME=PROJECT")
     ap.add_argument("--every", type=int, default=200)
     ap.add_argument("--target", type=float, default=30.0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a train_vae key for every project, e.g. latent_channels=16")  # fmt: skip
     args = ap.parse_args()
     rows = []
     for item in args.projects:
         name, _, project = item.partition("=")
         raw = yaml.safe_load((Path(project) / "params.yaml").read_text())
         raw.setdefault("train_vae", {}).update(check_every=args.every, target_psnr=None)
+        for kv in args.set:
+            key, _, value = kv.partition("=")
+            raw["train_vae"][key] = yaml.safe_load(value)
         params = config.resolve(raw)
         work = Path("/tmp/kiln-vae-curve") / name
         shutil.rmtree(work, ignore_errors=True)
