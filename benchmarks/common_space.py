@@ -109,6 +109,14 @@ def real_images(project: Path, split: str = "val", n: int = N_REAL) -> tuple[lis
     return [square(r.image(), size) for r in rows], [r.caption for r in rows]
 
 
+def first_per_caption(images: list, captions: list[str]) -> dict:
+    """Each distinct caption's first image, in the captions' first-seen order."""
+    own: dict = {}
+    for image, caption in zip(images, captions, strict=True):
+        own.setdefault(caption, image)
+    return own
+
+
 def train_pool(project: Path, n_ref: int, n_pool: int) -> tuple[list, list, list[str]]:
     """The pooled measurement's real images, from the train split in a seeded random
     order (shards keep the collection's order, by category): ``n_ref`` reference images,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common_space import real_images, train_pool  # noqa: E402
+from benchmarks.common_space import first_per_caption, real_images, train_pool  # noqa: E402
 
 
 def main() -> None:
@@ -36,9 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     clip = args.project / "data/models/clip"
     val, caps = real_images(args.project)
-    own: dict = {}
-    for image, caption in zip(val, caps, strict=True):
-        own.setdefault(caption, image)
+    own = first_per_caption(val, caps)
     prompts = list(own)
     n = args.draws * len(prompts)
     ref, floor, _ = train_pool(args.project, 1024, n)  # the old floor: n other images

@@ -13,7 +13,7 @@ the real images of the same captions (``common_space.train_pool``):
   random, seeds 0...), against ``--ref`` other training images; the floor is the
   captions' own images against the same reference (COCO-style FID on a disjoint real
   reference). Samples that copied their caption's image would flatter it, so each is
-  also compared with that image (``own_copies``, evaluate's copy test).
+  also compared with that image (``own_copies``: evaluate's distance and threshold).
 - val captions, per draw: one sample per distinct val caption, each of ``--draws``
   draws against the same reference; the floor is the val images of those captions. No
   training image is involved, but with ~120 captions FD's finite-sample bias is several
@@ -34,7 +34,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common_space import draw, pooled, real_images, train_pool  # noqa: E402
+from benchmarks.common_space import (  # noqa: E402
+    draw,
+    first_per_caption,
+    pooled,
+    real_images,
+    train_pool,
+)
 
 
 def reconstruct(vae_dir: Path, images: list) -> list:
@@ -112,6 +118,10 @@ def main() -> None:
           "| cmmd floor | CLIP score (real) | own-image copies (median RMS) |\n"
           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
 
+    def shown(q: dict) -> dict:  # a pooled() result as the table prints it
+        return {**q, "fd_clip": f"{q['fd_clip']:.3f}", "fd_ratio": f"**{q['fd_ratio']:.2f}**",
+                "cmmd_clip": f"{q['cmmd_clip']:.3f}"}  # fmt: skip
+
     def row(project, captions, images, n, q, score="", copies="") -> None:
         print(f"| {project} | {captions} | {images} | {n} | {q['fd_clip']} | {q['fd_floor']:.3f} "
               f"| {q['fd_ratio']} | {q['cmmd_clip']} | {q['cmmd_floor']:.3f} | {score} "
@@ -127,10 +137,8 @@ def main() -> None:
         # may also be a training one; on Twemoji none is): few captions, so each draw is
         # measured on its own against the val images of the same captions
         val, val_caps = real_images(project)
-        own: dict = {}
-        for image, caption in zip(val, val_caps, strict=True):
-            own.setdefault(caption, image)  # each caption's first val image
-        prompts = list(dict.fromkeys(val_caps))
+        own = first_per_caption(val, val_caps)
+        prompts = list(own)
         val_e = clip_image_embeddings(clip, [own[p] for p in prompts])
         val_fd, val_cmmd = frechet_distance(val_e, ref_e), cmmd(val_e, ref_e)
         real_val = float(clip_scores(clip, prompts, [own[p] for p in prompts]).mean())
@@ -139,17 +147,13 @@ def main() -> None:
         if args.vae:  # the pooled images through the run's VAE, in place of samples
             other = args.vae != "run"
             images = reconstruct(Path(args.vae), pool) if other else recons
-            q = pooled(clip_image_embeddings(clip, images), ref_e, floor_e)
-            q = {**q, "fd_clip": f"{q['fd_clip']:.3f}", "fd_ratio": f"**{q['fd_ratio']:.2f}**",
-                 "cmmd_clip": f"{q['cmmd_clip']:.3f}"}  # fmt: skip
+            q = shown(pooled(clip_image_embeddings(clip, images), ref_e, floor_e))
             row(project, "train", f"reconstructions by {args.vae if other else 'its VAE'}",
                 n_pool, q)  # fmt: skip
         for g in args.guidance:
             samples = draw(project, pool_caps, 0, g, cache / f"train-g{g:g}")
-            q = pooled(clip_image_embeddings(clip, samples), ref_e, floor_e)
+            q = shown(pooled(clip_image_embeddings(clip, samples), ref_e, floor_e))
             k, d = own_copies(project, samples, recons)
-            q = {**q, "fd_clip": f"{q['fd_clip']:.3f}", "fd_ratio": f"**{q['fd_ratio']:.2f}**",
-                 "cmmd_clip": f"{q['cmmd_clip']:.3f}"}  # fmt: skip
             score = float(clip_scores(clip, pool_caps, samples).mean())
             row(project, "train", f"samples at {g:g}", n_pool, q,
                 f"{score:.3f} ({real_score:.3f})", f"{k} ({d:.3f})")  # fmt: skip
