@@ -93,8 +93,8 @@ class Trainer:
         end = self.cfg.steps
 
         def stops_at(step: int) -> bool:  # a check step before the last; then stop's answer
-            last = self.cfg.steps
-            return bool(stop and every and step % every == 0 and step < last and stop(step))
+            on_check = bool(every) and step % every == 0 and step < self.cfg.steps
+            return bool(stop and on_check and stop(step))
 
         if start and stops_at(start):  # resumed where the interrupted run had stopped
             end = start
