@@ -162,12 +162,20 @@ def pooled(gen_e, ref_e, floor_e) -> dict:
     }
 
 
-def draw(project: Path, prompts: list[str], offset: int, guidance: float, cache: Path) -> list:
+def draw(
+    project: Path,
+    prompts: list[str],
+    offset: int,
+    guidance: float,
+    cache: Path,
+    sampler: tuple[str, int] | None = None,
+) -> list:
     """One sample per prompt, seeds ``offset``, ``offset + 1``...; kept as PNGs in
-    ``cache`` (with the requests), so a second invocation measures without drawing."""
+    ``cache`` (with the requests), so a second invocation measures without drawing.
+    ``sampler``: (scheduler, steps) in place of the pipeline's default."""
     from PIL import Image
 
-    from training.inference.sampling import Request, generate, load
+    from training.inference.sampling import Request, generate, load, set_scheduler
 
     # samples are reused only for the same weights: a retrained project's, or a copy
     # retrained with other settings, are drawn again
@@ -181,12 +189,19 @@ def draw(project: Path, prompts: list[str], offset: int, guidance: float, cache:
         "guidance": guidance,
         "weights": weights.hexdigest(),
     }
+    if sampler is not None:  # the default's key is unchanged, so its caches stay valid
+        key["sampler"] = list(sampler)
     done = cache / "requests.json"
     if done.is_file() and json.loads(done.read_text()) == key:
         return [Image.open(cache / f"{i:05d}.png").convert("RGB") for i in range(len(prompts))]
     pipe = load(pipeline)
+    steps = {}
+    if sampler is not None:
+        set_scheduler(pipe, sampler[0])
+        steps = {"steps": sampler[1]}
     requests = [
-        Request(prompt=p, seed=offset + i, guidance=guidance) for i, p in enumerate(prompts)
+        Request(prompt=p, seed=offset + i, guidance=guidance, **steps)
+        for i, p in enumerate(prompts)
     ]
     images = generate(pipe, requests)
     cache.mkdir(parents=True, exist_ok=True)

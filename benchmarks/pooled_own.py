@@ -2,7 +2,7 @@
 
 Usage (from the repository root, alone on the machine, on projects that ran ``kiln run``):
     .venv/bin/python benchmarks/pooled_own.py PROJECT [PROJECT ...] [--guidance 1.5,2]
-        [--pool 640] [--draws 5] [--ref 1024] [--vae [DIR]]
+        [--pool 640] [--draws 5] [--ref 1024] [--vae [DIR]] [--sampler NAME:STEPS]
 
 Each project is measured with the CLIP it trained and read as the ratio to its own
 floor, so runs of different profiles (tiny at 32 px, tiny64 at 64 px, whose CLIPs cannot
@@ -87,6 +87,14 @@ def own_copies(project: Path, samples: list, recons: list) -> tuple[int, float]:
     return int((d < params.evaluate.copy_distance).sum()), float(torch.median(d))
 
 
+def sampler_arg(v: str) -> tuple[str, int]:
+    """``NAME:STEPS`` (e.g. ``ddpm:100``) as (scheduler, steps)."""
+    name, _, steps = v.partition(":")
+    if not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"{v!r}: give NAME:STEPS, e.g. ddpm:100")
+    return name, int(steps)
+
+
 def main() -> None:
     import statistics
 
@@ -103,15 +111,27 @@ def main() -> None:
     ap.add_argument("projects", type=Path, nargs="+")
     ap.add_argument("--guidance", type=lambda v: [float(g) for g in v.split(",") if g],
                     default=[1.5, 2.0], help="comma-separated; '' for none")  # fmt: skip
-    ap.add_argument("--draws", type=int, default=5, help="val-caption sample sets (seeds apart)")
+    ap.add_argument(
+        "--draws",
+        type=int,
+        default=5,
+        help="val-caption sample sets (seeds apart); 0: the pooled rows only",
+    )
+    ap.add_argument(
+        "--sampler",
+        type=sampler_arg,
+        metavar="NAME:STEPS",
+        help="e.g. ddpm:100; default: the pipeline's own (dpm++, 20 steps)",
+    )
     ap.add_argument("--ref", type=int, default=1024)
     ap.add_argument("--pool", type=int, default=640, help="train captions drawn once each")
     ap.add_argument("--vae", nargs="?", const="run", metavar="DIR",
                     help="also the pooled images reconstructed by the run's VAE, or by the "
                          "VAE in DIR (another of the same image size)")  # fmt: skip
     args = ap.parse_args()
-    if args.draws < 1 or args.pool < 2:
-        ap.error("--draws must be at least 1 and --pool at least 2")
+    if args.draws < 0 or args.pool < 2:
+        ap.error("--draws must be at least 0 and --pool at least 2")
+    tag = f"-{args.sampler[0]}{args.sampler[1]}" if args.sampler else ""
     # CLIP score (real): the real images' with the same captions; for training captions
     # that is the CLIP's own training pairs, so it reads high
     print("| project | captions | images | n vs ref | fd_clip | floor | fd / floor | cmmd_clip "
@@ -151,16 +171,20 @@ def main() -> None:
             row(project, "train", f"reconstructions by {args.vae if other else 'its VAE'}",
                 n_pool, q)  # fmt: skip
         for g in args.guidance:
-            samples = draw(project, pool_caps, 0, g, cache / f"train-g{g:g}")
+            samples = draw(project, pool_caps, 0, g, cache / f"train-g{g:g}{tag}", args.sampler)
             q = shown(pooled(clip_image_embeddings(clip, samples), ref_e, floor_e))
             k, d = own_copies(project, samples, recons)
             score = float(clip_scores(clip, pool_caps, samples).mean())
-            row(project, "train", f"samples at {g:g}", n_pool, q,
+            row(project, "train", f"samples at {g:g}{tag}", n_pool, q,
                 f"{score:.3f} ({real_score:.3f})", f"{k} ({d:.3f})")  # fmt: skip
             sets = [
-                draw(project, prompts, i * len(prompts), g, cache / f"g{g:g}-{i}")
+                draw(
+                    project, prompts, i * len(prompts), g, cache / f"g{g:g}{tag}-{i}", args.sampler
+                )  # fmt: skip
                 for i in range(args.draws)
             ]
+            if not sets:
+                continue
             embs = [clip_image_embeddings(clip, s) for s in sets]
             fds = [frechet_distance(e, ref_e) for e in embs]
             cms = [cmmd(e, ref_e) for e in embs]
