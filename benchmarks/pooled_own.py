@@ -88,10 +88,17 @@ def own_copies(project: Path, samples: list, recons: list) -> tuple[int, float]:
 
 
 def sampler_arg(v: str) -> tuple[str, int]:
-    """``NAME:STEPS`` (e.g. ``ddpm:100``) as (scheduler, steps)."""
+    """``NAME:STEPS`` (e.g. ``ddpm:100``) as (scheduler, steps), checked at parse time,
+    before any image is read."""
+    from typing import get_args
+
+    from training.sections import SchedulerName
+
     name, _, steps = v.partition(":")
-    if not steps.isdigit() or int(steps) < 1:
-        raise argparse.ArgumentTypeError(f"{v!r}: give NAME:STEPS, e.g. ddpm:100")
+    if name not in get_args(SchedulerName) or not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{v!r}: give NAME:STEPS, NAME one of {', '.join(get_args(SchedulerName))}"
+        )
     return name, int(steps)
 
 
@@ -180,7 +187,7 @@ def main() -> None:
             sets = [
                 draw(
                     project, prompts, i * len(prompts), g, cache / f"g{g:g}{tag}-{i}", args.sampler
-                )  # fmt: skip
+                )
                 for i in range(args.draws)
             ]
             if not sets:
