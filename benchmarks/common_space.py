@@ -195,12 +195,12 @@ def draw(
     if done.is_file() and json.loads(done.read_text()) == key:
         return [Image.open(cache / f"{i:05d}.png").convert("RGB") for i in range(len(prompts))]
     pipe = load(pipeline)
-    steps = {}
+    steps = SAMPLER.steps
     if sampler is not None:
         set_scheduler(pipe, sampler[0])
-        steps = {"steps": sampler[1]}
+        steps = sampler[1]
     requests = [
-        Request(prompt=p, seed=offset + i, guidance=guidance, **steps)
+        Request(prompt=p, seed=offset + i, steps=steps, guidance=guidance)
         for i, p in enumerate(prompts)
     ]
     images = generate(pipe, requests)

@@ -162,13 +162,14 @@ def main() -> None:
         real_score = float(clip_scores(clip, pool_caps, pool).mean())
         # the val captions, each with its own val image (the split is by URL, so a caption
         # may also be a training one; on Twemoji none is): few captions, so each draw is
-        # measured on its own against the val images of the same captions
-        val, val_caps = real_images(project)
-        own = first_per_caption(val, val_caps)
-        prompts = list(own)
-        val_e = clip_image_embeddings(clip, [own[p] for p in prompts])
-        val_fd, val_cmmd = frechet_distance(val_e, ref_e), cmmd(val_e, ref_e)
-        real_val = float(clip_scores(clip, prompts, [own[p] for p in prompts]).mean())
+        # measured on its own against the val images of the same captions (--draws 0: none)
+        if args.draws:
+            val, val_caps = real_images(project)
+            own = first_per_caption(val, val_caps)
+            prompts = list(own)
+            val_e = clip_image_embeddings(clip, [own[p] for p in prompts])
+            val_fd, val_cmmd = frechet_distance(val_e, ref_e), cmmd(val_e, ref_e)
+            real_val = float(clip_scores(clip, prompts, [own[p] for p in prompts]).mean())
         recons = reconstruct(project / "data/models/vae", pool)
         n_pool = f"{len(pool)} vs {len(ref)}"
         if args.vae:  # the pooled images through the run's VAE, in place of samples
@@ -184,14 +185,14 @@ def main() -> None:
             score = float(clip_scores(clip, pool_caps, samples).mean())
             row(project, "train", f"samples at {g:g}{tag}", n_pool, q,
                 f"{score:.3f} ({real_score:.3f})", f"{k} ({d:.3f})")  # fmt: skip
+            if not args.draws:
+                continue
             sets = [
                 draw(
                     project, prompts, i * len(prompts), g, cache / f"g{g:g}{tag}-{i}", args.sampler
                 )
                 for i in range(args.draws)
             ]
-            if not sets:
-                continue
             embs = [clip_image_embeddings(clip, s) for s in sets]
             fds = [frechet_distance(e, ref_e) for e in embs]
             cms = [cmmd(e, ref_e) for e in embs]
