@@ -169,10 +169,12 @@ def draw(
     guidance: float,
     cache: Path,
     sampler: tuple[str, int] | None = None,
+    start: float = 0.0,
 ) -> list:
     """One sample per prompt, seeds ``offset``, ``offset + 1``...; kept as PNGs in
     ``cache`` (with the requests), so a second invocation measures without drawing.
-    ``sampler``: (scheduler, steps) in place of the pipeline's default."""
+    ``sampler``: (scheduler, steps) in place of the pipeline's default; ``start``: the
+    guidance_start (the noisiest fraction of the steps unguided)."""
     from PIL import Image
 
     from training.inference.sampling import Request, generate, load, set_scheduler
@@ -191,6 +193,8 @@ def draw(
     }
     if sampler is not None:  # the default's key is unchanged, so its caches stay valid
         key["sampler"] = list(sampler)
+    if start:
+        key["guidance_start"] = start
     done = cache / "requests.json"
     if done.is_file() and json.loads(done.read_text()) == key:
         return [Image.open(cache / f"{i:05d}.png").convert("RGB") for i in range(len(prompts))]
@@ -200,7 +204,7 @@ def draw(
         set_scheduler(pipe, sampler[0])
         steps = sampler[1]
     requests = [
-        Request(prompt=p, seed=offset + i, steps=steps, guidance=guidance)
+        Request(prompt=p, seed=offset + i, steps=steps, guidance=guidance, guidance_start=start)
         for i, p in enumerate(prompts)
     ]
     images = generate(pipe, requests)

@@ -3,6 +3,7 @@
 Usage (from the repository root, alone on the machine, on projects that ran ``kiln run``):
     .venv/bin/python benchmarks/pooled_own.py PROJECT [PROJECT ...] [--guidance 1.5,2]
         [--pool 640] [--draws 5] [--ref 1024] [--vae [DIR]] [--sampler NAME:STEPS]
+        [--guidance-start F]
 
 Each project is measured with the CLIP it trained and read as the ratio to its own
 floor, so runs of different profiles (tiny at 32 px, tiny64 at 64 px, whose CLIPs cannot
@@ -130,6 +131,13 @@ def main() -> None:
         metavar="NAME:STEPS",
         help="e.g. ddpm:100; default: the pipeline's own (dpm++, 20 steps)",
     )
+    ap.add_argument(
+        "--guidance-start",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="the noisiest fraction of the steps sampled unguided (default 0: every step)",
+    )
     ap.add_argument("--ref", type=int, default=1024)
     ap.add_argument("--pool", type=int, default=640, help="train captions drawn once each")
     ap.add_argument("--vae", nargs="?", const="run", metavar="DIR",
@@ -138,7 +146,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.draws < 0 or args.pool < 2:
         ap.error("--draws must be at least 0 and --pool at least 2")
+    if not 0 <= args.guidance_start < 1:
+        ap.error("--guidance-start must be a fraction in [0, 1)")
     tag = f"-{args.sampler[0]}{args.sampler[1]}" if args.sampler else ""
+    if args.guidance_start:
+        tag += f"-from{args.guidance_start:g}"
     # CLIP score (real): the real images' with the same captions; for training captions
     # that is the CLIP's own training pairs, so it reads high
     print("| project | captions | images | n vs ref | fd_clip | floor | fd / floor | cmmd_clip "
@@ -179,7 +191,15 @@ def main() -> None:
             row(project, "train", f"reconstructions by {args.vae if other else 'its VAE'}",
                 n_pool, q)  # fmt: skip
         for g in args.guidance:
-            samples = draw(project, pool_caps, 0, g, cache / f"train-g{g:g}{tag}", args.sampler)
+            samples = draw(
+                project,
+                pool_caps,
+                0,
+                g,
+                cache / f"train-g{g:g}{tag}",
+                args.sampler,
+                args.guidance_start,
+            )
             q = shown(pooled(clip_image_embeddings(clip, samples), ref_e, floor_e))
             k, d = own_copies(project, samples, recons)
             score = float(clip_scores(clip, pool_caps, samples).mean())
@@ -189,7 +209,13 @@ def main() -> None:
                 continue
             sets = [
                 draw(
-                    project, prompts, i * len(prompts), g, cache / f"g{g:g}{tag}-{i}", args.sampler
+                    project,
+                    prompts,
+                    i * len(prompts),
+                    g,
+                    cache / f"g{g:g}{tag}-{i}",
+                    args.sampler,
+                    args.guidance_start,
                 )
                 for i in range(args.draws)
             ]

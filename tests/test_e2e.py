@@ -250,7 +250,9 @@ def test_report_has_sweep_trajectory_steps_table_and_distances(run):
     assert m["fd_pairing"] == "spread"  # shapes draws its own prompt list, not val captions
     # a built-in set keeps evaluate.guidance (its oracle chose it) and ships it
     assert m["guidance"] == 2.0 and m["guidance_source"].startswith("evaluate.guidance")
-    assert json.loads((ev / "pipeline" / "kiln_sampler.json").read_text())["guidance"] == 2.0
+    assert m["guidance_start"] == 0.0  # guided at every step, as the oracle measured it
+    saved = json.loads((ev / "pipeline" / "kiln_sampler.json").read_text())
+    assert (saved["guidance"], saved["guidance_start"]) == (2.0, 0.0)
     rows = json.loads((ev / "steps_table.json").read_text())
     assert {(r["scheduler"], r["steps"]) for r in rows} == {
         (s, n) for s in ("ddpm", "ddim", "dpm++", "euler") for n in (5, 10, 20, 40)

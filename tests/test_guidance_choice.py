@@ -73,15 +73,16 @@ def test_the_choice_is_the_candidate_closest_to_training_images_not_to_val(tmp_p
 
     def fake_generate(pipe, requests, batch_size=8, deadline=None, control=None):
         seen.extend(r.guidance for r in requests)
+        assert all(r.guidance_start == 0 for r in requests)
         return [_picture(grey(40 * r.guidance)) for r in requests]
 
     monkeypatch.setattr(sampling, "generate", fake_generate)
     monkeypatch.setattr(distribution, "clip_image_embeddings", _mean_colour)
     monkeypatch.setattr(clip_score, "clip_scores", lambda d, p, i: np.full(len(i), 0.5))
     caps = [f"caption {i}" for i in range(30)] * 2  # duplicates are sampled once
-    got = G.choose(None, caps, (1.5, 2.0, 3.0), tmp_path, tmp_path, tmp_path,
+    got = G.choose(None, caps, G.pairs((1.5, 2.0, 3.0)), tmp_path, tmp_path, tmp_path,
                    SIZE, 4, "", 0, 8)  # fmt: skip
-    assert got["guidance"] == 2.0
+    assert got["guidance"] == 2.0 and got["start"] == 0.0
     assert [r["guidance"] for r in got["table"]] == [1.5, 2.0, 3.0]
     assert got["prompts"] == 30 and got["reference"] == 40
     assert seen == [1.5] * 30 + [2.0] * 30 + [3.0] * 30
@@ -89,10 +90,39 @@ def test_the_choice_is_the_candidate_closest_to_training_images_not_to_val(tmp_p
     assert fds[2.0] < fds[1.5] and fds[2.0] < fds[3.0]
 
 
+def test_a_guidance_start_is_a_candidate_measured_like_the_scale(tmp_path, monkeypatch):
+    """Samples are grey 40 * g - 100 * start; training images are grey 100: guidance 3
+    from 20% of the steps on (40 * 3 - 100 * 0.2), not any scale guided throughout."""
+    rng = np.random.default_rng(1)
+
+    def grey(level: float) -> np.ndarray:
+        return np.clip(level + rng.normal(0, 3, 3), 0, 255).astype(np.uint8)
+
+    _write(tmp_path / "train", [grey(100) for _ in range(40)])
+    seen: list[tuple[float, float]] = []
+
+    def fake_generate(pipe, requests, batch_size=8, deadline=None, control=None):
+        seen.extend((r.guidance, r.guidance_start) for r in requests)
+        return [_picture(grey(40 * r.guidance - 100 * r.guidance_start)) for r in requests]
+
+    monkeypatch.setattr(sampling, "generate", fake_generate)
+    monkeypatch.setattr(distribution, "clip_image_embeddings", _mean_colour)
+    monkeypatch.setattr(clip_score, "clip_scores", lambda d, p, i: np.full(len(i), 0.5))
+    candidates = G.pairs((1.0, 2.0, 3.0), ((2.0, 0.2), (3.0, 0.2), (1.0, 0.2), (3.0, 0.0)))
+    # guidance 1 is unguided at every step: its start changes nothing, so it is tried once;
+    # (3, 0) is the scale 3 already there
+    assert candidates == [(1.0, 0.0), (2.0, 0.0), (3.0, 0.0), (2.0, 0.2), (3.0, 0.2)]
+    got = G.choose(None, [f"c {i}" for i in range(20)], candidates, tmp_path, tmp_path,
+                   tmp_path, SIZE, 4, "", 0, 8)  # fmt: skip
+    assert (got["guidance"], got["start"]) == (3.0, 0.2)
+    assert sorted(set(seen)) == sorted(candidates) and len(seen) == 20 * len(candidates)
+    assert G.label(3.0, 0.2) == "3_from0.2" and G.label(3.0, 0.0) == "3"
+
+
 def test_too_little_to_measure_is_a_recorded_skip(tmp_path):
     _write(tmp_path / "train", [np.full(3, 80, np.uint8)] * 5)
-    got = G.choose(None, ["only one caption"], (1.5, 2.0), tmp_path, tmp_path, tmp_path,
-                   SIZE, 4, "", 0, 8)  # fmt: skip
+    got = G.choose(None, ["only one caption"], G.pairs((1.5, 2.0)), tmp_path, tmp_path,
+                   tmp_path, SIZE, 4, "", 0, 8)  # fmt: skip
     assert "needs >= 2 distinct val captions" in got["skipped"]
 
 
@@ -100,8 +130,14 @@ def test_a_pipeline_carries_its_guidance_to_its_callers(tmp_path):
     assert defaults.recommended(tmp_path) == SAMPLER  # saved before there was a choice
     (tmp_path / defaults.SAMPLER_FILE).write_text(json.dumps({"guidance": 1.5}))
     rec = defaults.recommended(tmp_path)
-    assert rec.guidance == 1.5 and rec.steps == SAMPLER.steps
-    for bad in ("{", '{"steps": 3}', '{"guidance": -1}', '{"guidance": true}'):
+    # a file from before the interval: guided at every step, as it was sampled then
+    assert rec.guidance == 1.5 and rec.guidance_start == 0.0 and rec.steps == SAMPLER.steps
+    (tmp_path / defaults.SAMPLER_FILE).write_text('{"guidance": 3, "guidance_start": 0.4}')
+    rec = defaults.recommended(tmp_path)
+    assert (rec.guidance, rec.guidance_start) == (3.0, 0.4)
+    for bad in ("{", '{"steps": 3}', '{"guidance": -1}', '{"guidance": true}', "[1]",
+                '{"guidance": 2, "guidance_start": 1}',
+                '{"guidance": 2, "guidance_start": "0"}'):  # fmt: skip
         (tmp_path / defaults.SAMPLER_FILE).write_text(bad)
         with pytest.raises(ValueError, match="kiln_sampler.json"):
             defaults.recommended(tmp_path)
@@ -110,11 +146,15 @@ def test_a_pipeline_carries_its_guidance_to_its_callers(tmp_path):
 def test_a_rest_row_without_guidance_gets_the_models(tmp_path):
     from training.inference import text2image_model as T
 
-    rows = pd.DataFrame({"prompt": ["a", "b"], "guidance": [None, 4.0]})
-    mine = T.DEFAULTS | {"guidance": 1.5}
+    rows = pd.DataFrame({"prompt": ["a", "b"], "guidance": [None, 4.0],
+                         "guidance_start": [0.2, None]})  # fmt: skip
+    mine = T.DEFAULTS | {"guidance": 1.5, "guidance_start": 0.4}
     got = T.parse_requests(rows, 8, 1000, None, mine)
-    assert [r.guidance for r in got] == [1.5, 4.0]
-    assert T.parse_requests(rows, 8, 1000)[0].guidance == SAMPLER.guidance
+    assert [(r.guidance, r.guidance_start) for r in got] == [(1.5, 0.2), (4.0, 0.4)]
+    theirs = T.parse_requests(rows, 8, 1000)[1]
+    assert (theirs.guidance, theirs.guidance_start) == (4.0, SAMPLER.guidance_start)
+    with pytest.raises(T.BadRequest, match="row 0: guidance_start must be a fraction"):
+        T.parse_requests(pd.DataFrame({"prompt": ["a"], "guidance_start": [1.0]}), 8, 1000)
 
 
 def test_no_finite_distance_is_a_recorded_skip_not_a_pick(tmp_path, monkeypatch):
@@ -125,7 +165,7 @@ def test_no_finite_distance_is_a_recorded_skip_not_a_pick(tmp_path, monkeypatch)
     monkeypatch.setattr(distribution, "clip_image_embeddings", _mean_colour)
     monkeypatch.setattr(distribution, "frechet_distance", lambda a, b: float("nan"))
     monkeypatch.setattr(clip_score, "clip_scores", lambda d, p, i: np.full(len(i), 0.5))
-    got = G.choose(None, ["a", "b", "c"], (1.5, 2.0), tmp_path, tmp_path, tmp_path,
+    got = G.choose(None, ["a", "b", "c"], G.pairs((1.5, 2.0)), tmp_path, tmp_path, tmp_path,
                    SIZE, 4, "", 0, 8)  # fmt: skip
     assert got == {"skipped": "no candidate has a finite FD to the training images"}
 
@@ -133,19 +173,27 @@ def test_no_finite_distance_is_a_recorded_skip_not_a_pick(tmp_path, monkeypatch)
 def test_what_keeps_evaluate_guidance_samples_nothing():
     from training import config
 
-    def adopt(overrides: dict) -> tuple[float, dict]:
+    def adopt(overrides: dict) -> tuple[tuple[float, float], dict]:
         params = config.resolve(overrides)
         metrics: dict = {}
         # pipe=None: any sampling would fail here
         return G.adopt(params, None, [], Path("."), Path("."), Path("."), metrics, {}), metrics
 
     g, m = adopt({"ingest": {"dataset": "shapes"}})  # a built-in set: its oracle chose 2
-    assert g == SAMPLER.guidance and m["guidance_source"].startswith("evaluate.guidance")
+    assert g == (SAMPLER.guidance, 0.0) and m["guidance_source"].startswith("evaluate.guidance")
     folder = {"ingest": {"dataset": "folder", "source": "x"}}
-    g, m = adopt({**folder, "evaluate": {"guidance": 3.0, "guidance_candidates": []}})
-    assert g == 3.0 and "no guidance_candidates" in m["guidance_source"]
-    g, m = adopt({**folder, "evaluate": {"guidance_candidates": [2.5]}})
-    assert g == m["guidance"] == 2.5
+    g, m = adopt({**folder, "evaluate": {"guidance": 3.0, "guidance_start": 0.3,
+                                         "guidance_candidates": [],
+                                         "guidance_interval_candidates": []}})  # fmt: skip
+    assert g == (3.0, 0.3) and "no candidates" in m["guidance_source"]
+    assert m["guidance_start"] == 0.3
+    g, m = adopt({**folder, "evaluate": {"guidance_candidates": [2.5],
+                                         "guidance_interval_candidates": []}})  # fmt: skip
+    assert g == (m["guidance"], m["guidance_start"]) == (2.5, 0.0)
+    g, m = adopt({**folder, "evaluate": {"guidance_candidates": [],
+                                         "guidance_interval_candidates": [[3, 0.4]]}})  # fmt: skip
+    assert g == (m["guidance"], m["guidance_start"]) == (3.0, 0.4)
+    assert m["guidance_source"] == "the only candidate"
 
 
 def test_candidates_are_distinct_finite_scales():
@@ -154,11 +202,17 @@ def test_candidates_are_distinct_finite_scales():
     for bad in ([1.5, 1.5], [float("inf")], [101.0], [-1.0]):
         with pytest.raises(config.ConfigError):
             config.resolve({"evaluate": {"guidance_candidates": bad}})
+    for bad in ([[3, 0.4], [3, 0.4]], [[3, 1.0]], [[3, -0.1]], [[3, float("nan")]], [[3]]):
+        with pytest.raises(config.ConfigError):
+            config.resolve({"evaluate": {"guidance_interval_candidates": bad}})
+    got = config.resolve({"evaluate": {"guidance_interval_candidates": [[2, 0.3], [3, 0.4]]}})
+    assert got.evaluate.guidance_interval_candidates == ((2.0, 0.3), (3.0, 0.4))
 
 
 def test_a_playground_job_without_guidance_samples_each_version_at_its_own():
     from training.playground.jobs import Settings
 
     assert [r.guidance for r in Settings(prompt="p", n=2).requests(own=1.5)] == [1.5, 1.5]
-    assert Settings(prompt="p", guidance=4.0).requests(own=1.5)[0].guidance == 4.0
+    asked = Settings(prompt="p", guidance=4.0).requests(own=1.5, own_start=0.4)[0]
+    assert (asked.guidance, asked.guidance_start) == (4.0, 0.4)  # the start is the version's
     Settings(prompt="p").check()  # checked at the default scale before it is queued

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from training import config
+from training.evaluation import guidance as G
 
 from .conftest import copy_project, kiln, py
 from .realkit import emoji_folder
@@ -150,33 +151,41 @@ def test_the_guidance_is_chosen_on_the_data_and_ships_with_the_model(run, tmp_pa
 
     project, _, proc = run
     e = _metrics(project, "evaluate")
+    ev = config.load(project / "params.yaml").evaluate
+    # every scale guided throughout, and the interval pair (evaluation/guidance.py, ``pairs``)
     fds = {
-        g: e[f"guidance_{g:g}_fd_train"]
-        for g in config.load(project / "params.yaml").evaluate.guidance_candidates
+        (g, s): e[f"guidance_{G.label(g, s)}_fd_train"]
+        for g, s in G.pairs(ev.guidance_candidates, ev.guidance_interval_candidates)
     }
-    assert len(fds) == 3 and e["guidance"] == min(fds, key=fds.get)
+    chosen = (e["guidance"], e["guidance_start"])
+    assert len(fds) == 4 and (3.0, 0.4) in fds and chosen == min(fds, key=fds.get)
     assert e["guidance_source"].startswith("chosen: the lowest FD to ")
-    assert f"guidance {e['guidance']:g} chosen" in proc.stdout + proc.stderr
+    assert f"guidance {G.describe(*chosen)} chosen" in proc.stdout + proc.stderr
     assert "Guidance chosen for this model" in (project / "data/eval/report.html").read_text()
     pipe_dir = project / "data" / "eval" / "pipeline"
-    assert json.loads((pipe_dir / "kiln_sampler.json").read_text())["guidance"] == e["guidance"]
+    saved = json.loads((pipe_dir / "kiln_sampler.json").read_text())
+    assert (saved["guidance"], saved["guidance_start"]) == chosen
     # from the registry (the champion: v1, this run's), as a user calls it
     out = tmp_path / "gen"
     made = kiln(project, "generate", "a red heart", "--steps", "2", "--out", str(out))
     line = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
-    assert line["guidance"] == e["guidance"] and "the model's" in made.stdout
+    assert (line["guidance"], line["guidance_start"]) == chosen
+    assert f"(guidance {G.describe(*chosen)}, the model's)" in made.stdout
     asked = kiln(project, "generate", "a red heart", "--steps", "2", "--guidance", "4",
-                 "--out", str(tmp_path / "asked"))  # fmt: skip
-    assert "(guidance 4, as asked)" in asked.stdout
+                 "--guidance-start", "0.5", "--out", str(tmp_path / "asked"))  # fmt: skip
+    assert "(guidance 4 from 50% of the steps on, as asked)" in asked.stdout
+    line = json.loads((tmp_path / "asked/manifest.jsonl").read_text().splitlines()[0])
+    assert (line["guidance"], line["guidance_start"]) == (4.0, 0.5)
     # the REST model, loaded from the registry as `mlflow models serve` loads it
     served = py(project, """
 import mlflow
 from training import tracking
 tracking.setup()
 m = mlflow.pyfunc.load_model("models:/kiln-text2image@champion")
-print("guidance", m.unwrap_python_model().defaults["guidance"])
+d = m.unwrap_python_model().defaults
+print("guidance", d["guidance"], d["guidance_start"])
 """)  # fmt: skip
-    assert f"guidance {e['guidance']}" in served
+    assert f"guidance {e['guidance']} {e['guidance_start']}" in served
     # an export keeps the file; a scale no candidate had proves it is the one read
     kiln(project, "export", str(tmp_path / "sd"))
     shipped = tmp_path / "sd" / "kiln_sampler.json"

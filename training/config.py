@@ -181,12 +181,13 @@ def resolve(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: {section}: expected a mapping, got {body!r}")
         values = {**(profiles()[profile].get(section) or {}), **body}
-        # YAML has no tuples; tuple-typed fields accept lists from the file.
+        # YAML has no tuples; tuple-typed fields accept lists from the file (and a tuple
+        # of pairs, lists of lists: evaluate.guidance_interval_candidates)
         field_model = Params.model_fields[_SECTION_FIELDS.get(section, section)].annotation
         for name, info in field_model.model_fields.items():  # type: ignore[union-attr]
             is_tuple = "tuple" in str(info.annotation)
             if is_tuple and isinstance(values.get(name), list):
-                values[name] = tuple(values[name])
+                values[name] = tuple(tuple(v) if isinstance(v, list) else v for v in values[name])
         try:
             field_model.model_validate(values)  # type: ignore[union-attr]
         except ValidationError as err:

@@ -155,6 +155,16 @@ def generate(
             f"its evaluation (else {SAMPLER.guidance:g})",
         ),
     ] = None,
+    guidance_start: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=0.99,
+            help="the noisiest fraction of the steps sampled without guidance (0: guide "
+            "every step); default: the model's, chosen by its evaluation (else "
+            f"{SAMPLER.guidance_start:g})",
+        ),
+    ] = None,
     negative: Annotated[str, typer.Option(help="negative prompt")] = SAMPLER.negative_prompt,
     seed: Annotated[
         int, typer.Option(min=0, help="seed of the first image; image k uses seed+k")
@@ -206,18 +216,22 @@ def generate(
             raise UserError(
                 f"unknown scheduler {scheduler!r} (choose {', '.join(sampling.SCHEDULERS)})"
             )
-        g = SAMPLER.guidance if guidance is None else guidance  # checked now, set below
+        # checked now, set below
+        g = SAMPLER.guidance if guidance is None else guidance
+        start = SAMPLER.guidance_start if guidance_start is None else guidance_start
         reqs = [  # the same checks as a REST request's rows
-            sampling.Request(p, seed + k, steps, g, negative, width, height)
+            sampling.Request(p, seed + k, steps, g, negative, width, height, start)
             for p in prompts
             for k in range(n)
         ]
         for r in reqs:
             sampling.check_request(r)
         pipe_dir, version = pipeline_dir(model)
-        if guidance is None:  # the scale this model's evaluation chose and scored
-            g = defaults.recommended(pipe_dir).guidance
-            reqs = [dataclasses.replace(r, guidance=g) for r in reqs]
+        # what this model's evaluation chose and scored, where the caller gave nothing
+        own = defaults.recommended(pipe_dir)
+        g = own.guidance if guidance is None else g
+        start = own.guidance_start if guidance_start is None else start
+        reqs = [dataclasses.replace(r, guidance=g, guidance_start=start) for r in reqs]
         from training.engine.distributed import set_torch_threads
 
         set_torch_threads()
@@ -253,8 +267,17 @@ def generate(
                     "controlnet": controlnet,
                 }
             manifest.write(json.dumps(line) + "\n")
-    how = "the model's" if guidance is None else "as asked"
-    typer.echo(f"wrote {len(images)} images and manifest.jsonl to {out} (guidance {g:g}, {how})")
+    from training.evaluation.guidance import describe
+
+    how = "the model's" if guidance is None and guidance_start is None else "as asked"
+    if (guidance is None) != (guidance_start is None):  # one given, one the model's
+        scale = "as asked" if guidance is not None else "the model's"
+        start_how = "as asked" if guidance_start is not None else "the model's"
+        how = f"scale {scale}, start {start_how}"
+    typer.echo(
+        f"wrote {len(images)} images and manifest.jsonl to {out} "
+        f"(guidance {describe(g, start)}, {how})"
+    )
 
 
 @app.command()

@@ -113,14 +113,14 @@ def run(
     E.write_json(out_dir / "prompts.json", [p.prompt for p in prompts])
     metrics: dict = {}
     tables: dict[str, str] = {}
-    guidance = G.adopt(
+    guidance, start = G.adopt(
         params, pipe, prompts, clean_dir, ruler[0] if ruler else clip_dir, clip_dir,
         metrics, tables,
     )  # fmt: skip
-    # the registered pipeline carries the scale it was evaluated at: its callers' default
+    # the registered pipeline carries the guidance it was evaluated at: its callers' default
     E.write_json(
         pipe_dir / defaults.SAMPLER_FILE,
-        {"guidance": guidance, "source": metrics["guidance_source"]},
+        {"guidance": guidance, "guidance_start": start, "source": metrics["guidance_source"]},
     )
     requests = [
         sampling.Request(
@@ -129,6 +129,7 @@ def run(
             steps=c.steps,
             guidance=guidance,
             negative=c.negative_prompt,
+            guidance_start=start,
         )
         for j in range(c.samples_per_prompt)
         for i, p in enumerate(prompts)
@@ -136,7 +137,8 @@ def run(
     truths = [p for _ in range(c.samples_per_prompt) for p in prompts]
     E.say(
         f"evaluate: {len(requests)} samples ({len(prompts)} prompts x "
-        f"{c.samples_per_prompt}), {c.scheduler} {c.steps} steps, guidance {guidance:g}"
+        f"{c.samples_per_prompt}), {c.scheduler} {c.steps} steps, guidance "
+        f"{G.describe(guidance, start)}"
     )
     import time
 
@@ -206,16 +208,19 @@ def run(
             + "; ".join(p.prompt for p in subset[:6])
         ] = sweep
         traj = out_dir / "trajectory.png"
-        X.trajectory(pipe, subset[0].prompt, params.seed, c.steps, guidance).save(traj)
+        X.trajectory(pipe, subset[0].prompt, params.seed, c.steps, guidance, start).save(traj)
         figures[
             f"Denoising trajectory of '{subset[0].prompt}' ({c.scheduler}, {c.steps} steps): "
             "top, the noisy latents after each step; bottom, the sampler's clean estimate"
         ] = traj
-        rows = X.steps_table(pipe, subset, c.sweep_steps, guidance, params.seed, oracle, clip_dir)
-        E.write_json(out_dir / "steps_table.json", rows)
-        tables[f"Steps vs quality per scheduler ({len(subset)} prompts, guidance {guidance:g})"] = (
-            X.table_html(rows)
+        rows = X.steps_table(
+            pipe, subset, c.sweep_steps, guidance, params.seed, oracle, clip_dir, start
         )
+        E.write_json(out_dir / "steps_table.json", rows)
+        tables[
+            f"Steps vs quality per scheduler ({len(subset)} prompts, guidance "
+            f"{G.describe(guidance, start)})"
+        ] = X.table_html(rows)
         for path in (sweep, traj, out_dir / "steps_table.json"):
             log.log_image(path)
 
@@ -236,7 +241,10 @@ def run(
         log.log_image(champ_path)
         figures = {
             f"The champion (v{metrics['champion_version']}), re-scored in this run: the same "
-            f"prompts and seeds, at its own guidance {metrics['champion_guidance']:g}": champ_path,
+            f"prompts and seeds, at its own guidance "
+            f"{G.describe(metrics['champion_guidance'], metrics['champion_guidance_start'])}": (
+                champ_path
+            ),
             **figures,
         }
     shipped = out_dir / P.SHIPPED_CONTROLNET
@@ -270,6 +278,7 @@ def run(
         if k
         in (
             "guidance",
+            "guidance_start",
             "acc_all",
             "acc_all_seen",
             "acc_all_held_out",
@@ -319,9 +328,13 @@ def champion_scores(samples, requests: list, batch_size: int) -> dict:
         pipe = sampling.load(root / "artifacts" / "pipeline")
         sampling.set_scheduler(pipe, c.scheduler)
         # at the guidance it is served at (its evaluation chose it), as this run is
-        own = defaults.recommended(root / "artifacts" / "pipeline").guidance
-        out["champion_guidance"] = own
-        requests = [dataclasses.replace(r, guidance=own) for r in requests]
+        own = defaults.recommended(root / "artifacts" / "pipeline")
+        out["champion_guidance"] = own.guidance
+        out["champion_guidance_start"] = own.guidance_start
+        requests = [
+            dataclasses.replace(r, guidance=own.guidance, guidance_start=own.guidance_start)
+            for r in requests
+        ]
         images = sampling.generate(pipe, requests, batch_size=batch_size)
         theirs = dataclasses.replace(samples, images=images)
         for name in SAMPLE_METRICS:

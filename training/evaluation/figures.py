@@ -32,14 +32,21 @@ def guidance_sweep(pipe, prompts: list[str], scales: tuple[float, ...], seed: in
 
 
 @torch.no_grad()
-def trajectory(pipe, prompt: str, seed: int, steps: int, guidance: float):
+def trajectory(pipe, prompt: str, seed: int, steps: int, guidance: float, start: float = 0.0):
     """One sample through the sampler, decoded after every step. Top row: the noisy
     latents x_t (noise -> blur -> shape -> clean); bottom row: the sampler's estimate of
-    the clean image at that step where it keeps one (DPM-Solver++), else x_t again."""
+    the clean image at that step where it keeps one (DPM-Solver++), else x_t again.
+    ``start``: the guidance_start it is served at (the noisiest steps unguided)."""
     from PIL import Image
 
     from training import backbones
     from training.engine.images import grid, to_uint8
+    from training.inference import sampling
+
+    first = sampling.guided_from(steps, start)
+    own = sampling.private_pipeline(pipe)
+    if guidance > 1 and first > 0:
+        own = sampling.in_interval(own, first)
 
     noisy: list[torch.Tensor] = []
     clean: list[torch.Tensor] = []
@@ -49,9 +56,10 @@ def trajectory(pipe, prompt: str, seed: int, steps: int, guidance: float):
         outs = getattr(p.scheduler, "model_outputs", None)
         est = outs[-1] if outs and outs[-1] is not None else kw["latents"]
         clean.append(est[-1:].clone())
+        p._kiln_step = i + 1  # the guidance interval's step (sampling.in_interval)
         return kw
 
-    pipe(
+    own(
         prompt=[prompt],
         negative_prompt=[""],
         num_inference_steps=steps,
@@ -70,10 +78,12 @@ def trajectory(pipe, prompt: str, seed: int, steps: int, guidance: float):
 
 
 def steps_table(
-    pipe, prompts: list, steps: tuple[int, ...], guidance: float, seed: int, oracle, clip_dir: Path
-) -> list[dict]:
+    pipe, prompts: list, steps: tuple[int, ...], guidance: float, seed: int, oracle,
+    clip_dir: Path, start: float = 0.0,
+) -> list[dict]:  # fmt: skip
     """One row per (scheduler, steps): oracle all-attributes accuracy (built-in sets),
-    CLIP score and images/s. The pipeline's own scheduler is restored afterwards."""
+    CLIP score and images/s, at ``guidance`` from ``start`` on. The pipeline's own
+    scheduler is restored afterwards."""
     from training.evaluation.metrics.clip_score import clip_scores
     from training.inference import sampling
 
@@ -84,7 +94,9 @@ def steps_table(
             sampling.set_scheduler(pipe, name)
             for n in steps:
                 reqs = [
-                    sampling.Request(p.prompt, seed=seed + i, steps=n, guidance=guidance)
+                    sampling.Request(
+                        p.prompt, seed=seed + i, steps=n, guidance=guidance, guidance_start=start
+                    )
                     for i, p in enumerate(prompts)
                 ]
                 t0 = time.perf_counter()

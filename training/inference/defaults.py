@@ -1,8 +1,9 @@
 """The sampler settings a saved pipeline carries for callers that give none.
 
-``evaluate`` writes ``SAMPLER_FILE`` into the pipeline it registers, with the guidance it
-chose for that model and scored it at (``evaluation/guidance.py``); ``kiln generate``,
-the REST model and the playground read it here. A module of its own: the serving code
+``evaluate`` writes ``SAMPLER_FILE`` into the pipeline it registers, with the guidance
+(scale and ``guidance_start``) it chose for that model and scored it at
+(``evaluation/guidance.py``); ``kiln generate``, the REST model and the playground read
+it here. A module of its own: the serving code
 ships it with the inference package.
 """
 
@@ -29,9 +30,14 @@ def recommended(pipe_dir: str | Path) -> SamplerDefaults:
     if not path.is_file():
         return SAMPLER
     try:
-        g = json.loads(path.read_text())["guidance"]
-    except (ValueError, KeyError, TypeError) as exc:
+        saved = json.loads(path.read_text())
+        g = saved["guidance"]
+        # a file written before the guidance interval: guided at every step, as it was
+        start = saved.get("guidance_start", 0.0)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not a Kiln sampler file ({exc})") from None
     if isinstance(g, bool) or not isinstance(g, int | float) or not math.isfinite(g) or g < 0:
         raise ValueError(f"{path}: guidance must be a finite number >= 0, got {g!r}")
-    return dataclasses.replace(SAMPLER, guidance=float(g))
+    if isinstance(start, bool) or not isinstance(start, int | float) or not 0 <= start < 1:
+        raise ValueError(f"{path}: guidance_start must be a fraction in [0, 1), got {start!r}")
+    return dataclasses.replace(SAMPLER, guidance=float(g), guidance_start=float(start))

@@ -10,16 +10,15 @@ denoiser was trained.
 ``generate`` may be called from many threads on one shared pipeline (``mlflow models
 serve`` runs each request in its own thread): it never changes the shared pipeline. A
 diffusers pipeline keeps per-call state on itself (the scheduler's timesteps and
-``step_index``, ``_guidance_scale``, ``_num_timesteps``...), so each call builds its own
-pipeline object and scheduler around the shared, read-only modules. User input is checked
-with ``check_request`` (the CLI and the pyfunc both call it) before anything is computed.
+``step_index``, ``_guidance_scale``, ``_num_timesteps``...), so each batch of a call
+builds its own pipeline object and scheduler around the shared, read-only modules. User
+input is checked with ``check_request`` (``inference/requests.py``; the CLI and the
+pyfunc both call it) before anything is computed.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 import re
 import time
 from collections.abc import Callable
@@ -42,6 +41,14 @@ from PIL import Image
 
 from training import backbones
 from training.config import SAMPLER
+
+# re-exported (``X as X``): callers know them as sampling.X
+from training.inference.requests import MAX_PROMPT_CHARS as MAX_PROMPT_CHARS
+from training.inference.requests import MAX_SEED as MAX_SEED
+from training.inference.requests import MAX_SIZE_FACTOR as MAX_SIZE_FACTOR
+from training.inference.requests import MAX_STEPS as MAX_STEPS
+from training.inference.requests import Request as Request
+from training.inference.requests import check_request as check_request
 
 # samplers of a denoiser trained on a DDPM schedule, made from its config
 SCHEDULERS = {
@@ -158,68 +165,6 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
 
 
 @dataclass(frozen=True)
-class Request:
-    prompt: str
-    seed: int
-    steps: int = SAMPLER.steps
-    guidance: float = SAMPLER.guidance
-    negative: str = SAMPLER.negative_prompt
-    width: int | None = None  # pixels; None: the size the model was trained at
-    height: int | None = None
-
-
-# diffusers' schedulers refuse more inference steps than training timesteps (1000 here).
-MAX_STEPS = 1000
-# torch.Generator.manual_seed takes any 64-bit value but folds negative seeds onto
-# positive ones (-1 is 2**64 - 2), so two seeds would name one image; int64 is also
-# what the pyfunc signature declares.
-MAX_SEED = 2**63 - 1
-# A side may be at most this many times the trained side: a U-Net's attention and
-# convolutions only ever saw the trained size, and the cost grows with the area.
-MAX_SIZE_FACTOR = 4
-# CLIP reads at most model_max_length tokens (set by train_clip) and drops the rest, so
-# a longer prompt only costs tokenizer time; the bound keeps that time small.
-MAX_PROMPT_CHARS = 4096
-
-
-def _whole(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def check_request(r: Request) -> None:
-    """Raise ``ValueError`` with a one-line message naming the field and the allowed
-    range if ``r`` is not something ``generate`` should compute.
-
-    prompt: a non-empty string of at most MAX_PROMPT_CHARS characters; negative: a string
-    (may be empty) of at most MAX_PROMPT_CHARS; seed: a whole number in [0, MAX_SEED];
-    steps: a whole number in [1, MAX_STEPS]; guidance: a finite number >= 0; width and
-    height: None or a whole number >= 1 (which sizes a model draws is
-    ``Geometry.size``'s check, once the model is loaded). Guidance
-    below 1 is legal (diffusers then skips classifier-free guidance: 1 is the plain
-    conditional model, 0 the unconditional one); a negative scale or NaN only makes noise.
-    Called by the REST/pyfunc model and ``kiln generate`` before loading or computing."""
-    for field, text in (("prompt", r.prompt), ("negative_prompt", r.negative)):
-        if not isinstance(text, str):
-            raise ValueError(f"{field} must be a string, got {type(text).__name__}")
-        if len(text) > MAX_PROMPT_CHARS:
-            raise ValueError(
-                f"{field} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are allowed"
-            )
-    if not r.prompt.strip():
-        raise ValueError("prompt must be a non-empty string")
-    if not _whole(r.seed) or not 0 <= r.seed <= MAX_SEED:
-        raise ValueError(f"seed must be a whole number in [0, {MAX_SEED}], got {r.seed!r}")
-    if not _whole(r.steps) or not 1 <= r.steps <= MAX_STEPS:
-        raise ValueError(f"steps must be a whole number in [1, {MAX_STEPS}], got {r.steps!r}")
-    g = r.guidance
-    if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 0:
-        raise ValueError(f"guidance must be a finite number >= 0, got {g!r}")
-    for field, side in (("width", r.width), ("height", r.height)):
-        if side is not None and (not _whole(side) or side < 1):
-            raise ValueError(f"{field} must be a whole number of pixels >= 1, got {side!r}")
-
-
-@dataclass(frozen=True)
 class Geometry:
     """What sizes a pipeline can draw: ``native`` is the trained side in pixels; width and
     height must be multiples of ``stride`` (the VAE's downsampling times the U-Net's,
@@ -271,6 +216,7 @@ def manifest_line(
         "seed": r.seed,
         "steps": r.steps,
         "guidance": r.guidance,
+        "guidance_start": r.guidance_start,
         "negative_prompt": r.negative,
         "width": image.width,
         "height": image.height,
@@ -318,12 +264,50 @@ def _control_kwargs(control: tuple[Image.Image, float] | None, n: int) -> dict:
     return {"image": [image] * n, "controlnet_conditioning_scale": scale}
 
 
+def guided_from(steps: int, start: float) -> int:
+    """The first guided step of ``steps`` when the noisiest ``start`` of them run unguided:
+    diffusers' guiders' rule (``int(start * steps)``), so a ``start`` means what it
+    means there."""
+    return int(start * steps)
+
+
+# the pipeline classes with a guidance interval, one per diffusers class (``in_interval``)
+_INTERVAL_CLASSES: dict[type, type] = {}
+
+
+def in_interval(pipe: DiffusionPipeline, first: int) -> DiffusionPipeline:
+    """``pipe`` (a private pipeline) guided only from denoising step ``first`` on.
+
+    diffusers' SD, SD-ControlNet and SD3 pipelines decide once per call, from
+    ``_guidance_scale > 1``, to run the unconditional branch, and combine the two
+    predictions of every step with the ``guidance_scale`` property. A subclass whose
+    property reads 1 before step ``first`` makes those steps the conditional prediction
+    alone (uncond + 1 * (cond - uncond)) and leaves the rest of the call as diffusers
+    wrote it; ``_step_callback`` advances ``_kiln_step``. The unguided steps still run
+    the unconditional branch: their cost is that of a guided step. A caller that passes
+    its own ``callback_on_step_end`` sets ``pipe._kiln_step = step + 1`` in it."""
+    cls = type(pipe)
+    if cls not in _INTERVAL_CLASSES:
+
+        def guidance_scale(self) -> float:
+            return self._guidance_scale if self._kiln_step >= self._kiln_first else 1.0
+
+        _INTERVAL_CLASSES[cls] = type(
+            f"Interval{cls.__name__}", (cls,), {"guidance_scale": property(guidance_scale)}
+        )
+    pipe.__class__ = _INTERVAL_CLASSES[cls]
+    pipe._kiln_step, pipe._kiln_first = 0, first
+    return pipe
+
+
 def _step_callback(deadline: float | None, progress: Callable[[int], None] | None) -> Callable:
     def check(pipe, step: int, timestep, kwargs: dict) -> dict:
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"generation stopped at step {step}: past its deadline")
         if progress is not None:
             progress(1)
+        if hasattr(pipe, "_kiln_step"):  # a guidance interval (in_interval): the next step
+            pipe._kiln_step = step + 1
         return kwargs
 
     return check
@@ -332,11 +316,12 @@ def _step_callback(deadline: float | None, progress: Callable[[int], None] | Non
 def _batches(
     pipe: DiffusionPipeline, requests: list[Request], batch_size: int
 ) -> list[tuple[tuple, list[int]]]:
-    """Each batch ``generate`` runs: (steps, guidance, negative, width, height), indices."""
+    """Each batch ``generate`` runs: (steps, guidance, guidance_start, negative, width,
+    height), indices."""
     geometry = Geometry.of(pipe)
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
-        key = (r.steps, r.guidance, r.negative, *geometry.size(r))
+        key = (r.steps, r.guidance, r.guidance_start, r.negative, *geometry.size(r))
         groups.setdefault(key, []).append(i)
     return [
         (key, idx[start : start + batch_size])
@@ -361,11 +346,12 @@ def generate(
 ) -> list[Image.Image]:
     """Images for ``requests`` in order, from the sampler ``pipe.scheduler`` names.
 
-    Requests sharing (steps, guidance, negative, size) are batched, up to ``batch_size``; each
-    image's initial noise comes from its own seed. Batching is not bit-exact on CPU:
-    oneDNN chooses convolution algorithms by batch size, so a batched image can differ
-    from the same request alone by 1/255 in a few pixels. ``batch_size=1`` makes every
-    image a function of its own Request only (the REST model does that).
+    Requests sharing (steps, guidance, guidance_start, negative, size) are batched, up to
+    ``batch_size``; each image's initial noise comes from its own seed. Batching is not
+    bit-exact on CPU: oneDNN chooses convolution algorithms by batch size, so a batched
+    image can differ from the same request alone by 1/255 in a few pixels.
+    ``batch_size=1`` makes every image a function of its own Request only (the REST model
+    does that).
 
     Safe to call concurrently on one ``pipe``: the call runs on ``private_pipeline(pipe)``
     and leaves ``pipe`` untouched. ``deadline`` (a ``time.monotonic()`` value) stops the
@@ -374,14 +360,19 @@ def generate(
     conditioning scale) for every request, on a ``StableDiffusionControlNetPipeline``
     (``inference/control.py``: ``load_control``, ``with_controlnet``). ``progress(1)``
     follows each batch's every step (``total_steps`` calls in all): the playground's bar."""
-    own = private_pipeline(pipe)
     extra = backbones.of_pipeline(pipe).call_kwargs(pipe)
-    watched = deadline is not None or progress is not None
-    callback = _step_callback(deadline, progress) if watched else None
     out: list[Image.Image | None] = [None] * len(requests)
-    for (steps, guidance, negative, width, height), chunk in _batches(pipe, requests, batch_size):
+    batches = _batches(pipe, requests, batch_size)
+    for (steps, guidance, start, negative, width, height), chunk in batches:
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError("generation stopped before a batch: past its deadline")
+        own = private_pipeline(pipe)
+        first = guided_from(steps, start)
+        interval = guidance > 1 and first > 0
+        if interval:
+            own = in_interval(own, first)
+        watched = interval or deadline is not None or progress is not None
+        callback = _step_callback(deadline, progress) if watched else None
         result = own(
             prompt=[requests[i].prompt for i in chunk],
             negative_prompt=[negative] * len(chunk) if negative or guidance > 1 else None,

@@ -1,10 +1,11 @@
 """MLflow pyfunc for ``kiln-text2image`` (logged as code: MLflow "models from code").
 
 Input: a DataFrame with a ``prompt`` column and optional ``seed``, ``steps``,
-``guidance``, ``negative_prompt``, ``width``, ``height`` columns (missing or null ->
-defaults: seed = row index, 20 steps, the guidance the version's evaluation chose
-(``inference/defaults.py``; 2.0 for a version saved without one), no negative prompt, the
-trained size; ``sampling.Geometry`` says which sizes a model draws).
+``guidance``, ``guidance_start``, ``negative_prompt``, ``width``, ``height`` columns
+(missing or null -> defaults: seed = row index, 20 steps, the guidance scale and start the
+version's evaluation chose (``inference/defaults.py``; 2.0 and 0 for a version saved
+without them), no negative prompt, the trained size; ``sampling.Geometry`` says which
+sizes a model draws).
 Output: a DataFrame with ``prompt``, ``seed`` and ``image``: the PNG bytes, base64
 encoded (``PIL.Image.open(io.BytesIO(base64.b64decode(s)))`` reads it back).
 
@@ -26,7 +27,7 @@ all on this one loaded model. So:
 * No per-request state on shared objects: ``sampling.generate`` runs every call on a
   pipeline object and scheduler of its own around the shared, read-only modules.
 * Each row is computed alone (batch size 1), so an image depends only on its own row
-  (prompt, seed, steps, guidance, negative prompt): the same whether sent alone, inside
+  (prompt, seed, steps, guidance, its start, negative prompt): the same whether sent alone, inside
   a larger request or while other clients are served (batching changes CPU convolution
   results by 1/255 here and there; ``sampling.generate``).
 * Every request is checked before anything is computed (``sampling.check_request`` per
@@ -73,9 +74,12 @@ from training.config import SAMPLER
 DEFAULTS = {
     "steps": SAMPLER.steps,
     "guidance": SAMPLER.guidance,
+    "guidance_start": SAMPLER.guidance_start,
     "negative_prompt": SAMPLER.negative_prompt,
 }
-COLUMNS = ("prompt", "seed", "steps", "guidance", "negative_prompt", "width", "height")
+COLUMNS = (
+    "prompt", "seed", "steps", "guidance", "guidance_start", "negative_prompt", "width", "height"
+)  # fmt: skip
 CONTROL_COLUMNS = ("control", "control_scale", "control_is_map")
 LIMITS = {  # env var -> default
     "KILN_SERVE_MAX_ROWS": 64,
@@ -164,6 +168,7 @@ def parse_requests(
     for i in range(rows):
         prompt = cols["prompt"][i]
         guidance = value("guidance", i, defaults["guidance"])
+        start = value("guidance_start", i, defaults["guidance_start"])
         r = Request(
             prompt="" if _missing(prompt) else prompt,
             seed=_whole(value("seed", i, i)),
@@ -172,6 +177,7 @@ def parse_requests(
             negative=value("negative_prompt", i, defaults["negative_prompt"]),
             width=_whole(value("width", i, None)),
             height=_whole(value("height", i, None)),
+            guidance_start=float(start) if isinstance(start, int | float) else start,
         )
         try:
             check_request(r)
@@ -253,8 +259,10 @@ class Text2Image(mlflow.pyfunc.PythonModel):
         self.max_steps_total = _limit("KILN_SERVE_MAX_STEPS_TOTAL")
         self.turns = threading.BoundedSemaphore(_limit("KILN_SERVE_CONCURRENCY"))
         self.pipe = load(context.artifacts["pipeline"])
-        # a row without a guidance gets the scale this version's evaluation chose
-        self.defaults = DEFAULTS | {"guidance": recommended(context.artifacts["pipeline"]).guidance}
+        # a row without a guidance (or guidance_start) gets what this version's
+        # evaluation chose
+        own = recommended(context.artifacts["pipeline"])
+        self.defaults = DEFAULTS | {"guidance": own.guidance, "guidance_start": own.guidance_start}
         self.geometry = Geometry.of(self.pipe)
         self.detector = self.control_pipe = None
         if context.artifacts.get("controlnet"):  # shipped by evaluate (control.ship)

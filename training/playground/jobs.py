@@ -46,12 +46,16 @@ class Settings:
     scheduler: str = SAMPLER.scheduler
     n: int = 1
 
-    def requests(self, own: float = SAMPLER.guidance) -> list:
-        """The job's requests for a version whose own guidance is ``own``."""
+    def requests(
+        self, own: float = SAMPLER.guidance, own_start: float = SAMPLER.guidance_start
+    ) -> list:
+        """The job's requests for a version whose own guidance is ``own`` from
+        ``own_start`` on (the start is always the version's: the page sets the scale)."""
         from training.inference.sampling import Request
 
         g = own if self.guidance is None else self.guidance
-        return [Request(self.prompt, self.seed + k, self.steps, g, self.negative)
+        return [Request(self.prompt, self.seed + k, self.steps, g, self.negative,
+                        guidance_start=own_start)
                 for k in range(self.n)]  # fmt: skip
 
     def check(self) -> None:
@@ -178,7 +182,7 @@ class Worker:
 
     def _pipeline(self, version: str):
         """The loaded pipeline of ``name/version``, its scheduler config as saved and
-        its own guidance."""
+        its own sampler defaults (``inference/defaults.py``: the guidance evaluate chose)."""
         if version in self.pipes:
             self.pipes.move_to_end(version)
             return self.pipes[version]
@@ -187,7 +191,7 @@ class Worker:
 
         folder = self.pipeline_dir(version)
         pipe = sampling.load(folder)
-        entry = (pipe, dict(pipe.scheduler.config), recommended(folder).guidance)
+        entry = (pipe, dict(pipe.scheduler.config), recommended(folder))
         self.pipes[version] = entry
         while len(self.pipes) > KEEP_PIPELINES:
             self.pipes.popitem(last=False)
@@ -203,7 +207,7 @@ class Worker:
             # from the saved config each time, as `kiln generate` does after a fresh load
             # (a scheduler made from another sampler's config is not the same sampler)
             pipe.scheduler = sampling.make_scheduler(s.scheduler, saved)
-            reqs = s.requests(own)
+            reqs = s.requests(own.guidance, own.guidance_start)
             loaded.append((pipe, reqs))
             job.total_steps += sampling.total_steps(pipe, reqs)
 
@@ -218,7 +222,8 @@ class Worker:
             for k, (r, img) in enumerate(zip(reqs, images, strict=True)):
                 name = f"{job.id}-{side}-{k}-{sampling.slug(r.prompt, 32)}-{r.seed}.png"
                 img.save(self.images / name)
-                files.append({"file": f"images/{name}", "seed": r.seed, "guidance": r.guidance})
+                files.append({"file": f"images/{name}", "seed": r.seed, "guidance": r.guidance,
+                              "guidance_start": r.guidance_start})  # fmt: skip
                 self._record(job, side, model, version, r, img, name)
             note = _truncation_note(pipe, s)
             job.results.append({"model": model, "version": version, "images": files, "note": note})

@@ -176,6 +176,7 @@ def register_text2image(
                 ColSpec("long", "seed", required=False),
                 ColSpec("long", "steps", required=False),
                 ColSpec("double", "guidance", required=False),
+                ColSpec("double", "guidance_start", required=False),
                 ColSpec("string", "negative_prompt", required=False),
                 ColSpec("long", "width", required=False),
                 ColSpec("long", "height", required=False),

@@ -1,0 +1,82 @@
+"""What a sampling request is, and which ones Kiln computes.
+
+``Request`` is one image to draw; ``check_request`` refuses, with a one-line message, what
+``sampling.generate`` should not compute. A module of its own so the CLI, the REST model
+and the playground check requests before they load a model (``sampling`` re-exports it).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from training.config import SAMPLER
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    seed: int
+    steps: int = SAMPLER.steps
+    guidance: float = SAMPLER.guidance
+    negative: str = SAMPLER.negative_prompt
+    width: int | None = None  # pixels; None: the size the model was trained at
+    height: int | None = None
+    # the noisiest fraction of the steps sampled unguided (SamplerDefaults.guidance_start)
+    guidance_start: float = SAMPLER.guidance_start
+
+
+# diffusers' schedulers refuse more inference steps than training timesteps (1000 here).
+MAX_STEPS = 1000
+# torch.Generator.manual_seed takes any 64-bit value but folds negative seeds onto
+# positive ones (-1 is 2**64 - 2), so two seeds would name one image; int64 is also
+# what the pyfunc signature declares.
+MAX_SEED = 2**63 - 1
+# A side may be at most this many times the trained side: a U-Net's attention and
+# convolutions only ever saw the trained size, and the cost grows with the area.
+MAX_SIZE_FACTOR = 4
+# CLIP reads at most model_max_length tokens (set by train_clip) and drops the rest, so
+# a longer prompt only costs tokenizer time; the bound keeps that time small.
+MAX_PROMPT_CHARS = 4096
+
+
+def _whole(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_request(r: Request) -> None:
+    """Raise ``ValueError`` with a one-line message naming the field and the allowed
+    range if ``r`` is not something ``generate`` should compute.
+
+    prompt: a non-empty string of at most MAX_PROMPT_CHARS characters; negative: a string
+    (may be empty) of at most MAX_PROMPT_CHARS; seed: a whole number in [0, MAX_SEED];
+    steps: a whole number in [1, MAX_STEPS]; guidance: a finite number >= 0; width and
+    height: None or a whole number >= 1 (which sizes a model draws is
+    ``Geometry.size``'s check, once the model is loaded). Guidance
+    below 1 is legal (diffusers then skips classifier-free guidance: 1 is the plain
+    conditional model, 0 the unconditional one); a negative scale or NaN only makes noise.
+    guidance_start: a finite fraction in [0, 1) (diffusers' guiders' ``start``).
+    Called by the REST/pyfunc model and ``kiln generate`` before loading or computing."""
+    for field, text in (("prompt", r.prompt), ("negative_prompt", r.negative)):
+        if not isinstance(text, str):
+            raise ValueError(f"{field} must be a string, got {type(text).__name__}")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"{field} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are allowed"
+            )
+    if not r.prompt.strip():
+        raise ValueError("prompt must be a non-empty string")
+    if not _whole(r.seed) or not 0 <= r.seed <= MAX_SEED:
+        raise ValueError(f"seed must be a whole number in [0, {MAX_SEED}], got {r.seed!r}")
+    if not _whole(r.steps) or not 1 <= r.steps <= MAX_STEPS:
+        raise ValueError(f"steps must be a whole number in [1, {MAX_STEPS}], got {r.steps!r}")
+    g = r.guidance
+    if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 0:
+        raise ValueError(f"guidance must be a finite number >= 0, got {g!r}")
+    s = r.guidance_start
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0 <= s < 1:
+        raise ValueError(f"guidance_start must be a fraction in [0, 1), got {s!r}")
+    for field, side in (("width", r.width), ("height", r.height)):
+        if side is not None and (not _whole(side) or side < 1):
+            raise ValueError(f"{field} must be a whole number of pixels >= 1, got {side!r}")
