@@ -43,10 +43,7 @@ def trajectory(pipe, prompt: str, seed: int, steps: int, guidance: float, start:
     from training.engine.images import grid, to_uint8
     from training.inference import sampling
 
-    first = sampling.guided_from(steps, start)
-    own = sampling.private_pipeline(pipe)
-    if guidance > 1 and first > 0:
-        own = sampling.in_interval(own, first)
+    own, _ = sampling.guided(pipe, steps, guidance, start)
 
     noisy: list[torch.Tensor] = []
     clean: list[torch.Tensor] = []

@@ -300,6 +300,19 @@ def in_interval(pipe: DiffusionPipeline, first: int) -> DiffusionPipeline:
     return pipe
 
 
+def guided(
+    pipe: DiffusionPipeline, steps: int, guidance: float, start: float
+) -> tuple[DiffusionPipeline, bool]:
+    """A private pipeline around ``pipe``'s modules for one call of ``steps`` steps at
+    ``guidance`` from ``start`` on, and whether it has an interval (then the call's
+    ``callback_on_step_end`` must advance ``_kiln_step``: ``in_interval``)."""
+    own = private_pipeline(pipe)
+    first = guided_from(steps, start)
+    if guidance > 1 and first > 0:
+        return in_interval(own, first), True
+    return own, False
+
+
 def _step_callback(deadline: float | None, progress: Callable[[int], None] | None) -> Callable:
     def check(pipe, step: int, timestep, kwargs: dict) -> dict:
         if deadline is not None and time.monotonic() > deadline:
@@ -366,11 +379,7 @@ def generate(
     for (steps, guidance, start, negative, width, height), chunk in batches:
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError("generation stopped before a batch: past its deadline")
-        own = private_pipeline(pipe)
-        first = guided_from(steps, start)
-        interval = guidance > 1 and first > 0
-        if interval:
-            own = in_interval(own, first)
+        own, interval = guided(pipe, steps, guidance, start)
         watched = interval or deadline is not None or progress is not None
         callback = _step_callback(deadline, progress) if watched else None
         result = own(
