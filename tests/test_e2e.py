@@ -119,6 +119,8 @@ def test_caption_lengths_context_and_held_out_loss_are_reported(run):
     assert u["val_loss"] == pytest.approx(sum(per_t) / 5)
     assert 0 < u["val_loss"] < 1  # predicting all zeros scores about 1
     assert u["val_loss_samples"] == min(256, m["precompute_latents"]["val_count"])
+    # the EMA averaged as long as tiny's ema_decay says (0.97: reached at update 290)
+    assert u["ema_decay_reached"] == 0.97
 
 
 def test_summary_names_models_metrics_and_next_command(run):

@@ -37,7 +37,7 @@ def _setup(tmp_path, steps=12, every=4, fp="fp"):
 
 def test_resume_is_bitwise_identical(tmp_path):
     full, fn = _setup(tmp_path / "a")
-    full.fit(fn)
+    uninterrupted = full.fit(fn)
     # interrupted run: Ctrl-C during step 9 (checkpoint 8 is on disk), then a fresh
     # trainer — as after a restart — resumes from it
     part, fn2 = _setup(tmp_path / "b", steps=12)
@@ -52,6 +52,10 @@ def test_resume_is_bitwise_identical(tmp_path):
     resumed, fn3 = _setup(tmp_path / "b", steps=12)
     summary = resumed.fit(fn3)
     assert summary["resumed_from_step"] == 8
+    # the decay of the 12th update, counted across the restart: the warm-up's
+    # 13/22 = 0.59, not the 0.9 asked for
+    assert summary["ema_decay_reached"] == uninterrupted["ema_decay_reached"]
+    assert summary["ema_decay_reached"] == pytest.approx(13 / 22)
     for a, b in zip(
         full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
     ):
@@ -246,3 +250,16 @@ def test_trainer_on_cuda_trains_under_bf16_autocast(tmp_path, monkeypatch):
     assert seen_dtypes == {torch.bfloat16}
     assert sum(losses[-10:]) < sum(losses[:10])
     assert next(model.parameters()).device.type == "cuda"
+
+
+def test_ema_warm_up_caps_the_decay_of_short_runs():
+    """tiny's 1,800 U-Net steps end at decay 0.995 whatever ema_decay says above it: the
+    report must say what was averaged, not what was configured."""
+    ema = E.EMA(torch.nn.Linear(2, 2), 0.999)
+    assert ema.reached == 0.0
+    assert ema.decay_at(1800) == pytest.approx(1801 / 1810)
+    assert ema.decay_at(8991) == pytest.approx(0.999) and ema.decay_at(20_000) == 0.999
+    short = E.EMA(torch.nn.Linear(2, 2), 0.9)
+    for _ in range(100):
+        short.update(torch.nn.Linear(2, 2))
+    assert short.reached == 0.9  # the warm-up passes 0.9 at update 81

@@ -170,13 +170,16 @@ class Trainer:
             self.ema.copy_to(self.model)
         self.model.eval()
         elapsed = time.perf_counter() - t0
-        return {
+        summary = {
             "train_seconds": elapsed,
             "samples_per_s": seen / max(elapsed, 1e-9),
             "final_loss": last.get("loss", float("nan")),
             "resumed_from_step": start,
             "steps_trained": end,
         }
+        if self.ema is not None:  # the warm-up caps short runs below ema_decay (ema.py)
+            summary["ema_decay_reached"] = self.ema.reached
+        return summary
 
 
 def stage_trainer(
