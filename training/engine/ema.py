@@ -12,7 +12,7 @@ class EMA:
     ``use_ema_warmup``) so early averages are not dominated by init.
 
     The warm-up reaches a decay d only after ``(10 d - 1) / (1 - d)`` updates: 0.999
-    after 8,991, so a short run never averages as long as its ``ema_decay`` says
+    after 8,990, so a short run never averages as long as its ``ema_decay`` says
     (tiny's 1,800 U-Net steps end at 0.995). ``reached`` is the decay of the last
     update, which the trainings report beside the configured one."""
 
