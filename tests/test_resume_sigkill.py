@@ -4,7 +4,7 @@ issue's resume test, on the real `kiln train-vae` process)."""
 
 from __future__ import annotations
 
-import shutil
+import json
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ def test_sigkilled_training_resumes_bitwise_identical(project):
 
     kiln(project, "train-vae")
     uninterrupted = load_file(project / WEIGHTS)
-    shutil.rmtree(project / CKPT)
+    assert not (project / CKPT).exists()  # finished: its resume state is gone
 
     killed_at = sigkill_after_checkpoint(project, "train-vae", project / CKPT, 20)
     assert 20 <= killed_at < 80, killed_at
@@ -45,3 +45,12 @@ def test_sigkilled_training_resumes_bitwise_identical(project):
     assert weights.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         assert (weights[name] == tensor).all(), name
+
+    # A finished stage leaves no resume state, so running it again (as DVC does after a
+    # code change, which the checkpoints' fingerprint cannot see) trains every step
+    # again instead of "resuming" at the last one and re-registering the old weights.
+    assert not (project / CKPT).exists()
+    again = kiln(project, "train-vae")
+    assert "resuming from step-" not in again.stderr
+    metrics = json.loads((project / "data/metrics/train_vae.json").read_text())
+    assert (metrics["resumed_from_step"], metrics["steps_trained"]) == (0, 80)

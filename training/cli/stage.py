@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,12 @@ def run_stage(stage: str, body: Callable[..., dict], register: Callable | None =
                 metrics["registered_version"] = register(tr, metrics)
             metrics["mlflow_run_id"] = tr.run_id
         write_json(P.METRICS / f"{stage}.json", metrics)
+        if spec.checkpoints:
+            # Resume state is for an interrupted run only. Kept, a finished stage's last
+            # checkpoint would be "resumed" by the next run of the stage (DVC re-runs it
+            # when its code changes, which the checkpoint's fingerprint cannot see), which
+            # would train nothing and register the old weights as new.
+            shutil.rmtree(P.CKPT / stage, ignore_errors=True)
         return metrics
     except (config.ConfigError, UserError, TrainingDiverged) as exc:
         cleanup(fresh)
