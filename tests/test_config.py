@@ -29,6 +29,16 @@ def test_repo_params_load_and_default_to_tiny():
         ({"train_vae": "big"}, "train_vae"),
         ({"mode": "resume"}, "mode"),
         ({"evaluate": {"oracle": "cats"}}, "evaluate.oracle"),
+        # a gate metric the run cannot measure: refused before anything is sampled or
+        # registered (the gate itself runs after evaluate registered the version)
+        (
+            {"ingest": {"dataset": "folder"}, "evaluate": {"gate_metric": "acc_all"}},
+            "evaluate.gate_metric acc_all is an oracle's accuracy",
+        ),
+        (
+            {"train_unet": {"val_samples": 0}, "evaluate": {"gate_metric": "val_loss"}},
+            "train_unet.val_samples is 0",
+        ),
     ],
 )
 def test_bad_params_name_the_key_and_file(tmp_path, raw, needle):

@@ -130,6 +130,23 @@ class Params(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _gate_metric_is_measured(self) -> Params:
+        # the gate runs after evaluate has sampled and registered: a metric this run
+        # cannot produce must stop it here, not leave an alias-less version per try
+        m = self.evaluate.gate_metric
+        if m and m.startswith("acc_") and not self.oracle():
+            raise ValueError(
+                f"evaluate.gate_metric {m} is an oracle's accuracy, and {self.ingest.dataset} "
+                "data has no oracle (evaluate.oracle names one for an export of a built-in "
+                "set); use fd_clip_ratio, or leave gate_metric empty"
+            )
+        if m == "val_loss" and not self.train_unet.val_samples:
+            raise ValueError(
+                "evaluate.gate_metric val_loss needs the held-out loss: train_unet.val_samples is 0"
+            )
+        return self
+
     def gate_metric(self) -> str:
         """The promotion gate's metric: the oracle's accuracy where there is one."""
         if self.evaluate.gate_metric:
