@@ -58,6 +58,42 @@ def test_lock_is_exclusive_reentrant_and_dies_with_its_holder(tmp_path, monkeypa
     assert runlock.HOLDER_ENV not in os.environ
 
 
+STAGE = """
+import sys, time
+from pathlib import Path
+from training import runlock
+with runlock.stage_lock("train_unet", Path(sys.argv[1])):
+    print("training", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_stage_run_by_hand_keeps_a_pipeline_out_while_it_runs(tmp_path, monkeypatch):
+    """The bug: a by-hand `kiln train-unet` checked the lock for an instant and then held
+    nothing, so a `kiln run` started while it trained took the checkout and rewrote
+    params.yaml and data/ under it."""
+    monkeypatch.delenv(runlock.HOLDER_ENV, raising=False)
+    env = {k: v for k, v in os.environ.items() if k != runlock.HOLDER_ENV}
+    stage = subprocess.Popen(
+        [sys.executable, "-c", STAGE, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert stage.stdout.readline().strip() == "training"
+        busy = "another kiln run or a stage run by hand is running"
+        with (
+            pytest.raises(runlock.PipelineBusy, match=busy),
+            runlock.pipeline_lock("kiln run (digits)", tmp_path),
+        ):
+            pass
+        with runlock.stage_lock("train_vae", tmp_path):  # stages by hand share it
+            pass
+    finally:
+        stage.kill()
+        stage.wait()
+    with runlock.pipeline_lock("kiln run (digits)", tmp_path):  # the stage is gone
+        pass
+
+
 def test_second_kiln_run_is_refused_before_touching_params_or_data(project: Path):
     """The bug: a second `kiln run --dataset digits` rewrote params.yaml and re-ingested
     into the shared data/ while the first (shapes) run was training."""

@@ -40,8 +40,8 @@ def _describe(path: Path) -> str:
         info = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
         info = {}
-    if not info:
-        return "another kiln run"
+    if not info:  # a stage run by hand holds it shared and records nothing
+        return "another kiln run or a stage run by hand"
     started = time.strftime("%H:%M:%S", time.localtime(info.get("started", 0)))
     return (
         f"{info.get('what', 'a kiln run')} (pid {info.get('pid')} on {info.get('host')}, "
@@ -61,7 +61,7 @@ def pipeline_lock(what: str, root: Path | None = None) -> Iterator[None]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    for attempt in range(5):  # a stage's check_free holds LOCK_SH for an instant
+    for attempt in range(5):  # check_free holds LOCK_SH for an instant
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
@@ -100,21 +100,33 @@ def held_fds() -> tuple[int, ...]:
     return tuple(_held.values())
 
 
-def check_free(stage: str, root: Path | None = None) -> None:
+@contextlib.contextmanager
+def stage_lock(stage: str, root: Path | None = None) -> Iterator[None]:
     """For a stage command: refuse to run while a pipeline that did not start it holds
-    the checkout (a by-hand ``kiln train-unet`` or ``dvc repro`` during ``kiln run``)."""
+    the checkout (a by-hand ``kiln train-unet`` or ``dvc repro`` during ``kiln run``), and
+    hold a shared lock for the whole body, so a ``kiln run`` started meanwhile is refused
+    instead of rewriting params.yaml and data/ under the stage. Stages by hand share it:
+    they may run side by side, as DVC lets them."""
     if os.environ.get(HOLDER_ENV):
-        return  # started by the pipeline that holds the lock
-    path = (root or Path.cwd()).resolve() / LOCK
-    if not path.exists():
+        yield  # started by the pipeline that holds the lock
         return
-    fd = os.open(path, os.O_RDONLY)
+    path = (root or Path.cwd()).resolve() / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise PipelineBusy(
-            f"{stage}: {_describe(path)} is running in this checkout; run stages by hand "
-            "only when no pipeline is running"
-        ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineBusy(
+                f"{stage}: {_describe(path)} is running in this checkout; run stages by hand "
+                "only when no pipeline is running"
+            ) from None
+        yield
     finally:
-        os.close(fd)  # also releases the shared lock if we got it
+        os.close(fd)  # releases the shared lock
+
+
+def check_free(stage: str, root: Path | None = None) -> None:
+    """``stage_lock``'s check alone, released at once."""
+    with stage_lock(stage, root):
+        pass

@@ -9,6 +9,7 @@ load torch, and an edit to a user command (``training/cli/user.py``) re-runs no 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -46,22 +47,30 @@ def run_stage(stage: str, body: Callable[..., dict], register: Callable | None =
     """The shared adapter: config -> checks -> MLflow run -> phase -> metrics/registry.
     ``body(params, tracker)`` runs the phase; ``register(tracker, metrics)`` registers
     what it made and returns the version."""
-    from training import config, runlock, tracking
+    from training import runlock
     from training.cli import launch
-    from training.disk import disk_full_errors, write_json
-    from training.errors import TrainingDiverged
 
     spec = BY_NAME[stage]
-    outs, inputs = list(spec.outs), list(spec.inputs)
-    fresh = [] if spec.persist else outs  # what starts empty (and is removed on failure)
     if spec.data_parallel and launch.relaunch_under_torchrun(stage):
         return {}
     if spec.data_parallel and launch.is_follower():
         return launch.follow(stage, body)
-    try:  # before anything is touched: the running pipeline owns data/
-        runlock.check_free(stage)
-    except runlock.PipelineBusy as exc:
-        fail(str(exc))
+    with contextlib.ExitStack() as held:
+        try:  # before anything is touched: the running pipeline owns data/
+            held.enter_context(runlock.stage_lock(stage))
+        except runlock.PipelineBusy as exc:
+            fail(str(exc))
+        return _run_stage(stage, spec, body, register)
+
+
+def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable | None) -> dict:
+    """``run_stage``'s work, under the stage's hold on the run lock."""
+    from training import config, tracking
+    from training.disk import disk_full_errors, write_json
+    from training.errors import TrainingDiverged
+
+    outs, inputs = list(spec.outs), list(spec.inputs)
+    fresh = [] if spec.persist else outs  # what starts empty (and is removed on failure)
     t0 = time.perf_counter()
     failure_note(stage).unlink(missing_ok=True)
     try:
