@@ -209,6 +209,23 @@ def test_candidates_are_distinct_finite_scales():
     assert got.evaluate.guidance_interval_candidates == ((2.0, 0.3), (3.0, 0.4))
 
 
+def test_no_setting_holds_a_scale_below_1():
+    """Requests refuse guidance below 1 (diffusers draws it as 1, so the picture would
+    not be what its record says): evaluate must not sample, choose or save one either."""
+    from training import config
+
+    for section in (
+        {"guidance": 0.5},
+        {"guidance_candidates": [0.5, 2.0]},
+        {"guidance_interval_candidates": [[0.5, 0.4]]},
+        {"sweep_guidance": [0.0, 2.0]},
+    ):
+        with pytest.raises(config.ConfigError, match="greater than or equal to 1"):
+            config.resolve({"evaluate": section})
+    ok = config.resolve({"evaluate": {"guidance": 1, "sweep_guidance": [1, 100]}})
+    assert ok.evaluate.sweep_guidance == (1.0, 100.0)
+
+
 def test_a_playground_job_without_guidance_samples_each_version_at_its_own():
     from training.playground.jobs import Settings
 

@@ -158,9 +158,9 @@ def server(registry: tuple[Path, str]) -> Iterator[str]:
 def test_check_request_accepts_good_requests():
     for r in (
         sampling.Request("a red circle", 0),
-        sampling.Request("a red circle", np.int64(7), np.int64(4), 0.0, "blurry"),
+        sampling.Request("a red circle", np.int64(7), np.int64(4), 1.0, "blurry"),
         sampling.Request("x", sampling.MAX_SEED, sampling.MAX_STEPS, 1),
-        sampling.Request("x" * sampling.MAX_PROMPT_CHARS, 3, 1, 0.5),
+        sampling.Request("x" * sampling.MAX_PROMPT_CHARS, 3, 1, 100),
     ):
         sampling.check_request(r)
 
@@ -173,7 +173,7 @@ def test_check_request_accepts_good_requests():
         (sampling.Request("a red circle", 1, 1001), "steps must be"),
         (sampling.Request("a red circle", 1, 4.5), "steps must be a whole number"),  # type: ignore[arg-type]
         (sampling.Request("a red circle", 1, True), "steps must be"),  # type: ignore[arg-type]
-        (sampling.Request("a red circle", 1, 4, -1.0), "guidance must be a finite number >= 0"),
+        (sampling.Request("a red circle", 1, 4, -1.0), "guidance must be a number in [1, 100]"),
         (sampling.Request("a red circle", 1, 4, math.nan), "guidance must be"),
         (sampling.Request("a red circle", 1, 4, math.inf), "guidance must be"),
         (sampling.Request("a red circle", 1, 4, "4"), "guidance must be"),  # type: ignore[arg-type]
@@ -341,8 +341,8 @@ def test_oversized_requests_are_refused_at_once_and_the_server_keeps_serving(ser
             "row 0: steps must be a whole number in [1, 1000], got 0",
         ),
         (["a red circle", 1, -2, 4.0, ""], "steps must be a whole number in [1, 1000]"),
-        (["a red circle", 1, 4, -1.0, ""], "row 0: guidance must be a finite number >= 0"),
-        (["a red circle", 1, 4, math.inf, ""], "guidance must be a finite number >= 0"),
+        (["a red circle", 1, 4, 0.5, ""], "row 0: guidance must be a number in [1, 100]"),
+        (["a red circle", 1, 4, math.inf, ""], "guidance must be a number in [1, 100]"),
         (["", 1, 4, 4.0, ""], "row 0: prompt must be a non-empty string"),
         (["a red circle", -5, 4, 4.0, ""], "row 0: seed must be a whole number in [0, "),
     ],

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +23,7 @@ from training.cli import ruler, stage
 from training.cli.base import UserError, fail, load_params, writable
 from training.cli.control import controlnet_dir, open_control, with_control
 from training.config import SAMPLER
+from training.inference.requests import MAX_GUIDANCE, MIN_GUIDANCE
 from training.stages import PIPELINE_MODEL
 from training.tracking.versions import pipeline_dir
 
@@ -119,6 +121,29 @@ def _can_create(d: Path) -> None:
         raise UserError(f"output directory {d} is not writable ({probe} is not a writable folder)")
 
 
+def next_index(out: Path) -> int:
+    """The number of the next picture ``kiln generate`` writes into ``out``: past every
+    numbered picture (``NNNN-slug-seed.png``) and every manifest line already there, so
+    a second run into one folder adds pictures instead of replacing ones that
+    manifest.jsonl still describes. 0 for a folder that does not exist yet."""
+    manifest = out / "manifest.jsonl"
+    if manifest.exists() and not manifest.is_file():
+        raise UserError(f"{manifest} is not a file; give another --out")
+    try:
+        taken = [
+            int(m.group(1)) + 1
+            for f in (out.iterdir() if out.is_dir() else ())
+            if (m := re.fullmatch(r"(\d+)-.*\.png", f.name))
+        ]
+        lines = 0
+        if manifest.is_file():
+            with open(manifest, "rb") as f:  # bytes: a line cut by a crash still counts
+                lines = sum(1 for line in f if line.strip())
+    except OSError as exc:  # an unreadable folder or manifest
+        raise UserError(f"cannot read output directory {out}: {exc}") from None
+    return max([lines, *taken])
+
+
 def warn_truncated(tokenizer, prompts: list[str]) -> int:
     """Warn for each prompt longer than the text encoder's context: the model never sees
     the rest. Returns how many were cut."""
@@ -149,9 +174,12 @@ def generate(
     guidance: Annotated[
         float | None,
         typer.Option(
-            min=0.0,
-            max=100.0,
-            help="classifier-free guidance scale (1: off); default: the model's, chosen by "
+            # check_request's bounds, so typer refuses what it would (below 1 diffusers
+            # draws the scale-1 picture)
+            min=MIN_GUIDANCE,
+            max=MAX_GUIDANCE,
+            help=f"classifier-free guidance scale, {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g} "
+            "(1: off); default: the model's, chosen by "
             f"its evaluation (else {SAMPLER.guidance:g})",
         ),
     ] = None,
@@ -210,6 +238,7 @@ def generate(
         if any(not p.strip() for p in prompts):
             raise UserError("a prompt is empty")
         _can_create(out)
+        first = next_index(out)  # numbering continues after what --out already holds
         from training.inference import defaults, sampling
 
         if scheduler not in sampling.SCHEDULERS:
@@ -232,6 +261,16 @@ def generate(
         g = own.guidance if guidance is None else g
         start = own.guidance_start if guidance_start is None else start
         reqs = [dataclasses.replace(r, guidance=g, guidance_start=start) for r in reqs]
+        if guidance is None or guidance_start is None:
+            # the model's own values (kiln_sampler.json) were not checked above; evaluate
+            # may have saved a scale below 1, which would be drawn as 1 yet recorded
+            try:
+                sampling.check_request(reqs[0])  # the same values in every request
+            except ValueError as exc:
+                raise UserError(
+                    f"{pipe_dir}: the model's own sampler setting: {exc}; pass --guidance "
+                    "and --guidance-start"
+                ) from None
         from training.engine.distributed import set_torch_threads
 
         set_torch_threads()
@@ -257,7 +296,7 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "manifest.jsonl", "a") as manifest:
         for i, (r, img) in enumerate(zip(reqs, images, strict=True)):
-            name = f"{i:04d}-{sampling.slug(r.prompt)}-{r.seed}.png"
+            name = f"{first + i:04d}-{sampling.slug(r.prompt)}-{r.seed}.png"
             img.save(out / name)
             line = sampling.manifest_line(name, r, img, scheduler, model, version)
             if control is not None:

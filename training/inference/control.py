@@ -16,6 +16,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 MIN_SIDE = 8  # a smaller control image has no spatial layout worth following
+# The most pixels a control image may declare, checked from its header before it is
+# decoded: it is only ever resized down to the sample (at most 4x the trained side), so
+# this is generous (8192x8192, a 64 MP camera photo) yet keeps the decoded picture near
+# 200 MB as RGB; Pillow's own bomb limit (~179 MP, ~850 MB decoded) is far too late.
+MAX_PIXELS = 8192 * 8192
 # beside a ControlNet's weights: its detector, thresholds and the U-Net it was trained on
 CONTROL_FILE = "kiln_control.json"
 MAX_SCALE = 10.0  # the largest conditioning scale kiln generate and the REST model take
@@ -35,11 +40,20 @@ def edges(rgb: np.ndarray, low: int, high: int) -> np.ndarray:
     return np.repeat(e[..., None], 3, axis=2)
 
 
+def _check_pixels(img: Image.Image, name: str) -> None:
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ControlImageError(
+            f"{name}: {w}x{h} pixels is too large a control image (at most {MAX_PIXELS:,} "
+            "pixels, e.g. 8192x8192; it is resized to the sample's size anyway)"
+        )
+
+
 def open_control(source: str | Path | bytes | Image.Image, name: str | None = None) -> Image.Image:
     """A control image from a file, bytes or a picture, as RGB (transparency on black,
-    the maps' background); a non-image, an empty file or one smaller than ``MIN_SIDE``
-    pixels is a ``ControlImageError`` naming it. Cheap: callers check before loading
-    any model."""
+    the maps' background); a non-image, an empty file, one smaller than ``MIN_SIDE``
+    pixels or one declaring more than ``MAX_PIXELS`` (refused before decoding) is a
+    ``ControlImageError`` naming it. Cheap: callers check before loading any model."""
     name = name or (str(source) if isinstance(source, (str, Path)) else "the control image")
     if isinstance(source, Image.Image):
         img = source
@@ -48,12 +62,19 @@ def open_control(source: str | Path | bytes | Image.Image, name: str | None = No
         if not data:
             raise ControlImageError(f"{name}: empty file, not an image")
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            _check_pixels(img, name)
             img.load()
         except UnidentifiedImageError:
             raise ControlImageError(f"{name}: not an image (Pillow cannot identify it)") from None
+        except Image.DecompressionBombError:  # not an OSError: Pillow's limit, met first
+            raise ControlImageError(
+                f"{name}: declares more pixels than Pillow will decode (at most "
+                f"{MAX_PIXELS:,} are taken)"
+            ) from None
         except OSError as e:  # a truncated or damaged file of a known format
             raise ControlImageError(f"{name}: not an image Pillow can read ({e})") from None
+    _check_pixels(img, name)  # a picture handed in already decoded: bounded all the same
     if min(img.size) < MIN_SIDE:
         raise ControlImageError(
             f"{name}: {img.size[0]}x{img.size[1]} pixels, too small to carry a layout "

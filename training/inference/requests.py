@@ -7,7 +7,6 @@ and the playground check requests before they load a model (``sampling`` re-expo
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -33,6 +32,14 @@ MAX_STEPS = 1000
 # positive ones (-1 is 2**64 - 2), so two seeds would name one image; int64 is also
 # what the pyfunc signature declares.
 MAX_SEED = 2**63 - 1
+# diffusers runs the unconditional branch only when guidance_scale > 1, so any scale
+# below 1 draws exactly the scale-1 picture while the manifest would record the asked
+# value: refused, 1 is "off". Pictures over-saturate long before 100 (README: tiny
+# shapes over-guide at 4), and a scale past float32's range (1e39) turns the prediction
+# into NaN, an all-black picture answered as a success; 100 is the bound `kiln generate
+# --guidance` always had.
+MIN_GUIDANCE = 1.0
+MAX_GUIDANCE = 100.0
 # A side may be at most this many times the trained side: a U-Net's attention and
 # convolutions only ever saw the trained size, and the cost grows with the area.
 MAX_SIZE_FACTOR = 4
@@ -51,11 +58,11 @@ def check_request(r: Request) -> None:
 
     prompt: a non-empty string of at most MAX_PROMPT_CHARS characters; negative: a string
     (may be empty) of at most MAX_PROMPT_CHARS; seed: a whole number in [0, MAX_SEED];
-    steps: a whole number in [1, MAX_STEPS]; guidance: a finite number >= 0; width and
-    height: None or a whole number >= 1 (which sizes a model draws is
-    ``Geometry.size``'s check, once the model is loaded). Guidance
-    below 1 is legal (diffusers then skips classifier-free guidance: 1 is the plain
-    conditional model, 0 the unconditional one); a negative scale or NaN only makes noise.
+    steps: a whole number in [1, MAX_STEPS]; guidance: a number in [MIN_GUIDANCE,
+    MAX_GUIDANCE] (1: no classifier-free guidance, the plain conditional model; diffusers
+    skips guidance at any scale <= 1, so a lower one would be drawn as 1 and recorded
+    wrongly); width and height: None or a whole number >= 1 (which sizes a model draws
+    is ``Geometry.size``'s check, once the model is loaded).
     guidance_start: a finite fraction in [0, 1) (diffusers' guiders' ``start``).
     Called by the REST/pyfunc model and ``kiln generate`` before loading or computing."""
     for field, text in (("prompt", r.prompt), ("negative_prompt", r.negative)):
@@ -72,8 +79,16 @@ def check_request(r: Request) -> None:
     if not _whole(r.steps) or not 1 <= r.steps <= MAX_STEPS:
         raise ValueError(f"steps must be a whole number in [1, {MAX_STEPS}], got {r.steps!r}")
     g = r.guidance
-    if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 0:
-        raise ValueError(f"guidance must be a finite number >= 0, got {g!r}")
+    # NaN fails both comparisons and infinities the bounds: no separate finiteness test
+    if (
+        isinstance(g, bool)
+        or not isinstance(g, numbers.Real)
+        or not MIN_GUIDANCE <= g <= MAX_GUIDANCE
+    ):
+        raise ValueError(
+            f"guidance must be a number in [{MIN_GUIDANCE:g}, {MAX_GUIDANCE:g}] "
+            f"(1: no guidance; lower scales draw the same picture as 1), got {g!r}"
+        )
     s = r.guidance_start
     if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0 <= s < 1:
         raise ValueError(f"guidance_start must be a fraction in [0, 1), got {s!r}")

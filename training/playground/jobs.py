@@ -144,9 +144,20 @@ class Worker:
                 ) from None
             self.jobs[job.id] = job
             self.waiting.append(job.id)
-            while len(self.jobs) > KEEP_JOBS:
-                self.jobs.popitem(last=False)
+            self._forget_finished()
         return job
+
+    def _forget_finished(self) -> None:
+        """Drop the oldest finished jobs past ``KEEP_JOBS`` (under ``self.lock``). A
+        queued or running job is never dropped, whatever its age: its client still polls
+        it and the worker still draws it. Those are bounded anyway (``max_queue`` waiting,
+        one running), so ``self.jobs`` holds at most KEEP_JOBS + max_queue + 1."""
+        excess = len(self.jobs) - KEEP_JOBS
+        if excess <= 0:
+            return
+        finished = [i for i, j in self.jobs.items() if j.state in ("done", "error")]
+        for job_id in finished[:excess]:  # oldest first: the dict keeps submission order
+            del self.jobs[job_id]
 
     def view(self, job_id: str) -> dict[str, Any] | None:
         with self.lock:
@@ -208,6 +219,13 @@ class Worker:
             # (a scheduler made from another sampler's config is not the same sampler)
             pipe.scheduler = sampling.make_scheduler(s.scheduler, saved)
             reqs = s.requests(own.guidance, own.guidance_start)
+            try:  # the version's own scale (its kiln_sampler.json) is known only now
+                for r in reqs:
+                    sampling.check_request(r)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{version}'s own sampler setting: {exc}; set a guidance"
+                ) from None
             loaded.append((pipe, reqs))
             job.total_steps += sampling.total_steps(pipe, reqs)
 
