@@ -57,8 +57,10 @@ class IngestCfg(Section):
     url_col: str = "url"
     caption_col: str = "caption"
     # buckets: validate fits each image to its aspect-ratio bucket (intake/buckets.py);
-    # border (pad to a square), center_crop, keep_ratio, no: img2dataset's own modes
-    resize_mode: Literal["buckets", "border", "center_crop", "keep_ratio", "no"] = "buckets"
+    # border (pad to a square), center_crop: img2dataset's own modes. Its keep_ratio and
+    # no are refused: they leave non-square images that the VAE/CLIP loaders drop and
+    # precompute_latents cannot stack (buckets is keep_ratio plus the fitting).
+    resize_mode: Literal["buckets", "border", "center_crop"] = "buckets"
     bucket_stride: int = Field(ge=1)  # the profile's: VAE x U-Net downsampling, or a multiple
     # Transparent pixels are composited on this colour ("#rrggbb"). img2dataset's
     # `border` padding of non-square images stays white whatever this says.
@@ -328,10 +330,15 @@ class ControlNetCfg(Section):
         return self
 
 
+# A classifier-free guidance scale: below 1 diffusers draws the scale-1 picture, so
+# requests refuse it (inference/requests.py) and no setting may hold one
+Guidance = Annotated[float, Field(ge=1.0, le=100.0, allow_inf_nan=False)]
+
+
 class EvaluateCfg(Section):
     scheduler: SchedulerName = SAMPLER.scheduler
     steps: int = Field(SAMPLER.steps, ge=1)
-    guidance: float = Field(SAMPLER.guidance, ge=0.0)
+    guidance: Guidance = SAMPLER.guidance
     guidance_start: float = Field(SAMPLER.guidance_start, ge=0.0, lt=1.0)
     negative_prompt: str = SAMPLER.negative_prompt
     samples_per_prompt: int = Field(ge=1)
@@ -344,14 +351,12 @@ class EvaluateCfg(Section):
     # a steps-vs-quality table per scheduler over `sweep_prompts` prompts (0: skip them)
     sweep_prompts: int = Field(16, ge=0)
     sweep_steps: tuple[int, ...] = (5, 10, 20, 40)
-    sweep_guidance: tuple[float, ...] = (1.0, 2.0, 4.0, 7.0)
+    sweep_guidance: tuple[Guidance, ...] = (1.0, 2.0, 4.0, 7.0)
     # Data without an oracle: sample the val captions at each of these guidance scales
     # and adopt the one whose samples are closest (FD) to training images, for this
     # evaluation and as the registered pipeline's default (evaluation/guidance.py). Empty,
     # or a built-in set (graded by its oracle): `guidance` as set.
-    guidance_candidates: tuple[
-        Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)], ...
-    ] = (1.5, 2.0, 3.0)
+    guidance_candidates: tuple[Guidance, ...] = (1.5, 2.0, 3.0)
     # ...and these (scale, guidance_start) pairs: guided only after the noisiest `start`
     # of the steps. (3, 0.4): the noisiest 8 of DPM-Solver++'s 20 steps unguided (t > 600
     # of 1,000); on Twemoji as close to real pictures as 1.5 throughout or closer on all
@@ -360,7 +365,7 @@ class EvaluateCfg(Section):
     # captions), so a lower scale with an interval is not offered: the list is the guard.
     guidance_interval_candidates: tuple[
         tuple[
-            Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)],
+            Guidance,
             Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)],
         ],
         ...,
