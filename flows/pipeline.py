@@ -211,7 +211,11 @@ def _pipeline(
             if stage in tracking.REGISTERED_OUTS:
                 # a stage DVC restored from its cache registered nothing: do it now
                 version = tracking.ensure_registered(
-                    parent, stage, ROOT, gate if stage == "evaluate" else None
+                    parent,
+                    stage,
+                    ROOT,
+                    gate if stage == "evaluate" else None,
+                    dict(versions) if stage == "evaluate" else None,  # what it was built from
                 )
                 if version is not None:
                     versions[tracking.MODEL_NAMES[stage]] = version

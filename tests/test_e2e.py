@@ -455,12 +455,19 @@ from training import tracking
 tracking.setup()
 c = MlflowClient()
 champ = c.get_model_version_by_alias("kiln-text2image", "champion")
-print(json.dumps(champ.tags))
+parts = {m: c.get_model_version_by_alias(m, "champion").version
+         for m in ("kiln-vae", "kiln-clip", "kiln-unet")}
+print(json.dumps({**champ.tags, "parts": parts}))
 """,
     )
     tags = json.loads(out.strip().splitlines()[-1])
     assert tags["kiln.restored_from"] == "dvc-cache" and tags["gate_decision"] == "champion"
     assert tags["dvc.out.data/eval"]
+    # its components are champions too, by their numbers in this new registry (was: no
+    # alias at all, so `mode: continue` stopped with "kiln-vae@champion: not in the
+    # registry")
+    assert tags["parts"] == {"kiln-vae": "1", "kiln-clip": "1", "kiln-unet": "1"}
+    assert all(tags[f"kiln.component.{m}"] == "1" for m in tags["parts"])
     samples = tmp_path / "samples"
     kiln(copy, "generate", "a red circle", "--model", "champion", "--steps", "4",
          "--out", str(samples))  # fmt: skip

@@ -205,3 +205,44 @@ def test_a_distance_recorded_before_the_caption_pairing_is_not_compared(registry
     registry.set_model_version_tag("m", first, "metric.fd_pairing", "captions")
     gate = promote("m", _version(registry, "x", 0), now, "fd_clip_ratio", 0.0)
     assert gate["gate_decision"] == "champion" and gate["gate_champion_source"] == "recorded"
+
+
+def test_components_follow_the_champion_pipeline_however_it_got_there(registry):
+    """The bug: only the evaluate stage crowned components, from version numbers in its
+    metrics files. A promotion by hand (the playground's button) or a restore from the
+    DVC cache moved kiln-text2image@champion and left kiln-vae/clip/unet@champion on
+    the old champion's parts (or on none), so `mode: continue` fine-tuned the wrong
+    U-Net or stopped. Now the pipeline version names its parts and every promotion
+    crowns them."""
+    from training.tracking.gate import COMPONENT_TAG, promote
+    from training.tracking.versions import promote_by_hand
+
+    parts = ("kiln-vae", "kiln-clip", "kiln-unet")
+    for model in parts:
+        registry.create_registered_model(model)
+        for _ in range(2):
+            registry.create_model_version(model, source="file:///nowhere")
+
+    def pipeline(built_from: str, value: float) -> str:
+        v = _version(registry, "fd_clip_ratio", value)
+        for model in parts:
+            registry.set_model_version_tag("m", v, f"{COMPONENT_TAG}{model}", built_from)
+        return v
+
+    def champions() -> list[str]:
+        return [str(registry.get_model_version_by_alias(m, "champion").version) for m in parts]
+
+    first = pipeline("1", 1.5)
+    assert (
+        promote("m", first, {"fd_clip_ratio": 1.5}, "fd_clip_ratio", 0.0)["gate_decision"]
+        == "champion"
+    )
+    assert champions() == ["1", "1", "1"]
+    second = pipeline("2", 1.8)  # worse: a challenger, and the parts stay
+    assert (
+        promote("m", second, {"fd_clip_ratio": 1.8}, "fd_clip_ratio", 0.0)["gate_decision"]
+        == "challenger"
+    )
+    assert champions() == ["1", "1", "1"]
+    promote_by_hand(second, "preferred by eye", name="m")
+    assert champions() == ["2", "2", "2"]

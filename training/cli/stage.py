@@ -147,7 +147,9 @@ def _register(stage: str) -> Callable | None:
     def register_pipeline(tr, metrics: dict) -> str:
         for name in ("report.html", "samples.png"):  # the pipeline is logged with the model
             tr.log_image(P.EVAL / name, "evaluation")
-        version = tracking.register_text2image(tr, spec.model, P.EVAL / "pipeline", metrics)
+        version = tracking.register_text2image(
+            tr, spec.model, P.EVAL / "pipeline", metrics, tracking.components.built_from()
+        )
         params = load_params()
         gate = tracking.promote(
             spec.model, version, metrics, params.gate_metric(), params.evaluate.gate_min_delta
@@ -164,9 +166,7 @@ def _register(stage: str) -> Callable | None:
         tracking.gate.publish_card(
             tr, spec.model, version, card, [P.EVAL / "samples.png", P.EVAL / "champion_samples.png"]
         )
-        if gate["gate_decision"] == "champion":
-            tracking.components.crown()
-        return version
+        return version  # a promotion crowned its components (gate.crown_components)
 
     return register_pipeline
 

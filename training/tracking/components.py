@@ -53,36 +53,18 @@ def champion(name: str) -> str | None:
         raise ConnectionError(f"the registry did not answer for {name}@champion: {exc}") from None
 
 
-def crown(root: Path = Path(".")) -> dict[str, str]:
-    """A new champion pipeline makes champions of the components it was built from (the
-    versions its stages registered or reused, from their metrics), so
-    ``models:/kiln-vae@champion`` is the champion's VAE: what a continuing run reuses.
-    A version this registry does not hold (the stage ran against another registry, or
-    this one was emptied since; a single stage run by hand does not re-register its
-    inputs as ``kiln run`` does) is named and left alone: the pipeline is registered
-    either way."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from training.console import say
-
-    crowned = {}
+def built_from(root: Path = Path(".")) -> dict[str, str]:
+    """``{model: version}`` of the components this checkout's pipeline was built from:
+    the versions its stages registered or reused (``registered_version`` in their
+    metrics). The pipeline version is tagged with them, and whatever makes it champion
+    makes them champions too (``gate.crown_components``), so
+    ``models:/kiln-vae@champion`` is the champion's VAE: what a continuing run reuses."""
+    parts = {}
     for s in STAGES:
         metrics = root / METRICS / f"{s.name}.json"
         if s.model in (None, PIPELINE_MODEL) or not metrics.is_file():
             continue
         version = json.loads(metrics.read_text()).get("registered_version")
-        if not version:
-            continue
-        try:
-            MlflowClient().set_registered_model_alias(s.model, "champion", str(version))
-        except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise
-            say(
-                f"{s.model} v{version} (from {metrics}) is not in this registry: not made "
-                "champion; `kiln run` registers what a stage made again"
-            )
-            continue
-        crowned[s.model] = str(version)
-    return crowned
+        if version:
+            parts[s.model] = str(version)
+    return parts

@@ -17,6 +17,41 @@ GATE_LOWER_IS_BETTER = frozenset(
 RULER_METRICS = frozenset({"fd_clip", "cmmd_clip", "fd_clip_ratio"})
 
 
+# A pipeline version's tag naming a component it was built from: kiln.component.<model>
+COMPONENT_TAG = "kiln.component."
+
+
+def crown_components(name: str, version: str) -> dict[str, str]:
+    """Make champions of the components ``name`` v``version`` was built from (its
+    ``kiln.component.<model>`` tags, set at registration), so ``models:/kiln-vae@champion``
+    is always the champion pipeline's VAE: what a continuing run builds on. Called
+    wherever a pipeline's ``@champion`` moves (the gate, a restore, a promotion by
+    hand); a version made before the tags existed crowns nothing, and says so."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from training.console import say
+
+    client = MlflowClient()
+    tags = client.get_model_version(name, version).tags
+    parts = {
+        k.removeprefix(COMPONENT_TAG): v for k, v in tags.items() if k.startswith(COMPONENT_TAG)
+    }
+    if not parts:
+        say(f"{name} v{version} names no components: their @champion aliases are unchanged")
+    crowned = {}
+    for model, v in sorted(parts.items()):
+        try:
+            client.set_registered_model_alias(model, "champion", v)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            say(f"{model} v{v}, a component of {name} v{version}, is not in this registry")
+            continue
+        crowned[model] = v
+    return crowned
+
+
 def promote(
     name: str, version: str, metrics: dict[str, Any], metric: str, min_delta: float
 ) -> dict:
@@ -89,6 +124,8 @@ def promote(
         promoted = new < old - min_delta if lower else new > old + min_delta
     alias = "champion" if promoted else "challenger"
     client.set_registered_model_alias(name, alias, version)
+    if promoted:
+        crown_components(name, version)
     decision = {
         "gate_metric": metric,
         "gate_value": new,

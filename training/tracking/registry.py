@@ -15,7 +15,7 @@ from typing import Any
 
 from training.paths import METRICS, SHIPPED_CONTROLNET
 from training.stages import MODEL_NAMES, STAGES
-from training.tracking.gate import promote
+from training.tracking.gate import COMPONENT_TAG, promote
 from training.tracking.lineage import dvc_lineage, flatten, git_commit, locked_md5
 from training.tracking.runs import StageRun, process_tags
 from training.tracking.store import EXPERIMENT, setup
@@ -160,10 +160,16 @@ def serving_code(dest: Path) -> Path:
 
 
 def register_text2image(
-    tr: StageRun, name: str, pipeline_dir: Path, metrics: dict[str, Any]
+    tr: StageRun,
+    name: str,
+    pipeline_dir: Path,
+    metrics: dict[str, Any],
+    components: dict[str, str] | None = None,
 ) -> str:
     """Log the assembled pipeline as a code-defined pyfunc and register it, with the
-    ControlNet shipped beside it (``controlnet/``, ``inference/control.py``) if any."""
+    ControlNet shipped beside it (``controlnet/``, ``inference/control.py``) if any,
+    tagged with the ``components`` ({model: version} in this registry) it was built
+    from: a promotion crowns those (``gate.crown_components``)."""
     import tempfile
 
     from mlflow.models import ModelSignature
@@ -216,6 +222,8 @@ def register_text2image(
     for k, v in tr.run.data.tags.items():
         if k.startswith(("dvc.", "git")):
             client.set_model_version_tag(name, version, k, v)
+    for model, v in (components or {}).items():
+        client.set_model_version_tag(name, version, f"{COMPONENT_TAG}{model}", str(v))
     return version
 
 
@@ -250,6 +258,7 @@ def ensure_registered(
     stage: str,
     root: Path,
     gate: tuple[str, float] | None = None,
+    components: dict[str, str] | None = None,
 ) -> str | None:
     """The registry version of ``stage``'s model as DVC has it now; registers it if the
     registry lacks it.
@@ -261,7 +270,9 @@ def ensure_registered(
     of the stage's output: the one this pipeline's stage run just registered (tagged
     here), an earlier one with the same hash, or else a new version registered from the
     restored files under a run tagged ``kiln.restored_from=dvc-cache``. For ``evaluate``
-    a new version goes through the gate (``gate`` = (metric, min_delta))."""
+    a new version goes through the gate (``gate`` = (metric, min_delta)), tagged with the
+    ``components`` this pipeline registered or found (their numbers in this registry,
+    not the ones in the restored metrics, which are another registry's)."""
     from mlflow import MlflowClient
 
     out = REGISTERED_OUTS[stage]
@@ -293,7 +304,7 @@ def ensure_registered(
     for v in sorted(versions, key=lambda v: -int(v.version)):
         if v.tags.get(tag) == md5:
             return str(v.version)
-    return _register_restored(parent_run_id, stage, root, md5, gate)
+    return _register_restored(parent_run_id, stage, root, md5, gate, components)
 
 
 def _metrics(root: Path, stage: str) -> dict:
@@ -314,7 +325,12 @@ def champion_version(name: str, root: Path | None = None) -> str | None:
 
 
 def _register_restored(
-    parent_run_id: str, stage: str, root: Path, md5: str, gate: tuple[str, float] | None
+    parent_run_id: str,
+    stage: str,
+    root: Path,
+    md5: str,
+    gate: tuple[str, float] | None,
+    components: dict[str, str] | None = None,
 ) -> str:
     """Register the files DVC restored for ``stage`` (its run did not happen now)."""
     from mlflow import MlflowClient
@@ -339,13 +355,15 @@ def _register_restored(
         tr = StageRun(mlflow, mlflow.get_run(run.info.run_id))
         tr.log_metrics(metrics)
         if stage == "evaluate":
-            version = register_text2image(tr, name, out / "pipeline", metrics)
+            version = register_text2image(tr, name, out / "pipeline", metrics, components)
         else:
             version = register_dir(tr, name, out, metrics)
         MlflowClient().set_model_version_tag(name, version, "kiln.restored_from", "dvc-cache")
         if gate is not None:
             metric, min_delta = gate
-            if metric in metrics:
+            # a metric the restored evaluation could not measure still goes through the
+            # gate: it wins where there is no champion yet, as when it was measured
+            if metric in metrics or f"{metric}_skipped" in metrics:
                 promote(name, version, metrics, metric, min_delta)
     return version
 

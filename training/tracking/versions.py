@@ -145,6 +145,7 @@ def promote_by_hand(version: str, reason: str, name: str = PIPELINE_MODEL) -> di
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from training.tracking.gate import crown_components
     from training.tracking.store import check_reachable, setup
 
     check_reachable()
@@ -163,6 +164,7 @@ def promote_by_hand(version: str, reason: str, name: str = PIPELINE_MODEL) -> di
     client.set_registered_model_alias(name, "champion", version)
     if old is not None:
         client.set_registered_model_alias(name, "challenger", old)
+    crown_components(name, version)  # a continuing run builds on the new champion's parts
     decision = {
         "gate_decision": "champion",
         "gate_source": "hand",
