@@ -78,17 +78,17 @@ def test_transparency_is_composited_on_the_configured_background(tmp_path: Path)
     ``ingest.background``, not OpenCV's dropped alpha (whatever colour was under it)."""
     src = tmp_path / "icons"
     src.mkdir()
-    rgba = np.zeros((36, 36, 4), dtype=np.uint8)
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)  # the profile's size: nothing resampled
     rgba[..., :3] = (10, 200, 30)  # colour under the transparent half too
-    rgba[:, 18:, 3] = 255  # right half opaque, left half fully transparent
+    rgba[:, 16:, 3] = 255  # right half opaque, left half fully transparent
     Image.fromarray(rgba, "RGBA").save(src / "icon.png")
     (src / "icon.txt").write_text("a green square on the right\n")
-    params = _params(dataset="folder", source=str(src), background="#203040", resize_mode="no")
+    params = _params(dataset="folder", source=str(src), background="#203040", resize_mode="border")
     ingest.run(params, tmp_path / "raw", tmp_path / "work")
     (rec,) = list(shards.read(shards.shard_paths(tmp_path / "raw" / "shards")))
     px = np.asarray(rec.image())
-    assert (px[:, :18] == (0x20, 0x30, 0x40)).all()
-    assert (px[:, 18:] == (10, 200, 30)).all()
+    assert (px[:, :16] == (0x20, 0x30, 0x40)).all()
+    assert (px[:, 16:] == (10, 200, 30)).all()
     with pytest.raises(config.ConfigError, match="background"):
         _params(dataset="folder", source=str(src), background="white")
 

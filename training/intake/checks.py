@@ -1,11 +1,12 @@
-"""The quality checks: one metadata row per raw sample, and the Great Expectations suite
-that judges it.
+"""The quality checks: one metadata row per raw sample, and the Great Expectations suites
+that judge it.
 
-A row holds size, aspect, file size, a decode check, caption length, UTF-8 and
-printability, exact and near-duplicate image hashes and a duplicate-URL flag. The GX 1.x
-suite's thresholds come from ``params.yaml``; it runs one chunk of rows at a time, so
-memory stays flat as the data grows (only the duplicate indexes grow, a few hundred
-bytes a sample), and every run is rendered into Data Docs HTML.
+A row holds the original picture's size and aspect, file size, a decode check, caption
+length, UTF-8 and control characters, exact and near-duplicate image hashes and a
+duplicate-URL flag. The GX 1.x suites' thresholds come from ``params.yaml``; they run one
+chunk of rows at a time (the duplicate checks second, ``Gate``), so memory stays flat as
+the data grows (only the duplicate indexes grow, a few hundred bytes a sample), and every
+run is rendered into Data Docs HTML.
 """
 
 from __future__ import annotations
@@ -13,11 +14,40 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
+import unicodedata
 from pathlib import Path
 
 from training.config import BUILTIN_DATASETS, Params
 
 CAPTION_REPLACEMENT = "\ufffd"  # what undecodable caption bytes became on the way in
+
+# Control characters (category Cc) that are only layout: multi-line CSV/JSONL captions
+# carry newlines and tabs. They are whitespace, so ``clean_caption`` folds them into
+# spaces; every other Cc character (NUL, ESC, the C1 set, the \x1c-\x1f separators,
+# which Python also calls whitespace) is a broken caption, as is a lone surrogate (Cs:
+# no UTF-8 text holds one). Format characters (Cf: zero-width joiner of emoji
+# sequences, soft hyphen) and other spaces (NBSP, U+3000, thin spaces) are ordinary text.
+_LAYOUT_CONTROLS = frozenset("\t\n\r\x0b\x0c\x85")
+# runs of whitespace, the \x1c-\x1f separators excepted (they must stay to be rejected)
+_SPACE_RUN = re.compile(r"[^\S\x1c-\x1f]+")
+
+
+def clean_caption(caption: str) -> str:
+    """``caption`` with every run of whitespace (newlines, tabs, NBSP, ideographic and
+    thin spaces) as one plain space, stripped. validate applies it once, as it reads a
+    sample, so the checks, the report, the rejects table and the clean shards that
+    training reads all hold the same caption."""
+    # strip(" "), not strip(): that would also drop the separators, hiding them
+    return _SPACE_RUN.sub(" ", caption).strip(" ")
+
+
+def caption_is_text(caption: str) -> bool:
+    """False when ``caption`` holds a real control character (category Cc other than
+    layout whitespace) or a lone surrogate (Cs); see ``_LAYOUT_CONTROLS``."""
+    return not any(
+        unicodedata.category(ch) in ("Cc", "Cs") and ch not in _LAYOUT_CONTROLS for ch in caption
+    )
 
 
 HASH_BITS = 192
@@ -54,21 +84,29 @@ class NearDuplicates:
         self.bands = [(lo, hi - lo) for lo, hi in zip(edges, edges[1:], strict=False)]
         self.index: list[dict[int, list[tuple[int, str, str]]]] = [{} for _ in self.bands]
 
-    def match(self, h: int, key: str, tag: str = "") -> tuple[str, int] | None:
-        """(key of the earlier near-duplicate, bits apart), or None: then ``h`` is
-        remembered under ``key``."""
+    def _keys(self, h: int) -> list[int]:
+        return [(h >> lo) & ((1 << width) - 1) for lo, width in self.bands]
+
+    def find(self, h: int, tag: str = "") -> tuple[str, int] | None:
+        """(key of the earlier near-duplicate, bits apart), or None. Remembers nothing:
+        validate ``add``s an image only once it is kept, so a rejected sample never
+        claims a picture that a later, good copy then loses to."""
         if h.bit_count() < MIN_HASH_BITS:  # flat pictures: all hashes alike, no evidence
             return None
-        keys = [(h >> lo) & ((1 << width) - 1) for lo, width in self.bands]
-        for idx, band in zip(self.index, keys, strict=True):
+        for idx, band in zip(self.index, self._keys(h), strict=True):
             for other, other_tag, other_key in idx.get(band, ()):
                 bits = (other ^ h).bit_count()
                 if bits <= self.k and other_tag == tag:
                     return other_key, bits
-        entry = (h, tag, key)  # one tuple shared by every band's list
-        for idx, band in zip(self.index, keys, strict=True):
-            idx.setdefault(band, []).append(entry)
         return None
+
+    def add(self, h: int, key: str, tag: str = "") -> None:
+        """Remember ``h`` under ``key`` for later ``find``s (flat pictures are not)."""
+        if h.bit_count() < MIN_HASH_BITS:
+            return
+        entry = (h, tag, key)  # one tuple shared by every band's list
+        for idx, band in zip(self.index, self._keys(h), strict=True):
+            idx.setdefault(band, []).append(entry)
 
 
 def caption_tag(caption: str) -> str:
@@ -76,7 +114,26 @@ def caption_tag(caption: str) -> str:
     return hashlib.sha1(" ".join(caption.lower().split()).encode()).hexdigest()[:16]
 
 
+def original_size(meta: dict) -> tuple[int, int] | None:
+    """(width, height) of the picture as it was before img2dataset resized it, from
+    the ``original_width``/``original_height`` img2dataset writes into every sample's
+    json (Kiln's ingest keeps them; every source kind goes through img2dataset), or
+    None where they are missing or not positive integers.
+
+    The size checks must read these: img2dataset has already resized the stored image
+    (upscaling small ones too), so under ``buckets`` its short side is always
+    ``image_size`` and under ``border``/``center_crop`` it is always square, and
+    ``min_side``/``max_aspect_ratio`` would never fire on it."""
+    w, h = meta.get("original_width"), meta.get("original_height")
+    if type(w) is int and type(h) is int and w > 0 and h > 0:  # not bool, not None
+        return w, h
+    return None
+
+
 def meta_row(rec) -> dict:
+    """The metadata row the quality checks judge. Width, height and aspect are the
+    original picture's (``original_size``); where a shard does not record it (shards
+    written by hand, not by ingest) they fall back to the stored image's size."""
     from PIL import Image
 
     caption = rec.caption
@@ -84,7 +141,8 @@ def meta_row(rec) -> dict:
         "key": rec.key,
         "url": str(rec.meta.get("url", "")),
         "caption_chars": len(caption.strip()),
-        "caption_printable": caption.isprintable(),
+        # not str.isprintable(): that is False for NBSP, U+3000, ZWJ, soft hyphen, \n...
+        "caption_printable": caption_is_text(caption),
         "caption_utf8": CAPTION_REPLACEMENT not in caption,
         "file_bytes": len(rec.image_bytes),
         "decoded": True,
@@ -97,8 +155,9 @@ def meta_row(rec) -> dict:
     try:
         with Image.open(io.BytesIO(rec.image_bytes)) as img:
             img.load()
-            row["width"], row["height"] = img.size
-            row["aspect"] = max(img.size) / max(1, min(img.size))
+            size = original_size(rec.meta) or img.size
+            row["width"], row["height"] = size
+            row["aspect"] = max(size) / max(1, min(size))
             rgb = img.convert("RGB")
             row["pixel_sha"] = hashlib.sha256(rgb.tobytes()).hexdigest()
             row["dhash"] = dhash(rgb)
@@ -189,9 +248,17 @@ def checks(params: Params) -> list[tuple[str, object, str]]:
     return out
 
 
+# The checks that compare a sample with the ones kept before it. validate decides them
+# after the others, in read order: only a sample that passed every other check may be
+# the "earlier" copy of a later one (``validate.run``).
+DUPLICATE_CHECKS = ("duplicate_image", "duplicate_url", "near_duplicate")
+
+
 class Gate:
-    """The GX context, suite and validation definition, built once and run per chunk of
-    metadata rows; every run's result also goes into the Data Docs site."""
+    """The GX context, two suites and their validation definitions, built once and run
+    per chunk of metadata rows: ``quality`` (every check but the duplicate ones) first,
+    then ``duplicates`` on the flags validate computed knowing which samples passed;
+    every run's result also goes into the Data Docs site."""
 
     def __init__(self, params: Params, docs_dir: Path):
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -214,18 +281,25 @@ class Gate:
         )
         asset = ctx.data_sources.add_pandas("kiln").add_dataframe_asset("samples")
         batch_def = asset.add_batch_definition_whole_dataframe("chunk")
-        suite = gx.ExpectationSuite(name="kiln-samples")
-        for _, exp, _ in self.checks:
-            suite.add_expectation(exp)
-        suite = ctx.suites.add(suite)
-        self.vd = ctx.validation_definitions.add(
-            gx.ValidationDefinition(name="quality-gate", data=batch_def, suite=suite)
-        )
+        self.vds = {}
+        for part, suite_name, vd_name in (
+            ("quality", "kiln-samples", "quality-gate"),
+            ("duplicates", "kiln-duplicates", "duplicate-gate"),
+        ):
+            suite = gx.ExpectationSuite(name=suite_name)
+            for name, exp, _ in self.checks:
+                if (name in DUPLICATE_CHECKS) == (part == "duplicates"):
+                    suite.add_expectation(exp)
+            suite = ctx.suites.add(suite)
+            self.vds[part] = ctx.validation_definitions.add(
+                gx.ValidationDefinition(name=vd_name, data=batch_def, suite=suite)
+            )
         self.ctx, self.docs_dir = ctx, docs_dir
 
-    def check(self, table) -> dict[str, list[str]]:
-        """{key: [failed check, ...]} for the rows of ``table`` that fail."""
-        result = self.vd.run(
+    def check(self, table, part: str = "quality") -> dict[str, list[str]]:
+        """{key: [failed check, ...]} for the rows of ``table`` that fail the ``part``
+        suite (``quality`` or ``duplicates``)."""
+        result = self.vds[part].run(
             batch_parameters={"dataframe": table},
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["key"]},
         )

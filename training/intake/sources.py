@@ -189,9 +189,21 @@ def folder_rows(folder: Path) -> list[dict]:
     return rows
 
 
+def url_path(path: str) -> str:
+    """``path`` (relative, ``/``-separated) quoted for a URL of ``serve_directory``.
+
+    A file name that is not UTF-8 (``b"caf\\xe9.png"``) reaches Python as
+    ``"caf\\udce9.png"`` (``os.fsdecode``); ``quote()`` refuses the surrogate. Encoded
+    with ``surrogatepass`` it becomes ``caf%ED%B3%A9.png``, which the stdlib server
+    unquotes with ``surrogatepass`` back to ``"caf\\udce9.png"`` and opens, through
+    ``os.fsencode``, as the very file. (``%E9``, the raw byte, would not decode there
+    and become U+FFFD: a 404.) A UTF-8 name quotes as it always did."""
+    return quote(path.encode("utf-8", "surrogatepass"))
+
+
 def url_rows(base: str, rows: list[dict]) -> dict[str, list]:
     return {
-        "url": [f"{base}/{quote(r['path'])}" for r in rows],
+        "url": [f"{base}/{url_path(r['path'])}" for r in rows],
         "caption": [r["caption"] for r in rows],
     }
 

@@ -56,8 +56,17 @@ def fetch_fingerprint(params: Params) -> str:
     return fingerprint({k: c[k] for k in FETCH_KEYS})
 
 
+def _id_bytes(text: str) -> bytes:
+    """``text`` as bytes to hash, whatever it holds. A file name that is not UTF-8
+    reaches Python with surrogates standing for its bytes (``os.fsdecode``), and a JSON
+    url list may spell a lone surrogate (``"\\ud800"``): plain ``encode()`` raises on
+    both. ``surrogatepass`` encodes any surrogate and leaves every other string's bytes
+    (and so every existing row id) as they were."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 def url_row_id(url: str, caption: str) -> str:
-    return hashlib.sha1(f"url\0{url}\0{caption}".encode()).hexdigest()[:24]
+    return hashlib.sha1(_id_bytes(f"url\0{url}\0{caption}")).hexdigest()[:24]
 
 
 def file_row_id(path: str, caption: str, file: Path) -> str:
@@ -65,7 +74,7 @@ def file_row_id(path: str, caption: str, file: Path) -> str:
     with open(file, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return hashlib.sha1(f"file\0{path}\0{caption}\0{h.hexdigest()}".encode()).hexdigest()[:24]
+    return hashlib.sha1(_id_bytes(f"file\0{path}\0{caption}\0{h.hexdigest()}")).hexdigest()[:24]
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """Phase ``validate``: the quality gate between raw shards and training.
 
-One metadata row per raw sample (size, aspect, file size, decode check, caption length,
-UTF-8 and printability, exact and near-duplicate image hashes, duplicate URL) is
-validated by a Great Expectations 1.x suite whose thresholds come from ``params.yaml``,
-one chunk of rows at a time, so memory stays flat as the data grows (only the duplicate
-indexes grow: hashes, first keys and caption tags, a few hundred bytes a sample). Rows
+One metadata row per raw sample (original size and aspect, file size, decode check,
+caption length, UTF-8 and printability, exact and near-duplicate image hashes, duplicate
+URL) is validated by Great Expectations 1.x suites whose thresholds come from
+``params.yaml``, one chunk of rows at a time, so memory stays flat as the data grows
+(only the duplicate indexes grow: hashes, keys and caption tags of the kept samples, a
+few hundred bytes a sample). The duplicate checks run after the others, in read order:
+a sample rejected for anything else never counts as the earlier copy of a later one. Rows
 failing any expectation are not dropped silently: they go to ``rejects.parquet`` with
 the failed checks and a reason, next to ingest's own rejects; every GX run is also
 rendered into Data Docs HTML. The rest are split train/val by a hash of the sample's URL
@@ -29,9 +31,11 @@ from training.intake import buckets
 from training.intake import captions as caption_lengths
 from training.intake import pairs as dup_pairs
 from training.intake.checks import (
+    DUPLICATE_CHECKS,
     Gate,
     NearDuplicates,
     caption_tag,
+    clean_caption,
     meta_row,
     near_duplicate_check,
 )
@@ -90,15 +94,57 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
                 counts.update(f"ingest: {r}" for r in d["reason"])
                 n_ingest += len(d["key"])
 
+        def judge_duplicates(rec, row: dict, h: int | None, passed: bool) -> None:
+            """Set ``row``'s duplicate flags against the samples kept so far, and keep
+            this one's picture and URL for the later ones only when it is kept itself:
+            a first copy rejected for something else (an empty caption, a broken
+            file) must not make the good copy after it a "duplicate" and lose the
+            picture. Runs in read order, so "earlier" still means earlier."""
+            nonlocal n_pairs
+            tag = caption_tag(rec.caption) if by_caption else ""
+            px = row["pixel_sha"] + tag
+            earlier = seen_px.get(px) if row["pixel_sha"] else None
+            hit = None
+            if near is not None and h is not None and earlier is None:
+                hit = near.find(h, tag)
+            row["duplicate_image"] = earlier is not None
+            row["near_duplicate"] = hit is not None
+            row["duplicate_url"] = bool(row["url"]) and row["url"] in seen_url
+            if earlier is not None or hit is not None:
+                n_pairs += 1
+                if len(pairs) < dup_pairs.MAX_PAIRS:
+                    pairs.append(
+                        {"key": rec.key, "earlier": earlier, "bits": 0, "check": "duplicate_image"}
+                        if earlier is not None
+                        else {
+                            "key": rec.key,
+                            "earlier": hit[0],
+                            "bits": hit[1],
+                            "check": "near_duplicate",
+                        }
+                    )
+            if not passed or any(row[name] for name in DUPLICATE_CHECKS):
+                return
+            if row["pixel_sha"]:
+                seen_px[px] = rec.key
+            if near is not None and h is not None:
+                near.add(h, rec.key, tag)
+            if row["url"]:
+                seen_url.add(row["url"])
+
         def flush(chunk: list) -> None:
             nonlocal n_rejected
             if not chunk:
                 return
-            table = pd.DataFrame([row for _, row in chunk])
-            failed = gate.check(table)
+            failed = gate.check(pd.DataFrame([row for _, row, _ in chunk]), "quality")
+            for rec, row, h in chunk:
+                judge_duplicates(rec, row, h, passed=not failed.get(rec.key))
+            cols = ("key", *DUPLICATE_CHECKS)
+            flags = pd.DataFrame([{n: row[n] for n in cols} for _, row, _ in chunk])
+            duplicates = gate.check(flags, "duplicates")
             bad = []
-            for rec, row in chunk:
-                names = failed.get(rec.key)
+            for rec, row, _ in chunk:
+                names = failed.get(rec.key, []) + duplicates.get(rec.key, [])
                 if names:
                     bad.append((rec, row, names))
                     continue
@@ -134,34 +180,15 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
         from tqdm import tqdm
 
         for rec in tqdm(shards.read(paths), desc="validate", unit="sample", mininterval=2):
+            # the one place captions are normalised (``checks.clean_caption``): the
+            # checks, the report, the rejects and the clean shards all see this caption
+            caption = clean_caption(rec.caption)
+            if caption != rec.caption:
+                rec = dataclasses.replace(rec, caption=caption)
             row = meta_row(rec)
-            tag = caption_tag(rec.caption) if by_caption else ""
-            px = row["pixel_sha"] + tag
-            earlier = seen_px.get(px) if row["pixel_sha"] else None
-            row["duplicate_image"] = earlier is not None
             h = row.pop("dhash")
-            hit = None
-            if near is not None and h is not None and earlier is None:
-                hit = near.match(h, rec.key, tag)
-            row["near_duplicate"] = hit is not None
-            if earlier is not None or hit is not None:
-                n_pairs += 1
-                if len(pairs) < dup_pairs.MAX_PAIRS:
-                    pairs.append(
-                        {"key": rec.key, "earlier": earlier, "bits": 0, "check": "duplicate_image"}
-                        if earlier is not None
-                        else {
-                            "key": rec.key,
-                            "earlier": hit[0],
-                            "bits": hit[1],
-                            "check": "near_duplicate",
-                        }
-                    )
-            row["duplicate_url"] = bool(row["url"]) and row["url"] in seen_url
-            seen_px.setdefault(px, rec.key)
-            seen_url.add(row["url"])
             n_samples += 1
-            chunk.append((rec, row))
+            chunk.append((rec, row, h))
             if len(chunk) >= c.chunk_rows:
                 flush(chunk)
                 chunk = []
