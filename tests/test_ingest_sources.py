@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +74,24 @@ def test_folder_with_sidecar_captions(tmp_path: Path):
     assert rejects.failed_checks.iloc[0] == "caption_chars"
 
 
+def test_a_jsonl_row_missing_a_field_is_the_same_wherever_it_falls(tmp_path: Path, monkeypatch):
+    """The bug: the columns were checked again on the first object of every chunk, so a
+    row without a caption aborted the whole list there and was an empty caption (a
+    recorded reject) anywhere else."""
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 2)
+    rows = [{"url": f"http://x/{i}.jpg", "caption": f"c{i}"} for i in range(5)]
+    del rows[2]["caption"]  # the first row of the second chunk
+    path = tmp_path / "list.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = [
+        c for chunk in sources._chunks(path, "jsonl", ["url", "caption"]) for c in chunk["caption"]
+    ]
+    assert got == ["c0", "c1", None, "c3", "c4"]
+    path.write_text(json.dumps({"link": "http://x/0.jpg", "caption": "c"}) + "\n")
+    with pytest.raises(sources.SourceError, match="no column 'url'"):
+        list(sources._chunks(path, "jsonl", ["url", "caption"]))
+
+
 def test_transparency_is_composited_on_the_configured_background(tmp_path: Path):
     """RGBA images (icons, clip art) keep their opaque pixels; transparent ones take
     ``ingest.background``, not OpenCV's dropped alpha (whatever colour was under it)."""
@@ -112,6 +131,30 @@ def test_existing_local_shards_by_brace_pattern(tmp_path: Path):
     assert report["successes"] == 8
     assert report["unpacked"]["ignored_unsafe_members"] == 1
     assert _captions(tmp_path / "raw" / "shards") == sorted(f"shard picture {i}" for i in range(8))
+
+
+def test_a_shard_that_sorts_first_leaves_the_others_samples_alone(tmp_path: Path):
+    """The bug: shards unpacked into folders named by their place in the list, and a
+    sample's row id (and so its train/val side) includes that folder. A new shard that
+    sorted first moved every other shard's samples: all fetched again under new ids,
+    their split drawn again. A shard taken out of the source kept its samples too."""
+    wds_dir = tmp_path / "wds"
+    _write_shards(wds_dir, 3, 4)  # part-0, part-1, part-2
+    (wds_dir / "part-0.tar").rename(tmp_path / "later.tar")
+    params = _params(dataset="shards", source=str(wds_dir / "part-*.tar"))
+    raw, work = tmp_path / "raw", tmp_path / "work"
+    first = ingest.run(params, raw, work)
+    assert (first["rows_new"], first["rows_kept"]) == (8, 0)
+    (tmp_path / "later.tar").rename(wds_dir / "part-0.tar")  # arrives, and sorts first
+    second = ingest.run(params, raw, work)
+    assert (second["rows_new"], second["rows_kept"], second["rows_removed"]) == (4, 8, 0)
+    assert _captions(raw / "shards") == sorted(f"shard picture {i}" for i in range(12))
+    (wds_dir / "part-1.tar").unlink()  # taken out of the collection
+    third = ingest.run(params, raw, work)
+    assert (third["rows_new"], third["rows_kept"], third["rows_removed"]) == (0, 8, 4)
+    assert _captions(raw / "shards") == sorted(
+        f"shard picture {i}" for i in (0, 1, 2, 3, 8, 9, 10, 11)
+    )
 
 
 def test_remote_shards_go_through_the_guard(tmp_path: Path):

@@ -21,6 +21,7 @@ import glob
 import hashlib
 import json
 import re
+import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,7 @@ def _chunks(path: Path, fmt: str, cols: list[str]) -> Iterator[dict[str, list]]:
             yield {c: df[c].tolist() for c in cols}
     else:
         rows: list[dict] = []
+        checked = False
         with open(path, "rb") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
@@ -112,8 +114,11 @@ def _chunks(path: Path, fmt: str, cols: list[str]) -> Iterator[dict[str, list]]:
                     raise SourceError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
                 if not isinstance(obj, dict):
                     raise SourceError(f"{path}:{n}: expected a JSON object per line")
-                if n == 1 or not rows:
+                if not checked:  # the first object names the columns, as a CSV header
+                    # does; a later one missing a field gets None (a recorded reject), as
+                    # it would anywhere else in the file, not only at a chunk's start
                     _need(path, cols, list(obj))
+                    checked = True
                 rows.append(obj)
                 if len(rows) >= CHUNK_ROWS:
                     yield {c: [r.get(c) for r in rows] for c in cols}
@@ -227,6 +232,17 @@ def expand_shards(spec: str) -> list[str]:
     return out
 
 
+def shard_folder(shard: str) -> str:
+    """The folder a shard unpacks into: named by the shard itself (its file name, for
+    people, and a digest of the path or URL as given), never by its place in the list.
+    A sample's row id, and with it its train/val side, include this folder: a
+    positional name moved every later shard's samples when a shard that sorts earlier
+    arrived, so they were fetched again and their split drawn again (val images of the
+    last week in training, and the other way round)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", shard.rstrip("/").rsplit("/", 1)[-1])[:40]
+    return f"{stem}-{hashlib.sha1(shard.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
 def unpack_shards(spec: str, dest: Path, policy) -> dict:
     """Unpack webdataset tars into ``dest`` as ``<shard>/<key>.<ext>`` + ``.txt``.
 
@@ -238,8 +254,15 @@ def unpack_shards(spec: str, dest: Path, policy) -> dict:
     stats = {"shards": len(shards), "ignored_unsafe_members": 0, "ignored_other_members": 0}
     from tqdm import tqdm
 
-    for i, shard in enumerate(tqdm(shards, desc="unpack shards", unit="shard")):
-        target = dest / f"{i:05d}"
+    names = [shard_folder(shard) for shard in shards]
+    # a shard no longer in the source takes its pictures with it (sync then drops their
+    # rows); so does a folder of an older Kiln's positional names
+    if dest.is_dir():
+        for old in dest.iterdir():
+            if old.name not in names:
+                (shutil.rmtree if old.is_dir() else Path.unlink)(old)
+    for shard, name in zip(tqdm(shards, desc="unpack shards", unit="shard"), names, strict=True):
+        target = dest / name
         done = target / ".unpacked"
         if done.exists():
             continue
@@ -252,7 +275,7 @@ def unpack_shards(spec: str, dest: Path, policy) -> dict:
                 if fetch.is_transient(why):  # the network's fault: a retry may succeed
                     raise ConnectionError(f"shard {shard}: {why}") from None
                 raise SourceError(f"shard {shard}: {why}") from None
-            local = dest / f".{i:05d}.tar"
+            local = dest / f"{name}.tar"  # removed once unpacked
             local.write_bytes(body)
         else:
             local = Path(shard)
