@@ -214,3 +214,42 @@ def test_the_unet_starts_from_a_registered_one_or_says_why_it_cannot(trained):
     assert bad.returncode != 0
     assert "models:/kiln-unet/1 does not fit the tiny profile's U-Net" in bad.stderr
     assert "tensors differ, e.g. " in bad.stderr
+
+
+def test_latents_made_by_other_code_are_not_reused(tmp_path: Path):
+    """The bug: the latent cache was keyed on the models, the data and the text type
+    only. A fix to how a row is made (the picture's scaling, the text states) re-runs
+    precompute_latents (DVC sees the code change), which then copied every old row
+    made by the old code. Now the manifest records the row-making code too."""
+    from safetensors.torch import save_file
+
+    from training.phases.latent_cache import ROW_CODE, LatentCache, code_fingerprint
+
+    old = tmp_path / "latents"
+    (old / "train").mkdir(parents=True)
+    save_file({"mean": torch.zeros(2, 4, 8, 8)}, old / "train" / "part-0.safetensors",
+              metadata={"content": "k1,k2"})  # fmt: skip
+    manifest = {
+        "vae": {"fingerprint": "v"},
+        "clip": {"fingerprint": "c"},
+        "backbone": "unet2d",
+        "code": "made-by-old-code",
+        "tensors": {"text": {"dtype": "torch.float16"}},
+    }
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    same = LatentCache(old, "v", "c", "float16", "unet2d", code_fp="made-by-old-code")
+    assert set(same.where) == {"k1", "k2"}
+    other = LatentCache(old, "v", "c", "float16", "unet2d", code_fp="made-by-new-code")
+    assert other.where == {} and other.reason == "the code that encodes a row changed"
+
+    # the fingerprint follows every file of ROW_CODE
+    repo = Path(__file__).resolve().parents[1]
+    for entry in ROW_CODE:
+        src, dst = repo / entry, tmp_path / "repo" / entry
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    before = code_fingerprint(tmp_path / "repo")
+    assert before == code_fingerprint(repo)
+    text = tmp_path / "repo" / "training/backbones/unet2d.py"
+    text.write_text(text.read_text() + "\n# a fix to the text states\n")
+    assert code_fingerprint(tmp_path / "repo") != before

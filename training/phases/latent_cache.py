@@ -4,9 +4,10 @@
 key: the hash of its clean image's bytes and its caption, stored in each safetensors
 file's metadata beside the sample keys. A new run reads the old output's index first;
 when the old manifest says its rows came from these exact models (the weights and
-configs of the VAE and of CLIP with its tokenizer, ``model_fingerprint``) and the text
-states are stored in the same type, a row whose content key is there is copied, and
-only the rest go through the VAE and the text encoder. A continuing run that reuses
+configs of the VAE and of CLIP with its tokenizer, ``model_fingerprint``) and the same
+row-making code (``code_fingerprint``), and the text states are stored in the same
+type, a row whose content key is there is copied, and only the rest go through the VAE
+and the text encoder. A continuing run that reuses
 its VAE and CLIP (``phases/reuse.py``) so encodes only the samples the data gained.
 
 The new output is written beside the old one and swapped in at the end (the old one is
@@ -30,6 +31,31 @@ _MODEL_SUFFIXES = (".safetensors", ".json", ".txt")
 _NOT_MODEL = ("resolved_params.json",)
 
 
+# The code that turns a clean sample into its row (decoding and scaling the picture,
+# tokenizing and encoding the caption, which text states a backbone keeps). A change to
+# any of it is a change to every row: DVC re-runs the stage for it, and the cache must
+# not then copy the rows the old code made. Wider than needed costs one full encode.
+ROW_CODE = (
+    "training/phases/latents.py",
+    "training/backbones",
+    "training/inference/text.py",
+    "training/engine/images.py",
+    "training/intake/shards.py",
+)
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def code_fingerprint(root: Path = _REPO) -> str:
+    """Hash of ``ROW_CODE``'s Python files under ``root``."""
+    h = hashlib.sha256()
+    for entry in ROW_CODE:
+        path = root / entry
+        for p in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def content_key(image_bytes: bytes, caption: str) -> str:
     return hashlib.sha1(image_bytes + b"\0" + caption.encode("utf-8")).hexdigest()[:24]
 
@@ -49,7 +75,13 @@ class LatentCache:
     came from other models or another text type: ``reason`` says which)."""
 
     def __init__(
-        self, old_dir: Path, vae_fp: str, clip_fp: str, text_dtype: str, backbone: str = "unet2d"
+        self,
+        old_dir: Path,
+        vae_fp: str,
+        clip_fp: str,
+        text_dtype: str,
+        backbone: str = "unet2d",
+        code_fp: str | None = None,
     ):
         self.where: dict[str, tuple[Path, int]] = {}
         self.hits = 0
@@ -62,6 +94,9 @@ class LatentCache:
         old = json.loads(manifest.read_text())
         if (old["vae"]["fingerprint"], old["clip"]["fingerprint"]) != (vae_fp, clip_fp):
             self.reason = "the VAE or CLIP changed"
+            return
+        if old.get("code") != (code_fp or code_fingerprint()):  # (older outputs: none)
+            self.reason = "the code that encodes a row changed"
             return
         if old.get("backbone", "unet2d") != backbone:  # another pipeline's text states
             self.reason = f"the text states were made for the {old['backbone']} backbone"

@@ -36,7 +36,12 @@ from training.config import Params
 from training.disk import replace_dir
 from training.inference.text import encode_text
 from training.intake.index import write_index
-from training.phases.latent_cache import LatentCache, content_key, model_fingerprint
+from training.phases.latent_cache import (
+    LatentCache,
+    code_fingerprint,
+    content_key,
+    model_fingerprint,
+)
 
 PREVIEW_PROMPTS = 8
 
@@ -263,6 +268,7 @@ def _write_manifest(params: Params, clean_dir: Path, models: tuple, out_dir: Pat
         },
         "clip": {"path": str(clip_dir), "fingerprint": clip_fp},
         "backbone": bb.name,  # whose pipeline's text states these are
+        "code": code_fingerprint(),  # the code that made the rows (latent_cache.ROW_CODE)
         "splits": {},
     }
     by_process: dict[str, list[str]] = {}
