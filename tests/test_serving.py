@@ -254,7 +254,7 @@ def _request_mix() -> list[list[list]]:
     mix = []
     for k in range(32):
         row = [CAPTIONS[(7 * k) % len(CAPTIONS)], 100 + k, (4, 6, 9)[k % 3]]
-        row += [(4.0, 1.0, 7.5, 0.0)[k % 4], "blurry" if k % 5 == 0 else ""]
+        row += [(4.0, 1.0, 7.5, 2.0)[k % 4], "blurry" if k % 5 == 0 else ""]
         rows = [row]
         if k % 4 == 1:  # a second row with other steps: two groups inside one request
             rows.append([CAPTIONS[k], 500 + k, (9, 4, 6)[k % 3], 4.0, ""])

@@ -1,14 +1,24 @@
 """``kiln generate --control`` and ``kiln export --controlnet``: finding the ControlNet,
-checking the control picture before any model loads, and the ControlNet pipeline."""
+checking the control picture before any model loads, and the ControlNet pipeline; a
+``StableDiffusionControlNetPipeline`` directory (what ``kiln export --controlnet``
+writes) as ``kiln generate --model``."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from training.cli.base import UserError
+
+if TYPE_CHECKING:
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+    )
 
 
 def controlnet_dir(model: str, pipe_dir: Path) -> Path:
@@ -38,6 +48,57 @@ def controlnet_dir(model: str, pipe_dir: Path) -> Path:
     return p
 
 
+def own_controlnet(pipe_dir: Path) -> Path | None:
+    """The ControlNet a ``StableDiffusionControlNetPipeline`` directory carries as its
+    ``controlnet/`` component (``kiln export --controlnet`` writes one), else None."""
+    try:
+        index = json.loads((pipe_dir / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {pipe_dir / 'model_index.json'}: {exc}") from None
+    net = pipe_dir / "controlnet"
+    return net if index.get("controlnet") and (net / "config.json").is_file() else None
+
+
+def base_pipeline(pipe: StableDiffusionControlNetPipeline) -> StableDiffusionPipeline:
+    """The ``StableDiffusionPipeline`` of a ControlNet pipeline's own VAE, text encoder,
+    tokenizer, U-Net and scheduler (the same modules, not copies): the base model, which
+    draws without a control image; the ControlNet pipeline itself needs one."""
+    from diffusers import StableDiffusionPipeline
+
+    base = StableDiffusionPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    base.set_progress_bar_config(disable=True)
+    return base
+
+
+def _detector(cn_dir: Path) -> dict:
+    """The detector settings beside the ControlNet; a ControlNet without them (exported
+    by a Kiln that did not copy them, or made elsewhere) gets train_controlnet's
+    defaults, with a warning, rather than a crash."""
+    from training.inference.control import CONTROL_FILE, detector
+    from training.sections import ControlNetCfg
+
+    if (cn_dir / CONTROL_FILE).is_file():
+        return detector(cn_dir)
+    fields = ControlNetCfg.model_fields
+    low, high = fields["canny_low"].default, fields["canny_high"].default
+    typer.echo(
+        f"kiln: warning: {cn_dir} has no {CONTROL_FILE} (the edge detector it was trained "
+        f"with): Canny {low}/{high}, train_controlnet's defaults, and no check that it was "
+        "trained on this U-Net",
+        err=True,
+    )
+    return {"detector": "canny", "canny_low": low, "canny_high": high}
+
+
 def open_control(path: Path):
     """The control picture, checked before any model loads."""
     from training.inference.control import ControlImageError
@@ -49,14 +110,28 @@ def open_control(path: Path):
         raise UserError(str(exc)) from None
 
 
-def with_control(pipe, pipe_dir: Path, cn_dir: Path, control: tuple, size, is_map: bool):
+def with_control(
+    pipe,
+    pipe_dir: Path,
+    cn_dir: Path,
+    control: tuple,
+    size,
+    is_map: bool,
+    net: ControlNetModel | None = None,
+):
     """(the ControlNet pipeline around ``pipe``, the control image): ``control`` = (its
     path, the opened picture), made into the map the ControlNet learnt from (its
     detector and thresholds); a ControlNet trained on another U-Net than the
-    pipeline's is named in a warning."""
-    from training.inference.control import attach, detector, load_control, weights_fingerprint
+    pipeline's is named in a warning. ``net``: the ControlNet of ``cn_dir`` already
+    loaded (a ControlNet pipeline directory's own), so it is not read twice."""
+    from training.inference.control import (
+        attach,
+        load_control,
+        weights_fingerprint,
+        with_controlnet,
+    )
 
-    det = detector(cn_dir)
+    det = _detector(cn_dir)
     path, picture = control
     low, high = det["canny_low"], det["canny_high"]
     image, notes = load_control(picture, size, is_map, low, high, name=str(path))
@@ -68,4 +143,5 @@ def with_control(pipe, pipe_dir: Path, cn_dir: Path, control: tuple, size, is_ma
             f"the pipeline's ({pipe_dir}); its control may not hold",
             err=True,
         )
-    return attach(pipe, cn_dir)[0], image
+    steered = attach(pipe, cn_dir)[0] if net is None else with_controlnet(pipe, net)
+    return steered, image

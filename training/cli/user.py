@@ -21,7 +21,13 @@ import typer
 from training import paths as P
 from training.cli import ruler, stage
 from training.cli.base import UserError, fail, load_params, writable
-from training.cli.control import controlnet_dir, open_control, with_control
+from training.cli.control import (
+    base_pipeline,
+    controlnet_dir,
+    open_control,
+    own_controlnet,
+    with_control,
+)
 from training.config import SAMPLER
 from training.inference.requests import MAX_GUIDANCE, MIN_GUIDANCE
 from training.stages import PIPELINE_MODEL
@@ -229,7 +235,8 @@ def generate(
         str,
         typer.Option(
             help="the ControlNet: a folder or models:/kiln-controlnet/N (default: the one "
-            "shipped with --model's version, else data/models/controlnet)"
+            "inside --model's directory (kiln export --controlnet) or shipped with its "
+            "version, else data/models/controlnet)"
         ),
     ] = "",
 ) -> None:
@@ -256,6 +263,7 @@ def generate(
         for r in reqs:
             sampling.check_request(r)
         pipe_dir, version = pipeline_dir(model)
+        own_net_dir = own_controlnet(pipe_dir)  # a ControlNet pipeline (kiln export --controlnet)
         # what this model's evaluation chose and scored, where the caller gave nothing
         own = defaults.recommended(pipe_dir)
         g = own.guidance if guidance is None else g
@@ -276,18 +284,26 @@ def generate(
         set_torch_threads()
         cn_dir = picture = None
         if control is not None:
-            if not controlnet:  # evaluate ships the ControlNet it scored beside the pipeline
+            if own_net_dir is not None and not controlnet:  # the directory's own
+                controlnet = str(own_net_dir)
+            elif not controlnet:  # evaluate ships the ControlNet it scored beside the pipeline
                 shipped = pipe_dir.parent / P.SHIPPED_CONTROLNET
                 controlnet = str(shipped if (shipped / "config.json").is_file() else P.CONTROLNET)
             cn_dir = controlnet_dir(controlnet, pipe_dir)
             picture = open_control(control)
         pipe = sampling.load(pipe_dir)
+        own_net = None
+        if own_net_dir is not None:
+            # a ControlNet pipeline cannot draw without a control image: the base model
+            # draws from its own components, and --control puts a ControlNet back on
+            own_net, pipe = pipe.controlnet, base_pipeline(pipe)
         sampling.set_scheduler(pipe, scheduler)
         size = sampling.Geometry.of(pipe).size(reqs[0])  # one size for all: checked once
         steer = None
         if cn_dir is not None:
+            same = own_net_dir is not None and cn_dir.resolve() == own_net_dir.resolve()
             pipe, steer = with_control(pipe, pipe_dir, cn_dir, (control, picture), size,
-                                        control_is_map)  # fmt: skip
+                                        control_is_map, own_net if same else None)  # fmt: skip
             steer = (steer, control_scale)
     except (UserError, ValueError) as exc:
         fail(str(exc))
@@ -352,12 +368,18 @@ def export(
     except UserError as exc:
         fail(str(exc))
     pipe.save_pretrained(out, safe_serialization=True)
+    import shutil
+
+    from training.inference.control import CONTROL_FILE
     from training.inference.defaults import SAMPLER_FILE
 
     if (pipe_dir / SAMPLER_FILE).is_file():  # diffusers ignores it; Kiln's callers read it
-        import shutil
-
         shutil.copy2(pipe_dir / SAMPLER_FILE, out / SAMPLER_FILE)
+    # the ControlNet's edge detector and the U-Net it was trained on, for `kiln generate
+    # --model OUT --control` (save_pretrained writes only the ControlNet's own files)
+    source = cn_dir or own_controlnet(pipe_dir)  # --controlnet's, else --model's own
+    if source is not None and (source / CONTROL_FILE).is_file():
+        shutil.copy2(source / CONTROL_FILE, out / "controlnet" / CONTROL_FILE)
     typer.echo(f"exported {type(pipe).__name__} to {out}")
 
 

@@ -28,10 +28,14 @@ class Request:
 
 # diffusers' schedulers refuse more inference steps than training timesteps (1000 here).
 MAX_STEPS = 1000
-# torch.Generator.manual_seed takes any 64-bit value but folds negative seeds onto
-# positive ones (-1 is 2**64 - 2), so two seeds would name one image; int64 is also
-# what the pyfunc signature declares.
-MAX_SEED = 2**63 - 1
+# Negative seeds are refused: torch.Generator.manual_seed folds them onto positive ones
+# (-1 is 2**64 - 2), so two seeds would name one image. The top is the largest integer
+# a double holds exactly with every smaller one (JavaScript's Number.MAX_SAFE_INTEGER):
+# a REST column with a null row arrives as float64, and JSON clients such as browsers
+# (the playground) hold numbers as doubles, so a larger seed could arrive rounded and
+# draw another seed's image. Any integer above it rounds to 2**53 or more, so it is
+# refused rather than drawn as its neighbour (a top of 2**53 would take 2**53 + 1 as 2**53).
+MAX_SEED = 2**53 - 1
 # diffusers runs the unconditional branch only when guidance_scale > 1, so any scale
 # below 1 draws exactly the scale-1 picture while the manifest would record the asked
 # value: refused, 1 is "off". Pictures over-saturate long before 100 (README: tiny

@@ -174,18 +174,26 @@ def register_text2image(
 
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import AnyType
 
+    # The whole-number columns are "any", checked by the model itself (parse_requests:
+    # a null is the default, 4.0 is 4, 4.5 and "4" are refused in one line). "long"
+    # refuses a column with a null row (pandas makes it float64 with NaN) before predict
+    # runs; "double" (MLflow's advice for integers with missing values) refuses an int64
+    # column, which is what a pyfunc caller's DataFrame({"seed": [1, 2]}) is. A version
+    # keeps the signature it was registered with.
+    whole = AnyType()
     signature = ModelSignature(
         inputs=Schema(
             [
                 ColSpec("string", "prompt"),
-                ColSpec("long", "seed", required=False),
-                ColSpec("long", "steps", required=False),
+                ColSpec(whole, "seed", required=False),
+                ColSpec(whole, "steps", required=False),
                 ColSpec("double", "guidance", required=False),
                 ColSpec("double", "guidance_start", required=False),
                 ColSpec("string", "negative_prompt", required=False),
-                ColSpec("long", "width", required=False),
-                ColSpec("long", "height", required=False),
+                ColSpec(whole, "width", required=False),
+                ColSpec(whole, "height", required=False),
                 ColSpec("string", "control", required=False),
                 ColSpec("double", "control_scale", required=False),
                 ColSpec("boolean", "control_is_map", required=False),
