@@ -41,7 +41,7 @@ test: install browser postgres
 # (Debian's packages; needs root). Not fatal: without them those tests are skipped, and say so.
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
-		|| (apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+		|| ( (apt-get update -qq || true; apt-get install -y --no-install-recommends chromium chromium-driver) >/dev/null 2>&1 \
 		|| echo "make: chromium could not be installed; the browser tests will be skipped")
 
 # PostgreSQL for the infra test that runs compose's Prefect and MLflow server command
@@ -49,7 +49,7 @@ browser:
 # skipped, and says so.
 postgres:
 	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
-		|| (apt-get install -y --no-install-recommends postgresql >/dev/null 2>&1 \
+		|| ( (apt-get update -qq || true; apt-get install -y --no-install-recommends postgresql) >/dev/null 2>&1 \
 		|| echo "make: postgresql could not be installed; the PostgreSQL infra test will be skipped")
 
 lint: install

@@ -62,10 +62,13 @@ if mode == "kiln":
     ingest.download(Path(url_list), out, params, ingest.policy_for(params, ("127.0.0.1/32",)))
 elif mode == "i2d-same":
     from img2dataset import download
+
+    from training.intake import ingest
     c = params.ingest
     download(url_list=url_list, input_format="parquet", url_col="url", caption_col="caption",
              output_format="webdataset", output_folder=str(out), image_size=size,
-             resize_mode=c.resize_mode, encode_format="png", encode_quality=c.png_compression,
+             resize_mode=ingest.img2dataset_resize_mode(c.resize_mode),
+             encode_format="png", encode_quality=c.png_compression,
              processes_count=c.processes, thread_count=c.threads,
              number_sample_per_shard=1000, timeout=c.timeout_s, retries=c.retries,
              compute_hash="sha256", enable_wandb=False)

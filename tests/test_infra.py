@@ -87,6 +87,24 @@ def test_docker_gpu_template_is_docker_run_gpus_all():
     (request,) = job["container_create_kwargs"]["device_requests"]
     assert request["Count"] == -1 and request["Capabilities"] == [["gpu"]]
     assert job["env"]["KILN_HOME"] == "/opt/kiln"
+    # its jobs join the stack's network, to reach prefect, mlflow and minio by name (was
+    # "kiln", a network compose never made: it names its default kiln_default)
+    assert job["networks"] == [_compose()["networks"]["default"]["name"]]
+
+
+def test_compose_workers_share_minios_dvc_remote():
+    """The stages on the two workers hand data over through the DVC remote only. The
+    image's .dvc/config names a folder beside the checkout, which each container had to
+    itself, so the gpu stage's `dvc pull` found nothing the cpu worker had pushed."""
+    compose = _compose()
+    bucket_cmd = compose["services"]["minio-buckets"]["entrypoint"]
+    for name in ("worker-cpu", "worker-gpu"):
+        command = " ".join(compose["services"][name]["command"])
+        assert "dvc remote add -f -d --local minio s3://kiln-dvc" in command, name
+        assert "endpointurl http://minio:9000" in command, name
+        assert command.rstrip().endswith(f"prefect worker start --pool {name[7:]} --type process")
+    assert "kiln/kiln-dvc" in bucket_cmd  # the bucket exists
+    assert "s3://kiln-dvc" in (INFRA / "README.md").read_text()
 
 
 def test_compose_has_the_stack_and_no_literal_secrets():
@@ -261,6 +279,19 @@ def test_worker_image_pins_torch_like_the_makefile():
     assert "torch==2.13.0" in dockerfile and '"torch==2.13.0"' in (REPO / "Makefile").read_text()
     assert "KILN_HOME=/opt/kiln" in dockerfile
     assert ".venv" in (REPO / ".dockerignore").read_text().split()
+    # the backport img2dataset pulls breaks Python 3.11's dataclasses: kiln run refuses
+    # to start (training/doctor.py) unless it goes, in the image as in `make install`
+    assert "uv pip uninstall dataclasses" in dockerfile
+    assert "python -m training.doctor" in dockerfile
+
+
+def test_the_image_leaves_out_what_git_leaves_out_of_dvc():
+    """DVC's credentials file (infra/README.md puts the S3 keys there) and its cache are
+    git-ignored; `COPY . /opt/kiln` baked them into an image bound for a registry."""
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for line in (REPO / ".dvc/.gitignore").read_text().split():
+        assert f".dvc{line}" in ignored, line
+    assert "data/cache" in ignored  # every cached stage output (KILN_CACHE_LIMIT)
 
 
 def test_deployments_schedule_and_runtime_checkout():

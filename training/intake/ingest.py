@@ -51,8 +51,17 @@ from training.intake.guard import is_transient, policy_for
 from training.intake.kinds import SOURCE_KINDS
 from training.intake.serve import LOOPBACK, serve_directory
 
-
 # ---- img2dataset -----------------------------------------------------------------------
+
+
+def img2dataset_resize_mode(mode: str) -> str:
+    """img2dataset's resize mode for Kiln's ``ingest.resize_mode``. buckets is Kiln's:
+    img2dataset takes the shorter side to image_size, aspect kept (keep_ratio), and
+    validate fits each image to its bucket (it knows them all; img2dataset has one
+    target size). The others are img2dataset's own."""
+    return "keep_ratio" if mode == "buckets" else mode
+
+
 def download(
     url_list: Path,
     out_dir: Path,
@@ -79,9 +88,7 @@ def download(
             output_format="webdataset",
             output_folder=str(out_dir),
             image_size=c.image_size,
-            # buckets: the shorter side to image_size, aspect kept; validate fits each
-            # image to its bucket (it knows them all; img2dataset has one target size)
-            resize_mode="keep_ratio" if c.resize_mode == "buckets" else c.resize_mode,
+            resize_mode=img2dataset_resize_mode(c.resize_mode),
             encode_format="png",
             encode_quality=c.png_compression,  # png: zlib level; lossless either way
             processes_count=c.processes,
