@@ -168,6 +168,21 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, capsys):
     assert "unreadable" in capsys.readouterr().err
 
 
+def test_a_checkpoint_with_one_damaged_file_leaves_nothing_behind(tmp_path):
+    """The bug: restore loaded the weights before it read the optimizer and EMA files;
+    with the optimizer file damaged and no older checkpoint it returned 0 with the
+    trained weights still in the model (and a fresh optimizer and EMA): a run "from
+    step 0" that was neither a fresh run nor a resumed one."""
+    trainer, fn = _setup(tmp_path, steps=4)  # one checkpoint, at step 4
+    trainer.fit(fn)
+    (tmp_path / "ck" / "step-00000004" / "optimizer.safetensors").write_bytes(b"garbage")
+    again, _ = _setup(tmp_path, steps=4)
+    init = {k: v.clone() for k, v in again.model.state_dict().items()}
+    assert again.checkpoints.restore(again.model, again.optimizer, again.ema) == 0
+    for k, v in again.model.state_dict().items():
+        assert torch.equal(v, init[k]), k
+
+
 def test_checkpoint_from_other_config_is_not_resumed(tmp_path):
     trainer, fn = _setup(tmp_path)
     trainer.fit(fn)

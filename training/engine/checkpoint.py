@@ -134,17 +134,24 @@ class Checkpointer:
                         say(f"removing stale checkpoint {ckpt.name} (other config/data)")
                         shutil.rmtree(ckpt, ignore_errors=True)
                     continue
-                model.load_state_dict(load_file(ckpt / "model.safetensors"))
-                _optimizer_from_flat(
-                    opt, load_file(ckpt / "optimizer.safetensors"), state["optimizer"]
-                )
+                # every file read before any is applied: a damaged optimizer or EMA file
+                # must not leave this checkpoint's weights in a run that then starts
+                # from 0 (or from an older checkpoint) with a fresh optimizer
+                weights = load_file(ckpt / "model.safetensors")
+                flat = load_file(ckpt / "optimizer.safetensors")
+                shadow = updates = None
                 if ema is not None:
                     dev = str(next(model.parameters()).device)
-                    ema.shadow = load_file(ckpt / "ema.safetensors", device=dev)
-                    ema.updates = int(state["ema_updates"])
+                    shadow = load_file(ckpt / "ema.safetensors", device=dev)
+                    updates = int(state["ema_updates"])
+                step = int(state["step"])
+                model.load_state_dict(weights)
+                _optimizer_from_flat(opt, flat, state["optimizer"])
+                if ema is not None:
+                    ema.shadow, ema.updates = shadow, updates
             except Exception as exc:  # corrupt/truncated files: fall back to the previous
                 say(f"WARNING: checkpoint {ckpt} is unreadable ({exc}); trying an older one")
                 continue
             say(f"resuming from {ckpt.name}")
-            return int(state["step"])
+            return step
         return 0
