@@ -215,6 +215,20 @@ def test_the_unet_starts_from_a_registered_one_or_says_why_it_cannot(trained):
     assert "models:/kiln-unet/1 does not fit the tiny profile's U-Net" in bad.stderr
     assert "tensors differ, e.g. " in bad.stderr
 
+    # the same tensors trained to predict another target: refused too (was: fine-tuned
+    # for finetune_steps as if it knew the task, and registered)
+    config.set_values(
+        project / "params.yaml",
+        {
+            "train_unet.layers_per_block": 1,
+            "train_unet.prediction_type": "epsilon",
+            "train_unet.beta_schedule": "scaled_linear",
+        },
+    )
+    bad = kiln(project, "train-unet", check=False)
+    assert bad.returncode != 0
+    assert "models:/kiln-unet/1 was trained on another objective (prediction_type" in bad.stderr
+
 
 def test_latents_made_by_other_code_are_not_reused(tmp_path: Path):
     """The bug: the latent cache was keyed on the models, the data and the text type

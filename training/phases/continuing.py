@@ -18,7 +18,15 @@ from __future__ import annotations
 import json
 
 from training.config import Params
-from training.phases.reuse import UNET_WEIGHTS, ReuseError, builds_on, check, fits, resolve
+from training.phases.reuse import (
+    UNET_WEIGHTS,
+    ReuseError,
+    builds_on,
+    check,
+    fits,
+    resolve,
+    same_objective,
+)
 
 STAGES = ("train_vae", "train_clip", "train_unet")
 
@@ -73,6 +81,7 @@ def _unet_fits(ref: str, dirs: dict, params: Params) -> None:
             f"{ref}: a {cls}, but the {params.train_unet.backbone} backbone is a "
             f"{type(model).__name__}: set mode: scratch to change backbones"
         )
+    same_objective(ref, dirs["train_unet"], params)
     with safe_open(weights, "pt") as f:
         theirs = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     fits(ref, params, {k: list(v.shape) for k, v in model.state_dict().items()}, theirs)

@@ -147,6 +147,42 @@ def fits(ref: str, params: Params, own: dict[str, list], theirs: dict[str, list]
         )
 
 
+# what a denoiser learnt to predict and along which noise schedule: the same tensors
+# trained on another objective predict something else at every step
+_OBJECTIVE_KEYS = (
+    "_class_name",
+    "prediction_type",
+    "beta_schedule",
+    "num_train_timesteps",
+    "shift",
+)
+
+
+def same_objective(ref: str, directory: Path, params: Params) -> None:
+    """``ReuseError`` unless the U-Net in ``directory`` was trained on the noise
+    schedule and prediction target this run trains (its ``scheduler_config.json``
+    against ``unet.noise_scheduler``). The tensors' shapes cannot tell: a v-prediction
+    U-Net fits an epsilon one tensor for tensor, and warm-started it would be
+    fine-tuned on a quarter of the steps as if it knew the task. A U-Net saved without
+    the file is not checked."""
+    from training.phases.unet import noise_scheduler
+
+    saved = directory / "scheduler_config.json"
+    if not saved.is_file():
+        return
+    theirs = json.loads(saved.read_text())
+    ours = dict(noise_scheduler(params).config) | {
+        "_class_name": type(noise_scheduler(params)).__name__
+    }
+    differ = [k for k in _OBJECTIVE_KEYS if k in theirs and k in ours and theirs[k] != ours[k]]
+    if differ:
+        shown = ", ".join(f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in differ)
+        raise ReuseError(
+            f"{ref} was trained on another objective ({shown}); train this one from "
+            "scratch (mode: scratch, no init_from) or set train_unet back"
+        )
+
+
 def warm_start(model, ref: str, params: Params) -> dict:
     """``train_unet.init_from``: load the U-Net ``ref`` names into ``model``, the
     profile's freshly built denoiser, before any step. It must be the same architecture
@@ -163,6 +199,7 @@ def warm_start(model, ref: str, params: Params) -> dict:
             f"{ref}: a {cls}, but the {params.train_unet.backbone} backbone is a "
             f"{type(model).__name__}"
         )
+    same_objective(ref, directory, params)
     state = load_file(directory / UNET_WEIGHTS)
     fits(ref, params, {k: list(v.shape) for k, v in model.state_dict().items()},
          {k: list(v.shape) for k, v in state.items()})  # fmt: skip
