@@ -278,3 +278,64 @@ def test_ema_warm_up_caps_the_decay_of_short_runs():
     for _ in range(100):
         short.update(torch.nn.Linear(2, 2))
     assert short.reached == 0.9  # the warm-up reaches 0.9 at update 80
+
+
+RANK_RUN = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from tests.test_mechanics import _setup
+from training import engine as E
+
+E.init_distributed()
+trainer, fn = _setup(Path(sys.argv[1]) / f"rank{E.rank()}", steps=8)
+try:
+    trainer.fit(fn)
+except RuntimeError as exc:
+    print("refused:", exc, flush=True)
+    sys.exit(3)
+print("trained", flush=True)
+"""
+
+
+def test_ranks_that_would_resume_from_different_steps_stop_together(tmp_path):
+    """The bug: each rank restored its own checkpoint folder, and only rank 0 writes one.
+    On nodes without a shared data/ rank 0 resumed at step 4 while the others started at
+    0 from fresh weights, and the gradients of two different models were averaged. Now
+    every rank sees the disagreement before any step and stops with one clear error."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    first, fn = _setup(tmp_path / "rank0", steps=4)  # rank 0's node: a checkpoint at 4
+    first.fit(fn)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = str(Path(__file__).resolve().parents[1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_RUN, str(tmp_path), repo],
+            env={
+                **os.environ,
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "KILN_DEVICE": "cpu",
+                "OMP_NUM_THREADS": "1",
+            },  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [3, 3], outs
+    for r, out in enumerate(outs):
+        assert f"the ranks found different checkpoints to resume from (rank {r}: step " in out
+    assert not (tmp_path / "rank1" / "ck").exists()  # rank 1 trained nothing, saved nothing

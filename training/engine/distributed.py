@@ -109,7 +109,8 @@ def all_sum(values: list[float]) -> list[float]:
     """Element-wise sums over ranks of a few numbers (e.g. counters); every rank calls it."""
     if world_size() == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    # on the rank's device: NCCL (the GPU backend) reduces CUDA tensors only
+    t = torch.tensor(values, dtype=torch.float64, device=device())
     torch.distributed.all_reduce(t)
     return t.tolist()
 

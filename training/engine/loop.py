@@ -23,7 +23,15 @@ import torch
 from training.config import fingerprint
 from training.engine.batches import StepMetrics, autocast, cosine_lr
 from training.engine.checkpoint import Checkpointer
-from training.engine.distributed import all_mean, device, is_main, sync_gradients, world_size
+from training.engine.distributed import (
+    all_mean,
+    all_sum,
+    device,
+    is_main,
+    rank,
+    sync_gradients,
+    world_size,
+)
 from training.engine.ema import EMA
 from training.errors import TrainingDiverged
 from training.tracker import MetricLogger, NullLogger
@@ -59,6 +67,23 @@ class Trainer:
     ema: EMA | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    def _same_start(self, start: int) -> None:
+        """Every rank restores its own checkpoint folder; only rank 0 writes one. On
+        nodes that do not share data/ (splits in object storage) the others find none
+        and would start at 0 from fresh weights while rank 0 resumes, averaging
+        gradients of different models. All ranks compare (the same sums on each, so the
+        same verdict) and stop together, before any step."""
+        if world_size() == 1:
+            return
+        total, squares = all_sum([float(start), float(start) ** 2])
+        if squares * world_size() != total**2:  # equal only when every start is equal
+            raise RuntimeError(
+                f"{self.name}: the ranks found different checkpoints to resume from (rank "
+                f"{rank()}: step {start}): rank 0 writes them to {self.checkpoints.dir}, "
+                "which every node must share to resume; delete it to start over, or "
+                "put data/ on shared storage"
+            )
+
     def fit(
         self,
         step_fn: Callable[[int], tuple[torch.Tensor, StepMetrics]],
@@ -77,6 +102,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         start = self.checkpoints.restore(self.model, self.optimizer, self.ema)
+        self._same_start(start)
         self.model.train()
         main = is_main()
         bar = tqdm(
