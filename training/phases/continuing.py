@@ -64,7 +64,7 @@ def _unet_fits(ref: str, dirs: dict, params: Params) -> None:
     from safetensors import safe_open
 
     from training.backbones import TextDims
-    from training.phases.unet import build
+    from training.phases.unet import build, objective
 
     vae = json.loads((dirs["train_vae"] / "config.json").read_text())
     clip = json.loads((dirs["train_clip"] / "config.json").read_text())
@@ -81,7 +81,7 @@ def _unet_fits(ref: str, dirs: dict, params: Params) -> None:
             f"{ref}: a {cls}, but the {params.train_unet.backbone} backbone is a "
             f"{type(model).__name__}: set mode: scratch to change backbones"
         )
-    same_objective(ref, dirs["train_unet"], params)
+    same_objective(ref, dirs["train_unet"], objective(params))
     with safe_open(weights, "pt") as f:
         theirs = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     fits(ref, params, {k: list(v.shape) for k, v in model.state_dict().items()}, theirs)

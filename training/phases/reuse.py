@@ -158,22 +158,17 @@ _OBJECTIVE_KEYS = (
 )
 
 
-def same_objective(ref: str, directory: Path, params: Params) -> None:
+def same_objective(ref: str, directory: Path, ours: dict) -> None:
     """``ReuseError`` unless the U-Net in ``directory`` was trained on the noise
     schedule and prediction target this run trains (its ``scheduler_config.json``
-    against ``unet.noise_scheduler``). The tensors' shapes cannot tell: a v-prediction
-    U-Net fits an epsilon one tensor for tensor, and warm-started it would be
-    fine-tuned on a quarter of the steps as if it knew the task. A U-Net saved without
-    the file is not checked."""
-    from training.phases.unet import noise_scheduler
-
+    against ``ours``, ``unet.objective(params)``). The tensors' shapes cannot tell: a
+    v-prediction U-Net fits an epsilon one tensor for tensor, and warm-started it would
+    be fine-tuned on a quarter of the steps as if it knew the task. A U-Net saved
+    without the file is not checked."""
     saved = directory / "scheduler_config.json"
     if not saved.is_file():
         return
     theirs = json.loads(saved.read_text())
-    ours = dict(noise_scheduler(params).config) | {
-        "_class_name": type(noise_scheduler(params)).__name__
-    }
     differ = [k for k in _OBJECTIVE_KEYS if k in theirs and k in ours and theirs[k] != ours[k]]
     if differ:
         shown = ", ".join(f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in differ)
@@ -183,11 +178,12 @@ def same_objective(ref: str, directory: Path, params: Params) -> None:
         )
 
 
-def warm_start(model, ref: str, params: Params) -> dict:
+def warm_start(model, ref: str, params: Params, objective: dict) -> dict:
     """``train_unet.init_from``: load the U-Net ``ref`` names into ``model``, the
     profile's freshly built denoiser, before any step. It must be the same architecture
     tensor for tensor (a champion trained at other widths or on another latent or text
-    size cannot be continued: train from scratch). Returns the metrics that say where
+    size cannot be continued: train from scratch), trained on ``objective`` (the
+    training scheduler's config, ``same_objective``). Returns the metrics that say where
     training started from."""
     import torch
     from safetensors.torch import load_file
@@ -199,7 +195,7 @@ def warm_start(model, ref: str, params: Params) -> dict:
             f"{ref}: a {cls}, but the {params.train_unet.backbone} backbone is a "
             f"{type(model).__name__}"
         )
-    same_objective(ref, directory, params)
+    same_objective(ref, directory, objective)
     state = load_file(directory / UNET_WEIGHTS)
     fits(ref, params, {k: list(v.shape) for k, v in model.state_dict().items()},
          {k: list(v.shape) for k, v in state.items()})  # fmt: skip

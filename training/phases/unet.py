@@ -64,6 +64,13 @@ def noise_scheduler(params: Params) -> DDPMScheduler | FlowMatchEulerDiscreteSch
     )
 
 
+def objective(params: Params) -> dict:
+    """The training scheduler's config with its class: what a U-Net saved with it
+    (``scheduler_config.json``) learnt to predict, for ``reuse.same_objective``."""
+    sched = noise_scheduler(params)
+    return {**sched.config, "_class_name": type(sched).__name__}
+
+
 def snr_weights(
     sched: DDPMScheduler, t: torch.Tensor, gamma: float, prediction_type: str
 ) -> torch.Tensor:
@@ -229,7 +236,7 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
 
     ref = builds_on("train_unet", params)
     if ref:  # continue from a registered U-Net (checked before any step) ...
-        start = warm_start(model, ref, params)
+        start = warm_start(model, ref, params, objective(params))
         # ... for fewer steps, at a lower peak rate: the parent is trained, and a restart
         # at the full rate undoes part of it (RESULTS.md, "Continuous training")
         tune = {"steps": c.finetune_steps or c.steps, "lr": c.lr * c.finetune_lr_scale}
