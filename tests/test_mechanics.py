@@ -339,3 +339,32 @@ def test_ranks_that_would_resume_from_different_steps_stop_together(tmp_path):
     for r, out in enumerate(outs):
         assert f"the ranks found different checkpoints to resume from (rank {r}: step " in out
     assert not (tmp_path / "rank1" / "ck").exists()  # rank 1 trained nothing, saved nothing
+
+
+def test_networks_named_in_clip_groups_are_clipped_apart(tmp_path):
+    """The bug: the VAE and its discriminator, one module for the Trainer, had their
+    gradients clipped as one vector, so a large discriminator gradient shrank the VAE's
+    step. Now each group named by ``clip_groups()`` is clipped on its own."""
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+        def clip_groups(self):
+            return [self.a.parameters(), self.b.parameters()]
+
+    model = Pair()
+    cfg = E.LoopCfg(steps=1, lr=1e-2, warmup_steps=0, grad_clip=1.0, batch_size=1,
+                    checkpoint_every=10, log_every=1)  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    trainer = E.Trainer("pair", model, opt, cfg, E.Checkpointer(tmp_path / "ck", "fp"))
+    for p in model.a.parameters():
+        p.grad = torch.full_like(p, 0.01)  # 6 values: norm 0.0245, under the clip
+    for p in model.b.parameters():
+        p.grad = torch.full_like(p, 100.0)  # a discriminator's spike
+    norm = trainer._clip()
+    assert float(norm) == pytest.approx(0.01 * 6**0.5)  # the first group's, as logged
+    assert all(torch.allclose(p.grad, torch.full_like(p, 0.01)) for p in model.a.parameters())
+    b = torch.cat([p.grad.flatten() for p in model.b.parameters()])
+    assert float(b.norm()) == pytest.approx(1.0, rel=1e-4)

@@ -67,6 +67,18 @@ class Trainer:
     ema: EMA | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    def _clip(self) -> torch.Tensor:
+        """Clip the gradient norm at ``grad_clip``; the returned norm is logged. A model
+        made of networks that must not scale each other's steps (the VAE and its
+        discriminator) names them in ``clip_groups()``: each is clipped on its own, and
+        the first one's norm is returned. Clipped together, a large discriminator
+        gradient would shrink the VAE's step, and the other way round."""
+        clip = torch.nn.utils.clip_grad_norm_
+        groups = getattr(self.model, "clip_groups", None)
+        if groups is None:
+            return clip(self.model.parameters(), self.cfg.grad_clip)
+        return [clip(g, self.cfg.grad_clip) for g in groups()][0]
+
     def _same_start(self, start: int) -> None:
         """Every rank restores its own checkpoint folder; only rank 0 writes one. On
         nodes that do not share data/ (splits in object storage) the others find none
@@ -152,7 +164,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync_gradients(self.model)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            grad_norm = self._clip()
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.model)

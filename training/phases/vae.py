@@ -80,6 +80,11 @@ class VaeWithDiscriminator(nn.Module):
         super().__init__()
         self.vae, self.disc = vae, disc
 
+    def clip_groups(self) -> list:
+        """Each network's gradient norm is clipped on its own (``Trainer._clip``): each
+        gets only its own gradient, and neither's size scales the other's step."""
+        return [self.vae.parameters(), self.disc.parameters()]
+
 
 def adversarial_losses(
     disc: PatchDiscriminator, real: torch.Tensor, fake: torch.Tensor
