@@ -106,6 +106,10 @@ def test_int_columns_without_nulls_still_work(served):
     rows = pd.DataFrame({"prompt": [PROMPT, "a blue square"], "seed": [1, 2], "steps": [2, 2]})
     assert rows["seed"].dtype == np.int64
     assert list(served.predict(rows)["seed"]) == [1, 2]
+    # whole-number scales too (were "double": MLflow refused the int64 column)
+    rows = rows.assign(guidance=[4, 2], guidance_start=[0, 0])
+    assert rows["guidance"].dtype == np.int64
+    assert list(served.predict(rows)["seed"]) == [1, 2]
 
 
 @pytest.mark.parametrize(

@@ -182,20 +182,23 @@ def register_text2image(
     # runs; "double" (MLflow's advice for integers with missing values) refuses an int64
     # column, which is what a pyfunc caller's DataFrame({"seed": [1, 2]}) is. A version
     # keeps the signature it was registered with.
-    whole = AnyType()
+    # The scales likewise: "double" refuses a caller's int64 DataFrame({"guidance": [4]})
+    # with a multi-line message (JSON bodies are cast first); check_request takes any
+    # real number in range and refuses the rest in one line.
+    whole = number = AnyType()
     signature = ModelSignature(
         inputs=Schema(
             [
                 ColSpec("string", "prompt"),
                 ColSpec(whole, "seed", required=False),
                 ColSpec(whole, "steps", required=False),
-                ColSpec("double", "guidance", required=False),
-                ColSpec("double", "guidance_start", required=False),
+                ColSpec(number, "guidance", required=False),
+                ColSpec(number, "guidance_start", required=False),
                 ColSpec("string", "negative_prompt", required=False),
                 ColSpec(whole, "width", required=False),
                 ColSpec(whole, "height", required=False),
                 ColSpec("string", "control", required=False),
-                ColSpec("double", "control_scale", required=False),
+                ColSpec(number, "control_scale", required=False),
                 ColSpec("boolean", "control_is_map", required=False),
             ]
         ),
