@@ -215,7 +215,7 @@ def test_evaluate_ships_the_controlnet_and_the_registered_model_takes_control_im
     assert "ships with the pipeline" in proc.stderr, proc.stderr[-3000:]
     # this copy's registry holds only the ControlNet: the components the metrics name
     # are said to be missing, not crowned, and the pipeline registers all the same
-    assert "kiln-vae v1 (from data/metrics/train_vae.json) is not in this registry" in proc.stderr
+    assert "kiln-vae v1, a component of kiln-text2image v1, is not in this registry" in proc.stderr
     assert (project / "data/eval/controlnet/config.json").is_file()
     report = (project / "data/eval/report.html").read_text()
     assert "ControlNet (shipped with this pipeline" in report

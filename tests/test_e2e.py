@@ -455,7 +455,7 @@ from training import tracking
 tracking.setup()
 c = MlflowClient()
 champ = c.get_model_version_by_alias("kiln-text2image", "champion")
-parts = {m: c.get_model_version_by_alias(m, "champion").version
+parts = {m: str(c.get_model_version_by_alias(m, "champion").version)
          for m in ("kiln-vae", "kiln-clip", "kiln-unet")}
 print(json.dumps({**champ.tags, "parts": parts}))
 """,

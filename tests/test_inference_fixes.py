@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 from tests.test_serving import build_tiny_pipeline
 from training.cli.base import UserError
-from training.cli.user import app, next_index
+from training.cli.outputs import next_index
+from training.cli.user import app
 from training.inference import control, sampling
 from training.inference.defaults import SAMPLER_FILE
 from training.playground import jobs

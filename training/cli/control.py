@@ -145,3 +145,20 @@ def with_control(
         )
     steered = attach(pipe, cn_dir)[0] if net is None else with_controlnet(pipe, net)
     return steered, image
+
+
+def copy_kiln_files(pipe_dir: Path, cn_dir: Path | None, out: Path) -> None:
+    """After ``save_pretrained``: the files diffusers does not write that Kiln's callers
+    read: the model's chosen sampler (``kiln_sampler.json``) and the ControlNet's edge
+    detector and the U-Net it was trained on (``kiln_control.json``, for ``kiln generate
+    --model OUT --control``), from ``--controlnet``'s folder, else ``--model``'s own."""
+    import shutil
+
+    from training.inference.control import CONTROL_FILE
+    from training.inference.defaults import SAMPLER_FILE
+
+    if (pipe_dir / SAMPLER_FILE).is_file():
+        shutil.copy2(pipe_dir / SAMPLER_FILE, out / SAMPLER_FILE)
+    source = cn_dir or own_controlnet(pipe_dir)
+    if source is not None and (source / CONTROL_FILE).is_file():
+        shutil.copy2(source / CONTROL_FILE, out / "controlnet" / CONTROL_FILE)

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -24,10 +23,12 @@ from training.cli.base import UserError, fail, load_params, writable
 from training.cli.control import (
     base_pipeline,
     controlnet_dir,
+    copy_kiln_files,
     open_control,
     own_controlnet,
     with_control,
 )
+from training.cli.outputs import can_create, next_index, warn_truncated
 from training.config import SAMPLER
 from training.inference.requests import MAX_GUIDANCE, MIN_GUIDANCE
 from training.stages import PIPELINE_MODEL
@@ -117,60 +118,6 @@ def run_pipeline(
     typer.echo(summary["text"])
 
 
-def _can_create(d: Path) -> None:
-    """Fail now if ``d`` could not be made or written, without creating it yet (a
-    failed command must not leave an empty folder behind)."""
-    probe = d.resolve()
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UserError(f"output directory {d} is not writable ({probe} is not a writable folder)")
-
-
-def next_index(out: Path) -> int:
-    """The number of the next picture ``kiln generate`` writes into ``out``: past every
-    numbered picture (``NNNN-slug-seed.png``) and every manifest line already there, so
-    a second run into one folder adds pictures instead of replacing ones that
-    manifest.jsonl still describes. 0 for a folder that does not exist yet."""
-    manifest = out / "manifest.jsonl"
-    if manifest.exists() and not manifest.is_file():
-        raise UserError(f"{manifest} is not a file; give another --out")
-    try:
-        taken = [
-            int(m.group(1)) + 1
-            for f in (out.iterdir() if out.is_dir() else ())
-            if (m := re.fullmatch(r"(\d+)-.*\.png", f.name))
-        ]
-        lines = 0
-        if manifest.is_file():
-            with open(manifest, "rb") as f:  # bytes: a line cut by a crash still counts
-                lines = sum(1 for line in f if line.strip())
-    except OSError as exc:  # an unreadable folder or manifest
-        raise UserError(f"cannot read output directory {out}: {exc}") from None
-    return max([lines, *taken])
-
-
-def warn_truncated(tokenizer, prompts: list[str]) -> int:
-    """Warn for each prompt longer than the text encoder's context: the model never sees
-    the rest. Returns how many were cut."""
-    limit = tokenizer.model_max_length
-    cut = 0
-    for prompt in dict.fromkeys(prompts):
-        n = len(tokenizer(prompt, truncation=False).input_ids)
-        if n > limit:
-            cut += 1
-            kept = tokenizer.decode(
-                tokenizer(prompt, truncation=True, max_length=limit).input_ids,
-                skip_special_tokens=True,
-            )
-            typer.echo(
-                f"kiln: warning: prompt {prompt!r} is {n} tokens; the text encoder reads "
-                f"{limit}, so only {kept!r} is used",
-                err=True,
-            )
-    return cut
-
-
 @app.command()
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="one or more prompts")],
@@ -244,7 +191,7 @@ def generate(
     try:  # everything that can be checked before a model load
         if any(not p.strip() for p in prompts):
             raise UserError("a prompt is empty")
-        _can_create(out)
+        can_create(out)
         first = next_index(out)  # numbering continues after what --out already holds
         from training.inference import defaults, sampling
 
@@ -368,18 +315,7 @@ def export(
     except UserError as exc:
         fail(str(exc))
     pipe.save_pretrained(out, safe_serialization=True)
-    import shutil
-
-    from training.inference.control import CONTROL_FILE
-    from training.inference.defaults import SAMPLER_FILE
-
-    if (pipe_dir / SAMPLER_FILE).is_file():  # diffusers ignores it; Kiln's callers read it
-        shutil.copy2(pipe_dir / SAMPLER_FILE, out / SAMPLER_FILE)
-    # the ControlNet's edge detector and the U-Net it was trained on, for `kiln generate
-    # --model OUT --control` (save_pretrained writes only the ControlNet's own files)
-    source = cn_dir or own_controlnet(pipe_dir)  # --controlnet's, else --model's own
-    if source is not None and (source / CONTROL_FILE).is_file():
-        shutil.copy2(source / CONTROL_FILE, out / "controlnet" / CONTROL_FILE)
+    copy_kiln_files(pipe_dir, cn_dir, out)
     typer.echo(f"exported {type(pipe).__name__} to {out}")
 
 

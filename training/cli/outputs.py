@@ -1,0 +1,67 @@
+"""What ``kiln generate`` checks and writes around a model: the output folder (can it
+be made, which number the next picture takes) and the prompts' length against the text
+encoder's context. Kept apart from the commands (``training/cli/user.py``)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import typer
+
+from training.cli.base import UserError
+
+
+def can_create(d: Path) -> None:
+    """Fail now if ``d`` could not be made or written, without creating it yet (a
+    failed command must not leave an empty folder behind)."""
+    probe = d.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UserError(f"output directory {d} is not writable ({probe} is not a writable folder)")
+
+
+def next_index(out: Path) -> int:
+    """The number of the next picture ``kiln generate`` writes into ``out``: past every
+    numbered picture (``NNNN-slug-seed.png``) and every manifest line already there, so
+    a second run into one folder adds pictures instead of replacing ones that
+    manifest.jsonl still describes. 0 for a folder that does not exist yet."""
+    manifest = out / "manifest.jsonl"
+    if manifest.exists() and not manifest.is_file():
+        raise UserError(f"{manifest} is not a file; give another --out")
+    try:
+        taken = [
+            int(m.group(1)) + 1
+            for f in (out.iterdir() if out.is_dir() else ())
+            if (m := re.fullmatch(r"(\d+)-.*\.png", f.name))
+        ]
+        lines = 0
+        if manifest.is_file():
+            with open(manifest, "rb") as f:  # bytes: a line cut by a crash still counts
+                lines = sum(1 for line in f if line.strip())
+    except OSError as exc:  # an unreadable folder or manifest
+        raise UserError(f"cannot read output directory {out}: {exc}") from None
+    return max([lines, *taken])
+
+
+def warn_truncated(tokenizer, prompts: list[str]) -> int:
+    """Warn for each prompt longer than the text encoder's context: the model never sees
+    the rest. Returns how many were cut."""
+    limit = tokenizer.model_max_length
+    cut = 0
+    for prompt in dict.fromkeys(prompts):
+        n = len(tokenizer(prompt, truncation=False).input_ids)
+        if n > limit:
+            cut += 1
+            kept = tokenizer.decode(
+                tokenizer(prompt, truncation=True, max_length=limit).input_ids,
+                skip_special_tokens=True,
+            )
+            typer.echo(
+                f"kiln: warning: prompt {prompt!r} is {n} tokens; the text encoder reads "
+                f"{limit}, so only {kept!r} is used",
+                err=True,
+            )
+    return cut
