@@ -176,15 +176,11 @@ def register_text2image(
     from mlflow.types import ColSpec, Schema
     from mlflow.types.schema import AnyType
 
-    # The whole-number columns are "any", checked by the model itself (parse_requests:
-    # a null is the default, 4.0 is 4, 4.5 and "4" are refused in one line). "long"
-    # refuses a column with a null row (pandas makes it float64 with NaN) before predict
-    # runs; "double" (MLflow's advice for integers with missing values) refuses an int64
-    # column, which is what a pyfunc caller's DataFrame({"seed": [1, 2]}) is. A version
-    # keeps the signature it was registered with.
-    # The scales likewise: "double" refuses a caller's int64 DataFrame({"guidance": [4]})
-    # with a multi-line message (JSON bodies are cast first); check_request takes any
-    # real number in range and refuses the rest in one line.
+    # Number columns are "any", checked by the model itself (parse_requests: a null is
+    # the default, 4.0 is 4, 4.5 and "4" are refused in one line). "long" refuses a
+    # column with a null row (float64 with NaN) before predict runs; "double" refuses an
+    # int64 column, a pyfunc caller's DataFrame({"seed": [1, 2]}) or ({"guidance": [4]}),
+    # in a multi-line message. A version keeps the signature it was registered with.
     whole = number = AnyType()
     signature = ModelSignature(
         inputs=Schema(
