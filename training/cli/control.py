@@ -63,20 +63,9 @@ def base_pipeline(pipe: StableDiffusionControlNetPipeline) -> StableDiffusionPip
     """The ``StableDiffusionPipeline`` of a ControlNet pipeline's own VAE, text encoder,
     tokenizer, U-Net and scheduler (the same modules, not copies): the base model, which
     draws without a control image; the ControlNet pipeline itself needs one."""
-    from diffusers import StableDiffusionPipeline
+    from training.inference.control import with_controlnet
 
-    base = StableDiffusionPipeline(
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        unet=pipe.unet,
-        scheduler=pipe.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    base.set_progress_bar_config(disable=True)
-    return base
+    return with_controlnet(pipe, None)
 
 
 def _detector(cn_dir: Path) -> dict:

@@ -110,21 +110,26 @@ def load_control(
 
 
 def with_controlnet(pipe, controlnet):
-    """``pipe`` (a ``StableDiffusionPipeline``) with ``controlnet``: the standard
-    ``StableDiffusionControlNetPipeline`` sharing its components."""
-    from diffusers import StableDiffusionControlNetPipeline
+    """``pipe`` (an SD pipeline) with ``controlnet``: the standard
+    ``StableDiffusionControlNetPipeline`` sharing its components; with ``controlnet``
+    None, the plain ``StableDiffusionPipeline`` of them (a ControlNet pipeline's base
+    model, which draws without a control image)."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
-    out = StableDiffusionControlNetPipeline(
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        unet=pipe.unet,
-        controlnet=controlnet,
-        scheduler=pipe.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = {
+        "vae": pipe.vae,
+        "text_encoder": pipe.text_encoder,
+        "tokenizer": pipe.tokenizer,
+        "unet": pipe.unet,
+        "scheduler": pipe.scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+    if controlnet is None:
+        out = StableDiffusionPipeline(**parts)
+    else:
+        out = StableDiffusionControlNetPipeline(**parts, controlnet=controlnet)
     out.set_progress_bar_config(disable=True)
     return out
 
