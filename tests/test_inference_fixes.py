@@ -13,6 +13,8 @@ import json
 import math
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -135,6 +137,23 @@ def test_generate_twice_into_one_folder_keeps_every_picture(tiny, tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == sorted(files)
     for name, data in before.items():  # the first run's pictures are untouched
         assert (out / name).read_bytes() == data, name
+
+
+def test_two_generate_runs_at_once_into_one_folder_keep_every_picture(tiny, tmp_path):
+    """Were: each run took its first number when it started and wrote when it finished,
+    so two runs at once both wrote 0000-<prompt>-<seed>.png, the second over the first,
+    with two manifest lines naming one file. Two real processes, same prompt and seeds."""
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "training.cli", "generate", PROMPT, "--model", str(tiny),
+           "--out", str(out), "--steps", "8", "-n", "3"]  # fmt: skip
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]  # fmt: skip
+    for run in runs:
+        output = run.communicate(timeout=300)[0]
+        assert run.returncode == 0, output
+    files = [json.loads(t)["file"] for t in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(files) == sorted(p.name for p in out.glob("*.png")), files
+    assert sorted(f[:4] for f in files) == [f"{i:04d}" for i in range(6)], files
 
 
 # ---- 3. the playground keeps every job still waiting or running ---------------------------

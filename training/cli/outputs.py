@@ -4,9 +4,13 @@ encoder's context. Kept apart from the commands (``training/cli/user.py``)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import typer
 
@@ -44,6 +48,18 @@ def next_index(out: Path) -> int:
     except OSError as exc:  # an unreadable folder or manifest
         raise UserError(f"cannot read output directory {out}: {exc}") from None
     return max([lines, *taken])
+
+
+@contextlib.contextmanager
+def claimed(out: Path) -> Iterator[tuple[int, IO[str]]]:
+    """The first free number in ``out`` and its manifest open for appending, held under
+    an exclusive lock on manifest.jsonl until the block ends: two ``kiln generate`` runs
+    into one folder at once take turns writing, so neither picks numbers the other took
+    (same prompt and seed would have overwritten the other's picture)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "manifest.jsonl", "a") as manifest:  # closing flushes, then unlocks
+        fcntl.flock(manifest, fcntl.LOCK_EX)
+        yield next_index(out), manifest
 
 
 def warn_truncated(tokenizer, prompts: list[str]) -> int:

@@ -28,7 +28,7 @@ from training.cli.control import (
     own_controlnet,
     with_control,
 )
-from training.cli.outputs import can_create, next_index, warn_truncated
+from training.cli.outputs import can_create, claimed, next_index, warn_truncated
 from training.config import SAMPLER
 from training.inference.requests import MAX_GUIDANCE, MIN_GUIDANCE
 from training.stages import PIPELINE_MODEL
@@ -192,7 +192,7 @@ def generate(
         if any(not p.strip() for p in prompts):
             raise UserError("a prompt is empty")
         can_create(out)
-        first = next_index(out)  # numbering continues after what --out already holds
+        next_index(out)  # readable? (the number itself is taken when writing, below)
         from training.inference import defaults, sampling
 
         if scheduler not in sampling.SCHEDULERS:
@@ -256,8 +256,7 @@ def generate(
         fail(str(exc))
     warn_truncated(pipe.tokenizer, [*prompts, negative] if negative else list(prompts))
     images = sampling.generate(pipe, reqs, control=steer)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "manifest.jsonl", "a") as manifest:
+    with claimed(out) as (first, manifest):  # numbering continues after what --out holds
         for i, (r, img) in enumerate(zip(reqs, images, strict=True)):
             name = f"{first + i:04d}-{sampling.slug(r.prompt)}-{r.seed}.png"
             img.save(out / name)
