@@ -229,6 +229,21 @@ def test_the_unet_starts_from_a_registered_one_or_says_why_it_cannot(trained):
     assert bad.returncode != 0
     assert "models:/kiln-unet/1 was trained on another objective (prediction_type" in bad.stderr
 
+    # the same objective and shapes in another latent space: a VAE trained again (mode
+    # scratch, init_from kept), its latents made again. Refused (was: fine-tuned weights
+    # that predict for the old VAE's latents, every shape check passed, and registered)
+    config.set_values(
+        project / "params.yaml",
+        {"train_unet.prediction_type": "v_prediction",
+         "train_unet.beta_schedule": "squaredcos_cap_v2", "train_vae.steps": 7},
+    )  # fmt: skip
+    kiln(project, "train-vae")
+    kiln(project, "precompute-latents")
+    bad = kiln(project, "train-unet", check=False)
+    assert bad.returncode != 0
+    assert "models:/kiln-unet/1 was trained in another latent or text space (VAE " in bad.stderr
+    assert "CLIP" not in bad.stderr.split("space (")[1].split(")")[0]  # CLIP is the same
+
 
 def test_latents_made_by_other_code_are_not_reused(tmp_path: Path):
     """The bug: the latent cache was keyed on the models, the data and the text type

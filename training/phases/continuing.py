@@ -26,6 +26,7 @@ from training.phases.reuse import (
     fits,
     resolve,
     same_objective,
+    same_spaces,
 )
 
 STAGES = ("train_vae", "train_clip", "train_unet")
@@ -82,6 +83,10 @@ def _unet_fits(ref: str, dirs: dict, params: Params) -> None:
             f"{type(model).__name__}: set mode: scratch to change backbones"
         )
     same_objective(ref, dirs["train_unet"], objective(params))
+    from training.phases.latent_cache import model_fingerprint
+
+    spaces = {"vae": dirs["train_vae"], "clip": dirs["train_clip"]}
+    same_spaces(ref, dirs["train_unet"], {k: model_fingerprint(d) for k, d in spaces.items()})
     with safe_open(weights, "pt") as f:
         theirs = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     fits(ref, params, {k: list(v.shape) for k, v in model.state_dict().items()}, theirs)

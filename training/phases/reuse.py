@@ -38,6 +38,9 @@ KINDS = {
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # files of a registered folder that describe the old run, not the model
 NOT_COPIED = ("MLmodel", "resolved_params.json")
+# beside a U-Net's weights: the fingerprints (``latent_cache.model_fingerprint``) of the
+# VAE and CLIP whose latents and text states it was trained on
+TRAINED_ON = "kiln_trained_on.json"
 
 
 class ReuseError(ValueError):
@@ -178,13 +181,36 @@ def same_objective(ref: str, directory: Path, ours: dict) -> None:
         )
 
 
-def warm_start(model, ref: str, params: Params, objective: dict) -> dict:
+def same_spaces(ref: str, directory: Path, ours: dict[str, str]) -> None:
+    """``ReuseError`` unless the U-Net in ``directory`` was trained on latents of the
+    VAE and text states of the CLIP that ``ours`` fingerprints (``TRAINED_ON``). A new
+    VAE is a new latent space and a new CLIP a new text space with the same shapes: a
+    U-Net warm-started across either would fine-tune weights that predict for a space
+    this run does not have, and pass every shape check. A U-Net saved without the file
+    (before Kiln wrote it) is not checked."""
+    saved = directory / TRAINED_ON
+    if not saved.is_file():
+        return
+    theirs = json.loads(saved.read_text())
+    differ = [k for k in ("vae", "clip") if theirs.get(k) and ours.get(k) != theirs[k]]
+    if differ:
+        shown = ", ".join(f"{k.upper()} {theirs[k]} there, {ours.get(k)} here" for k in differ)
+        raise ReuseError(
+            f"{ref} was trained in another latent or text space ({shown}); fine-tune it "
+            "only with the models it was trained with (mode: continue installs the "
+            "champion's; or train_vae.reuse / train_clip.reuse) or train the U-Net from "
+            "scratch (no init_from)"
+        )
+
+
+def warm_start(model, ref: str, params: Params, objective: dict, spaces: dict[str, str]) -> dict:
     """``train_unet.init_from``: load the U-Net ``ref`` names into ``model``, the
     profile's freshly built denoiser, before any step. It must be the same architecture
     tensor for tensor (a champion trained at other widths or on another latent or text
     size cannot be continued: train from scratch), trained on ``objective`` (the
-    training scheduler's config, ``same_objective``). Returns the metrics that say where
-    training started from."""
+    training scheduler's config, ``same_objective``) in the latent and text spaces that
+    ``spaces`` fingerprints (``same_spaces``). Returns the metrics that say where training
+    started from."""
     import torch
     from safetensors.torch import load_file
 
@@ -196,6 +222,7 @@ def warm_start(model, ref: str, params: Params, objective: dict) -> dict:
             f"{type(model).__name__}"
         )
     same_objective(ref, directory, objective)
+    same_spaces(ref, directory, spaces)
     state = load_file(directory / UNET_WEIGHTS)
     fits(ref, params, {k: list(v.shape) for k, v in model.state_dict().items()},
          {k: list(v.shape) for k, v in state.items()})  # fmt: skip

@@ -232,11 +232,13 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
 
     model = build(params, ch, size, TextDims(hidden=text_shape[-1], pooled=pooled))
     start: dict = {}
-    from training.phases.reuse import builds_on, warm_start
+    from training.phases.reuse import TRAINED_ON, builds_on, warm_start
+
+    spaces = {k: manifest[k]["fingerprint"] for k in ("vae", "clip")}  # what made the latents
 
     ref = builds_on("train_unet", params)
     if ref:  # continue from a registered U-Net (checked before any step) ...
-        start = warm_start(model, ref, params, objective(params))
+        start = warm_start(model, ref, params, objective(params), spaces)
         # ... for fewer steps, at a lower peak rate: the parent is trained, and a restart
         # at the full rate undoes part of it (RESULTS.md, "Continuous training")
         tune = {"steps": c.finetune_steps or c.steps, "lr": c.lr * c.finetune_lr_scale}
@@ -308,6 +310,7 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
             )
     model.save_pretrained(out_dir, safe_serialization=True)
     sched.save_pretrained(out_dir)  # scheduler_config.json beside the U-Net config
+    (out_dir / TRAINED_ON).write_text(json.dumps(spaces) + "\n")
     return {"params": sum(p.numel() for p in model.parameters()), **start, **summary}
 
 
