@@ -7,6 +7,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATASET ?= shapes
 PROFILE ?= tiny
+# scratch unless asked: a `kiln run --mode continue` earlier in this checkout leaves
+# `mode: continue` in params.yaml, and `make run` trains from its initialisation
+MODE ?= scratch
 PYTEST_ARGS ?=
 # The suite runs on this many pytest-xdist workers: one takes the e2e run and the tests
 # built on it (the longest chain), the other the rest (tests/conftest.py groups them and
@@ -32,7 +35,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(BIN)/kiln run --dataset $(DATASET) --profile $(PROFILE)
+	$(BIN)/kiln run --dataset $(DATASET) --profile $(PROFILE) --mode $(MODE)
 
 test: install browser postgres
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)

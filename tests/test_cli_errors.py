@@ -29,6 +29,15 @@ def test_unknown_dataset(project: Path):
     assert "dataset: shapes" in (project / "params.yaml").read_text()  # unchanged
 
 
+def test_a_refused_source_leaves_params_yaml_as_it_was(project: Path):
+    """Were: --dataset/--source were written into params.yaml, then the source was found
+    missing; the next plain `kiln run` or `dvc repro` failed on the folder never given."""
+    before = (project / "params.yaml").read_bytes()
+    proc = kiln(project, "run", "--dataset", "folder", "--source", "nope/pics", check=False)
+    _assert_one_line_error(proc, "ingest: image folder nope/pics does not exist")
+    assert (project / "params.yaml").read_bytes() == before
+
+
 def test_missing_stage_input(project: Path):
     proc = kiln(project, "train-unet", check=False)
     _assert_one_line_error(proc, "missing stage input data/latents")

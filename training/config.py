@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -228,9 +229,17 @@ def load(path: str | Path = "params.yaml") -> Params:
     return resolve(raw, source=str(path))
 
 
-def set_values(path: str | Path, updates: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def set_values(
+    path: str | Path, updates: dict[str, Any], check: Callable[[Params], object] | None = None
+) -> dict[str, tuple[Any, Any]]:
     """Write dotted-key updates into a params file (comments and order kept; validated
-    first), where DVC sees them; ``{key: (old, new)}`` of the values that changed."""
+    first, and given to ``check`` when there is one: what it raises leaves the file as
+    it was), where DVC sees them; ``{key: (old, new)}`` of the values that changed."""
     from training.params_file import write_values
 
-    return write_values(path, updates, lambda raw: resolve(raw, source=str(path)))
+    def validate(raw: dict) -> None:
+        params = resolve(raw, source=str(path))
+        if check is not None:
+            check(params)
+
+    return write_values(path, updates, validate)

@@ -84,23 +84,25 @@ def run_pipeline(
         )
         if v
     }
+    from training.intake.ingest import check_source
+    from training.intake.sources import SourceError
+
     with contextlib.ExitStack() as stack:
         try:  # before params.yaml changes: another run may be using it
             stack.enter_context(runlock.pipeline_lock("kiln run", Path.cwd()))
-            changed = config.set_values(P.PARAMS, updates) if updates else {}
+            # a missing source or distributor fails now, not after the flow has started,
+            # and before params.yaml changes (a refused --source must not stay there)
+            changed = config.set_values(P.PARAMS, updates, check_source) if updates else {}
             params = load_params()
+            check_source(params)
         except (config.ConfigError, runlock.PipelineBusy) as exc:
             fail(str(exc))
+        except SourceError as exc:
+            fail(f"ingest: {exc}")
         except OSError as exc:  # .kiln/ not writable, a full disk
             fail(f"cannot start the run: {exc}")
         for key, (old, new) in changed.items():
             typer.echo(f"params.yaml: {key}: {old} -> {new}")
-        from training.intake.ingest import check_source
-
-        try:  # a missing source or distributor fails now, not after the flow has started
-            check_source(params)
-        except ValueError as exc:  # SourceError
-            fail(f"ingest: {exc}")
         from flows.pipeline import kiln_pipeline
         from training.cli.interrupt import stop_on_interrupt
 
