@@ -39,6 +39,17 @@ def test_repo_params_load_and_default_to_tiny():
             {"train_unet": {"val_samples": 0}, "evaluate": {"gate_metric": "val_loss"}},
             "train_unet.val_samples is 0",
         ),
+        # a name evaluate never measures: was accepted, and the gate refused it only after
+        # a whole evaluation had sampled and registered a version (one per try)
+        (
+            {"ingest": {"dataset": "folder"}, "evaluate": {"gate_metric": "fd_clip_ration"}},
+            "evaluate.gate_metric 'fd_clip_ration' is not a metric evaluate measures",
+        ),
+        ({"evaluate": {"gate_metric": "acc_al"}}, "not an accuracy the shapes oracle measures"),
+        (
+            {"ingest": {"dataset": "digits"}, "evaluate": {"gate_metric": "acc_all_held_out"}},
+            "not an accuracy the digits oracle measures (choose acc_all, acc_all_seen, ",
+        ),
     ],
 )
 def test_bad_params_name_the_key_and_file(tmp_path, raw, needle):

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from training import config
+from training.sections import gate_metrics
 
 from .conftest import (
     BIN,
@@ -226,6 +227,16 @@ def test_samples_beat_chance_on_every_shapes_attribute(run):
     # A regression floor under what this budget scores (0.75 seen at 900 U-Net steps;
     # make run's 1800 score ~0.97, RESULTS.md); the L1-VAE baseline scored 0.35.
     assert m["acc_all_seen"] >= 0.6, m["acc_all_seen"]
+
+
+def test_every_metric_the_gate_may_use_is_measured(run):
+    """evaluate.gate_metric is checked at load against ``gate_metrics``: on shapes each
+    of those names is a number evaluate wrote (the list would refuse a real one, or
+    let through one the gate then fails on, if it drifted)."""
+    project, _ = run
+    m = json.loads((project / "data" / "metrics" / "evaluate.json").read_text())
+    assert [k for k in gate_metrics("shapes") if not isinstance(m.get(k), float)] == []
+    assert {k for k in m if k.startswith("acc_")} <= set(gate_metrics("shapes"))
 
 
 def test_vae_reconstructions_keep_every_attribute(run):

@@ -38,6 +38,7 @@ from training.sections import (
     UnetCfg,
     VaeCfg,
     ValidateCfg,
+    gate_metrics,
 )
 from training.stages import NAMES
 
@@ -136,11 +137,21 @@ class Params(BaseModel):
         # the gate runs after evaluate has sampled and registered: a metric this run
         # cannot produce must stop it here, not leave an alias-less version per try
         m = self.evaluate.gate_metric
+        if m and m not in gate_metrics(self.oracle()) and not m.startswith("acc_"):
+            raise ValueError(
+                f"evaluate.gate_metric {m!r} is not a metric evaluate measures (choose "
+                f"{', '.join(gate_metrics(self.oracle()))}; or leave it empty)"
+            )
         if m and m.startswith("acc_") and not self.oracle():
             raise ValueError(
                 f"evaluate.gate_metric {m} is an oracle's accuracy, and {self.ingest.dataset} "
                 "data has no oracle (evaluate.oracle names one for an export of a built-in "
                 "set); use fd_clip_ratio, or leave gate_metric empty"
+            )
+        if m and m not in gate_metrics(self.oracle()):  # an accuracy the oracle never reads
+            raise ValueError(
+                f"evaluate.gate_metric {m!r} is not an accuracy the {self.oracle()} oracle "
+                f"measures (choose {', '.join(gate_metrics(self.oracle()))})"
             )
         if m == "val_loss" and not self.train_unet.val_samples:
             raise ValueError(

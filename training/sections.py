@@ -379,7 +379,7 @@ class EvaluateCfg(Section):
     # null: acc_all for the built-in sets (the oracle); for other data fd_clip_ratio
     # (lower is better: tracking/registry.py), not clip_score, which the very text
     # encoder the U-Net was trained to follow measures (README, "The promotion gate").
-    gate_metric: str | None = None
+    gate_metric: str | None = None  # one of gate_metrics(dataset): checked at load
     gate_min_delta: float = Field(0.0, ge=0.0)
     # The CLIP that fd_clip, cmmd_clip and their floors are measured with: null = the
     # run's own; a fixed ruler (`kiln ruler`: models:/kiln-ruler/N, or a directory with a
@@ -396,3 +396,30 @@ class EvaluateCfg(Section):
         if len(set(pairs)) != len(pairs):
             raise ValueError(f"guidance_interval_candidates lists a pair twice: {list(pairs)}")
         return self
+
+
+# What the promotion gate can compare: evaluate's quality metrics, measured on any data
+# (val_loss only with train_unet.val_samples) ...
+GATE_METRICS = (
+    "fd_clip_ratio",
+    "fd_clip",
+    "cmmd_clip",
+    "clip_score",
+    "val_loss",
+    "copies_frac",
+    "vae_psnr",
+    "vae_ssim",
+)
+# ... and a built-in set's oracle accuracies, acc_<attribute>[_<group>]
+# (``evaluation/metrics/oracle_accuracy.py``): its attributes and prompt groups
+ORACLE_ACCURACIES = {
+    "shapes": (("all", "shape", "colour", "size", "position"), ("seen", "held_out")),
+    "digits": (("all", "digit"), ("seen",)),  # no held-out compositions
+}
+
+
+def gate_metrics(oracle: str | None) -> list[str]:
+    """Every metric the gate can use on data graded by ``oracle`` (None: no oracle)."""
+    attrs, groups = ORACLE_ACCURACIES.get(oracle or "", ((), ()))
+    accs = [f"acc_{a}{g}" for a in attrs for g in ("", *(f"_{x}" for x in groups))]
+    return [*accs, *GATE_METRICS]
