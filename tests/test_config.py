@@ -35,10 +35,13 @@ def test_repo_params_load_and_default_to_tiny():
             {"ingest": {"dataset": "folder"}, "evaluate": {"gate_metric": "acc_all"}},
             "evaluate.gate_metric acc_all is an oracle's accuracy",
         ),
+        # measured on each run's own val split, never re-scored for the champion (was:
+        # accepted, and the gate compared it with the champion's number on other data)
         (
-            {"train_unet": {"val_samples": 0}, "evaluate": {"gate_metric": "val_loss"}},
-            "train_unet.val_samples is 0",
+            {"ingest": {"dataset": "folder"}, "evaluate": {"gate_metric": "val_loss"}},
+            "evaluate.gate_metric val_loss is measured on each run's own val split",
         ),
+        ({"evaluate": {"gate_metric": "vae_psnr"}}, "cannot be re-scored for the champion"),
         # a name evaluate never measures: was accepted, and the gate refused it only after
         # a whole evaluation had sampled and registered a version (one per try)
         (

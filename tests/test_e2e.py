@@ -235,7 +235,7 @@ def test_every_metric_the_gate_may_use_is_measured(run):
     let through one the gate then fails on, if it drifted)."""
     project, _ = run
     m = json.loads((project / "data" / "metrics" / "evaluate.json").read_text())
-    assert [k for k in gate_metrics("shapes") if not isinstance(m.get(k), float)] == []
+    assert [k for k in gate_metrics("shapes") if not isinstance(m.get(k), int | float)] == []
     assert {k for k in m if k.startswith("acc_")} <= set(gate_metrics("shapes"))
 
 

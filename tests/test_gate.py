@@ -246,3 +246,29 @@ def test_components_follow_the_champion_pipeline_however_it_got_there(registry):
     assert champions() == ["1", "1", "1"]
     promote_by_hand(second, "preferred by eye", name="m")
     assert champions() == ["2", "2", "2"]
+
+
+def test_a_registry_that_fails_to_answer_is_not_read_as_no_champion(registry, monkeypatch):
+    """Were: any MLflow error reading @champion meant "no champion yet", and the gate
+    crowned the new version unjudged (here one scoring 0.1 against a 0.9 champion). One
+    failed answer injected into the real SQLite registry's client."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from training.tracking.gate import promote
+
+    champion = _version(registry, "acc_all", 0.9)
+    promote("m", champion, {"acc_all": 0.9}, "acc_all", 0.0)
+    real = MlflowClient.get_model_version_by_alias
+
+    def unavailable(self, name, alias):
+        monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", real)  # once
+        raise MlflowException("503 Service Unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", unavailable)
+    with pytest.raises(ConnectionError, match="the gate could not read m@champion: 503"):
+        promote("m", _version(registry, "acc_all", 0.1), {"acc_all": 0.1}, "acc_all", 0.0)
+    assert str(registry.get_model_version_by_alias("m", "champion").version) == champion
+    # the retry, the registry back: judged, and not promoted
+    late = _version(registry, "acc_all", 0.1)
+    assert promote("m", late, {"acc_all": 0.1}, "acc_all", 0.0)["gate_decision"] == "challenger"

@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from training.sections import (
+    NOT_GATE_METRICS,
     SAMPLER,
     ClipCfg,
     ControlNetCfg,
@@ -137,6 +138,12 @@ class Params(BaseModel):
         # the gate runs after evaluate has sampled and registered: a metric this run
         # cannot produce must stop it here, not leave an alias-less version per try
         m = self.evaluate.gate_metric
+        if m in NOT_GATE_METRICS:
+            raise ValueError(
+                f"evaluate.gate_metric {m} is measured on each run's own val split and "
+                "cannot be re-scored for the champion: the gate would compare numbers "
+                f"from two data sets (choose {', '.join(gate_metrics(self.oracle()))})"
+            )
         if m and m not in gate_metrics(self.oracle()) and not m.startswith("acc_"):
             raise ValueError(
                 f"evaluate.gate_metric {m!r} is not a metric evaluate measures (choose "
@@ -152,10 +159,6 @@ class Params(BaseModel):
             raise ValueError(
                 f"evaluate.gate_metric {m!r} is not an accuracy the {self.oracle()} oracle "
                 f"measures (choose {', '.join(gate_metrics(self.oracle()))})"
-            )
-        if m == "val_loss" and not self.train_unet.val_samples:
-            raise ValueError(
-                "evaluate.gate_metric val_loss needs the held-out loss: train_unet.val_samples is 0"
             )
         return self
 

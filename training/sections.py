@@ -398,18 +398,12 @@ class EvaluateCfg(Section):
         return self
 
 
-# What the promotion gate can compare: evaluate's quality metrics, measured on any data
-# (val_loss only with train_unet.val_samples) ...
-GATE_METRICS = (
-    "fd_clip_ratio",
-    "fd_clip",
-    "cmmd_clip",
-    "clip_score",
-    "val_loss",
-    "copies_frac",
-    "vae_psnr",
-    "vae_ssim",
-)
+# What the promotion gate can compare: the metrics of the samples, which evaluate
+# measures for the champion too, on the same requests (evaluate.py, champion_scores) ...
+GATE_METRICS = ("fd_clip_ratio", "fd_clip", "cmmd_clip", "clip_score", "copies_frac")
+# ... not these: each run measures them on its own val split (and its own VAE's
+# latents), the champion's number is the one recorded on another week's data
+NOT_GATE_METRICS = ("val_loss", "vae_psnr", "vae_ssim")
 # ... and a built-in set's oracle accuracies, acc_<attribute>[_<group>]
 # (``evaluation/metrics/oracle_accuracy.py``): its attributes and prompt groups
 ORACLE_ACCURACIES = {

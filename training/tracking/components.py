@@ -10,6 +10,10 @@ from training.paths import METRICS
 from training.stages import PIPELINE_MODEL, STAGES
 from training.tracking.registry import model_version, resolve_model_dir
 
+# MLflow's error codes for "no such registered model" and "no such alias": only these
+# mean there is no champion; any other error is the registry failing to answer
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
 
 def fetch(ref: str) -> tuple[Path, str]:
     """(local directory, ``name/version``) of ``models:/name@alias`` or
@@ -48,7 +52,7 @@ def champion(name: str) -> str | None:
     try:
         return str(MlflowClient().get_model_version_by_alias(name, "champion").version)
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if exc.error_code in NOT_FOUND:
             return None  # no such model, or no such alias
         raise ConnectionError(f"the registry did not answer for {name}@champion: {exc}") from None
 

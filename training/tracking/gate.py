@@ -10,9 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 # Gate metrics where lower is better (distances, losses, copy rates); all others: higher.
-GATE_LOWER_IS_BETTER = frozenset(
-    {"fd_clip", "cmmd_clip", "fd_clip_ratio", "val_loss", "copies_frac"}
-)
+GATE_LOWER_IS_BETTER = frozenset({"fd_clip", "cmmd_clip", "fd_clip_ratio", "copies_frac"})
 # Measured in a CLIP's image space: the run's own, or evaluate.ruler's (``ruler``)
 RULER_METRICS = frozenset({"fd_clip", "cmmd_clip", "fd_clip_ratio"})
 
@@ -70,6 +68,8 @@ def promote(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from training.tracking.components import NOT_FOUND
+
     client = MlflowClient()
     skipped = metrics.get(f"{metric}_skipped")
     if not skipped and not isinstance(metrics.get(metric), int | float):
@@ -80,7 +80,11 @@ def promote(
     new = None if skipped else float(metrics[metric])
     try:
         champ = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code not in NOT_FOUND:  # was: any error read as "no champion yet",
+            raise ConnectionError(  # and the new version was crowned unjudged
+                f"the gate could not read {name}@champion: {str(exc)[:300]}"
+            ) from None
         champ = None
     old, source, incomparable = None, None, None
     if champ is not None and str(champ.version) != str(version):  # MLflow may give ints

@@ -155,9 +155,13 @@ def promote_by_hand(version: str, reason: str, name: str = PIPELINE_MODEL) -> di
         client.get_model_version(name, version)
     except MlflowException:
         raise UnknownVersion(f"{name} has no version {version!r}") from None
+    from training.tracking.components import NOT_FOUND
+
     try:
         old = str(client.get_model_version_by_alias(name, "champion").version)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code not in NOT_FOUND:  # not "no champion": the registry failed
+            raise ConnectionError(f"could not read {name}@champion: {str(exc)[:300]}") from None
         old = None
     if old == str(version):
         raise UserError(f"{name} v{version} is already @champion")
