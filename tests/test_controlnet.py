@@ -242,3 +242,21 @@ def test_grade_reads_layout_from_the_control_and_colour_from_the_prompt():
     assert got == {
         "shape": 0.75, "size": 0.75, "position": 0.5, "layout": 0.5, "colour": 0.5,
     }  # fmt: skip
+
+
+def test_a_16_bit_control_picture_keeps_its_edges():
+    """Was: a 16-bit grey PNG (Pillow's mode I;16) was convert("RGB")-ed, which clips
+    every value above 255 to white: a blank picture, no edge found, and the answer was
+    silently the base model's. Now 0..65535 is scaled to 0..255 first."""
+    eight = _square().max(axis=2)  # the grey picture, 0..255
+    wide = Image.fromarray(eight.astype(np.uint16) * 257)  # the same picture in 16 bits
+    assert wide.mode == "I;16"
+    opened = Image.open(io.BytesIO(_png(wide)))
+    assert opened.mode == "I;16"
+    img, _ = load_control(_png(wide), (32, 32), False, 100, 200)
+    rgb = np.repeat(eight[..., None], 3, axis=2)
+    assert np.asarray(img).max() == 255  # edges found
+    assert np.array_equal(np.asarray(img), edges(rgb, 100, 200))  # the 8-bit picture's
+    # mode I (older Pillows' and TIFFs' 16-bit grey) likewise
+    as_i = load_control(opened.convert("I"), (32, 32), False, 100, 200)[0]
+    assert np.array_equal(np.asarray(as_i), edges(rgb, 100, 200))

@@ -83,6 +83,12 @@ def open_control(source: str | Path | bytes | Image.Image, name: str | None = No
     if img.mode in ("RGBA", "LA", "P"):
         img = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
+    if img.mode.startswith("I"):  # 16-bit grey (I;16*; older Pillows and TIFFs: I)
+        # Pillow's convert("RGB") clips these to 255, so nearly every pixel of a 16-bit
+        # picture came out white and Canny found no edge: the answer was silently the
+        # base model's. 0..65535 is scaled to 0..255 instead (65535 / 257 = 255).
+        grey = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
     return img.convert("RGB")
 
 
