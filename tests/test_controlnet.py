@@ -260,3 +260,37 @@ def test_a_16_bit_control_picture_keeps_its_edges():
     # mode I (older Pillows' and TIFFs' 16-bit grey) likewise
     as_i = load_control(opened.convert("I"), (32, 32), False, 100, 200)[0]
     assert np.array_equal(np.asarray(as_i), edges(rgb, 100, 200))
+
+
+def _lines_map(side: int) -> np.ndarray:
+    """An edge map of 1-px white lines on black, 0/255 as Canny draws them."""
+    m = np.zeros((side, side, 3), np.uint8)
+    m[side // 4, :] = 255  # a horizontal line
+    m[:, side // 2 + 1] = 255  # a vertical one
+    m[side // 2 : side // 2 + side // 4, side // 8] = 255
+    return m
+
+
+@pytest.mark.parametrize("side", [128, 96, 50, 16])
+def test_a_ready_map_of_another_size_stays_a_binary_map_with_every_line(side):
+    """Was: resized bilinearly, so a 4x larger map's 1-px lines came out as faint greys
+    (40-56/255) where the ControlNet learnt only 0/255 maps. Now every line is kept,
+    white on black, at the sample's size (a box maximum, nearest when upscaling)."""
+    big = _lines_map(side)
+    img, notes = load_control(_png(Image.fromarray(big)), (32, 32), True, 100, 200)
+    out = np.asarray(img)
+    assert img.size == (32, 32) and "resized to 32x32" in notes[0]
+    assert set(np.unique(out)) == {0, 255}  # binary
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 0] == out[..., 2]).all()
+    on = out[..., 0] > 0
+    # each line is still there, where it was: a full row and a full column
+    for full, at in ((on.all(axis=1), side // 4), (on.all(axis=0), side // 2 + 1)):
+        lines = np.flatnonzero(full)
+        assert 1 <= lines.size <= 2, lines  # one line (two pixels wide when upscaled)
+        assert abs(lines.mean() - (at + 0.5) * 32 / side) <= 1.0, (lines, at)
+    if side >= 32:  # downscaled: lines stay one pixel wide, no smear
+        assert on.sum() <= 32 + 32 + 8 + 2
+    # the same size: the map as given
+    same = _lines_map(32)
+    assert np.array_equal(np.asarray(load_control(_png(Image.fromarray(same)), (32, 32),
+                                                  True, 100, 200)[0]), same)  # fmt: skip
