@@ -201,6 +201,27 @@ def test_export_keeps_the_controlnets_detector_file(exported):
     assert json.loads((exported / "controlnet" / CONTROL_FILE).read_text())["canny_low"] == 100
 
 
+def test_export_refuses_a_controlnet_trained_on_another_unet(exported, tiny, tmp_path):
+    """Was: exported silently, a ControlNet beside a U-Net it never saw (the gate kept
+    an older champion than the one train_controlnet trained on). Now one line, and no
+    folder written."""
+    import shutil
+
+    from training.inference.control import CONTROL_FILE
+
+    other = shutil.copytree(exported / "controlnet", tmp_path / "other-unets")
+    det = json.loads((other / CONTROL_FILE).read_text())
+    (other / CONTROL_FILE).write_text(json.dumps(det | {"unet": "0123456789abcdef"}))
+    out = tmp_path / "export"
+    res = CliRunner().invoke(
+        app, ["export", str(out), "--model", str(tiny), "--controlnet", str(other)]
+    )
+    assert res.exit_code == 1, res.output
+    (line,) = res.output.strip().splitlines()
+    assert line.startswith("kiln: error: the ControlNet at ") and "another U-Net" in line
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def control_png(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("control") / "square.png"

@@ -113,12 +113,7 @@ def with_control(
     detector and thresholds); a ControlNet trained on another U-Net than the
     pipeline's is named in a warning. ``net``: the ControlNet of ``cn_dir`` already
     loaded (a ControlNet pipeline directory's own), so it is not read twice."""
-    from training.inference.control import (
-        attach,
-        load_control,
-        weights_fingerprint,
-        with_controlnet,
-    )
+    from training.inference.control import attach, load_control, with_controlnet
 
     det = _detector(cn_dir)
     path, picture = control
@@ -126,7 +121,7 @@ def with_control(
     image, notes = load_control(picture, size, is_map, low, high, name=str(path))
     for note in notes:
         typer.echo(f"kiln: note: {note}", err=True)
-    if det.get("unet") and det["unet"] != weights_fingerprint(pipe_dir / "unet"):
+    if trained_on_other_unet(cn_dir, pipe_dir):
         typer.echo(
             f"kiln: warning: the ControlNet at {cn_dir} was trained on another U-Net than "
             f"the pipeline's ({pipe_dir}); its control may not hold",
@@ -134,6 +129,31 @@ def with_control(
         )
     steered = attach(pipe, cn_dir)[0] if net is None else with_controlnet(pipe, net)
     return steered, image
+
+
+def trained_on_other_unet(cn_dir: Path, pipe_dir: Path) -> bool:
+    """Whether the ControlNet's ``kiln_control.json`` names a U-Net other than the one in
+    ``pipe_dir`` (its weights' fingerprint). A ControlNet without the file cannot be
+    checked: False (``_detector`` warns about it)."""
+    from training.inference.control import CONTROL_FILE, detector, weights_fingerprint
+
+    if not (cn_dir / CONTROL_FILE).is_file():
+        return False
+    trained_on = detector(cn_dir).get("unet")
+    return bool(trained_on) and trained_on != weights_fingerprint(pipe_dir / "unet")
+
+
+def check_export_pair(cn_dir: Path, pipe_dir: Path) -> None:
+    """``kiln export --controlnet``: refuse a ControlNet trained on another U-Net than the
+    pipeline's. Its residuals were learnt for that U-Net's features, and the export is
+    a file others load as one model, without ``kiln generate``'s warning (the gate may
+    have kept an older champion than the U-Net the ControlNet stage trained on)."""
+    if trained_on_other_unet(cn_dir, pipe_dir):
+        raise UserError(
+            f"the ControlNet at {cn_dir} was trained on another U-Net than the pipeline's "
+            f"({pipe_dir}); its control would not hold. Export the version it was trained "
+            "on (--model), or train the ControlNet on this one"
+        )
 
 
 def copy_kiln_files(pipe_dir: Path, cn_dir: Path | None, out: Path) -> None:

@@ -22,6 +22,7 @@ from training.cli import ruler, stage
 from training.cli.base import UserError, fail, load_params, writable
 from training.cli.control import (
     base_pipeline,
+    check_export_pair,
     controlnet_dir,
     copy_kiln_files,
     open_control,
@@ -305,6 +306,8 @@ def export(
     try:
         pipe_dir = pipeline_dir(model)[0]
         cn_dir = controlnet_dir(controlnet, pipe_dir) if controlnet else None
+        if cn_dir is not None:  # before anything is written
+            check_export_pair(cn_dir, pipe_dir)
         writable(out)
         pipe = sampling.load(pipe_dir)
         if cn_dir is not None:
