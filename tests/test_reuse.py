@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import copy_project, kiln, py
+from tests.conftest import copy_project, kiln, py, sigkill_after_checkpoint
 from tests.loaderkit import image_split
 from training import config
 
@@ -34,6 +34,12 @@ tracking.setup()
 c = MlflowClient()
 print(json.dumps({n: sorted(int(v.version) for v in c.search_model_versions(f"name='{n}'"))
                   for n in ("kiln-vae", "kiln-clip")}))
+"""
+ALIAS = """
+from mlflow import MlflowClient
+from training import tracking
+tracking.setup()
+MlflowClient().set_registered_model_alias("kiln-unet", "champion", "{version}")
 """
 
 
@@ -204,6 +210,22 @@ def test_the_unet_starts_from_a_registered_one_or_says_why_it_cannot(trained):
     config.set_values(project / "params.yaml", {"train_unet.init_from": None})
     kiln(project, "train-unet")  # the same two steps from a fresh initialisation
     assert distance(load_file(weights)) > 0.05
+
+    # a fine-tune from @champion killed mid-run, then run again after the alias moved: it
+    # starts over from the new parent (was: resumed the old parent's checkpoint, and the
+    # result named the new parent). The section is unchanged, so only the parent differs.
+    ckpt = project / "data" / "checkpoints" / "train_unet"
+    py(project, ALIAS.format(version=1))
+    champion = "models:/kiln-unet@champion"
+    config.set_values(project / "params.yaml", {"train_unet.init_from": champion,
+        "train_unet.finetune_steps": 120, "train_unet.checkpoint_every": 2})  # fmt: skip
+    assert sigkill_after_checkpoint(project, "train-unet", ckpt, 2) < 120
+    py(project, ALIAS.format(version=2))
+    other = kiln(project, "train-unet")
+    assert "resuming from step-" not in other.stderr
+    assert _metrics(project, "train_unet")["init_version"] == "2"
+    config.set_values(project / "params.yaml", {"train_unet.init_from": None,
+        "train_unet.finetune_steps": 2, "train_unet.checkpoint_every": 200})  # fmt: skip
 
     # another width: refused before any step, with the first tensor that differs
     config.set_values(

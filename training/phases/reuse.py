@@ -231,4 +231,12 @@ def warm_start(model, ref: str, params: Params, objective: dict, spaces: dict[st
     from training import engine as E
 
     E.say(f"train_unet: starting from {ref}" + (f" (= models:/{version})" if version else ""))
-    return {"init_from": ref, "init_version": version.split("/")[1] if version else ""}
+    from training.phases.latent_cache import model_fingerprint
+
+    return {
+        "init_from": ref,
+        "init_version": version.split("/")[1] if version else "",
+        # which weights, whatever the reference (an alias moves, a folder is rewritten):
+        # an interrupted fine-tune resumes only onto the parent it started from
+        "init_fingerprint": model_fingerprint(directory),
+    }

@@ -246,8 +246,11 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
         start.update(finetune_steps=c.steps, finetune_lr=c.lr)
     sched = noise_scheduler(params)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
+    # a fine-tune's checkpoints belong to its parent too (was: resumed onto a parent the
+    # alias no longer named, with the new parent's name on the result)
+    data_id = {**manifest, "parent": start["init_fingerprint"]} if ref else manifest
     trainer = E.stage_trainer(
-        "train_unet", model, opt, c, params.seed, ckpt_dir, manifest, log, c.ema_decay
+        "train_unet", model, opt, c, params.seed, ckpt_dir, data_id, log, c.ema_decay
     )
     dev = trainer.device
 
