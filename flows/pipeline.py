@@ -163,7 +163,7 @@ def kiln_pipeline(
     ``profile``/``dataset``/``source``/``mode`` are written into params.yaml first
     (where DVC tracks them); ``mode: continue`` builds on the registered champion
     (checked before any stage: ``training/phases/continuing.py``).
-    ``gpu_deployment`` (or ``KILN_GPU_DEPLOYMENT``), e.g. ``kiln-stage/gpu``, sends the
+    ``gpu_deployment``, e.g. ``kiln-stage/gpu``, sends the
     GPU stages to that deployment's work pool."""
     from training import runlock
 
@@ -189,7 +189,7 @@ def _pipeline(
     from training import config, tracking
 
     _set_params(profile, dataset, source, mode)
-    gpu_deployment = gpu_deployment or os.environ.get("KILN_GPU_DEPLOYMENT") or None
+    gpu_deployment = gpu_deployment or None  # only the parameter: null keeps stages here
     params = config.load(ROOT / "params.yaml")
     _preflight(params)  # before any stage, and before anything is registered
     closed = tracking.close_orphaned_runs(ROOT)

@@ -148,7 +148,11 @@ def test_a_scheduled_run_continues_from_the_champion_on_new_data(tmp_path):
             )  # fmt: skip
             assert proc.returncode == 0, proc.stdout[-2000:] + worker_log.read_text()[-6000:]
 
-        with background([prefect, "worker", "start", "--pool", "cpu"], env, project, worker_log):
+        # a worker whose environment once named a GPU deployment: gpu_deployment=null
+        # still keeps every stage on it (was: an undocumented KILN_GPU_DEPLOYMENT won)
+        worker_env = {**env, "KILN_GPU_DEPLOYMENT": "kiln-stage/gpu"}
+        with background([prefect, "worker", "start", "--pool", "cpu"], worker_env, project,
+                        worker_log):  # fmt: skip
             deployment_run()
             first = {s: _metrics(project, s) for s in ("validate", "train_unet", "evaluate")}
             hits_after_1 = sum(CountingImages.hits.values())
