@@ -412,6 +412,24 @@ def test_every_row_refused_is_permanent_and_timeouts_are_not(tmp_path: Path, ser
     assert type(ingest.no_image_error(report, Path("r.parquet"))) is ConnectionError  # retried
 
 
+def test_source_options_without_out_do_not_write_into_the_pipelines_data(tmp_path: Path):
+    """Were: `kiln ingest --folder DIR` (or --allow-network alone) wrote data/raw outside
+    DVC and the run lock; the next `kiln run` re-ingested params.yaml's source over it,
+    and the allowance never reached the DVC stage."""
+    (tmp_path / "pics").mkdir()
+    for args in (["--folder", "pics"], ["--allow-network", "10.0.0.0/8"]):
+        r = _kiln(["ingest", *args], tmp_path, timeout=120)
+        assert r.returncode == 1
+        assert (
+            r.stderr.strip()
+            .splitlines()[-1]
+            .startswith(
+                "kiln: error: ingest: source options run ingest outside DVC and need --out DIR"
+            )
+        ), r.stderr
+        assert not (tmp_path / "data").exists()
+
+
 def test_cli_names_the_missing_folder_in_one_line(tmp_path: Path):
     r = _kiln(["ingest", "--folder", "no-such-dir", "--out", "raw"], tmp_path, timeout=120)
     assert r.returncode == 1

@@ -203,9 +203,11 @@ def ingest(
 ) -> None:
     """Stage 1: fetch a source with img2dataset into webdataset shards.
 
-    Without options this is the DVC stage (params.yaml -> data/raw). With a source or
-    --out it runs standalone: params.yaml's ingest settings (if the file exists) with
-    these options on top, written to --out (default data/raw); no MLflow run."""
+    Without options this is the DVC stage (params.yaml -> data/raw). With --out it runs
+    standalone: params.yaml's ingest settings (if the file exists) with these options on
+    top, written to --out; no MLflow run. Source options without --out are refused:
+    written into data/raw outside DVC and the run lock, the next pipeline run would
+    re-ingest params.yaml's source over them."""
     from training import config
 
     # by name, like every stage's phase: the other stages' commands must not import it
@@ -218,8 +220,14 @@ def ingest(
     ]
     if len(sources_given) > 1:
         fail("give one of --url-list, --folder, --shards")
-    standalone = bool(sources_given or out or url_col or caption_col or allow_network)
-    if not standalone:
+    options = bool(sources_given or url_col or caption_col or allow_network)
+    if options and out is None:
+        fail(
+            "ingest: source options run ingest outside DVC and need --out DIR; for the "
+            "pipeline's data/raw put them in params.yaml (kiln run --dataset KIND --source "
+            "PATH; ingest.allow_networks, ingest.url_col, ingest.caption_col)"
+        )
+    if out is None:
         run_stage("ingest", phase.stage)
         return
     updates: dict = {}
@@ -236,7 +244,7 @@ def ingest(
             updates["allow_networks"] = [*raw.get("ingest", {}).get("allow_networks", []), *nets]
         raw["ingest"] = {**(raw.get("ingest") or {}), **updates}
         params = config.resolve(raw, source=str(P.PARAMS) if P.PARAMS.exists() else "defaults")
-        dest = out or P.RAW
+        dest = out
         writable(dest)
         phase.run(params, dest, dest / ".work")  # what dest already holds is kept
     except (config.ConfigError, ValueError, OSError, RuntimeError) as exc:
