@@ -43,6 +43,15 @@ def test_dvc_stages_are_the_stage_table():
         assert data == probe_out + [p.as_posix() for p in s.inputs], s.name
 
 
+def test_every_stage_tracks_its_own_profile_section():
+    """profiles.yaml's header: each stage depends on its own section of the chosen
+    profile (validate tracked only ingest's, so a key added to validate's never made it
+    stale)."""
+    for s in STAGES:
+        tracked = next(p for p in DVC_YAML[s.name]["params"] if isinstance(p, dict))
+        assert f"${{profile}}.{s.name}" in tracked["training/profiles.yaml"], s.name
+
+
 @pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
 def test_every_stage_lists_exactly_the_code_it_imports(spec):
     deps = [d for d in DVC_YAML[spec.name]["deps"] if d.startswith("training/")]
