@@ -6,6 +6,7 @@ writes) as ``kiln generate --model``."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
         StableDiffusionControlNetPipeline,
         StableDiffusionPipeline,
     )
+    from PIL import Image
 
 
 def controlnet_dir(model: str, pipe_dir: Path) -> Path:
@@ -99,36 +101,66 @@ def open_control(path: Path):
         raise UserError(str(exc)) from None
 
 
-def with_control(
-    pipe,
-    pipe_dir: Path,
-    cn_dir: Path,
-    control: tuple,
-    size,
-    is_map: bool,
-    net: ControlNetModel | None = None,
-):
-    """(the ControlNet pipeline around ``pipe``, the control image): ``control`` = (its
-    path, the opened picture), made into the map the ControlNet learnt from (its
-    detector and thresholds); a ControlNet trained on another U-Net than the
-    pipeline's is named in a warning. ``net``: the ControlNet of ``cn_dir`` already
-    loaded (a ControlNet pipeline directory's own), so it is not read twice."""
-    from training.inference.control import attach, load_control, with_controlnet
+@dataclass(frozen=True)
+class Control:
+    """``kiln generate --control``, resolved before any model loads: the ControlNet (as
+    the manifest names it, and its folder), the control picture (its path, opened and
+    checked), the detector it was trained with and the conditioning scale to draw at."""
 
-    det = _detector(cn_dir)
-    path, picture = control
-    low, high = det["canny_low"], det["canny_high"]
-    image, notes = load_control(picture, size, is_map, low, high, name=str(path))
-    for note in notes:
-        typer.echo(f"kiln: note: {note}", err=True)
-    if trained_on_other_unet(cn_dir, pipe_dir):
+    name: str
+    folder: Path
+    path: Path
+    picture: Image.Image
+    detector: dict
+    scale: float
+
+
+def find_control(
+    path: Path, asked: str, pipe_dir: Path, own_net_dir: Path | None, scale: float | None
+) -> Control:
+    """The ControlNet ``asked`` names, else the one inside ``--model``'s directory (a
+    ControlNet pipeline: ``own_net_dir``), else the one evaluate shipped beside the
+    pipeline, else the project's; with ``scale`` None, the scale its stage evaluated it
+    at (``own_scale``), so the picture is the one its reported scores are for. A
+    ControlNet trained on another U-Net than the pipeline's is named in a warning."""
+    from training import paths as P
+    from training.inference.control import own_scale
+
+    if own_net_dir is not None and not asked:  # the directory's own
+        asked = str(own_net_dir)
+    elif not asked:  # evaluate ships the ControlNet it scored beside the pipeline
+        shipped = pipe_dir.parent / P.SHIPPED_CONTROLNET
+        asked = str(shipped if (shipped / "config.json").is_file() else P.CONTROLNET)
+    folder = controlnet_dir(asked, pipe_dir)
+    picture = open_control(path)
+    det = _detector(folder)
+    if scale is None:
+        try:
+            scale = own_scale(det)
+        except ValueError as exc:
+            raise UserError(f"{folder}: {exc}; pass --control-scale") from None
+    if trained_on_other_unet(folder, pipe_dir):
         typer.echo(
-            f"kiln: warning: the ControlNet at {cn_dir} was trained on another U-Net than "
+            f"kiln: warning: the ControlNet at {folder} was trained on another U-Net than "
             f"the pipeline's ({pipe_dir}); its control may not hold",
             err=True,
         )
-    steered = attach(pipe, cn_dir)[0] if net is None else with_controlnet(pipe, net)
-    return steered, image
+    return Control(asked, folder, path, picture, det, scale)
+
+
+def with_control(pipe, c: Control, size, is_map: bool, net: ControlNetModel | None = None):
+    """(the ControlNet pipeline around ``pipe``, (the control image, its scale)): the
+    picture made into the map the ControlNet learnt from (its detector and thresholds).
+    ``net``: the ControlNet of ``c.folder`` already loaded (a ControlNet pipeline
+    directory's own), so it is not read twice."""
+    from training.inference.control import attach, load_control, with_controlnet
+
+    low, high = c.detector["canny_low"], c.detector["canny_high"]
+    image, notes = load_control(c.picture, size, is_map, low, high, name=str(c.path))
+    for note in notes:
+        typer.echo(f"kiln: note: {note}", err=True)
+    steered = attach(pipe, c.folder)[0] if net is None else with_controlnet(pipe, net)
+    return steered, (image, c.scale)
 
 
 def trained_on_other_unet(cn_dir: Path, pipe_dir: Path) -> bool:

@@ -25,7 +25,7 @@ from training.cli.control import (
     check_export_pair,
     controlnet_dir,
     copy_kiln_files,
-    open_control,
+    find_control,
     own_controlnet,
     with_control,
 )
@@ -176,8 +176,14 @@ def generate(
         ),
     ] = None,
     control_scale: Annotated[
-        float, typer.Option(min=0.0, max=10.0, help="weight of the ControlNet (0: off, at most 10)")
-    ] = 1.0,
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=10.0,
+            help="weight of the ControlNet (0: off, at most 10); default: the scale its "
+            "stage evaluated it at (train_controlnet.conditioning_scale)",
+        ),
+    ] = None,
     control_is_map: Annotated[
         bool, typer.Option(help="--control is already an edge map: use it as it is")
     ] = False,
@@ -232,15 +238,9 @@ def generate(
         from training.engine.distributed import set_torch_threads
 
         set_torch_threads()
-        cn_dir = picture = None
-        if control is not None:
-            if own_net_dir is not None and not controlnet:  # the directory's own
-                controlnet = str(own_net_dir)
-            elif not controlnet:  # evaluate ships the ControlNet it scored beside the pipeline
-                shipped = pipe_dir.parent / P.SHIPPED_CONTROLNET
-                controlnet = str(shipped if (shipped / "config.json").is_file() else P.CONTROLNET)
-            cn_dir = controlnet_dir(controlnet, pipe_dir)
-            picture = open_control(control)
+        cn = None if control is None else find_control(
+            control, controlnet, pipe_dir, own_net_dir, control_scale
+        )  # fmt: skip
         pipe = sampling.load(pipe_dir)
         own_net = None
         if own_net_dir is not None:
@@ -250,11 +250,9 @@ def generate(
         sampling.set_scheduler(pipe, scheduler)
         size = sampling.Geometry.of(pipe).size(reqs[0])  # one size for all: checked once
         steer = None
-        if cn_dir is not None:
-            same = own_net_dir is not None and cn_dir.resolve() == own_net_dir.resolve()
-            pipe, steer = with_control(pipe, pipe_dir, cn_dir, (control, picture), size,
-                                        control_is_map, own_net if same else None)  # fmt: skip
-            steer = (steer, control_scale)
+        if cn is not None:
+            same = own_net_dir is not None and cn.folder.resolve() == own_net_dir.resolve()
+            pipe, steer = with_control(pipe, cn, size, control_is_map, own_net if same else None)
     except (UserError, ValueError) as exc:
         fail(str(exc))
     warn_truncated(pipe.tokenizer, [*prompts, negative] if negative else list(prompts))
@@ -264,12 +262,8 @@ def generate(
             name = f"{first + i:04d}-{sampling.slug(r.prompt)}-{r.seed}.png"
             img.save(out / name)
             line = sampling.manifest_line(name, r, img, scheduler, model, version)
-            if control is not None:
-                line |= {
-                    "control": str(control),
-                    "control_scale": control_scale,
-                    "controlnet": controlnet,
-                }
+            if cn is not None:
+                line |= {"control": str(control), "control_scale": cn.scale, "controlnet": cn.name}
             manifest.write(json.dumps(line) + "\n")
     from training.evaluation.guidance import describe
 

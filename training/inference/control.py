@@ -185,6 +185,21 @@ def detector(cn_dir: str | Path) -> dict:
     return json.loads((Path(cn_dir) / CONTROL_FILE).read_text())
 
 
+def own_scale(det: dict) -> float:
+    """The conditioning scale a ControlNet's stage evaluated it at (``CONTROL_FILE``'s
+    ``conditioning_scale``, ``train_controlnet.conditioning_scale``): what ``kiln
+    generate`` and the REST model use when the caller gives none, so users get the
+    scale the reported control scores are for. A file written before it was recorded:
+    1.0, the scale those stages evaluated at. ``ValueError`` for a value that is not a
+    finite number >= 0 (what the config allows)."""
+    import math
+
+    s = det.get("conditioning_scale", 1.0)
+    if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s) or s < 0:
+        raise ValueError(f"{CONTROL_FILE}: conditioning_scale must be a number >= 0, got {s!r}")
+    return float(s)
+
+
 def attach(pipe, cn_dir: str | Path) -> tuple:
     """(``pipe`` with the ControlNet in ``cn_dir``, on ``pipe``'s device, the detector
     settings it was trained with): what ``kiln generate --control`` and the REST model

@@ -12,8 +12,10 @@ encoded (``PIL.Image.open(io.BytesIO(base64.b64decode(s)))`` reads it back).
 Control images (a version whose pipeline carries a ControlNet: ``train_controlnet`` was
 on and trained on this U-Net; ``inference/control.py``, ``ship``): optional columns
 ``control`` (a picture, PNG or JPEG bytes base64-encoded; its Canny edges steer the
-layout, as ``kiln generate --control``), ``control_scale`` (default 1.0, 0-10) and
-``control_is_map`` (true: ``control`` is already an edge map). A row without a control
+layout, as ``kiln generate --control``), ``control_scale`` (0-10; default: the scale the
+ControlNet's stage evaluated it at, its ``kiln_control.json``'s ``conditioning_scale``, 1.0
+for one saved without it) and ``control_is_map`` (true: ``control`` is already an edge
+map). A row without a control
 is drawn by the base model. With a ``control`` column the output gains ``note``: what
 was done to that row's control (resized to the sample's size), "" for nothing. A control
 sent to a version without a ControlNet, or one that is no image, empty or under 8
@@ -200,7 +202,7 @@ def parse_controls(model_input: pd.DataFrame, sizes: list, detector: dict | None
     ``sizes``: each row's (width, height). ``detector``: the ControlNet's
     ``kiln_control.json`` (None: the version has none). ``BadRequest`` names the first
     row that cannot be used; nothing is computed before this passes."""
-    from training.inference.control import MAX_SCALE, ControlImageError, load_control
+    from training.inference.control import MAX_SCALE, ControlImageError, load_control, own_scale
 
     rows = len(model_input)
     cols = {c: model_input[c].tolist() for c in CONTROL_COLUMNS if c in model_input.columns}
@@ -214,6 +216,8 @@ def parse_controls(model_input: pd.DataFrame, sizes: list, detector: dict | None
             "this model version has no ControlNet (train_controlnet was off, or trained "
             "on another U-Net, when it was made); send no 'control' column"
         )
+    # a row without a scale: the one the ControlNet's stage evaluated it at, as kiln generate
+    default_scale = 1.0 if detector is None else own_scale(detector)
     out = []
     for i in range(rows):
         raw = cols["control"][i]
@@ -227,7 +231,7 @@ def parse_controls(model_input: pd.DataFrame, sizes: list, detector: dict | None
         except (binascii.Error, ValueError):
             raise BadRequest(f"row {i}: control is not valid base64") from None
         scale = cols.get("control_scale", [None] * rows)[i]
-        scale = 1.0 if _missing(scale) else scale
+        scale = default_scale if _missing(scale) else scale
         if isinstance(scale, bool) or not isinstance(scale, int | float):
             raise BadRequest(f"row {i}: control_scale must be a number, got {scale!r}")
         if not 0.0 <= scale <= MAX_SCALE:
@@ -266,9 +270,10 @@ class Text2Image(mlflow.pyfunc.PythonModel):
         self.geometry = Geometry.of(self.pipe)
         self.detector = self.control_pipe = None
         if context.artifacts.get("controlnet"):  # shipped by evaluate (control.ship)
-            from training.inference.control import attach
+            from training.inference.control import attach, own_scale
 
             self.control_pipe, self.detector = attach(self.pipe, context.artifacts["controlnet"])
+            own_scale(self.detector)  # a bad recorded scale fails the load, not each request
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from training.inference.sampling import generate

@@ -32,7 +32,7 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from training import backbones
 from training import engine as E
 from training import paths as P
-from training.config import Params
+from training.config import ControlNetCfg, Params
 from training.engine import loaders
 from training.engine.images import caption, decode_image, grid, to_tensor
 from training.inference.control import CONTROL_FILE, edges, weights_fingerprint
@@ -51,6 +51,19 @@ def build(unet: UNet2DConditionModel, vae_levels: int) -> ControlNetModel:
     whose ``vae_levels - 1`` stride-2 convolutions bring pixels to the latent grid."""
     widths = tuple(min(16 * 2**i, 256) for i in range(vae_levels))
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)
+
+
+def save_control_file(c: ControlNetCfg, unet_dir: Path, out_dir: Path) -> None:
+    """``CONTROL_FILE`` beside the ControlNet's weights: what its users need to draw as it
+    was trained and evaluated."""
+    detector = {
+        "detector": c.detector, "canny_low": c.canny_low, "canny_high": c.canny_high,
+        "unet": weights_fingerprint(unet_dir),  # the U-Net it steers (kiln generate checks)
+        # the scale its evaluation samples at: kiln generate's and the REST model's
+        # default, so users get the scale the reported control scores are for
+        "conditioning_scale": c.conditioning_scale,
+    }  # fmt: skip
+    (out_dir / CONTROL_FILE).write_text(json.dumps(detector, indent=2) + "\n")
 
 
 def control_split(params: Params, source: str, tokenizer, train: bool = True):
@@ -225,11 +238,7 @@ def _train(params, batches, text, dirs, out_dir, ckpt_dir, log, val) -> dict:
         return summary
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)  # fit left the EMA weights
-    detector = {
-        "detector": c.detector, "canny_low": c.canny_low, "canny_high": c.canny_high,
-        "unet": weights_fingerprint(unet_dir),  # the U-Net it steers (kiln generate checks)
-    }  # fmt: skip
-    (out_dir / CONTROL_FILE).write_text(json.dumps(detector, indent=2) + "\n")
+    save_control_file(c, unet_dir, out_dir)
     metrics = {"params": n_params, **summary}
     if c.eval_samples:
         from training.evaluation.control import evaluate_control
