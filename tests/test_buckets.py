@@ -193,3 +193,54 @@ def test_the_cache_must_hold_a_block_per_bucket_plus_one(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot hold 4 blocks of shards"):
         store.check_fits(index, 1)
     Store(tmp_path / "cache2", 400).check_fits(index, 1)
+
+
+def test_a_bucket_with_no_readable_sample_gives_its_steps_to_the_largest(
+    tmp_path, monkeypatch, capsys
+):
+    """Every shard of the wide bucket is cut short (found in review: one truncated shard
+    of a small bucket stopped the run mid-training, "its 1000 stand-ins are all
+    unreadable"). Its steps draw a batch of the largest readable bucket instead, the
+    same in both loaders, for 2 processes as for one, and after a resume; plain reads
+    of it (the VAE's scaling-factor sample) do too; it is said and counted."""
+    bucket_split(tmp_path)
+    for p in tmp_path.glob("train-b16x8-*.tar"):  # 4 of 11 shards: not a broken split
+        p.write_bytes(p.read_bytes()[:1500])
+    split = str(tmp_path)
+    mem = loaders.make("memory", split, decode, collate, 8, 0, 2)
+    stream = loaders.make("stream", split, decode, collate, 8, 0, 2)
+    order = stream.order
+    steps = [*range(2 * order.per_epoch), 3]  # two epochs, then a jump back (a resume)
+    wide = [s for s in steps if order.group_range(int(order.step_ids(s)[0]))[0] > 0]
+    assert wide  # the order still schedules the wide bucket's batches
+    try:
+        want = {s: mem.batch(s) for s in steps}
+        for s in steps:
+            got = stream.batch(s)
+            assert torch.equal(got["n"], want[s]["n"]) and torch.equal(got["x"], want[s]["x"])
+            assert got["x"].shape[2] == 8  # one shape a batch: all square now
+        for s in wide:  # the square bucket's batch of the same number
+            assert torch.equal(want[s]["n"], mem.take(order.step_ids(s, bucket=0))["n"])
+        assert stream.stats()["loader_unreadable_buckets"] == 1
+        # the scaling-factor sample's plain reads: square stand-ins, not an error
+        ids = order.ids(0, 0, order.epoch_len)
+        for group in stream.by_bucket(ids):
+            assert torch.equal(stream.take(group)["x"], mem.take(group)["x"])
+        assert sum(len(b["n"]) for b in stream.scan(32)) == 120
+    finally:
+        stream.close()
+    err = capsys.readouterr().err
+    assert "no sample of aspect-ratio bucket 16x8" in err and "from bucket 8x8" in err
+    # a resumed run, or another rank, finds the bucket unreadable at the step it reads
+    fresh = loaders.make("stream", split, decode, collate, 8, 0, 2)
+    assert torch.equal(fresh.batch(wide[-1])["n"], want[wide[-1]]["n"])
+    fresh.close()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    parts = []
+    for r in range(2):
+        monkeypatch.setenv("RANK", str(r))
+        ranked = loaders.make("stream", split, decode, collate, 8, 0, 2)
+        parts.append([ranked.batch(s)["n"] for s in steps])
+        ranked.close()
+    for k, s in enumerate(steps):
+        assert torch.equal(torch.cat([p[k] for p in parts]), want[s]["n"])

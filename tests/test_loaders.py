@@ -170,7 +170,7 @@ def test_pickled_member_is_refused_not_loaded(tmp_path):
     loader = loaders.make("stream", str(tmp_path), decode, collate, 4, 0, 16)
     from training.errors import UserError
 
-    with pytest.raises(UserError, match="stand-ins are all unreadable"):
+    with pytest.raises(UserError, match="none of its samples can be read"):
         loader.batch(0)
     loader.close()
 

@@ -21,11 +21,20 @@ A split in aspect-ratio buckets (``intake.buckets``; each shard holds one bucket
 ``BucketOrder``: one block order per bucket, each bucket's full batches, and the epoch's
 batches in a seeded order, so every batch comes from one bucket. A bad sample's
 stand-in (``stand_in``) comes from the same bucket.
+
+A bucket none of whose samples can be read (its one shard truncated, say) cannot fill
+its batches, and a batch must be one shape, so its steps are drawn from another bucket
+instead: ``substitute`` names the largest readable one, and ``step_ids``, ``stand_in``
+and ``blocks_at`` take that bucket as ``bucket``. Which buckets are unreadable is a
+property of the data, found by the loader when it reads them (``loaders.stream``), so
+the batches stay a function of ``(seed, step)`` and the data: a resumed run, or
+another rank, that finds the same bucket unreadable draws the same substitute batch.
+A plain split is one bucket, number 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -90,17 +99,30 @@ class BlockOrder:
             pos += take
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
-    def step_ids(self, step: int) -> np.ndarray:
-        """Global sample ids of the global batch of ``step``."""
+    def step_ids(self, step: int, bucket: int | None = None) -> np.ndarray:
+        """Global sample ids of the global batch of ``step`` (one bucket: ``bucket`` is
+        there for ``BucketOrder``'s signature)."""
         epoch, j = divmod(step, self.per_epoch)
         return self.ids(epoch, j * self.batch_size, (j + 1) * self.batch_size)
+
+    def bucket_of(self, step: int) -> int:
+        return 0
+
+    def bucket_range(self, bucket: int) -> tuple[int, int]:
+        return 0, self.n
+
+    def substitute(self, unreadable: Container[int]) -> int | None:
+        """The bucket that draws an unreadable bucket's batches: none, in one bucket."""
+        return None if 0 in unreadable else 0
 
     def shard_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard number, index inside the shard) of global sample ids."""
         shard = np.searchsorted(self.starts, ids, side="right") - 1
         return shard, ids - self.starts[shard]
 
-    def blocks_at(self, step: int) -> list[tuple[tuple[int, int], np.ndarray]]:
+    def blocks_at(
+        self, step: int, bucket: int | None = None
+    ) -> list[tuple[tuple[int, int], np.ndarray]]:
         """``((epoch, block), shard numbers)`` of the block that holds ``step``'s first
         sample and of the block after it (the next epoch's first at the end of an
         epoch): what to prefetch."""
@@ -121,12 +143,16 @@ class BlockOrder:
         """Positions in an epoch's order (``ids``): every sample."""
         return self.n
 
-    def stand_in(self, step: int, i: int, k: int) -> int:
+    def stand_in(self, step: int, i: int, k: int, bucket: int | None = None) -> int:
         """Global id of the ``k``-th stand-in for sample ``i`` of ``step``'s global batch:
-        the epoch's order onwards from the sample's own position."""
+        the epoch's order onwards from the sample's own position (``k < n``: each
+        other sample once)."""
         epoch, start = self.position(step)
         pos = (start + i + k) % self.n
         return int(self.ids(epoch, pos, pos + 1)[0])
+
+    def group_of(self, sample_id: int) -> int:
+        return 0
 
     def group_range(self, sample_id: int) -> tuple[int, int]:
         """The canonical id range a sample's stand-ins in a plain read come from."""
@@ -139,7 +165,9 @@ class BucketOrder:
     names them so). Each bucket has its own ``BlockOrder`` (seeded with the run's seed
     and the bucket number) and contributes its full batches to each epoch; a bucket
     smaller than a batch contributes none (``untrained`` counts them, the stages say
-    so). The epoch's batches are a seeded permutation of all buckets' batches."""
+    so). The epoch's batches are a seeded permutation of all buckets' batches. A
+    bucket found unreadable keeps its places in that permutation; the loader draws
+    them from ``substitute``'s bucket (``step_ids(step, bucket)``)."""
 
     def __init__(
         self,
@@ -187,23 +215,50 @@ class BucketOrder:
         rng = np.random.default_rng([self.seed, epoch, _BATCH_ORDER])
         return self._batches[rng.permutation(self.per_epoch)]
 
-    def _batch(self, step: int) -> tuple[int, int, int]:
-        """(epoch, bucket, batch number in the bucket's epoch) of a step."""
+    def _batch(self, step: int, bucket: int | None = None) -> tuple[int, int, int]:
+        """(epoch, bucket, batch number in the bucket's epoch) of a step; drawn from
+        ``bucket`` instead of its own: that bucket's batch of the same number (modulo
+        its batches an epoch), in the same epoch."""
         epoch, j = divmod(step, self.per_epoch)
-        b, jb = self._perm(epoch)[j]
-        return epoch, int(b), int(jb)
+        b, jb = (int(v) for v in self._perm(epoch)[j])
+        if bucket is not None and bucket != b:
+            b, jb = bucket, jb % self.orders[bucket].per_epoch
+        return epoch, b, jb
+
+    def bucket_of(self, step: int) -> int:
+        """The bucket whose batch ``step`` draws (when it can be read)."""
+        return self._batch(step)[1]
+
+    def bucket_range(self, bucket: int) -> tuple[int, int]:
+        """The bucket's canonical ids (its shards are contiguous)."""
+        s = self.shards[bucket]
+        return int(self.starts[s[0]]), int(self.starts[s[-1]] + self.lengths[s[-1]])
+
+    def substitute(self, unreadable: Container[int]) -> int | None:
+        """The bucket that draws the batches of buckets none of whose samples can be
+        read: the largest of the others that has batches (its repeats are spread over
+        the most samples), or None when none is left."""
+        sizes = [
+            (-int(self.lengths[s].sum()), b)
+            for b, (s, o) in enumerate(self._pairs())
+            if o is not None and b not in unreadable
+        ]
+        return min(sizes)[1] if sizes else None
 
     def _global(self, bucket: int, local: np.ndarray) -> np.ndarray:
         shards = self.shards[bucket]
         return local + (self.starts[shards[0]])  # contiguous shards: one offset
 
-    def step_ids(self, step: int) -> np.ndarray:
-        epoch, b, jb = self._batch(step)
+    def step_ids(self, step: int, bucket: int | None = None) -> np.ndarray:
+        """Global ids of ``step``'s batch (from ``bucket``: see ``_batch``)."""
+        epoch, b, jb = self._batch(step, bucket)
         o = self.orders[b]
         return self._global(b, o.ids(epoch, jb * o.batch_size, (jb + 1) * o.batch_size))
 
-    def stand_in(self, step: int, i: int, k: int) -> int:
-        epoch, b, jb = self._batch(step)
+    def stand_in(self, step: int, i: int, k: int, bucket: int | None = None) -> int:
+        """The ``k``-th stand-in for sample ``i``: the bucket's epoch order onwards from
+        its position (``k`` below the bucket's size: each other sample once)."""
+        epoch, b, jb = self._batch(step, bucket)
         o = self.orders[b]
         pos = (jb * o.batch_size + i + k) % o.n
         return int(self._global(b, o.ids(epoch, pos, pos + 1))[0])
@@ -222,16 +277,22 @@ class BucketOrder:
         shard = np.searchsorted(self.starts, ids, side="right") - 1
         return shard, ids - self.starts[shard]
 
-    def group_range(self, sample_id: int) -> tuple[int, int]:
+    def group_of(self, sample_id: int) -> int:
+        """The bucket of a sample."""
         shard = int(np.searchsorted(self.starts, sample_id, side="right") - 1)
-        for s in self.shards:
+        for b, s in enumerate(self.shards):
             if s[0] <= shard <= s[-1]:
-                return int(self.starts[s[0]]), int(self.starts[s[-1]] + self.lengths[s[-1]])
+                return b
         raise IndexError(sample_id)
 
-    def blocks_at(self, step: int) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    def group_range(self, sample_id: int) -> tuple[int, int]:
+        return self.bucket_range(self.group_of(sample_id))
+
+    def blocks_at(
+        self, step: int, bucket: int | None = None
+    ) -> list[tuple[tuple[int, ...], np.ndarray]]:
         """The step's bucket's current and next block (global shard numbers)."""
-        epoch, b, jb = self._batch(step)
+        epoch, b, jb = self._batch(step, bucket)
         o = self.orders[b]
         return [
             ((b, *key), self.shards[b][block])

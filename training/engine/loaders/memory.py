@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from training.engine.loaders.stream import MAX_WALK, Split, Walk
+from training.engine.loaders.stream import Split, Walk
 from training.errors import UserError
 
 
@@ -46,8 +46,8 @@ class InMemory(Split):
         for g in dict.fromkeys(groups):
             mine = [i for i, x in enumerate(groups) if x == g]
             shape = next((parts[i] for i in mine if parts[i] is not None), None)
-            if shape is None:  # a bucket of unreadable shards: never drawn from
-                continue
+            if shape is None:  # no readable sample: its batches come from another bucket
+                continue  # (Split._drawn finds it unreadable, as the stream does)
             for i in mine:  # an unreadable shard: placeholders
                 if parts[i] is None:
                     parts[i] = {k: np.repeat(v[:1], lengths[i], axis=0) for k, v in shape.items()}
@@ -62,10 +62,8 @@ class InMemory(Split):
         out = ids.copy()
         for i in np.flatnonzero(~self.valid[ids]):
             k = 1
-            while not self.valid[walk(int(i), k)]:
+            while not self.valid[walk(int(i), k)]:  # Unreadable: the whole bucket is bad
                 k += 1
-                if k > MAX_WALK:
-                    raise UserError(f"{self.source}: sample {ids[i]} has no readable stand-in")
             out[i] = walk(int(i), k)
         return out
 
@@ -74,9 +72,11 @@ class InMemory(Split):
         local = torch.from_numpy(idx - self.first[g])
         return {k: v[local] for k, v in self.tensors[g].items()}
 
+    def _read(self, ids: np.ndarray, walk: Walk) -> dict[str, torch.Tensor]:
+        return self._rows(self._stand_ins(ids, walk))
+
     def take(self, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
-        ids = np.asarray(ids, dtype=np.int64)
-        return self._rows(self._stand_ins(ids, self.canonical_walk(ids)))
+        return self._plain(np.asarray(ids, dtype=np.int64), self._read)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        return self._rows(self._stand_ins(*self.local_ids(step)))
+        return self._drawn(step, self._read)

@@ -14,9 +14,10 @@ checksum) is skipped from then on, a sample that cannot be decoded is skipped, b
 counted (``stats()``) and said once with their reason. A skipped sample's place is
 taken by the next readable sample of the epoch's order after it (of the canonical order
 when reading in order), a rule that does not depend on which process reads it, so the
-batches stay the same for any number of processes and keep their size. A shard missing
-from the store, a full cache disk, or a split that is mostly unreadable stops the stage
-with a clear error instead.
+batches stay the same for any number of processes and keep their size. A bucket none
+of whose samples can be read has its batches drawn from another (``unreadable``). A
+shard missing from the store, a full cache disk, or a split that is mostly unreadable
+stops the stage with a clear error instead.
 """
 
 from __future__ import annotations
@@ -36,15 +37,17 @@ from training.console import say
 from training.engine import order as orders
 from training.engine.distributed import rank, world_size
 from training.engine.loaders.readers import open_shard
+from training.engine.loaders.unreadable import Unreadable, UnreadableBuckets
 from training.errors import UserError
 from training.intake.store import CorruptShard, Store, is_remote
 
 Decode = Callable[[dict], Any]  # one raw sample -> what collate takes
 # decoded samples -> {name: numpy array} (torch-free: it runs on the look-ahead thread)
 Collate = Callable[[list], dict[str, Any]]
-Walk = Callable[[int, int], int]  # (i, k) -> the k-th stand-in for the i-th sample's id
+# (i, k) -> the k-th stand-in for the i-th sample's id; raises Unreadable once k has
+# passed every other sample of the sample's bucket
+Walk = Callable[[int, int], int]
 THREADS_ENV = "KILN_LOADER_THREADS"
-MAX_WALK = 1000  # stand-ins tried for one bad sample before giving up
 
 
 def loader_threads() -> int:
@@ -98,6 +101,8 @@ class Split:
         self._max_open = self.index.blocks_in_use(by_bucket) * block_shards + 2
         self.bad_shards: dict[str, str] = {}
         self._bad_samples: set[tuple[int, int]] = set()
+        # buckets none of whose samples can be read (their reads go to another)
+        self.unreadable = UnreadableBuckets(self.order, self.index.buckets(), source)
         self.downloaded = 0  # bytes this split fetched from the store
         self._closers: list[Callable[[], None]] = []
         self._closed = False
@@ -194,12 +199,7 @@ class Split:
                 k = 0
                 while s is None:
                     k += 1
-                    if k > min(MAX_WALK, self.order.n):
-                        raise UserError(
-                            f"{self.source}: sample {ids[i]} and its {MAX_WALK} stand-ins are "
-                            f"all unreadable (bad shards: {', '.join(self.bad_shards) or 'none'})"
-                        )
-                    s = self._sample(walk(i, k))
+                    s = self._sample(walk(i, k))  # Unreadable: the whole bucket is bad
                 samples[i] = s
             self._close_unused()
             return self.collate(samples)
@@ -214,15 +214,41 @@ class Split:
 
         def walk(i: int, k: int) -> int:
             lo, hi = self.order.group_range(int(ids[i]))
+            if k >= hi - lo:
+                raise Unreadable(self.order.group_of(int(ids[i])))
             return lo + (int(ids[i]) - lo + k) % (hi - lo)
 
         return walk
 
+    def _plain(self, ids: np.ndarray, read: Callable[[np.ndarray, Walk], Any]) -> Any:
+        """``read(ids, walk)`` for a plain read; again with a bucket found unreadable
+        moved to its substitute."""
+        while True:
+            moved = self.unreadable.moved(ids, self.bad_shards)
+            try:
+                return read(moved, self.canonical_walk(moved))
+            except Unreadable as exc:
+                self.unreadable.add(exc.bucket, self.bad_shards)
+
+    def _drawn(self, step: int, read: Callable[[np.ndarray, Walk], Any]) -> Any:
+        """``read(ids, walk)`` of this process's slice of ``step``'s batch; again from
+        the substitute bucket when the step's own is found unreadable (every rank finds
+        it so: each of their slices is all bad)."""
+        while True:
+            bucket = self.unreadable.bucket(step, self.bad_shards)
+            self._prepare(step, bucket)
+            try:
+                return read(*self.local_ids(step, bucket))
+            except Unreadable as exc:
+                self.unreadable.add(exc.bucket, self.bad_shards)
+
+    def _prepare(self, step: int, bucket: int) -> None:
+        """Before reading ``step``'s batch from ``bucket`` (the stream downloads ahead)."""
+
     def take(self, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The collated samples with these global ids (a bad one replaced by the next
         readable sample in canonical order). In a split of buckets, ids of one bucket."""
-        ids = np.asarray(ids, dtype=np.int64)
-        return _tensors(self._collated(ids, self.canonical_walk(ids)))
+        return _tensors(self._plain(np.asarray(ids, dtype=np.int64), self._collated))
 
     def by_bucket(self, ids: np.ndarray) -> list[np.ndarray]:
         """``ids`` grouped by bucket (first-seen order of buckets, ids in their order)."""
@@ -247,18 +273,22 @@ class Split:
             yield self.take(ids)
 
     # ---- this process's batch ---------------------------------------------------------
-    def local_ids(self, step: int) -> tuple[np.ndarray, Walk]:
-        """This process's slice of the step's global batch, and its stand-in walk: the
-        epoch's order onwards from each sample's own position (the same on every rank;
-        ``order.stand_in``)."""
-        ids, w = self.order.step_ids(step), world_size()
+    def local_ids(self, step: int, bucket: int | None = None) -> tuple[np.ndarray, Walk]:
+        """This process's slice of the step's global batch (drawn from ``bucket``, if
+        given), and its stand-in walk: the epoch's order onwards from each sample's own
+        position (the same on every rank; ``order.stand_in``)."""
+        ids, w = self.order.step_ids(step, bucket), world_size()
         if len(ids) % w:
             raise ValueError(f"global batch {len(ids)} does not split evenly over {w} processes")
         per = len(ids) // w
         first = rank() * per
+        b = self.order.bucket_of(step) if bucket is None else bucket
+        lo, hi = self.order.bucket_range(b)
 
         def walk(i: int, k: int) -> int:
-            return self.order.stand_in(step, first + i, k)
+            if k >= hi - lo:
+                raise Unreadable(b)
+            return self.order.stand_in(step, first + i, k, bucket)
 
         return ids[first : first + per], walk
 
@@ -266,11 +296,13 @@ class Split:
         """What the loader saw, summed over processes (every rank must call it)."""
         from training.engine.distributed import all_sum
 
-        counts = all_sum([len(self.bad_shards), self.skipped_samples, self.downloaded / 1e6])
+        mine = [len(self.bad_shards), self.skipped_samples, self.downloaded / 1e6]
+        counts = all_sum([*mine, len(self.unreadable.found)])
         return {
             "loader_skipped_shards": counts[0],
             "loader_skipped_samples": counts[1],
             "loader_downloaded_mb": counts[2],
+            "loader_unreadable_buckets": counts[3],
             # not metrics (strings stay in data/metrics): what was read, and its content
             "loader_source": self.source,
             "loader_index_fingerprint": self.index.fingerprint(),
@@ -305,14 +337,16 @@ class Streaming(Split):
         self._next: tuple[int, Future] | None = None
         self._fetched_blocks: set[tuple[int, int]] = set()
 
-    def _build(self, step: int) -> dict[str, Any]:
+    def _prepare(self, step: int, bucket: int) -> None:
         if is_remote(self.index.base):
-            for key, block in self.order.blocks_at(step):
+            for key, block in self.order.blocks_at(step, bucket):
                 if key not in self._fetched_blocks:
                     self._fetched_blocks.add(key)
                     for s in block.tolist():
                         self._fetch.submit(self.store.path, self.index, s, self._count)
-        return self._collated(*self.local_ids(step))
+
+    def _build(self, step: int) -> dict[str, Any]:
+        return self._drawn(step, self._collated)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         ahead, self._next = self._next, None
