@@ -130,3 +130,87 @@ def test_a_bad_recorded_scale_is_one_line_naming_the_controlnet(
     assert res.exit_code == 1, res.output
     assert "conditioning_scale must be a number >= 0" in res.output
     assert "pass --control-scale" in res.output and not out.exists()
+
+
+# ---- the sampler: the one the pipeline was saved with ------------------------------------
+@pytest.fixture(scope="module")
+def ddim_pipe(tiny: Path) -> Path:
+    """The tiny model saved with DDIM, as evaluate saves it with evaluate.scheduler: ddim."""
+    out = tiny.parent / "ddim-pipeline"
+    if not out.exists():
+        parts = tiny.parent
+        pipe = sampling.assemble(parts / "vae", parts / "clip", parts / "unet", scheduler="ddim")
+        pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _drawn(out: Path) -> tuple[np.ndarray, dict]:
+    (line,) = _manifest(out)
+    return np.asarray(Image.open(out / line["file"])), line
+
+
+def test_generate_samples_with_the_models_own_scheduler(ddim_pipe, tmp_path):
+    """Was: dpm++ whatever the pipeline was saved (and evaluated, and REST-served) with,
+    so the same prompt, seed and steps drew another picture than the REST model."""
+    common = [PROMPT, "--steps", "3", "--seed", "4", "--guidance", "2", "--model", str(ddim_pipe)]
+    assert _generate(*common, "--out", str(tmp_path / "own")).exit_code == 0
+    own, line = _drawn(tmp_path / "own")
+    assert line["scheduler"] == "ddim"  # the one used, recorded
+    assert _generate(*common, "--scheduler", "ddim", "--out", str(tmp_path / "ddim")).exit_code == 0
+    assert np.array_equal(own, _drawn(tmp_path / "ddim")[0])
+    # what the REST model draws: the saved pipeline's scheduler, untouched
+    pipe = sampling.load(ddim_pipe)
+    req = sampling.Request(PROMPT, 4, 3, 2.0)
+    assert np.array_equal(own, np.asarray(sampling.generate(pipe, [req], 1)[0]))
+    # an explicit --scheduler is still honoured, and recorded
+    assert _generate(*common, "--scheduler", "euler", "--out", str(tmp_path / "eu")).exit_code == 0
+    euler, line = _drawn(tmp_path / "eu")
+    assert line["scheduler"] == "euler" and not np.array_equal(own, euler)
+
+
+def _wait(ready, timeout: float = 120.0) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+def test_the_playground_samples_with_each_versions_own_scheduler(ddim_pipe, tmp_path, monkeypatch):
+    """Was: dpm++ unless the page named another (and it always named one)."""
+    from training.playground import jobs
+
+    monkeypatch.setattr("training.tracking.versions.resolve_version", lambda m: f"kiln/{m}")
+    worker = jobs.Worker(tmp_path / "gallery")
+    monkeypatch.setattr(worker, "pipeline_dir", lambda version: ddim_pipe)
+    settings = jobs.Settings(prompt=PROMPT, steps=3, seed=4, guidance=2.0)
+    assert settings.scheduler is None  # what a page or client that names none sends
+    job = worker.submit(["1"], settings)
+    _wait(lambda: job.state in ("done", "error"))
+    assert job.state == "done", job.error
+    (line,) = _manifest(tmp_path / "gallery")
+    assert line["scheduler"] == "ddim" and job.results[0]["images"][0]["scheduler"] == "ddim"
+    pipe = sampling.load(ddim_pipe)
+    rest = sampling.generate(pipe, [sampling.Request(PROMPT, 4, 3, 2.0)], 1)[0]
+    drawn = np.asarray(Image.open(tmp_path / "gallery" / line["file"]))
+    assert np.abs(drawn.astype(int) - np.asarray(rest).astype(int)).max() <= 1
+    # a named sampler is still honoured, and recorded
+    job = worker.submit(["1"], jobs.Settings(prompt=PROMPT, steps=3, scheduler="euler"))
+    _wait(lambda: job.state in ("done", "error"))
+    assert job.state == "done", job.error
+    assert _manifest(tmp_path / "gallery")[-1]["scheduler"] == "euler"
+
+
+def test_the_playground_page_is_told_each_versions_own_scheduler(ddim_pipe, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from training.playground.app import create_app
+
+    monkeypatch.setattr("training.tracking.versions.resolve_version", lambda m: f"kiln/{m}")
+    app = create_app(tmp_path / "gallery")
+    monkeypatch.setattr(app.state.worker, "pipeline_dir", lambda version: ddim_pipe)
+    client = TestClient(app)
+    assert client.get("/api/config").json()["defaults"]["scheduler"] is None
+    model = client.get("/api/model", params={"ref": "1"}).json()
+    assert model["scheduler"] == "ddim" and "ddim" in model["schedulers"], model

@@ -175,17 +175,22 @@ def trained_on_other_unet(cn_dir: Path, pipe_dir: Path) -> bool:
     return bool(trained_on) and trained_on != weights_fingerprint(pipe_dir / "unet")
 
 
-def check_export_pair(cn_dir: Path, pipe_dir: Path) -> None:
-    """``kiln export --controlnet``: refuse a ControlNet trained on another U-Net than the
-    pipeline's. Its residuals were learnt for that U-Net's features, and the export is
-    a file others load as one model, without ``kiln generate``'s warning (the gate may
-    have kept an older champion than the U-Net the ControlNet stage trained on)."""
+def export_controlnet(asked: str | None, pipe_dir: Path) -> Path | None:
+    """``kiln export --controlnet``'s folder (None without one), refused when that
+    ControlNet was trained on another U-Net than the pipeline's. Its residuals were
+    learnt for that U-Net's features, and the export is a folder others load as one
+    model, without ``kiln generate``'s warning (the gate may have kept an older champion
+    than the U-Net the ControlNet stage trained on)."""
+    if not asked:
+        return None
+    cn_dir = controlnet_dir(asked, pipe_dir)
     if trained_on_other_unet(cn_dir, pipe_dir):
         raise UserError(
             f"the ControlNet at {cn_dir} was trained on another U-Net than the pipeline's "
             f"({pipe_dir}); its control would not hold. Export the version it was trained "
             "on (--model), or train the ControlNet on this one"
         )
+    return cn_dir
 
 
 def copy_kiln_files(pipe_dir: Path, cn_dir: Path | None, out: Path) -> None:

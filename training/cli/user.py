@@ -22,9 +22,8 @@ from training.cli import ruler, stage
 from training.cli.base import UserError, fail, load_params, writable
 from training.cli.control import (
     base_pipeline,
-    check_export_pair,
-    controlnet_dir,
     copy_kiln_files,
+    export_controlnet,
     find_control,
     own_controlnet,
     with_control,
@@ -159,7 +158,13 @@ def generate(
     height: Annotated[
         int | None, typer.Option(min=1, help="pixels; default: the trained size")
     ] = None,
-    scheduler: Annotated[str, typer.Option(help="dpm++ | ddim | ddpm | euler")] = SAMPLER.scheduler,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="dpm++ | ddim | ddpm | euler; default: the model's own, the one it was saved "
+            "and evaluated with (evaluate.scheduler), as the REST model samples"
+        ),
+    ] = None,
     model: Annotated[
         str,
         typer.Option(
@@ -204,7 +209,7 @@ def generate(
         next_index(out)  # readable? (the number itself is taken when writing, below)
         from training.inference import defaults, sampling
 
-        if scheduler not in sampling.SCHEDULERS:
+        if scheduler is not None and scheduler not in sampling.SCHEDULERS:
             raise UserError(
                 f"unknown scheduler {scheduler!r} (choose {', '.join(sampling.SCHEDULERS)})"
             )
@@ -247,7 +252,9 @@ def generate(
             # a ControlNet pipeline cannot draw without a control image: the base model
             # draws from its own components, and --control puts a ControlNet back on
             own_net, pipe = pipe.controlnet, base_pipeline(pipe)
-        sampling.set_scheduler(pipe, scheduler)
+        if scheduler is not None:  # else the model's own, as the REST model and evaluate
+            sampling.set_scheduler(pipe, scheduler)
+        used = defaults.scheduler_name(type(pipe.scheduler).__name__, pipe.scheduler.config)
         size = sampling.Geometry.of(pipe).size(reqs[0])  # one size for all: checked once
         steer = None
         if cn is not None:
@@ -261,7 +268,7 @@ def generate(
         for i, (r, img) in enumerate(zip(reqs, images, strict=True)):
             name = f"{first + i:04d}-{sampling.slug(r.prompt)}-{r.seed}.png"
             img.save(out / name)
-            line = sampling.manifest_line(name, r, img, scheduler, model, version)
+            line = sampling.manifest_line(name, r, img, used, model, version)
             if cn is not None:
                 line |= {"control": str(control), "control_scale": cn.scale, "controlnet": cn.name}
             manifest.write(json.dumps(line) + "\n")
@@ -299,17 +306,13 @@ def export(
 
     try:
         pipe_dir = pipeline_dir(model)[0]
-        cn_dir = controlnet_dir(controlnet, pipe_dir) if controlnet else None
-        if cn_dir is not None:  # before anything is written
-            check_export_pair(cn_dir, pipe_dir)
+        cn_dir = export_controlnet(controlnet, pipe_dir)  # checked before anything is written
         writable(out)
         pipe = sampling.load(pipe_dir)
         if cn_dir is not None:
-            from diffusers import ControlNetModel
+            from training.inference.control import attach
 
-            from training.inference.control import with_controlnet
-
-            pipe = with_controlnet(pipe, ControlNetModel.from_pretrained(cn_dir))
+            pipe = attach(pipe, cn_dir)[0]
     except UserError as exc:
         fail(str(exc))
     pipe.save_pretrained(out, safe_serialization=True)

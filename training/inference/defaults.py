@@ -1,5 +1,9 @@
 """The sampler settings a saved pipeline carries for callers that give none.
 
+Its sampler is the scheduler it was saved with (``evaluate.scheduler``, under which
+evaluate chose the guidance): ``kiln generate``, the REST model and the playground all
+sample with it unless the caller names another (``scheduler_name`` says which it is).
+
 ``evaluate`` writes ``SAMPLER_FILE`` into the pipeline it registers, with the guidance
 (scale and ``guidance_start``) it chose for that model and scored it at
 (``evaluation/guidance.py``); ``kiln generate``, the REST model and the playground read
@@ -17,6 +21,29 @@ from training.config import SAMPLER, SamplerDefaults
 # Written by evaluate into the pipeline it registers (evaluation/guidance.py): the
 # sampler settings chosen for this model, which callers that give none default to.
 SAMPLER_FILE = "kiln_sampler.json"
+
+
+# The sampler names (``sampling.SCHEDULERS``, ``FLOW_SCHEDULERS``) of the diffusers classes
+# they make: class names, so this module needs no diffusers import
+_SAMPLER_NAMES = {
+    "DDPMScheduler": "ddpm",
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "FlowMatchEulerDiscreteScheduler": "euler",
+    "DPMSolverMultistepScheduler": "dpm++",
+}
+
+
+def scheduler_name(cls: str, config) -> str:
+    """The name ``kiln generate --scheduler`` gives a scheduler of class ``cls`` and
+    ``config`` (a pipeline's own, the one it was saved with: ``evaluate.scheduler``), for
+    the manifests; one Kiln does not make (a pipeline from elsewhere) by its class."""
+    name = _SAMPLER_NAMES.get(cls)
+    if name == "dpm++" and (
+        config.get("algorithm_type") != "dpmsolver++" or config.get("solver_order") != 2
+    ):
+        return cls  # another DPM-Solver than Kiln's dpm++
+    return name or cls
 
 
 def recommended(pipe_dir: str | Path) -> SamplerDefaults:

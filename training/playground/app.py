@@ -96,9 +96,9 @@ def create_app(gallery: Path, allow_promote: bool = False, max_queue: int = 8) -
 
     @app.get("/api/model", response_model=None)
     def model(ref: str) -> dict[str, Any] | JSONResponse:
-        """What the page needs to offer a version's settings: its samplers, size and
-        guidance."""
-        from training.inference.defaults import recommended
+        """What the page needs to offer a version's settings: its samplers (and its own,
+        the one it was saved with), size and guidance."""
+        from training.inference.defaults import recommended, scheduler_name
         from training.inference.sampling import scheduler_names
 
         try:
@@ -114,6 +114,7 @@ def create_app(gallery: Path, allow_promote: bool = False, max_queue: int = 8) -
             "pipeline": index["_class_name"],
             "backbone": "dit" if "transformer" in index else "unet2d",
             "schedulers": list(scheduler_names(sched)),
+            "scheduler": scheduler_name(sched.get("_class_name", ""), sched),
             "guidance": guidance,
         }
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from training.config import SAMPLER
 from training.errors import UserError
+from training.inference.defaults import scheduler_name
 
 MAX_IMAGES = 8  # images per prompt in one job
 KEEP_PIPELINES = 2  # loaded pipelines kept (a comparison needs two)
@@ -43,7 +44,9 @@ class Settings:
     # None: each version at its own scale, the one its evaluation chose (a comparison
     # then shows both as they are served); the page sends one once the user sets it
     guidance: float | None = None
-    scheduler: str = SAMPLER.scheduler
+    # None: each version's own sampler, the one it was saved and evaluated with (as the
+    # REST model and `kiln generate` sample); the page sends one once the user picks it
+    scheduler: str | None = None
     n: int = 1
 
     def requests(
@@ -68,7 +71,7 @@ class Settings:
         )
 
         names = sorted({*SCHEDULERS, *FLOW_SCHEDULERS})
-        if self.scheduler not in names:
+        if self.scheduler is not None and self.scheduler not in names:
             raise ValueError(f"unknown scheduler {self.scheduler!r} (choose {', '.join(names)})")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_IMAGES:
             raise ValueError(f"images must be a whole number from 1 to {MAX_IMAGES}")
@@ -192,8 +195,8 @@ class Worker:
             return self.dirs[version]
 
     def _pipeline(self, version: str):
-        """The loaded pipeline of ``name/version``, its scheduler config as saved and
-        its own sampler defaults (``inference/defaults.py``: the guidance evaluate chose)."""
+        """The loaded pipeline of ``name/version``, its scheduler as saved and its own
+        sampler defaults (``inference/defaults.py``: the guidance evaluate chose)."""
         if version in self.pipes:
             self.pipes.move_to_end(version)
             return self.pipes[version]
@@ -202,7 +205,7 @@ class Worker:
 
         folder = self.pipeline_dir(version)
         pipe = sampling.load(folder)
-        entry = (pipe, dict(pipe.scheduler.config), recommended(folder))
+        entry = (pipe, pipe.scheduler, recommended(folder))
         self.pipes[version] = entry
         while len(self.pipes) > KEEP_PIPELINES:
             self.pipes.popitem(last=False)
@@ -215,9 +218,13 @@ class Worker:
         loaded = []
         for version in job.versions:
             pipe, saved, own = self._pipeline(version)
-            # from the saved config each time, as `kiln generate` does after a fresh load
-            # (a scheduler made from another sampler's config is not the same sampler)
-            pipe.scheduler = sampling.make_scheduler(s.scheduler, saved)
+            # the version's own unless one is named, then made from the saved config, as
+            # `kiln generate` does after a fresh load (a scheduler made from another
+            # sampler's config is not the same sampler). generate never steps `saved`
+            # itself: it samples on a fresh scheduler of the same config.
+            named = s.scheduler is not None
+            pipe.scheduler = sampling.make_scheduler(s.scheduler, saved.config) if named else saved
+            used = scheduler_name(type(pipe.scheduler).__name__, pipe.scheduler.config)
             reqs = s.requests(own.guidance, own.guidance_start)
             try:  # the version's own scale (its kiln_sampler.json) is known only now
                 for r in reqs:
@@ -226,13 +233,13 @@ class Worker:
                 raise ValueError(
                     f"{version}'s own sampler setting: {exc}; set a guidance"
                 ) from None
-            loaded.append((pipe, reqs))
+            loaded.append((pipe, reqs, used))
             job.total_steps += sampling.total_steps(pipe, reqs)
 
         def advance(k: int) -> None:
             job.done_steps += k
 
-        for side, (model, version, (pipe, reqs)) in enumerate(
+        for side, (model, version, (pipe, reqs, used)) in enumerate(
             zip(job.models, job.versions, loaded, strict=True)
         ):
             images = sampling.generate(pipe, reqs, progress=advance)
@@ -241,15 +248,18 @@ class Worker:
                 name = f"{job.id}-{side}-{k}-{sampling.slug(r.prompt, 32)}-{r.seed}.png"
                 img.save(self.images / name)
                 files.append({"file": f"images/{name}", "seed": r.seed, "guidance": r.guidance,
-                              "guidance_start": r.guidance_start})  # fmt: skip
-                self._record(job, side, model, version, r, img, name)
+                              "guidance_start": r.guidance_start, "scheduler": used})  # fmt: skip
+                self._record(job, side, (model, version, used), r, img, name)
             note = _truncation_note(pipe, s)
-            job.results.append({"model": model, "version": version, "images": files, "note": note})
+            job.results.append({"model": model, "version": version, "images": files, "note": note,
+                                "scheduler": used})  # fmt: skip
 
-    def _record(self, job: Job, side: int, model: str, version: str, r, img, name: str) -> None:
+    def _record(self, job: Job, side: int, drawn: tuple, r, img, name: str) -> None:
+        """``drawn``: (the model as asked, the version, the sampler it was drawn with)."""
         from training.inference.sampling import manifest_line
 
-        line = manifest_line(f"images/{name}", r, img, job.settings.scheduler, model, version)
+        model, version, used = drawn
+        line = manifest_line(f"images/{name}", r, img, used, model, version)
         line |= {
             "job": job.id,
             "side": side,

@@ -98,10 +98,11 @@ async function loadSchedulers() {
   try {
     const m = await api("/api/model?ref=" + encodeURIComponent(ref));
     const sel = $("scheduler");
-    const keep = sel.value || config.defaults.scheduler;
+    const keep = sel.value; // "": each version's own sampler (sent as null)
     sel.innerHTML = "";
+    sel.add(new Option(`its own (${m.scheduler})`, ""));
     for (const s of m.schedulers) sel.add(new Option(s, s));
-    sel.value = m.schedulers.includes(keep) ? keep : m.schedulers[0];
+    sel.value = m.schedulers.includes(keep) ? keep : "";
     // the scale this version's evaluation chose, until the user sets one
     if (!guidanceSet && m.guidance != null) $("guidance").value = m.guidance;
   } catch (e) {
@@ -145,7 +146,8 @@ function settings() {
     steps: number("steps", (s) => (/^\d+$/.test(s) ? Number(s) : NaN)),
     // until the user sets one: null, so each version samples at its own chosen scale
     guidance: guidanceSet ? number("guidance", Number) : null,
-    scheduler: $("scheduler").value,
+    // until the user picks one: null, so each version samples with its own sampler
+    scheduler: $("scheduler").value || null,
   };
 }
 
@@ -231,7 +233,8 @@ function show(job) {
     grid.className = "grid";
     for (const im of r.images) {
       grid.append(figure(im.file,
-        `seed ${im.seed} · ${s.steps} steps · guidance ${im.guidance ?? s.guidance} · ${s.scheduler}`));
+        `seed ${im.seed} · ${s.steps} steps · guidance ${im.guidance ?? s.guidance} · ` +
+        `${im.scheduler ?? r.scheduler ?? s.scheduler}`));
     }
     side.append(grid);
     out.append(side);
