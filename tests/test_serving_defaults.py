@@ -214,3 +214,29 @@ def test_the_playground_page_is_told_each_versions_own_scheduler(ddim_pipe, tmp_
     assert client.get("/api/config").json()["defaults"]["scheduler"] is None
     model = client.get("/api/model", params={"ref": "1"}).json()
     assert model["scheduler"] == "ddim" and "ddim" in model["schedulers"], model
+
+
+# ---- the playground's API: the fields a job takes ---------------------------------------
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("negative_prompt", "blurry"), ("width", 64), ("height", 64), ("guidance_start", 0.4)],
+)
+def test_the_playground_refuses_a_field_a_job_does_not_take(
+    tiny, tmp_path, monkeypatch, field, value
+):
+    """Was: dropped, and 200 with a job drawn without it (no negative prompt, the trained
+    size, the version's own guidance start)."""
+    from fastapi.testclient import TestClient
+
+    from training.playground.app import create_app
+
+    monkeypatch.setattr("training.tracking.versions.resolve_version", lambda m: f"kiln/{m}")
+    app = create_app(tmp_path / "gallery")
+    monkeypatch.setattr(app.state.worker, "pipeline_dir", lambda version: tiny)
+    body = {"models": ["1"], "prompt": PROMPT, "steps": 1, field: value}
+    answer = TestClient(app).post("/api/generate", json=body)
+    assert answer.status_code == 400, answer.json()
+    error = answer.json()["error"]
+    assert error.startswith(f"unknown field {field!r} (a job takes models, prompt, negative,")
+    if field == "negative_prompt":
+        assert error.endswith("the same setting here is 'negative'")

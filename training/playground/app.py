@@ -27,6 +27,7 @@ from training.tracking.versions import UnknownVersion
 
 STATIC = Path(__file__).parent / "static"
 KIND_NAMES = {str: "text", int: "a whole number", float: "a number"}
+ALIASES = {"negative_prompt": "negative"}  # the REST model's name -> the job's
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -45,11 +46,19 @@ def _failure(exc: Exception) -> JSONResponse:
 
 
 def _settings(body: dict[str, Any]) -> Settings:
-    """The request's sampling settings; ``ValueError`` naming a field of the wrong type."""
+    """The request's sampling settings; ``ValueError`` naming a field of the wrong type,
+    or one a job does not take: dropping it would answer 200 with a job drawn without
+    it (a ``width`` or ``guidance_start`` the client believes it set)."""
     types = {
         "prompt": str, "negative": str, "seed": int, "steps": int, "guidance": float,
         "scheduler": str, "n": int,
     }  # fmt: skip
+    for key in body:
+        if key != "models" and key not in types:
+            hint = f"; the same setting here is {ALIASES[key]!r}" if key in ALIASES else ""
+            raise ValueError(
+                f"unknown field {key!r} (a job takes models, {', '.join(types)}){hint}"
+            )
     values: dict[str, Any] = {}
     for key, kind in types.items():
         if key not in body or body[key] is None:
