@@ -240,3 +240,23 @@ def test_the_playground_refuses_a_field_a_job_does_not_take(
     assert error.startswith(f"unknown field {field!r} (a job takes models, prompt, negative,")
     if field == "negative_prompt":
         assert error.endswith("the same setting here is 'negative'")
+
+
+# ---- kiln generate --guidance-start: check_request's [0, 1) ------------------------------
+def test_generate_takes_every_guidance_start_check_request_takes(tiny, tmp_path):
+    """Was: typer's max 0.99 refused 0.995, a start the config and the REST model take."""
+    sampling.check_request(sampling.Request(PROMPT, 0, 2, 2.0, guidance_start=0.995))
+    out = tmp_path / "o"
+    res = _generate(PROMPT, "--steps", "2", "--guidance", "2", "--guidance-start", "0.995",
+                    "--model", str(tiny), "--out", str(out))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert _manifest(out)[0]["guidance_start"] == 0.995
+
+
+@pytest.mark.parametrize("value", ["1", "1.5", "nan", "-0.1"])
+def test_generate_refuses_a_guidance_start_check_request_refuses(tmp_path, value):
+    out = tmp_path / "o"
+    res = _generate(PROMPT, "--guidance-start", value, "--model", "/nonexistent", "--out", str(out))
+    assert res.exit_code == 2, res.output
+    assert "Invalid value for '--guidance-start'" in res.output, res.output
+    assert not out.exists()

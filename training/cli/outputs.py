@@ -62,6 +62,15 @@ def claimed(out: Path) -> Iterator[tuple[int, IO[str]]]:
         yield next_index(out), manifest
 
 
+def below_one(value: float | None) -> float | None:
+    """``--guidance-start``'s upper bound: a fraction below 1, ``check_request``'s [0, 1).
+    typer's ``max`` is inclusive, so the option had max 0.99 and refused 0.995, a start
+    the config, the REST model and the playground take."""
+    if value is not None and not value < 1:  # NaN too
+        raise typer.BadParameter(f"{value:g} is not a fraction in [0, 1)")
+    return value
+
+
 def warn_truncated(tokenizer, prompts: list[str]) -> int:
     """Warn for each prompt longer than the text encoder's context: the model never sees
     the rest. Returns how many were cut."""

@@ -28,7 +28,7 @@ from training.cli.control import (
     own_controlnet,
     with_control,
 )
-from training.cli.outputs import can_create, claimed, next_index, warn_truncated
+from training.cli.outputs import below_one, can_create, claimed, next_index, warn_truncated
 from training.config import SAMPLER
 from training.inference.requests import MAX_GUIDANCE, MIN_GUIDANCE
 from training.stages import PIPELINE_MODEL
@@ -142,9 +142,9 @@ def generate(
         float | None,
         typer.Option(
             min=0.0,
-            max=0.99,
-            help="the noisiest fraction of the steps sampled without guidance (0: guide "
-            "every step); default: the model's, chosen by its evaluation (else "
+            callback=below_one,  # [0, 1) as check_request: typer's max is inclusive
+            help="the noisiest fraction of the steps sampled without guidance, in [0, 1) "
+            "(0: guide every step); default: the model's, chosen by its evaluation (else "
             f"{SAMPLER.guidance_start:g})",
         ),
     ] = None,
