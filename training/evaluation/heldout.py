@@ -3,7 +3,8 @@
 The training loss is too noisy to compare runs or spot overfitting: each step draws
 its own timesteps and noise, and the loss depends mostly on the timestep. Here the
 draws are fixed instead (kohya-ss/sd-scripts #1638, OneTrainer #368 ask for exactly
-this): the first ``val_samples`` of the val latents, each at the same ``val_timesteps``
+this): ``val_samples`` of the val latents, spread evenly over the split (each
+aspect-ratio bucket in proportion: ``Split.picked``), each at the same ``val_timesteps``
 timesteps, evenly spread over the schedule, with noise from a generator seeded with a
 constant (``NOISE_SEED``, not the run's seed), conditioned on the sample's own caption.
 The loss is the plain MSE to the prediction target, per timestep and averaged.
@@ -29,8 +30,9 @@ def timesteps(num_train_timesteps: int, count: int) -> list[int]:
 
 
 def val_batches(source: str, limit: int, batch: int = 64) -> Iterator[dict[str, torch.Tensor]]:
-    """The first ``limit`` latents of the split at ``source`` (a directory or an
-    ``s3://`` prefix) in canonical order, as ``{"mean", "std", "text"}`` batches."""
+    """``limit`` latents of the split at ``source`` (a directory or an ``s3://``
+    prefix), spread evenly over it (``Split.picked``: the first ``limit`` were the
+    square bucket's only), as ``{"mean", "std", "text"}`` batches of one shape each."""
     from training.engine import loaders
 
     split = loaders.Split(source, loaders.as_is, loaders.stack_rows)

@@ -262,8 +262,9 @@ def _train(params, tokenizer, batches, val, out_dir: Path, ckpt_dir: Path, log) 
 
 
 def measure(model: CLIPModel, val, params: Params, out_dir: Path, log) -> dict:
-    """Recall@1/5 both ways on the first ``val_samples`` val pairs, and a heatmap of
-    the first 32 pairs' similarities in ``out_dir`` (diagonal = matching pairs)."""
+    """Recall@1/5 both ways on ``val_samples`` val pairs spread over the split (each
+    bucket in proportion: ``Split.picked``), and a heatmap of the first 32 pairs'
+    similarities in ``out_dir`` (diagonal = matching pairs)."""
     from PIL import Image
 
     from training.engine.images import grid

@@ -231,8 +231,9 @@ def _chunk(size: int) -> int:
 
 
 def _reconstructions(model: AutoencoderKL, val, params: Params):
-    """(images, reconstructions from posterior means) of the first ``val_samples`` val
-    images, a chunk at a time, on the CPU and clamped to the images' range."""
+    """(images, reconstructions from posterior means) of ``val_samples`` val images
+    spread over the split (each bucket in proportion: ``Split.picked``), a chunk at a
+    time, on the CPU and clamped to the images' range."""
     dev = next(model.parameters()).device
     with torch.no_grad():
         for b in val.scan(_chunk(params.ingest.image_size), params.train_vae.val_samples):

@@ -19,12 +19,15 @@ Adding a loader: one module here plus one entry in ``LOADERS`` (and its name in 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 
+from training.engine.images import caption
 from training.engine.loaders.memory import InMemory
 from training.engine.loaders.stream import Collate, Decode, Split, Streaming
+from training.intake.shards import IMAGE_EXTS, Record
 from training.intake.store import Store, split_source
 
 LOADERS: dict[str, type[Split]] = {
@@ -41,6 +44,27 @@ def as_is(row: dict) -> dict:
 def stack_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """``collate`` for rows of arrays: each name's rows stacked into one array."""
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def records(source: str, limit: int) -> list[Record]:
+    """``limit`` samples of a split of clean shards as ``shards.Record``s: the ones a
+    scan reads (``Split.picked``: spread over the split, each aspect-ratio bucket in
+    proportion), for the measures that compare with N real images. ``shards.read``
+    from the first shard on gives the square bucket's only."""
+    split = Split(source, _record, list)
+    try:
+        return [r for batch in split.scan(256, limit) for r in batch]
+    finally:
+        split.close()
+
+
+def _record(sample: dict) -> Record:
+    """A raw sample as ``shards.read`` makes it (its image, caption and metadata)."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"{sample['__key__']}: no image member")
+    meta = json.loads(sample.get("json") or b"{}")
+    return Record(sample["__key__"], bytes(sample[ext]), ext, caption(sample), meta)
 
 
 def make(
@@ -74,6 +98,7 @@ __all__ = [
     "Streaming",
     "as_is",
     "make",
+    "records",
     "split_source",
     "stack_rows",
 ]

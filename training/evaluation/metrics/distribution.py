@@ -135,12 +135,12 @@ LIMIT = 512
 
 
 def score(s: Samples, limit: int = LIMIT) -> dict:
-    import itertools
-
+    from training.engine import loaders
     from training.engine.images import square
-    from training.intake import shards
 
-    val = list(itertools.islice(shards.read(shards.shard_paths(s.clean_dir / "val")), limit))
+    # spread over the val split, each aspect-ratio bucket in proportion (the first
+    # ``limit`` in shard order were the square bucket's only)
+    val = loaders.records(str(s.clean_dir / "val"), limit)
     pick, how = paired(s.prompts, [r.caption for r in val])
     if len(pick) < MIN_SAMPLES or len(val) < 2 * MIN_SAMPLES:  # skipped, with the reason
         return distribution_metrics(np.empty((len(pick), 0)), np.empty((len(val), 0)))

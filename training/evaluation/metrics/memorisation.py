@@ -15,13 +15,12 @@ threshold: samples much closer to the training set than real val images are is
 memorisation. Flagged samples are shown beside their training image in the report.
 
 The search is exact and streams the training split in chunks; on a large split it
-covers the first ``evaluate.copy_search_samples`` training images (canonical order) and
-says so (``copy_search_note``).
+covers ``evaluate.copy_search_samples`` training images spread evenly over the split
+(each aspect-ratio bucket and shard in proportion: ``Split.picked``) and says so
+(``copy_search_note``).
 """
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import torch
@@ -92,15 +91,21 @@ def copy_scores(
 
     gen = _flat(to_tensor(_to_u8(samples, size)))
     queries = torch.cat([gen, recon(_to_u8(val, size))]) if val else gen
-    chunks = (recon(b["px"]) for b in train.scan(1024, limit))
-    dist, idx, searched = nearest(queries, chunks)
+    read: list[np.ndarray] = []  # the ids searched: ``limit`` spread over the split
+
+    def chunks():
+        for ids in train.ranges(1024, limit):
+            read.append(ids)
+            yield recon(train.take(ids)["px"])
+
+    dist, idx, searched = nearest(queries, chunks())
     n = len(samples)
     d_gen, d_val = dist[:n], dist[n:]
     copies = (d_gen < threshold).nonzero().flatten().tolist()
     flagged = sorted(copies, key=lambda i: float(d_gen[i]))[:SHOW]
     pairs = []
     if flagged:  # shown beside the training image itself, not its reconstruction
-        train_px = train.take(idx[flagged].numpy())["px"]
+        train_px = train.take(np.concatenate(read)[idx[flagged].numpy()])["px"]
         pairs = [(i, train_px[k].numpy(), float(d_gen[i])) for k, i in enumerate(flagged)]
     out: dict = {
         "copies": len(copies),
@@ -115,7 +120,9 @@ def copy_scores(
     else:
         out["copies_frac_val_skipped"] = "no val images to compare with"
     if searched < len(train):
-        out["copy_search_note"] = f"searched the first {searched} of {len(train)} training images"
+        out["copy_search_note"] = (
+            f"searched {searched} of {len(train)} training images, spread over the split"
+        )
     return out
 
 
@@ -125,12 +132,11 @@ def score(s: Samples) -> dict:
     from training import engine as E
     from training.engine import loaders
     from training.engine.images import center_square, decode_image, square
-    from training.intake import shards
     from training.intake.buckets import image_sizes
 
     c = s.params.evaluate
     size, sizes = s.params.ingest.image_size, image_sizes(s.params)
-    val_recs = itertools.islice(shards.read(shards.shard_paths(s.clean_dir / "val")), 512)
+    val_recs = loaders.records(str(s.clean_dir / "val"), 512)  # every bucket in proportion
     val = [square(r.image(), size) for r in val_recs]  # bucketed: compared as centre squares
     vae = AutoencoderKL.from_pretrained(s.vae_dir).eval().to(E.device())
     train = loaders.Split(

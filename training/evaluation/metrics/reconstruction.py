@@ -22,18 +22,17 @@ def reconstruction_scores(
     same VAE, so it cannot score better than the VAE's reconstructions of real images
     (an L1-trained VAE that greyed out red and green capped colour accuracy at ~0.7).
     """
-    import itertools
     import json
 
     from diffusers import AutoencoderKL
     from PIL import Image
 
+    from training.engine import loaders
     from training.engine.images import psnr, ssim, to_tensor, to_uint8
-    from training.intake import shards
 
     dev = E.device()
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
-    records = list(itertools.islice(shards.read(shards.shard_paths(clean_dir / "val")), limit))
+    records = loaders.records(str(clean_dir / "val"), limit)  # every bucket in proportion
     by_size: dict[tuple[int, int], list[int]] = {}  # a bucketed split: one pass per shape
     for i, r in enumerate(records):
         by_size.setdefault(r.image().size, []).append(i)
