@@ -197,3 +197,61 @@ def test_decoder_gives_pillows_pixels_for_each_png_kind(mode):
         decode_image({"__key__": "k", "png": buf.getvalue()}, 6)
     with pytest.raises(ValueError, match="no image member"):
         decode_image({"__key__": "k", "txt": b"a caption"}, 6)
+
+
+def _bad_data_split(directory):
+    """200 samples, 37 a shard: shard 2 cut short, three samples that do not decode."""
+    from training.intake import shards
+
+    from .loaderkit import png
+
+    rng = np.random.default_rng(0)
+    with shards.ShardWriter(directory, "train", 37) as w:
+        for i in range(200):
+            data = b"\x89PNG not really" if i in (5, 40, 150) else png(rng)
+            w.write(shards.Record(f"{i:06d}", data, "png", f"thing {i}", {}))
+    _truncate(directory)
+    return directory
+
+
+def _stats_on_rank(rank: int, world: int, directory: str, init: str, out: str) -> None:
+    """One torchrun-like process: its loader reads 13 steps, then the stage's stats."""
+    import json
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), KILN_DEVICE="cpu")
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        loader = loaders.make("stream", directory, decode, collate, 16, 0, 2)
+        for s in range(13):
+            loader.batch(s)
+        stats = loader.stats()
+        loader.close()
+    finally:
+        torch.distributed.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(stats, f)
+
+
+def test_skip_counts_are_the_same_for_any_number_of_processes(tmp_path, monkeypatch):
+    """Found in review: every rank reads the same blocks and finds the same bad shard,
+    and the counts were summed, so 1, 2 and 4 processes reported 1, 2 and 4 shards."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    directory = str(_bad_data_split(tmp_path / "train"))
+    one = loaders.make("stream", directory, decode, collate, 16, 0, 2)
+    for s in range(13):
+        one.batch(s)
+    want = one.stats()
+    one.close()
+    assert want["loader_skipped_shards"] == 1 and want["loader_skipped_samples"] >= 2
+    for world in (2, 4):
+        out = tmp_path / f"stats{world}"
+        init = f"file://{tmp_path / f'init{world}'}"
+        mp.spawn(_stats_on_rank, args=(world, directory, init, str(out)), nprocs=world)
+        for r in range(world):
+            got = json.loads((tmp_path / f"stats{world}.{r}").read_text())
+            for key in ("loader_skipped_shards", "loader_skipped_samples"):
+                assert got[key] == want[key], (world, r, key)

@@ -115,6 +115,17 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_union(items: set) -> set:
+    """The union over ranks of a set of picklable things (e.g. the shards each rank
+    found bad: every rank reads the same blocks, so a sum would count one shard once
+    per rank); every rank calls it."""
+    if world_size() == 1:
+        return set(items)
+    parts: list = [None] * world_size()
+    torch.distributed.all_gather_object(parts, sorted(items))
+    return {x for part in parts for x in part}
+
+
 def barrier() -> None:
     if world_size() > 1:
         torch.distributed.barrier()

@@ -312,16 +312,17 @@ class Split:
         return ids[first : first + per], walk
 
     def stats(self) -> dict[str, Any]:
-        """What the loader saw, summed over processes (every rank must call it)."""
-        from training.engine.distributed import all_sum
+        """What the loader saw (every rank must call it): the distinct shards, samples
+        and buckets any process skipped, the same for any number of processes (each
+        reads the same blocks, so each finds the same bad shard), and the megabytes all
+        of them downloaded."""
+        from training.engine.distributed import all_sum, all_union
 
-        mine = [len(self.bad_shards), self.skipped_samples, self.downloaded / 1e6]
-        counts = all_sum([*mine, len(self.unreadable.found)])
         return {
-            "loader_skipped_shards": counts[0],
-            "loader_skipped_samples": counts[1],
-            "loader_downloaded_mb": counts[2],
-            "loader_unreadable_buckets": counts[3],
+            "loader_skipped_shards": len(all_union(set(self.bad_shards))),
+            "loader_skipped_samples": len(all_union(self._bad_samples)),
+            "loader_downloaded_mb": all_sum([self.downloaded / 1e6])[0],
+            "loader_unreadable_buckets": len(all_union(self.unreadable.found)),
             # not metrics (strings stay in data/metrics): what was read, and its content
             "loader_source": self.source,
             "loader_index_fingerprint": self.index.fingerprint(),
