@@ -302,9 +302,7 @@ class ControlNetCfg(Section):
     detector: Literal["canny"] = "canny"
     canny_low: int = Field(100, ge=0, le=1000)
     canny_high: int = Field(200, ge=0, le=1000)
-    # the residuals' weight when sampling: the stage's evaluation samples at it, and it is
-    # saved in kiln_control.json as kiln generate's and the REST model's default scale
-    conditioning_scale: float = Field(1.0, ge=0.0)
+    conditioning_scale: float = Field(1.0, ge=0.0)  # weight the eval samples at; users' default
     loader: Loader = "stream"
     block_shards: int = Field(16, ge=1)
     batch_size: int = Field(ge=1)
