@@ -257,32 +257,14 @@ class Split:
         return [ids[firsts == f] for f in dict.fromkeys(firsts.tolist())]
 
     def picked(self, limit: int) -> np.ndarray:
-        """The ids of ``limit`` samples spread evenly over the canonical order (the
-        centres of ``limit`` equal slices of it), ascending: what a scan of fewer than
-        all reads. The canonical order is bucket by bucket, the square one first, so its
-        first N were all square in a bucketed split (found in review: val PSNR, recall,
-        held-out loss and FD measured square pictures only). The spread takes each
-        bucket and shard in proportion, the same N always the same samples."""
-        n = len(self)
-        return (np.arange(limit, dtype=np.int64) * 2 + 1) * n // (2 * limit)
+        """The ids a scan of ``limit`` reads: spread evenly over the split (``order.spread``)."""
+        return orders.spread(len(self), limit)
 
     def ranges(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
         """The ids of every sample in canonical order, or of ``limit`` of them spread
         over it (``picked``), in batches that never cross from one bucket to the next."""
-        if limit is None or limit >= len(self):
-            lo = 0
-            while lo < len(self):
-                end = min(self.order.group_range(lo)[1], lo + batch_size)
-                yield np.arange(lo, end)
-                lo = end
-            return
-        ids = self.picked(limit)
-        lo = 0
-        while lo < len(ids):
-            bucket_end = self.order.group_range(int(ids[lo]))[1]
-            end = min(int(np.searchsorted(ids, bucket_end)), lo + batch_size)
-            yield ids[lo:end]
-            lo = end
+        ids = None if limit is None or limit >= len(self) else self.picked(limit)
+        return orders.runs(self.order, batch_size, ids)
 
     def scan(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Every sample in canonical order, or ``limit`` of them spread over the split
