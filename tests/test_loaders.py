@@ -255,3 +255,74 @@ def test_skip_counts_are_the_same_for_any_number_of_processes(tmp_path, monkeypa
             got = json.loads((tmp_path / f"stats{world}.{r}").read_text())
             for key in ("loader_skipped_shards", "loader_skipped_samples"):
                 assert got[key] == want[key], (world, r, key)
+
+
+def _flaky(monkeypatch, fails: int, where: str, name: str = "train-00001.tar") -> list:
+    """Make the first ``fails`` opens (``where="open"``) or member reads (``"read"``) of
+    shard ``name`` fail with EIO, as a dying NFS mount or a busy disk does."""
+    import errno
+    import tarfile
+
+    from training.engine.loaders import readers
+
+    failed: list[str] = []
+
+    def eio(what: str) -> None:
+        if len(failed) < fails:
+            failed.append(what)
+            raise OSError(errno.EIO, "Input/output error")
+
+    if where == "open":
+        real_open = tarfile.open
+
+        def open_(path, *a, **k):
+            if str(path).endswith(name):
+                eio(str(path))
+            return real_open(path, *a, **k)
+
+        monkeypatch.setattr(tarfile, "open", open_)
+    else:
+        real_read = readers._File.read
+
+        def read(self, start, n, what):
+            if self.name == name:
+                eio(what)
+            return real_read(self, start, n, what)
+
+        monkeypatch.setattr(readers._File, "read", read)
+    monkeypatch.setattr(readers, "RETRY_DELAYS", (0, 0, 0), raising=False)
+    return failed
+
+
+@pytest.mark.parametrize("where", ["open", "read"])
+def test_a_passing_io_error_is_tried_again_not_taken_for_bad_data(tmp_path, monkeypatch, where):
+    """Found in review: any OSError opening a tar (EIO, ESTALE, EMFILE) marked the shard
+    corrupt for the rest of the run, and one reading a member marked the sample bad:
+    a moment's storage trouble silently replaced good data with stand-ins."""
+    directory = str(image_split(tmp_path / "train"))
+    clean = loaders.make("stream", directory, decode, collate, 16, 0, 16)
+    want = [clean.batch(s)["n"] for s in range(4)]
+    clean.close()
+    failed = _flaky(monkeypatch, 2, where)
+    loader = loaders.make("stream", directory, decode, collate, 16, 0, 16)
+    try:
+        assert all(torch.equal(loader.batch(s)["n"], want[s]) for s in range(4))
+        stats = loader.stats()
+    finally:
+        loader.close()
+    assert len(failed) == 2  # it did fail, twice, and was read on the third try
+    assert stats["loader_skipped_shards"] == 0 and stats["loader_skipped_samples"] == 0
+
+
+@pytest.mark.parametrize("where", ["open", "read"])
+def test_storage_that_keeps_failing_stops_the_stage_naming_the_shard(tmp_path, monkeypatch, where):
+    directory = str(image_split(tmp_path / "train"))
+    failed = _flaky(monkeypatch, 10**6, where)
+    loader = loaders.make("stream", directory, decode, collate, 16, 0, 16)
+    try:  # an OSError: the stage prints it as one line (and the flow decides on a retry)
+        with pytest.raises(OSError, match="train-00001.tar: Input/output error on 4 tries"):
+            loader.batch(0)
+        assert not loader.bad_shards and not loader.skipped_samples  # nothing skipped
+    finally:
+        loader.close()
+    assert len(failed) == 4

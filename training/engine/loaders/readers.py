@@ -17,19 +17,71 @@ which is the kernel's to keep or drop, and it is safe from many threads at once.
 A shard that cannot be opened (truncated, not a tar, a wrong sample count) raises
 ``CorruptShard`` with the reason; the loader skips it and counts it. A file that is
 gone (evicted from the cache) raises ``FileNotFoundError``: the loader fetches it again.
+Any other ``OSError`` (EIO, ESTALE, EMFILE, ...) says nothing about the data: it passes
+through, and the loader tries again a few times (``retrying``), then stops the stage
+with ``ShardUnreachable``. Found in review: taken for a corrupt shard, a moment's I/O
+error dropped a good shard for the rest of the run.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
 import tarfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
+from training.console import say
+from training.disk import DiskFull
 from training.intake.store import CorruptShard
+
+T = TypeVar("T")
+RETRY_DELAYS = (0.2, 1.0, 5.0)  # seconds before the second, third and fourth try
+
+
+class ShardUnreachable(OSError):
+    """Reading a shard failed with an I/O error on every try: the storage is failing,
+    not the data, so the shard is not skipped. An ``OSError`` with a one-line message
+    (the stage prints it as one line; the flow retries the stage when its errno says
+    the failure may pass)."""
+
+    def __init__(self, message: str, code: int | None):
+        super().__init__(message)  # one argument: str() is the message
+        self.errno = code if code is not None else errno.EIO
+
+
+def retrying(what: str, read: Callable[[], T], again: Callable[[], None] | None = None) -> T:
+    """``read()``, tried again after an ``OSError`` (``again()`` first: e.g. reopen the
+    file, which an ESTALE handle needs) up to ``len(RETRY_DELAYS)`` times, then
+    ``ShardUnreachable``. A missing file passes through (the loader fetches it again),
+    and so does a full cache disk (``DiskFull``: its own one-line error; no wait frees
+    it)."""
+    tries = 0
+    while True:
+        try:
+            return read()
+        except (FileNotFoundError, ShardUnreachable, DiskFull):
+            raise
+        except OSError as exc:
+            if tries == len(RETRY_DELAYS):
+                raise ShardUnreachable(
+                    f"{what}: {exc.strerror or exc} on {tries + 1} tries; the storage is "
+                    "failing, not the shard (it was not skipped): fix it and re-run, the "
+                    "stage resumes from its last checkpoint",
+                    exc.errno,
+                ) from exc
+            delay, tries = RETRY_DELAYS[tries], tries + 1
+            say(f"loader: {what}: {exc}; trying again in {delay:g} s")
+            time.sleep(delay)
+            if again is not None:
+                again()
+
 
 _SAFE_EXTS = {"png", "jpg", "jpeg", "webp", "txt", "json"}
 _UNSAFE_EXTS = {"pyd", "pickle", "pkl", "pth", "pt"}
@@ -69,10 +121,11 @@ class TarShard(_File):
         try:
             with tarfile.open(path, "r:") as tf:
                 members = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
-        except (tarfile.TarError, EOFError, OSError) as exc:
+        except OSError:  # the storage, not the data (FileNotFoundError: evicted)
             self.close()
-            if isinstance(exc, FileNotFoundError):
-                raise
+            raise
+        except (tarfile.TarError, EOFError) as exc:
+            self.close()
             raise CorruptShard(
                 f"{path.name}: not a readable tar ({type(exc).__name__}: {exc})"
             ) from None
@@ -149,6 +202,9 @@ class TensorShard(_File):
                 rows.add(shape[0])
                 if 8 + n + end > self.size:
                     raise ValueError(f"tensor {name!r} runs past the end of the file")
+        except OSError:  # the storage, not the data
+            self.close()
+            raise
         except (ValueError, KeyError, struct.error) as exc:
             self.close()
             raise CorruptShard(f"{path.name}: not a readable safetensors file ({exc})") from None

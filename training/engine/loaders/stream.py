@@ -15,9 +15,10 @@ counted (``stats()``) and said once with their reason. A skipped sample's place 
 taken by the next readable sample of the epoch's order after it (of the canonical order
 when reading in order), a rule that does not depend on which process reads it, so the
 batches stay the same for any number of processes and keep their size. A bucket none
-of whose samples can be read has its batches drawn from another (``unreadable``). A
-shard missing from the store, a full cache disk, or a split that is mostly unreadable
-stops the stage with a clear error instead.
+of whose samples can be read has its batches drawn from another (``unreadable``). An
+I/O error is not bad data: the read is tried again, then the stage stops
+(``readers.retrying``), as it does for a shard missing from the store, a full cache
+disk, or a split that is mostly unreadable.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from training.console import say
 from training.engine import order as orders
 from training.engine.distributed import rank, world_size
-from training.engine.loaders.readers import open_shard
+from training.engine.loaders.readers import ShardUnreachable, open_shard, retrying
 from training.engine.loaders.unreadable import Unreadable, UnreadableBuckets
 from training.errors import UserError
 from training.intake.store import CorruptShard, Store, is_remote
@@ -111,8 +112,12 @@ class Split:
         return self.order.n
 
     # ---- reading ----------------------------------------------------------------------
-    def _reader(self, shard: int):
+    def _reader(self, shard: int, fresh: bool = False):
+        """The shard's open reader; None for a bad shard. ``fresh``: a new one (after an
+        I/O error: a stale handle is only cured by opening the file again)."""
         with self._shard_locks[shard]:
+            if fresh and shard in self._readers:
+                self._readers.pop(shard).close()
             reader = self._readers.get(shard)
             if reader is not None:
                 self._readers.move_to_end(shard)
@@ -130,10 +135,14 @@ class Split:
 
     def _open(self, shard: int):
         nsamples = self.index.shards[shard].nsamples
-        try:
-            return open_shard(self.store.path(self.index, shard, self._count), nsamples)
-        except FileNotFoundError:  # evicted from the cache between fetch and open: refetch
-            return open_shard(self.store.path(self.index, shard, self._count), nsamples)
+
+        def attempt():
+            try:
+                return open_shard(self.store.path(self.index, shard, self._count), nsamples)
+            except FileNotFoundError:  # evicted from the cache between fetch and open
+                return open_shard(self.store.path(self.index, shard, self._count), nsamples)
+
+        return retrying(f"{self.source}: {self.index.shards[shard].url}", attempt)
 
     def _count(self, nbytes: int) -> None:
         self.downloaded += nbytes
@@ -150,16 +159,30 @@ class Split:
     def _sample(self, sample_id: int) -> Any:
         """The decoded sample, or None if it cannot be read (counted and said)."""
         shard, i = (int(v[0]) for v in self.order.shard_of(np.array([sample_id])))
-        return self._decode(shard, i, self._reader(shard))
+        return self._decode(shard, i)
 
-    def _decode(self, shard: int, i: int, reader: Any) -> Any:
-        if reader is None or (shard, i) in self._bad_samples:
+    def _get(self, shard: int, i: int) -> dict:
+        reader = self._reader(shard)
+        if reader is None:  # reopened after an I/O error, and found corrupt
+            raise CorruptShard(f"{self.index.shards[shard].url} became unreadable")
+        return reader.get(i, self.members)
+
+    def _decode(self, shard: int, i: int) -> Any:
+        """The decoded sample, or None for a bad one. An I/O error is the storage's, not
+        the sample's: tried again with the shard reopened, then the stage stops."""
+        if self._reader(shard) is None or (shard, i) in self._bad_samples:
             return None
         try:
-            sample = reader.get(i, self.members)
+            sample = retrying(
+                f"{self.source}: {self.index.shards[shard].url}",
+                lambda: self._get(shard, i),
+                lambda: self._reader(shard, fresh=True),
+            )
             if self.with_ids:
                 sample["__id__"] = int(self.order.starts[shard]) + i
-            return self.decode(sample)
+            return self.decode(sample)  # an OSError here is the image's (PIL's)
+        except ShardUnreachable:
+            raise
         except Exception as exc:  # a bad sample must not end a three-day run
             name = self.index.shards[shard].url
             if len(self._bad_samples) < 10:
@@ -172,8 +195,7 @@ class Split:
     def _shard_run(self, shard: int, items: list[tuple[int, int]]) -> list[tuple[int, Any]]:
         """Decode ``(slot, index)`` items of one shard: one task per shard, not per
         sample, keeps the thread pool's own overhead off the step."""
-        reader = self._reader(shard)
-        return [(slot, self._decode(shard, i, reader)) for slot, i in items]
+        return [(slot, self._decode(shard, i)) for slot, i in items]
 
     @property
     def skipped_samples(self) -> int:
