@@ -60,19 +60,40 @@ def kiln_stage(
     profile: str | None = None,
     dataset: str | None = None,
     source: str | None = None,
+    metrics: dict[str, str] | None = None,
 ) -> dict:
     """Run one DVC stage on this worker: take the caller's params and dvc.lock (when
     kiln-pipeline sends it; by hand, the checkout's own, with ``profile``/``dataset``/
     ``source`` applied), ``dvc pull`` the outs of the stages it reads, run it,
     ``dvc push`` its outs, and publish its dvc.lock entry and metrics as the
-    ``kiln-stage-result`` artifact for the caller."""
+    ``kiln-stage-result`` artifact for the caller. ``metrics``: the caller's
+    ``data/metrics/<stage>.json`` texts, which DVC does not carry (``cache: false``) and
+    a stage reads of earlier ones (ingest's row counts in the lineage tags)."""
     from training import runlock
 
     stages = _dvc_yaml()
     if stage not in stages:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(stages)})")
     with runlock.pipeline_lock(f"kiln-stage {stage}", ROOT):
+        if metrics is not None:
+            _take_metrics(stage, metrics)
         return _stage_here(stage, params_yaml, lock, pipeline_run_id, profile, dataset, source)
+
+
+def _take_metrics(stage: str, metrics: dict[str, str]) -> None:
+    """The caller's metrics files in place of this checkout's, for every stage but the
+    one about to run: a file the caller has not is removed, so nothing from an earlier
+    run here is read as this run's (was: the worker's stale ingest.json tagged the U-Net
+    with another run's row counts)."""
+    for name in STAGE_TABLE:
+        path = ROOT / METRICS / f"{name}.json"
+        if name == stage:
+            continue
+        if name in metrics:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(metrics[name])
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _stage_here(
@@ -153,6 +174,11 @@ def run_remote(stage: str, deployment: str, done: list[str], pipeline_run_id: st
             "params_yaml": (ROOT / "params.yaml").read_text(),
             "lock": _lock(),
             "pipeline_run_id": pipeline_run_id,
+            "metrics": {
+                name: path.read_text()
+                for name in STAGE_TABLE
+                if (path := ROOT / METRICS / f"{name}.json").is_file()
+            },
         },
         flow_run_name=f"{stage}",
         timeout=None,

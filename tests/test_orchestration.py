@@ -35,6 +35,9 @@ def test_deployed_pipeline_sends_gpu_stages_to_the_gpu_pool(tmp_path):
     cpu = copy_project(tmp_path / "cpu")  # the cpu worker's checkout
     gpu = copy_project(tmp_path / "gpu")  # the gpu worker's checkout
     config.set_values(cpu / "params.yaml", FAST)  # the pipeline hands its params to gpu
+    # an earlier run's metrics in the gpu checkout: the caller's must be the ones read
+    (gpu / "data" / "metrics").mkdir(parents=True)
+    (gpu / "data" / "metrics" / "ingest.json").write_text('{"rows_new": 999, "rows_removed": 7}')
     prefect_port, mlflow_port = free_port(), free_port()
     api = f"http://127.0.0.1:{prefect_port}/api"
     servers = tmp_path / "servers"
@@ -122,6 +125,12 @@ def test_deployed_pipeline_sends_gpu_stages_to_the_gpu_pool(tmp_path):
     # every phase registered its model in the MLflow server, under one pipeline run
     assert run["registry"]["names"] >= {"kiln-vae", "kiln-clip", "kiln-unet", "kiln-text2image"}
     assert len(set(run["registry"]["pipeline_runs"])) == 1, run["registry"]
+    # trained on the gpu worker, tagged with this run's ingestion (was: the gpu
+    # checkout's stale ingest.json, 999 new rows and 7 removed)
+    ingested = json.loads((cpu / "data" / "metrics" / "ingest.json").read_text())
+    assert run["registry"]["rows"]["kiln-unet"] == {
+        f"kiln.{k}": str(ingested[k]) for k in ("rows_new", "rows_kept", "rows_removed")
+    }, run["registry"]["rows"]
     # a single phase re-run by hand through kiln-stage/cpu; a wrong stage fails, named
     assert run["by_hand"]["evaluate"]["state"] == "COMPLETED", run["by_hand"]
     assert run["by_hand"]["evaluate"]["pool"] == "cpu"
@@ -193,13 +202,16 @@ async def main():
     c = MlflowClient()
     names = {m.name for m in c.search_registered_models()}
     runs = []
+    rows = {}
     for name in ("kiln-vae", "kiln-clip", "kiln-unet"):
         v = c.search_model_versions(f"name='{name}'")[0]
         runs.append(c.get_run(v.run_id).data.tags.get("kiln.pipeline_run_id"))
+        rows[name] = {k: v for k, v in v.tags.items() if k.startswith("kiln.rows_")}
     print(json.dumps({"state": run.state.type.value, "message": run.state.message,
                       "children": children, "schedules": schedules, "templates": templates,
                       "by_hand": by_hand,
-                      "registry": {"names": sorted(names), "pipeline_runs": runs}}))
+                      "registry": {"names": sorted(names), "pipeline_runs": runs,
+                                   "rows": rows}}))
 
 asyncio.run(main())
 """
