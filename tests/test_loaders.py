@@ -326,3 +326,32 @@ def test_storage_that_keeps_failing_stops_the_stage_naming_the_shard(tmp_path, m
     finally:
         loader.close()
     assert len(failed) == 4
+
+
+def test_samples_per_s_counts_the_batch_the_loader_served(tmp_path, capsys):
+    """Found in review: the loop counted batch_size samples a step, but a loader cuts its
+    batch to the split's size (or its largest bucket's), silently: samples/s was
+    overstated. It counts the served batch now, and the cut is said."""
+    from training import engine as E
+
+    directory = image_split(tmp_path / "train", n=40, per_shard=20)
+    loader = loaders.make("stream", str(directory), decode, collate, 64, 0, 16)
+    assert loader.global_batch == 40
+    model = torch.nn.Linear(3, 1)
+    cfg = E.LoopCfg(
+        steps=3, lr=1e-3, warmup_steps=0, grad_clip=1.0, batch_size=64,
+        checkpoint_every=100, log_every=1,
+    )  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    trainer = E.Trainer("toy", model, opt, cfg, E.Checkpointer(tmp_path / "ck", "fp"))
+
+    def step_fn(step):
+        x = loader.batch(step)["x"].float().mean((1, 2))  # [40, 3]
+        return model(x).pow(2).mean(), {}
+
+    try:
+        out = trainer.fit(step_fn)
+    finally:
+        loader.close()
+    assert out["samples_per_s"] * out["train_seconds"] == pytest.approx(3 * 40)
+    assert "batch_size 64 is more than" in capsys.readouterr().err

@@ -16,6 +16,21 @@ import torch
 StepMetrics = dict[str, float | torch.Tensor]
 
 
+# Samples of the global batches the training loaders have handed out in this process
+# (``loaders``' ``batch(step)``). The loop's samples/s counts these: a loader caps its
+# batch at the split's size or its largest aspect-ratio bucket's, and the phases give
+# the loop a step function, not the loader (found in review: batch_size was counted).
+_served = [0]
+
+
+def count_served(n: int) -> None:
+    _served[0] += n
+
+
+def served() -> int:
+    return _served[0]
+
+
 def to_device(dev: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Move a step's host tensors to ``dev`` without stalling the GPU queue. A copy from
     ordinary (pageable) host memory waits for every kernel already queued; from pinned

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from training.config import fingerprint
-from training.engine.batches import StepMetrics, autocast, cosine_lr
+from training.engine.batches import StepMetrics, autocast, cosine_lr, served
 from training.engine.checkpoint import Checkpointer
 from training.engine.distributed import (
     all_mean,
@@ -155,6 +155,7 @@ class Trainer:
             lr = cosine_lr(step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.steps)
             for group in self.optimizer.param_groups:  # "lr_scale": e.g. a discriminator
                 group["lr"] = lr * group.get("lr_scale", 1.0)
+            before = served()
             with autocast(self.device):
                 loss, metrics = step_fn(step)
             global_loss = all_mean(loss)  # every rank sees the same value: stop together
@@ -168,7 +169,9 @@ class Trainer:
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.model)
-            seen += self.cfg.batch_size
+            # the global batch a loader served, which may be less than batch_size (and
+            # batch_size for a step that drew its batch some other way)
+            seen += (served() - before) or self.cfg.batch_size
             bar.update(1)
             checkpoint = (step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.cfg.steps
             preview = bool(every) and ((step + 1) % every == 0 or step + 1 == self.cfg.steps)

@@ -300,6 +300,26 @@ class BucketOrder:
         ]
 
 
+def batch_notes(order: BlockOrder | BucketOrder, batch_size: int, source: str) -> list[str]:
+    """What a loader says, once, about a split too small for its batches: a global
+    batch cut to the split's (or its largest bucket's) size, which the loop's samples/s
+    counts (``batches.served``), and buckets smaller than a batch, never drawn."""
+    notes, b = [], order.batch_size
+    if b < batch_size:
+        held = "its largest aspect-ratio bucket" if isinstance(order, BucketOrder) else "it"
+        notes.append(
+            f"loader: batch_size {batch_size} is more than {source} holds ({held}: {b} "
+            f"samples); batches of {b}"
+        )
+    if getattr(order, "untrained", 0):
+        notes.append(
+            f"loader: warning: {order.untrained} samples of {source} are in aspect-ratio "
+            f"buckets smaller than a batch of {b} and are never drawn; a smaller "
+            "batch_size or fewer buckets (validate.max_aspect_ratio) keeps them"
+        )
+    return notes
+
+
 def spread(n: int, limit: int) -> np.ndarray:
     """``limit`` of ``n`` canonical ids spread evenly (the centres of ``limit`` equal
     slices), ascending: what a scan of fewer than all samples reads (validation, the

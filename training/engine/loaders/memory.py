@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from training.engine.batches import count_served
 from training.engine.loaders.stream import Split, Walk
 from training.errors import UserError
 
@@ -79,4 +80,5 @@ class InMemory(Split):
         return self._plain(np.asarray(ids, dtype=np.int64), self._read)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
+        count_served(self.global_batch)  # the loop's samples/s
         return self._drawn(step, self._read)

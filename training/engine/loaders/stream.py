@@ -36,7 +36,8 @@ import torch
 
 from training.console import say
 from training.engine import order as orders
-from training.engine.distributed import rank, world_size
+from training.engine.batches import count_served
+from training.engine.distributed import is_main, rank, world_size
 from training.engine.loaders.readers import ShardUnreachable, open_shard, retrying
 from training.engine.loaders.unreadable import Unreadable, UnreadableBuckets
 from training.errors import UserError
@@ -85,13 +86,8 @@ class Split:
             self.index.groups if by_bucket else None,
         )  # fmt: skip
         self.global_batch = self.order.batch_size
-        untrained = getattr(self.order, "untrained", 0)
-        if untrained:
-            say(
-                f"loader: warning: {untrained} samples of {source} are in aspect-ratio "
-                f"buckets smaller than a batch of {self.global_batch} and are never drawn; "
-                "a smaller batch_size or fewer buckets (validate.max_aspect_ratio) keeps them"
-            )
+        for note in orders.batch_notes(self.order, batch_size, source) if is_main() else ():
+            say(note)
         self.members = frozenset(members) if members else None
         self.bucketed = by_bucket
         self.with_ids = with_ids
@@ -376,6 +372,7 @@ class Streaming(Split):
         ahead, self._next = self._next, None
         arrays = ahead[1].result() if ahead and ahead[0] == step else self._build(step)
         self._next = (step + 1, self._ahead.submit(self._build, step + 1))
+        count_served(self.global_batch)  # the loop's samples/s
         return _tensors(arrays)
 
     def close(self) -> None:
