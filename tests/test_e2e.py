@@ -23,7 +23,6 @@ import pytest
 from PIL import Image
 
 from training import config
-from training.sections import gate_metrics
 
 from .conftest import (
     BIN,
@@ -235,8 +234,8 @@ def test_every_metric_the_gate_may_use_is_measured(run):
     let through one the gate then fails on, if it drifted)."""
     project, _ = run
     m = json.loads((project / "data" / "metrics" / "evaluate.json").read_text())
-    assert [k for k in gate_metrics("shapes") if not isinstance(m.get(k), int | float)] == []
-    assert {k for k in m if k.startswith("acc_")} <= set(gate_metrics("shapes"))
+    assert [k for k in config.gate_metrics("shapes") if not isinstance(m.get(k), int | float)] == []
+    assert {k for k in m if k.startswith("acc_")} <= set(config.gate_metrics("shapes"))
 
 
 def test_vae_reconstructions_keep_every_attribute(run):

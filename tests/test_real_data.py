@@ -16,7 +16,6 @@ import pytest
 
 from training import config
 from training.evaluation import guidance as G
-from training.sections import gate_metrics
 
 from .conftest import copy_project, kiln, py
 from .realkit import emoji_folder
@@ -140,7 +139,7 @@ def test_user_data_gates_on_fd_ratio(run):
     e = _metrics(project, "evaluate")
     assert e["gate_metric"] == "fd_clip_ratio" and e["gate_direction"] == "lower"
     # every metric params.yaml may name for the gate on data without an oracle is measured
-    assert [m for m in gate_metrics(None) if m not in e] == []
+    assert [m for m in config.gate_metrics(None) if m not in e] == []
     assert "gate: kiln-text2image v1 fd_clip_ratio=" in proc.stderr + proc.stdout
 
 

@@ -27,7 +27,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from training.sections import (
-    NOT_GATE_METRICS,
     SAMPLER,
     ClipCfg,
     ControlNetCfg,
@@ -39,7 +38,6 @@ from training.sections import (
     UnetCfg,
     VaeCfg,
     ValidateCfg,
-    gate_metrics,
 )
 from training.stages import NAMES
 
@@ -81,6 +79,27 @@ def fingerprint(*parts: Any) -> str:
 
 class ConfigError(ValueError):
     """A params file that cannot be used; the message names the file and key."""
+
+
+# What the promotion gate can compare: the metrics of the samples, which evaluate
+# measures for the champion too, on the same requests (evaluate.py, champion_scores) ...
+GATE_METRICS = ("fd_clip_ratio", "fd_clip", "cmmd_clip", "clip_score", "copies_frac")
+# ... not these: each run measures them on its own val split (and its own VAE's
+# latents), the champion's number is the one recorded on another week's data
+NOT_GATE_METRICS = ("val_loss", "vae_psnr", "vae_ssim")
+# ... and a built-in set's oracle accuracies, acc_<attribute>[_<group>]
+# (``evaluation/metrics/oracle_accuracy.py``): its attributes and prompt groups
+ORACLE_ACCURACIES = {
+    "shapes": (("all", "shape", "colour", "size", "position"), ("seen", "held_out")),
+    "digits": (("all", "digit"), ("seen",)),  # no held-out compositions
+}
+
+
+def gate_metrics(oracle: str | None) -> list[str]:
+    """Every metric the gate can use on data graded by ``oracle`` (None: no oracle)."""
+    attrs, groups = ORACLE_ACCURACIES.get(oracle or "", ((), ()))
+    accs = [f"acc_{a}{g}" for a in attrs for g in ("", *(f"_{x}" for x in groups))]
+    return [*accs, *GATE_METRICS]
 
 
 class Params(BaseModel):

@@ -9,10 +9,7 @@ from pathlib import Path
 from training.paths import METRICS
 from training.stages import PIPELINE_MODEL, STAGES
 from training.tracking.registry import model_version, resolve_model_dir
-
-# MLflow's error codes for "no such registered model" and "no such alias": only these
-# mean there is no champion; any other error is the registry failing to answer
-NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+from training.tracking.store import NOT_FOUND
 
 
 def fetch(ref: str) -> tuple[Path, str]:

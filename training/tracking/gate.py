@@ -68,7 +68,7 @@ def promote(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from training.tracking.components import NOT_FOUND
+    from training.tracking.store import NOT_FOUND
 
     client = MlflowClient()
     skipped = metrics.get(f"{metric}_skipped")

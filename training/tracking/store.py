@@ -12,6 +12,9 @@ from pathlib import Path
 
 EXPERIMENT = "kiln"
 PARENT_ENV = "KILN_PARENT_RUN_ID"
+# MLflow's error codes for "no such registered model" and "no such alias": only these
+# mean there is no champion; any other error is the registry failing to answer
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def _quiet() -> None:

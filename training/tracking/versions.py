@@ -155,7 +155,7 @@ def promote_by_hand(version: str, reason: str, name: str = PIPELINE_MODEL) -> di
         client.get_model_version(name, version)
     except MlflowException:
         raise UnknownVersion(f"{name} has no version {version!r}") from None
-    from training.tracking.components import NOT_FOUND
+    from training.tracking.store import NOT_FOUND
 
     try:
         old = str(client.get_model_version_by_alias(name, "champion").version)
