@@ -137,6 +137,13 @@ def test_the_model_card_says_what_moved_against_the_champion_and_what_it_was_bui
     card = model_card("kiln-text2image", "2", skipped, gate, params, tmp_path)
     assert "could not re-score (the gate used its recorded number)" in card
     assert "| change |" not in card
+    assert "rows removed from the source" not in card  # none were
+    # rows taken out of the source (a takedown, say): the card says the parent saw them
+    # (was: only "removed 5", as if the new version were free of them)
+    (metrics_dir / "ingest.json").write_text(json.dumps({"rows_new": 0, "rows_removed": 5}))
+    card = model_card("kiln-text2image", "2", metrics, gate, params, tmp_path)
+    assert "Built on models trained with the 5 rows removed from the source since" in card
+    assert "a takedown needs `mode: scratch`" in card
 
 
 def test_a_champion_whose_artifacts_are_gone_is_not_rescored_and_the_run_goes_on(

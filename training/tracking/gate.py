@@ -235,6 +235,13 @@ def model_card(name: str, version: str, metrics: dict, gate: dict, params: dict,
         )
     else:
         lines.append(f"- U-Net v{unet.get('registered_version', '?')}: trained from scratch")
+    removed = ingest.get("rows_removed", 0)
+    if removed and any(m.get("init_from") or m.get("reused_from") for m in (vae, clip, unet)):
+        lines.append(
+            f"- **Built on models trained with the {removed} rows removed from the source "
+            "since**: fine-tuning and reuse do not forget them (a takedown needs `mode: "
+            "scratch`)"
+        )
     champ = metrics.get("champion_version")
     lines += ["", "## Metrics"]
     if metrics.get("champion_skipped"):
