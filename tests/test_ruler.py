@@ -94,3 +94,20 @@ def test_a_directory_ruler_is_named_with_its_weights_digest(tmp_path):
     assert first is not None and second is not None
     assert first[1].startswith(f"{folder} (weights sha256 ")
     assert first[1] != second[1]
+
+
+def test_kiln_ruler_refuses_the_pipelines_own_seed(project: Path):
+    """Were: `kiln ruler --seed 0` trained the ruler with the run's CLIP seed, the bend
+    the README says a ruler never has; refused in one line before any training."""
+    from tests.conftest import kiln
+
+    for split in ("train", "val"):
+        (project / "data" / "clean" / split).mkdir(parents=True)
+        (project / "data" / "clean" / split / "index.parquet").write_bytes(b"")
+    proc = kiln(project, "ruler", "--seed", "0", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "kiln: error: ruler: --seed 0 is the pipeline's seed (params.yaml seed); a ruler "
+        "needs its own (the default is 1, or 0 when the pipeline's is 1)"
+    )
+    assert not (project / "data" / "ruler").exists()

@@ -23,7 +23,10 @@ def ruler(
         int | None,
         typer.Option(min=1, help="CLIP training steps (default: twice the profile's)"),
     ] = None,
-    seed: Annotated[int, typer.Option(help="the ruler's pinned seed")] = DEFAULT_SEED,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="the ruler's pinned seed, never the pipeline's (default 1, else 0)"),
+    ] = None,
     use: Annotated[
         bool, typer.Option(help="set evaluate.ruler in params.yaml to the new ruler")
     ] = True,
@@ -43,6 +46,13 @@ def ruler(
             params = load_params()
         except (config.ConfigError, runlock.PipelineBusy) as exc:
             fail(str(exc))
+        if seed is None:
+            seed = DEFAULT_SEED if params.seed != DEFAULT_SEED else 0
+        if seed == params.seed:  # the run's own CLIP's seed: the bend the ruler avoids
+            fail(
+                f"ruler: --seed {seed} is the pipeline's seed (params.yaml seed); a ruler "
+                "needs its own (the default is 1, or 0 when the pipeline's is 1)"
+            )
         n = steps or 2 * params.train_clip.steps
         out = P.DATA / "ruler"
         writable(out)
