@@ -29,6 +29,9 @@ def test_repo_params_load_and_default_to_tiny():
         ({"train_vae": "big"}, "train_vae"),
         ({"mode": "resume"}, "mode"),
         ({"evaluate": {"oracle": "cats"}}, "evaluate.oracle"),
+        # kiln_control.json records it as the serving default, which takes 0-10 (was: any
+        # scale >= 0 accepted here, then served above the cap REST and the CLI refuse)
+        ({"train_controlnet": {"conditioning_scale": 12.0}}, "train_controlnet.conditioning_scale"),
         # a gate metric the run cannot measure: refused before anything is sampled or
         # registered (the gate itself runs after evaluate registered the version)
         (

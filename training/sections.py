@@ -302,7 +302,7 @@ class ControlNetCfg(Section):
     detector: Literal["canny"] = "canny"
     canny_low: int = Field(100, ge=0, le=1000)
     canny_high: int = Field(200, ge=0, le=1000)
-    conditioning_scale: float = Field(1.0, ge=0.0)  # weight the eval samples at; users' default
+    conditioning_scale: float = Field(1.0, ge=0.0, le=10.0)  # eval samples at; users' default
     loader: Loader = "stream"
     block_shards: int = Field(16, ge=1)
     batch_size: int = Field(ge=1)
