@@ -59,6 +59,7 @@ def test_a_limited_scan_takes_every_bucket_in_proportion_and_the_same_each_time(
         ids = np.concatenate(list(split.ranges(16)))
         assert np.array_equal(ids, np.arange(300))
         assert np.array_equal(np.concatenate(list(split.ranges(16, 10**6))), ids)
+        assert list(split.ranges(16, 0)) == []  # val_samples: 0 reads nothing, as before
     finally:
         split.close()
     # the records the metrics read (FD's real images, reconstruction, the copy search's

@@ -327,6 +327,8 @@ def spread(n: int, limit: int) -> np.ndarray:
     first, so its first N were all square in a bucketed split (found in review: val
     PSNR, recall, held-out loss and FD measured square pictures only). The spread takes
     each bucket and shard in proportion, the same N always the same samples."""
+    if limit <= 0:
+        return np.zeros(0, dtype=np.int64)
     return (np.arange(limit, dtype=np.int64) * 2 + 1) * n // (2 * limit)
 
 
