@@ -114,3 +114,23 @@ def test_the_copy_search_shows_the_training_image_it_found_past_the_first_n(tmp_
     (_, shown, _), *_ = out["memorisation_pairs"]
     assert (shown == seen[0]).all()
     assert "spread over the split" in out["copy_search_note"]
+
+
+def test_a_prompt_cap_keeps_the_captions_fd_compares_from_every_bucket(tmp_path):
+    """evaluate.max_prompts keeps first the captions of the real half FD and CMMD
+    compare with. Were: taken from the first 512 in shard order (the square bucket's),
+    while FD reads a pick spread over the buckets, so past 512 val samples a cap kept
+    captions FD never compares and it fell back to unpaired samples."""
+    from training import config
+    from training.evaluation.evaluate import prompt_set
+    from training.evaluation.metrics import distribution
+
+    val_split(tmp_path / "val", n=2000)
+    cap = 300  # above the 256 captions FD compares, below the 2,000 val captions
+    params = config.resolve(
+        {"ingest": {"dataset": "folder", "source": "x"}, "evaluate": {"max_prompts": cap}}
+    )
+    kept = {p.prompt for p in prompt_set(params, tmp_path)}
+    compared = [r.caption for r in loaders.records(str(tmp_path / "val"), distribution.LIMIT)]
+    assert set(compared[1::2]) <= kept
+    assert set(Counter(c.split()[0] for c in compared[1::2])) == {"square", "wide", "tall"}

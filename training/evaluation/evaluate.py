@@ -22,6 +22,7 @@ from training.config import Params
 
 
 def prompt_set(params: Params, clean_dir: Path) -> list:
+    from training.engine import loaders
     from training.evaluation.metrics import distribution
     from training.intake import builtin, shards
 
@@ -30,10 +31,13 @@ def prompt_set(params: Params, clean_dir: Path) -> list:
         prompts = builtin.eval_prompts(ds)
     else:  # user data: distinct captions of the validation split
         caps = [r.caption for r in shards.read(shards.shard_paths(clean_dir / "val"))]
-        # those FD and CMMD compare first (the second real half's, metrics/distribution.py
-        # ``paired``), so that an evaluate.max_prompts cap keeps them rather than the
-        # first captions in the collection's order, which is often by category
-        first = caps[: distribution.LIMIT][1::2]
+        # those FD and CMMD compare first (the second real half of the images they read,
+        # metrics/distribution.py ``paired``: a pick spread over the buckets, not the
+        # first in shard order, which are the square bucket's), so that an
+        # evaluate.max_prompts cap keeps them rather than the first captions in the
+        # collection's order, which is often by category
+        real = loaders.records(str(clean_dir / "val"), distribution.LIMIT)
+        first = [r.caption for r in real][1::2]
         prompts = [builtin.EvalPrompt(c, {}) for c in dict.fromkeys(first + caps)]
     if params.evaluate.max_prompts:
         prompts = prompts[: params.evaluate.max_prompts]
