@@ -294,3 +294,18 @@ def test_a_ready_map_of_another_size_stays_a_binary_map_with_every_line(side):
     same = _lines_map(32)
     assert np.array_equal(np.asarray(load_control(_png(Image.fromarray(same)), (32, 32),
                                                   True, 100, 200)[0]), same)  # fmt: skip
+
+
+def test_the_control_evaluation_draws_each_sample_at_its_controls_size(tmp_path):
+    """Were: every sample drawn at the square default size, so a wide or tall val
+    control (aspect-ratio buckets) was compared with a squashed picture, with and
+    without the ControlNet; a batch never mixes sizes."""
+    from training.evaluation.control import _sample
+    from training.inference import sampling
+
+    pipe = sampling.load(build_tiny_pipeline(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    params = config.resolve({"evaluate": {"steps": 2, "batch_size": 2}})
+    sizes = [(64, 32), (64, 32), (64, 32), (32, 64), (32, 32)]
+    images = _sample(pipe, ["a red circle"] * 5, list(range(5)), sizes, params)
+    assert [im.size for im in images] == sizes

@@ -41,10 +41,15 @@ def other_colour(colour: str, shape: str, rng: np.random.Generator) -> str:
     return choices[int(rng.integers(len(choices)))]
 
 
-def _sample(pipe, prompts, seeds, params: Params, **extra) -> list[Image.Image]:
-    e, out = params.evaluate, []
-    for i in range(0, len(prompts), e.batch_size):
-        n = len(prompts[i : i + e.batch_size])
+def _sample(pipe, prompts, seeds, sizes, params: Params, **extra) -> list[Image.Image]:
+    """One picture a prompt at its control's size (``sizes``: (width, height) each; a
+    batch never mixes sizes): a wide control drawn at the square default size would be
+    squashed, with and without the ControlNet."""
+    e, out, i = params.evaluate, [], 0
+    while i < len(prompts):
+        n = 1
+        while n < e.batch_size and i + n < len(prompts) and sizes[i + n] == sizes[i]:
+            n += 1
         chunk = {k: v[i : i + n] for k, v in extra.items() if isinstance(v, list)}
         out += pipe(
             prompt=prompts[i : i + n],
@@ -52,10 +57,13 @@ def _sample(pipe, prompts, seeds, params: Params, **extra) -> list[Image.Image]:
             num_inference_steps=e.steps,
             guidance_scale=e.guidance,
             generator=[torch.Generator().manual_seed(s) for s in seeds[i : i + n]],
+            width=sizes[i][0],
+            height=sizes[i][1],
             output_type="pil",
             **{k: v for k, v in extra.items() if not isinstance(v, list)},
             **chunk,
         ).images
+        i += n
     return out
 
 
@@ -97,11 +105,12 @@ def evaluate_control(
     ]
     seeds = [params.seed * 100_000 + i for i in range(len(rows))]
     E.say(f"train_controlnet: sampling {len(rows)} val controls with and without the ControlNet")
-    without = _sample(base, prompts, seeds, params)
+    sizes = [real.size for real, _, _ in rows]
+    without = _sample(base, prompts, seeds, sizes, params)
     pipe = with_controlnet(base, controlnet.eval().to(dev))
     controls = [m for _, m, _ in rows]
     steer = {"image": controls, "controlnet_conditioning_scale": c.conditioning_scale}
-    with_cn = _sample(pipe, prompts, seeds, params, **steer)
+    with_cn = _sample(pipe, prompts, seeds, sizes, params, **steer)
     metrics: dict = {"control_eval_samples": len(rows)}
     if shapes is not None:
         metrics.update(_scores(shapes, truths, prompts, without, with_cn))
