@@ -25,9 +25,9 @@ from training import config  # noqa: E402
 
 def main() -> None:
     from training.evaluation import oracle as O
-    from training.evaluation.evaluate import prompt_set
     from training.evaluation.metrics import oracle_accuracy
     from training.evaluation.metrics.base import Samples
+    from training.evaluation.prompts import prompt_set
     from training.inference import sampling
 
     ap = argparse.ArgumentParser()
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     params = config.load(args.project / "params.yaml")
-    oracle = O.for_dataset(params.oracle() or "", params.seed)
+    oracle = O.for_dataset(params.oracle() or "")
     if oracle is None:
         sys.exit(f"{args.project}: not a built-in set (no oracle to grade by)")
     c, clean = params.evaluate, args.project / "data/clean"

@@ -40,7 +40,7 @@ def main() -> None:
     prompts = builtin.eval_prompts("shapes")
     stride = max(1, len(prompts) // args.n)
     prompts = prompts[::stride][: args.n]
-    oracle = O.for_dataset("shapes", 0)
+    oracle = O.for_dataset("shapes")
 
     def run(scheduler: str, steps: int) -> tuple[float, float, float]:
         sampling.set_scheduler(pipe, scheduler)

@@ -102,7 +102,7 @@ def test_a_val_split_of_one_image_is_skipped_with_its_reason(tmp_path, monkeypat
 
 
 def test_a_prompt_cap_keeps_the_captions_the_distances_compare(tmp_path):
-    from training.evaluation.evaluate import prompt_set
+    from training.evaluation.prompts import prompt_set
 
     captions, _ = _val_in_category_order(tmp_path / "clean", n=12)
     params = config.resolve(

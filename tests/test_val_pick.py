@@ -122,8 +122,8 @@ def test_a_prompt_cap_keeps_the_captions_fd_compares_from_every_bucket(tmp_path)
     while FD reads a pick spread over the buckets, so past 512 val samples a cap kept
     captions FD never compares and it fell back to unpaired samples."""
     from training import config
-    from training.evaluation.evaluate import prompt_set
     from training.evaluation.metrics import distribution
+    from training.evaluation.prompts import prompt_set
 
     val_split(tmp_path / "val", n=2000)
     cap = 300  # above the 256 captions FD compares, below the 2,000 val captions

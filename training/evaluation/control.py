@@ -96,7 +96,7 @@ def evaluate_control(
         split.close()
     if not rows:
         return {"control_eval_skipped": "no val images"}
-    shapes = O.ShapesOracle(params.seed) if params.oracle() == "shapes" else None
+    shapes = O.grader(params) if params.oracle() == "shapes" else None
     rng = np.random.default_rng(params.seed)
     truths = [shapes.read(real) if shapes else None for real, _, _ in rows]
     prompts = [

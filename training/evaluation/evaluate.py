@@ -19,29 +19,7 @@ from pathlib import Path
 from training import engine as E
 from training import paths as P
 from training.config import Params
-
-
-def prompt_set(params: Params, clean_dir: Path) -> list:
-    from training.engine import loaders
-    from training.evaluation.metrics import distribution
-    from training.intake import builtin, shards
-
-    ds = params.oracle()
-    if ds:  # a built-in set, or an export of one (evaluate.oracle)
-        prompts = builtin.eval_prompts(ds)
-    else:  # user data: distinct captions of the validation split
-        caps = [r.caption for r in shards.read(shards.shard_paths(clean_dir / "val"))]
-        # those FD and CMMD compare first (the second real half of the images they read,
-        # metrics/distribution.py ``paired``: a pick spread over the buckets, not the
-        # first in shard order, which are the square bucket's), so that an
-        # evaluate.max_prompts cap keeps them rather than the first captions in the
-        # collection's order, which is often by category
-        real = loaders.records(str(clean_dir / "val"), distribution.LIMIT)
-        first = [r.caption for r in real][1::2]
-        prompts = [builtin.EvalPrompt(c, {}) for c in dict.fromkeys(first + caps)]
-    if params.evaluate.max_prompts:
-        prompts = prompts[: params.evaluate.max_prompts]
-    return prompts
+from training.evaluation.prompts import prompt_set, sample_requests
 
 
 def _img_tag(path: Path) -> str:
@@ -126,18 +104,7 @@ def run(
         pipe_dir / defaults.SAMPLER_FILE,
         {"guidance": guidance, "guidance_start": start, "source": metrics["guidance_source"]},
     )
-    requests = [
-        sampling.Request(
-            p.prompt,
-            seed=params.seed + 1000 * j + i,
-            steps=c.steps,
-            guidance=guidance,
-            negative=c.negative_prompt,
-            guidance_start=start,
-        )
-        for j in range(c.samples_per_prompt)
-        for i, p in enumerate(prompts)
-    ]
+    requests = sample_requests(params, prompts, guidance, start)
     truths = [p for _ in range(c.samples_per_prompt) for p in prompts]
     E.say(
         f"evaluate: {len(requests)} samples ({len(prompts)} prompts x "
@@ -151,7 +118,7 @@ def run(
     gen_s = time.perf_counter() - t0
 
     metrics.update({"samples": len(images), "images_per_s": len(images) / gen_s})
-    oracle = O.for_dataset(params.oracle() or "", params.seed)
+    oracle = O.grader(params)
     samples = Samples(
         params=params,
         images=images,
@@ -203,8 +170,9 @@ def run(
         subset = prompts[::stride][: c.sweep_prompts]
         sweep = out_dir / "guidance_sweep.png"
         X.guidance_sweep(
-            pipe, [p.prompt for p in subset[:6]], c.sweep_guidance, params.seed, c.steps
-        ).save(sweep)
+            pipe, [p.prompt for p in subset[:6]], c.sweep_guidance, params.seed, c.steps,
+            c.negative_prompt,
+        ).save(sweep)  # fmt: skip
         figures[
             "Guidance sweep: columns are guidance "
             + ", ".join(f"{g:g}" for g in c.sweep_guidance)
@@ -212,14 +180,17 @@ def run(
             + "; ".join(p.prompt for p in subset[:6])
         ] = sweep
         traj = out_dir / "trajectory.png"
-        X.trajectory(pipe, subset[0].prompt, params.seed, c.steps, guidance, start).save(traj)
+        X.trajectory(
+            pipe, subset[0].prompt, params.seed, c.steps, guidance, start, c.negative_prompt
+        ).save(traj)
         figures[
             f"Denoising trajectory of '{subset[0].prompt}' ({c.scheduler}, {c.steps} steps): "
             "top, the noisy latents after each step; bottom, the sampler's clean estimate"
         ] = traj
         rows = X.steps_table(
-            pipe, subset, c.sweep_steps, guidance, params.seed, oracle, clip_dir, start
-        )
+            pipe, subset, c.sweep_steps, guidance, params.seed, oracle, clip_dir, start,
+            c.negative_prompt,
+        )  # fmt: skip
         E.write_json(out_dir / "steps_table.json", rows)
         tables[
             f"Steps vs quality per scheduler ({len(subset)} prompts, guidance "

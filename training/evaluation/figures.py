@@ -19,12 +19,15 @@ import torch
 from training import engine as E
 
 
-def guidance_sweep(pipe, prompts: list[str], scales: tuple[float, ...], seed: int, steps: int):
+def guidance_sweep(
+    pipe, prompts: list[str], scales: tuple[float, ...], seed: int, steps: int, negative: str = ""
+):
+    """``negative``: evaluate.negative_prompt, as the evaluation's samples are drawn."""
     from training.engine.images import grid
     from training.inference import sampling
 
     reqs = [
-        sampling.Request(p, seed=seed + i, steps=steps, guidance=g)
+        sampling.Request(p, seed=seed + i, steps=steps, guidance=g, negative=negative)
         for i, p in enumerate(prompts)
         for g in scales
     ]
@@ -32,11 +35,15 @@ def guidance_sweep(pipe, prompts: list[str], scales: tuple[float, ...], seed: in
 
 
 @torch.no_grad()
-def trajectory(pipe, prompt: str, seed: int, steps: int, guidance: float, start: float = 0.0):
+def trajectory(
+    pipe, prompt: str, seed: int, steps: int, guidance: float, start: float = 0.0,
+    negative: str = "",
+):  # fmt: skip
     """One sample through the sampler, decoded after every step. Top row: the noisy
     latents x_t (noise -> blur -> shape -> clean); bottom row: the sampler's estimate of
     the clean image at that step where it keeps one (DPM-Solver++), else x_t again.
-    ``start``: the guidance_start it is served at (the noisiest steps unguided)."""
+    ``start``: the guidance_start it is served at (the noisiest steps unguided);
+    ``negative``: evaluate.negative_prompt."""
     from PIL import Image
 
     from training import backbones
@@ -58,7 +65,7 @@ def trajectory(pipe, prompt: str, seed: int, steps: int, guidance: float, start:
 
     own(
         prompt=[prompt],
-        negative_prompt=[""],
+        negative_prompt=[negative],
         num_inference_steps=steps,
         guidance_scale=guidance,
         generator=[torch.Generator().manual_seed(seed)],
@@ -76,11 +83,11 @@ def trajectory(pipe, prompt: str, seed: int, steps: int, guidance: float, start:
 
 def steps_table(
     pipe, prompts: list, steps: tuple[int, ...], guidance: float, seed: int, oracle,
-    clip_dir: Path, start: float = 0.0,
+    clip_dir: Path, start: float = 0.0, negative: str = "",
 ) -> list[dict]:  # fmt: skip
     """One row per (scheduler, steps): oracle all-attributes accuracy (built-in sets),
-    CLIP score and images/s, at ``guidance`` from ``start`` on. The pipeline's own
-    scheduler is restored afterwards."""
+    CLIP score and images/s, at ``guidance`` from ``start`` on with the evaluation's
+    ``negative`` prompt. The pipeline's own scheduler is restored afterwards."""
     from training.evaluation.metrics.clip_score import clip_scores
     from training.inference import sampling
 
@@ -92,8 +99,13 @@ def steps_table(
             for n in steps:
                 reqs = [
                     sampling.Request(
-                        p.prompt, seed=seed + i, steps=n, guidance=guidance, guidance_start=start
-                    )
+                        p.prompt,
+                        seed=seed + i,
+                        steps=n,
+                        guidance=guidance,
+                        negative=negative,
+                        guidance_start=start,
+                    )  # fmt: skip
                     for i, p in enumerate(prompts)
                 ]
                 t0 = time.perf_counter()
