@@ -114,3 +114,33 @@ def test_a_prompt_cap_keeps_the_captions_the_distances_compare(tmp_path):
     assert how == "captions" and pick == list(range(6))
     uncapped = config.resolve({"ingest": {"dataset": "folder", "source": "x"}})
     assert sorted(p.prompt for p in prompt_set(uncapped, tmp_path / "clean")) == sorted(captions)
+
+
+def test_held_out_compositions_are_left_out_of_the_distances(tmp_path, monkeypatch):
+    """A built-in set's val split never holds its held-out compositions (red triangle,
+    ...), so a sample of one set against it was charged for composing it right: in
+    review a perfect generator read 2.6x the floor and one drawing seen pairs instead
+    1.4x. Held-out samples (red here) must not be among those compared."""
+    from training.intake import builtin as B
+
+    embedded: list = []
+
+    def embed(clip_dir, images):
+        embedded.append(images)
+        return _colour_embeddings(clip_dir, images)
+
+    monkeypatch.setattr(distribution, "clip_image_embeddings", embed)
+    with shards.ShardWriter(tmp_path / "clean" / "val", "val", 50) as w:
+        for i, sample in enumerate(B.shapes(120, SIZE, 0)):  # seen compositions only
+            buf = io.BytesIO()
+            sample.image.save(buf, format="PNG")
+            w.write(shards.Record(f"{i:06d}", buf.getvalue(), "png", sample.caption, {}))
+    prompts = B.eval_prompts("shapes")
+    assert any(p.held_out for p in prompts)
+    images = [_picture([250, 0, 0] if p.held_out else [0, 0, 250]) for p in prompts]
+    params = config.resolve({"ingest": {"image_size": SIZE}})
+    s = Samples(params, images, [p.prompt for p in prompts], prompts, None,
+                tmp_path / "clean", tmp_path, tmp_path)  # fmt: skip
+    out = distribution.score(s)
+    assert out["fd_pairing"] == "spread" and out["fd_samples"] == 60
+    assert not any(np.asarray(im)[0, 0, 0] == 250 for im in embedded[0])
