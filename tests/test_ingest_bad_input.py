@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import http.server
 import io
+import ipaddress
 import os
+import ssl
 import struct
 import subprocess
 import sys
@@ -175,6 +177,86 @@ def server():
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", srv.server_address[1]
     STOP.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+def _test_ca(d: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate it signed for 127.0.0.1, made here and now (no
+    key is ever committed): (ca.pem, cert.pem, key.pem)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(2)]
+    names = [
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, n)])
+        for n in ("kiln test CA", "127.0.0.1")
+    ]
+
+    def cert(i: int, ext: list[tuple[object, bool]]) -> x509.Certificate:
+        b = x509.CertificateBuilder().subject_name(names[i]).issuer_name(names[0])
+        b = b.public_key(keys[i].public_key()).serial_number(x509.random_serial_number())
+        b = b.not_valid_before(now - datetime.timedelta(hours=1))
+        b = b.not_valid_after(now + datetime.timedelta(days=1))
+        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(keys[i].public_key()), False)
+        for e, critical in ext:
+            b = b.add_extension(e, critical)
+        return b.sign(keys[0], hashes.SHA256())
+
+    ku = dict(content_commitment=False, data_encipherment=False, encipher_only=False)
+    ku |= dict(decipher_only=False, key_agreement=False, crl_sign=True)
+    ca = cert(
+        0,
+        [
+            (x509.BasicConstraints(ca=True, path_length=None), True),
+            (
+                x509.KeyUsage(
+                    digital_signature=False, key_encipherment=False, key_cert_sign=True, **ku
+                ),
+                True,
+            ),
+        ],
+    )
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(keys[0].public_key())
+    leaf = cert(
+        1,
+        [
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                False,
+            ),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+            (aki, False),
+        ],
+    )
+    pem = serialization.Encoding.PEM
+    paths = d / "ca.pem", d / "cert.pem", d / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(leaf.public_bytes(pem))
+    fmt, none = serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    paths[2].write_bytes(keys[1].private_bytes(pem, fmt, none))
+    return paths
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path, monkeypatch):
+    """The same handler over https, its certificate trusted for this test only: the
+    guard builds the default context, which reads SSL_CERT_FILE (verification stays on)."""
+    ca, cert, key = _test_ca(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
     srv.server_close()
 
@@ -437,3 +519,31 @@ def test_cli_names_the_missing_folder_in_one_line(tmp_path: Path):
         "kiln: error: ingest: image folder no-such-dir does not exist"
     )
     assert not (tmp_path / "raw" / ".work").exists()
+
+
+def test_the_total_deadline_holds_for_https(tls_server):
+    """Was: the watchdog held the plain socket, which ``wrap_socket`` detaches, so its
+    shutdown failed silently and a dripping https server kept a worker for as long as it
+    dripped (http stopped at deadline_s)."""
+    from training.intake import guard
+
+    policy = guard.Policy(allow_networks=("127.0.0.1/32",), deadline_s=2.0)
+    body, _ = guard.fetch_bytes(f"{tls_server}/good/0.png", 10, policy)  # the cert is trusted
+    assert body == GOOD["/good/0.png"]
+    outcome: list[object] = []
+
+    def fetch() -> None:
+        t0 = time.monotonic()
+        try:
+            guard.fetch_bytes(f"{tls_server}/drip", 10, policy)
+            outcome.append("kept")
+        except Exception as exc:  # noqa: BLE001 - the test reads the reason
+            outcome.append(guard.reason(exc))
+        outcome.append(time.monotonic() - t0)
+
+    worker = threading.Thread(target=fetch, daemon=True)  # left behind if the guard fails
+    worker.start()
+    worker.join(policy.deadline_s + 1.5)
+    assert not worker.is_alive(), "a dripping https server outlived deadline_s"
+    assert outcome[0] == "total deadline exceeded", outcome
+    assert policy.deadline_s - 0.1 <= outcome[1] <= policy.deadline_s + 1.0, outcome

@@ -95,6 +95,14 @@ def refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, policy: Policy) -
 
 # ---- the deadline watchdog: one thread per process, shuts sockets of expired fetches ----
 class _Fetch:
+    """One download's deadline and the connections it opened.
+
+    It keeps a *duplicate* of each socket: ``shutdown`` acts on the connection, not the
+    file descriptor, so shutting the duplicate stops any read on the original. The
+    original itself would not do: for https, ``wrap_socket`` detaches it (its fd
+    becomes -1, ``shutdown`` fails) and the TLS socket takes over the connection, so a
+    dripping https server held a worker past ``deadline_s`` for as long as it liked."""
+
     def __init__(self, deadline_s: float):
         self.expires = time.monotonic() + deadline_s
         self.expired = False
@@ -106,7 +114,7 @@ class _Fetch:
             if self.expired:
                 sock.close()
                 raise Refused("total deadline exceeded")
-            self.socks.append(sock)
+            self.socks.append(sock.dup())
 
     def expire(self) -> None:
         with self.lock:
@@ -114,6 +122,13 @@ class _Fetch:
             for s in self.socks:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Close the duplicates (the connections close with their last descriptor)."""
+        with self.lock:
+            for s in self.socks:
+                s.close()
+            self.socks.clear()
 
 
 _active: set[_Fetch] = set()
@@ -288,6 +303,7 @@ def fetch_bytes(
     finally:
         with _active_lock:
             _active.discard(fetch)
+        fetch.close()
         _local.fetch = None
 
 
