@@ -87,11 +87,18 @@ def _chunks(path: Path, fmt: str, cols: list[str]) -> Iterator[dict[str, list]]:
         for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=cols):
             yield batch.to_pydict()
     elif fmt in ("csv", "tsv"):
+        import csv
+
         import pandas as pd
 
+        # A TSV (CC3M style, IANA text/tab-separated-values) has no quoting: one row per
+        # line, fields verbatim. Read with CSV quoting, a caption starting with `"` lost
+        # its quotes, and an unbalanced one swallowed the lines after it into one caption
+        # (rows silently gone). A CSV keeps its real quoting.
         reader = pd.read_csv(
             path,
             sep="," if fmt == "csv" else "\t",
+            quoting=csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE,
             dtype=str,
             keep_default_na=False,
             chunksize=CHUNK_ROWS,
