@@ -218,6 +218,10 @@ def test_cosine_lr_warms_up_then_decays():
     lrs = [E.cosine_lr(s, 1.0, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[50] < lrs[20] and lrs[-1] == pytest.approx(0.1, abs=0.01)
+    # a run shorter than its warm-up (a 60-step fine-tune under warmup_steps 100): warmed
+    # up over half of it, then decayed to the floor (was: ended at 0.6 of the peak)
+    short = [E.cosine_lr(s, 1.0, 100, 60) for s in range(60)]
+    assert short[29] == pytest.approx(1.0) and short[-1] == pytest.approx(0.1, abs=0.01)
 
 
 def test_device_follows_kiln_device_and_cpu_runs_full_precision(monkeypatch):

@@ -107,10 +107,14 @@ def test_a_registered_version_is_installed_measured_and_not_registered_again(tra
         ("train_vae", "{v1}/clip", "not a AutoencoderKL folder"),
         ("train_vae", "{v1}/no-such-dir", "is not a directory"),
         ("train_vae", "{other_profile}", "the VAE downsamples 8x, the tiny profile's 4x"),
+        # an SD3-style VAE: was installed, and the DiT's pipeline decoded every sample
+        # shifted by it while training had never subtracted it
+        ("train_vae", "{shifted}", "the VAE has shift_factor 0.3; Kiln trains its"),
         ("train_clip", "{v1}/vae", "not a clip folder"),
     ],
-    ids=["no-version", "no-model", "wrong-kind", "no-dir", "other-profile", "clip-wrong-kind"],
-)
+    ids=["no-version", "no-model", "wrong-kind", "no-dir", "other-profile", "shifted",
+         "clip-wrong-kind"],
+)  # fmt: skip
 def test_what_cannot_be_reused_stops_the_stage_before_anything_is_written(
     trained, tmp_path, stage, ref, says
 ):
@@ -121,7 +125,11 @@ def test_what_cannot_be_reused_stops_the_stage_before_anything_is_written(
     cfg = json.loads((other / "config.json").read_text())
     cfg["block_out_channels"] = [*cfg["block_out_channels"], cfg["block_out_channels"][-1]]
     (other / "config.json").write_text(json.dumps(cfg))
-    ref = ref.format(v1=v1, other_profile=other)
+    shifted = tmp_path / "vae-shift"  # tiny's VAE, with a latent shift in its config
+    shutil.copytree(v1 / "vae", shifted)
+    cfg = json.loads((shifted / "config.json").read_text())
+    (shifted / "config.json").write_text(json.dumps({**cfg, "shift_factor": 0.3}))
+    ref = ref.format(v1=v1, other_profile=other, shifted=shifted)
     config.set_values(project / "params.yaml", {f"{stage}.reuse": ref})
     out = "vae" if stage == "train_vae" else "clip"
     try:

@@ -64,7 +64,11 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int, floor: float = 0.1) -> float:
-    """Linear warm-up then cosine decay to ``floor * base_lr`` (computed, not stored)."""
+    """Linear warm-up then cosine decay to ``floor * base_lr`` (computed, not stored).
+    The warm-up takes at most half the run: a run shorter than its ``warmup_steps`` (a
+    short fine-tune, ``finetune_steps`` 60 under the default 100) otherwise ended at
+    its highest rate, never decayed."""
+    warmup = min(warmup, total // 2)
     if step < warmup:
         return base_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

@@ -103,6 +103,12 @@ def check(stage: str, ref: str, directory: Path, params: Params) -> None:
     if cfg.get(key) != value:
         raise ReuseError(f"{ref}: config.json says {key} {cfg.get(key)!r}, not {value!r}")
     if stage == "train_vae":
+        if cfg.get("shift_factor"):  # SD3-style VAEs: latents are (z - shift) * scale
+            raise ReuseError(
+                f"{ref}: the VAE has shift_factor {cfg['shift_factor']}; Kiln trains its "
+                "denoisers on scaled latents without a shift (the DiT's pipeline would "
+                "decode every sample shifted): reuse a VAE without one"
+            )
         down = 2 ** (len(cfg["block_out_channels"]) - 1)
         want = 2 ** (len(params.train_vae.block_out_channels) - 1)
         if down != want:
