@@ -3,11 +3,16 @@ JSON, and images whose bit depth OpenCV would keep."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pyarrow.parquet as pq
+from PIL import Image
 
 from training.intake import sources
+from training.intake.download import normalize
 
 
 def _read(path: Path, tmp_path: Path) -> list[dict]:
@@ -45,3 +50,44 @@ def test_a_csv_keeps_its_quoting(tmp_path: Path):
     )
     rows = _read(tmp_path / "l.csv", tmp_path)
     assert [r["caption"] for r in rows] == ['"The Scream", by Munch', "two\nlines"]
+
+
+def _resized_border(data: bytes) -> bytes:
+    """``data`` as img2dataset stores it: ``border`` mode pads to a square with white."""
+    from img2dataset.resizer import ResizeMode, Resizer
+
+    out, *_ = Resizer(
+        image_size=32,
+        resize_mode=ResizeMode.border,
+        resize_only_if_bigger=False,
+        encode_format="png",
+        encode_quality=1,
+    )(io.BytesIO(normalize(data, 10**8)))
+    return out
+
+
+def test_a_16_bit_rgb_png_is_stored_as_8_bit():
+    """Was: Pillow calls a 16-bit RGB PNG "RGB", so it passed through as it came; OpenCV
+    decoded it as uint16, img2dataset's white border (255) came out near-black and the
+    shard held a 16-bit PNG."""
+    a = np.zeros((40, 80, 3), np.uint16)  # BGR: pure red, wide, so border mode pads it
+    a[..., 2] = 65535
+    a[:, :8, 1] = 0x8000  # the left edge orange: scaled to 8 bits, not clipped
+    data = cv2.imencode(".png", a)[1].tobytes()
+    assert Image.open(io.BytesIO(data)).mode == "RGB"  # what let it through
+    stored = normalize(data, 10**8)
+    assert cv2.imdecode(np.frombuffer(stored, np.uint8), cv2.IMREAD_UNCHANGED).dtype == np.uint8
+    img = Image.open(io.BytesIO(stored))
+    assert img.getpixel((40, 20)) == (255, 0, 0) and img.getpixel((2, 20)) == (255, 128, 0)
+    padded = _resized_border(data)
+    assert cv2.imdecode(np.frombuffer(padded, np.uint8), cv2.IMREAD_UNCHANGED).dtype == np.uint8
+    square = Image.open(io.BytesIO(padded)).convert("RGB")
+    assert square.getpixel((16, 0)) == (255, 255, 255)  # the padding: white, not black
+    assert square.getpixel((16, 16)) == (255, 0, 0)
+
+
+def test_an_8_bit_rgb_png_still_passes_untouched():
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20), (10, 200, 30)).save(buf, format="PNG")
+    data = buf.getvalue()
+    assert normalize(data, 10**8) is data

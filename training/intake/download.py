@@ -58,6 +58,7 @@ def normalize(
     if (
         img.format in _PASS_FORMATS
         and img.mode in ("RGB", "L")
+        and not _png_16bit(data)
         and orientation == 1
         and frames == 1
         and "transparency" not in img.info
@@ -70,6 +71,14 @@ def normalize(
     out = io.BytesIO()
     img.save(out, format="PNG", compress_level=1)
     return out.getvalue()
+
+
+def _png_16bit(data: bytes) -> bool:
+    """A PNG of 16 bits per channel (IHDR bit depth, byte 24). Pillow reads 16-bit RGB as
+    mode "RGB", 8 bits; OpenCV keeps uint16, and img2dataset's ``border`` padding (255)
+    is then near-black and its shards hold 16-bit PNGs. 16-bit grey and RGBA never pass
+    (modes "I;16", "RGBA"), so this is only asked of the "RGB" and "L" that would."""
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[24:25] == b"\x10"
 
 
 def _to_rgb8(img, background: tuple[int, int, int]):
