@@ -91,3 +91,47 @@ def test_an_8_bit_rgb_png_still_passes_untouched():
     Image.new("RGB", (40, 20), (10, 200, 30)).save(buf, format="PNG")
     data = buf.getvalue()
     assert normalize(data, 10**8) is data
+
+
+BOM = "\ufeff".encode()
+
+
+def test_a_byte_order_mark_starts_no_list(tmp_path: Path):
+    """Was: a JSONL list starting with a BOM was refused whole ("Unexpected UTF-8 BOM")."""
+    lists = {
+        "l.jsonl": '{"url": "http://a.example/0.jpg", "caption": "a red cat"}\n',
+        "l.csv": "url,caption\nhttp://a.example/0.jpg,a red cat\n",
+        "l.tsv": "url\tcaption\nhttp://a.example/0.jpg\ta red cat\n",
+    }
+    for name, text in lists.items():
+        (tmp_path / name).write_bytes(BOM + text.encode())
+        assert _read(tmp_path / name, tmp_path) == [
+            {"url": "http://a.example/0.jpg", "caption": "a red cat"}
+        ], name
+
+
+def test_a_byte_order_mark_starts_no_sidecar_caption(tmp_path: Path):
+    """Was: a sidecar caption kept it as its first character, passed every check and
+    was trained into the text encoder."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "a.txt").write_bytes(BOM + b"a red cat\r\n")
+    assert sources.folder_rows(folder) == [{"path": "a.png", "caption": "a red cat"}]
+
+
+def test_a_lone_surrogate_in_json_is_one_rejected_caption(tmp_path: Path):
+    """Was: ``"\\ud800"`` (a JS string cut mid-emoji) made the parquet writer raise, and
+    the whole list was refused naming no row. It has no UTF-8 form, like undecodable
+    bytes, so it becomes U+FFFD: that row is rejected by the gate (``caption_utf8``),
+    the others are read as they are (an escaped pair stays one emoji)."""
+    from training.intake.checks import CAPTION_REPLACEMENT
+
+    (tmp_path / "l.jsonl").write_text(
+        '{"url": "http://a.example/0.jpg", "caption": "ok \\ud83d\\ude00"}\n'
+        '{"url": "http://a.example/1.jpg", "caption": "cut \\ud83d"}\n'
+        '{"url": "http://a.example/2.jpg", "caption": "fine"}\n'
+    )
+    rows = _read(tmp_path / "l.jsonl", tmp_path)
+    assert [r["caption"] for r in rows] == ["ok \U0001f600", "cut \ufffd", "fine"]
+    assert CAPTION_REPLACEMENT in rows[1]["caption"]  # what the gate's caption_utf8 reads

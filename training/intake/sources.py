@@ -115,8 +115,8 @@ def _chunks(path: Path, fmt: str, cols: list[str]) -> Iterator[dict[str, list]]:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line.decode("utf-8", errors="replace"))
+                try:  # -sig: a byte-order mark (Windows editors write one) is no text
+                    obj = json.loads(line.decode("utf-8-sig", errors="replace"))
                 except json.JSONDecodeError as exc:
                     raise SourceError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
                 if not isinstance(obj, dict):
@@ -128,10 +128,21 @@ def _chunks(path: Path, fmt: str, cols: list[str]) -> Iterator[dict[str, list]]:
                     checked = True
                 rows.append(obj)
                 if len(rows) >= CHUNK_ROWS:
-                    yield {c: [r.get(c) for r in rows] for c in cols}
+                    yield {c: [_utf8(r.get(c)) for r in rows] for c in cols}
                     rows = []
         if rows:
-            yield {c: [r.get(c) for r in rows] for c in cols}
+            yield {c: [_utf8(r.get(c)) for r in rows] for c in cols}
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _utf8(value):
+    """A JSON string may spell a lone surrogate (``"\\ud800"``, a JS string cut mid-emoji):
+    text with no UTF-8 form, which the parquet writer refused, taking the whole list with
+    it. Like bytes that are not UTF-8 elsewhere, it becomes U+FFFD, so the gate rejects
+    that one row (``caption_utf8``) and says why. (Pairs were joined by ``json.loads``.)"""
+    return _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
 
 
 def _need(path: Path, cols: list[str], names: list[str]) -> None:
@@ -191,7 +202,10 @@ def folder_rows(folder: Path) -> list[dict]:
         if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
             continue
         side = p.with_suffix(".txt")
-        caption = side.read_bytes().decode("utf-8", errors="replace") if side.is_file() else ""
+        # -sig: a byte-order mark would stay in the caption, pass every check and be
+        # trained into the text encoder
+        raw = side.read_bytes() if side.is_file() else b""
+        caption = raw.decode("utf-8-sig", errors="replace")
         rows.append({"path": p.relative_to(folder).as_posix(), "caption": caption.strip()})
     if not rows:
         raise SourceError(
