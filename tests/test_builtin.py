@@ -92,19 +92,14 @@ def test_shapes_oracle_does_not_credit_blank_or_wrong_images():
 def test_every_runs_grader_is_the_same_whatever_its_seed():
     """Were: the shapes oracle's classifier was fit with the run's `seed`, so on the same
     blurred, noisy renders seeds 0, 1, 2 read shape accuracy 0.955 / 0.963 / 0.942, the
-    size of the U-Net's own seed spread that RESULTS.md compares."""
-    from PIL import ImageFilter
-
+    size of the U-Net's own seed spread that RESULTS.md compares. Ambiguous object
+    masks (random blobs), where differently fit classifiers disagree, read the same."""
     from training import config
 
     rng = np.random.default_rng(3)
-    renders = []
-    for s in B.shapes(120, 32, 5, True):
-        blurred = np.asarray(s.image.filter(ImageFilter.GaussianBlur(1.2)), dtype=np.float32)
-        noisy = np.clip(blurred + rng.normal(0, 25, blurred.shape), 0, 255).astype(np.uint8)
-        renders.append(Image.fromarray(noisy))
+    blobs = np.stack([O._crop_features(rng.random((10, 10)) < 0.6) for _ in range(300)])
     reads = [
-        [O.grader(config.resolve({"seed": seed})).read(img) for img in renders]
+        O.grader(config.resolve({"seed": seed}))._shape_clf.predict(blobs).tolist()
         for seed in (0, 1, 2)
     ]
     assert reads[0] == reads[1] == reads[2]
