@@ -193,12 +193,12 @@ def same_spaces(ref: str, directory: Path, ours: dict[str, str]) -> None:
     VAE is a new latent space and a new CLIP a new text space with the same shapes: a
     U-Net warm-started across either would fine-tune weights that predict for a space
     this run does not have, and pass every shape check. A U-Net saved without the file
-    (before Kiln wrote it) is not checked."""
+    (before Kiln wrote it), or a space this run cannot name, is not checked."""
     saved = directory / TRAINED_ON
     if not saved.is_file():
         return
     theirs = json.loads(saved.read_text())
-    differ = [k for k in ("vae", "clip") if theirs.get(k) and ours.get(k) != theirs[k]]
+    differ = [k for k in ("vae", "clip") if theirs.get(k) and ours.get(k, theirs[k]) != theirs[k]]
     if differ:
         shown = ", ".join(f"{k.upper()} {theirs[k]} there, {ours.get(k)} here" for k in differ)
         raise ReuseError(

@@ -234,7 +234,8 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
     start: dict = {}
     from training.phases.reuse import TRAINED_ON, builds_on, warm_start
 
-    spaces = {k: manifest[k]["fingerprint"] for k in ("vae", "clip")}  # what made the latents
+    # what made the latents (a manifest without fingerprints, as benchmarks make: none)
+    spaces = {k: fp for k in ("vae", "clip") if (fp := manifest.get(k, {}).get("fingerprint"))}
 
     ref = builds_on("train_unet", params)
     if ref:  # continue from a registered U-Net (checked before any step) ...
