@@ -237,6 +237,19 @@ def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "kiln")
 
 
+@pytest.fixture(scope="module")
+def control_png(tmp_path_factory) -> Path:
+    """A 32 px control picture: a white square on black (its Canny edges, a square)."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("control") / "square.png"
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = 255
+    Image.fromarray(img).save(path)
+    return path
+
+
 # ---- real servers on loopback ---------------------------------------------------------
 def free_port() -> int:
     """A free loopback port (for servers the tests start)."""

@@ -84,15 +84,6 @@ def test_rest_rows_without_a_control_scale_get_the_recorded_one(controlnet):
     assert parse_controls(frame, [(32, 32)] * 2, older)[0][1] == 1.0
 
 
-@pytest.fixture(scope="module")
-def control_png(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("control") / "square.png"
-    img = np.zeros((32, 32, 3), np.uint8)
-    img[8:24, 8:24] = 255
-    Image.fromarray(img).save(path)
-    return path
-
-
 def test_generate_draws_at_the_controlnets_recorded_scale(
     tiny, controlnet, control_png, tmp_path, monkeypatch
 ):

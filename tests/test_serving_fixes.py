@@ -222,15 +222,6 @@ def test_export_refuses_a_controlnet_trained_on_another_unet(exported, tiny, tmp
     assert not out.exists()
 
 
-@pytest.fixture(scope="module")
-def control_png(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("control") / "square.png"
-    img = np.zeros((32, 32, 3), np.uint8)
-    img[8:24, 8:24] = 255
-    Image.fromarray(img).save(path)
-    return path
-
-
 def _generate(*args: str):
     return CliRunner().invoke(app, ["generate", *args], catch_exceptions=False)
 
