@@ -10,7 +10,8 @@ workers, and for remote shards)
 - refuses loopback, private, link-local (169.254.169.254 included), multicast, reserved
   and unspecified addresses unless a CIDR in ``allow_networks`` covers them — checked at
   connect time on the *resolved* address, so DNS tricks do not help, and again on every
-  redirect hop (at most ``max_redirects``);
+  redirect hop (at most ``max_redirects``); IPv6 forms of an IPv4 address (mapped, 6to4,
+  NAT64) are judged by the IPv4 address they reach;
 - enforces a total deadline per download (a watchdog shuts the socket) and a byte cap.
 
 Every refusal is a categorical message (no URL or address inside), recorded as
@@ -72,10 +73,34 @@ def parse_networks(cidrs: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def embedded_ipv4(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IPv4 address an IPv6 address stands for (mapped, 6to4, NAT64), else ``ip``."""
+    if ip.version == 4:
+        return ip
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip.sixtofour:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip
+
+
 def refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, policy: Policy) -> str | None:
-    """Why ``ip`` may not be contacted under ``policy``, or None if it may."""
-    if getattr(ip, "ipv4_mapped", None):
-        ip = ip.ipv4_mapped
+    """Why ``ip`` may not be contacted under ``policy``, or None if it may.
+
+    IPv6 forms that carry an IPv4 address to be reached are judged by that address:
+    IPv4-mapped (``::ffff:a.b.c.d``), 6to4 (``2002:AABB:CCDD::``, which a host with a 6to4
+    relay sends towards the embedded address; Python calls it global whatever it embeds)
+    and NAT64's well-known prefix (``64:ff9b::a.b.c.d``, which an IPv6-only network's
+    gateway forwards to a.b.c.d; Python files it under reserved, which refused public
+    images on such networks)."""
+    ip = embedded_ipv4(ip)
     if any(ip in net for net in policy.networks if net.version == ip.version):
         return None
     for attr, what in (
@@ -213,9 +238,13 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     """Each hop's scheme is checked here (urllib itself would follow ftp:); each hop's
-    address is checked by the guarded connection it opens."""
+    address is checked by the guarded connection it opens. urllib counts hops only from
+    the second on (the first request carries no redirect record), so ``max_redirects: 0``
+    would follow one: refused here."""
 
     def http_error_302(self, req, fp, code, msg, headers):
+        if self.max_redirections == 0:
+            raise Refused("refused: redirect (ingest.max_redirects is 0)")
         target = headers.get("location") or headers.get("uri") or ""
         if urlsplit(urljoin(req.full_url, target)).scheme.lower() not in ALLOWED_SCHEMES:
             raise Refused("refused: redirect to a non-http(s) scheme")
