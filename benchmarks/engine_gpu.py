@@ -46,7 +46,7 @@ from tests.loaderkit import latents_dir  # noqa: E402
 from training import config  # noqa: E402
 from training import engine as E  # noqa: E402
 from training.backbones import TextDims  # noqa: E402
-from training.engine.loaders.stream import loader_threads  # noqa: E402
+from training.env import loader_threads  # noqa: E402
 from training.phases import clip, unet, vae  # noqa: E402
 
 LOADERS = ("memory", "stream")

@@ -38,6 +38,15 @@ def test_a_refused_source_leaves_params_yaml_as_it_was(project: Path):
     assert (project / "params.yaml").read_bytes() == before
 
 
+@pytest.mark.parametrize("name, value", [("KILN_LOADER_THREADS", "0"), ("KILN_THREADS", "two")])
+def test_a_bad_thread_setting_stops_the_run_before_any_work(project: Path, name, value):
+    """Were: KILN_LOADER_THREADS=0 silently meant 1, and a bad KILN_THREADS stopped
+    ``kiln run`` at its first training stage, after ingest and validate had run."""
+    proc = kiln(project, "run", check=False, env={name: value})
+    _assert_one_line_error(proc, f"{name} must be a whole number >= 1")
+    assert not (project / "data" / "raw").exists()
+
+
 def test_missing_stage_input(project: Path):
     proc = kiln(project, "train-unet", check=False)
     _assert_one_line_error(proc, "missing stage input data/latents")

@@ -127,3 +127,14 @@ def test_stage_processes_apply_the_plan_once_and_say_it(monkeypatch, capsys):
         torch.set_num_threads(before)
     err = capsys.readouterr().err
     assert err.count("[kiln] torch threads: 1 (") == 1, err
+
+
+def test_loader_threads_are_a_count_the_user_set_or_up_to_four():
+    assert env.loader_threads({"KILN_LOADER_THREADS": "3"}) == 3
+    assert 1 <= env.loader_threads({}) <= 4
+    for bad in ("0", "-2", "two", "1.5"):
+        with pytest.raises(ValueError, match="KILN_LOADER_THREADS"):
+            env.loader_threads({"KILN_LOADER_THREADS": bad})
+    assert env.setting_problems({"KILN_LOADER_THREADS": "0", "KILN_THREADS": "4"}) == [
+        "KILN_LOADER_THREADS must be a whole number >= 1, got '0'"
+    ]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib.metadata as md
 import sys
 
+from training import env
+
 
 def _version_tuple(version: str) -> tuple[int, ...]:
     parts: list[int] = []
@@ -30,7 +32,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 def problems() -> list[str]:
     """Return a human-readable list of environment problems (empty when healthy)."""
-    found: list[str] = []
+    found: list[str] = list(env.setting_problems())
     try:
         md.distribution("dataclasses")
     except md.PackageNotFoundError:

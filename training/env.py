@@ -161,16 +161,44 @@ def thread_plan(
         cpus = max(1, min(cpus, int(quota) // int(period or 100000)))
     procs = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
     if env.get("KILN_THREADS"):
-        try:
-            n = int(env["KILN_THREADS"])
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(
-                f"KILN_THREADS must be a whole number >= 1, got {env['KILN_THREADS']!r}"
-            )
-        return ThreadPlan(n, cpus, procs, "KILN_THREADS")
+        return ThreadPlan(_count(env, "KILN_THREADS"), cpus, procs, "KILN_THREADS")
     omp = env.get("OMP_NUM_THREADS", "")
     if omp and env.get(USER_OMP, omp) == omp:  # the user's, not torchrun's default
         return ThreadPlan(None, cpus, procs, f"OMP_NUM_THREADS={omp}")
     return ThreadPlan(max(1, cpus // procs), cpus, procs)
+
+
+LOADER_THREADS = "KILN_LOADER_THREADS"
+
+
+def _count(env: Mapping[str, str], name: str) -> int:
+    """A thread count the user set: a whole number >= 1, else ValueError naming it (0
+    used to mean 1 for the loader, silently)."""
+    raw = env[name].strip()
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {env[name]!r}")
+    return int(raw)
+
+
+def loader_threads(environ: Mapping[str, str] | None = None) -> int:
+    """Decode threads per process (``KILN_LOADER_THREADS``, default up to 4; results never
+    depend on it)."""
+    env = os.environ if environ is None else environ
+    if env.get(LOADER_THREADS, "").strip():
+        return _count(env, LOADER_THREADS)
+    return min(4, os.cpu_count() or 1)
+
+
+def setting_problems(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Kiln's own environment settings that a stage would refuse, found before any work
+    (a bad ``KILN_THREADS`` used to stop ``kiln run`` at its first training stage, after
+    ingest and validate)."""
+    env = os.environ if environ is None else environ
+    found = []
+    for name in ("KILN_THREADS", LOADER_THREADS):
+        if env.get(name, "").strip():
+            try:
+                _count(env, name)
+            except ValueError as exc:
+                found.append(str(exc))
+    return found

@@ -24,7 +24,6 @@ disk, or a split that is mostly unreadable.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +39,7 @@ from training.engine.batches import count_served
 from training.engine.distributed import is_main, rank, world_size
 from training.engine.loaders.readers import ShardUnreachable, open_shard, retrying
 from training.engine.loaders.unreadable import Unreadable, UnreadableBuckets
+from training.env import loader_threads
 from training.errors import UserError
 from training.intake.store import CorruptShard, Store, is_remote
 
@@ -49,12 +49,6 @@ Collate = Callable[[list], dict[str, Any]]
 # (i, k) -> the k-th stand-in for the i-th sample's id; raises Unreadable once k has
 # passed every other sample of the sample's bucket
 Walk = Callable[[int, int], int]
-THREADS_ENV = "KILN_LOADER_THREADS"
-
-
-def loader_threads() -> int:
-    """Decode threads per process (``KILN_LOADER_THREADS``; results never depend on it)."""
-    return max(1, int(os.environ.get(THREADS_ENV) or min(4, os.cpu_count() or 1)))
 
 
 class Split:
