@@ -262,6 +262,22 @@ def test_a_16_bit_control_picture_keeps_its_edges():
     assert np.array_equal(np.asarray(as_i), edges(rgb, 100, 200))
 
 
+def test_a_float_control_picture_keeps_its_edges_or_is_refused_with_its_range():
+    """Was: a float picture (mode F, the 0..1 convention) was convert("RGB")-ed as is:
+    all black, no edge found, and the answer was silently the base model's."""
+    eight = _square().max(axis=2)
+    rgb = np.repeat(eight[..., None], 3, axis=2)
+    for values in (eight / 255.0, eight.astype(np.float64)):  # 0..1 and 0..255
+        img = load_control(
+            Image.fromarray(values.astype(np.float32), "F"), (32, 32), False, 100, 200
+        )[0]
+        assert np.array_equal(np.asarray(img), edges(rgb, 100, 200))
+    top = float(eight.max())
+    for bad, said in ((eight * 4.0, f"values 0..{4 * top:g};"), (eight - 10.0, "values -10..")):
+        with pytest.raises(ControlImageError, match=said):
+            load_control(Image.fromarray(bad.astype(np.float32), "F"), (32, 32), False, 100, 200)
+
+
 def _lines_map(side: int) -> np.ndarray:
     """An edge map of 1-px white lines on black, 0/255 as Canny draws them."""
     m = np.zeros((side, side, 3), np.uint8)

@@ -89,7 +89,26 @@ def open_control(source: str | Path | bytes | Image.Image, name: str | None = No
         # base model's. 0..65535 is scaled to 0..255 instead (65535 / 257 = 255).
         grey = np.asarray(img, dtype=np.float64) / 257.0
         img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":  # 32-bit float grey (TIFF, depth and edge maps saved by numpy)
+        img = Image.fromarray(_float_to_grey(np.asarray(img, dtype=np.float64), name), "L")
     return img.convert("RGB")
+
+
+def _float_to_grey(values: np.ndarray, name: str) -> np.ndarray:
+    """A float picture in 0..255: Pillow's convert("RGB") clips it as it is, so the
+    float convention's 0..1 came out all black but for the exact 1.0s (no edge, the base
+    model's answer). 0..1 is scaled by 255, 0..255 kept; any other range is refused
+    rather than guessed at (a depth map in metres has no one right grey)."""
+    if not np.isfinite(values).all():
+        raise ControlImageError(f"{name}: a float picture with NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 255:
+        raise ControlImageError(
+            f"{name}: a float picture with values {low:g}..{high:g}; save it in 0..1 or "
+            "0..255 (or as an 8- or 16-bit picture)"
+        )
+    scaled = values * 255.0 if high <= 1.0 else values
+    return np.rint(scaled).astype(np.uint8)
 
 
 def load_control(
