@@ -5,6 +5,10 @@ members and stats with the time. Before publishing, every shard is rewritten in 
 order with fixed tar metadata, its parquet sorted by key and its stats stripped of
 timings; the loopback URLs of served sources (``http://127.0.0.1:<random port>/path``)
 are recorded as ``kiln://<dataset>/path``.
+
+It also holds the stable names a source row is known by (its row id, its train/val
+side): a URL without its signature (``unsigned_url``) and a shard by one spelling of
+its path (``shard_spelling``).
 """
 
 from __future__ import annotations
@@ -13,10 +17,96 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 # img2dataset's per-shard stats that change from run to run of the same data
 _VOLATILE_STATS = ("duration", "start_time", "end_time")
+
+
+# Signed-URL schemes: (the names whose presence says a query is signed this way, the
+# names then dropped). Each set changes every time the URL is signed and none of them
+# names a different object. Lower case: names match case-insensitively.
+_SIGNING: tuple[tuple[frozenset[str], frozenset[str]], ...] = tuple(
+    (frozenset(need.split()), frozenset(drop.split()))
+    for need, drop in (
+        # AWS S3 Signature Version 4 (query-string auth)
+        (
+            "x-amz-signature",
+            "x-amz-algorithm x-amz-credential x-amz-date x-amz-expires "
+            "x-amz-signedheaders x-amz-signature x-amz-security-token",
+        ),
+        # AWS S3 Signature Version 2
+        ("awsaccesskeyid signature", "awsaccesskeyid signature expires x-amz-security-token"),
+        # Google Cloud Storage V4, and V2
+        (
+            "x-goog-signature",
+            "x-goog-algorithm x-goog-credential x-goog-date x-goog-expires "
+            "x-goog-signedheaders x-goog-signature",
+        ),
+        ("googleaccessid signature", "googleaccessid signature expires"),
+        # CloudFront signed URLs (canned and custom policy)
+        ("key-pair-id signature", "policy key-pair-id signature expires"),
+        # Azure shared access signatures: service, account and user delegation SAS
+        (
+            "sv sig",
+            "sv ss srt sp se st sip spr si sr sdd ses sig skoid sktid skt ske sks skv "
+            "saoid suoid scid",
+        ),
+    )
+)
+
+
+def unsigned_url(url: str) -> str:
+    """``url`` without the query parameters that sign it (presigned S3, GCS, CloudFront
+    and Azure SAS URLs), for what names a row: its id and its train/val key. A presigned
+    URL changes every time it is signed; keyed on the whole URL, the same picture was
+    fetched again on every ingest and drawn into train or val again.
+
+    Only well-known signing sets are dropped, and a set only when its signature itself
+    is in the query (``X-Amz-Signature``; ``sv`` and ``sig`` for a SAS): ``?id=17``
+    can name another picture, and short names like ``st`` or ``sp`` are a signature's
+    only beside one. A parameter outside these sets stays, even one that looks
+    volatile: dropping it could merge two pictures into one row. Names match
+    case-insensitively. A URL with nothing to drop is returned unchanged, character
+    for character, so every existing row id and split key stays as it was."""
+    rest, hash_, fragment = url.partition("#")
+    base, question, query = rest.partition("?")
+    if not query:
+        return url
+    pieces = query.split("&")
+    names = [unquote_plus(p.partition("=")[0]).lower() for p in pieces]
+    present = set(names)
+    drop: set[str] = set()
+    for need, names_of_set in _SIGNING:
+        if need <= present:
+            drop |= names_of_set
+    if not drop & present:
+        return url
+    kept = "&".join(p for p, n in zip(pieces, names, strict=True) if n not in drop)
+    return base + (question + kept if kept else "") + hash_ + fragment
+
+
+def shard_spelling(shard: str) -> str:
+    """One spelling per shard, for what names its samples (the folder it unpacks into,
+    and with it their row ids and train/val keys). A URL loses its signature
+    (``unsigned_url``). A path is normalised (``./a.tar``, ``wds//a.tar``) and, when
+    absolute and under the working directory (the repository root, where DVC runs
+    stages), made relative to it: ``data/wds/a.tar``, ``./data/wds/a.tar`` and
+    ``/repo/data/wds/a.tar`` are one shard, in any checkout.
+
+    Normalised relative paths and absolute paths outside the working directory, the
+    usual spellings, are kept as they are, so existing samples keep their ids and their
+    side of the split; the price is that ``../x/a.tar`` and its absolute spelling stay
+    two names. Lexical, not ``realpath``: a shard reached through a symlinked folder
+    keeps the name it had."""
+    if "://" in shard:
+        return unsigned_url(shard)
+    path = os.path.normpath(shard)
+    if os.path.isabs(path):
+        inside = os.path.relpath(path, os.getcwd())
+        if inside != os.pardir and not inside.startswith(os.pardir + os.sep):
+            return inside
+    return path
 
 
 def stable_url(dataset: str) -> Callable[[str], str] | None:

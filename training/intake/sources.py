@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+from training.intake.canonical import shard_spelling
+
 FORMATS = {
     ".parquet": "parquet",
     ".csv": "csv",
@@ -259,7 +261,10 @@ def shard_folder(shard: str) -> str:
     A sample's row id, and with it its train/val side, include this folder: a
     positional name moved every later shard's samples when a shard that sorts earlier
     arrived, so they were fetched again and their split drawn again (val images of the
-    last week in training, and the other way round)."""
+    last week in training, and the other way round). The path or URL is taken in one
+    spelling (``canonical.shard_spelling``): ``./a.tar`` or a re-signed URL is the same
+    shard, whose samples are neither fetched again nor split again."""
+    shard = shard_spelling(shard)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", shard.rstrip("/").rsplit("/", 1)[-1])[:40]
     return f"{stem}-{hashlib.sha1(shard.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
 

@@ -8,14 +8,19 @@ from __future__ import annotations
 import hashlib
 from urllib.parse import urlsplit
 
+from training.intake.canonical import unsigned_url
+
 
 def split_key(url: str, key: str) -> str:
     """What the train/val split hashes: the URL's path and query, without scheme and
     host, so a mirror, or the random loopback port the built-in sets are served from,
-    does not reshuffle the split between runs; the sample key when there is no URL."""
+    does not reshuffle the split between runs; the sample key when there is no URL.
+    The query loses a presigned URL's signature (``canonical.unsigned_url``), which
+    changes every time the URL is signed; any other URL hashes as it always did, so
+    no sample already split changes side."""
     if not url:
         return key
-    parts = urlsplit(url)
+    parts = urlsplit(unsigned_url(url))
     return parts.path + (f"?{parts.query}" if parts.query else "")
 
 

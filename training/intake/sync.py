@@ -3,8 +3,8 @@
 ``data/raw`` is the base (a DVC ``persist`` output, so DVC leaves it in place). Every
 fetched sample carries a ``row_id``, the identity of its source row:
 
-* a URL list's row: its URL and caption (a web server's bytes cannot be known before
-  fetching them);
+* a URL list's row: its URL (less a presigned URL's signature) and caption (a web
+  server's bytes cannot be known before fetching them);
 * a served row (a folder, unpacked shards, a built-in set): its path, caption and the
   sha256 of the file, so an image replaced under the same name is fetched again.
 
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.config import Params, fingerprint
+from training.intake.canonical import unsigned_url
 
 # the ingest params a fetched sample's bytes (or its admission) depend on
 FETCH_KEYS = (
@@ -66,7 +67,10 @@ def _id_bytes(text: str) -> bytes:
 
 
 def url_row_id(url: str, caption: str) -> str:
-    return hashlib.sha1(_id_bytes(f"url\0{url}\0{caption}")).hexdigest()[:24]
+    """A URL list row's id: its URL without a presigned URL's signature
+    (``canonical.unsigned_url``: re-signed, the same row is not fetched again), and its
+    caption. An unsigned URL's id is what it always was."""
+    return hashlib.sha1(_id_bytes(f"url\0{unsigned_url(url)}\0{caption}")).hexdigest()[:24]
 
 
 def file_row_id(path: str, caption: str, file: Path) -> str:
