@@ -188,6 +188,13 @@ def test_a_re_signed_url_list_is_not_fetched_again_nor_split_again(tmp_path: Pat
     assert not any(CountingImages.hits[_signed(i, 2)] for i in range(n))  # nothing fetched
     assert split_now == first_split and len(split_now) == n
     assert "val" in split_now.values() and "train" in split_now.values()
+    # what ingest records (pushed to a DVC remote, read into reports) carries no
+    # signature or credential: were recorded as fetched, X-Amz-Credential included
+    recorded = [u for p in raw.rglob("*.parquet") for u in pd.read_parquet(p)["url"]]
+    recorded += [r.meta["url"] for r in shards.read(sorted(raw.rglob("*.tar")))]
+    assert len(recorded) >= 2 * n and all(u.startswith(base) for u in recorded)
+    assert not [u for u in recorded if "x-amz-" in u.lower()]
+    assert {u.partition("?")[2] for u in recorded} == {f"id={i}" for i in range(n)}
 
 
 def test_a_shard_spelled_another_way_is_not_fetched_again_nor_split_again(

@@ -109,14 +109,17 @@ def shard_spelling(shard: str) -> str:
     return path
 
 
-def stable_url(dataset: str) -> Callable[[str], str] | None:
+def stable_url(dataset: str) -> Callable[[str], str]:
     """How a recorded URL is rewritten: sources Kiln serves itself (built-in sets,
     folders, unpacked shards) are fetched from ``http://127.0.0.1:<random port>``, so
     their URLs become ``kiln://<dataset>/<path>``. The path, which is what the train/val
     split hashes (``validate.split_key``), is kept as it was. A URL list's own URLs are
-    kept (None)."""
+    kept but for their signatures (``unsigned_url``): a presigned URL carries its
+    credential (``X-Amz-Credential``, a session token) into data/raw, the rejects table
+    and the DVC remote they are pushed to, and it expires anyway; every name a row goes
+    by is the unsigned one."""
     if dataset == "url-list":
-        return None
+        return unsigned_url
 
     def fix(url: str) -> str:
         if not url:
