@@ -54,17 +54,56 @@ HASH_BITS = 192
 # A flat or nearly flat picture hashes to (almost) all zeros, so any two of them would
 # look "near" each other; below this many set bits only exact duplicates count.
 MIN_HASH_BITS = 12
+# How much brighter (0-255 levels) a thumbnail cell must be than its neighbour to set a
+# bit. Without it a flat field (white paper, a flat red) sits on a tie that JPEG's noise
+# and chroma subsampling or a resampler's ringing break either way at random: a PNG and
+# a JPEG copy (quality 75-90) of red-on-white clip art hashed 13-27 bits apart, and more
+# once rescaled. 8 levels is above that noise after the thumbnail's averaging; a real
+# edge is tens of levels.
+DEAD_BAND = 8.0
+# A large picture is first box-reduced (by a whole factor) to a smallest side of 64-127
+# px: thumbnail cells still average 7+ pixels, so copies hash alike, and its four
+# thumbnails then cost what a small picture's do (a 1024 px image hashes faster than with
+# the old single thumbnail).
+_HASH_FROM_PX = 64
+# BT.601 luma and the two colour differences (JPEG's YCbCr without the 128 offsets, which
+# cancel in a difference). JPEG keeps luma almost exactly and blurs and quantises the
+# colour differences; hashing those apart keeps the colour noise out of the luma bits.
+_YCC = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 
 
 def dhash(img) -> int:
-    """Colour-aware difference hash: per RGB channel, is each pixel of a 9x8 thumbnail
-    brighter than its right neighbour (192 bits). Rescaled and re-encoded copies of one
-    picture land within a few bits of each other."""
+    """Colour-aware difference hash, 192 bits: is each cell of a small thumbnail more
+    than ``DEAD_BAND`` brighter than its left (upper) neighbour, for luma across a 9x8
+    and down an 8x9 thumbnail (64 + 64 bits), and for each colour difference (Cb, Cr)
+    across a 5x4 and down a 4x5 one (2 x (16 + 16) bits, coarse as JPEG keeps colour).
+    Rescaled and re-encoded copies of one picture (PNG or JPEG at ordinary qualities,
+    chroma subsampled or not) land within a few bits of each other, saturated clip art
+    on white too; a ramp gentler than the band over a cell sets no bits, so a very
+    low-contrast picture counts as flat (``MIN_HASH_BITS``: exact duplicates only).
+
+    Changed in the colour-clip-art fix (was: per RGB channel, any brighter cell set its
+    bit, and a channel flat across an edge hid the colour: a blue and a purple circle
+    were 1 bit apart): re-validating a collection may reject a few copies the old hash
+    let through, and keeps some colour variants (skin tones) it used to drop. Hashes are never
+    stored: validate hashes every raw sample again on each run, and DVC re-runs it when
+    this file changes, so no hash of the old kind is ever compared with a new one."""
     import numpy as np
     from PIL import Image
 
-    a = np.asarray(img.convert("RGB").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
-    bits = (a[:, 1:, :] > a[:, :-1, :]).transpose(2, 0, 1).ravel()
+    rgb = img.convert("RGB")
+    if min(rgb.size) >= 2 * _HASH_FROM_PX:  # a box reduce first: 4 thumbnails of it are cheap
+        rgb = rgb.reduce(min(rgb.size) // _HASH_FROM_PX)
+    ycc = np.array(_YCC, dtype=np.float32).T
+
+    def thumb(w: int, h: int):  # (h, w, [Y, Cb, Cr]); resizing is linear, so resize first
+        return np.asarray(rgb.resize((w, h), Image.Resampling.BILINEAR), np.float32) @ ycc
+
+    wide, tall, cwide, ctall = thumb(9, 8), thumb(8, 9), thumb(5, 4), thumb(4, 5)
+    rises = [np.diff(wide[..., 0], axis=1), np.diff(tall[..., 0], axis=0)]
+    for c in (1, 2):
+        rises += [np.diff(cwide[..., c], axis=1), np.diff(ctall[..., c], axis=0)]
+    bits = np.concatenate([r.ravel() > DEAD_BAND for r in rises])
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
