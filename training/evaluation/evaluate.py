@@ -133,7 +133,7 @@ def run(
     if ruler is not None:  # a string: the report and metrics JSON show it, MLflow does not
         metrics["ruler"] = ruler[1]
     metrics.update(score_all(samples))
-    champion = champion_scores(samples, requests, c.batch_size)
+    champion = champion_scores(samples, requests, c.batch_size, pipe_dir)
     metrics.update(champion.pop("metrics", {}))
     from training.evaluation import figures as X
 
@@ -276,7 +276,7 @@ def run(
 SAMPLE_METRICS = ("oracle_accuracy", "clip_score", "distribution", "memorisation")
 
 
-def champion_scores(samples, requests: list, batch_size: int) -> dict:
+def champion_scores(samples, requests: list, batch_size: int, pipe_dir: Path | None = None) -> dict:
     """The registered ``@champion`` pipeline sampled and scored exactly as this run's
     was: the same requests (prompts, seeds, steps), this run's sampler, the same metric
     code, scoring CLIP and reference images; each pipeline at the guidance it is served
@@ -284,15 +284,31 @@ def champion_scores(samples, requests: list, batch_size: int) -> dict:
     two numbers measured side by side, not this run's against one recorded under other
     prompts, another sampler or older code (``tracking/gate.py``, ``promote``).
     ``{"metrics": {"champion_version": N, "champion.<metric>": value, ...}, "images":
-    [...]}``, or ``{}`` when there is no champion yet."""
+    [...]}``, or ``{}`` when there is no champion yet.
+
+    When the gate already judged these weights (``pipe_dir``'s) and a stop kept their
+    registration from finishing (``tracking/resume.py``), the re-run does not judge them
+    again; it re-scores the champion they were judged against, whom the card compares
+    them with, not the current ``@champion``: that may be this very version."""
     import dataclasses
 
     from training.evaluation.metrics import METRICS
     from training.inference import defaults, sampling
     from training.stages import PIPELINE_MODEL
-    from training.tracking import components
+    from training.tracking import components, resume
 
     version = components.champion(PIPELINE_MODEL)
+    pending = judged = None
+    if pipe_dir is not None:
+        pending = resume.unfinished(PIPELINE_MODEL, resume.weights_fingerprint(pipe_dir))
+        judged = resume.recorded_decision(pending) if pending is not None else None
+    if pending is not None and judged is not None:
+        version = judged.get("gate_champion_version")
+        E.say(
+            f"evaluate: these weights are {PIPELINE_MODEL} v{pending.version}, judged "
+            f"@{judged['gate_decision']} against {f'v{version}' if version else 'no champion'} "
+            "before a stop: re-scoring that one, as its card compares them"
+        )
     if version is None:
         return {}
     c = samples.params.evaluate

@@ -6,7 +6,9 @@
   process died;
 * ``lineage``: git commit and DVC hashes as tags;
 * ``registry``: each phase's model as a registered version, the promotion gate, and
-  re-registering what DVC restored from its cache;
+  re-registering what DVC restored from its cache (``signatures``: a component's MLmodel);
+* ``resume``: finishing a ``kiln-text2image`` registration a stop interrupted, instead
+  of registering the same weights again;
 * ``components``: fetching a registered component to reuse, crowning a champion's;
 * ``versions``: the text-to-image versions as people see them (``kiln generate``'s
   model argument, the playground's list, promotion by hand).

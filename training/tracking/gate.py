@@ -64,13 +64,23 @@ def promote(
     code, each version at the guidance it is served at, ``evaluation/evaluate.py``) when
     it re-scored this very champion; else the
     number recorded when the champion was registered (``gate_champion_source`` says
-    which: a recorded number may have been measured under other prompts or code)."""
+    which: a recorded number may have been measured under other prompts or code).
+
+    A version is judged once. The decision is tagged before any alias moves, and a
+    version that carries one (a re-run finishing a registration a stop interrupted,
+    ``tracking/resume.py``) is not judged again: what the decision left undone is done
+    (``_complete``) and the recorded decision returned."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from training.tracking.resume import recorded_decision
     from training.tracking.store import NOT_FOUND
 
     client = MlflowClient()
+    recorded = recorded_decision(client.get_model_version(name, version))
+    if recorded is not None:
+        _complete(name, str(version), recorded)
+        return recorded
     skipped = metrics.get(f"{metric}_skipped")
     if not skipped and not isinstance(metrics.get(metric), int | float):
         raise ValueError(
@@ -127,9 +137,6 @@ def promote(
     else:
         promoted = new < old - min_delta if lower else new > old + min_delta
     alias = "champion" if promoted else "challenger"
-    client.set_registered_model_alias(name, alias, version)
-    if promoted:
-        crown_components(name, version)
     decision = {
         "gate_metric": metric,
         "gate_value": new,
@@ -145,13 +152,59 @@ def promote(
         decision["gate_skipped"] = skipped
     if incomparable:
         decision["gate_incomparable"] = incomparable
-    for k, v in decision.items():
+    # gate_decision last: a version with it has its whole decision recorded
+    for k, v in sorted(decision.items(), key=lambda kv: kv[0] == "gate_decision"):
         client.set_model_version_tag(name, version, k, str(v))
+    client.set_registered_model_alias(name, alias, version)
+    if promoted:
+        crown_components(name, version)
     return decision
+
+
+def _alias(name: str, alias: str) -> str | None:
+    """The version ``name@alias`` points at, None when there is none."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from training.tracking.store import NOT_FOUND
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code not in NOT_FOUND:
+            raise ConnectionError(f"could not read {name}@{alias}: {str(exc)[:300]}") from None
+        return None
+
+
+def _complete(name: str, version: str, decision: dict) -> None:
+    """Do what a stop may have left undone after the gate recorded ``decision`` on
+    ``version``, and nothing that would undo what happened since: a winner takes
+    ``@champion`` only from the version it beat (or where there was none), then crowns
+    its components; a loser takes ``@challenger`` unless a newer version holds it. A
+    loser is never crowned."""
+    from mlflow import MlflowClient
+
+    from training.console import say
+
+    client = MlflowClient()
+    alias = decision["gate_decision"]
+    now = _alias(name, alias)
+    if alias == "champion":
+        if now not in (version, decision.get("gate_champion_version")):
+            say(f"{name}@champion is v{now} since v{version} won the gate: left there")
+            return
+        if now != version:
+            client.set_registered_model_alias(name, "champion", version)
+        crown_components(name, version)
+    elif now is None or int(now) < int(version):
+        client.set_registered_model_alias(name, alias, version)
+    say(f"{name} v{version} keeps the gate's recorded decision: @{alias}")
 
 
 def describe_gate(name: str, version: str, gate: dict) -> str:
     """One line for the console: the new version's score against the champion's."""
+    if gate.get("gate_source") == "hand":  # versions.promote_by_hand
+        return f"{name} v{version} was promoted by hand ({gate.get('gate_reason')}) -> @champion"
     if gate.get("gate_skipped"):
         return (
             f"{name} v{version}: {gate['gate_metric']} was not measured "
@@ -275,7 +328,10 @@ def model_card(name: str, version: str, metrics: dict, gate: dict, params: dict,
 
 def publish_card(tr, name: str, version: str, card: str, images: list) -> None:
     """The card as the version's description (MLflow keeps 5,000 characters) and as an
-    artifact, ``model_card/README.md``, with the sample grids it shows beside it."""
+    artifact, ``model_card/README.md``, with the sample grids it shows beside it, in
+    this stage run. The card is the registration's last step: the version is then
+    tagged with the run (``resume.FINISHED_TAG``), and once that run has ended a re-run
+    of evaluate no longer finishes this version but registers its own."""
     import tempfile
     from pathlib import Path
 
@@ -287,4 +343,8 @@ def publish_card(tr, name: str, version: str, card: str, images: list) -> None:
     for image in images:
         if Path(image).is_file():
             tr.mlflow.log_artifact(str(image), artifact_path="model_card")
-    MlflowClient().update_model_version(name, version, description=card[:5000])
+    from training.tracking.resume import FINISHED_TAG
+
+    client = MlflowClient()
+    client.update_model_version(name, version, description=card[:5000])
+    client.set_model_version_tag(name, version, FINISHED_TAG, tr.run_id)

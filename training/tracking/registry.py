@@ -17,79 +17,16 @@ from training.paths import METRICS, SHIPPED_CONTROLNET
 from training.stages import MODEL_NAMES, STAGES
 from training.tracking.gate import COMPONENT_TAG, promote
 from training.tracking.lineage import dvc_lineage, flatten, git_commit, locked_md5
+from training.tracking.resume import (
+    FINISHED_TAG,
+    WEIGHTS_TAG,
+    resume_registration,
+    unfinished,
+    weights_fingerprint,
+)
 from training.tracking.runs import StageRun, process_tags
+from training.tracking.signatures import RULER_MODEL, component_model  # noqa: F401 (ruler.py)
 from training.tracking.store import EXPERIMENT, setup
-
-RULER_MODEL = "kiln-ruler"  # evaluation/ruler.py: the fixed CLIP for FD and CMMD
-
-
-def component_model(name: str, directory: Path):
-    """The ``MLmodel`` of a registered component folder: its tensor signature, read from
-    the folder's own config, and how to load it. Batch and sequence dims are -1; images
-    are float32 in [-1, 1], NCHW. The folders are diffusers/transformers checkpoints,
-    not MLflow flavours, so the MLmodel names the loader instead of a flavour."""
-    import numpy as np
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    cfg = json.loads((Path(directory) / "config.json").read_text())
-    f32, i64 = np.dtype("float32"), np.dtype("int64")
-    if name == MODEL_NAMES["train_vae"]:
-        size = cfg["sample_size"]
-        lat = size // 2 ** (len(cfg["block_out_channels"]) - 1)
-        inputs = [TensorSpec(f32, (-1, cfg["in_channels"], size, size), "images")]
-        outputs = [TensorSpec(f32, (-1, cfg["latent_channels"], lat, lat), "latent_mean")]
-        loader = "diffusers.AutoencoderKL.from_pretrained"
-    elif name in (MODEL_NAMES["train_clip"], RULER_MODEL):  # the ruler is a CLIP too
-        size, text = cfg["vision_config"]["image_size"], cfg["text_config"]["hidden_size"]
-        inputs = [
-            TensorSpec(i64, (-1, -1), "input_ids"),
-            TensorSpec(f32, (-1, 3, size, size), "pixel_values"),
-        ]
-        outputs = [
-            TensorSpec(f32, (-1, -1, text), "text_hidden_states"),
-            TensorSpec(f32, (-1, cfg["projection_dim"]), "text_embeds"),
-            TensorSpec(f32, (-1, cfg["projection_dim"]), "image_embeds"),
-        ]
-        loader = "transformers.CLIPModel.from_pretrained (+ CLIPTokenizer)"
-    elif name == MODEL_NAMES["train_unet"] and cfg["_class_name"] == "SD3Transformer2DModel":
-        size, ch = cfg["sample_size"], cfg["in_channels"]
-        inputs = [  # the DiT: timesteps are t x 1000 of a rectified flow, floats
-            TensorSpec(f32, (-1, ch, size, size), "hidden_states"),
-            TensorSpec(f32, (-1,), "timestep"),
-            TensorSpec(f32, (-1, -1, cfg["joint_attention_dim"]), "encoder_hidden_states"),
-            TensorSpec(f32, (-1, cfg["pooled_projection_dim"]), "pooled_projections"),
-        ]
-        outputs = [TensorSpec(f32, (-1, cfg["out_channels"], size, size), "prediction")]
-        loader = "diffusers.SD3Transformer2DModel.from_pretrained"
-    elif name == MODEL_NAMES["train_unet"]:
-        size, ch = cfg["sample_size"], cfg["in_channels"]
-        inputs = [
-            TensorSpec(f32, (-1, ch, size, size), "sample"),
-            TensorSpec(i64, (-1,), "timestep"),
-            TensorSpec(f32, (-1, -1, cfg["cross_attention_dim"]), "encoder_hidden_states"),
-        ]
-        outputs = [TensorSpec(f32, (-1, cfg["out_channels"], size, size), "prediction")]
-        loader = "diffusers.UNet2DConditionModel.from_pretrained"
-    elif name == MODEL_NAMES["train_controlnet"]:
-        ch, text = cfg["in_channels"], cfg["cross_attention_dim"]
-        inputs = [  # the control image: RGB in [0, 1] at the sample's pixel size
-            TensorSpec(f32, (-1, ch, -1, -1), "sample"),
-            TensorSpec(i64, (-1,), "timestep"),
-            TensorSpec(f32, (-1, -1, text), "encoder_hidden_states"),
-            TensorSpec(f32, (-1, cfg["conditioning_channels"], -1, -1), "controlnet_cond"),
-        ]
-        outputs = [  # one residual per U-Net down block output, and the middle block's
-            TensorSpec(f32, (-1, -1, -1, -1), "down_block_res_samples"),
-            TensorSpec(f32, (-1, cfg["block_out_channels"][-1], -1, -1), "mid_block_res_sample"),
-        ]
-        loader = "diffusers.ControlNetModel.from_pretrained"
-    else:
-        raise ValueError(f"no component signature for {name!r}")
-    return Model(
-        signature=ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs)),
-        metadata={"load_with": loader, "weights": "safetensors"},
-    )
 
 
 def register_dir(
@@ -169,7 +106,10 @@ def register_text2image(
     """Log the assembled pipeline as a code-defined pyfunc and register it, with the
     ControlNet shipped beside it (``controlnet/``, ``inference/control.py``) if any,
     tagged with the ``components`` ({model: version} in this registry) it was built
-    from: a promotion crowns those (``gate.crown_components``)."""
+    from: a promotion crowns those (``gate.crown_components``). The version is created
+    with all its tags at once, the weights' fingerprint among them; an earlier version
+    of these weights whose registration a stop interrupted is taken over instead of
+    registered again (``tracking/resume.py``)."""
     import tempfile
 
     from mlflow.models import ModelSignature
@@ -202,36 +142,33 @@ def register_text2image(
             [ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image")]
         ),
     )
+    tags = {k: str(v) for k, v in flatten({"metric": metrics}).items()}
+    tags.update({k: v for k, v in tr.run.data.tags.items() if k.startswith(("dvc.", "git"))})
+    tags.update({f"{COMPONENT_TAG}{model}": str(v) for model, v in (components or {}).items()})
+    tags[WEIGHTS_TAG] = weights_fingerprint(pipeline_dir)
+    pending = unfinished(name, tags[WEIGHTS_TAG])
+    if pending is not None:
+        return resume_registration(tr, name, pending, tags)
     artifacts = {"pipeline": str(pipeline_dir)}
     shipped = pipeline_dir.parent / SHIPPED_CONTROLNET
     if (shipped / "config.json").is_file():
         artifacts["controlnet"] = str(shipped)
     with tempfile.TemporaryDirectory() as tmp:
         code = serving_code(Path(tmp))
-        info = tr.mlflow.pyfunc.log_model(
+        tr.mlflow.pyfunc.log_model(
             name="text2image",
             python_model=str(code / "inference" / "text2image_model.py"),
             artifacts=artifacts,
             code_paths=[str(code)],
             signature=signature,
             pip_requirements=_requirements(),
-            registered_model_name=name,
             metadata={
                 "kiln_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}
             },
         )
-    from mlflow import MlflowClient
-
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    for k, v in flatten({"metric": metrics}).items():
-        client.set_model_version_tag(name, version, k, str(v))
-    for k, v in tr.run.data.tags.items():
-        if k.startswith(("dvc.", "git")):
-            client.set_model_version_tag(name, version, k, v)
-    for model, v in (components or {}).items():
-        client.set_model_version_tag(name, version, f"{COMPONENT_TAG}{model}", str(v))
-    return version
+    # as log_model(registered_model_name=...) would, but tagged when it is created
+    mv = tr.mlflow.register_model(f"runs:/{tr.run_id}/text2image", name, tags=tags)
+    return str(mv.version)
 
 
 def _requirements() -> list[str]:
@@ -304,8 +241,8 @@ def ensure_registered(
         f"and tags.`kiln.stage` = '{stage}'",
     )
     ran = {r.info.run_id for r in runs}
-    for v in versions:  # this pipeline's stage run registered it
-        if v.run_id in ran:
+    for v in versions:  # this pipeline's stage run registered it, or finished it
+        if v.run_id in ran or v.tags.get(FINISHED_TAG) in ran:
             client.set_model_version_tag(name, str(v.version), tag, md5)
             return str(v.version)
     for v in sorted(versions, key=lambda v: -int(v.version)):
@@ -372,6 +309,8 @@ def _register_restored(
             # gate: it wins where there is no champion yet, as when it was measured
             if metric in metrics or f"{metric}_skipped" in metrics:
                 promote(name, version, metrics, metric, min_delta)
+        # finished as far as a restore goes (it writes no card): not one to resume
+        MlflowClient().set_model_version_tag(name, version, FINISHED_TAG, run.info.run_id)
     return version
 
 
