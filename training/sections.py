@@ -113,9 +113,9 @@ class ValidateCfg(Section):
     #   image+caption: that, and the same caption too (curated sets: variants of one
     #     drawing with their own captions are kept);
     #   off: no near-duplicate check (exact copies of the picture still go).
-    # Near: colour-aware 8x8 difference hashes (192 bits) within near_duplicate_bits.
-    # The built-in sets skip the near check: their jittered renders are near-duplicates
-    # by design (2,342 of 4,000 shapes would go).
+    # Near: difference hashes of brightness and colour (192 bits, checks.dhash) within
+    # near_duplicate_bits. The built-in sets skip the near check: their jittered renders
+    # are near-duplicates by design (about 2,700 of 4,000 shapes would go).
     near_duplicates: Literal["image", "image+caption", "off"] = "image"
     near_duplicate_bits: int = Field(6, ge=0, le=64)
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
