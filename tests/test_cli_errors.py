@@ -107,3 +107,21 @@ def test_generate_checks_scheduler_model_path_and_prompt_before_loading(project,
         kiln(project, "generate", "  ", "--out", str(out), check=False), "a prompt is empty"
     )
     assert not out.exists()
+
+
+def test_a_switched_off_stage_writes_the_same_output_whatever_its_params(project: Path):
+    """Was: train_controlnet, switched off, kept the whole config in its DVC out, so any
+    edit of its params changed the out's hash and evaluate ran again on unchanged weights,
+    registering a duplicate version."""
+    from training import config
+
+    for name in ("clean", "models/vae", "models/clip", "models/unet"):
+        (project / "data" / name).mkdir(parents=True)
+        (project / "data" / name / "x").write_text("")
+    out = project / "data" / "models" / "controlnet"
+    seen = []
+    for steps in (7, 9):
+        config.set_values(project / "params.yaml", {"train_controlnet.steps": steps})
+        kiln(project, "train-controlnet")
+        seen.append({p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert seen[0] == seen[1] and "skipped.json" in seen[0], seen

@@ -86,6 +86,12 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
         with tracking.stage_run(stage, params.to_dict(), resolved) as tr:
             with disk_full_errors(f"{stage} output", outs[0]):
                 metrics = body(params, tr)
+            if metrics.get("skipped"):
+                # a stage switched off (train_controlnet) made nothing from this config:
+                # kept in its DVC out, every edit of its params changed the out's hash
+                # and re-ran evaluate on unchanged weights (a duplicate version); the
+                # config stays on the MLflow run
+                resolved.unlink(missing_ok=True)
             metrics["stage_seconds"] = time.perf_counter() - t0
             tr.log_metrics(metrics)
             if register is not None:
