@@ -1,6 +1,8 @@
 #!/bin/sh
 # Refuses to start Kiln's stack with a secret that is unset, still infra/env.example's
-# placeholder (anything containing `change-me`), or shorter than 12 characters.
+# placeholder (anything containing `change-me`, in any letter case), or shorter than 12
+# characters. A user:password string (PREFECT_AUTH_STRING) is measured by its password:
+# a long user name made "administrator:1234567" pass.
 # compose runs it as the one-shot `secrets-check` service; every other service waits
 # for it to succeed. Usage: refuse-example-secrets.sh VAR [VAR...]  (variable names)
 status=0
@@ -13,22 +15,21 @@ for name in "$@"; do
       ;;
   esac
   eval "value=\${$name-}"
-  case "$value" in
-    "")
-      echo "kiln: refusing to start: $name is not set (set it in infra/.env)" >&2
-      status=1
-      ;;
-    *change-me*)
-      echo "kiln: refusing to start: $name is still the example value (change-me...) from infra/env.example; set a real secret in infra/.env" >&2
-      status=1
-      ;;
-    *)
-      if [ "${#value}" -lt 12 ]; then
-        echo "kiln: refusing to start: $name is shorter than 12 characters" >&2
-        status=1
-      fi
-      ;;
+  case "$name" in
+    *AUTH_STRING) secret="${value#*:}" what="the password in $name" ;;
+    *) secret="$value" what="$name" ;;
   esac
+  lowered=$(printf '%s' "$value" | tr '[:upper:]' '[:lower:]')
+  if [ -z "$value" ]; then
+    echo "kiln: refusing to start: $name is not set (set it in infra/.env)" >&2
+    status=1
+  elif case "$lowered" in *change-me*) true ;; *) false ;; esac; then
+    echo "kiln: refusing to start: $name is still the example value (change-me...) from infra/env.example; set a real secret in infra/.env" >&2
+    status=1
+  elif [ "${#secret}" -lt 12 ]; then
+    echo "kiln: refusing to start: $what is shorter than 12 characters" >&2
+    status=1
+  fi
 done
 if [ "$status" -eq 0 ]; then
   echo "kiln: secrets checked: $*"

@@ -248,6 +248,14 @@ def test_compose_secrets_have_no_defaults_and_example_values_are_refused(tmp_pat
     assert unset.returncode == 1 and "MLFLOW_SECRET_KEY is not set" in unset.stderr
     short = check_with(GOOD | {"POSTGRES_PASSWORD": "hunter2"})
     assert short.returncode == 1 and "POSTGRES_PASSWORD is shorter than 12" in short.stderr
+    # were accepted: a short password behind a long user name, the placeholder in capitals
+    weak = check_with(GOOD | {"PREFECT_AUTH_STRING": "administrator:1234567"})
+    assert weak.returncode == 1, weak.stdout
+    assert "the password in PREFECT_AUTH_STRING is shorter than 12" in weak.stderr
+    shouted = check_with(GOOD | {"MLFLOW_SECRET_KEY": "Change-Me-Please-Now"})
+    assert shouted.returncode == 1 and "MLFLOW_SECRET_KEY is still the example" in shouted.stderr
+    strong = check_with(GOOD | {"PREFECT_AUTH_STRING": "kiln:a-long-enough-password"})
+    assert strong.returncode == 0, strong.stderr
 
 
 def test_mlflow_auth_db_is_on_a_persisted_volume():
