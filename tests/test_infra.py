@@ -316,3 +316,16 @@ def test_deployments_schedule_and_runtime_checkout():
     assert spec["pull"][0]["prefect.deployments.steps.run_shell_script"]["script"] == (
         "printenv KILN_HOME"
     )
+
+
+def test_workers_keep_what_runs_build_on_across_container_restarts():
+    """Was: each worker's data/, DVC cache and run state lived in the container's layer,
+    so a `compose down` or rebuild lost the raw rows ingest adds to and the latents it
+    reuses: the next scheduled run fetched and encoded everything again."""
+    compose = _compose()
+    for worker in ("worker-cpu", "worker-gpu"):
+        mounts = dict(v.rsplit(":", 1)[::-1] for v in compose["services"][worker]["volumes"])
+        for path in ("/opt/kiln/data", "/opt/kiln/.dvc/cache", "/opt/kiln/.kiln"):
+            assert mounts.get(path) in compose["volumes"], (worker, path)
+    cpu, gpu = (set(compose["services"][w]["volumes"]) for w in ("worker-cpu", "worker-gpu"))
+    assert not cpu & gpu  # two checkouts: never one data/ written by both
