@@ -9,6 +9,12 @@ minutes in. ``preflight`` fails first, in seconds: the registry answers, and the
 champion's three components exist and fit this profile, the U-Net tensor for tensor
 (built on the ``meta`` device, so nothing is allocated).
 
+And that the champion was trained on this collection (``same_collection``): a continuing
+run on another dataset would reuse a VAE and a CLIP (its tokenizer) made for other
+pictures and captions, fine-tune a U-Net that knows other prompts, and the gate would
+re-score that champion on prompts it never saw, so the new model would take
+``@champion`` from a model of another collection. A collection that grew is the same one.
+
 Only the flow and ``kiln run`` import this module, so its imports are no stage's DVC
 deps.
 """
@@ -16,8 +22,11 @@ deps.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
-from training.config import Params
+from training.config import BUILTIN_DATASETS, Params
+from training.console import say
 from training.phases.reuse import (
     UNET_WEIGHTS,
     ReuseError,
@@ -35,15 +44,18 @@ STAGES = ("train_vae", "train_clip", "train_unet")
 def preflight(params: Params) -> dict[str, str] | None:
     """``{stage: "name/version"}`` of what a continuing run will build on, or None when
     it trains from scratch (``mode: scratch``, or no champion yet). Raises
-    ``ReuseError`` for a champion that does not fit, ``ConnectionError`` for a
+    ``ReuseError`` for a champion that does not fit or was trained on another
+    collection (``same_collection``), ``ConnectionError`` for a
     registry that cannot be reached."""
     if params.mode != "continue":
         return None
     from training.stages import PIPELINE_MODEL
     from training.tracking import components
 
-    if components.champion(PIPELINE_MODEL) is None:
+    champion = components.champion(PIPELINE_MODEL)
+    if champion is None:
         return None  # each stage will say so too, and train from scratch
+    same_collection(params, champion)
     refs = {s: builds_on(s, params) for s in STAGES}
     if not all(refs.values()):  # a champion crowned before its components were
         missing = ", ".join(f"{s}" for s, r in refs.items() if not r)
@@ -56,6 +68,59 @@ def preflight(params: Params) -> dict[str, str] | None:
             check(stage, ref, dirs[stage], params)  # type: ignore[arg-type]
     _unet_fits(refs["train_unet"], dirs, params)  # type: ignore[arg-type]
     return versions
+
+
+def same_collection(params: Params, version: str) -> None:
+    """Raise ``ReuseError`` unless ``PIPELINE_MODEL`` version ``version`` (the champion)
+    was trained on this run's collection: the same dataset kind and, for user data
+    (folder, url-list, shards), the same source.
+
+    Not the data's hash or row counts: continuous training exists so that rows arrive
+    week after week, and a folder, list or shard set that grew must still continue.
+    A shard range (``part-{0000..0099}.tar``) may grow its bounds; a local path is
+    compared resolved (``data/pets`` and ``./data/pets/`` are one folder).
+
+    A champion that records no collection (registered before its tags and config were
+    logged: ``tracking/lineage.py``, ``recorded_data``) is built on with a warning, as
+    before: refusing it would stop every scheduled run of an existing registry.
+    To build on a champion of another collection on purpose, name its models with
+    ``mode: scratch`` (``train_vae.reuse``, ``train_clip.reuse``, ``train_unet.init_from``)."""
+    from training.stages import PIPELINE_MODEL
+    from training.tracking.lineage import recorded_data
+
+    ours = (params.ingest.dataset, params.ingest.source)
+    recorded = recorded_data(PIPELINE_MODEL, version)
+    if recorded is None:
+        say(
+            f"mode continue: {PIPELINE_MODEL} v{version} (@champion) records no dataset; "
+            f"building on it for {_collection(*ours)} unchecked"
+        )
+        return
+    theirs = (str(recorded["dataset"]), recorded.get("source"))
+    same = theirs[0] == ours[0] and (
+        ours[0] in BUILTIN_DATASETS or _source_key(theirs[1]) == _source_key(ours[1])
+    )
+    if not same:
+        raise ReuseError(
+            f"the champion ({PIPELINE_MODEL} v{version}) was trained on "
+            f"{_collection(*theirs)}, this run is on {_collection(*ours)}: run --mode "
+            "scratch (mode: scratch) for a new collection"
+        )
+
+
+def _collection(dataset: str, source: str | None) -> str:
+    if dataset in BUILTIN_DATASETS or not source:
+        return f"dataset {dataset}"
+    return f"dataset {dataset} from source {source}"
+
+
+def _source_key(source: str | None) -> str:
+    """What identifies a source while it grows: shard ranges' bounds left out, a local
+    path resolved, a URL without its trailing slash."""
+    key = re.sub(r"\{\d+\.\.\d+\}", "{..}", (source or "").strip())
+    if not key or "://" in key:
+        return key.rstrip("/")
+    return str(Path(key).expanduser().resolve())
 
 
 def _unet_fits(ref: str, dirs: dict, params: Params) -> None:

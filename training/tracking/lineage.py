@@ -1,7 +1,9 @@
-"""Lineage: the git commit and the DVC hashes that say what a run consumed and made."""
+"""Lineage: the git commit and the DVC hashes that say what a run consumed and made, and
+the collection (dataset kind, source) a registered version was trained on."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,51 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# The collection a run trains on, as run and version tags. ``kiln.data`` (a hash of the
+# clean split) changes with every row a collection gains; these stay while it grows, so
+# a continuing run can tell a grown collection from another one (phases/continuing.py).
+DATA_TAGS = ("kiln.dataset", "kiln.source")
+
+
+def data_tags(params_dict: dict[str, Any]) -> dict[str, str]:
+    """``kiln.dataset`` (shapes, digits, folder, url-list, shards) and, where one is set,
+    ``kiln.source`` (the folder, list or shard spec as params.yaml spells it)."""
+    ingest = params_dict.get("ingest", {})
+    tags = {"kiln.dataset": str(ingest.get("dataset"))}
+    if ingest.get("source"):
+        tags["kiln.source"] = str(ingest["source"])
+    return tags
+
+
+def recorded_data(name: str, version: str) -> dict[str, str | None] | None:
+    """``{"dataset": ..., "source": ...}`` a registered version was trained on: its
+    ``kiln.dataset``/``kiln.source`` tags; for a version registered before those tags
+    existed, the ``ingest`` section of the config its run logged (``runs.stage_run``:
+    ``config/resolved_params.json``); None when neither is there."""
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    mv = MlflowClient().get_model_version(name, version)
+    if mv.tags.get("kiln.dataset"):
+        return {"dataset": mv.tags["kiln.dataset"], "source": mv.tags.get("kiln.source")}
+    if not mv.run_id:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = download_artifacts(
+                run_id=mv.run_id, artifact_path="config/resolved_params.json", dst_path=tmp
+            )
+            ingest = json.loads(Path(path).read_text())["ingest"]
+        except (MlflowException, OSError, ValueError, KeyError, TypeError):
+            return None
+    if not isinstance(ingest, dict) or not ingest.get("dataset"):
+        return None
+    return {"dataset": ingest["dataset"], "source": ingest.get("source")}
+
+
 def tag_stage_outputs(parent_run_id: str, stage: str, root: Path | None = None) -> None:
     """After DVC locked a stage, tag its run (if it ran) with the hashes of its outputs."""
     import yaml
@@ -92,13 +139,13 @@ def locked_md5(stage: str, out: str, root: Path) -> str | None:
 def tag_lineage(tr, name: str, version: str, metrics: dict, root: Path) -> dict[str, str]:
     """Tag a newly registered version and its run with what it was trained on: the data
     fingerprint (``kiln.data``: data/clean's locked hash), the rows the last ingestion
-    added and removed, and for a model started from another (``init_version``) that
+    added and removed, the collection (``kiln.dataset``, ``kiln.source``: the run's tags,
+    ``runs.stage_run``), and for a model started from another (``init_version``) that
     parent and the data the parent was trained on (``kiln.parent_data``)."""
-    import json
-
     from mlflow import MlflowClient
 
     tags = {"kiln.data": locked_md5("validate", "data/clean", root) or "unknown"}
+    tags.update({k: v for k, v in tr.run.data.tags.items() if k in DATA_TAGS})
     ingest = root / "data" / "metrics" / "ingest.json"
     counts = json.loads(ingest.read_text()) if ingest.is_file() else {}
     for k in ("rows_new", "rows_kept", "rows_removed"):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from training.tracking.lineage import dvc_lineage, flatten, git_commit
+from training.tracking.lineage import data_tags, dvc_lineage, flatten, git_commit
 from training.tracking.store import EXPERIMENT, PARENT_ENV, setup
 
 
@@ -38,6 +38,25 @@ class StageRun:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.mlflow.set_tags(tags)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params a phase settles as it runs (train_unet's fine-tuning steps and rate),
+        under their own names: MLflow never lets a logged param change."""
+        self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+
+def run_params(params_dict: dict[str, Any]) -> dict[str, Any]:
+    """What every Kiln run records beside its own section: the profile, the seed, and
+    what it trains on and from (``mode``: scratch or continuing from the champion; the
+    dataset kind and its source), so runs of two collections or modes are told apart."""
+    ingest = params_dict.get("ingest", {})
+    return {
+        "profile": params_dict["profile"],
+        "seed": params_dict["seed"],
+        "mode": params_dict.get("mode", "scratch"),
+        "dataset": ingest.get("dataset"),
+        "source": ingest.get("source"),
+    }
 
 
 def process_tags() -> dict[str, str]:
@@ -116,17 +135,15 @@ def stage_run(
         "git.commit": git_commit(root),
         **process_tags(),
         **dvc_lineage(stage, root),
+        **data_tags(params_dict),  # copied onto the version it registers (tag_lineage)
     }
     if parent:
         tags["kiln.pipeline_run_id"] = parent
     start = mlflow.start_run(run_name=stage, nested=bool(parent), parent_run_id=parent, tags=tags)
     with start as run, _killed_on_interrupt(mlflow):
         section = params_dict.get(stage, {})
-        flat = {
-            "profile": params_dict["profile"],
-            "seed": params_dict["seed"],
-            **flatten(section if isinstance(section, dict) else {}),
-        }
+        # ingest's own dataset and source are the same values under the same names
+        flat = {**run_params(params_dict), **flatten(section if isinstance(section, dict) else {})}
         mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
         mlflow.log_artifact(str(resolved_config), artifact_path="config")
         yield StageRun(mlflow, mlflow.get_run(run.info.run_id))
@@ -138,13 +155,7 @@ def pipeline_run(params_dict: dict[str, Any], root: Path | None = None) -> Itera
     mlflow = setup(root)
     tags = {"kiln.stage": "pipeline", "git.commit": git_commit(root), **process_tags()}
     with mlflow.start_run(run_name="kiln-pipeline", tags=tags) as run, _killed_on_interrupt(mlflow):
-        mlflow.log_params(
-            {
-                "profile": params_dict["profile"],
-                "seed": params_dict["seed"],
-                "dataset": params_dict["ingest"]["dataset"],
-            }
-        )
+        mlflow.log_params({k: str(v)[:500] for k, v in run_params(params_dict).items()})
         os.environ[PARENT_ENV] = run.info.run_id
         try:
             yield run.info.run_id
