@@ -31,14 +31,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.stage import run_remote
-from flows.tasks import (
-    GPU_STAGES,
-    ROOT,
-    _NoTracebackForStageFailed,
-    _set_params,
-    _stage,
-    ingest_task,
-)
+from flows.tasks import GPU_STAGES, ROOT, _NoTracebackForStageFailed, _set_params, run_local
 from training import stages
 from training.paths import EVAL, METRICS
 
@@ -200,12 +193,10 @@ def _pipeline(
     done: list[str] = []
     with tracking.pipeline_run(params.to_dict(), ROOT) as parent:
         for stage in stages.NAMES:
-            if stage == "ingest":
-                ingest_task()
-            elif gpu_deployment and stage in GPU_STAGES and _trains(stage, params):
+            if gpu_deployment and stage in GPU_STAGES and _trains(stage, params):
                 run_remote(stage, gpu_deployment, done, parent)
             else:
-                _stage(stage)(stage=stage)
+                run_local(stage)
             done.append(stage)
             tracking.tag_stage_outputs(parent, stage, ROOT)
             if stage in tracking.REGISTERED_OUTS:

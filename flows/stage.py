@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.tasks import ROOT, StageFailed, _dvc_cmd, _set_params, _stage
+from flows.tasks import ROOT, StageFailed, _dvc_cmd, _retryable, _set_params, retries, run_local
 from training.paths import METRICS
 from training.stages import BY_NAME as STAGE_TABLE
 
@@ -66,7 +66,9 @@ def kiln_stage(
     kiln-pipeline sends it; by hand, the checkout's own, with ``profile``/``dataset``/
     ``source`` applied), ``dvc pull`` the outs of the stages it reads, run it,
     ``dvc push`` its outs, and publish its dvc.lock entry and metrics as the
-    ``kiln-stage-result`` artifact for the caller. ``metrics``: the caller's
+    ``kiln-stage-result`` artifact for the caller. The stage runs as it would in
+    kiln-pipeline (``run_local``): ingest after the source probe, with its retries.
+    ``metrics``: the caller's
     ``data/metrics/<stage>.json`` texts, which DVC does not carry (``cache: false``) and
     a stage reads of earlier ones (ingest's row counts in the lineage tags)."""
     from training import runlock
@@ -121,7 +123,12 @@ def _stage_here(
     if spec is not None and spec.persist and stage in _lock()["stages"]:
         # its last output, which it builds on (data/latents: rows it need not encode)
         _dvc_cmd("pull", "--allow-missing", stage, what=f"dvc pull of {stage}'s last output")
-    _stage(stage)(stage=stage)
+    try:
+        run_local(stage)
+    except StageFailed as exc:
+        # it ran, with its own retries, and failed: the caller must not run it again
+        _publish({"stage": stage, "failed": str(exc)})
+        raise
     _dvc_cmd("push", stage, what=f"dvc push of {stage}")
     metrics = ROOT / METRICS / f"{stage}.json"
     result = {
@@ -129,16 +136,23 @@ def _stage_here(
         "lock": _lock()["stages"][stage],
         "metrics": metrics.read_text() if metrics.is_file() else None,
     }
-    create_markdown_artifact(
-        key=RESULT_KEY,
-        markdown=f"```json\n{json.dumps(result, indent=1)}\n```",
-        description=f"dvc.lock entry and metrics of {stage}",
-    )
+    _publish(result)
     return result
 
 
-def _stage_result(flow_run_id) -> dict:
-    """The ``kiln-stage-result`` artifact of a remote stage's flow run."""
+def _publish(result: dict) -> None:
+    """Hand ``result`` to the caller as this flow run's ``kiln-stage-result`` artifact:
+    the stage's dvc.lock entry and metrics, or ``failed``, its last error."""
+    create_markdown_artifact(
+        key=RESULT_KEY,
+        markdown=f"```json\n{json.dumps(result, indent=1)}\n```",
+        description=f"the result of {result['stage']}",
+    )
+
+
+def _stage_result(flow_run_id) -> dict | None:
+    """The ``kiln-stage-result`` artifact of a remote stage's flow run (None: it left
+    none, having died or failed before its stage ended)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -154,39 +168,29 @@ def _stage_result(flow_run_id) -> dict:
             )
         )
     if not found:
-        raise StageFailed(f"flow run {flow_run_id} left no {RESULT_KEY} artifact")
+        return None
     text = found[0].data
     return json.loads(text[text.index("{") : text.rindex("}") + 1])
 
 
 def run_remote(stage: str, deployment: str, done: list[str], pipeline_run_id: str) -> None:
     """Run ``stage`` on the deployment's pool, exchanging data through the DVC remote."""
-    from prefect.deployments import run_deployment
-
-    logger = get_run_logger()
     if done:
         _dvc_cmd("push", *done, what=f"dvc push of {', '.join(done)}")
-    logger.info("%s -> deployment %s", stage, deployment)
-    run = run_deployment(
-        deployment,
-        parameters={
-            "stage": stage,
-            "params_yaml": (ROOT / "params.yaml").read_text(),
-            "lock": _lock(),
-            "pipeline_run_id": pipeline_run_id,
-            "metrics": {
-                name: path.read_text()
-                for name in STAGE_TABLE
-                if (path := ROOT / METRICS / f"{name}.json").is_file()
-            },
+    parameters = {
+        "stage": stage,
+        "params_yaml": (ROOT / "params.yaml").read_text(),
+        "lock": _lock(),
+        "pipeline_run_id": pipeline_run_id,
+        "metrics": {
+            name: path.read_text()
+            for name in STAGE_TABLE
+            if (path := ROOT / METRICS / f"{name}.json").is_file()
         },
-        flow_run_name=f"{stage}",
-        timeout=None,
+    }
+    result = remote_stage_task.with_options(name=stage, retries=retries(stage))(
+        stage, deployment, parameters
     )
-    if run.state is None or not run.state.is_completed():
-        name = run.state.name if run.state else "unknown"
-        raise StageFailed(f"stage {stage} on {deployment} ended {name} (flow run {run.id})")
-    result = _stage_result(run.id)
     lock = _lock()
     lock.setdefault("stages", {})[stage] = result["lock"]
     _write_lock(lock)
@@ -195,3 +199,36 @@ def run_remote(stage: str, deployment: str, done: list[str], pipeline_run_id: st
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(result["metrics"])
     _dvc_cmd("pull", stage, what=f"dvc pull of {stage}")
+
+
+@task(name="remote-stage", retry_delay_seconds=10, retry_condition_fn=_retryable)
+def remote_stage_task(stage: str, deployment: str, parameters: dict) -> dict:
+    """One flow run of the deployment; its ``kiln-stage-result``. Retried (``retries``,
+    as the stage is in this process) when the run ended without its stage's verdict: a
+    lost worker or pod, the flow process killed, a failed pull or push. The re-run
+    resumes from whatever checkpoint that worker's checkout holds. A stage that ran
+    and failed had its retries on the worker and is not run again; nor is a cancelled
+    run."""
+    from prefect.deployments import run_deployment
+
+    get_run_logger().info("%s -> deployment %s", stage, deployment)
+    run = run_deployment(deployment, parameters=parameters, flow_run_name=stage, timeout=None)
+    result = _stage_result(run.id)
+    if run.state is not None and run.state.is_completed():
+        if result is None:
+            msg = f"flow run {run.id} left no {RESULT_KEY} artifact"
+            raise StageFailed(msg, retry=False, stage=stage)
+        return result
+    ended = run.state.name if run.state else "unknown"
+    if result is not None and "failed" in result:
+        # its one-line error went to the worker's log, not to this terminal: repeat it
+        raise StageFailed(
+            f"stage {stage} on {deployment}: {result['failed']} (flow run {run.id})",
+            retry=False,
+            stage=stage,
+        )
+    raise StageFailed(
+        f"stage {stage} on {deployment} ended {ended} (flow run {run.id})",
+        retry=not (run.state is not None and run.state.is_cancelled()),
+        stage=stage,
+    )

@@ -163,15 +163,32 @@ def _restore_persistent(stage: str) -> None:
 CHECKPOINTED = tuple(s.name for s in stages.STAGES if s.checkpoints)
 
 
+def retries(stage: str) -> int:
+    """How often ``stage`` runs again after dying without a word: once for a
+    checkpointed stage (a lost worker, OOM), which resumes from its newest complete
+    checkpoint; never for the others. The one count for both routes, in this process
+    (``_stage``) and on a worker (``flows.stage.run_remote``)."""
+    return 1 if stage in CHECKPOINTED else 0
+
+
 @task(name="stage", retry_delay_seconds=10, retry_condition_fn=_retryable)
 def stage_task(stage: str) -> None:
     _run_dvc_stage(stage)
 
 
 def _stage(stage: str):
-    """The stage's task: one retry for a checkpointed stage killed mid-run (a lost
-    worker, OOM), which resumes from its newest complete checkpoint."""
-    return stage_task.with_options(name=stage, retries=1 if stage in CHECKPOINTED else 0)
+    """The stage's task, retried as ``retries`` says."""
+    return stage_task.with_options(name=stage, retries=retries(stage))
+
+
+def run_local(stage: str) -> None:
+    """Run ``stage`` in this process as its task, whoever asks (kiln-pipeline, or
+    kiln-stage by hand): ingest always with its source probe first and ingest's own
+    retries, or a by-hand ingest would trust a stale probe and skip new data."""
+    if stage == "ingest":
+        ingest_task()
+    else:
+        _stage(stage)(stage=stage)
 
 
 def _set_params(
