@@ -20,6 +20,7 @@ from training.tracking.lineage import dvc_lineage, flatten, git_commit, locked_m
 from training.tracking.resume import (
     FINISHED_TAG,
     WEIGHTS_TAG,
+    folder_fingerprint,
     resume_registration,
     unfinished,
     weights_fingerprint,
@@ -39,7 +40,8 @@ def register_dir(
     """Log a model directory and register it as a new version of ``name``, with an
     ``MLmodel`` beside the weights that carries its tensor signature (so
     ``mlflow.models.get_model_info`` describes what to feed it); ``tags``: more version
-    tags beside the metrics and the lineage."""
+    tags beside the metrics and the lineage. Tagged with its weights' fingerprint, by
+    which ``ensure_registered`` finds it whoever ran the stage."""
     import tempfile
 
     from mlflow import MlflowClient
@@ -56,6 +58,7 @@ def register_dir(
     version_tags.update(
         {k: v for k, v in tr.run.data.tags.items() if k.startswith(("dvc.", "git"))}
     )
+    version_tags[WEIGHTS_TAG] = folder_fingerprint(directory)
     version_tags.update(tags or {})
     mv = client.create_model_version(name, source=source, run_id=tr.run_id, tags=version_tags)
     return str(mv.version)
@@ -210,13 +213,32 @@ def ensure_registered(
     DVC restores a stage from its cache without running it (after ``make clean``, in a
     fresh clone, with a new MLflow server), and then the stage's own registration never
     happens: ``kiln run`` would finish with an empty or partial registry. So after each
-    stage the flow asks for the version whose ``dvc.out.<path>`` tag is the locked hash
-    of the stage's output: the one this pipeline's stage run just registered (tagged
-    here), an earlier one with the same hash, or else a new version registered from the
-    restored files under a run tagged ``kiln.restored_from=dvc-cache``. For ``evaluate``
-    a new version goes through the gate (``gate`` = (metric, min_delta)), tagged with the
-    ``components`` this pipeline registered or found (their numbers in this registry,
-    not the ones in the restored metrics, which are another registry's)."""
+    stage the flow looks, in this order, for
+
+    1. the version this pipeline's stage run just registered (or finished), then tagged
+       ``dvc.out.<path>`` = the locked hash of the stage's output;
+    2. an earlier version with that ``dvc.out`` tag;
+    3. a version whose ``kiln.weights`` is the fingerprint of the output's weights
+       (``resume.weights_fingerprint`` of the pipeline, ``resume.folder_fingerprint`` of
+       a component folder), tagged ``dvc.out`` then too;
+    4. else a new version registered from the restored files under a run tagged
+       ``kiln.restored_from=dvc-cache``.
+
+    Why step 3: only this flow tags ``dvc.out``. A stage run by anyone else (``dvc
+    repro``, the ``kiln-stage`` deployment, ``kiln <stage>``) registered its version
+    untagged, and the next ``kiln run``, finding every stage up to date, registered the
+    same weights again as "restored" (and sent a copy through the gate). The stage
+    itself cannot know its DVC hash (DVC writes the lock after it), but it knows its
+    weights: their fingerprint is what identifies the output's model. Of several
+    versions of the same weights (an evaluation re-run with other settings) the one the
+    stage's metrics name (``registered_version``) is taken, else the newest. Weights no
+    version carries (a wiped registry, a new server) are a real restore: step 4.
+    Versions registered before components carried ``kiln.weights`` are not matched.
+
+    For ``evaluate`` a new version goes through the gate (``gate`` = (metric,
+    min_delta)), tagged with the ``components`` this pipeline registered or found (their
+    numbers in this registry, not the ones in the restored metrics, which are another
+    registry's)."""
     from mlflow import MlflowClient
 
     out = REGISTERED_OUTS[stage]
@@ -245,10 +267,33 @@ def ensure_registered(
         if v.run_id in ran or v.tags.get(FINISHED_TAG) in ran:
             client.set_model_version_tag(name, str(v.version), tag, md5)
             return str(v.version)
-    for v in sorted(versions, key=lambda v: -int(v.version)):
+    newest_first = sorted(versions, key=lambda v: -int(v.version))
+    for v in newest_first:
         if v.tags.get(tag) == md5:
             return str(v.version)
+    found = _same_weights(newest_first, stage, root, done.get("registered_version"))
+    if found is not None:  # registered by the stage run outside this flow
+        client.set_model_version_tag(name, found, tag, md5)
+        return found
     return _register_restored(parent_run_id, stage, root, md5, gate, components)
+
+
+def _same_weights(versions: list, stage: str, root: Path, named: Any) -> str | None:
+    """Which of ``versions`` (newest first) carries the weights of ``stage``'s output:
+    the one ``named`` in the stage's metrics if it does, else the newest; None if none,
+    or if the last pipeline version of them did not finish its registration (a stop
+    before its gate or card): ``_register_restored`` then finishes it, as before."""
+    out = root / REGISTERED_OUTS[stage]
+    if not any(out.rglob("*.safetensors")):  # no weights to tell apart: a restore
+        return None
+    if stage == "evaluate":
+        fingerprint = weights_fingerprint(out / "pipeline")
+        if unfinished(MODEL_NAMES[stage], fingerprint) is not None:
+            return None  # registering it resumes that version (resume.py), judged then
+    else:
+        fingerprint = folder_fingerprint(out)
+    same = [str(v.version) for v in versions if v.tags.get(WEIGHTS_TAG) == fingerprint]
+    return str(named) if str(named) in same else (same[0] if same else None)
 
 
 def _metrics(root: Path, stage: str) -> dict:

@@ -47,7 +47,7 @@ from training.tracking.store import NOT_FOUND
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
-WEIGHTS_TAG = "kiln.weights"  # weights_fingerprint of the registered pipeline
+WEIGHTS_TAG = "kiln.weights"  # weights_fingerprint / folder_fingerprint of a version
 FINISHED_TAG = "kiln.finished_by"  # the stage run that published the version's card
 
 
@@ -56,11 +56,24 @@ def weights_fingerprint(pipeline_dir: Path) -> str:
     safetensors files and of the ControlNet shipped beside it: the trained weights, not
     the evaluation's choices (the sampler defaults, the scheduler) nor how a file orders
     them or what metadata it carries."""
-    h = hashlib.sha256()
     shipped = pipeline_dir.parent / SHIPPED_CONTROLNET
     files = [*sorted(pipeline_dir.rglob("*.safetensors")), *sorted(shipped.rglob("*.safetensors"))]
+    return _tensors_hash(files, pipeline_dir.parent)
+
+
+def folder_fingerprint(directory: Path) -> str:
+    """``weights_fingerprint`` of a component folder (``kiln-vae``, ``kiln-clip``...):
+    its own safetensors only, so a VAE's does not change with the ControlNet that
+    ``data/models`` holds beside it. ``registry.register_dir`` tags each version with it,
+    which is how ``registry.ensure_registered`` knows a stage run by hand registered
+    these weights already."""
+    return _tensors_hash(sorted(directory.rglob("*.safetensors")), directory)
+
+
+def _tensors_hash(files: list[Path], base: Path) -> str:
+    h = hashlib.sha256()
     for path in files:
-        h.update(path.relative_to(pipeline_dir.parent).as_posix().encode())
+        h.update(path.relative_to(base).as_posix().encode())
         with path.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size))
