@@ -6,13 +6,14 @@ loading the training engine."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class MetricLogger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_image(self, path: str | Path, artifact_dir: str = "images") -> None: ...
     def log_artifacts(self, directory: str | Path, artifact_path: str) -> None: ...
+    def log_params(self, params: dict[str, Any]) -> None: ...
 
 
 class NullLogger:
@@ -23,4 +24,7 @@ class NullLogger:
         pass
 
     def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
+        pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
         pass

@@ -21,7 +21,6 @@ import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +33,6 @@ from training.backbones import TextDims
 from training.config import Params
 from training.engine import loaders
 from training.engine.images import grid
-
-
-@runtime_checkable
-class ParamLogger(Protocol):
-    """A tracker that records params too (the stage's MLflow run, ``tracking/runs.py``)."""
-
-    def log_params(self, params: dict[str, Any]) -> None: ...
 
 
 def build(
@@ -253,7 +245,7 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
         tune = {"steps": c.finetune_steps or c.steps, "lr": c.lr * c.finetune_lr_scale}
         c = c.model_copy(update=tune)
         start.update(finetune_steps=c.steps, finetune_lr=c.lr)
-    if E.is_main() and isinstance(log, ParamLogger):
+    if E.is_main():
         # the run's `steps` and `lr` params are the section's, the from-scratch values
         # (MLflow never changes a logged param): what it trained with, for every run
         log.log_params(
