@@ -101,6 +101,7 @@ def test_generate_compare_and_promote_in_the_browser(two_versions, tmp_path):
         other = "1" if champion == "2" else "2"
         assert "acc_all" in listed["versions"][0]["metrics"]
         assert "kiln.data" in listed["versions"][0]["lineage"]
+        assert listed["versions"][0]["lineage"]["kiln.dataset"] == "shapes"  # its collection
 
         with chrome(1280, 1000) as d:
             d.get(url)

@@ -19,6 +19,8 @@ from training.stages import PIPELINE_MODEL
 # version tags shown as lineage (what the version was made from), in this order
 LINEAGE_TAGS = (
     "git.commit",
+    "kiln.dataset",
+    "kiln.source",
     "kiln.data",
     "kiln.parent",
     "kiln.rows_new",
