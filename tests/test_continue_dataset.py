@@ -122,6 +122,11 @@ def test_user_data_continues_while_it_grows_and_is_refused_from_another_source(s
     _same(_params("shards", "s3://b/part-{0000..0019}.tar", "continue"), v2)
     with pytest.raises(ReuseError, match="from source s3://b/part-"):
         _same(_params("shards", "s3://other/part-{0000..0019}.tar", "continue"), v2)
+    # a presigned shard URL, signed anew for each run, is the same collection
+    signed = "https://h.example/part-{0000..0009}.tar?X-Amz-Date=1&X-Amz-Signature=SIG"
+    v3 = _register(store, _params("shards", signed.replace("SIG", "aa")))
+    again = signed.replace("SIG", "bb").replace("0009", "0019")
+    _same(_params("shards", again, "continue"), v3)
 
 
 def test_an_older_champion_is_judged_by_its_logged_config_or_continues_with_a_warning(

@@ -134,9 +134,14 @@ def test_weights_no_version_carries_are_still_registered_as_restored(root):
     _stage_registers_vae(root)
     _vae(root, 2.0)  # DVC restored other weights from its cache; their stage never ran
     _locked(root, "train_vae", VAE_OUT, "other.dir", {"loss": 0.2, "registered_version": "1"})
+    (root / "params.yaml").write_text(yaml.safe_dump({"ingest": {"dataset": "digits"}}))
     assert _flow_ensures(root, "train_vae") == "2"
     tags = _client(root).get_model_version("kiln-vae", "2").tags
     assert tags["kiln.restored_from"] == "dvc-cache"
+    # its collection, as a stage-registered version's (was: none, so mode continue
+    # built on a restored champion of any collection with only a warning)
+    assert tags["kiln.dataset"] == "digits"
+    assert _client(root).get_model_version("kiln-vae", "1").tags["kiln.dataset"] == "shapes"
     assert tags[resume.WEIGHTS_TAG] == resume.folder_fingerprint(root / VAE_OUT)
     assert tags[f"dvc.out.{VAE_OUT}"] == "other.dir"
     assert _flow_ensures(root, "train_vae") == "2"

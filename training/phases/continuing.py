@@ -116,10 +116,13 @@ def _collection(dataset: str, source: str | None) -> str:
 
 def _source_key(source: str | None) -> str:
     """What identifies a source while it grows: shard ranges' bounds left out, a local
-    path resolved, a URL without its trailing slash."""
+    path resolved, a URL without its signature (signed anew for each run) and its
+    trailing slash."""
+    from training.intake.canonical import unsigned_url
+
     key = re.sub(r"\{\d+\.\.\d+\}", "{..}", (source or "").strip())
     if not key or "://" in key:
-        return key.rstrip("/")
+        return unsigned_url(key).rstrip("/")
     return str(Path(key).expanduser().resolve())
 
 

@@ -16,7 +16,14 @@ from typing import Any
 from training.paths import METRICS, SHIPPED_CONTROLNET
 from training.stages import MODEL_NAMES, STAGES
 from training.tracking.gate import COMPONENT_TAG, promote
-from training.tracking.lineage import dvc_lineage, flatten, git_commit, locked_md5
+from training.tracking.lineage import (
+    DATA_TAGS,
+    data_tags,
+    dvc_lineage,
+    flatten,
+    git_commit,
+    locked_md5,
+)
 from training.tracking.resume import (
     FINISHED_TAG,
     WEIGHTS_TAG,
@@ -28,6 +35,12 @@ from training.tracking.resume import (
 from training.tracking.runs import StageRun, process_tags
 from training.tracking.signatures import RULER_MODEL, component_model  # noqa: F401 (ruler.py)
 from training.tracking.store import EXPERIMENT, setup
+
+
+def _carried(tag: str) -> bool:
+    """The run tags a version keeps: DVC lineage, commit, and collection (what ``mode:
+    continue`` checks a champion by; a restored version had none: built on unchecked)."""
+    return tag.startswith(("dvc.", "git")) or tag in DATA_TAGS
 
 
 def register_dir(
@@ -55,9 +68,7 @@ def register_dir(
         client.create_registered_model(name)
     source = f"{tr.run.info.artifact_uri}/model"
     version_tags = {k: str(v) for k, v in flatten({"metric": metrics}).items()}
-    version_tags.update(
-        {k: v for k, v in tr.run.data.tags.items() if k.startswith(("dvc.", "git"))}
-    )
+    version_tags.update({k: v for k, v in tr.run.data.tags.items() if _carried(k)})
     version_tags[WEIGHTS_TAG] = folder_fingerprint(directory)
     version_tags.update(tags or {})
     mv = client.create_model_version(name, source=source, run_id=tr.run_id, tags=version_tags)
@@ -146,7 +157,7 @@ def register_text2image(
         ),
     )
     tags = {k: str(v) for k, v in flatten({"metric": metrics}).items()}
-    tags.update({k: v for k, v in tr.run.data.tags.items() if k.startswith(("dvc.", "git"))})
+    tags.update({k: v for k, v in tr.run.data.tags.items() if _carried(k)})
     tags.update({f"{COMPONENT_TAG}{model}": str(v) for model, v in (components or {}).items()})
     tags[WEIGHTS_TAG] = weights_fingerprint(pipeline_dir)
     pending = unfinished(name, tags[WEIGHTS_TAG])
@@ -324,6 +335,9 @@ def _register_restored(
     """Register the files DVC restored for ``stage`` (its run did not happen now)."""
     from mlflow import MlflowClient
 
+    from training import config
+
+    params = root / "params.yaml"  # the collection the restored files were made from
     mlflow = setup(root)
     out = root / REGISTERED_OUTS[stage]
     name = MODEL_NAMES[stage]
@@ -337,6 +351,7 @@ def _register_restored(
         "git.commit": git_commit(root),
         **process_tags(),
         **dvc_lineage(stage, root),
+        **(data_tags(config.load(params).to_dict()) if params.is_file() else {}),
     }
     with mlflow.start_run(
         run_name=f"{stage} (restored)", nested=True, parent_run_id=parent_run_id, tags=tags
