@@ -130,9 +130,7 @@ def stable_url(dataset: str) -> Callable[[str], str]:
     return fix
 
 
-def canonicalize_shard(
-    shard_dir: Path, shard_id: str, fix_url: Callable[[str], str] | None
-) -> None:
+def canonicalize_shard(shard_dir: Path, shard_id: str, fix_url: Callable[[str], str]) -> None:
     """Make one finished img2dataset shard depend only on its source rows: tar samples
     and parquet rows in key order, fixed tar metadata, stable URLs, stats without
     timings. Each file is replaced atomically and the rewrite is idempotent, so an
@@ -144,7 +142,7 @@ def canonicalize_shard(
     from training.intake import shards
 
     def edit(ext: str, data: bytes) -> bytes:
-        if ext != "json" or fix_url is None:
+        if ext != "json":
             return data
         meta = json.loads(data)
         if isinstance(meta.get("url"), str):
@@ -160,7 +158,7 @@ def canonicalize_shard(
     if table_path.exists():
         table = pq.read_table(table_path)
         table = table.take(pc.sort_indices(table, [("key", "ascending")]))
-        if fix_url is not None and "url" in table.column_names:
+        if "url" in table.column_names:
             urls = [fix_url(u) if u is not None else None for u in table["url"].to_pylist()]
             i = table.column_names.index("url")
             table = table.set_column(i, table.schema.field(i), pa.array(urls, pa.string()))
