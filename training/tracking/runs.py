@@ -42,7 +42,13 @@ class StageRun:
     def log_params(self, params: dict[str, Any]) -> None:
         """Params a phase settles as it runs (train_unet's fine-tuning steps and rate),
         under their own names: MLflow never lets a logged param change."""
-        self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        self.mlflow.log_params(loggable(params))
+
+
+def loggable(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them: text, cut at its 500-character limit (a long source
+    path or list would fail the whole call)."""
+    return {k: str(v)[:500] for k, v in params.items()}
 
 
 def run_params(params_dict: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +150,7 @@ def stage_run(
         section = params_dict.get(stage, {})
         # ingest's own dataset and source are the same values under the same names
         flat = {**run_params(params_dict), **flatten(section if isinstance(section, dict) else {})}
-        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        mlflow.log_params(loggable(flat))
         mlflow.log_artifact(str(resolved_config), artifact_path="config")
         yield StageRun(mlflow, mlflow.get_run(run.info.run_id))
 
@@ -155,7 +161,7 @@ def pipeline_run(params_dict: dict[str, Any], root: Path | None = None) -> Itera
     mlflow = setup(root)
     tags = {"kiln.stage": "pipeline", "git.commit": git_commit(root), **process_tags()}
     with mlflow.start_run(run_name="kiln-pipeline", tags=tags) as run, _killed_on_interrupt(mlflow):
-        mlflow.log_params({k: str(v)[:500] for k, v in run_params(params_dict).items()})
+        mlflow.log_params(loggable(run_params(params_dict)))
         os.environ[PARENT_ENV] = run.info.run_id
         try:
             yield run.info.run_id
