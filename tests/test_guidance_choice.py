@@ -42,7 +42,7 @@ def _mean_colour(clip_dir: Path, images: list) -> np.ndarray:
     return np.stack([np.asarray(i, dtype=np.float64).mean((0, 1)) for i in images]) / 255
 
 
-def test_the_reference_is_a_seeded_pick_across_the_whole_train_split(tmp_path):
+def test_the_pool_and_reference_are_a_seeded_disjoint_pick_across_the_train_split(tmp_path):
     # in the collection's order: 120 reds, then 120 blues (the first 60 would be all red)
     rng = np.random.default_rng(0)
     colours = [
@@ -50,44 +50,62 @@ def test_the_reference_is_a_seeded_pick_across_the_whole_train_split(tmp_path):
         for base in [np.array([200, 30, 30])] * 120 + [np.array([30, 30, 200])] * 120
     ]
     _write(tmp_path / "train", colours)
-    pick = G.reference_images(tmp_path, SIZE, n=60, seed=3)
-    reds = sum(np.asarray(p)[0, 0, 0] > 100 for p in pick)
-    assert len(pick) == 60 and 15 < reds < 45  # both halves, not the first 60
-    again = G.reference_images(tmp_path, SIZE, n=60, seed=3)
-    assert [p.tobytes() for p in again] == [p.tobytes() for p in pick]  # reproducible
-    assert len(G.reference_images(tmp_path, SIZE, n=1000)) == 240  # all there are
+    ref, pool, caps = G.training_pool(tmp_path, SIZE, n_pool=30, n_ref=60, seed=3)
+    assert (len(ref), len(pool), len(caps)) == (60, 30, 30)
+    reds = sum(np.asarray(p)[0, 0, 0] > 100 for p in ref)
+    assert 15 < reds < 45  # both halves, not the first 60
+    # each caption is its own image's ("thing i" was written with colours[i])
+    for image, cap in zip(pool, caps, strict=True):
+        i = int(cap.split()[1])
+        assert np.abs(np.asarray(image, dtype=int)[0, 0] - colours[i]).max() <= 1
+    # disjoint: no reference image is a pool image
+    assert not {p.tobytes() for p in pool} & {r.tobytes() for r in ref}
+    again = G.training_pool(tmp_path, SIZE, n_pool=30, n_ref=60, seed=3)
+    assert again[2] == caps and [r.tobytes() for r in again[0]] == [r.tobytes() for r in ref]
+    # a split smaller than both is shared in their proportion (1 : 2)
+    ref, pool, caps = G.training_pool(tmp_path, SIZE, n_pool=100, n_ref=200)
+    assert (len(pool), len(ref)) == (80, 160)
 
 
-def test_the_choice_is_the_candidate_closest_to_training_images_not_to_val(tmp_path, monkeypatch):
+def test_the_choice_samples_training_captions_against_other_training_images(tmp_path, monkeypatch):
     """Samples at guidance g are grey level 40*g: training images are grey 80 (g=2),
-    val images grey 120 (g=3). The pick must be 2: a choice made on the val images would
-    grade itself against what evaluate then reports on."""
+    val images grey 120 (g=3). The pick must be 2, and the prompts are training
+    captions: a choice made on the val split would grade itself against what evaluate
+    then reports on, and a few val captions' FD weighs spread over closeness (until
+    2026-12-06 it sampled the val captions and served the further candidate)."""
     rng = np.random.default_rng(0)
 
     def grey(level: float) -> np.ndarray:  # a little colour noise: a full-rank covariance
         return np.clip(level + rng.normal(0, 3, 3), 0, 255).astype(np.uint8)
 
-    _write(tmp_path / "train", [grey(80) for _ in range(40)])
+    _write(tmp_path / "train", [grey(80) for _ in range(60)])
     _write(tmp_path / "val", [grey(120) for _ in range(20)])
-    seen: list[float] = []
+    seen: list[tuple[float, str]] = []
 
     def fake_generate(pipe, requests, batch_size=8, deadline=None, control=None):
-        seen.extend(r.guidance for r in requests)
+        seen.extend((r.guidance, r.prompt) for r in requests)
         assert all(r.guidance_start == 0 for r in requests)
         return [_picture(grey(40 * r.guidance)) for r in requests]
 
     monkeypatch.setattr(sampling, "generate", fake_generate)
     monkeypatch.setattr(distribution, "clip_image_embeddings", _mean_colour)
     monkeypatch.setattr(clip_score, "clip_scores", lambda d, p, i: np.full(len(i), 0.5))
-    caps = [f"caption {i}" for i in range(30)] * 2  # duplicates are sampled once
-    got = G.choose(None, caps, G.pairs((1.5, 2.0, 3.0)), tmp_path, tmp_path, tmp_path,
-                   SIZE, 4, "", 0, 8)  # fmt: skip
+    got = G.choose(None, G.pairs((1.5, 2.0, 3.0)), tmp_path, tmp_path, tmp_path,
+                   SIZE, 4, "", 0, 8, n_pool=20, n_ref=40)  # fmt: skip
     assert got["guidance"] == 2.0 and got["start"] == 0.0
     assert [r["guidance"] for r in got["table"]] == [1.5, 2.0, 3.0]
-    assert got["prompts"] == 30 and got["reference"] == 40
-    assert seen == [1.5] * 30 + [2.0] * 30 + [3.0] * 30
-    fds = {r["guidance"]: r["fd_train"] for r in got["table"]}
-    assert fds[2.0] < fds[1.5] and fds[2.0] < fds[3.0]
+    # 20 of the 60 training images sampled for, the other 40 the reference
+    assert got["prompts"] == 20 and got["reference"] == 40
+    assert [g for g, _ in seen] == [1.5] * 20 + [2.0] * 20 + [3.0] * 20
+    prompts = [p for g, p in seen if g == 1.5]
+    assert len(set(prompts)) == 20 and all(p.startswith("thing ") for p in prompts)
+    assert [p for g, p in seen if g == 3.0] == prompts  # the same captions and seeds
+    rows = {r["guidance"]: r for r in got["table"]}
+    assert rows[2.0]["fd_train"] < rows[1.5]["fd_train"] < rows[3.0]["fd_train"]
+    # each FD also as a ratio to the pool images' own (the matched floor)
+    assert got["floor"] > 0
+    for r in got["table"]:
+        assert r["fd_ratio"] == pytest.approx(r["fd_train"] / got["floor"])
 
 
 def test_a_guidance_start_is_a_candidate_measured_like_the_scale(tmp_path, monkeypatch):
@@ -98,7 +116,7 @@ def test_a_guidance_start_is_a_candidate_measured_like_the_scale(tmp_path, monke
     def grey(level: float) -> np.ndarray:
         return np.clip(level + rng.normal(0, 3, 3), 0, 255).astype(np.uint8)
 
-    _write(tmp_path / "train", [grey(100) for _ in range(40)])
+    _write(tmp_path / "train", [grey(100) for _ in range(60)])
     seen: list[tuple[float, float]] = []
 
     def fake_generate(pipe, requests, batch_size=8, deadline=None, control=None):
@@ -112,18 +130,20 @@ def test_a_guidance_start_is_a_candidate_measured_like_the_scale(tmp_path, monke
     # guidance 1 is unguided at every step: its start changes nothing, so it is tried once;
     # (3, 0) is the scale 3 already there
     assert candidates == [(1.0, 0.0), (2.0, 0.0), (3.0, 0.0), (2.0, 0.2), (3.0, 0.2)]
-    got = G.choose(None, [f"c {i}" for i in range(20)], candidates, tmp_path, tmp_path,
-                   tmp_path, SIZE, 4, "", 0, 8)  # fmt: skip
+    got = G.choose(None, candidates, tmp_path, tmp_path, tmp_path, SIZE, 4, "", 0, 8,
+                   n_pool=20, n_ref=40)  # fmt: skip
     assert (got["guidance"], got["start"]) == (3.0, 0.2)
     assert sorted(set(seen)) == sorted(candidates) and len(seen) == 20 * len(candidates)
     assert G.label(3.0, 0.2) == "3_from0.2" and G.label(3.0, 0.0) == "3"
 
 
 def test_too_little_to_measure_is_a_recorded_skip(tmp_path):
-    _write(tmp_path / "train", [np.full(3, 80, np.uint8)] * 5)
-    got = G.choose(None, ["only one caption"], G.pairs((1.5, 2.0)), tmp_path, tmp_path,
-                   tmp_path, SIZE, 4, "", 0, 8)  # fmt: skip
-    assert "needs >= 2 distinct val captions" in got["skipped"]
+    _write(tmp_path / "train", [np.full(3, 80, np.uint8)] * 3)
+    got = G.choose(None, G.pairs((1.5, 2.0)), tmp_path, tmp_path, tmp_path, SIZE, 4, "", 0,
+                   8, n_pool=1, n_ref=2)  # fmt: skip
+    assert got["skipped"] == (
+        "needs >= 2 training images for the pool and as many for the reference, have 1 and 2"
+    )
 
 
 def test_a_pipeline_carries_its_guidance_to_its_callers(tmp_path):
@@ -165,8 +185,8 @@ def test_no_finite_distance_is_a_recorded_skip_not_a_pick(tmp_path, monkeypatch)
     monkeypatch.setattr(distribution, "clip_image_embeddings", _mean_colour)
     monkeypatch.setattr(distribution, "frechet_distance", lambda a, b: float("nan"))
     monkeypatch.setattr(clip_score, "clip_scores", lambda d, p, i: np.full(len(i), 0.5))
-    got = G.choose(None, ["a", "b", "c"], G.pairs((1.5, 2.0)), tmp_path, tmp_path, tmp_path,
-                   SIZE, 4, "", 0, 8)  # fmt: skip
+    got = G.choose(None, G.pairs((1.5, 2.0)), tmp_path, tmp_path, tmp_path, SIZE, 4, "", 0,
+                   8, n_pool=3, n_ref=5)  # fmt: skip
     assert got == {"skipped": "no candidate has a finite FD to the training images"}
 
 
@@ -177,7 +197,7 @@ def test_what_keeps_evaluate_guidance_samples_nothing():
         params = config.resolve(overrides)
         metrics: dict = {}
         # pipe=None: any sampling would fail here
-        return G.adopt(params, None, [], Path("."), Path("."), Path("."), metrics, {}), metrics
+        return G.adopt(params, None, Path("."), Path("."), Path("."), metrics, {}), metrics
 
     g, m = adopt({"ingest": {"dataset": "shapes"}})  # a built-in set: its oracle chose 2
     assert g == (SAMPLER.guidance, 0.0) and m["guidance_source"].startswith("evaluate.guidance")

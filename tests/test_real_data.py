@@ -144,8 +144,8 @@ def test_user_data_gates_on_fd_ratio(run):
 
 
 def test_the_guidance_is_chosen_on_the_data_and_ships_with_the_model(run, tmp_path):
-    """evaluate samples the val captions at each candidate scale, adopts the one whose
-    samples are closest to training images, and the registered pipeline carries it:
+    """evaluate samples training captions at each candidate guidance, adopts the one whose
+    samples are closest to other training images, and the registered pipeline carries it:
     ``kiln generate`` and the REST model default to it (evaluation/guidance.py)."""
     from types import SimpleNamespace
 
@@ -160,8 +160,12 @@ def test_the_guidance_is_chosen_on_the_data_and_ships_with_the_model(run, tmp_pa
         for g, s in G.pairs(ev.guidance_candidates, ev.guidance_interval_candidates)
     }
     chosen = (e["guidance"], e["guidance_start"])
-    assert len(fds) == 4 and (3.0, 0.4) in fds and chosen == min(fds, key=fds.get)
-    assert e["guidance_source"].startswith("chosen: the lowest FD to ")
+    assert len(fds) == 2 and (3.0, 0.4) in fds and chosen == min(fds, key=fds.get)
+    assert e["guidance_source"].startswith("chosen: the lowest FD of ")
+    # each candidate's FD also as its ratio to the pool captions' own images (the floor)
+    assert e["guidance_fd_floor"] > 0
+    for (g, s), fd in fds.items():
+        assert e[f"guidance_{G.label(g, s)}_fd_ratio"] == pytest.approx(fd / e["guidance_fd_floor"])
     assert f"guidance {G.describe(*chosen)} chosen" in proc.stdout + proc.stderr
     assert "Guidance chosen for this model" in (project / "data/eval/report.html").read_text()
     pipe_dir = project / "data" / "eval" / "pipeline"

@@ -96,8 +96,7 @@ def run(
     metrics: dict = {}
     tables: dict[str, str] = {}
     guidance, start = G.adopt(
-        params, pipe, prompts, clean_dir, ruler[0] if ruler else clip_dir, clip_dir,
-        metrics, tables,
+        params, pipe, clean_dir, ruler[0] if ruler else clip_dir, clip_dir, metrics, tables,
     )  # fmt: skip
     # the registered pipeline carries the guidance it was evaluated at: its callers' default
     E.write_json(
