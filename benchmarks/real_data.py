@@ -29,6 +29,7 @@ import yaml  # noqa: E402
 from tests.conftest import copy_project, kiln  # noqa: E402
 from tests.realkit import emoji_folder  # noqa: E402
 from training import config  # noqa: E402
+from training.evaluation import guidance as G  # noqa: E402
 
 COLUMNS = (
     ("vae_psnr", "evaluate", "{:.1f}"),
@@ -90,13 +91,19 @@ def main() -> None:
             shutil.copy(previews[-1], out / "preview.png")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     seconds = {s: metrics[s].get("stage_seconds", 0) for s in metrics}
-    head = "| profile | images | wall s | " + " | ".join(c for c, _, _ in COLUMNS) + " |"
-    print(head)
-    print("|" + "---|" * (3 + len(COLUMNS)))
+    head = "| profile | images | wall s | " + " | ".join(c for c, _, _ in COLUMNS)
+    print(head + " | pooled fd ratio, as served |")
+    print("|" + "---|" * (4 + len(COLUMNS)))
     cells = [
         fmt.format(metrics[stage][name]) if name in metrics.get(stage, {}) else "—"
         for name, stage, fmt in COLUMNS
     ]
+    # the guidance choice's pooled ratio (training captions against other training
+    # images, floor their own images: evaluation/guidance.py) at the guidance adopted
+    e = metrics.get("evaluate", {})
+    served = f"guidance_{G.label(e.get('guidance', 0), e.get('guidance_start', 0))}_fd_ratio"
+    cells.append(f"{e[served]:.2f} at {G.describe(e['guidance'], e['guidance_start'])}"
+                 if served in e else "—")  # fmt: skip
     n = metrics["validate"]["train"] + metrics["validate"]["val"]
     print(f"| {args.profile} | {n} | {wall:.0f} | " + " | ".join(cells) + " |")
     print("stage seconds: " + ", ".join(f"{s} {v:.0f}" for s, v in sorted(seconds.items())))

@@ -158,10 +158,12 @@ def _kiln_env() -> dict:
 
 
 def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``dvc ARGS`` in the project copy ``cwd``; its stages run the copy's own code (the
+    venv's editable install points at whichever checkout last installed it)."""
     dvc = Path(sys.executable).with_name("dvc")
     return subprocess.run(
-        [str(dvc), *args], cwd=cwd, env=_kiln_env(), capture_output=True, text=True,
-        timeout=600, check=False,
+        [str(dvc), *args], cwd=cwd, env={**_kiln_env(), "PYTHONPATH": str(cwd)},
+        capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
 
 

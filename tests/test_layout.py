@@ -98,7 +98,7 @@ def test_run_help_names_every_dataset_kind_and_the_source_option():
     from training.config import DatasetName
 
     kiln = str(Path(sys.executable).with_name("kiln"))
-    env = {**os.environ, "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)}  # this checkout's code
     out = subprocess.run(
         [kiln, "run", "--help"], capture_output=True, text=True, timeout=120, env=env
     ).stdout
