@@ -39,6 +39,8 @@ def by_seed(project: Path, seeds: list[int], n_pool: int) -> None:
         got = G.choose(pipe, CANDIDATES, project / "data/clean", clip, clip,
                        params.ingest.image_size, params.evaluate.steps, "", seed,
                        params.evaluate.batch_size, n_pool)  # fmt: skip
+        if "skipped" in got:
+            sys.exit(f"seed {seed}: {got['skipped']}")
         ratios = {G.label(r["guidance"], r["start"]): round(r["fd_ratio"], 3) for r in got["table"]}
         print(json.dumps({"seed": seed, "pool": got["prompts"], "floor": round(got["floor"], 4),
                           **ratios, "s": round(time.perf_counter() - t)}), flush=True)  # fmt: skip

@@ -225,6 +225,9 @@ def test_candidates_are_distinct_finite_scales():
     for bad in ([[3, 0.4], [3, 0.4]], [[3, 1.0]], [[3, -0.1]], [[3, float("nan")]], [[3]]):
         with pytest.raises(config.ConfigError):
             config.resolve({"evaluate": {"guidance_interval_candidates": bad}})
+    for bad in (1, 5000):  # a pool of one has no covariance; the pool is held in memory
+        with pytest.raises(config.ConfigError, match="guidance_pool"):
+            config.resolve({"evaluate": {"guidance_pool": bad}})
     got = config.resolve({"evaluate": {"guidance_interval_candidates": [[2, 0.3], [3, 0.4]]}})
     assert got.evaluate.guidance_interval_candidates == ((2.0, 0.3), (3.0, 0.4))
 

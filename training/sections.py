@@ -371,7 +371,7 @@ class EvaluateCfg(Section):
     ] = ((3.0, 0.4),)
     # training captions drawn once per candidate, against up to 1,024 other training
     # images: fewer is quicker and coarser
-    guidance_pool: int = Field(512, ge=2)
+    guidance_pool: int = Field(512, ge=2, le=4096)  # held in memory with the reference
     # memorisation (evaluation/metrics/memorisation.py): a sample within this RMS of a
     # training image is a copy; the first copy_search_samples images are searched
     copy_distance: float = Field(0.02, gt=0.0)

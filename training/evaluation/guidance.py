@@ -10,8 +10,9 @@ serve both, so for data without an oracle ``evaluate`` measures each of
 default to it.
 
 The rule, and why:
-- ``POOL`` training captions (a seeded random pick), one sample each at each candidate,
-  the same seeds for every candidate, embedded by the CLIP the distribution metrics use.
+- ``evaluate.guidance_pool`` training captions (a seeded random pick), one sample each
+  at each candidate, the same seeds for every candidate, embedded by the CLIP the
+  distribution metrics use.
 - Scored by Fréchet distance to ``REFERENCE`` *other* training images; the floor is the
   pool captions' own images against the same reference, so each candidate also gets its
   ratio to that floor (COCO-style FID with a disjoint real reference: samples and floor
@@ -150,6 +151,8 @@ def choose(
         images = sampling.generate(pipe, requests, batch_size=batch_size)
         fd = frechet_distance(clip_image_embeddings(ruler_dir, images), ref_e)
         clip = float(np.mean(clip_scores(clip_dir, prompts, images)))
+        # no floor to divide by (identical images): NaN, not fd_clip_ratio's 1e-12 clamp,
+        # which would read as a huge ratio; the choice goes by fd_train either way
         ratio = fd / floor if floor > 0 else float("nan")
         table.append({"guidance": float(g), "start": float(start), "fd_train": fd,
                       "fd_ratio": ratio, "clip_score": clip})  # fmt: skip
@@ -183,8 +186,8 @@ def adopt(
     ships with: ``evaluate.guidance`` and ``evaluate.guidance_start``, or for data without
     an oracle the best of ``evaluate.guidance_candidates`` (each guided at every step) and
     ``guidance_interval_candidates`` (``choose``). Fills ``metrics`` (``guidance``,
-    ``guidance_start``, ``guidance_source``, one FD and CLIP score per candidate) and the
-    report's table of the candidates."""
+    ``guidance_start``, ``guidance_source``, per candidate its FD, its ratio to the floor and
+    its CLIP score, and ``guidance_fd_floor``) and the report's table of the candidates."""
     from training.evaluation import figures as X
 
     c = params.evaluate
