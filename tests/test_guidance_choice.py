@@ -71,8 +71,8 @@ def test_the_choice_samples_training_captions_against_other_training_images(tmp_
     """Samples at guidance g are grey level 40*g: training images are grey 80 (g=2),
     val images grey 120 (g=3). The pick must be 2, and the prompts are training
     captions: a choice made on the val split would grade itself against what evaluate
-    then reports on, and a few val captions' FD weighs spread over closeness (until
-    2026-12-06 it sampled the val captions and served the further candidate)."""
+    then reports on, and a few val captions' FD weighs spread over closeness and has
+    no matched floor (until 2026-12-06 it sampled the distinct val captions)."""
     rng = np.random.default_rng(0)
 
     def grey(level: float) -> np.ndarray:  # a little colour noise: a full-rank covariance
