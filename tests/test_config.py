@@ -85,10 +85,11 @@ def test_profiles_change_sizes_only():
         256,
     )
     assert small.train_unet.block_out_channels != tiny.train_unet.block_out_channels
-    # tiny64: 64 px through an f=8 VAE, so the U-Net sees tiny's 8x8 latents
+    # tiny64: 64 px through tiny's f=4 VAE, so the U-Net sees 16x16 latents (one more
+    # level than tiny's, without attention: test_plain_levels_...)
     t64 = config.resolve({"profile": "tiny64"})
-    down = 2 ** (len(t64.train_vae.block_out_channels) - 1)
-    assert t64.ingest.image_size // down == tiny.ingest.image_size // 4 == 8
+    assert t64.train_vae.block_out_channels == tiny.train_vae.block_out_channels
+    assert t64.ingest.image_size // 4 == 16
     # Non-size knobs are the same in every profile.
     for p in (small, base):
         assert p.train_unet.lr == tiny.train_unet.lr
@@ -116,3 +117,24 @@ def test_set_values_keeps_comments_and_validates(tmp_path):
     with pytest.raises(ConfigError):
         config.set_values(path, {"ingest.dataset": "cats"})
     assert config.load(path).ingest.dataset == "digits"  # nothing written on error
+
+
+def test_plain_levels_leave_attention_out_of_the_highest_resolutions():
+    """tiny64's U-Net attends to the text at 8x8 and 4x4, not over its 16x16 latents
+    (SDXL's layout); tiny's attends at every level but the deepest, as SD's."""
+    import torch
+
+    from training.backbones import TextDims, unet2d
+
+    plain, attn = "DownBlock2D", "CrossAttnDownBlock2D"
+    t64 = unet2d.build(config.resolve({"profile": "tiny64"}), 4, 16, TextDims(64, 64))
+    assert list(t64.config.down_block_types) == [plain, attn, attn, plain]
+    up = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    assert list(t64.config.up_block_types) == up
+    with torch.no_grad():
+        out = t64(torch.randn(2, 4, 16, 16), 10, encoder_hidden_states=torch.randn(2, 5, 64))
+    assert out.sample.shape == (2, 4, 16, 16)
+    tiny = unet2d.build(config.resolve({}), 4, 8, TextDims(64, 64))
+    assert list(tiny.config.down_block_types) == [attn, attn, plain]
+    with pytest.raises(ConfigError, match="plain_levels 2 leaves none of the 3 levels"):
+        config.resolve({"train_unet": {"plain_levels": 2}})

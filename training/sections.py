@@ -221,6 +221,9 @@ class UnetCfg(Section):
     # (a historical misnomer).
     attention_head_dim: int = Field(ge=1)
     norm_num_groups: int = Field(ge=1)
+    # the highest-resolution levels without attention, as SDXL's first: attention over
+    # 16x16 latents costs more than the rest of a tiny step (RESULTS.md, "tiny64, f=4")
+    plain_levels: int = Field(0, ge=0)
     # backbone dit: SD3Transformer2DModel sizes (profiles.yaml has them for every profile).
     # Latent patches of dit_patch_size^2 are the tokens; dit_width = dit_heads x head size.
     dit_patch_size: int = Field(2, ge=1)
@@ -267,6 +270,16 @@ class UnetCfg(Section):
             raise ValueError(
                 f"train_unet.dit_heads {self.dit_heads} does not divide train_unet.dit_width "
                 f"{self.dit_width}: each head gets dit_width / dit_heads channels"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _some_attention(self) -> UnetCfg:
+        if self.plain_levels and self.plain_levels >= len(self.block_out_channels) - 1:
+            raise ValueError(
+                f"train_unet.plain_levels {self.plain_levels} leaves none of the "
+                f"{len(self.block_out_channels)} levels attending to the text (the deepest "
+                "never does)"
             )
         return self
 

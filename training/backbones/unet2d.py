@@ -1,6 +1,7 @@
 """The Stable Diffusion denoiser: ``diffusers.UNet2DConditionModel``, cross-attending to the
-CLIP text states in every block but the deepest (SD's layout, at Kiln's widths), trained on
-the DDPM objective and sampled by ``StableDiffusionPipeline``."""
+CLIP text states in every block but the deepest (SD's layout, at Kiln's widths; with
+``plain_levels`` the highest resolutions go without, as SDXL's), trained on the DDPM
+objective and sampled by ``StableDiffusionPipeline``."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ def build(
 ) -> UNet2DConditionModel:
     c = params.train_unet
     n = len(c.block_out_channels)
+    # cross-attention in every level but the deepest and the first plain_levels
+    attends = [c.plain_levels <= i < n - 1 for i in range(n)]
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
         block_out_channels=c.block_out_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attends[::-1]),
         layers_per_block=c.layers_per_block,
         cross_attention_dim=text.hidden,
         attention_head_dim=c.attention_head_dim,
