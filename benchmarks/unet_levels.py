@@ -46,7 +46,7 @@ def main() -> None:
         params = config.resolve(raw)
         model = unet2d.build(params, 4, side, TextDims(64, 64))
         batch = params.train_unet.batch_size
-        data = (torch.randn(batch, 4, side, side), torch.randn(batch, 40, 64))
+        data = (torch.randn(batch, 4, side, side), torch.randn(batch, 77, 64))  # Twemoji's
         runs[name] = (model, torch.optim.AdamW(model.parameters(), 1e-3), data)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.rounds + 1):  # round 0 warms up

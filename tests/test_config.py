@@ -89,7 +89,9 @@ def test_profiles_change_sizes_only():
     # level than tiny's, without attention: test_plain_levels_...)
     t64 = config.resolve({"profile": "tiny64"})
     assert t64.train_vae.block_out_channels == tiny.train_vae.block_out_channels
-    assert t64.ingest.image_size // 4 == 16
+    vae_down = 2 ** (len(t64.train_vae.block_out_channels) - 1)
+    assert t64.ingest.image_size // vae_down == 16
+    assert vae_down * t64.train_unet.downsampling() == t64.ingest.bucket_stride
     # Non-size knobs are the same in every profile.
     for p in (small, base):
         assert p.train_unet.lr == tiny.train_unet.lr
@@ -136,5 +138,7 @@ def test_plain_levels_leave_attention_out_of_the_highest_resolutions():
     assert out.sample.shape == (2, 4, 16, 16)
     tiny = unet2d.build(config.resolve({}), 4, 8, TextDims(64, 64))
     assert list(tiny.config.down_block_types) == [attn, attn, plain]
+    one = unet2d.build(config.resolve({"train_unet": {"plain_levels": 1}}), 4, 8, TextDims(64, 64))
+    assert list(one.config.down_block_types) == [plain, attn, plain]
     with pytest.raises(ConfigError, match="plain_levels 2 leaves none of the 3 levels"):
         config.resolve({"train_unet": {"plain_levels": 2}})

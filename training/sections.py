@@ -222,7 +222,8 @@ class UnetCfg(Section):
     attention_head_dim: int = Field(ge=1)
     norm_num_groups: int = Field(ge=1)
     # the highest-resolution levels without attention, as SDXL's first: attention over
-    # 16x16 latents costs more than the rest of a tiny step (RESULTS.md, "tiny64, f=4")
+    # 16x16 latents costs more than the rest of a tiny step (RESULTS.md, "tiny64
+    # through an f=4 VAE")
     plain_levels: int = Field(0, ge=0)
     # backbone dit: SD3Transformer2DModel sizes (profiles.yaml has them for every profile).
     # Latent patches of dit_patch_size^2 are the tokens; dit_width = dit_heads x head size.
@@ -278,8 +279,8 @@ class UnetCfg(Section):
         if self.plain_levels and self.plain_levels >= len(self.block_out_channels) - 1:
             raise ValueError(
                 f"train_unet.plain_levels {self.plain_levels} leaves none of the "
-                f"{len(self.block_out_channels)} levels attending to the text (the deepest "
-                "never does)"
+                f"{len(self.block_out_channels)} levels attending to the text, only the "
+                "middle block (the deepest level never does)"
             )
         return self
 

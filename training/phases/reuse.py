@@ -151,7 +151,8 @@ def fits(ref: str, params: Params, own: dict[str, list], theirs: dict[str, list]
         raise ReuseError(
             f"{ref} does not fit the {params.profile} profile's U-Net: {len(differ)} "
             f"tensors differ, e.g. {k}: {theirs.get(k, 'missing')} there, "
-            f"{own.get(k, 'missing')} here (a changed width, latent or text size); "
+            f"{own.get(k, 'missing')} here (a changed width, latent or text size, "
+            "or attention layout: plain_levels); "
             "train this one from scratch (mode: scratch)"
         )
 
