@@ -28,12 +28,11 @@ class SamplerDefaults:
     # acc_all 0.934 vs 0.917, on Twemoji (fixed ruler) CMMD 0.096 vs 0.312 and FD 0.042 vs
     # 0.080 at the same CLIP score; 1.5 is closer still on Twemoji, ~3 points lower on shapes
     guidance: float = 2.0
-    # The fraction of the denoising steps, from the noisiest, sampled without guidance
-    # (the conditional prediction alone); guidance applies from step int(start * steps) on,
-    # diffusers' guiders' `start`. Guiding only the later steps keeps the samples' spread
-    # where the noisiest steps set the layout (Kynkaanniemi et al. 2024, "Applying
-    # guidance in a limited interval"); evaluate chooses it per model for data without an
-    # oracle (RESULTS.md "Real data: guidance in a limited interval"). 0: every step.
+    # The fraction of the denoising steps, from the noisiest, sampled unguided (the
+    # conditional prediction alone; guided from step int(start * steps) on, diffusers'
+    # guiders' `start`): keeps the spread the noisiest steps lay out (Kynkaanniemi et al.
+    # 2024); evaluate chooses it per model for data without an oracle (RESULTS.md "Real
+    # data: guidance in a limited interval"). 0: every step.
     guidance_start: float = 0.0
     negative_prompt: str = ""
 
@@ -62,8 +61,7 @@ class IngestCfg(Section):
     # precompute_latents cannot stack (buckets is keep_ratio plus the fitting).
     resize_mode: Literal["buckets", "border", "center_crop"] = "buckets"
     bucket_stride: int = Field(ge=1)  # the profile's: VAE x U-Net downsampling, or a multiple
-    # Transparent pixels are composited on this colour ("#rrggbb"). img2dataset's
-    # `border` padding of non-square images stays white whatever this says.
+    # transparent pixels go on this colour; img2dataset's `border` padding stays white
     background: str = Field("#ffffff", pattern=r"^#[0-9a-fA-F]{6}$")
     # shards hold lossless PNG; level 9 made 256 px ingestion 5x slower than level 1
     # for ~10% smaller files (benchmarks/RESULTS.md)
@@ -114,8 +112,8 @@ class ValidateCfg(Section):
     #     drawing with their own captions are kept);
     #   off: no near-duplicate check (exact copies of the picture still go).
     # Near: difference hashes of brightness and colour (192 bits, checks.dhash) within
-    # near_duplicate_bits. The built-in sets skip the near check: their jittered renders
-    # are near-duplicates by design (about 2,700 of 4,000 shapes would go).
+    # near_duplicate_bits; the built-in sets skip it (their jittered renders are near by
+    # design: about 2,700 of 4,000 shapes would go).
     near_duplicates: Literal["image", "image+caption", "off"] = "image"
     near_duplicate_bits: int = Field(6, ge=0, le=64)
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
@@ -128,9 +126,8 @@ class VaeCfg(Section):
     # diffusers folder): continuous training keeps its latent space (phases/reuse.py)
     reuse: str | None = None
     loader: Loader = "stream"  # where batches come from (training/engine/loaders/)
-    # shards per shuffle block: samples are shuffled within blocks of this many shards
-    # (a cache of two blocks serves every batch); a split of at most this many shards is
-    # fully shuffled (training/engine/order.py)
+    # shards per shuffle block: samples shuffle within blocks of this many shards (a cache
+    # of two serves every batch); a split of at most this many is fully shuffled (order.py)
     block_shards: int = Field(16, ge=1)
     block_out_channels: tuple[int, ...]
     layers_per_block: int = Field(ge=1)
@@ -140,11 +137,10 @@ class VaeCfg(Section):
     steps: int = Field(ge=1)
     lr: float = Field(2e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
-    # MSE, not L1: on small objects on black, L1's median-seeking optimum greyed out red
-    # and green (reconstructions scored 0.69 on colour vs 1.00 with MSE; RESULTS.md).
+    # MSE, not L1: L1's median-seeking optimum greyed out small red and green objects on
+    # black (colour 0.69 vs 1.00 on reconstructions; RESULTS.md)
     recon_loss: Literal["l1", "mse"] = "mse"
-    # Optional PatchGAN discriminator (pix2pix / SD's first stage); profiles.yaml says
-    # which profiles use it
+    # optional PatchGAN discriminator (pix2pix / SD's first stage), on per profile
     discriminator: bool
     disc_weight: float = Field(0.1, ge=0)
     disc_start: float = Field(0.5, ge=0, le=1)  # fraction of steps before it joins
@@ -155,9 +151,7 @@ class VaeCfg(Section):
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(25, ge=1)
-    # validation metrics use the first this-many validation samples (memory and time
-    # stay flat however large the split)
-    val_samples: int = Field(2048, ge=1)
+    val_samples: int = Field(2048, ge=1)  # the first N val samples: flat in split size
     # Early stop: every check_every steps val PSNR is measured (and logged); training
     # ends once it reaches target_psnr dB. None, or a discriminator: all the steps.
     target_psnr: float | None = Field(None, gt=0)
@@ -191,9 +185,7 @@ class ClipCfg(Section):
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(25, ge=1)
-    # validation metrics use the first this-many validation samples (memory and time
-    # stay flat however large the split)
-    val_samples: int = Field(2048, ge=1)
+    val_samples: int = Field(2048, ge=1)  # as train_vae's
 
 
 class LatentsCfg(Section):
@@ -202,9 +194,8 @@ class LatentsCfg(Section):
     # DataLoader workers per process that read and decode the shards (split by worker);
     # 0 decodes in the main process
     workers: int = Field(ge=0)
-    # the text states' storage type: float16 halves the largest part of the latents
-    # (77 x 768 per sample at SD's sizes) and costs no measurable quality
-    # (benchmarks/RESULTS.md, "16-bit text states"); training computes in float32
+    # text states' storage: float16 halves the latents' largest part (77 x 768 a sample at
+    # SD's sizes) at no measurable cost (RESULTS.md, "16-bit text states"); trains in fp32
     text_dtype: Literal["float16", "float32"] = "float16"
 
 
@@ -221,9 +212,8 @@ class UnetCfg(Section):
     # (a historical misnomer).
     attention_head_dim: int = Field(ge=1)
     norm_num_groups: int = Field(ge=1)
-    # the highest-resolution levels without attention, as SDXL's first: attention over
-    # 16x16 latents costs more than the rest of a tiny step (RESULTS.md, "tiny64
-    # through an f=4 VAE")
+    # highest-resolution levels without attention, as SDXL's first: at tiny64's 16x16 it
+    # costs more than the rest of the step (RESULTS.md, "tiny64 through an f=4 VAE")
     plain_levels: int = Field(0, ge=0)
     # backbone dit: SD3Transformer2DModel sizes (profiles.yaml has them for every profile).
     # Latent patches of dit_patch_size^2 are the tokens; dit_width = dit_heads x head size.
@@ -261,7 +251,13 @@ class UnetCfg(Section):
     log_every: int = Field(25, ge=1)
 
     @model_validator(mode="after")
-    def _dit_sizes(self) -> UnetCfg:
+    def _sizes(self) -> UnetCfg:
+        n = len(self.block_out_channels)
+        if self.backbone == "unet2d" and self.plain_levels and self.plain_levels >= n - 1:
+            raise ValueError(
+                f"train_unet.plain_levels {self.plain_levels} leaves none of the {n} levels "
+                "attending to the text, only the middle block (the deepest level never does)"
+            )
         if self.backbone != "dit":
             return self
         for key in ("dit_width", "dit_heads", "dit_layers"):
@@ -271,16 +267,6 @@ class UnetCfg(Section):
             raise ValueError(
                 f"train_unet.dit_heads {self.dit_heads} does not divide train_unet.dit_width "
                 f"{self.dit_width}: each head gets dit_width / dit_heads channels"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _some_attention(self) -> UnetCfg:
-        if self.plain_levels and self.plain_levels >= len(self.block_out_channels) - 1:
-            raise ValueError(
-                f"train_unet.plain_levels {self.plain_levels} leaves none of the "
-                f"{len(self.block_out_channels)} levels attending to the text, only the "
-                "middle block (the deepest level never does)"
             )
         return self
 
