@@ -44,9 +44,11 @@ def main() -> None:
     runs = {}
     for name, (raw, side) in VARIANTS.items():
         params = config.resolve(raw)
-        model = unet2d.build(params, 4, side, TextDims(64, 64))
+        clip = params.train_clip  # the profile's text width; its longest context (Twemoji's)
+        model = unet2d.build(params, 4, side, TextDims(clip.hidden_size, clip.projection_dim))
         batch = params.train_unet.batch_size
-        data = (torch.randn(batch, 4, side, side), torch.randn(batch, 77, 64))  # Twemoji's
+        text = torch.randn(batch, clip.max_length_cap, clip.hidden_size)
+        data = (torch.randn(batch, 4, side, side), text)
         runs[name] = (model, torch.optim.AdamW(model.parameters(), 1e-3), data)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.rounds + 1):  # round 0 warms up
