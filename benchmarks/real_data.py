@@ -70,8 +70,8 @@ def main() -> None:
                 shutil.rmtree(tmp / old, ignore_errors=True)
         folder = emoji_folder(tmp / "emoji", limit=args.limit)
         project = copy_project(tmp / ("project" if args.keep else "kiln"))
-        if updates:
-            config.set_values(project / "params.yaml", updates)
+        if updates:  # checked against the profile's sizes (train_vae.crop < image_size)
+            config.set_values(project / "params.yaml", {"profile": args.profile, **updates})
         t0 = time.perf_counter()
         proc = kiln(
             project, "run", "--dataset", "folder", "--source", str(folder),

@@ -1,8 +1,8 @@
-"""What buys VAE detail on real pictures: the train_vae stage on Twemoji at 32 px with
-params.yaml overrides, one row of val PSNR / SSIM per variant.
+"""What buys VAE detail on real pictures: the train_vae stage on Twemoji (32 px, or 64 px
+with --profile tiny64) with params.yaml overrides, one row of val PSNR / SSIM a variant.
 
 Usage (from the repository root, alone on the machine):
-    .venv/bin/python benchmarks/vae_budget.py [--work DIR] NAME=KEY=VALUE[,KEY=VALUE] ...
+    .venv/bin/python benchmarks/vae_budget.py [--work DIR] [--profile P] NAME=KEY=VALUE[,..] ..
 e.g.  base=  steps1800=train_vae.steps=1800  lat8=train_vae.latent_channels=8
 
 Ingests and validates the Twemoji collection (tests/realkit.py, fetched from npm) once
@@ -28,7 +28,7 @@ from tests.realkit import emoji_folder  # noqa: E402
 from training import config  # noqa: E402
 
 
-def prepare(work: Path) -> Path:
+def prepare(work: Path, profile: str) -> Path:
     project = work / "kiln"
     if (project / "data" / "clean" / "train" / "index.json").exists():
         return project
@@ -36,7 +36,8 @@ def prepare(work: Path) -> Path:
     folder = emoji_folder(work / "emoji")
     project = copy_project(project)
     config.set_values(
-        project / "params.yaml", {"ingest.dataset": "folder", "ingest.source": str(folder)}
+        project / "params.yaml",
+        {"profile": profile, "ingest.dataset": "folder", "ingest.source": str(folder)},
     )
     for stage in ("ingest", "validate"):
         kiln(project, stage, timeout=3600)
@@ -46,9 +47,10 @@ def prepare(work: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/kiln-vae-budget"))
+    ap.add_argument("--profile", default="tiny", help="tiny (32 px) or tiny64 (64 px)")
     ap.add_argument("variants", nargs="+", help="NAME=KEY=VALUE[,KEY=VALUE]; NAME= for defaults")
     args = ap.parse_args()
-    project = prepare(args.work)
+    project = prepare(args.work, args.profile)
     params = project / "params.yaml"
     original = params.read_text()
     print("| variant | overrides | val PSNR dB | val SSIM | wall s |")

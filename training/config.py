@@ -150,6 +150,12 @@ class Params(BaseModel):
                 f"ingest.bucket_stride {c.bucket_stride} must be a multiple of {down} (the VAE's "
                 f"and the denoiser's downsampling) and divide image_size {c.image_size}"
             )
+        crop = self.train_vae.crop
+        if crop is not None and (crop % vae or crop >= c.image_size):
+            raise ValueError(
+                f"train_vae.crop {crop} must be a multiple of the VAE's downsampling {vae} "
+                f"and below ingest.image_size {c.image_size} (null trains on whole images)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -57,8 +57,8 @@ class IngestCfg(Section):
     caption_col: str = "caption"
     # buckets: validate fits each image to its aspect-ratio bucket (intake/buckets.py);
     # border (pad to a square), center_crop: img2dataset's own modes. Its keep_ratio and
-    # no are refused: they leave non-square images that the VAE/CLIP loaders drop and
-    # precompute_latents cannot stack (buckets is keep_ratio plus the fitting).
+    # no are refused: non-square images the VAE/CLIP loaders drop and precompute_latents
+    # cannot stack (buckets is keep_ratio plus the fitting).
     resize_mode: Literal["buckets", "border", "center_crop"] = "buckets"
     bucket_stride: int = Field(ge=1)  # the profile's: VAE x U-Net downsampling, or a multiple
     # transparent pixels go on this colour; img2dataset's `border` padding stays white
@@ -106,11 +106,10 @@ class ValidateCfg(Section):
     max_file_bytes: int = Field(16 * 1024 * 1024, ge=1)
     min_caption_chars: int = Field(1, ge=0)
     max_caption_chars: int = Field(300, ge=1)
-    # Duplicates: what makes a sample a copy of an earlier one.
-    #   image: its picture is an exact or near duplicate (web crawls: mirrors, resizes);
-    #   image+caption: that, and the same caption too (curated sets: variants of one
-    #     drawing with their own captions are kept);
-    #   off: no near-duplicate check (exact copies of the picture still go).
+    # What makes a sample a copy of an earlier one. image: its picture is an exact or near
+    # duplicate (web crawls: mirrors, resizes); image+caption: that, and the same caption
+    # (curated sets: variants of one drawing with their own captions are kept); off: no
+    # near-duplicate check (exact copies of the picture still go).
     # Near: difference hashes of brightness and colour (192 bits, checks.dhash) within
     # near_duplicate_bits; the built-in sets skip it (their jittered renders are near by
     # design: about 2,700 of 4,000 shapes would go).
@@ -134,6 +133,9 @@ class VaeCfg(Section):
     latent_channels: int = Field(4, ge=1)
     norm_num_groups: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+    # train on random crops this many px a side, validate on whole images: convolutions
+    # see the same scale at a fraction of the pixels (SD's VAE trained at 256 px)
+    crop: int | None = Field(None, ge=8)
     steps: int = Field(ge=1)
     lr: float = Field(2e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
@@ -307,8 +309,7 @@ class ControlNetCfg(Section):
     block_shards: int = Field(16, ge=1)
     batch_size: int = Field(ge=1)
     steps: int = Field(ge=1)
-    # the U-Net's rate: at 1e-3 the zero-initialised ControlNet had learnt half as much
-    # position control after 400 steps (RESULTS.md, "ControlNet")
+    # the U-Net's: 1e-3 had half the position control at step 400 (RESULTS.md "ControlNet")
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -353,10 +354,9 @@ class EvaluateCfg(Section):
     sweep_steps: tuple[int, ...] = (5, 10, 20, 40)
     sweep_guidance: tuple[Guidance, ...] = (1.0, 2.0, 4.0, 7.0)
     # Data without an oracle: sample `guidance_pool` training captions at each of these
-    # guidance scales and adopt the one whose samples are closest (FD) to other training
-    # images, for this evaluation and as the registered pipeline's default
-    # (evaluation/guidance.py). Empty, or a built-in set (graded by its oracle): `guidance`
-    # as set. 2 and 3 throughout were never the closest on Twemoji (RESULTS.md).
+    # scales, adopt the one closest (FD) to other training images, here and as the model's
+    # default (evaluation/guidance.py). Empty, or a built-in set (graded by its oracle):
+    # `guidance` as set. 2 and 3 throughout were never the closest on Twemoji (RESULTS.md).
     guidance_candidates: tuple[Guidance, ...] = (1.5,)
     # ...and these (scale, guidance_start) pairs: guided only after the noisiest `start`
     # of the steps. (3, 0.4): the noisiest 8 of DPM-Solver++'s 20 steps unguided (t > 600

@@ -69,6 +69,25 @@ def square(img: Image.Image, size: int) -> Image.Image:
     return Image.fromarray(center_square(rgb, size))
 
 
+def random_crops(
+    x: torch.Tensor, side: int, step: int, g: torch.Generator, total: int = 0, first: int = 0
+) -> torch.Tensor:
+    """One ``side`` x ``side`` window of each image of ``[N, C, H, W]``, at offsets on a
+    grid of ``step`` px (whole latent pixels: a crop's latents are the image's latents'
+    crop) drawn from ``g`` for a batch of ``total`` (0: N), of which ``x`` is the part
+    from ``first`` on (data parallel: the same crops at any process count). A side at
+    least the image's keeps it whole."""
+    n, _, h, w = x.shape
+    sh, sw = min(side, h), min(side, w)
+    if (sh, sw) == (h, w):
+        return x
+    total = total or n
+    ys = torch.randint(0, (h - sh) // step + 1, (total,), generator=g)[first : first + n]
+    xs = torch.randint(0, (w - sw) // step + 1, (total,), generator=g)[first : first + n]
+    windows = zip((ys * step).tolist(), (xs * step).tolist(), strict=True)
+    return torch.stack([x[i, :, y : y + sh, c : c + sw] for i, (y, c) in enumerate(windows)])
+
+
 def caption(sample: dict) -> str:
     return sample.get("txt", b"").decode("utf-8", errors="replace")
 

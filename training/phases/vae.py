@@ -33,7 +33,7 @@ from training import engine as E
 from training import paths as P
 from training.config import Params
 from training.engine import loaders
-from training.engine.images import decode_image, psnr, save_grid, ssim, to_tensor
+from training.engine.images import decode_image, psnr, random_crops, save_grid, ssim, to_tensor
 from training.intake.buckets import image_sizes
 
 
@@ -159,6 +159,9 @@ def _train(params, batches, val, out_dir: Path, ckpt_dir: Path, log: E.MetricLog
 
     def step_fn(step: int) -> tuple[torch.Tensor, E.StepMetrics]:
         x = to_tensor(batches.batch(step)["x"])  # this process's slice of the global batch
+        if c.crop:  # offsets drawn for the global batch, as the noise below
+            g = E.step_generator(params.seed, step, stream=1)
+            x = random_crops(x, c.crop, down, g, batches.global_batch, E.rank() * len(x))
         # the global batch's noise, then this process's slice (data parallel)
         latent_shape = (c.latent_channels, x.shape[2] // down, x.shape[3] // down)
         eps = torch.randn(
