@@ -92,6 +92,9 @@ def test_profiles_change_sizes_only():
     vae_down = 2 ** (len(t64.train_vae.block_out_channels) - 1)
     assert t64.ingest.image_size // vae_down == 16
     assert vae_down * t64.train_unet.downsampling() == t64.ingest.bucket_stride
+    # ...whose VAE trains on 32 px windows (RESULTS.md "tiny64's VAE on crops"); tiny's,
+    # at 32 px, on whole images
+    assert (t64.train_vae.crop, tiny.train_vae.crop) == (32, None)
     # Non-size knobs are the same in every profile.
     for p in (small, base):
         assert p.train_unet.lr == tiny.train_unet.lr
