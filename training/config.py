@@ -95,6 +95,15 @@ ORACLE_ACCURACIES = {
 }
 
 
+def patchgan_side(side: int, layers: int) -> int:
+    """The side of the logit map ``phases.vae.PatchDiscriminator`` (4x4 kernels, padding
+    1; ``layers`` stride-2 convolutions, then two stride-1) gives a ``side`` px picture:
+    under 1 its convolutions fail, halfway through training, where it joins."""
+    for stride in [2] * layers + [1, 1]:
+        side = (side - 2) // stride + 1
+    return side
+
+
 def gate_metrics(oracle: str | None) -> list[str]:
     """Every metric the gate can use on data graded by ``oracle`` (None: no oracle)."""
     attrs, groups = ORACLE_ACCURACIES.get(oracle or "", ((), ()))
@@ -150,11 +159,19 @@ class Params(BaseModel):
                 f"ingest.bucket_stride {c.bucket_stride} must be a multiple of {down} (the VAE's "
                 f"and the denoiser's downsampling) and divide image_size {c.image_size}"
             )
-        crop = self.train_vae.crop
-        if crop is not None and (crop % vae or crop >= c.image_size):
+        v = self.train_vae
+        if v.crop is not None and (v.crop % vae or v.crop >= c.image_size):
             raise ValueError(
-                f"train_vae.crop {crop} must be a multiple of the VAE's downsampling {vae} "
+                f"train_vae.crop {v.crop} must be a multiple of the VAE's downsampling {vae} "
                 f"and below ingest.image_size {c.image_size} (null trains on whole images)"
+            )
+        side = v.crop or c.image_size
+        if v.discriminator and patchgan_side(side, v.disc_layers) < 1:
+            least = next(n for n in range(side, 4096) if patchgan_side(n, v.disc_layers) >= 1)
+            raise ValueError(
+                f"train_vae.discriminator: its {v.disc_layers} layers need pictures of at "
+                f"least {least} px a side, and the VAE trains on {side} px "
+                "(train_vae.crop, else ingest.image_size): fewer disc_layers, or larger"
             )
         return self
 
