@@ -30,8 +30,9 @@ from training import config  # noqa: E402
 
 def prepare(work: Path, profile: str) -> Path:
     project = work / "kiln"
-    if (project / "data" / "clean" / "train" / "index.json").exists():
-        return project
+    built = project / "data" / "clean" / "train" / "index.json"
+    if built.exists() and config.load(project / "params.yaml").profile == profile:
+        return project  # another profile's shards hold pictures of another size: rebuilt
     shutil.rmtree(work, ignore_errors=True)
     folder = emoji_folder(work / "emoji")
     project = copy_project(project)
