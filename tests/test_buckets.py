@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from training import config
 from training.engine import loaders
 from training.engine import order as orders
 from training.engine.images import caption, decode_image
@@ -20,26 +21,26 @@ from training.intake import buckets, shards
 # ---- the bucket set and fitting ---------------------------------------------------------
 @pytest.mark.parametrize(("side", "stride"), [(32, 16), (64, 16), (64, 8), (256, 64)])
 def test_buckets_have_about_the_same_area_and_whole_strides(side, stride):
-    sizes = buckets.bucket_sizes(side, stride, 2.0)
+    sizes = config.bucket_sizes(side, stride, 2.0)
     assert sizes[0] == (side, side)
     for w, h in sizes:
         assert w % stride == 0 and h % stride == 0
-        assert abs(math.log(w * h / side**2)) <= math.log(buckets.AREA_TOLERANCE) + 1e-9
+        assert abs(math.log(w * h / side**2)) <= math.log(config.AREA_TOLERANCE) + 1e-9
         assert max(w, h) / min(w, h) <= 2.0
         assert (h, w) in sizes  # portrait and landscape alike
 
 
 def test_the_bucket_sets_the_profiles_get():
-    assert buckets.bucket_sizes(32, 16, 2.0) == [(32, 32)]  # tiny: square only
-    assert set(buckets.bucket_sizes(64, 16, 2.0)) == {
+    assert config.bucket_sizes(32, 16, 2.0) == [(32, 32)]  # tiny: square only
+    assert set(config.bucket_sizes(64, 16, 2.0)) == {
         (64, 64), (48, 96), (48, 80), (80, 48), (96, 48),
     }  # fmt: skip
     with pytest.raises(ValueError, match="not a multiple of the bucket stride 16"):
-        buckets.bucket_sizes(40, 16, 2.0)
+        config.bucket_sizes(40, 16, 2.0)
 
 
 def test_each_image_goes_to_the_bucket_nearest_its_aspect_ratio():
-    sizes = buckets.bucket_sizes(64, 16, 2.0)
+    sizes = config.bucket_sizes(64, 16, 2.0)
     assert buckets.nearest(200, 100, sizes) == (96, 48)
     assert buckets.nearest(100, 200, sizes) == (48, 96)
     assert buckets.nearest(300, 300, sizes) == (64, 64)
@@ -58,14 +59,14 @@ def test_fitting_scales_to_cover_and_crops_the_centre():
     img = Image.new("RGB", (200, 100), (255, 0, 0))
     img.paste((0, 0, 255), (100, 0, 200, 100))
     img.paste((0, 255, 0), (96, 46, 104, 54))
-    data, size = buckets.fit_png(_png(img), buckets.bucket_sizes(64, 16, 2.0))
+    data, size = buckets.fit_png(_png(img), config.bucket_sizes(64, 16, 2.0))
     out = np.asarray(Image.open(io.BytesIO(data)))
     assert size == (96, 48) and out.shape == (48, 96, 3)
     assert out[24, 5, 0] > 200 and out[24, 90, 2] > 200  # both halves kept, not cropped away
     assert out[24, 47:49, 1].min() > 150  # the centre stays the centre
     # an image already at its bucket's size is passed through byte for byte
     square = _png(Image.new("RGB", (64, 64), (9, 9, 9)))
-    assert buckets.fit_png(square, buckets.bucket_sizes(64, 16, 2.0)) == (square, (64, 64))
+    assert buckets.fit_png(square, config.bucket_sizes(64, 16, 2.0)) == (square, (64, 64))
 
 
 # ---- the bucketed order -----------------------------------------------------------------

@@ -96,3 +96,19 @@ def test_the_patchgan_side_rule_is_the_discriminators_own():
                     disc(torch.zeros(1, 3, side, side))
             else:
                 assert disc(torch.zeros(1, 3, side, side)).shape[-1] == want
+
+
+def test_a_bucket_side_the_patchgan_cannot_take_is_refused():
+    # 48 px buckets at a 16 px stride include 32x64: four layers need 48 px, so the 32 px
+    # side failed where the discriminator joined (was: accepted, the square checked alone)
+    raw = {
+        "ingest": {"image_size": 48, "bucket_stride": 16},  # buckets: the default
+        "train_vae": {"discriminator": True, "disc_layers": 4},
+    }
+    assert (32, 64) in config.resolve({"ingest": raw["ingest"]}).image_sizes()
+    with pytest.raises(ConfigError, match="need pictures of at least 48 px a side, and the VAE"):
+        config.resolve(raw)
+    with pytest.raises(RuntimeError):  # the discriminator itself, on that bucket
+        vae.PatchDiscriminator(8, 4)(torch.zeros(1, 3, 32, 64))
+    square = {**raw, "ingest": {"image_size": 48, "resize_mode": "center_crop"}}
+    assert config.resolve(square).train_vae.disc_layers == 4  # 48 px squares take four

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -95,6 +96,25 @@ ORACLE_ACCURACIES = {
 }
 
 
+AREA_TOLERANCE = 1.25  # a bucket's area is within this factor of side**2
+
+
+def bucket_sizes(side: int, stride: int, max_ratio: float) -> list[tuple[int, int]]:
+    """``(width, height)`` of each aspect-ratio bucket (``intake.buckets``), square
+    first, then by aspect ratio. Here, not in the intake, because the models' checks
+    below need every side a picture may have."""
+    if side % stride:
+        raise ValueError(f"image size {side} is not a multiple of the bucket stride {stride}")
+    target = side * side
+    out = {(side, side)}
+    for w in range(stride, int(side * max_ratio) + stride, stride):
+        h = max(stride, round(target / w / stride) * stride)
+        area_ok = abs(math.log(w * h / target)) <= math.log(AREA_TOLERANCE)
+        if area_ok and max(w, h) / min(w, h) <= max_ratio:
+            out |= {(w, h), (h, w)}
+    return sorted(out, key=lambda s: (s != (side, side), s[0] / s[1], s))
+
+
 def patchgan_side(side: int, layers: int) -> int:
     """The side of the logit map ``phases.vae.PatchDiscriminator`` (4x4 kernels, padding
     1; ``layers`` stride-2 convolutions, then two stride-1) gives a ``side`` px picture:
@@ -131,6 +151,18 @@ class Params(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json(by_alias=True))
 
+    def buckets(self) -> list[tuple[int, int]] | None:
+        """The buckets validate fits clean images to, or None (``ingest.resize_mode`` is
+        not ``buckets``)."""
+        c = self.ingest
+        if c.resize_mode != "buckets":
+            return None
+        return bucket_sizes(c.image_size, c.bucket_stride, self.validate_.max_aspect_ratio)
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """Every ``(width, height)`` a clean image may have."""
+        return self.buckets() or [(self.ingest.image_size, self.ingest.image_size)]
+
     @model_validator(mode="after")
     def _sizes_fit_the_models(self) -> Params:
         vae = 2 ** (len(self.train_vae.block_out_channels) - 1)
@@ -165,13 +197,16 @@ class Params(BaseModel):
                 f"train_vae.crop {v.crop} must be a multiple of the VAE's downsampling {vae} "
                 f"and below ingest.image_size {c.image_size} (null trains on whole images)"
             )
-        side = v.crop or c.image_size
+        # the shortest side the VAE trains on: a window's (clipped to its picture, as
+        # engine.images.random_crops) or a picture's, over every bucket
+        side = min(min(v.crop or w, w, h) for w, h in self.image_sizes())
         if v.discriminator and patchgan_side(side, v.disc_layers) < 1:
             least = next(n for n in range(side, 4096) if patchgan_side(n, v.disc_layers) >= 1)
             raise ValueError(
                 f"train_vae.discriminator: its {v.disc_layers} layers need pictures of at "
-                f"least {least} px a side, and the VAE trains on {side} px "
-                "(train_vae.crop, else ingest.image_size): fewer disc_layers, or larger"
+                f"least {least} px a side, and the VAE trains on {side} px (train_vae.crop, "
+                "else ingest.image_size or its buckets' shorter sides): fewer disc_layers, "
+                "or larger"
             )
         return self
 

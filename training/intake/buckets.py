@@ -7,8 +7,10 @@ nearest its aspect ratio, is scaled to cover it and centre-cropped to it (losing
 sliver, not the sides of a wide picture); every batch draws from one bucket
 (``order.BucketOrder``), so a batch is one tensor.
 
-Here a bucket's area is within 25 % of ``side**2``, its sides are multiples of
-``stride`` and its aspect ratio is at most ``max_ratio``. At small sizes the stride is
+The sizes themselves are ``config.bucket_sizes`` (``Params.image_sizes``), where the
+params that make them are checked against the models: a bucket's area is within 25 % of
+``side**2``, its sides are multiples of ``stride`` and its aspect ratio is at most
+``max_ratio``. At small sizes the stride is
 coarse: at 32 px with tiny's 16 px stride the only such bucket is the square, so the
 tiny profile trains square crops; at 64 px there are 64x64, 80x48, 48x80, 96x48 and
 48x96.
@@ -18,28 +20,8 @@ from __future__ import annotations
 
 import io
 import math
-from typing import TYPE_CHECKING
 
 from PIL import Image
-
-if TYPE_CHECKING:
-    from training.config import Params
-
-AREA_TOLERANCE = 1.25  # a bucket's area is within this factor of side**2
-
-
-def bucket_sizes(side: int, stride: int, max_ratio: float) -> list[tuple[int, int]]:
-    """``(width, height)`` of each bucket, square first, then by aspect ratio."""
-    if side % stride:
-        raise ValueError(f"image size {side} is not a multiple of the bucket stride {stride}")
-    target = side * side
-    out = {(side, side)}
-    for w in range(stride, int(side * max_ratio) + stride, stride):
-        h = max(stride, round(target / w / stride) * stride)
-        area_ok = abs(math.log(w * h / target)) <= math.log(AREA_TOLERANCE)
-        if area_ok and max(w, h) / min(w, h) <= max_ratio:
-            out |= {(w, h), (h, w)}
-    return sorted(out, key=lambda s: (s != (side, side), s[0] / s[1], s))
 
 
 def nearest(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
@@ -80,17 +62,3 @@ def name(size: tuple[int, int]) -> str:
 def parse(text: str) -> tuple[int, int]:
     w, _, h = text.partition("x")
     return int(w), int(h)
-
-
-def of_params(params: Params) -> list[tuple[int, int]] | None:
-    """The buckets validate fits clean images to, or None (``ingest.resize_mode`` is
-    not ``buckets``)."""
-    c = params.ingest
-    if c.resize_mode != "buckets":
-        return None
-    return bucket_sizes(c.image_size, c.bucket_stride, params.validate_.max_aspect_ratio)
-
-
-def image_sizes(params: Params) -> list[tuple[int, int]]:
-    """Every ``(width, height)`` a clean image may have under ``params``."""
-    return of_params(params) or [(params.ingest.image_size, params.ingest.image_size)]

@@ -64,7 +64,7 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
 
     c = params.validate_
     paths = shards.shard_paths(raw_dir / "shards")
-    sizes = buckets.of_params(params)
+    sizes = params.buckets()
     gate = Gate(params, docs_dir or out_dir / "data_docs")
     schema = shards.rejects_schema()
     counts: Counter = Counter()

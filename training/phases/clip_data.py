@@ -30,7 +30,6 @@ from training.config import Params
 from training.engine import loaders
 from training.engine.images import caption, center_square, decode_image
 from training.inference.text import encode_text
-from training.intake.buckets import image_sizes
 
 CHUNK = 4096  # captions tokenized at a time while building
 
@@ -113,7 +112,7 @@ def pair_split(params: Params, source: str, tokenizer, tokens: Path | None = Non
     order, with the captions tokenized once up front. Without: read in order, captions
     tokenized per batch (the val split: read once)."""
     size, c = params.ingest.image_size, params.train_clip
-    sizes = image_sizes(params)
+    sizes = params.image_sizes()
 
     if tokens is not None:
         from training.intake.shards import IMAGE_EXTS

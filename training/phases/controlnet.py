@@ -38,7 +38,6 @@ from training.engine.images import caption, decode_image, grid, to_tensor
 from training.inference.control import CONTROL_FILE, edges, weights_fingerprint
 from training.inference.sampling import trained_scheduler
 from training.inference.text import encode_text
-from training.intake.buckets import image_sizes
 from training.phases.latent_cache import model_fingerprint
 from training.phases.unet import make_step_fn
 
@@ -71,7 +70,7 @@ def control_split(params: Params, source: str, tokenizer, train: bool = True):
     ``[N, H, W, 3]``, ``"ids"``; for training in the stage's batch order, else read in
     order with the captions."""
     c = params.train_controlnet
-    sizes = image_sizes(params)
+    sizes = params.image_sizes()
 
     def decode(sample: dict) -> tuple[np.ndarray, np.ndarray, str]:
         img = decode_image(sample, sizes)

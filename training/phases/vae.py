@@ -34,7 +34,6 @@ from training import paths as P
 from training.config import Params
 from training.engine import loaders
 from training.engine.images import decode_image, psnr, random_crops, save_grid, ssim, to_tensor
-from training.intake.buckets import image_sizes
 
 
 def build(params: Params) -> AutoencoderKL:
@@ -99,7 +98,7 @@ def adversarial_losses(
 def image_split(params: Params, source: str, loader: str = "stream", train: bool = False):
     """A split of the clean images as ``{"x": float [N, 3, H, W]}`` batches; for training
     (``train=True``) in the stage's batch order, else read in order (``scan``)."""
-    sizes = image_sizes(params)  # a bucketed split's batches have their own shapes
+    sizes = params.image_sizes()  # a bucketed split's batches have their own shapes
     c = params.train_vae
 
     def decode(sample: dict) -> np.ndarray:

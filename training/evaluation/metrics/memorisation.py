@@ -132,10 +132,9 @@ def score(s: Samples) -> dict:
     from training import engine as E
     from training.engine import loaders
     from training.engine.images import center_square, decode_image, square
-    from training.intake.buckets import image_sizes
 
     c = s.params.evaluate
-    size, sizes = s.params.ingest.image_size, image_sizes(s.params)
+    size, sizes = s.params.ingest.image_size, s.params.image_sizes()
     val_recs = loaders.records(str(s.clean_dir / "val"), 512)  # every bucket in proportion
     val = [square(r.image(), size) for r in val_recs]  # bucketed: compared as centre squares
     vae = AutoencoderKL.from_pretrained(s.vae_dir).eval().to(E.device())
