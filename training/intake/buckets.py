@@ -10,10 +10,9 @@ sliver, not the sides of a wide picture); every batch draws from one bucket
 The sizes themselves are ``config.bucket_sizes`` (``Params.image_sizes``), where the
 params that make them are checked against the models: a bucket's area is within 25 % of
 ``side**2``, its sides are multiples of ``stride`` and its aspect ratio is at most
-``max_ratio``. At small sizes the stride is
-coarse: at 32 px with tiny's 16 px stride the only such bucket is the square, so the
-tiny profile trains square crops; at 64 px there are 64x64, 80x48, 48x80, 96x48 and
-48x96.
+``max_ratio``. At small sizes the stride is coarse: at 32 px with tiny's 16 px stride
+the only such bucket is the square, so the tiny profile trains square crops; at 64 px
+there are 64x64, 80x48, 48x80, 96x48 and 48x96.
 """
 
 from __future__ import annotations
