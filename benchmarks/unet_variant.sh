@@ -9,7 +9,7 @@
 # the overrides. `seed` is then set back to 0 for `kiln evaluate`, so every variant is
 # measured on the same caption picks and sampling seeds: evaluate's own choice (seed 0),
 # `choice_spread.py --seeds 1,2,3` and `pooled_own.py`'s 640 at 1.5.
-set -eu
+set -euo pipefail  # a failed stage stops the script (its output is piped through grep)
 src=$1 out=$2; shift 2
 repo=$(cd "$(dirname "$0")/.." && pwd)
 dst=$out/project
