@@ -314,3 +314,28 @@ def test_latents_made_by_other_code_are_not_reused(tmp_path: Path):
     text = tmp_path / "repo" / "training/backbones/unet2d.py"
     text.write_text(text.read_text() + "\n# a fix to the text states\n")
     assert code_fingerprint(tmp_path / "repo") != before
+
+
+@pytest.mark.parametrize("setting", [{"attention_head_dim": 8}, {"norm_num_groups": 8}])
+def test_a_parent_built_with_other_heads_or_groups_is_not_warm_started(tmp_path, setting):
+    """Heads and norm groups split the same tensors another way: every shape check
+    passes, and the parent's weights would compute something else (was: loaded and
+    fine-tuned for finetune_steps as if it knew the task)."""
+    from training.backbones import TextDims
+    from training.phases import reuse
+    from training.phases.unet import build, objective
+
+    def made(**train_unet):
+        params = config.resolve({"profile": "tiny", "train_unet": train_unet})
+        return params, build(params, 4, 8, TextDims(hidden=64, pooled=64))
+
+    params, parent = made()
+    parent.save_pretrained(tmp_path / "parent")
+    same, model = made()
+    assert reuse.warm_start(model, str(tmp_path / "parent"), same, objective(same), {})
+    loaded = zip(model.state_dict().values(), parent.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in loaded)
+    other, model = made(**setting)
+    key = next(iter(setting))
+    with pytest.raises(reuse.ReuseError, match=f"built with other settings \\({key}"):
+        reuse.warm_start(model, str(tmp_path / "parent"), other, objective(other), {})

@@ -34,6 +34,7 @@ from training.phases.reuse import (
     check,
     fits,
     resolve,
+    same_config,
     same_objective,
     same_spaces,
 )
@@ -158,3 +159,4 @@ def _unet_fits(ref: str, dirs: dict, params: Params) -> None:
     with safe_open(weights, "pt") as f:
         theirs = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     fits(ref, params, {k: list(v.shape) for k, v in model.state_dict().items()}, theirs)
+    same_config(ref, dirs["train_unet"], model)

@@ -157,6 +157,33 @@ def fits(ref: str, params: Params, own: dict[str, list], theirs: dict[str, list]
         )
 
 
+# a config.json key (beside the "_" ones: class, library version) that says nothing
+# about what the network computes: the image size a pipeline defaults to
+_NOT_COMPUTED = ("sample_size",)
+
+
+def same_config(ref: str, directory: Path, model) -> None:
+    """``ReuseError`` unless the denoiser in ``directory`` was built with ``model``'s
+    settings (its ``config.json`` against ``model.config``, the keys both have). The
+    tensors' shapes cannot tell: heads (``attention_head_dim``, ``dit_heads``) or norm
+    groups split the same weights another way, so the parent would be loaded into a
+    network that computes something else and fine-tuned on a quarter of the steps as
+    if it knew the task."""
+    saved = json.loads((directory / "config.json").read_text())
+    ours = json.loads(json.dumps(dict(model.config)))  # tuples as the file has them
+    differ = sorted(
+        k for k in saved.keys() & ours.keys()
+        if not k.startswith("_") and k not in _NOT_COMPUTED and saved[k] != ours[k]
+    )  # fmt: skip
+    if differ:
+        shown = ", ".join(f"{k} {saved[k]!r} there, {ours[k]!r} here" for k in differ)
+        raise ReuseError(
+            f"{ref} was built with other settings ({shown}): the same tensors compute "
+            "something else; set them back, or train this one from scratch (mode: "
+            "scratch, no init_from)"
+        )
+
+
 # what a denoiser learnt to predict and along which noise schedule: the same tensors
 # trained on another objective predict something else at every step
 _OBJECTIVE_KEYS = (
@@ -233,6 +260,7 @@ def warm_start(model, ref: str, params: Params, objective: dict, spaces: dict[st
     state = load_file(directory / UNET_WEIGHTS)
     fits(ref, params, {k: list(v.shape) for k, v in model.state_dict().items()},
          {k: list(v.shape) for k, v in state.items()})  # fmt: skip
+    same_config(ref, directory, model)
     with torch.no_grad():
         model.load_state_dict(state)
     from training import engine as E
