@@ -144,3 +144,22 @@ def test_held_out_compositions_are_left_out_of_the_distances(tmp_path, monkeypat
     out = distribution.score(s)
     assert out["fd_pairing"] == "spread" and out["fd_samples"] == 60
     assert not any(np.asarray(im)[0, 0, 0] == 250 for im in embedded[0])
+
+
+def test_a_floor_of_identical_halves_gives_no_ratio_and_says_why():
+    """Val pictures that come in identical pairs make the two real halves the same set:
+    a floor of rounding noise (was: clamped at 1e-12, so a close and an unrelated
+    generator both read about 1e11 times it, and the gate ranked on that)."""
+    rng = np.random.default_rng(0)
+    pictures = rng.normal(size=(8, 16))
+    real = np.repeat(pictures / np.linalg.norm(pictures, axis=1, keepdims=True), 2, axis=0)
+    close = real[1::2] + rng.normal(0, 0.01, size=(8, 16))
+    unrelated = rng.normal(3, 1, size=(8, 16))
+    for gen in (close, unrelated):
+        out = distribution.distribution_metrics(gen, real)
+        assert "fd_clip_ratio" not in out
+        assert "as good as identical" in out["fd_clip_ratio_skipped"]
+        assert out["fd_clip"] > 0  # the distance itself is still there
+    # distinct pictures in both halves: a ratio, as before
+    distinct = rng.normal(size=(16, 16))
+    assert distribution.distribution_metrics(close, distinct)["fd_clip_ratio"] > 0

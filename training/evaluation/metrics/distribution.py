@@ -50,8 +50,19 @@ def distribution_metrics(gen_e: np.ndarray, real_e: np.ndarray) -> dict:
     }
     # The distance in units of the floor: comparable between runs that trained different
     # CLIPs (each run embeds with its own), which fd_clip alone is not. 1 = as close to
-    # the val images as real images are.
-    out["fd_clip_ratio"] = out["fd_clip"] / max(out["fd_clip_real_halves"], 1e-12)
+    # the val images as real images are. Two halves of (nearly) the same pictures give
+    # a floor of rounding noise, which made the unit meaningless (was: a 1e-12 clamp, a
+    # close and an unrelated generator both at ~1e11): skipped with the reason.
+    spread = float(np.trace(np.atleast_2d(np.cov(ref[:m], rowvar=False))))
+    floor = out["fd_clip_real_halves"]
+    if floor > FLOOR_FRACTION * spread:
+        out["fd_clip_ratio"] = out["fd_clip"] / floor
+    else:
+        out["fd_clip_ratio_skipped"] = (
+            f"the two real halves are as good as identical (floor {floor:.3g}, the "
+            f"images' own spread {spread:.3g}): duplicate or constant val images; "
+            "fd_clip is still reported"
+        )
     return out
 
 
@@ -68,6 +79,10 @@ def clip_image_embeddings(clip_dir: Path, images: list) -> np.ndarray:
 # Fewest embeddings per set FD and CMMD are defined for: a covariance (FD) and the
 # unbiased MMD's m*(m-1) pairs (CMMD) need two; with one, sqrtm fails inside SciPy.
 MIN_SAMPLES = 2
+# A real-halves floor under this fraction of the embeddings' spread (the trace of their
+# covariance) is no unit: identical halves read rounding noise (1e-7 of it and less),
+# halves of distinct pictures far more (FD's small-sample bias alone)
+FLOOR_FRACTION = 1e-4
 
 
 def _check_sets(metric: str, a: np.ndarray, b: np.ndarray) -> None:
