@@ -279,3 +279,36 @@ def test_a_registry_that_fails_to_answer_is_not_read_as_no_champion(registry, mo
     # the retry, the registry back: judged, and not promoted
     late = _version(registry, "acc_all", 0.1)
     assert promote("m", late, {"acc_all": 0.1}, "acc_all", 0.0)["gate_decision"] == "challenger"
+
+
+def test_a_held_out_gate_metric_with_no_held_out_prompt_evaluated_is_skipped(registry):
+    """``evaluate.max_prompts: 12`` keeps only seen shapes prompts; the config accepts
+    ``gate_metric: acc_all_held_out``. The accuracy is recorded as skipped with the
+    reason, so the gate decides (was: absent, and the gate raised "not a metric of
+    this run" after the version was registered, leaving it without an alias)."""
+    from training.evaluation.metrics import oracle_accuracy
+    from training.evaluation.metrics.base import Samples
+    from training.intake import builtin
+    from training.tracking.gate import promote
+
+    class Reads:  # the oracle's reading of each sample: every attribute right
+        def score(self, img, truth):
+            return dict.fromkeys(("all", "shape", "colour", "size", "position"), True)
+
+    params = config.resolve({"evaluate": {"max_prompts": 12, "gate_metric": "acc_all_held_out"}})
+    prompts = builtin.eval_prompts("shapes")
+    for n, held in ((12, False), (len(prompts), True)):
+        assert any(p.held_out for p in prompts[:n]) == held
+        s = Samples(params, [None] * n, [p.prompt for p in prompts[:n]], prompts[:n],
+                    Reads(), Path(), Path(), Path())  # fmt: skip
+        out = oracle_accuracy.score(s)
+        assert ("acc_all_held_out" in out) == held
+        assert ("acc_all_held_out_skipped" in out) == (not held)
+    assert out["acc_all_held_out"] == 1.0
+    few = oracle_accuracy.score(
+        Samples(params, [None] * 12, [], prompts[:12], Reads(), Path(), Path(), Path())
+    )
+    assert "no held-out prompt among the 12 samples" in few["acc_shape_held_out_skipped"]
+    assert few["acc_all_seen"] == 1.0
+    gate = promote("m", _version(registry, "x", 0), few, "acc_all_held_out", 0.0)
+    assert gate["gate_decision"] == "champion"  # the first version: someone must serve

@@ -8,10 +8,16 @@ from collections import defaultdict
 
 import numpy as np
 
+from training.config import ORACLE_ACCURACIES
 from training.evaluation.metrics.base import Samples
 
 
-def score(s: Samples) -> dict[str, float]:
+def score(s: Samples) -> dict[str, float | str]:
+    """The accuracies, and for a group no sample was drawn from (``evaluate.max_prompts``
+    of 12 keeps no held-out shapes prompt) ``acc_<attr>_<group>_skipped`` with the
+    reason: the gate may be set to one of them, and a metric that is simply absent
+    stopped the run after its version was registered (was: ``is not a metric of this
+    run``, a version with no alias on every try)."""
     if s.oracle is None:  # user data has no ground truth to read
         return {}
     hits: dict[str, list[float]] = defaultdict(list)
@@ -20,4 +26,14 @@ def score(s: Samples) -> dict[str, float]:
         for attr, ok in s.oracle.score(img, truth.truth).items():
             hits[f"acc_{attr}"].append(float(ok))
             hits[f"acc_{attr}_{group}"].append(float(ok))
-    return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
+    out: dict[str, float | str] = {k: float(np.mean(v)) for k, v in sorted(hits.items())}
+    attrs, groups = ORACLE_ACCURACIES.get(s.params.oracle() or "", ((), ()))
+    for g in groups:
+        missing = [f"acc_{a}_{g}" for a in attrs if f"acc_{a}_{g}" not in out]
+        why = (
+            f"no {g.replace('_', '-')} prompt among the {len(s.images)} samples "
+            f"(evaluate.max_prompts {s.params.evaluate.max_prompts}); raise it or gate on "
+            "another accuracy"
+        )
+        out.update({f"{k}_skipped": why for k in missing})
+    return out
