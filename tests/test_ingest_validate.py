@@ -187,8 +187,8 @@ def test_url_lists_in_every_format_normalise_alike(tmp_path: Path, name: str, bo
 
 def _variants_raw(raw: Path) -> None:
     """Samples 0-9, then: a rescaled copy of 1 captioned alike ("same"), a rescaled copy
-    of 2 with its own caption ("variant"), and an exact copy of 3 with its own caption
-    ("exact")."""
+    of 2 with its own caption ("variant"), an exact copy of 3 with its own caption
+    ("exact") and sample 4's URL with another caption ("second")."""
     with shards.ShardWriter(raw / "shards", "raw", 50) as w:
         for i in range(10):
             w.write(shards.Record(f"{i:03d}", _png(i), "png", f"sample {i}", {"url": f"h/{i}"}))
@@ -199,6 +199,8 @@ def _variants_raw(raw: Path) -> None:
         w.write(shards.Record("same", near(1), "png", "Sample  1", {"url": "h/s"}))
         w.write(shards.Record("variant", near(2), "png", "sample 2, smiling", {"url": "h/v"}))
         w.write(shards.Record("exact", _png(3), "png", "sample 3, waving", {"url": "h/x"}))
+        # sample 4's URL again with a second caption (COCO gives a picture five)
+        w.write(shards.Record("second", _png(4), "png", "sample 4, on a bench", {"url": "h/4"}))
 
 
 @pytest.mark.parametrize(
@@ -206,17 +208,23 @@ def _variants_raw(raw: Path) -> None:
     [
         (
             "image",
-            {"same": "near_duplicate", "variant": "near_duplicate", "exact": "duplicate_image"},
+            {
+                "same": "near_duplicate",
+                "variant": "near_duplicate",
+                "exact": "duplicate_image",
+                "second": "duplicate_image, duplicate_url",
+            },
         ),
+        # was: "second" went as a duplicate URL whatever its caption
         ("image+caption", {"same": "near_duplicate"}),
-        ("off", {"exact": "duplicate_image"}),
+        ("off", {"exact": "duplicate_image", "second": "duplicate_image, duplicate_url"}),
     ],
 )
 def test_near_duplicate_policy_and_the_pairs_page(tmp_path: Path, policy: str, rejected: dict):
     """A curated set's captioned variants are the user's call: ``image`` drops them,
-    ``image+caption`` keeps them (and still drops a copy whose caption only differs in
-    case and spacing), ``off`` keeps near-duplicates; every rejected pair is listed and
-    shown beside the sample it copies."""
+    ``image+caption`` keeps them and a URL's second caption (and still drops a copy
+    whose caption only differs in case and spacing), ``off`` keeps near-duplicates;
+    every rejected pair is listed and shown beside the sample it copies."""
     raw = tmp_path / "raw"
     _variants_raw(raw)
     params = config.resolve(
@@ -230,9 +238,9 @@ def test_near_duplicate_policy_and_the_pairs_page(tmp_path: Path, policy: str, r
     assert dict(zip(rejects.key, rejects.failed_checks, strict=True)) == rejected
     dup = report["duplicates"]
     assert dup["policy"] == policy and dup["rejected"] == len(rejected)
-    earlier = {"same": "001", "variant": "002", "exact": "003"}
+    earlier = {"same": "001", "variant": "002", "exact": "003", "second": "004"}
     assert {(p["key"], p["earlier"], p["check"]) for p in dup["first_pairs"]} == {
-        (k, earlier[k], check) for k, check in rejected.items()
+        (k, earlier[k], check.split(", ")[0]) for k, check in rejected.items()
     }
     page = (tmp_path / "clean" / dup["page"]).read_text()
     for k in rejected:

@@ -108,7 +108,7 @@ class ValidateCfg(Section):
     max_caption_chars: int = Field(300, ge=1)
     # What makes a sample a copy of an earlier one. image: its picture is an exact or near
     # duplicate (web crawls: mirrors, resizes); image+caption: that, and the same caption
-    # (curated sets: variants of one drawing with their own captions are kept); off: no
+    # (curated sets: captioned variants of a drawing, or of a URL, are kept); off: no
     # near-duplicate check (exact copies of the picture still go).
     # Near: difference hashes of brightness and colour (192 bits, checks.dhash) within
     # near_duplicate_bits; the built-in sets skip it (their jittered renders are near by

@@ -109,7 +109,11 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
                 hit = near.find(h, tag)
             row["duplicate_image"] = earlier is not None
             row["near_duplicate"] = hit is not None
-            row["duplicate_url"] = bool(row["url"]) and row["url"] in seen_url
+            # a URL fetched again is the same picture: a copy on the policy's terms too
+            # (was: under image+caption a second caption of one URL, COCO's five a
+            # picture, went as a duplicate whatever its caption)
+            url = row["url"] + tag if row["url"] else ""
+            row["duplicate_url"] = bool(url) and url in seen_url
             if earlier is not None or hit is not None:
                 n_pairs += 1
                 if len(pairs) < dup_pairs.MAX_PAIRS:
@@ -129,8 +133,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
                 seen_px[px] = rec.key
             if near is not None and h is not None:
                 near.add(h, rec.key, tag)
-            if row["url"]:
-                seen_url.add(row["url"])
+            if url:
+                seen_url.add(url)
 
         def flush(chunk: list) -> None:
             nonlocal n_rejected
