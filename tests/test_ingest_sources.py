@@ -265,3 +265,25 @@ def test_interrupted_ingest_resumes_without_refetching_done_shards(tmp_path: Pat
     keys = [r.key for r in shards.read(shards.shard_paths(tmp_path / "raw" / "shards"))]
     assert keys == sorted(keys)
     assert not (tmp_path / "raw" / ".work").exists()
+
+
+def test_a_thin_strip_is_refused_before_its_short_side_is_scaled_up(tmp_path: Path):
+    """img2dataset takes the shorter side to image_size: a 1 x 8,000 strip (116 bytes)
+    became 32 x 256,000 px, and at 256 px a 1 x 40,000 one 7 GiB in one thread. The
+    resized picture is bounded by max_pixels, as the source is (was: unbounded)."""
+    src = tmp_path / "strips"
+    src.mkdir()
+    Image.new("RGB", (1, 8000), (200, 30, 30)).save(src / "strip.png")
+    _picture(0).save(src / "fine.png")
+    for name in ("strip", "fine"):
+        (src / f"{name}.txt").write_text(f"a {name} picture\n")
+    # 32 px: at most 1,000,000 / 32**2 = 976 : 1 after resizing
+    params = _params(dataset="folder", source=str(src), image_size=32, max_pixels=1_000_000)
+    assert ingest.max_aspect_ratio(32, "buckets", 1_000_000) == 1_000_000 / 32**2
+    report = ingest.run(params, tmp_path / "raw", tmp_path / "work")
+    assert (report["count"], report["successes"]) == (2, 1)
+    assert any("aspect ratio too large" in why for why in report["failures_by_reason"])
+    (rec,) = list(shards.read(shards.shard_paths(tmp_path / "raw" / "shards")))
+    assert rec.caption == "a fine picture" and rec.image().size == (32, 32)
+    # the longer side to image_size (border): nothing grows, nothing refused
+    assert ingest.max_aspect_ratio(32, "border", 1_000_000) == float("inf")

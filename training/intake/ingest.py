@@ -62,6 +62,18 @@ def img2dataset_resize_mode(mode: str) -> str:
     return "keep_ratio" if mode == "buckets" else mode
 
 
+def max_aspect_ratio(image_size: int, resize_mode: str, max_pixels: int) -> float:
+    """The widest picture img2dataset may resize: taking the shorter side to
+    ``image_size`` (keep_ratio, center_crop, buckets) makes a 1 x 40,000 strip of 116
+    bytes 256 x 10,240,000 px, 7 GiB in one thread (was: unbounded). Bounded as the
+    source is, by ``max_pixels``; refused as "aspect ratio too large". Validate's own
+    ``max_aspect_ratio`` (2 by default) rejects far narrower ones anyway, with the
+    picture counted."""
+    if img2dataset_resize_mode(resize_mode) not in ("keep_ratio", "center_crop"):
+        return float("inf")  # the longer side goes to image_size, or nothing is resized
+    return max_pixels / image_size**2
+
+
 def download(
     url_list: Path,
     out_dir: Path,
@@ -89,6 +101,7 @@ def download(
             output_folder=str(out_dir),
             image_size=c.image_size,
             resize_mode=img2dataset_resize_mode(c.resize_mode),
+            max_aspect_ratio=max_aspect_ratio(c.image_size, c.resize_mode, c.max_pixels),
             encode_format="png",
             encode_quality=c.png_compression,  # png: zlib level; lossless either way
             processes_count=c.processes,
