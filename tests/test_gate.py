@@ -312,3 +312,50 @@ def test_a_held_out_gate_metric_with_no_held_out_prompt_evaluated_is_skipped(reg
     assert few["acc_all_seen"] == 1.0
     gate = promote("m", _version(registry, "x", 0), few, "acc_all_held_out", 0.0)
     assert gate["gate_decision"] == "champion"  # the first version: someone must serve
+
+
+def test_a_promotion_stopped_halfway_is_finished_by_the_next_continuing_run(registry, monkeypatch):
+    """The gate moved the pipeline's @champion, then the registry failed while it crowned
+    the components: kiln-unet@champion stayed on the old champion's U-Net. Those parts
+    agree with each other, so every check of the next continuing run passed and it
+    fine-tuned the old U-Net (was: without a word). Its preflight now crowns the
+    champion's own parts first."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from training.phases import continuing
+    from training.tracking.gate import COMPONENT_TAG, components_behind, promote
+
+    parts = ("kiln-clip", "kiln-unet", "kiln-vae")  # crowned in this order
+    for model in parts:
+        registry.create_registered_model(model)
+        for _ in range(2):
+            registry.create_model_version(model, source="file:///nowhere")
+    versions = []
+    for built_from, value in (("1", 1.5), ("2", 1.2)):
+        versions.append(_version(registry, "fd_clip_ratio", value))
+        for model in parts:
+            registry.set_model_version_tag("m", versions[-1], f"{COMPONENT_TAG}{model}", built_from)
+
+    def champions() -> list[str]:
+        return [str(registry.get_model_version_by_alias(m, "champion").version) for m in parts]
+
+    promote("m", versions[0], {"fd_clip_ratio": 1.5}, "fd_clip_ratio", 0.0)
+    assert champions() == ["1", "1", "1"]
+    real = MlflowClient.set_registered_model_alias
+
+    def unet_fails(self, name, alias, version):
+        if name == "kiln-unet":
+            raise MlflowException("503 from the registry")
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", unet_fails)
+    with pytest.raises(MlflowException):
+        promote("m", versions[1], {"fd_clip_ratio": 1.2}, "fd_clip_ratio", 0.0)
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)  # it answers again
+    assert str(registry.get_model_version_by_alias("m", "champion").version) == versions[1]
+    assert champions() == ["2", "1", "1"]
+    assert components_behind("m", versions[1]) == {"kiln-unet": ("1", "2"), "kiln-vae": ("1", "2")}
+    continuing._components_follow("m", versions[1])
+    assert champions() == ["2", "2", "2"]
+    assert components_behind("m", versions[1]) == {}

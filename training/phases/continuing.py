@@ -57,6 +57,7 @@ def preflight(params: Params) -> dict[str, str] | None:
     if champion is None:
         return None  # each stage will say so too, and train from scratch
     same_collection(params, champion)
+    _components_follow(PIPELINE_MODEL, champion)
     refs = {s: builds_on(s, params) for s in STAGES}
     if not all(refs.values()):  # a champion crowned before its components were
         missing = ", ".join(f"{s}" for s, r in refs.items() if not r)
@@ -69,6 +70,23 @@ def preflight(params: Params) -> dict[str, str] | None:
             check(stage, ref, dirs[stage], params)  # type: ignore[arg-type]
     _unet_fits(refs["train_unet"], dirs, params)  # type: ignore[arg-type]
     return versions
+
+
+def _components_follow(name: str, champion: str) -> None:
+    """Crown again the components a promotion that stopped halfway left on the old
+    champion (``gate.components_behind``), so that ``models:/kiln-unet@champion`` is
+    the champion's U-Net when the stages resolve it (was: the previous one, fine-tuned
+    without a word)."""
+    from training.tracking.gate import components_behind, crown_components
+
+    behind = components_behind(name, champion)
+    if behind:
+        shown = ", ".join(f"{m}@champion is v{now}, not v{v}" for m, (now, v) in behind.items())
+        say(
+            f"mode continue: the champion {name} v{champion} was built from other "
+            f"components ({shown}): a promotion stopped halfway; crowning its own"
+        )
+        crown_components(name, champion)
 
 
 def same_collection(params: Params, version: str) -> None:

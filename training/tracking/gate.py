@@ -31,10 +31,7 @@ def crown_components(name: str, version: str) -> dict[str, str]:
     from training.console import say
 
     client = MlflowClient()
-    tags = client.get_model_version(name, version).tags
-    parts = {
-        k.removeprefix(COMPONENT_TAG): v for k, v in tags.items() if k.startswith(COMPONENT_TAG)
-    }
+    parts = _parts(client.get_model_version(name, version).tags)
     if not parts:
         say(f"{name} v{version} names no components: their @champion aliases are unchanged")
     crowned = {}
@@ -48,6 +45,26 @@ def crown_components(name: str, version: str) -> dict[str, str]:
             continue
         crowned[model] = v
     return crowned
+
+
+def components_behind(name: str, version: str) -> dict[str, tuple[str | None, str]]:
+    """``{model: (its @champion, the version name v``version`` was built from)}`` for each
+    component whose alias does not follow the pipeline's champion ``version``: a
+    promotion that stopped between moving ``name@champion`` and ``crown_components``
+    (a registry error, a kill) left them on the old champion's parts. Those agree with
+    each other, so every check of a continuing run passed and it fine-tuned the old
+    U-Net while its gate judged against the new champion. Crowning them again
+    (``crown_components``) is what the promotion would have done."""
+    from mlflow import MlflowClient
+
+    parts = _parts(MlflowClient().get_model_version(name, version).tags)
+    return {m: (now, v) for m, v in sorted(parts.items()) if (now := _alias(m, "champion")) != v}
+
+
+def _parts(tags: dict[str, str]) -> dict[str, str]:
+    """``{model: version}`` from a pipeline version's ``kiln.component.<model>`` tags."""
+    n = len(COMPONENT_TAG)
+    return {k[n:]: v for k, v in tags.items() if k.startswith(COMPONENT_TAG)}
 
 
 def promote(
