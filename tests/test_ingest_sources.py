@@ -287,3 +287,41 @@ def test_a_thin_strip_is_refused_before_its_short_side_is_scaled_up(tmp_path: Pa
     assert rec.caption == "a fine picture" and rec.image().size == (32, 32)
     # the longer side to image_size (border): nothing grows, nothing refused
     assert ingest.max_aspect_ratio(32, "border", 1_000_000) == float("inf")
+
+
+def test_a_folder_loses_no_picture_without_a_word(tmp_path: Path, capfd):
+    """Were skipped silently: a linked subfolder's pictures (``rglob`` does not follow
+    the link), ``.jfif`` files, and the caption of ``UP.JPG`` in ``UP.TXT`` (read as
+    missing, then rejected for "caption length"). A link back up is walked once; other
+    files are counted by suffix."""
+    src, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    src.mkdir()
+    elsewhere.mkdir()
+    _picture(0).save(elsewhere / "linked.png")
+    (elsewhere / "linked.txt").write_text("a linked picture")
+    (src / "more").symlink_to(elsewhere, target_is_directory=True)
+    (src / "loop").symlink_to(src, target_is_directory=True)  # a link back up
+    _picture(1).save(src / "UP.JPG", format="JPEG")
+    (src / "UP.TXT").write_text("an upper-case name")
+    _picture(2).save(src / "b.jfif", format="JPEG")
+    (src / "b.txt").write_text("a jfif picture")
+    _picture(3).save(src / "orphan.png")
+    (src / "notes.md").write_text("not a picture")
+    rows = sources.folder_rows(src)
+    assert {r["path"]: r["caption"] for r in rows} == {
+        "UP.JPG": "an upper-case name",
+        "b.jfif": "a jfif picture",
+        "more/linked.png": "a linked picture",
+        "orphan.png": "",
+    }
+    said = capfd.readouterr().err
+    assert "1 files in" in said and "left out: .md 1" in said
+    assert "1 of 4 images have no .txt caption beside them (e.g. orphan.png)" in said
+    # the source's identity sees the linked folder too: a change there is a new source
+    from training.intake.kinds import folder
+
+    params = _params(dataset="folder", source=str(src))
+    before = folder.identity(params)
+    assert any(name == "more/linked.png" for name, *_ in before)
+    (elsewhere / "linked.txt").write_text("a linked picture, captioned again")
+    assert folder.identity(params) != before

@@ -20,13 +20,16 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import re
 import shutil
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+from training.console import say
 from training.intake.canonical import shard_spelling
 
 FORMATS = {
@@ -36,7 +39,10 @@ FORMATS = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
 }
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+# .jfif is JPEG; .avif decodes where Pillow has it, else is refused by name at ingest
+IMAGE_SUFFIXES = (
+    ".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif",
+)  # fmt: skip
 UNSAFE_SUFFIXES = (".pyd", ".pickle", ".pkl", ".pth", ".pt", ".npy")
 CHUNK_ROWS = 50_000
 
@@ -195,20 +201,56 @@ def normalize_url_list(path: Path, url_col: str, caption_col: str, out: Path) ->
     return total
 
 
+def folder_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, subfolders included, and those a link to a folder
+    leads to (Python 3.11's ``rglob`` does not follow one: its pictures were neither
+    ingested nor counted); a folder reached twice (a link back up) is walked once."""
+    files, walked = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:
+            dirs[:] = []
+            continue
+        walked.add(real)
+        files += [p for n in names if (p := Path(root) / n).is_file()]
+    return sorted(files)
+
+
 def folder_rows(folder: Path) -> list[dict]:
     """(path relative to ``folder``, caption) for each image; a missing sidecar gives an
-    empty caption, which the quality gate rejects with its reason (never silently)."""
+    empty caption, which the quality gate rejects with its reason (never silently). The
+    sidecar is the image's name with ``.txt`` in any case (``UP.TXT`` beside
+    ``UP.JPG``). Files that are neither images by their suffix nor sidecars are counted
+    and named by suffix (was: skipped without a word)."""
     check_folder(folder)
-    rows = []
-    for p in sorted(folder.rglob("*")):
-        if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
+    files = folder_files(folder)
+    sidecars = {(p.parent, p.stem): p for p in files if p.suffix.lower() == ".txt"}
+    rows, uncaptioned, other = [], [], Counter()
+    for p in files:
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            if p.suffix.lower() != ".txt":
+                other[p.suffix.lower() or "(no suffix)"] += 1
             continue
-        side = p.with_suffix(".txt")
+        side = sidecars.get((p.parent, p.stem))
         # -sig: a byte-order mark would stay in the caption, pass every check and be
         # trained into the text encoder
-        raw = side.read_bytes() if side.is_file() else b""
+        raw = side.read_bytes() if side is not None else b""
         caption = raw.decode("utf-8-sig", errors="replace")
-        rows.append({"path": p.relative_to(folder).as_posix(), "caption": caption.strip()})
+        rel = p.relative_to(folder).as_posix()
+        rows.append({"path": rel, "caption": caption.strip()})
+        if side is None:
+            uncaptioned.append(rel)
+    if other:
+        shown = ", ".join(f"{k} {n}" for k, n in sorted(other.items()))
+        say(
+            f"ingest: {sum(other.values())} files in {folder} are not images by their "
+            f"suffix ({', '.join(IMAGE_SUFFIXES)}) nor .txt captions, left out: {shown}"
+        )
+    if uncaptioned and rows:
+        say(
+            f"ingest: {len(uncaptioned)} of {len(rows)} images have no .txt caption beside "
+            f"them (e.g. {uncaptioned[0]}): validate rejects them for an empty caption"
+        )
     if not rows:
         raise SourceError(
             f"image folder {folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}, "

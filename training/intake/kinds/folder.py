@@ -20,8 +20,8 @@ def identity(params: Params) -> list:
     root = Path(params.ingest.source)
     return [
         (p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and (st := p.stat())
+        for p in sources.folder_files(root)
+        if (st := p.stat())
     ]
 
 
