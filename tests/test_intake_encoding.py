@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from training.intake import sources
@@ -135,3 +136,14 @@ def test_a_lone_surrogate_in_json_is_one_rejected_caption(tmp_path: Path):
     rows = _read(tmp_path / "l.jsonl", tmp_path)
     assert [r["caption"] for r in rows] == ["ok \U0001f600", "cut \ufffd", "fine"]
     assert CAPTION_REPLACEMENT in rows[1]["caption"]  # what the gate's caption_utf8 reads
+
+
+def test_a_float_tiff_is_refused_not_stored_black():
+    """Was: a 32-bit float picture (values 0-1, as scientific TIFFs hold) went through
+    ``convert("RGB")``, which clips 0.5 to 0: a flat black sample that passed every check."""
+    from training.intake.download import Refused
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(buf, format="TIFF")
+    with pytest.raises(Refused, match="32-bit float pixels"):
+        normalize(buf.getvalue(), 10**8)

@@ -102,6 +102,19 @@ def test_unicode_captions_pass_and_control_characters_still_fail(tmp_path: Path)
     assert kept["soft_hyphen"] == UNICODE_CAPTIONS["soft_hyphen"]
 
 
+def test_a_caption_of_invisible_characters_alone_is_empty(tmp_path: Path):
+    """Were 1 character, printable, and trained as a caption: a zero-width space, a
+    second byte-order mark, a word joiner and a soft hyphen draw nothing."""
+    invisible = {"zwsp": "\u200b", "bom": "\ufeff", "joiner": "\u2060 \u00ad"}
+    samples = [
+        (k, _png(_picture(20 + i)), cap, {"url": f"http://h/{k}"})
+        for i, (k, cap) in enumerate({**invisible, "zwj": UNICODE_CAPTIONS["zwj"]}.items())
+    ]
+    report, rejected, kept = _gate(tmp_path, samples)
+    assert rejected == dict.fromkeys(invisible, "caption_chars")
+    assert set(kept) == {"zwj"}  # joined emoji are text
+
+
 # ---- 2: a rejected sample claims no picture and no URL ---------------------------------
 def test_a_good_copy_of_a_rejected_sample_is_kept(tmp_path: Path):
     """The folder repro: a.png without a caption, b.png the same picture captioned."""

@@ -50,6 +50,14 @@ def caption_is_text(caption: str) -> bool:
     )
 
 
+def visible_chars(caption: str) -> int:
+    """``caption``'s length without format characters (category Cf: zero-width space,
+    word joiner, soft hyphen, a second BOM), which draw nothing: a caption of those
+    alone is empty (was: 1 character, printable, and trained as a caption). A ZWJ
+    inside an emoji sequence is not counted either; the emoji it joins are."""
+    return len("".join(ch for ch in caption if unicodedata.category(ch) != "Cf").strip())
+
+
 HASH_BITS = 192
 # A flat or nearly flat picture hashes to (almost) all zeros, so any two of them would
 # look "near" each other; below this many set bits only exact duplicates count.
@@ -179,7 +187,7 @@ def meta_row(rec) -> dict:
     row = {
         "key": rec.key,
         "url": str(rec.meta.get("url", "")),
-        "caption_chars": len(caption.strip()),
+        "caption_chars": visible_chars(caption),
         # not str.isprintable(): that is False for NBSP, U+3000, ZWJ, soft hyphen, \n...
         "caption_printable": caption_is_text(caption),
         "caption_utf8": CAPTION_REPLACEMENT not in caption,

@@ -53,6 +53,10 @@ def normalize(
             img.load()
     except Exception:
         raise Refused("truncated or corrupt image") from None
+    if img.mode == "F":  # was: clipped to 0 and 1 by convert(), a black picture kept
+        raise Refused(
+            "32-bit float pixels: the file does not say their range; save it as 8 or 16 bit"
+        )
     frames = getattr(img, "n_frames", 1)
     orientation = img.getexif().get(0x0112, 1)
     if (
