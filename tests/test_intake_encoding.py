@@ -147,3 +147,15 @@ def test_a_float_tiff_is_refused_not_stored_black():
     Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(buf, format="TIFF")
     with pytest.raises(Refused, match="32-bit float pixels"):
         normalize(buf.getvalue(), 10**8)
+
+
+def test_a_picture_over_max_pixels_is_refused_naming_the_knob():
+    """A 48 MP phone photo is over the default 40 M: the reason says which setting lets it
+    in (was: "decompression bomb" alone)."""
+    from training.intake.download import Refused
+
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(buf, format="PNG")
+    with pytest.raises(Refused, match=r"over ingest.max_pixels, 5,000; raise it"):
+        normalize(buf.getvalue(), 5000)
+    assert normalize(buf.getvalue(), 10_000) == buf.getvalue()  # at the limit: fine

@@ -373,7 +373,7 @@ class EvaluateCfg(Section):
     # images: fewer is quicker and coarser
     guidance_pool: int = Field(512, ge=2, le=4096)  # held in memory with the reference
     # memorisation (evaluation/metrics/memorisation.py): a sample within this RMS of a
-    # training image is a copy; the first copy_search_samples images are searched
+    # training image is a copy; copy_search_samples images spread over the split are searched
     copy_distance: float = Field(0.02, gt=0.0)
     copy_search_samples: int = Field(50_000, ge=1)
     # Promotion gate: a new kiln-text2image version becomes @champion only if this metric

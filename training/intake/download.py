@@ -36,6 +36,12 @@ def normalize(
 
     if not data:
         raise Refused("empty body")
+    # one reason for all (the report counts reasons); it names the knob, as a 48 MP
+    # phone photo is over the default too (was: "decompression bomb" alone)
+    too_big = (
+        f"decompression bomb (declared size over ingest.max_pixels, {max_pixels:,}; "
+        "raise it for photos that large)"
+    )
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -43,10 +49,10 @@ def normalize(
         kind = "html" if head.startswith((b"<!doctype html", b"<html")) else "unknown data"
         raise Refused(f"not an image ({kind})") from None
     except Image.DecompressionBombError:
-        raise Refused("decompression bomb (declared size over max_pixels)") from None
+        raise Refused(too_big) from None
     w, h = img.size
     if w * h > max_pixels:
-        raise Refused("decompression bomb (declared size over max_pixels)")
+        raise Refused(too_big)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
