@@ -163,3 +163,32 @@ def test_a_floor_of_identical_halves_gives_no_ratio_and_says_why():
     # distinct pictures in both halves: a ratio, as before
     distinct = rng.normal(size=(16, 16))
     assert distribution.distribution_metrics(close, distinct)["fd_clip_ratio"] > 0
+
+
+def test_class_captions_get_a_sample_for_each_image_the_distances_compare(tmp_path, monkeypatch):
+    """Captions that repeat (a class per picture: "a cat" x 30, "a dog" x 10) were
+    drawn once each: 2 prompts x 2 samples could not pair with the 20 images of the
+    compared half, and FD fell back to 2 samples spread against 2 images."""
+    from training.evaluation.prompts import prompt_set
+
+    monkeypatch.setattr(distribution, "clip_image_embeddings", _colour_embeddings)
+    rng = np.random.default_rng(1)
+    colours, captions = {}, []
+    with shards.ShardWriter(tmp_path / "clean" / "val", "val", 25) as w:
+        for i in range(40):
+            caption = "a cat" if i < 30 else "a dog"
+            base = np.array([200, 40, 40]) if i < 30 else np.array([40, 40, 200])
+            rgb = np.clip(base + rng.normal(0, 25, 3), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            _picture(rgb).save(buf, format="PNG")
+            w.write(shards.Record(f"{i:06d}", buf.getvalue(), "png", caption, {}))
+            colours.setdefault(caption, rgb)
+            captions.append(caption)
+    params = config.resolve({"ingest": {"dataset": "folder", "source": "x", "image_size": SIZE}})
+    prompts = [p.prompt for p in prompt_set(params, tmp_path / "clean")]
+    assert prompts == captions[1::2]  # each as often as the compared half holds it
+    drawn = [p for _ in range(2) for p in prompts]  # samples_per_prompt 2, as evaluate
+    images = [_picture(colours[p]) for p in drawn]
+    s = Samples(params, images, drawn, [], None, tmp_path / "clean", tmp_path, tmp_path)
+    out = distribution.score(s)
+    assert out["fd_pairing"] == "captions" and out["fd_samples"] == 20

@@ -146,16 +146,19 @@ def run(
 
     figures: dict[str, Path] = {}
     if oracle is None:  # user data: the prompts are val captions, each has a real image
-        real = _real_by_caption(clean_dir, {p.prompt for p in prompts[:24]})
+        # the first 24 distinct ones (a caption repeats as often as FD compares it)
+        first = {p.prompt: i for i, p in reversed(list(enumerate(prompts)))}
+        shown = sorted(first.values())[:24]
+        real = _real_by_caption(clean_dir, {prompts[i].prompt for i in shown})
         tables["Val captions: the real image, then the samples from its caption"] = (
             X.captions_table(
                 [
                     (
-                        p.prompt,
-                        real.get(p.prompt),
+                        prompts[i].prompt,
+                        real.get(prompts[i].prompt),
                         [images[j * len(prompts) + i] for j in range(c.samples_per_prompt)],
                     )
-                    for i, p in enumerate(prompts[:24])
+                    for i in shown
                 ]
             )
         )

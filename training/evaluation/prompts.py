@@ -1,6 +1,6 @@
-"""What evaluate samples: the prompts (a built-in set's own list, or the distinct val
-captions of user data, those FD compares first) and one request per sample of each,
-each with its own seed."""
+"""What evaluate samples: the prompts (a built-in set's own list, or the val captions
+of user data: those FD compares first, as often as that half holds them, then the other
+distinct ones) and one request per sample of each, each with its own seed."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def prompt_set(params: Params, clean_dir: Path) -> list:
     ds = params.oracle()
     if ds:  # a built-in set, or an export of one (evaluate.oracle)
         prompts = builtin.eval_prompts(ds)
-    else:  # user data: distinct captions of the validation split
+    else:  # user data: the captions of the validation split
         caps = [r.caption for r in shards.read(shards.shard_paths(clean_dir / "val"))]
         # those FD and CMMD compare first (the second real half of the images they read,
         # metrics/distribution.py ``paired``: a pick spread over the buckets, not the
@@ -26,7 +26,11 @@ def prompt_set(params: Params, clean_dir: Path) -> list:
         # collection's order, which is often by category
         real = loaders.records(str(clean_dir / "val"), distribution.LIMIT)
         first = [r.caption for r in real][1::2]
-        prompts = [builtin.EvalPrompt(c, {}) for c in dict.fromkeys(first + caps)]
+        # with their repeats: FD pairs one sample with each image of that half, so a
+        # caption k images share needs k samples (was: distinct captions only, and class
+        # captions, "a photo of a cat" x 20, fell back to 2 or 3 samples spread)
+        rest = [c for c in dict.fromkeys(caps) if c not in set(first)]
+        prompts = [builtin.EvalPrompt(c, {}) for c in first + rest]
     if params.evaluate.max_prompts:
         prompts = prompts[: params.evaluate.max_prompts]
     return prompts
