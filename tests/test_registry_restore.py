@@ -182,3 +182,20 @@ def test_an_evaluate_whose_registration_did_not_finish_is_finished_not_copied(ro
     assert _numbers(root, "kiln-text2image") == ["1"]
     tags = _client(root).get_model_version("kiln-text2image", "1").tags
     assert tags["gate_decision"] == "champion" and resume.FINISHED_TAG in tags
+
+
+def test_the_pipeline_names_its_components_by_this_registrys_numbers(root):
+    """DVC restored train_vae onto another MLflow server: its metrics say
+    ``registered_version: 1``, the number where it ran, but here v1 holds other weights
+    and the flow registered the restored ones as v2. evaluate tagged the pipeline with
+    v1 (its metrics' number), so a promotion crowned the wrong VAE; it now names v2."""
+    from training.tracking import components
+
+    _vae(root, 1.0)
+    _stage_registers_vae(root)  # this registry's v1: other weights
+    _vae(root, 2.0)
+    _locked(root, "train_vae", VAE_OUT, "other.dir", {"loss": 0.2, "registered_version": "1"})
+    assert _flow_ensures(root, "train_vae") == "2"  # registered here as restored
+    assert components.built_from(root) == {"kiln-vae": "2"}
+    _vae(root, 1.0)  # the stage's own weights again: the number it recorded holds them
+    assert components.built_from(root) == {"kiln-vae": "1"}

@@ -67,5 +67,21 @@ def built_from(root: Path = Path(".")) -> dict[str, str]:
             continue
         version = json.loads(metrics.read_text()).get("registered_version")
         if version:
-            parts[s.model] = str(version)
+            parts[s.model] = in_this_registry(s.name, s.model, root, str(version))
     return parts
+
+
+def in_this_registry(stage: str, model: str, root: Path, named: str) -> str:
+    """The version of this registry holding ``stage``'s output weights. ``named`` (the
+    stage's metrics) is the number where the stage ran: after DVC restored the stage
+    onto a new MLflow server, another registry's, while the flow registered the same
+    weights here under its own (was: the pipeline tagged with the old number, so a
+    promotion crowned an unrelated version or none, and ``mode: continue`` built on it
+    or stopped). ``named`` where no version carries the weights' fingerprint."""
+    from mlflow import MlflowClient
+
+    from training.tracking.registry import same_weights
+
+    versions = MlflowClient().search_model_versions(f"name = '{model}'")
+    newest_first = sorted(versions, key=lambda v: -int(v.version))
+    return same_weights(newest_first, stage, root, named) or named

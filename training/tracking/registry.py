@@ -282,14 +282,14 @@ def ensure_registered(
     for v in newest_first:
         if v.tags.get(tag) == md5:
             return str(v.version)
-    found = _same_weights(newest_first, stage, root, done.get("registered_version"))
+    found = same_weights(newest_first, stage, root, done.get("registered_version"))
     if found is not None:  # registered by the stage run outside this flow
         client.set_model_version_tag(name, found, tag, md5)
         return found
     return _register_restored(parent_run_id, stage, root, md5, gate, components)
 
 
-def _same_weights(versions: list, stage: str, root: Path, named: Any) -> str | None:
+def same_weights(versions: list, stage: str, root: Path, named: Any) -> str | None:
     """Which of ``versions`` (newest first) carries the weights of ``stage``'s output:
     the one ``named`` in the stage's metrics if it does, else the newest; None if none,
     or if the last pipeline version of them did not finish its registration (a stop
