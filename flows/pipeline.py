@@ -98,8 +98,11 @@ def summarize(params: dict, versions: dict[str, str]) -> tuple[str, str]:
             "acc_size",
             "acc_position",
             "acc_digit",
+            "fd_clip_ratio",  # the gate's metric for data without an oracle
+            "copies_frac",
             "clip_score",
             "guidance",  # the scale the model was evaluated at and is served at
+            "guidance_start",  # ... from this fraction of the steps (0: throughout)
             "vae_psnr",
             "ceiling_acc_all_vae_recon",
             "images_per_s",

@@ -119,3 +119,24 @@ def test_the_dit_takes_the_interval_too(tmp_path):
 def test_a_start_outside_0_1_is_refused_in_one_line(bad):
     with pytest.raises(ValueError, match=r"guidance_start must be a fraction in \[0, 1\)"):
         sampling.check_request(sampling.Request(PROMPT, 0, guidance_start=bad))
+
+
+def test_the_run_summary_shows_the_served_guidance_interval_and_the_gate_distance(
+    tmp_path, monkeypatch
+):
+    """The summary printed ``guidance 3.000`` for a model served at 3 from 40% of the
+    steps, and left out fd_clip_ratio, the gate's metric for data without an oracle."""
+    import json
+
+    from flows import pipeline
+
+    metrics = tmp_path / "data" / "metrics"
+    metrics.mkdir(parents=True)
+    ev = {"guidance": 3.0, "guidance_start": 0.4, "fd_clip_ratio": 1.62, "clip_score": 0.8}
+    (metrics / "evaluate.json").write_text(json.dumps(ev))
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    params = {"ingest": {"dataset": "folder"}, "profile": "tiny"}
+    md, text = pipeline.summarize(params, {"kiln-text2image": "1"})
+    shown = ("guidance_start     0.400", "fd_clip_ratio      1.620", "guidance           3.000")
+    assert all(line in text for line in shown), text
+    assert "| fd_clip_ratio | 1.620 |" in md
