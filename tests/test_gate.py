@@ -359,3 +359,44 @@ def test_a_promotion_stopped_halfway_is_finished_by_the_next_continuing_run(regi
     continuing._components_follow("m", versions[1])
     assert champions() == ["2", "2", "2"]
     assert components_behind("m", versions[1]) == {}
+
+
+def test_a_promotion_by_hand_that_stopped_halfway_can_be_run_again(registry, monkeypatch):
+    """The registry failed while a hand promotion crowned the components: the pipeline
+    was @champion without its decision tags, and running it again was refused ("already
+    @champion"), leaving the components on the old champion's. Now it finishes."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from training.errors import UserError
+    from training.tracking.gate import COMPONENT_TAG, promote
+    from training.tracking.versions import promote_by_hand
+
+    registry.create_registered_model("kiln-unet")
+    for _ in range(2):
+        registry.create_model_version("kiln-unet", source="file:///nowhere")
+    first, second = (_version(registry, "fd_clip_ratio", v) for v in (1.5, 1.8))
+    for v, unet in ((first, "1"), (second, "2")):
+        registry.set_model_version_tag("m", v, f"{COMPONENT_TAG}kiln-unet", unet)
+    promote("m", first, {"fd_clip_ratio": 1.5}, "fd_clip_ratio", 0.0)
+    real = MlflowClient.set_registered_model_alias
+
+    def unet_fails(self, name, alias, version):
+        if name == "kiln-unet":
+            raise MlflowException("503 from the registry")
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", unet_fails)
+    with pytest.raises(MlflowException):
+        promote_by_hand(second, "preferred by eye", name="m")
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+
+    def unet() -> str:
+        return str(registry.get_model_version_by_alias("kiln-unet", "champion").version)
+
+    assert unet() == "1"
+    decision = promote_by_hand(second, "preferred by eye", name="m")
+    assert unet() == "2" and decision["gate_champion_version"] == first
+    assert registry.get_model_version("m", second).tags["gate_source"] == "hand"
+    with pytest.raises(UserError, match="already @champion"):  # a finished one still is
+        promote_by_hand(second, "again", name="m")

@@ -58,7 +58,7 @@ def components_behind(name: str, version: str) -> dict[str, tuple[str | None, st
     from mlflow import MlflowClient
 
     parts = _parts(MlflowClient().get_model_version(name, version).tags)
-    return {m: (now, v) for m, v in sorted(parts.items()) if (now := _alias(m, "champion")) != v}
+    return {m: (now, v) for m, v in sorted(parts.items()) if (now := alias_of(m, "champion")) != v}
 
 
 def _parts(tags: dict[str, str]) -> dict[str, str]:
@@ -178,7 +178,7 @@ def promote(
     return decision
 
 
-def _alias(name: str, alias: str) -> str | None:
+def alias_of(name: str, alias: str) -> str | None:
     """The version ``name@alias`` points at, None when there is none."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -205,7 +205,7 @@ def _complete(name: str, version: str, decision: dict) -> None:
 
     client = MlflowClient()
     alias = decision["gate_decision"]
-    now = _alias(name, alias)
+    now = alias_of(name, alias)
     if alias == "champion":
         if now not in (version, decision.get("gate_champion_version")):
             say(f"{name}@champion is v{now} since v{version} won the gate: left there")

@@ -147,7 +147,7 @@ def promote_by_hand(version: str, reason: str, name: str = PIPELINE_MODEL) -> di
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from training.tracking.gate import crown_components
+    from training.tracking.gate import alias_of, crown_components
     from training.tracking.store import check_reachable, setup
 
     check_reachable()
@@ -166,10 +166,16 @@ def promote_by_hand(version: str, reason: str, name: str = PIPELINE_MODEL) -> di
             raise ConnectionError(f"could not read {name}@champion: {str(exc)[:300]}") from None
         old = None
     if old == str(version):
-        raise UserError(f"{name} v{version} is already @champion")
-    client.set_registered_model_alias(name, "champion", version)
-    if old is not None:
-        client.set_registered_model_alias(name, "challenger", old)
+        if client.get_model_version(name, version).tags.get("gate_decision"):
+            raise UserError(f"{name} v{version} is already @champion")
+        # a promotion of it that stopped before its decision was tagged (a registry
+        # error while crowning the components): finished, not refused (was: "already
+        # @champion", and its components stayed on the old champion's)
+        old = alias_of(name, "challenger")
+    else:
+        client.set_registered_model_alias(name, "champion", version)
+        if old is not None:
+            client.set_registered_model_alias(name, "challenger", old)
     crown_components(name, version)  # a continuing run builds on the new champion's parts
     decision = {
         "gate_decision": "champion",
