@@ -355,3 +355,21 @@ def test_samples_per_s_counts_the_batch_the_loader_served(tmp_path, capsys):
         loader.close()
     assert out["samples_per_s"] * out["train_seconds"] == pytest.approx(3 * 40)
     assert "batch_size 64 is more than" in capsys.readouterr().err
+
+
+def test_latents_refuse_a_clean_shard_cut_short_before_encoding_anything(tmp_path):
+    """The training loaders skip and count a damaged shard; precompute_latents read the
+    clean split with webdataset, which yields the samples before the cut and stops
+    without a word (was: latents of 7 of a shard's 10 samples, the manifest naming the
+    whole split). It now checks every shard against the index first."""
+    from training.errors import UserError
+    from training.intake import shards
+    from training.phases.latents import check_clean
+
+    directory = image_split(tmp_path / "train")
+    check_clean(directory)  # whole: no error
+    path = sorted(directory.glob("*.tar"))[2]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert 0 < sum(1 for r in shards.read([path])) < 37  # what webdataset gives: no error
+    with pytest.raises(UserError, match=r"train-00002.tar is not the shard .*index.json names"):
+        check_clean(directory)

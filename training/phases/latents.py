@@ -177,6 +177,8 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     part: dict = {"truncated": {}, "encoded": 0}
     context = tokenizer.model_max_length
     for split in ("train", "val"):
+        check_clean(clean_dir / split)
+    for split in ("train", "val"):
         cut = 0  # captions longer than the text encoder's context: counted, never silent
         paths = shards.shard_paths(clean_dir / split)
         shard_no = {str(path): i for i, path in enumerate(paths)}
@@ -335,6 +337,26 @@ def _write_manifest(params: Params, clean_dir: Path, models: tuple, out_dir: Pat
         # keeps it in data/metrics; MLflow takes only the numbers)
         "files_by_process": by_process,
     }
+
+
+def check_clean(split_dir: Path) -> None:
+    """``UserError`` unless every shard of the clean split is the one its index names
+    (size and sha256), before anything is encoded. webdataset reads a truncated tar up
+    to the cut and stops without a word: the latents held 7 of a shard's 10 samples,
+    and the manifest still named the whole split (was: the U-Net trained on fewer
+    samples than the data has, and nothing counted them)."""
+    from training.errors import UserError
+    from training.intake.index import INDEX, file_sha256, parse_index
+
+    path = split_dir / INDEX
+    index = parse_index(path.read_text(), str(split_dir), str(path))
+    for entry in index.shards:
+        f = split_dir / entry.url
+        if not f.is_file() or f.stat().st_size != entry.filesize or file_sha256(f) != entry.sha256:
+            raise UserError(
+                f"{f} is not the shard {path} names (missing, cut short or changed since "
+                "validate wrote it): run validate again (dvc repro --force validate)"
+            )
 
 
 def clean_buckets(split_dir: Path) -> list[str | None]:
