@@ -57,8 +57,12 @@ def _metrics(stage: str) -> dict:
 
 def _preflight(params) -> None:
     """``evaluate.ruler`` is a CLIP for this profile, and, in ``mode: continue``, the
-    registry answers and the champion fits this profile; or the run stops here, before
-    any stage (``training/evaluation/ruler.py``, ``training/phases/continuing.py``)."""
+    registry answers and the champion fits this profile; and under ``KILN_NPROC=N``
+    every training stage's batch splits evenly over N processes; or the run stops here,
+    before any stage (``training/evaluation/ruler.py``, ``training/phases/continuing.py``)."""
+    uneven = _uneven_batches(params, os.environ.get("KILN_NPROC", "1"))
+    if uneven:
+        raise PreflightFailed(uneven)
     if params.evaluate.ruler:
         from training.evaluation.ruler import resolve
 
@@ -78,6 +82,29 @@ def _preflight(params) -> None:
         print("mode continue: no champion yet, so this run trains from scratch")
     else:
         print("mode continue: building on " + ", ".join(f"models:/{v}" for v in base.values()))
+
+
+def _uneven_batches(params, nproc: str) -> str:
+    """The training stages whose global batch ``nproc`` processes cannot split evenly
+    (each process takes an equal slice), as one line; "" when none (was: found at the
+    first step of the first training stage, after ingest and validate)."""
+    n = int(nproc) if nproc.strip().isdigit() else 1  # a bad value: each stage says so
+    sections = {
+        s.name: getattr(params, s.name)
+        for s in stages.STAGES
+        if s.data_parallel and s.name != "precompute_latents"  # that one splits by shard
+    }
+    bad = [
+        f"{name}.batch_size {c.batch_size}"
+        for name, c in sections.items()
+        if getattr(c, "enabled", True) and c.batch_size % n  # a ControlNet switched off
+    ]
+    if not bad:
+        return ""
+    return (
+        f"KILN_NPROC={n}: {', '.join(bad)} do not split evenly over {n} processes; set "
+        f"batch sizes that are multiples of {n}, or another KILN_NPROC"
+    )
 
 
 class PreflightFailed(RuntimeError):

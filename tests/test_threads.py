@@ -138,3 +138,21 @@ def test_loader_threads_are_a_count_the_user_set_or_up_to_four():
     assert env.setting_problems({"KILN_LOADER_THREADS": "0", "KILN_THREADS": "4"}) == [
         "KILN_LOADER_THREADS must be a whole number >= 1, got '0'"
     ]
+
+
+def test_a_batch_that_processes_cannot_split_stops_the_run_before_any_stage(monkeypatch):
+    """``KILN_NPROC=3`` with tiny's batch sizes (32, 128, 64) failed at the first step
+    of train_vae, after ingest and validate had run; the flow's preflight says it first,
+    naming every stage it would stop."""
+    from flows.pipeline import PreflightFailed, _preflight
+    from training import config
+
+    params = config.resolve({"profile": "tiny"})
+    monkeypatch.setenv("KILN_NPROC", "3")
+    with pytest.raises(PreflightFailed) as err:
+        _preflight(params)
+    said = str(err.value)
+    assert said.startswith("KILN_NPROC=3: train_vae.batch_size 32, train_clip.batch_size 128")
+    assert "train_unet.batch_size 64" in said and "train_controlnet" not in said  # it is off
+    monkeypatch.setenv("KILN_NPROC", "2")
+    _preflight(params)  # 32, 128 and 64 split over 2: no error
