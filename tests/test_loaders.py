@@ -373,3 +373,19 @@ def test_latents_refuse_a_clean_shard_cut_short_before_encoding_anything(tmp_pat
     assert 0 < sum(1 for r in shards.read([path])) < 37  # what webdataset gives: no error
     with pytest.raises(UserError, match=r"train-00002.tar is not the shard .*index.json names"):
         check_clean(directory)
+
+
+def test_the_unets_val_shards_are_checked_before_training(tmp_path):
+    """A val latent shard missing from the store stopped train_unet at its first preview,
+    600 steps in (train's were checked at the start, as the VAE's and CLIP's val)."""
+    from training import config
+    from training.phases import unet
+
+    from .loaderkit import latents_dir
+
+    root = latents_dir(tmp_path / "latents", n=64, per_shard=32, n_val=64)
+    (root / "val" / "val-00001-000.safetensors").unlink()
+    params = config.resolve({"profile": "tiny"})
+    with pytest.raises(MissingShard, match="val-00001-000.safetensors"):
+        unet.run(params, root, tmp_path / "no-vae", tmp_path / "out", tmp_path / "ckpt")
+    assert not (tmp_path / "out").exists()

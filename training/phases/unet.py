@@ -206,9 +206,11 @@ def run(
     null_text = load(store.read_bytes(f"{latents}/null_text.safetensors"))
     preview_text = load(store.read_bytes(f"{latents}/preview_text.safetensors"))
     scaling = float(manifest["vae"]["scaling_factor"])
-    batches = latent_split(params, f"{latents}/train")
     # the held-out loss runs on rank 0 only, between steps like the previews
     val = f"{latents}/val" if E.is_main() and params.train_unet.val_samples else None
+    if val is not None:  # its shards checked now, as train's (was: at the first preview)
+        store.index(val)
+    batches = latent_split(params, f"{latents}/train")
     try:
         return _train(params, manifest, batches, (null_text, preview_text, scaling), vae_dir,
                       out_dir, ckpt_dir, log, val)  # fmt: skip
