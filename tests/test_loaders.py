@@ -389,3 +389,25 @@ def test_the_unets_val_shards_are_checked_before_training(tmp_path):
     with pytest.raises(MissingShard, match="val-00001-000.safetensors"):
         unet.run(params, root, tmp_path / "no-vae", tmp_path / "out", tmp_path / "ckpt")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_in_memory_loader_holds_few_shards_open_while_it_loads(tmp_path):
+    """It opened every shard and closed them at the end: 100 shards under a limit of 96
+    file handles failed with "Too many open files", reported as failing storage (a
+    common default limit of 1,024 meant about 1,000 shards)."""
+    import subprocess
+    import sys
+
+    image_split(tmp_path / "train", n=200, per_shard=2)  # 100 shards
+    script = (
+        "import resource, sys; sys.path.insert(0, 'tests')\n"
+        "from loaderkit import decode, collate\n"
+        "from training.engine.loaders import InMemory\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))\n"
+        f"m = InMemory({str(tmp_path / 'train')!r}, decode, collate, 32, 0, 4)\n"
+        "print('loaded', int(m.valid.sum()))\n"
+    )
+    cmd = [sys.executable, "-c", script]
+    ran = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert "loaded 200" in ran.stdout

@@ -27,7 +27,7 @@ class InMemory(Split):
         parts, valid = [], []
         lengths = self.index.lengths
         runs = self.pool.map(
-            self._shard_run, range(len(lengths)), [list(enumerate(range(n))) for n in lengths]
+            self._whole_shard, range(len(lengths)), [list(enumerate(range(n))) for n in lengths]
         )
         for run in runs:
             samples = [s for _, s in run]
@@ -58,6 +58,19 @@ class InMemory(Split):
             }
         self._group_of = np.repeat(np.asarray(groups), lengths)
         self.close()  # everything is in self.tensors; no shard stays open
+
+    def _whole_shard(self, shard: int, items: list[tuple[int, int]]) -> list:
+        """A shard's samples, its reader closed once they are read: at most one shard a
+        decode thread is open at a time (was: all of them until the end, and a split of
+        1,000 shards ran out of file handles, "Too many open files", and was reported
+        as failing storage)."""
+        try:
+            return self._shard_run(shard, items)
+        finally:
+            with self._shard_locks[shard]:
+                reader = self._readers.pop(shard, None)
+            if reader is not None:
+                reader.close()
 
     def _stand_ins(self, ids: np.ndarray, walk: Walk) -> np.ndarray:
         out = ids.copy()
