@@ -400,3 +400,27 @@ def test_serving_limits_come_from_the_environment(monkeypatch):
     assert e.message.startswith("row 0: steps") and "Failed" not in e.serialize_as_json()
     assert e.get_http_status_code() == 400 and "stack_trace" not in e.serialize_as_json()
     assert os.environ.get("KILN_SERVE_MAX_ROWS") is None
+
+
+def test_more_steps_than_training_timesteps_and_boolean_numbers_are_refused(tiny):
+    """A model trained on 100 timesteps asked for 101 steps: DPM-Solver++ repeated
+    timesteps and answered a black picture as a success (DDIM and DDPM raised inside
+    diffusers). And a boolean guidance was read as 1.0 (guidance_start False as 0.0)."""
+    from training.inference.text2image_model import BadRequest, parse_requests
+
+    pipe = sampling.load(tiny)
+    pipe.scheduler = sampling.make_scheduler(
+        "dpm++", {**pipe.scheduler.config, "num_train_timesteps": 100}
+    )
+    geometry = sampling.Geometry.of(pipe)
+    assert geometry.timesteps == 100
+    with pytest.raises(ValueError, match="steps 101 is more than the 100 timesteps"):
+        sampling.generate(pipe, [sampling.Request("a red circle", 1, 101)])
+    (img,) = sampling.generate(pipe, [sampling.Request("a red circle", 1, 100)])
+    assert np.asarray(img).std() > 0  # a picture, not a black square
+    rows = pd.DataFrame({"prompt": ["a"], "steps": [150]})
+    with pytest.raises(BadRequest, match="row 0: steps 150 is more than the 100"):
+        parse_requests(rows, 64, 1000, geometry)
+    for column, value in (("guidance", True), ("guidance_start", False)):
+        with pytest.raises(BadRequest, match=f"row 0: {column}"):
+            parse_requests(pd.DataFrame({"prompt": ["a"], column: [value]}), 64, 1000)

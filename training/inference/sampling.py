@@ -173,21 +173,32 @@ class Geometry:
 
     native: int
     stride: int
+    # the training timesteps: check_request's bound is 1,000, and a model trained on
+    # fewer has fewer to give (was: DPM-Solver++ repeated timesteps and answered a black
+    # picture as a success; DDIM and DDPM raised deep inside diffusers)
+    timesteps: int = 1000
 
     @classmethod
     def of(cls, pipe: DiffusionPipeline) -> Geometry:
         vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         net = backbones.denoiser(pipe).config
         down = backbones.of_pipeline(pipe).downsampling(net)
-        return cls(native=int(net.sample_size) * vae, stride=vae * down)
+        timesteps = int(pipe.scheduler.config.num_train_timesteps)
+        return cls(native=int(net.sample_size) * vae, stride=vae * down, timesteps=timesteps)
 
     @property
     def sizes(self) -> range:
         return range(self.stride, MAX_SIZE_FACTOR * self.native + 1, self.stride)
 
     def size(self, r: Request) -> tuple[int, int]:
-        """``(width, height)`` of a checked request; ``ValueError`` naming the sizes
-        allowed when the model cannot draw it."""
+        """``(width, height)`` of a checked request; ``ValueError`` naming what is
+        allowed when the model cannot draw it: the sizes, or at most ``timesteps``
+        steps."""
+        if r.steps > self.timesteps:
+            raise ValueError(
+                f"steps {r.steps} is more than the {self.timesteps} timesteps this model "
+                f"was trained on: at most {self.timesteps}"
+            )
         out = []
         for field, side in (("width", r.width), ("height", r.height)):
             side = self.native if side is None else int(side)

@@ -175,11 +175,11 @@ def parse_requests(
             prompt="" if _missing(prompt) else prompt,
             seed=_whole(value("seed", i, i)),
             steps=_whole(value("steps", i, defaults["steps"])),
-            guidance=float(guidance) if isinstance(guidance, int | float) else guidance,
+            guidance=_number(guidance),
             negative=value("negative_prompt", i, defaults["negative_prompt"]),
             width=_whole(value("width", i, None)),
             height=_whole(value("height", i, None)),
-            guidance_start=float(start) if isinstance(start, int | float) else start,
+            guidance_start=_number(start),
         )
         try:
             check_request(r)
@@ -195,6 +195,12 @@ def parse_requests(
             "(KILN_SERVE_MAX_STEPS_TOTAL)"
         )
     return [r for r, _ in requests]
+
+
+def _number(x):
+    """A number column's value as float, a bool left as it is for check_request to
+    refuse (was: True read as guidance 1.0, False as guidance_start 0.0)."""
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else x
 
 
 def parse_controls(model_input: pd.DataFrame, sizes: list, detector: dict | None) -> list:
