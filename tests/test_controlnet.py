@@ -325,3 +325,33 @@ def test_the_control_evaluation_draws_each_sample_at_its_controls_size(tmp_path)
     sizes = [(64, 32), (64, 32), (64, 32), (32, 64), (32, 32)]
     images = _sample(pipe, ["a red circle"] * 5, list(range(5)), sizes, params)
     assert [im.size for im in images] == sizes
+
+
+def test_a_rest_row_without_control_is_map_is_read_as_a_picture(tmp_path):
+    """The registered signature typed ``control_is_map`` boolean, and MLflow's scoring
+    server cast a row's missing value to True in ``dataframe_records`` (to False in
+    ``dataframe_split``): a photo sent without the flag was used as a ready edge map,
+    no edge detection. Through the real scoring server, with Kiln's signature."""
+    import json
+
+    import mlflow
+    import pandas as pd
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    from training.tracking.signatures import text2image_signature
+
+    class Echo(mlflow.pyfunc.PythonModel):  # what predict is given, per row
+        def predict(self, context, model_input, params=None):
+            flags = model_input["control_is_map"].tolist()
+            return pd.DataFrame({"seen": [json.dumps([None if f != f else f for f in flags])]})
+
+    sig = text2image_signature()
+    mlflow.pyfunc.save_model(tmp_path / "echo", python_model=Echo(), signature=sig)
+    client = TestClient(scoring_server.init(mlflow.pyfunc.load_model(str(tmp_path / "echo"))))
+    rows = [{"prompt": "a photo", "control": "AAAA"},
+            {"prompt": "a map", "control": "BBBB", "control_is_map": True}]  # fmt: skip
+    got = client.post("/invocations", json={"dataframe_records": rows})
+    assert got.status_code == 200, got.text
+    flags = json.loads(got.json()["predictions"][0]["seen"])
+    assert flags[0] in (None, False) and flags[1] is True  # was: [true, true]

@@ -126,36 +126,8 @@ def register_text2image(
     registered again (``tracking/resume.py``)."""
     import tempfile
 
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-    from mlflow.types.schema import AnyType
+    from training.tracking.signatures import text2image_signature
 
-    # Number columns are "any", checked by the model itself (parse_requests: a null is
-    # the default, 4.0 is 4, 4.5 and "4" are refused in one line). "long" refuses a
-    # column with a null row (float64 with NaN) before predict runs; "double" refuses an
-    # int64 column, a pyfunc caller's DataFrame({"seed": [1, 2]}) or ({"guidance": [4]}),
-    # in a multi-line message. A version keeps the signature it was registered with.
-    whole = number = AnyType()
-    signature = ModelSignature(
-        inputs=Schema(
-            [
-                ColSpec("string", "prompt"),
-                ColSpec(whole, "seed", required=False),
-                ColSpec(whole, "steps", required=False),
-                ColSpec(number, "guidance", required=False),
-                ColSpec(number, "guidance_start", required=False),
-                ColSpec("string", "negative_prompt", required=False),
-                ColSpec(whole, "width", required=False),
-                ColSpec(whole, "height", required=False),
-                ColSpec("string", "control", required=False),
-                ColSpec(number, "control_scale", required=False),
-                ColSpec("boolean", "control_is_map", required=False),
-            ]
-        ),
-        outputs=Schema(
-            [ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image")]
-        ),
-    )
     tags = {k: str(v) for k, v in flatten({"metric": metrics}).items()}
     tags.update({k: v for k, v in tr.run.data.tags.items() if _carried(k)})
     tags.update({f"{COMPONENT_TAG}{model}": str(v) for model, v in (components or {}).items()})
@@ -174,7 +146,7 @@ def register_text2image(
             python_model=str(code / "inference" / "text2image_model.py"),
             artifacts=artifacts,
             code_paths=[str(code)],
-            signature=signature,
+            signature=text2image_signature(),
             pip_requirements=_requirements(),
             metadata={
                 "kiln_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}

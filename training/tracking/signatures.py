@@ -1,7 +1,7 @@
-"""What a registered component folder takes and gives: the ``MLmodel`` written beside
-its weights (``registry.register_dir``), so ``mlflow.models.get_model_info`` describes
-what to feed a ``kiln-vae``, ``kiln-clip``, ``kiln-unet``, ``kiln-controlnet`` or
-``kiln-ruler`` version."""
+"""What a registered model takes and gives: the ``MLmodel`` written beside a component
+folder's weights (``registry.register_dir``), so ``mlflow.models.get_model_info``
+describes what to feed a ``kiln-vae``, ``kiln-clip``, ``kiln-unet``, ``kiln-controlnet``
+or ``kiln-ruler`` version; and the columns the ``kiln-text2image`` pyfunc takes."""
 
 from __future__ import annotations
 
@@ -79,4 +79,41 @@ def component_model(name: str, directory: Path):
     return Model(
         signature=ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs)),
         metadata={"load_with": loader, "weights": "safetensors"},
+    )
+
+
+def text2image_signature():
+    """The ``kiln-text2image`` pyfunc's columns (``inference/text2image_model.py`` reads
+    them). Number columns are "any", checked by the model itself (parse_requests: a
+    null is the default, 4.0 is 4, 4.5 and "4" are refused in one line). "long" refuses
+    a column with a null row (float64 with NaN) before predict runs; "double" refuses an
+    int64 column, a pyfunc caller's DataFrame({"seed": [1, 2]}) or ({"guidance": [4]}),
+    in a multi-line message. ``control_is_map`` is not "boolean" either: MLflow casts a
+    row's missing value in a boolean column to True in ``dataframe_records`` (was: a
+    photo taken for an edge map) and to False in ``dataframe_split``; the model reads
+    a missing one as false. A version keeps the signature it was registered with."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import AnyType
+
+    whole = number = anything = AnyType()
+    return ModelSignature(
+        inputs=Schema(
+            [
+                ColSpec("string", "prompt"),
+                ColSpec(whole, "seed", required=False),
+                ColSpec(whole, "steps", required=False),
+                ColSpec(number, "guidance", required=False),
+                ColSpec(number, "guidance_start", required=False),
+                ColSpec("string", "negative_prompt", required=False),
+                ColSpec(whole, "width", required=False),
+                ColSpec(whole, "height", required=False),
+                ColSpec("string", "control", required=False),
+                ColSpec(number, "control_scale", required=False),
+                ColSpec(anything, "control_is_map", required=False),
+            ]
+        ),
+        outputs=Schema(
+            [ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image")]
+        ),
     )
