@@ -29,7 +29,8 @@ def prompt_set(params: Params, clean_dir: Path) -> list:
         # with their repeats: FD pairs one sample with each image of that half, so a
         # caption k images share needs k samples (was: distinct captions only, and class
         # captions, "a photo of a cat" x 20, fell back to 2 or 3 samples spread)
-        rest = [c for c in dict.fromkeys(caps) if c not in set(first)]
+        compared = set(first)
+        rest = [c for c in dict.fromkeys(caps) if c not in compared]
         prompts = [builtin.EvalPrompt(c, {}) for c in first + rest]
     if params.evaluate.max_prompts:
         prompts = prompts[: params.evaluate.max_prompts]
