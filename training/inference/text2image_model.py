@@ -36,7 +36,8 @@ all on this one loaded model. So:
   row, plus the size limits below); a bad one is HTTP 400 with a one-line message.
 * Requests are bounded: at most ``KILN_SERVE_MAX_ROWS`` rows (default 64) and at most
   ``KILN_SERVE_MAX_STEPS_TOTAL`` denoising steps summed over the rows (default 1000),
-  a row's steps counted in trained-size images (a 2x2-larger image's step counts 4).
+  a row's steps counted in trained-size images (a 2x2-larger image's step counts 4, a
+  smaller image's 1).
   On the tiny profile one image-step costs ~8 ms on 2 idle CPU cores and ~30 ms when
   other jobs load them 5-9 deep (benchmarks/RESULTS.md, "REST serving"), so the largest
   request takes ~8-35 s, inside MLflow's 60 s scoring timeout. Raise both for bigger
