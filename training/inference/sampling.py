@@ -22,7 +22,6 @@ import copy
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +46,7 @@ from training.inference.requests import MAX_PROMPT_CHARS as MAX_PROMPT_CHARS
 from training.inference.requests import MAX_SEED as MAX_SEED
 from training.inference.requests import MAX_SIZE_FACTOR as MAX_SIZE_FACTOR
 from training.inference.requests import MAX_STEPS as MAX_STEPS
+from training.inference.requests import Geometry as Geometry
 from training.inference.requests import Request as Request
 from training.inference.requests import check_request as check_request
 
@@ -162,62 +162,6 @@ def load(path: str | Path) -> DiffusionPipeline:
 
 def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
     pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What sizes a pipeline can draw: ``native`` is the trained side in pixels; width and
-    height must be multiples of ``stride`` (the VAE's downsampling times the U-Net's,
-    so every U-Net level gets a whole number of latent pixels) up to ``MAX_SIZE_FACTOR``
-    times ``native``."""
-
-    native: int
-    stride: int
-    # the training timesteps: check_request's bound is 1,000, and a model trained on
-    # fewer has fewer to give (was: DPM-Solver++ repeated timesteps and answered a black
-    # picture as a success; DDIM and DDPM raised deep inside diffusers)
-    timesteps: int = 1000
-
-    @classmethod
-    def of(cls, pipe: DiffusionPipeline) -> Geometry:
-        vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        net = backbones.denoiser(pipe).config
-        down = backbones.of_pipeline(pipe).downsampling(net)
-        timesteps = int(pipe.scheduler.config.num_train_timesteps)
-        return cls(native=int(net.sample_size) * vae, stride=vae * down, timesteps=timesteps)
-
-    @property
-    def sizes(self) -> range:
-        return range(self.stride, MAX_SIZE_FACTOR * self.native + 1, self.stride)
-
-    def size(self, r: Request) -> tuple[int, int]:
-        """``(width, height)`` of a checked request; ``ValueError`` naming what is
-        allowed when the model cannot draw it: the sizes, or at most ``timesteps``
-        steps."""
-        if r.steps > self.timesteps:
-            raise ValueError(
-                f"steps {r.steps} is more than the {self.timesteps} timesteps this model "
-                f"was trained on: at most {self.timesteps}"
-            )
-        out = []
-        for field, side in (("width", r.width), ("height", r.height)):
-            side = self.native if side is None else int(side)
-            if side not in self.sizes:
-                raise ValueError(
-                    f"{field} {side} is not a size this model draws: a multiple of "
-                    f"{self.stride} from {self.stride} to {self.sizes[-1]} px "
-                    f"(trained at {self.native})"
-                )
-            out.append(side)
-        return out[0], out[1]
-
-    def cost(self, r: Request) -> float:
-        """The request's area in trained-size images (1.0 at the native size), and never
-        less than 1: a smaller picture's step costs about as much as a trained-size one
-        (16 px: 0.87 of 32 px's on this CPU; was: charged 0.25, so a request within the
-        budget did 3.5x the work the budget allows)."""
-        w, h = self.size(r)
-        return max(1.0, w * h / self.native**2)
 
 
 def manifest_line(
