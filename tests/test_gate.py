@@ -3,6 +3,7 @@ distances, where lower wins."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -314,13 +315,32 @@ def test_a_held_out_gate_metric_with_no_held_out_prompt_evaluated_is_skipped(reg
     assert gate["gate_decision"] == "champion"  # the first version: someone must serve
 
 
+@contextlib.contextmanager
+def _unet_alias_fails(monkeypatch):
+    """The registry fails every kiln-unet alias call inside, and answers again after."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    real = MlflowClient.set_registered_model_alias
+
+    def unet_fails(self, name, alias, version):
+        if name == "kiln-unet":
+            raise MlflowException("503 from the registry")
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", unet_fails)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
+
+
 def test_a_promotion_stopped_halfway_is_finished_by_the_next_continuing_run(registry, monkeypatch):
     """The gate moved the pipeline's @champion, then the registry failed while it crowned
     the components: kiln-unet@champion stayed on the old champion's U-Net. Those parts
     agree with each other, so every check of the next continuing run passed and it
     fine-tuned the old U-Net (was: without a word). Its preflight now crowns the
     champion's own parts first."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from training.phases import continuing
@@ -342,17 +362,8 @@ def test_a_promotion_stopped_halfway_is_finished_by_the_next_continuing_run(regi
 
     promote("m", versions[0], {"fd_clip_ratio": 1.5}, "fd_clip_ratio", 0.0)
     assert champions() == ["1", "1", "1"]
-    real = MlflowClient.set_registered_model_alias
-
-    def unet_fails(self, name, alias, version):
-        if name == "kiln-unet":
-            raise MlflowException("503 from the registry")
-        return real(self, name, alias, version)
-
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", unet_fails)
-    with pytest.raises(MlflowException):
+    with _unet_alias_fails(monkeypatch), pytest.raises(MlflowException):
         promote("m", versions[1], {"fd_clip_ratio": 1.2}, "fd_clip_ratio", 0.0)
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)  # it answers again
     assert str(registry.get_model_version_by_alias("m", "champion").version) == versions[1]
     assert champions() == ["2", "1", "1"]
     assert components_behind("m", versions[1]) == {"kiln-unet": ("1", "2"), "kiln-vae": ("1", "2")}
@@ -365,7 +376,6 @@ def test_a_promotion_by_hand_that_stopped_halfway_can_be_run_again(registry, mon
     """The registry failed while a hand promotion crowned the components: the pipeline
     was @champion without its decision tags, and running it again was refused ("already
     @champion"), leaving the components on the old champion's. Now it finishes."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from training.errors import UserError
@@ -379,17 +389,8 @@ def test_a_promotion_by_hand_that_stopped_halfway_can_be_run_again(registry, mon
     for v, unet in ((first, "1"), (second, "2")):
         registry.set_model_version_tag("m", v, f"{COMPONENT_TAG}kiln-unet", unet)
     promote("m", first, {"fd_clip_ratio": 1.5}, "fd_clip_ratio", 0.0)
-    real = MlflowClient.set_registered_model_alias
-
-    def unet_fails(self, name, alias, version):
-        if name == "kiln-unet":
-            raise MlflowException("503 from the registry")
-        return real(self, name, alias, version)
-
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", unet_fails)
-    with pytest.raises(MlflowException):
+    with _unet_alias_fails(monkeypatch), pytest.raises(MlflowException):
         promote_by_hand(second, "preferred by eye", name="m")
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
 
     def unet() -> str:
         return str(registry.get_model_version_by_alias("kiln-unet", "champion").version)
