@@ -392,7 +392,7 @@ img = Image.open(io.BytesIO(base64.b64decode(res["image"][0])))
 print(list(res.columns), img.size, img.format)
 """,
     )
-    assert "['prompt', 'seed', 'image'] (32, 32) PNG" in out
+    assert "['prompt', 'seed', 'image', 'note'] (32, 32) PNG" in out
 
 
 def test_rest_serving_of_the_champion_on_loopback(run, tmp_path):

@@ -290,3 +290,74 @@ def test_a_controlnet_without_its_detector_file_gets_the_defaults_with_a_warning
     assert res.exit_code == 0, res.output
     assert f"has no {CONTROL_FILE}" in res.output and "Canny 100/200" in res.output
     assert _drawn(out)[1]["controlnet"] == str(old / "controlnet")
+
+
+# ---- 5. prompts cut to the text encoder's context are said so; controls decoded in turn ---
+def test_a_rest_answer_says_when_a_prompt_or_negative_prompt_was_cut(served):
+    """Was: REST cut a prompt past the text encoder's 24 tokens without a word (only
+    ``kiln generate`` warned), and the answer had no ``note`` without a control column."""
+    long = "a large red circle in the center of a plain black background, " * 3
+    out = _rest(
+        served,
+        {"dataframe_records": [
+            {"prompt": PROMPT, "seed": 1, "steps": 2},
+            {"prompt": long, "seed": 1, "steps": 2},
+            {"prompt": PROMPT, "seed": 1, "steps": 2, "negative_prompt": long},
+        ]},
+    )  # fmt: skip
+    assert [row["note"] for row in out][0] == ""
+    assert (
+        out[1]["note"].startswith("the prompt is ")
+        and "reads 24, so only 'a large" in out[1]["note"]
+    )
+    assert out[2]["note"].startswith("the negative prompt is "), out[2]["note"]
+
+
+def test_the_playground_notes_a_cut_negative_prompt(tiny):
+    from training.playground.jobs import Settings, _truncation_note
+
+    pipe = sampling.load(tiny)
+    long = "a large red circle in the center of a plain black background, " * 3
+    assert _truncation_note(pipe, Settings(prompt=PROMPT, negative="")) is None
+    note = _truncation_note(pipe, Settings(prompt=PROMPT, negative=long))
+    assert note is not None and note.startswith("the negative prompt is "), note
+
+
+def test_control_pictures_are_decoded_only_once_the_request_has_a_turn(tiny, monkeypatch):
+    """Was: every waiting request decoded its controls (up to 64 pictures of the control
+    module's pixel limit each) before the concurrency gate, so many waiting requests held
+    that memory at once. A request that never gets a turn now decodes nothing."""
+    import threading
+
+    from training.inference import control
+    from training.inference import text2image_model as T
+    from training.inference.defaults import recommended
+
+    model = T.Text2Image()
+    model.max_rows, model.max_steps_total = 64, 1000
+    model.turns = threading.BoundedSemaphore(1)
+    model.pipe = sampling.load(tiny)
+    own = recommended(tiny)
+    model.defaults = T.DEFAULTS | {"guidance": own.guidance, "guidance_start": own.guidance_start}
+    model.geometry = sampling.Geometry.of(model.pipe)
+    model.detector, model.control_pipe = {"canny_low": 100, "canny_high": 200}, None
+    decoded = []
+    real = control.load_control
+    monkeypatch.setattr(control, "load_control", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "white").save(buf, format="PNG")
+    frame = pd.DataFrame(
+        {"prompt": [PROMPT], "steps": [2], "control": [base64.b64encode(buf.getvalue()).decode()]}
+    )
+    monkeypatch.setenv(T.TIMEOUT_ENV, "0.2")
+    model.turns.acquire()  # another request is computing
+    try:
+        with pytest.raises(TimeoutError, match="free turn"):
+            model.predict(None, frame)
+    finally:
+        model.turns.release()
+    assert decoded == []
+    # a bad control is still refused before the wait
+    frame["control"] = ["not base64!"]
+    with pytest.raises(T.BadRequest, match="row 0: control is not valid base64"):
+        model.predict(None, frame)

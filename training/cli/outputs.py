@@ -74,19 +74,12 @@ def below_one(value: float | None) -> float | None:
 def warn_truncated(tokenizer, prompts: list[str]) -> int:
     """Warn for each prompt longer than the text encoder's context: the model never sees
     the rest. Returns how many were cut."""
-    limit = tokenizer.model_max_length
+    from training.inference.text import cut_note
+
     cut = 0
     for prompt in dict.fromkeys(prompts):
-        n = len(tokenizer(prompt, truncation=False).input_ids)
-        if n > limit:
+        note = cut_note(tokenizer, prompt, f"prompt {prompt!r}")
+        if note is not None:
             cut += 1
-            kept = tokenizer.decode(
-                tokenizer(prompt, truncation=True, max_length=limit).input_ids,
-                skip_special_tokens=True,
-            )
-            typer.echo(
-                f"kiln: warning: prompt {prompt!r} is {n} tokens; the text encoder reads "
-                f"{limit}, so only {kept!r} is used",
-                err=True,
-            )
+            typer.echo(f"kiln: warning: {note}", err=True)
     return cut

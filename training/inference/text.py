@@ -27,6 +27,20 @@ def encode_text(tokenizer: CLIPTokenizer, captions: list[str], tensors: str = "p
     ).input_ids
 
 
+def cut_note(tokenizer: CLIPTokenizer, text: str, what: str = "the prompt") -> str | None:
+    """What a user is told when the text encoder reads only the start of ``text`` (its
+    ``model_max_length`` tokens, end of text included): the length and the words kept.
+    None when it fits. One wording for ``kiln generate``, the playground and REST."""
+    limit = tokenizer.model_max_length
+    n = len(tokenizer(text, truncation=False).input_ids)
+    if n <= limit:
+        return None
+    kept = tokenizer.decode(
+        tokenizer(text, truncation=True, max_length=limit).input_ids, skip_special_tokens=True
+    )
+    return f"{what} is {n} tokens; the text encoder reads {limit}, so only {kept!r} is used"
+
+
 def load_text_encoder(clip_dir: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
     """The text half of the trained CLIPModel, as the pipeline will load it."""
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir)

@@ -6,8 +6,11 @@ Input: a DataFrame with a ``prompt`` column and optional ``seed``, ``steps``,
 version's evaluation chose (``inference/defaults.py``; 2.0 and 0 for a version saved
 without them), no negative prompt, the trained size; ``sampling.Geometry`` says which
 sizes a model draws).
-Output: a DataFrame with ``prompt``, ``seed`` and ``image``: the PNG bytes, base64
-encoded (``PIL.Image.open(io.BytesIO(base64.b64decode(s)))`` reads it back).
+Output: a DataFrame with ``prompt``, ``seed``, ``image``: the PNG bytes, base64
+encoded (``PIL.Image.open(io.BytesIO(base64.b64decode(s)))`` reads it back), and
+``note``: what the row's answer should say, "" for nothing: a prompt or negative prompt
+longer than the text encoder's context (only its start is read; was: cut without a
+word), what was done to a control (resized to the sample's size).
 
 Control images (a version whose pipeline carries a ControlNet: ``train_controlnet`` was
 on and trained on this U-Net; ``inference/control.py``, ``ship``): optional columns
@@ -16,8 +19,8 @@ layout, as ``kiln generate --control``), ``control_scale`` (0-10; default: the s
 ControlNet's stage evaluated it at, its ``kiln_control.json``'s ``conditioning_scale``, 1.0
 for one saved without it) and ``control_is_map`` (true: ``control`` is already an edge
 map). A row without a control
-is drawn by the base model. With a ``control`` column the output gains ``note``: what
-was done to that row's control (resized to the sample's size), "" for nothing. A control
+is drawn by the base model. A row's control is decoded once its request has a turn
+(below), so waiting requests hold their base64 text only. A control
 sent to a version without a ControlNet, or one that is no image, empty or under 8
 pixels, is refused (HTTP 400) naming the row. A control row's steps count as one
 image-step each in the budget below, though the ControlNet adds about half a U-Net's
@@ -208,8 +211,15 @@ def parse_controls(model_input: pd.DataFrame, sizes: list, detector: dict | None
     """Each row's ``(control map, scale, note)``, or None for a row without a control;
     ``sizes``: each row's (width, height). ``detector``: the ControlNet's
     ``kiln_control.json`` (None: the version has none). ``BadRequest`` names the first
-    row that cannot be used; nothing is computed before this passes."""
-    from training.inference.control import MAX_SCALE, ControlImageError, load_control, own_scale
+    row that cannot be used. ``predict`` runs the two halves apart: the checks before a
+    request waits for its turn, the decoding once it has one."""
+    return load_controls(check_controls(model_input, detector), sizes, detector)
+
+
+def check_controls(model_input: pd.DataFrame, detector: dict | None) -> list:
+    """Each row's ``(image bytes, scale, is_map)``, or None: every check that needs no
+    decoded picture (base64, scale, flag, a ControlNet to send it to)."""
+    from training.inference.control import MAX_SCALE, own_scale
 
     rows = len(model_input)
     cols = {c: model_input[c].tolist() for c in CONTROL_COLUMNS if c in model_input.columns}
@@ -247,6 +257,21 @@ def parse_controls(model_input: pd.DataFrame, sizes: list, detector: dict | None
         is_map = False if _missing(is_map) else is_map
         if not isinstance(is_map, bool):
             raise BadRequest(f"row {i}: control_is_map must be true or false, got {is_map!r}")
+        out.append((data, float(scale), is_map))
+    return out
+
+
+def load_controls(checked: list, sizes: list, detector: dict | None) -> list:
+    """``check_controls``' rows decoded into control maps at each row's size (the memory
+    and the work: a picture up to the control module's pixel limit, and its edges)."""
+    from training.inference.control import ControlImageError, load_control
+
+    out = []
+    for i, row in enumerate(checked):
+        if row is None:
+            out.append(None)
+            continue
+        data, scale, is_map = row
         try:
             image, notes = load_control(
                 data, sizes[i], is_map, detector["canny_low"], detector["canny_high"],
@@ -254,7 +279,7 @@ def parse_controls(model_input: pd.DataFrame, sizes: list, detector: dict | None
             )  # fmt: skip
         except ControlImageError as exc:
             raise BadRequest(str(exc)) from None
-        out.append((image, float(scale), "; ".join(notes)))
+        out.append((image, scale, "; ".join(notes)))
     return out
 
 
@@ -293,11 +318,13 @@ class Text2Image(mlflow.pyfunc.PythonModel):
             model_input, self.max_rows, self.max_steps_total, self.geometry, self.defaults
         )
         sizes = [self.geometry.size(r) for r in requests]
-        controls = parse_controls(model_input, sizes, self.detector)
+        checked = check_controls(model_input, self.detector)
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self.turns.acquire(timeout=wait):
             raise TimeoutError("waited past the scoring timeout for a free turn")
         try:
+            # decoded in turn: requests waiting for one hold no decoded pictures
+            controls = load_controls(checked, sizes, self.detector)
             # row by row (batch 1 either way): each row its own control, or none
             images = [
                 generate(self.pipe if c is None else self.control_pipe, [r], 1, deadline,
@@ -311,16 +338,26 @@ class Text2Image(mlflow.pyfunc.PythonModel):
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             encoded.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-        out = pd.DataFrame(
+        return pd.DataFrame(
             {
                 "prompt": [r.prompt for r in requests],
                 "seed": [r.seed for r in requests],
                 "image": encoded,
+                "note": [self._note(r, c) for r, c in zip(requests, controls, strict=True)],
             }
         )
-        if "control" in model_input.columns:
-            out["note"] = ["" if c is None else c[2] for c in controls]
-        return out
+
+    def _note(self, request, control) -> str:
+        """What a row's answer should say: its prompt or negative prompt cut to the text
+        encoder's context (as ``kiln generate`` warns), what was done to its control."""
+        from training.inference.text import cut_note
+
+        tok = self.pipe.tokenizer
+        notes = [cut_note(tok, request.prompt)]
+        if request.negative:
+            notes.append(cut_note(tok, request.negative, "the negative prompt"))
+        notes.append(None if control is None else control[2])
+        return "; ".join(n for n in notes if n)
 
 
 mlflow.models.set_model(Text2Image())

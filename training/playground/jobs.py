@@ -287,9 +287,11 @@ class Worker:
 
 
 def _truncation_note(pipe, s: Settings) -> str | None:
-    """Say so when the text encoder reads only the start of the prompt."""
-    tok = pipe.tokenizer
-    n = len(tok(s.prompt, truncation=False).input_ids)
-    if n <= tok.model_max_length:
-        return None
-    return f"the prompt is {n} tokens; this model reads the first {tok.model_max_length}"
+    """Say so when the text encoder reads only the start of the prompt or of the
+    negative prompt (``inference/text.cut_note``)."""
+    from training.inference.text import cut_note
+
+    notes = [cut_note(pipe.tokenizer, s.prompt)]
+    if s.negative:
+        notes.append(cut_note(pipe.tokenizer, s.negative, "the negative prompt"))
+    return "; ".join(n for n in notes if n) or None
