@@ -62,6 +62,26 @@ def test_resume_is_bitwise_identical(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_run_resumed_at_its_end_reports_its_loss_and_draws_its_last_preview(tmp_path):
+    """Killed after the last checkpoint (during the stage's final measurement or its
+    registration), the re-run resumes at step == steps: it reported ``final_loss`` NaN
+    and drew no final preview (found in review)."""
+    drawn: list[int] = []
+    full, fn = _setup(tmp_path)
+    done = full.fit(fn, every=4, on_every=drawn.append)
+    assert drawn == [4, 8, 12]
+
+    def no_training(step):
+        raise AssertionError(f"step {step} trained again")
+
+    drawn.clear()
+    again, _ = _setup(tmp_path)
+    summary = again.fit(no_training, every=4, on_every=drawn.append)
+    assert summary["resumed_from_step"] == 12
+    assert summary["final_loss"] == done["final_loss"]
+    assert drawn == [12]
+
+
 def test_stop_ends_training_early_and_a_resume_stops_at_the_same_step(tmp_path):
     """``stop`` (e.g. the VAE's val-PSNR target) ends a run at a check step, never at the
     last; a run interrupted before that point, resumed, ends at the same step with the

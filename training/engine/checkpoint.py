@@ -49,6 +49,7 @@ class Checkpointer:
         self.dir = Path(directory)
         self.fp = fingerprint
         self.keep = keep
+        self.extra: dict = {}  # the restored checkpoint's ``extra`` (``save``'s)
 
     def _complete(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -149,6 +150,7 @@ class Checkpointer:
                 _optimizer_from_flat(opt, flat, state["optimizer"])
                 if ema is not None:
                     ema.shadow, ema.updates = shadow, updates
+                self.extra = dict(state.get("extra") or {})
             except Exception as exc:  # corrupt/truncated files: fall back to the previous
                 say(f"WARNING: checkpoint {ckpt} is unreadable ({exc}); trying an older one")
                 continue

@@ -127,7 +127,9 @@ class Trainer:
             mininterval=0.5 if sys.stderr.isatty() else 10,
             file=sys.stderr,
         )
-        t0, seen, last = time.perf_counter(), 0, {}
+        # the last logged metrics travel in the checkpoint: a run resumed at its end
+        # (killed after the last save) reports the final loss it reached
+        t0, seen, last = time.perf_counter(), 0, dict(self.checkpoints.extra.get("last", {}))
         end = self.cfg.steps
 
         def stops_at(step: int) -> bool:  # a check step before the last; then stop's answer
@@ -195,7 +197,9 @@ class Trainer:
                     self.log.log_metrics({f"{self.name}/{k}": v for k, v in last.items()}, step + 1)
             if checkpoint and main:
                 try:
-                    self.checkpoints.save(step + 1, self.model, self.optimizer, self.ema)
+                    self.checkpoints.save(
+                        step + 1, self.model, self.optimizer, self.ema, {"last": last}
+                    )
                 except BaseException:  # e.g. DiskFull: the bar's last line before the error
                     bar.close()
                     raise
@@ -206,6 +210,10 @@ class Trainer:
             if stop_now:
                 end = step + 1
                 break
+        if start == end and main and on_every and every:
+            # resumed where the run had ended (its last step, or an early stop at a check
+            # step): the preview made there is drawn again, of the same restored weights
+            on_every(start)
         bar.close()
         if self.ema is not None:
             self.ema.copy_to(self.model)
