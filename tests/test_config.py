@@ -52,6 +52,8 @@ def test_repo_params_load_and_default_to_tiny():
             "evaluate.gate_metric 'fd_clip_ration' is not a metric evaluate measures",
         ),
         ({"evaluate": {"gate_metric": "acc_al"}}, "not an accuracy the shapes oracle measures"),
+        # was accepted, and ingest's numpy generator refused it mid-run
+        ({"seed": -1}, "seed"),
         (
             {"ingest": {"dataset": "digits"}, "evaluate": {"gate_metric": "acc_all_held_out"}},
             "not an accuracy the digits oracle measures (choose acc_all, acc_all_seen, ",

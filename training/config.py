@@ -137,7 +137,7 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     profile: ProfileName = "tiny"
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy generators refuse a negative seed
     mode: Mode = "scratch"
     ingest: IngestCfg
     validate_: ValidateCfg = Field(alias="validate")
