@@ -86,6 +86,11 @@ def test_tokenizer_is_clip_style_and_loads_with_transformers(tmp_path):
     assert 1 not in odd[1:-1]
     padded = text.encode_text(tok, ["a red circle"])
     assert padded.shape == (1, 16) and padded[0, -1] == 1
+    # a caption that spells the special tokens is text: was an end of text mid-caption,
+    # where CLIP pools (the rest of the caption lost to it)
+    ids = text.encode_text(tok, ["red <|endoftext|> blue <|startoftext|> top"])[0].tolist()
+    assert 0 not in ids[1:] and ids[1 : ids.index(1)] and all(i == 1 for i in ids[ids.index(1) :])
+    assert ids.index(1) > 8
 
 
 def test_text_context_is_chosen_from_the_captions_and_cuts_are_counted(tmp_path):

@@ -77,7 +77,12 @@ def train_tokenizer(
             if piece not in vocab:
                 vocab[piece] = len(vocab)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    # split_special_tokens (saved with it, so diffusers' pipelines read prompts the same
+    # way): a caption that spells "<|endoftext|>" is text, not an end of text where CLIP
+    # pools and the rest of the caption is lost
+    tokenizer = CLIPTokenizer(
+        vocab=vocab, merges=merges, model_max_length=max_length, split_special_tokens=True
+    )
     tokenizer.save_pretrained(out_dir)
     return CLIPTokenizer.from_pretrained(out_dir)
 
