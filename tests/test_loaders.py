@@ -100,6 +100,20 @@ def test_processes_split_the_same_global_batch(tmp_path, monkeypatch, broken):
             assert torch.equal(torch.cat([p[s] for p in parts]), want[s])
 
 
+def test_a_batch_cut_to_a_small_split_that_processes_cannot_share_is_refused(tmp_path, monkeypatch):
+    """batch_size 8 on a 5-sample split: batches of 5, which 2 processes cannot share.
+    Was: the preflight passed (8 splits over 2) and the stage died at its first step
+    with "global batch 5 does not split evenly"; now the loader refuses it when made."""
+    from training.errors import UserError
+
+    split = str(image_split(tmp_path / "train", n=5, per_shard=5))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match="cut to the 5 samples it holds, which do not split over 2"):
+        loaders.make("stream", split, decode, collate, 8, 0, 2)
+    loaders.make("stream", split, decode, collate, 4, 0, 2).close()  # 4 of 5: fine
+
+
 def test_truncated_shard_is_skipped_counted_and_said(tmp_path, capsys):
     """A shard cut short (a partial copy, a dying disk) does not stop training: it is
     skipped with its reason, counted, and every batch keeps its size."""

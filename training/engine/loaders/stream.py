@@ -80,6 +80,14 @@ class Split:
             self.index.groups if by_bucket else None,
         )  # fmt: skip
         self.global_batch = self.order.batch_size
+        if self.global_batch % world_size():  # before any step, with the reason
+            raise UserError(
+                f"{source}: batch_size {batch_size} is cut to the {self.global_batch} samples "
+                f"it holds{' in its largest aspect-ratio bucket' if self.index.groups else ''}, "
+                f"which do not split over {world_size()} processes (KILN_NPROC); lower "
+                f"batch_size to a multiple of {world_size()} of at most that, or use fewer "
+                "processes"
+            )
         for note in orders.batch_notes(self.order, batch_size, source) if is_main() else ():
             say(note)
         self.members = frozenset(members) if members else None
