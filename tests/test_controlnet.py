@@ -90,7 +90,9 @@ def test_a_control_image_of_another_size_is_resized_with_a_note():
     same, notes = load_control(_png(Image.fromarray(_square())), (32, 32), False, 100, 200)
     assert notes == [] and np.array_equal(np.asarray(same), edges(_square(), 100, 200))
     as_map, _ = load_control(_png(Image.fromarray(_square())), (32, 32), True, 100, 200)
-    assert np.array_equal(np.asarray(as_map), _square())  # --control-is-map: as given
+    # --control-is-map: white where any channel is at least half, as every map is made
+    white = np.where(_square().max(axis=2, keepdims=True) >= 128, 255, 0).astype(np.uint8)
+    assert np.array_equal(np.asarray(as_map), np.repeat(white, 3, axis=2))
 
 
 @pytest.mark.parametrize(
@@ -355,3 +357,55 @@ def test_a_rest_row_without_control_is_map_is_read_as_a_picture(tmp_path):
     assert got.status_code == 200, got.text
     flags = json.loads(got.json()["predictions"][0]["seen"])
     assert flags[0] in (None, False) and flags[1] is True  # was: [true, true]
+
+
+def _quadrants(img: Image.Image) -> list[int]:
+    """Edge pixels in the top-left, top-right, bottom-left, bottom-right quarters."""
+    on = np.asarray(img)[..., 0] > 0
+    h, w = on.shape
+    return [int(on[r : r + h // 2, c : c + w // 2].sum()) for r in (0, h // 2) for c in (0, w // 2)]
+
+
+def test_a_control_picture_is_read_upright_and_its_transparency_lies_on_white():
+    """Found in review: a phone photo (EXIF orientation 6) steered the layout rotated,
+    and a dark drawing on a transparent background was laid on black: no edge at all,
+    silently the base model's picture. Ingest stores pictures upright and on
+    ``ingest.background`` (white), which is what the ControlNet learnt from."""
+    stored = np.zeros((32, 32, 3), np.uint8)
+    stored[4:12, 4:12] = 255  # top-left as stored; EXIF 6 shows it rotated a quarter turn
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(buf, format="JPEG", quality=95, exif=exif)
+    img, _ = load_control(buf.getvalue(), (32, 32), False, 100, 200)
+    top_left, top_right, *_ = _quadrants(img)
+    assert top_right > 20 and top_left == 0, _quadrants(img)
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[8:24, 8:24] = (0, 0, 0, 255)  # a black square; all else transparent
+    img, _ = load_control(_png(Image.fromarray(rgba, "RGBA")), (32, 32), False, 100, 200)
+    assert sum(_quadrants(img)) > 40
+    # a ready map's transparency stays black, the maps' background
+    rgba[8:24, 8:24] = (255, 255, 255, 255)
+    img, _ = load_control(_png(Image.fromarray(rgba, "RGBA")), (32, 32), True, 100, 200)
+    assert (np.asarray(img)[8:24, 8:24] == 255).all() and np.asarray(img)[:8].max() == 0
+
+
+@pytest.mark.parametrize(("colour", "fmt"), [((255, 0, 0), "PNG"), ((160, 160, 160), "PNG"),
+                                             ((255, 255, 255), "JPEG")])  # fmt: skip
+def test_a_ready_map_is_made_binary_at_its_own_size_as_at_any_other(colour, fmt):
+    """Found in review: a map at the sample's size went in as given (a red line in one
+    channel, a grey line at 160, a JPEG's ringing), while the same map at another size
+    was made white on black: what the ControlNet saw depended on the file's size."""
+    maps = []
+    for side in (32, 64):
+        m = np.zeros((side, side, 3), np.uint8)
+        k = side // 8
+        m[k : side - k, k : k + side // 32] = colour  # a vertical stroke
+        m[k : k + side // 32, k : side - k] = colour  # and a horizontal one
+        buf = io.BytesIO()
+        Image.fromarray(m).save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+        out = np.asarray(load_control(buf.getvalue(), (32, 32), True, 100, 200)[0])
+        assert set(np.unique(out)) == {0, 255}, (side, np.unique(out))
+        assert (out[..., 0] == out[..., 1]).all() and (out[..., 0] == out[..., 2]).all()
+        maps.append(out)
+    assert np.array_equal(maps[0], maps[1])

@@ -53,7 +53,7 @@ def controlnet(tiny: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("controlnet") / "net"
     build(UNet2DConditionModel.from_pretrained(tiny / "unet"), 3).save_pretrained(out)
     c = config.resolve({"profile": "tiny", "train_controlnet": {"conditioning_scale": 0.5}})
-    save_control_file(c.train_controlnet, tiny / "unet", out)
+    save_control_file(c.train_controlnet, tiny / "unet", out, "#102030")
     return out
 
 
@@ -62,6 +62,7 @@ def test_the_controlnet_stage_records_the_scale_it_evaluated_at(controlnet):
     users could not know the scale the stage's control scores were measured at."""
     det = control.detector(controlnet)
     assert det["conditioning_scale"] == 0.5
+    assert det["background"] == "#102030"  # what a transparent control picture lies on
     assert control.own_scale(det) == 0.5
     assert control.own_scale({"canny_low": 100, "canny_high": 200}) == 1.0  # older files
 

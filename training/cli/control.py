@@ -156,7 +156,10 @@ def with_control(pipe, c: Control, size, is_map: bool, net: ControlNetModel | No
     from training.inference.control import attach, load_control, with_controlnet
 
     low, high = c.detector["canny_low"], c.detector["canny_high"]
-    image, notes = load_control(c.picture, size, is_map, low, high, name=str(c.path))
+    image, notes = load_control(
+        c.picture, size, is_map, low, high, name=str(c.path),
+        background=c.detector.get("background", "#ffffff"),
+    )  # fmt: skip
     for note in notes:
         typer.echo(f"kiln: note: {note}", err=True)
     steered = attach(pipe, c.folder)[0] if net is None else with_controlnet(pipe, net)

@@ -50,10 +50,14 @@ def _check_pixels(img: Image.Image, name: str) -> None:
 
 
 def open_control(source: str | Path | bytes | Image.Image, name: str | None = None) -> Image.Image:
-    """A control image from a file, bytes or a picture, as RGB (transparency on black,
-    the maps' background); a non-image, an empty file, one smaller than ``MIN_SIDE``
-    pixels or one declaring more than ``MAX_PIXELS`` (refused before decoding) is a
-    ``ControlImageError`` naming it. Cheap: callers check before loading any model."""
+    """A control image from a file, bytes or a picture, upright (its EXIF orientation
+    applied, as ingest stores pictures), as RGB, or RGBA when it has transparency
+    (``load_control`` lays it on the right background); a non-image, an empty file, one
+    smaller than ``MIN_SIDE`` pixels or one declaring more than ``MAX_PIXELS`` (refused
+    before decoding) is a ``ControlImageError`` naming it. Cheap: callers check before
+    loading any model."""
+    from PIL import ImageOps
+
     name = name or (str(source) if isinstance(source, (str, Path)) else "the control image")
     if isinstance(source, Image.Image):
         img = source
@@ -75,14 +79,15 @@ def open_control(source: str | Path | bytes | Image.Image, name: str | None = No
         except OSError as e:  # a truncated or damaged file of a known format
             raise ControlImageError(f"{name}: not an image Pillow can read ({e})") from None
     _check_pixels(img, name)  # a picture handed in already decoded: bounded all the same
+    # a phone photo stores its pixels sideways and says so in EXIF: was drawn rotated
+    img = ImageOps.exif_transpose(img)
     if min(img.size) < MIN_SIDE:
         raise ControlImageError(
             f"{name}: {img.size[0]}x{img.size[1]} pixels, too small to carry a layout "
             f"(at least {MIN_SIDE}x{MIN_SIDE})"
         )
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
+    if img.mode in ("RGBA", "LA", "PA", "P") or "transparency" in img.info:
+        return img.convert("RGBA")
     if img.mode.startswith("I"):  # 16-bit grey (I;16*; older Pillows and TIFFs: I)
         # Pillow's convert("RGB") clips these to 255, so nearly every pixel of a 16-bit
         # picture came out white and Canny found no edge: the answer was silently the
@@ -118,21 +123,31 @@ def load_control(
     low: int,
     high: int,
     name: str | None = None,
+    background: str = "#ffffff",
 ) -> tuple[Image.Image, list[str]]:
     """The control image for a ``(width, height)`` sample (``open_control``'s checks):
-    edges of it (``is_map=False``), or the map as given. A picture of another size is
-    resized first (edges are taken at the size they were learnt at) and a note says so."""
+    edges of it (``is_map=False``), or the map made 0/255 as the ControlNet learnt maps
+    (``resize_map``; was: a map at the sample's size went in as given, a grey or red
+    line or a JPEG's noise included, at any other size binarised). A picture of another
+    size is resized first (edges are taken at the size they were learnt at) and a note
+    says so. Transparency lies on ``background`` for a picture (the ControlNet learnt
+    from pictures that ingest laid on ``ingest.background``: ``CONTROL_FILE``'s
+    ``background``), on black for a map (was: black for both, and a dark drawing on a
+    transparent background gave no edge at all)."""
     name = name or (str(source) if isinstance(source, (str, Path)) else "the control image")
     img, notes = open_control(source, name), []
+    if img.mode == "RGBA":
+        under = (0, 0, 0) if is_map else tuple(bytes.fromhex(background.lstrip("#")))
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (*under, 255)), img)
+        img = img.convert("RGB")
     if img.size != size:
         notes.append(
             f"{name}: {img.size[0]}x{img.size[1]} resized to {size[0]}x{size[1]}, the sample's size"
         )
-        if is_map:
-            return resize_map(img, size), notes
-        img = img.resize(size, Image.Resampling.BILINEAR)
+        if not is_map:
+            img = img.resize(size, Image.Resampling.BILINEAR)
     if is_map:
-        return img, notes
+        return resize_map(img, size), notes
     return Image.fromarray(edges(np.asarray(img), low, high)), notes
 
 

@@ -275,7 +275,7 @@ def load_controls(checked: list, sizes: list, detector: dict | None) -> list:
         try:
             image, notes = load_control(
                 data, sizes[i], is_map, detector["canny_low"], detector["canny_high"],
-                name=f"row {i}: control",
+                name=f"row {i}: control", background=detector.get("background", "#ffffff"),
             )  # fmt: skip
         except ControlImageError as exc:
             raise BadRequest(str(exc)) from None

@@ -52,11 +52,15 @@ def build(unet: UNet2DConditionModel, vae_levels: int) -> ControlNetModel:
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)
 
 
-def save_control_file(c: ControlNetCfg, unet_dir: Path, out_dir: Path) -> None:
+def save_control_file(
+    c: ControlNetCfg, unet_dir: Path, out_dir: Path, background: str = "#ffffff"
+) -> None:
     """``CONTROL_FILE`` beside the ControlNet's weights: what its users need to draw as it
-    was trained and evaluated."""
+    was trained and evaluated (``background``: ``ingest.background``, what a user's
+    transparent picture is laid on, as ingest laid the training pictures)."""
     detector = {
         "detector": c.detector, "canny_low": c.canny_low, "canny_high": c.canny_high,
+        "background": background,
         "unet": weights_fingerprint(unet_dir),  # the U-Net it steers (kiln generate checks)
         # the scale its evaluation samples at: kiln generate's and the REST model's
         # default, so users get the scale the reported control scores are for
@@ -237,7 +241,7 @@ def _train(params, batches, text, dirs, out_dir, ckpt_dir, log, val) -> dict:
         return summary
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)  # fit left the EMA weights
-    save_control_file(c, unet_dir, out_dir)
+    save_control_file(c, unet_dir, out_dir, params.ingest.background)
     metrics = {"params": n_params, **summary}
     if c.eval_samples:
         from training.evaluation.control import evaluate_control
