@@ -222,6 +222,30 @@ def test_export_refuses_a_controlnet_trained_on_another_unet(exported, tiny, tmp
     assert not out.exists()
 
 
+def test_export_writes_a_new_folder_and_a_stray_transformer_folder_is_no_dit(
+    exported, tiny, tmp_path
+):
+    """Found in review: export added to whatever OUT held, so a DiT export's
+    ``transformer/`` stayed beside a later U-Net + ControlNet export, and that folder's
+    own ControlNet was then refused as "has a DiT" (decided by the folder, not by
+    ``model_index.json``)."""
+    import shutil
+
+    from training.cli.control import controlnet_dir
+
+    before = sorted(p.name for p in exported.iterdir())
+    res = CliRunner().invoke(app, ["export", str(exported), "--model", str(tiny)])
+    assert res.exit_code == 1 and "is not an empty folder" in res.output, res.output
+    assert sorted(p.name for p in exported.iterdir()) == before
+    (tmp_path / "empty").mkdir()  # an empty folder is a new one
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "empty"), "--model", str(tiny)])
+    assert res.exit_code == 0 and (tmp_path / "empty" / "model_index.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+    stray = shutil.copytree(exported, tmp_path / "stray")
+    (stray / "transformer").mkdir()
+    assert controlnet_dir(str(stray / "controlnet"), stray) == stray / "controlnet"
+
+
 def _generate(*args: str):
     return CliRunner().invoke(app, ["generate", *args], catch_exceptions=False)
 

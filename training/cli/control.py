@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 def controlnet_dir(model: str, pipe_dir: Path) -> Path:
     """The ControlNet folder a path or ``models:/kiln-controlnet/N`` names, for the
     pipeline at ``pipe_dir`` (refused when that pipeline's denoiser is a DiT)."""
-    if (pipe_dir / "transformer").is_dir():
+    index = pipe_dir / "model_index.json"  # what the pipeline is, not which folders lie there
+    if index.is_file() and json.loads(index.read_text()).get("transformer"):
         raise UserError(
             f"the pipeline at {pipe_dir} has a DiT; a Kiln ControlNet steers a U-Net "
             "(train_unet.backbone unet2d)"

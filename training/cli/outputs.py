@@ -1,6 +1,7 @@
 """What ``kiln generate`` checks and writes around a model: the output folder (can it
 be made, which number the next picture takes) and the prompts' length against the text
-encoder's context. Kept apart from the commands (``training/cli/user.py``)."""
+encoder's context; and the whole folder ``kiln export`` writes. Kept apart from the
+commands (``training/cli/user.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import contextlib
 import fcntl
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -83,3 +86,24 @@ def warn_truncated(tokenizer, prompts: list[str]) -> int:
             cut += 1
             typer.echo(f"kiln: warning: {note}", err=True)
     return cut
+
+
+def check_new_folder(out: Path) -> None:
+    """Refuse an ``out`` that holds anything: ``save_pretrained`` adds to what a folder
+    holds, and an earlier export's leftovers (a DiT's ``transformer/`` beside a U-Net
+    pipeline) made the folder read as another model."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} is not an empty folder; export writes a new one")
+
+
+@contextlib.contextmanager
+def whole_folder(out: Path) -> Iterator[Path]:
+    """A folder to write ``out``'s content in, beside it, renamed into place when the
+    block ends without an error: an interrupted export leaves no half pipeline."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        os.replace(tmp, out)  # onto nothing, or onto the empty folder check_new_folder saw
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

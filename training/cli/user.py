@@ -302,22 +302,26 @@ def export(
     """Write the model's diffusers pipeline directory (StableDiffusionPipeline, or
     StableDiffusion3Pipeline for the DiT backbone, or StableDiffusionControlNetPipeline
     with --controlnet; loads offline with from_pretrained)."""
+    from training.cli.outputs import check_new_folder, whole_folder
     from training.inference import sampling
+    from training.inference.control import attach
 
     try:
+        check_new_folder(out)
         pipe_dir = pipeline_dir(model)[0]
         cn_dir = export_controlnet(controlnet, pipe_dir)  # checked before anything is written
-        writable(out)
+        writable(out.parent)
         pipe = sampling.load(pipe_dir)
         if cn_dir is not None:
-            from training.inference.control import attach
-
             pipe = attach(pipe, cn_dir)[0]
     except UserError as exc:
         fail(str(exc))
-    pipe.save_pretrained(out, safe_serialization=True)
-    copy_kiln_files(pipe_dir, cn_dir, out)
+    with whole_folder(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        copy_kiln_files(pipe_dir, cn_dir, tmp)
     typer.echo(f"exported {type(pipe).__name__} to {out}")
+    if type(pipe).__name__ == "StableDiffusion3Pipeline":  # no T5: diffusers needs told
+        typer.echo("load it with from_pretrained(DIR, text_encoder_3=None, tokenizer_3=None)")
 
 
 @app.command()
