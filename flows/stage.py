@@ -2,8 +2,9 @@
 
 It shares nothing with the caller but the Prefect API, the MLflow server and the DVC
 remote: it takes the caller's params and dvc.lock, pulls the outs of the stages it
-reads, runs the stage, pushes its outs, and hands back the stage's dvc.lock entry and
-metrics as the ``kiln-stage-result`` artifact (``run_remote`` on the caller's side).
+reads and its own (an unchanged stage is then skipped, as in the caller), runs the
+stage, pushes its outs, and hands back the stage's dvc.lock entry and metrics as the
+``kiln-stage-result`` artifact (``run_remote`` on the caller's side).
 """
 
 from __future__ import annotations
@@ -98,6 +99,19 @@ def _take_metrics(stage: str, metrics: dict[str, str]) -> None:
             path.unlink(missing_ok=True)
 
 
+def fetch(stage: str) -> None:
+    """``dvc pull`` what ``stage`` reads and its own outs as the lock names them. With
+    its outs here, DVC finds an unchanged stage up to date and skips it (was: only a
+    persistent stage's were pulled, so a fresh worker, as the gpu pools in infra/ start,
+    trained the VAE, CLIP and U-Net again every run and registered each again); a
+    persistent stage builds on them (data/latents: rows it need not encode)."""
+    deps = upstream(stage)
+    if deps:
+        _dvc_cmd("pull", *deps, what=f"dvc pull of {', '.join(deps)}")
+    if stage in _lock()["stages"]:  # outs the remote lacks: the stage makes them
+        _dvc_cmd("pull", "--allow-missing", stage, what=f"dvc pull of {stage}'s last outs")
+
+
 def _stage_here(
     stage: str,
     params_yaml: str | None,
@@ -116,13 +130,7 @@ def _stage_here(
         _write_lock(lock)
     if pipeline_run_id:  # nest the stage's MLflow run under the caller's pipeline run
         os.environ[tracking.PARENT_ENV] = pipeline_run_id
-    deps = upstream(stage)
-    if deps:
-        _dvc_cmd("pull", *deps, what=f"dvc pull of {', '.join(deps)}")
-    spec = STAGE_TABLE.get(stage)
-    if spec is not None and spec.persist and stage in _lock()["stages"]:
-        # its last output, which it builds on (data/latents: rows it need not encode)
-        _dvc_cmd("pull", "--allow-missing", stage, what=f"dvc pull of {stage}'s last output")
+    fetch(stage)
     try:
         run_local(stage)
     except StageFailed as exc:

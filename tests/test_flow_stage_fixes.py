@@ -211,3 +211,43 @@ def test_a_lost_worker_is_retried_and_a_failed_stage_is_not(tmp_path: Path, tiny
         ("train_vae", "CRASHED"),
     ], states
     assert (tiny_dvc / "vae.txt").read_text() == "weights\n"
+
+
+def test_a_fresh_worker_skips_a_stage_the_callers_lock_says_is_up_to_date(
+    tmp_path: Path, monkeypatch
+):
+    """Found in review: a worker pulled only the outs of the stages a stage reads (and a
+    persistent stage's own), so on a fresh worker (infra/'s gpu pools start one per job)
+    DVC found the stage's outs missing and ran it again: every weekly run retrained the
+    VAE, CLIP and U-Net and registered them again. The worker now pulls the stage's own
+    outs as the caller's lock names them, and DVC skips the unchanged stage."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    import flows.stage
+    import flows.tasks
+
+    caller, worker, remote = tmp_path / "caller", tmp_path / "worker", tmp_path / "remote"
+    ran = tmp_path / "ran.txt"
+    stages = {"cmd": f"echo x >> {ran} && echo weights > vae.txt", "outs": ["vae.txt"]}
+    for root in (caller, worker):
+        root.mkdir()
+        (root / "params.yaml").write_text("profile: tiny\n")
+        (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train_vae": stages}}))
+        _dvc(root, "init", "--no-scm", "-q")
+        _dvc(root, "remote", "add", "-d", "r", str(remote))
+    _dvc(caller, "repro", "-q")
+    _dvc(caller, "push", "-q")
+    assert ran.read_text() == "x\n"
+    lock = yaml.safe_load((caller / "dvc.lock").read_text())
+    monkeypatch.setattr(flows.stage, "ROOT", worker)
+    monkeypatch.setattr(flows.tasks, "ROOT", worker)
+
+    @flow
+    def on_the_worker() -> dict:
+        return flows.stage._stage_here("train_vae", None, lock, None, None, None, None)
+
+    with prefect_test_harness():
+        result = on_the_worker()
+    assert ran.read_text() == "x\n"  # not run again
+    assert result["lock"] == lock["stages"]["train_vae"]
+    assert (worker / "vae.txt").read_text() == "weights\n"
