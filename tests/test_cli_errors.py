@@ -125,3 +125,40 @@ def test_a_switched_off_stage_writes_the_same_output_whatever_its_params(project
         kiln(project, "train-controlnet")
         seen.append({p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
     assert seen[0] == seen[1] and "skipped.json" in seen[0], seen
+
+
+def test_an_error_of_no_known_kind_is_one_line_a_note_and_nothing_half_written(
+    project: Path, monkeypatch, capsys
+):
+    """Found in review: huggingface_hub's StrictDataclassClassValidationError (an
+    Exception, not a ValueError) went past every handler: a traceback, no failure note
+    (so the flow retried the stage) and the stage's half output left behind."""
+    import json
+    from types import SimpleNamespace
+
+    import typer
+
+    from training.cli.stage import _run_stage
+
+    class Odd(Exception):
+        pass
+
+    out = Path("data/models/odd")
+
+    def body(params, tr):
+        (out / "half.bin").write_bytes(b"x")
+        raise Odd("a library's own error\nwith a second line")
+
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("KILN_DEBUG", raising=False)
+    spec = SimpleNamespace(outs=(out,), inputs=(), persist=False, streamed=(), checkpoints=False)
+    with pytest.raises(typer.Exit) as stopped:
+        _run_stage("train_clip", spec, body, None)
+    assert stopped.value.exit_code == 1
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("kiln: error:")]
+    assert errors == [
+        "kiln: error: train_clip: Odd: a library's own error (KILN_DEBUG=1 shows where)"
+    ]
+    note = json.loads((project / ".kiln" / "failed-train_clip.json").read_text())
+    assert note["retry"] is False  # the same error again: no retry
+    assert not out.exists()

@@ -54,6 +54,11 @@ def test_repo_params_load_and_default_to_tiny():
         ({"evaluate": {"gate_metric": "acc_al"}}, "not an accuracy the shapes oracle measures"),
         # was accepted, and ingest's numpy generator refused it mid-run
         ({"seed": -1}, "seed"),
+        # were accepted, and failed when the stage built its model: the U-Net's after
+        # ingest, the VAE, CLIP and the latents had run; CLIP's as a traceback
+        ({"train_unet": {"norm_num_groups": 24}}, "train_unet.norm_num_groups 24 does not"),
+        ({"train_vae": {"norm_num_groups": 12}}, "train_vae.norm_num_groups 12 does not divide"),
+        ({"train_clip": {"num_heads": 3}}, "train_clip.num_heads 3 does not divide"),
         (
             {"ingest": {"dataset": "digits"}, "evaluate": {"gate_metric": "acc_all_held_out"}},
             "not an accuracy the digits oracle measures (choose acc_all, acc_all_seen, ",
@@ -106,10 +111,10 @@ def test_profiles_change_sizes_only():
 
 def test_params_file_overrides_profile():
     p = config.resolve(
-        {"profile": "small", "train_unet": {"steps": 7, "block_out_channels": [8, 16]}}
+        {"profile": "small", "train_unet": {"steps": 7, "block_out_channels": [32, 64]}}
     )
     assert p.train_unet.steps == 7
-    assert p.train_unet.block_out_channels == (8, 16)
+    assert p.train_unet.block_out_channels == (32, 64)
 
 
 def test_set_values_keeps_comments_and_validates(tmp_path):

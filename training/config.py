@@ -211,6 +211,30 @@ class Params(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _widths_split_evenly(self) -> Params:
+        # the models' own checks come only when a stage builds them, after the stages
+        # before it have run (was: train_unet.norm_num_groups 24 failed after ingest,
+        # the VAE, CLIP and the latents; train_clip.num_heads 3 as a traceback)
+        for name in ("train_vae", "train_unet"):
+            c = getattr(self, name)
+            if name == "train_unet" and c.backbone != "unet2d":
+                continue
+            if bad := [w for w in c.block_out_channels if w % c.norm_num_groups]:
+                raise ValueError(
+                    f"{name}.norm_num_groups {c.norm_num_groups} does not divide "
+                    f"{name}.block_out_channels {bad[0]}: group norm splits each level's "
+                    "channels into that many groups"
+                )
+        c = self.train_clip
+        for key in ("hidden_size", "vision_hidden_size"):
+            if getattr(c, key) % c.num_heads:
+                raise ValueError(
+                    f"train_clip.num_heads {c.num_heads} does not divide train_clip.{key} "
+                    f"{getattr(c, key)}: each head gets that many channels / num_heads"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _gate_metric_is_measured(self) -> Params:
         # the gate runs after evaluate has sampled and registered: a metric this run
         # cannot produce must stop it here, not leave an alias-less version per try

@@ -115,6 +115,14 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
         if os.environ.get("KILN_DEBUG"):
             raise
         fail(prefixed(stage, str(exc)))
+    except Exception as exc:  # none of the above: a library's own error class, or a bug
+        # was: a traceback, no note (so the flow retried it) and half an output left
+        cleanup(fresh)
+        message = prefixed(stage, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        record_failure(stage, message, retry=False)
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        fail(f"{message} (KILN_DEBUG=1 shows where)")
     except KeyboardInterrupt:
         cleanup(fresh)
         record_failure(stage, "interrupted", retry=False)
