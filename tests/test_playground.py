@@ -98,3 +98,49 @@ def test_a_taken_port_is_one_line_before_anything_loads(tmp_path):
     assert proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_request_for_another_host_name_is_refused(tmp_path, monkeypatch):
+    """Found in review: the app answered any Host header, so a page of another site whose
+    name was re-pointed at 127.0.0.1 (DNS rebinding) moved @champion through a browser
+    here with --allow-promote. Only loopback's names, --host's and --allowed-host's are
+    answered."""
+    from fastapi.testclient import TestClient
+
+    from training.playground.app import create_app, host_names
+
+    promoted = []
+    monkeypatch.setattr(
+        "training.tracking.versions.promote_by_hand",
+        lambda version, reason: promoted.append(version) or {"gate_decision": "champion"},
+    )
+    app = create_app(tmp_path / "gallery", allow_promote=True)
+    body = {"version": "1", "confirm": "1"}
+    evil = TestClient(app, base_url="http://kiln-rebind.attacker.example:7860")
+    assert evil.post("/api/promote", json=body).status_code == 400
+    assert evil.get("/api/gallery").status_code == 400
+    assert promoted == []
+    for name in ("http://127.0.0.1:7860", "http://localhost:7860", "http://[::1]:7860"):
+        assert TestClient(app, base_url=name).get("/api/gallery").status_code == 200, name
+    assert (
+        TestClient(app, base_url="http://127.0.0.1")
+        .post("/api/promote", json=body)
+        .json()["gate_decision"]
+        == "champion"
+    )
+    assert promoted == ["1"]
+    assert host_names("0.0.0.0", ["kiln.lan"]) == ["localhost", "127.0.0.1", "[::1]", "kiln.lan"]
+    assert host_names("::1")[-1] == "[::1]" and host_names("10.0.0.5")[-1] == "10.0.0.5"
+
+
+def test_listening_on_every_interface_is_warned_of_however_it_is_spelt():
+    """Was: only IP literals were looked at, so ``--host 0`` (every interface) or a LAN
+    host name listened with no word of the missing login."""
+    from training.playground.app import exposed, listen_check
+
+    assert exposed("0") and exposed("0.0.0.0")
+    assert not exposed("127.0.0.1") and not exposed("localhost")
+    port = free_port()
+    (warning,) = listen_check("0", port)
+    assert "has no login" in warning
+    assert listen_check("127.0.0.1", port) == []

@@ -202,7 +202,7 @@ def test_the_playground_page_is_told_each_versions_own_scheduler(ddim_pipe, tmp_
     monkeypatch.setattr("training.tracking.versions.resolve_version", lambda m: f"kiln/{m}")
     app = create_app(tmp_path / "gallery")
     monkeypatch.setattr(app.state.worker, "pipeline_dir", lambda version: ddim_pipe)
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://127.0.0.1")
     assert client.get("/api/config").json()["defaults"]["scheduler"] is None
     model = client.get("/api/model", params={"ref": "1"}).json()
     assert model["scheduler"] == "ddim" and "ddim" in model["schedulers"], model
@@ -226,7 +226,7 @@ def test_the_playground_refuses_a_field_a_job_does_not_take(
     app = create_app(tmp_path / "gallery")
     monkeypatch.setattr(app.state.worker, "pipeline_dir", lambda version: tiny)
     body = {"models": ["1"], "prompt": PROMPT, "steps": 1, field: value}
-    answer = TestClient(app).post("/api/generate", json=body)
+    answer = TestClient(app, base_url="http://127.0.0.1").post("/api/generate", json=body)
     assert answer.status_code == 400, answer.json()
     error = answer.json()["error"]
     assert error.startswith(f"unknown field {field!r} (a job takes models, prompt, negative,")

@@ -363,28 +363,22 @@ def playground(
     queue: Annotated[
         int, typer.Option(min=1, max=1000, help="jobs that may wait; more get 'busy'")
     ] = 8,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="a name clients reach it by (beyond loopback's and --host)"),
+    ] = None,
 ) -> None:
     """A web page to try the registered kiln-text2image versions, compare two side by
     side and (with --allow-promote) make one @champion. Images go to data/playground/."""
-    import ipaddress
-    import socket
+    from training.playground.app import listen_check, serve
 
-    with contextlib.suppress(ValueError):
-        if not ipaddress.ip_address(host).is_loopback:
-            typer.echo(
-                f"kiln: warning: the playground has no login; {host} exposes it (and, with "
-                "--allow-promote, the champion) to the network",
-                err=True,
-            )
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        try:  # a taken port is a one-line error, before torch loads
-            probe.bind((host, port))
-        except OSError as exc:
-            fail(f"cannot listen on {host}:{port}: {exc.strerror}")
-    from training.playground.app import serve
-
+    try:  # a taken port is a one-line error, before torch loads
+        for warning in listen_check(host, port):
+            typer.echo(f"kiln: warning: {warning}", err=True)
+    except UserError as exc:
+        fail(str(exc))
     typer.echo(f"Kiln playground: http://{host}:{port}/ (Ctrl-C stops it)")
-    serve(host, port, P.DATA / "playground", allow_promote, queue)
+    serve(host, port, P.DATA / "playground", allow_promote, queue, allowed_host or ())
 
 
 @app.command()

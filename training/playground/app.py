@@ -14,7 +14,10 @@ request.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +76,68 @@ def _settings(body: dict[str, Any]) -> Settings:
     return Settings(**values)
 
 
-def create_app(gallery: Path, allow_promote: bool = False, max_queue: int = 8) -> FastAPI:
-    """The app; its worker thread starts now and keeps ``gallery`` (``data/playground``)."""
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+EVERY_INTERFACE = ("", "0", "0.0.0.0", "::")
+
+
+def host_names(host: str, extra: Sequence[str] = ()) -> list[str]:
+    """The ``Host`` headers the app answers: this machine's loopback names, the address
+    it listens on (unless that is every interface) and ``extra`` (``--allowed-host``).
+    Any other is refused (400): a page of another site whose name its owner re-points
+    at 127.0.0.1 (DNS rebinding) is the same origin to a browser here, and could queue
+    jobs, read the gallery and, with ``--allow-promote``, move ``@champion`` (found in
+    review: it did)."""
+    names = list(LOOPBACK_NAMES)
+    if host not in EVERY_INTERFACE:
+        names.append(f"[{host}]" if ":" in host else host)
+    return [*names, *extra]
+
+
+def exposed(host: str) -> bool:
+    """Whether listening on ``host`` reaches beyond this machine: any address it resolves
+    to is not loopback (was: decided for IP literals only, so ``--host 0``, every
+    interface, and a LAN host name listened without the warning)."""
+    try:
+        found = socket.getaddrinfo(host or None, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        return True  # the bind fails next, with its own message
+    return any(not ipaddress.ip_address(a[4][0].split("%")[0]).is_loopback for a in found)
+
+
+def listen_check(host: str, port: int) -> list[str]:
+    """What to warn of before listening on ``host:port``; ``UserError`` when it cannot
+    (a taken port: one line, before torch loads)."""
+    from training.errors import UserError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    if not exposed(host):
+        return []
+    return [
+        f"the playground has no login; {host} exposes it (and, with --allow-promote, the "
+        "champion) to the network; it answers only the names --host and --allowed-host give"
+    ]
+
+
+def create_app(
+    gallery: Path,
+    allow_promote: bool = False,
+    max_queue: int = 8,
+    hosts: Sequence[str] | None = None,
+) -> FastAPI:
+    """The app; its worker thread starts now and keeps ``gallery`` (``data/playground``).
+    ``hosts``: the ``Host`` headers it answers (``host_names``; default: loopback's)."""
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
     from training.tracking import versions as V
 
     worker = Worker(gallery, max_queue=max_queue)
     app = FastAPI(title="Kiln playground", docs_url=None, redoc_url=None, openapi_url=None)
+    allowed = host_names("127.0.0.1") if hosts is None else list(hosts)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed, www_redirect=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/gallery", StaticFiles(directory=gallery), name="gallery")
     app.state.worker = worker
@@ -169,12 +228,20 @@ def create_app(gallery: Path, allow_promote: bool = False, max_queue: int = 8) -
     return app
 
 
-def serve(host: str, port: int, gallery: Path, allow_promote: bool, max_queue: int) -> None:
+def serve(
+    host: str,
+    port: int,
+    gallery: Path,
+    allow_promote: bool,
+    max_queue: int,
+    allowed_hosts: Sequence[str] = (),
+) -> None:
     """Run the playground until interrupted."""
     import uvicorn
 
     from training.engine.distributed import set_torch_threads
 
     set_torch_threads()
-    app = create_app(gallery, allow_promote=allow_promote, max_queue=max_queue)
+    hosts = host_names(host, allowed_hosts)
+    app = create_app(gallery, allow_promote=allow_promote, max_queue=max_queue, hosts=hosts)
     uvicorn.run(app, host=host, port=port, log_level="warning")
