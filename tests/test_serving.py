@@ -182,6 +182,10 @@ def test_check_request_accepts_good_requests():
         (sampling.Request(None, 1), "prompt must be a string"),  # type: ignore[arg-type]
         (sampling.Request("x" * 5000, 1), "prompt is 5000 characters long; at most 4096"),
         (sampling.Request("a", 1, 4, 4.0, 3), "negative_prompt must be a string"),  # type: ignore[arg-type]
+        # half an emoji (JSON "\ud83d"), argv bytes that are not UTF-8: was the tokenizer's
+        # TypeError mid-job (the playground's bare 500, kiln generate's traceback)
+        (sampling.Request("a red \ud83d circle", 1), "prompt is not valid Unicode text"),
+        (sampling.Request("a", 1, 4, 4.0, "a \udce9"), "negative_prompt is not valid Unicode"),
         (sampling.Request("a red circle", -1), "seed must be a whole number in [0, "),
         (sampling.Request("a red circle", 2**63), "seed must be"),
         (sampling.Request("a red circle", 1.5), "seed must be"),  # type: ignore[arg-type]

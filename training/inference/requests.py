@@ -77,6 +77,13 @@ def check_request(r: Request) -> None:
             raise ValueError(
                 f"{field} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are allowed"
             )
+        try:  # a lone surrogate: JSON's "\ud83d", or argv bytes that are not UTF-8
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # was: the tokenizer's TypeError mid-job
+            raise ValueError(
+                f"{field} is not valid Unicode text (character {exc.start} is half of a "
+                "character, or a byte that is not UTF-8)"
+            ) from None
     if not r.prompt.strip():
         raise ValueError("prompt must be a non-empty string")
     if not _whole(r.seed) or not 0 <= r.seed <= MAX_SEED:
