@@ -198,16 +198,7 @@ def _set_params(
     them."""
     from training import config
 
-    updates = {
-        k: v
-        for k, v in (
-            ("profile", profile),
-            ("ingest.dataset", dataset),
-            ("ingest.source", source),
-            ("mode", mode),
-        )
-        if v
-    }
+    updates = config.run_choices(dataset, source, profile, mode)
     if updates:
         for key, (old, new) in config.set_values(ROOT / "params.yaml", updates).items():
             print(f"params.yaml: {key}: {old} -> {new}")

@@ -152,3 +152,22 @@ def test_plain_levels_leave_attention_out_of_the_highest_resolutions():
     assert list(one.config.down_block_types) == [plain, attn, plain]
     with pytest.raises(ConfigError, match="plain_levels 2 leaves none of the 3 levels"):
         config.resolve({"train_unet": {"plain_levels": 2}})
+
+
+def test_a_run_on_a_built_in_set_clears_an_earlier_source(tmp_path):
+    """Found in review: `kiln run --dataset shapes` after a folder run changed only the
+    dataset, and the shapes model's lineage tags (and the source probe) named the folder."""
+    from training.intake.ingest import source_state
+    from training.tracking.lineage import data_tags
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    config.set_values(path, config.run_choices("folder", str(tmp_path / "pets")))
+    changed = config.set_values(path, config.run_choices("shapes"))
+    assert changed["ingest.source"] == (str(tmp_path / "pets"), None)
+    assert config.load(path).ingest.source is None
+    # params.yaml edited by hand the same way: a built-in set still reads no source
+    kept = config.resolve({"ingest": {"dataset": "shapes", "source": "/tmp/pets"}})
+    assert data_tags(kept.to_dict()) == {"kiln.dataset": "shapes"}
+    assert source_state(kept) == source_state(config.resolve({"ingest": {"dataset": "shapes"}}))
+    assert config.run_choices(profile="tiny") == {"profile": "tiny"}  # nothing else touched

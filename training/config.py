@@ -344,6 +344,30 @@ def load(path: str | Path = "params.yaml") -> Params:
     return resolve(raw, source=str(path))
 
 
+def run_choices(
+    dataset: str | None = None,
+    source: str | None = None,
+    profile: str | None = None,
+    mode: str | None = None,
+) -> dict[str, Any]:
+    """params.yaml's updates for a run's ``--dataset/--source/--profile/--mode``: the
+    ones given, and a built-in set's ``ingest.source`` cleared (was: an earlier folder
+    run's source stayed, and the shapes model's lineage named that folder)."""
+    updates = {
+        k: v
+        for k, v in (
+            ("ingest.dataset", dataset),
+            ("ingest.source", source),
+            ("profile", profile),
+            ("mode", mode),
+        )
+        if v
+    }
+    if dataset in BUILTIN_DATASETS and not source:
+        updates["ingest.source"] = None
+    return updates
+
+
 def set_values(
     path: str | Path, updates: dict[str, Any], check: Callable[[Params], object] | None = None
 ) -> dict[str, tuple[Any, Any]]:

@@ -74,16 +74,7 @@ def run_pipeline(
 
     for problem in doctor.problems():  # fail in one line, not inside Prefect's server
         fail(f"environment: {problem}")
-    updates = {
-        k: v
-        for k, v in (
-            ("ingest.dataset", dataset),
-            ("ingest.source", source),
-            ("profile", profile),
-            ("mode", mode),
-        )
-        if v
-    }
+    updates = config.run_choices(dataset, source, profile, mode)
     from training.intake.ingest import check_source
     from training.intake.sources import SourceError
 

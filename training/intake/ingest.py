@@ -42,7 +42,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from training import paths as P
-from training.config import Params, fingerprint
+from training.config import BUILTIN_DATASETS, Params, fingerprint
 from training.console import say
 from training.disk import replace_dir, restore_dir, write_json
 from training.intake import sources, sync
@@ -221,11 +221,12 @@ def source_state(params: Params) -> dict:
     check_source(params)
     c = params.ingest
     identity = SOURCE_KINDS[c.dataset].identity(params)
+    source = None if c.dataset in BUILTIN_DATASETS else c.source  # a built-in set reads none
     return {
         "dataset": c.dataset,
-        "source": c.source,
+        "source": source,
         "entries": len(identity),
-        "fingerprint": fingerprint(c.dataset, c.source, identity),
+        "fingerprint": fingerprint(c.dataset, source, identity),
     }
 
 

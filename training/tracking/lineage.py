@@ -64,11 +64,15 @@ DATA_TAGS = ("kiln.dataset", "kiln.source")
 
 
 def data_tags(params_dict: dict[str, Any]) -> dict[str, str]:
-    """``kiln.dataset`` (shapes, digits, folder, url-list, shards) and, where one is set,
-    ``kiln.source`` (the folder, list or shard spec as params.yaml spells it)."""
+    """``kiln.dataset`` (shapes, digits, folder, url-list, shards) and, where one is read,
+    ``kiln.source`` (the folder, list or shard spec as params.yaml spells it). A built-in
+    set reads none, whatever params.yaml keeps (was: an earlier folder run's source
+    tagged a shapes model)."""
+    from training.config import BUILTIN_DATASETS
+
     ingest = params_dict.get("ingest", {})
     tags = {"kiln.dataset": str(ingest.get("dataset"))}
-    if ingest.get("source"):
+    if ingest.get("source") and ingest.get("dataset") not in BUILTIN_DATASETS:
         tags["kiln.source"] = str(ingest["source"])
     return tags
 
