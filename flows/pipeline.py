@@ -88,7 +88,10 @@ def _uneven_batches(params, nproc: str) -> str:
     """The training stages whose global batch ``nproc`` processes cannot split evenly
     (each process takes an equal slice), as one line; "" when none (was: found at the
     first step of the first training stage, after ingest and validate)."""
-    n = int(nproc) if nproc.strip().isdigit() else 1  # a bad value: each stage says so
+    try:  # as the stages' launcher reads it (training/cli/launch.py): 0 or 1, one process
+        n = max(1, int(nproc))
+    except ValueError:  # was: passed here, and refused by train_vae after ingest, validate
+        return f"KILN_NPROC must be a whole number, got {nproc!r}"
     sections = {
         s.name: getattr(params, s.name)
         for s in stages.STAGES

@@ -156,3 +156,8 @@ def test_a_batch_that_processes_cannot_split_stops_the_run_before_any_stage(monk
     assert "train_unet.batch_size 64" in said and "train_controlnet" not in said  # it is off
     monkeypatch.setenv("KILN_NPROC", "2")
     _preflight(params)  # 32, 128 and 64 split over 2: no error
+    monkeypatch.setenv("KILN_NPROC", "0")  # was: ZeroDivisionError; the launcher runs one
+    _preflight(params)
+    monkeypatch.setenv("KILN_NPROC", "abc")  # was: passed, and stopped train_vae later
+    with pytest.raises(PreflightFailed, match="KILN_NPROC must be a whole number, got 'abc'"):
+        _preflight(params)
