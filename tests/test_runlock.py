@@ -94,6 +94,32 @@ def test_a_stage_run_by_hand_keeps_a_pipeline_out_while_it_runs(tmp_path, monkey
         pass
 
 
+def test_a_killed_runs_record_is_not_named_as_the_holder(tmp_path, monkeypatch):
+    """Found in review: after a SIGKILLed `kiln run`, its record stayed in the lock file,
+    and a stage run by hand holding the lock was reported as that dead run (its pid)."""
+    monkeypatch.delenv(runlock.HOLDER_ENV, raising=False)
+    holder = _holder(tmp_path)
+    holder.kill()  # the record stays; the kernel drops the lock
+    holder.wait()
+    env = {k: v for k, v in os.environ.items() if k != runlock.HOLDER_ENV}
+    stage = subprocess.Popen(
+        [sys.executable, "-c", STAGE, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert stage.stdout.readline().strip() == "training"
+        with (
+            pytest.raises(runlock.PipelineBusy) as busy,
+            runlock.pipeline_lock("kiln run (digits)", tmp_path),
+        ):
+            pass
+        said = str(busy.value)
+        assert said.startswith("another kiln run or a stage run by hand is running"), said
+        assert str(holder.pid) not in said
+    finally:
+        stage.kill()
+        stage.wait()
+
+
 def test_second_kiln_run_is_refused_before_touching_params_or_data(project: Path):
     """The bug: a second `kiln run --dataset digits` rewrote params.yaml and re-ingested
     into the shared data/ while the first (shapes) run was training."""

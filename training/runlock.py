@@ -40,13 +40,27 @@ def _describe(path: Path) -> str:
         info = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
         info = {}
-    if not info:  # a stage run by hand holds it shared and records nothing
+    if not info or _gone(info):  # a stage run by hand holds it shared and records nothing
+        # (a record whose process is gone was left by a killed run: was named as the holder)
         return "another kiln run or a stage run by hand"
     started = time.strftime("%H:%M:%S", time.localtime(info.get("started", 0)))
     return (
         f"{info.get('what', 'a kiln run')} (pid {info.get('pid')} on {info.get('host')}, "
         f"started {started})"
     )
+
+
+def _gone(info: dict) -> bool:
+    """Whether the recorded holder is a process of this host that no longer runs."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return False  # another host's (a shared checkout): it cannot be checked here
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 @contextlib.contextmanager
