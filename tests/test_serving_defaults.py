@@ -252,3 +252,33 @@ def test_generate_refuses_a_guidance_start_check_request_refuses(tmp_path, value
     assert res.exit_code == 2, res.output
     assert "Invalid value for '--guidance-start'" in res.output, res.output
     assert not out.exists()
+
+
+# ---- kiln generate: options that would do nothing ----------------------------------------
+@pytest.mark.parametrize(
+    "extra",
+    [["--control-scale", "5"], ["--control-is-map"], ["--controlnet", "/nonexistent/cn"]],
+)
+def test_generate_refuses_control_options_without_a_control(tiny, tmp_path, extra):
+    """Found in review: accepted, and dropped without a word (exit 0, no control)."""
+    out = tmp_path / "o"
+    res = _generate(PROMPT, "--steps", "1", "--model", str(tiny), "--out", str(out), *extra)
+    assert res.exit_code == 1 and "need --control" in res.output, res.output
+    assert not out.exists()
+
+
+def test_a_negative_prompt_at_guidance_1_is_not_recorded_as_used(tiny, tmp_path):
+    """Found in review: at guidance 1 there is no unconditional branch, so the picture is
+    the same with or without --negative, yet the manifest recorded it as used."""
+    out = tmp_path / "o"
+    args = [PROMPT, "--steps", "2", "--guidance", "1", "--model", str(tiny), "--out", str(out)]
+    assert _generate(*args).exit_code == 0
+    res = _generate(*args, "--negative", "a blue square")
+    assert res.exit_code == 0 and "--negative does nothing at guidance 1" in res.output
+    first, second = _manifest(out)
+    assert second["negative_prompt"] == "" == first["negative_prompt"]
+    same = [np.asarray(Image.open(out / x["file"])) for x in (first, second)]
+    assert np.array_equal(*same)  # what the manifest now says: drawn without it
+    res = _generate(*args[:4], "2", *args[5:], "--negative", "a blue square")
+    assert res.exit_code == 0, res.output
+    assert _manifest(out)[-1]["negative_prompt"] == "a blue square"  # used at 2

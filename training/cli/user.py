@@ -196,6 +196,8 @@ def generate(
     try:  # everything that can be checked before a model load
         if any(not p.strip() for p in prompts):
             raise UserError("a prompt is empty")
+        if control is None and (control_scale is not None or control_is_map or controlnet):
+            raise UserError("--control-scale, --control-is-map and --controlnet need --control")
         can_create(out)
         next_index(out)  # readable? (the number itself is taken when writing, below)
         from training.inference import defaults, sampling
@@ -254,6 +256,8 @@ def generate(
     except (UserError, ValueError) as exc:
         fail(str(exc))
     warn_truncated(pipe.tokenizer, [*prompts, negative] if negative else list(prompts))
+    if negative and g <= 1:
+        typer.echo("kiln: warning: --negative does nothing at guidance 1 (none recorded)", err=True)
     images = sampling.generate(pipe, reqs, control=steer)
     with claimed(out) as (first, manifest):  # numbering continues after what --out holds
         for i, (r, img) in enumerate(zip(reqs, images, strict=True)):

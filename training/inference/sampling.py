@@ -167,7 +167,9 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
 def manifest_line(
     file: str, r: Request, image: Image.Image, scheduler: str, model: str, version: str
 ) -> dict:
-    """A picture's ``manifest.jsonl`` line (kiln generate, the playground's gallery)."""
+    """A picture's ``manifest.jsonl`` line (kiln generate, the playground's gallery).
+    The negative prompt is what was drawn with: none at guidance 1, where there is no
+    unconditional branch for it to replace (was: recorded as if it had been used)."""
     return {
         "file": file,
         "prompt": r.prompt,
@@ -175,7 +177,7 @@ def manifest_line(
         "steps": r.steps,
         "guidance": r.guidance,
         "guidance_start": r.guidance_start,
-        "negative_prompt": r.negative,
+        "negative_prompt": r.negative if r.guidance > 1 else "",
         "width": image.width,
         "height": image.height,
         "scheduler": scheduler,
