@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,6 +136,11 @@ def assemble(
     return pipe
 
 
+# one load at a time in a process: two threads' from_pretrained at once (two playground
+# workers, a page's load beside a job's) failed with "Cannot copy out of meta tensor"
+_LOADING = threading.Lock()
+
+
 def load(path: str | Path) -> DiffusionPipeline:
     """A saved pipeline directory, on the GPU when there is one (``engine.distributed.device``)."""
     import json
@@ -154,7 +160,8 @@ def load(path: str | Path) -> DiffusionPipeline:
         # no T5: diffusers' documented way to run SD3 on its CLIPs alone
         "StableDiffusion3Pipeline": {"text_encoder_3": None, "tokenizer_3": None},
     }.get(index["_class_name"], {})
-    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **extra)
+    with _LOADING:  # from_pretrained builds on the meta device, patching torch globally
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     backbones.of_pipeline(pipe).prepare(pipe)
     return pipe.to(device())

@@ -7,8 +7,9 @@ JavaScript served from this package: no fonts, scripts or styles from elsewhere,
 it works offline.
 
 Every failure is an answer with ``{"error": message}``: 400 for bad input, 404 for a
-version that does not exist, 403 for promotion when it is off, 429 when the queue is
-full, 503 when the registry does not answer. The server itself never goes down on a
+version (or job) that does not exist, 403 for promotion when it is off (or a cancel
+without the job's token), 429 when the queue is full, 503 when the registry does not
+answer. The server itself never goes down on a
 request.
 """
 
@@ -200,12 +201,23 @@ def create_app(
             job = worker.submit([m.strip() for m in models], _settings(body))
         except Exception as exc:
             return _failure(exc)
-        return worker.view(job.id) or {}
+        # the token cancels it (DELETE /api/jobs/{id}); only this answer carries it
+        return {**(worker.view(job.id) or {}), "token": job.token}
 
     @app.get("/api/jobs/{job_id}", response_model=None)
     def job(job_id: str) -> dict[str, Any] | JSONResponse:
         view = worker.view(job_id)
         return view if view is not None else _error(404, f"no job {job_id!r}")
+
+    @app.delete("/api/jobs/{job_id}", response_model=None)
+    def cancel(job_id: str, token: str = "") -> dict[str, Any] | JSONResponse:
+        """Cancel a queued or running job with the token its submission answered."""
+        done = worker.cancel(job_id, token)
+        if done is None:
+            return _error(404, f"no job {job_id!r}")
+        if not done:
+            return _error(403, "that is not this job's token (the answer that queued it has it)")
+        return worker.view(job_id) or {}
 
     @app.get("/api/gallery")
     def recent(limit: int = 24) -> dict[str, Any]:

@@ -29,6 +29,11 @@ from training.errors import UserError
 from training.inference.defaults import scheduler_name
 
 MAX_IMAGES = 8  # images per prompt in one job
+# A job's denoising steps (models x images x steps; the REST model's budget is 1,000):
+# the defaults' 2 x 8 x 20 = 320 fit, 2 x 8 x 1,000 does not. One job holds the one
+# worker; found in review: such jobs ran ~75 s each on the tiny model, and nine queued
+# by one client kept every other client out for ten minutes.
+MAX_JOB_STEPS = 2000
 KEEP_PIPELINES = 2  # loaded pipelines kept (a comparison needs two)
 KEEP_JOBS = 200  # finished jobs the server remembers (the gallery keeps them all)
 
@@ -87,7 +92,10 @@ class Job:
     models: list[str]  # as asked: an alias, a version number, a models:/ URI
     settings: Settings
     versions: list[str]  # name/version each model resolved to when the job was queued
-    state: str = "queued"  # queued | running | done | error
+    state: str = "queued"  # queued | running | done | error | cancelled
+    # what cancels it: given to the client that queued it only (the gallery shows job ids)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancelled: bool = False
     done_steps: int = 0
     total_steps: int = 0
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -112,6 +120,13 @@ class Busy(Exception):
     """The queue is full: the caller should try again later (HTTP 429)."""
 
 
+class Cancelled(Exception):
+    """Raised at the next denoising step of a job its client cancelled."""
+
+
+FINISHED = ("done", "error", "cancelled")
+
+
 class Worker:
     """The queue, the thread that empties it and the pipelines it keeps loaded."""
 
@@ -126,6 +141,7 @@ class Worker:
         self.pipes: OrderedDict[str, tuple[Any, dict]] = OrderedDict()
         self.dirs: dict[str, Path] = {}  # version -> its pipeline folder (downloaded once)
         self.dirs_lock = threading.Lock()
+        self.fetching: dict[str, threading.Lock] = {}  # version -> its download's lock
         self.thread = threading.Thread(target=self._loop, name="playground-worker", daemon=True)
         self.thread.start()
 
@@ -134,6 +150,11 @@ class Worker:
         """Check and queue a job; ``ValueError``/``UserError`` for bad input, ``Busy``
         when ``max_queue`` jobs already wait, ``ConnectionError`` without a registry."""
         settings.check()
+        if (cost := len(models) * settings.n * settings.steps) > MAX_JOB_STEPS:
+            raise ValueError(
+                f"a job is at most {MAX_JOB_STEPS} denoising steps (models x images x steps); "
+                f"this one is {cost}: fewer images or steps"
+            )
         from training.tracking.versions import resolve_version
 
         versions = [resolve_version(m) for m in models]  # a missing version fails now
@@ -158,9 +179,25 @@ class Worker:
         excess = len(self.jobs) - KEEP_JOBS
         if excess <= 0:
             return
-        finished = [i for i, j in self.jobs.items() if j.state in ("done", "error")]
+        finished = [i for i, j in self.jobs.items() if j.state in FINISHED]
         for job_id in finished[:excess]:  # oldest first: the dict keeps submission order
             del self.jobs[job_id]
+
+    def cancel(self, job_id: str, token: str) -> bool | None:
+        """Cancel a queued or running job (None: no such job; False: the token is not
+        its own). A queued one is skipped; a running one stops at its next step."""
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return None
+            if token != job.token:
+                return False
+            if job.state not in FINISHED:
+                job.cancelled = True
+                if job.state == "queued":
+                    job.state = "cancelled"
+                    self.waiting.remove(job_id)
+            return True
 
     def view(self, job_id: str) -> dict[str, Any] | None:
         with self.lock:
@@ -175,24 +212,39 @@ class Worker:
         while True:
             job = self.queue.get()
             with self.lock:
+                if job.cancelled:  # cancelled while it waited
+                    continue
                 self.waiting.remove(job.id)
                 job.state = "running"
             try:
                 self._run(job)
                 job.state = "done"
+            except Cancelled:
+                job.state = "cancelled"
             except (UserError, ValueError, TimeoutError, ConnectionError) as exc:
                 job.error, job.state = str(exc), "error"
             except Exception as exc:  # a bug must not kill the worker: say it on the page
                 job.error, job.state = f"{type(exc).__name__}: {exc}", "error"
 
     def pipeline_dir(self, version: str) -> Path:
-        """The pipeline folder of ``name/version``, fetched from the registry once."""
+        """The pipeline folder of ``name/version``, fetched from the registry once. Only
+        callers of the same version wait for its download (was: one lock for all, so a
+        large version's download held every page load, and with enough of them
+        uvicorn's threads, job polling included)."""
         with self.dirs_lock:
-            if version not in self.dirs:
-                from training.tracking.versions import pipeline_dir
+            if version in self.dirs:
+                return self.dirs[version]
+            fetching = self.fetching.setdefault(version, threading.Lock())
+        with fetching:
+            with self.dirs_lock:
+                if version in self.dirs:  # fetched while this caller waited
+                    return self.dirs[version]
+            from training.tracking.versions import pipeline_dir
 
-                self.dirs[version] = pipeline_dir(f"models:/{version}")[0]
-            return self.dirs[version]
+            folder = pipeline_dir(f"models:/{version}")[0]
+            with self.dirs_lock:
+                self.dirs[version] = folder
+            return folder
 
     def _pipeline(self, version: str):
         """The loaded pipeline of ``name/version``, its scheduler as saved and its own
@@ -238,6 +290,8 @@ class Worker:
 
         def advance(k: int) -> None:
             job.done_steps += k
+            if job.cancelled:
+                raise Cancelled
 
         for side, (model, version, (pipe, reqs, used)) in enumerate(
             zip(job.models, job.versions, loaded, strict=True)

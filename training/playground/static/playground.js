@@ -13,8 +13,8 @@ function say(text, isError = false) {
   $("status").className = isError ? "error" : "";
 }
 
-async function api(path, body) {
-  const init = body === undefined ? {} : {
+async function api(path, body, method) {
+  const init = body === undefined ? { method: method || "GET" } : {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   };
   let res;
@@ -160,10 +160,17 @@ async function submit(models) {
   $("progress").hidden = true;
   try {
     const job = await api("/api/generate", { models, ...settings() });
+    const stop = $("cancel");
+    stop.hidden = false;
+    stop.onclick = () =>
+      api(`/api/jobs/${job.id}?token=${job.token}`, undefined, "DELETE").catch((e) =>
+        say(e.message, true),
+      );
     await follow(job.id);
   } catch (e) {
     say(e.message, true);
   } finally {
+    $("cancel").hidden = true;
     busy(false);
   }
 }
@@ -184,6 +191,10 @@ async function follow(id) {
     } else if (job.state === "error") {
       $("progress").hidden = true;
       throw new Error(job.error);
+    } else if (job.state === "cancelled") {
+      $("progress").hidden = true;
+      say("cancelled");
+      return;
     } else {
       $("progress").hidden = true;
       show(job);
