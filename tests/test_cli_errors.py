@@ -162,3 +162,44 @@ def test_an_error_of_no_known_kind_is_one_line_a_note_and_nothing_half_written(
     note = json.loads((project / ".kiln" / "failed-train_clip.json").read_text())
     assert note["retry"] is False  # the same error again: no retry
     assert not out.exists()
+
+
+def test_a_resumed_training_stage_keeps_the_previews_drawn_before_its_checkpoint(
+    project: Path, monkeypatch
+):
+    """Found in review: the re-run emptied the stage's outs, previews/ included, and a
+    resumed run draws only the steps after its checkpoint: the U-Net's previews/ (and
+    so its DVC out) differed from an uninterrupted run's."""
+    from types import SimpleNamespace
+
+    import typer
+
+    from training import paths as P
+    from training.cli.stage import _run_stage
+
+    out = Path("data/models/fake")
+    spec = SimpleNamespace(outs=(out,), inputs=(), persist=False, streamed=(), checkpoints=True)
+
+    def trained(first: int, last: int, stop: int | None = None):
+        def body(params, tr):
+            (out / "previews").mkdir(parents=True, exist_ok=True)
+            for step in range(first, last + 1):
+                (out / "previews" / f"step-{step:06d}.png").write_bytes(b"step %d" % step)
+                if step == 2:  # a checkpoint at step 2
+                    (P.CKPT / "fake" / "step-00000002").mkdir(parents=True, exist_ok=True)
+                    (P.CKPT / "fake" / "step-00000002" / "COMPLETE").write_text("fp")
+                if step == stop:
+                    raise KeyboardInterrupt
+            return {"resumed_from_step": first - 1}
+
+        return body
+
+    monkeypatch.chdir(project)
+    with pytest.raises(typer.Exit):
+        _run_stage("fake", spec, trained(1, 4, stop=3), None)  # Ctrl-C during step 3
+    assert not out.exists()  # a failed stage's outs are removed, as before
+    _run_stage("fake", spec, trained(3, 4), None)  # resumes at 2
+    drawn = sorted(f.name for f in (out / "previews").iterdir())
+    assert drawn == [f"step-{s:06d}.png" for s in (1, 2, 3, 4)]
+    assert (out / "previews" / "step-000001.png").read_bytes() == b"step 1"
+    assert not (P.CKPT / "fake").exists()  # resume state is gone once the stage succeeds

@@ -63,6 +63,34 @@ def run_stage(stage: str, body: Callable[..., dict], register: Callable | None =
         return _run_stage(stage, spec, body, register)
 
 
+def _stash_previews(stage: str, spec) -> None:
+    """A training stage's previews, kept beside its checkpoints while its outs are
+    emptied (a re-run, or a failure): a resumed run draws only the steps after its
+    checkpoint, and the earlier ones were lost (found in review: an interrupted and
+    resumed U-Net's ``previews/``, and so its DVC out, differed from an uninterrupted
+    one's). Without a checkpoint to resume, an old stash is dropped."""
+    if not spec.checkpoints:
+        return
+    stash, previews = P.CKPT / stage / "previews", Path(spec.outs[0]) / "previews"
+    if not any((P.CKPT / stage).glob("step-*/COMPLETE")):
+        shutil.rmtree(stash, ignore_errors=True)
+        return
+    if previews.is_dir():
+        stash.mkdir(parents=True, exist_ok=True)
+        for f in previews.glob("step-*.png"):
+            shutil.copy2(f, stash / f.name)
+
+
+def _restore_previews(stage: str, out: Path, resumed: int) -> None:
+    """The stashed previews of the steps a run resumed at ``resumed`` did not draw."""
+    stash = P.CKPT / stage / "previews"
+    if not resumed or not stash.is_dir() or not (out / "previews").is_dir():
+        return
+    for f in stash.glob("step-*.png"):
+        if int(f.stem.split("-")[1]) <= resumed and not (out / "previews" / f.name).exists():
+            shutil.copy2(f, out / "previews" / f.name)
+
+
 def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable | None) -> dict:
     """``run_stage``'s work, under the stage's hold on the run lock."""
     from training import config, tracking
@@ -80,12 +108,14 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
         remote = os.environ.get("KILN_DATA_REMOTE", "").strip()
         require(*[p for p in inputs if not (remote and p in spec.streamed)])
         writable(*outs, P.METRICS)
+        _stash_previews(stage, spec)  # a resumed run keeps the ones it does not draw again
         cleanup(fresh)  # DVC removes outs before a run (but persist ones); do the same
         resolved = outs[0] / "resolved_params.json"  # every run records its config
         write_json(resolved, params.to_dict())
         with tracking.stage_run(stage, params.to_dict(), resolved) as tr:
             with disk_full_errors(f"{stage} output", outs[0]):
                 metrics = body(params, tr)
+                _restore_previews(stage, outs[0], metrics.get("resumed_from_step", 0))
             if metrics.get("skipped"):
                 # a stage switched off (train_controlnet) made nothing from this config:
                 # kept in its DVC out, every edit of its params changed the out's hash
@@ -106,10 +136,12 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
             shutil.rmtree(P.CKPT / stage, ignore_errors=True)
         return metrics
     except (config.ConfigError, UserError, TrainingDiverged) as exc:
+        _stash_previews(stage, spec)
         cleanup(fresh)
         record_failure(stage, str(exc), retry=False)
         fail(str(exc))
     except (OSError, ValueError, RuntimeError) as exc:
+        _stash_previews(stage, spec)
         cleanup(fresh)
         record_failure(stage, prefixed(stage, str(exc)), retry=transient(exc))
         if os.environ.get("KILN_DEBUG"):
@@ -117,6 +149,7 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
         fail(prefixed(stage, str(exc)))
     except Exception as exc:  # none of the above: a library's own error class, or a bug
         # was: a traceback, no note (so the flow retried it) and half an output left
+        _stash_previews(stage, spec)
         cleanup(fresh)
         message = prefixed(stage, f"{type(exc).__name__}: {exc}".splitlines()[0])
         record_failure(stage, message, retry=False)
@@ -124,6 +157,7 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
             raise
         fail(f"{message} (KILN_DEBUG=1 shows where)")
     except KeyboardInterrupt:
+        _stash_previews(stage, spec)
         cleanup(fresh)
         record_failure(stage, "interrupted", retry=False)
         typer.echo(
