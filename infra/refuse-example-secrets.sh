@@ -1,8 +1,9 @@
 #!/bin/sh
 # Refuses to start Kiln's stack with a secret that is unset, still infra/env.example's
 # placeholder (anything containing `change-me`, in any letter case), or shorter than 12
-# characters. A user:password string (PREFECT_AUTH_STRING) is measured by its password:
-# a long user name made "administrator:1234567" pass.
+# characters (POSTGRES_PASSWORD: also anything but letters, digits, - and _, which the
+# database URLs would misread). A user:password string (PREFECT_AUTH_STRING) is measured
+# by its password: a long user name made "administrator:1234567" pass.
 # compose runs it as the one-shot `secrets-check` service; every other service waits
 # for it to succeed. Usage: refuse-example-secrets.sh VAR [VAR...]  (variable names)
 status=0
@@ -28,6 +29,10 @@ for name in "$@"; do
     status=1
   elif [ "${#secret}" -lt 12 ]; then
     echo "kiln: refusing to start: $what is shorter than 12 characters" >&2
+    status=1
+  elif [ "$name" = POSTGRES_PASSWORD ] && case "$value" in *[!A-Za-z0-9_-]*) true ;; *) false ;; esac; then
+    # it goes into the database URLs unquoted: an `@` made `kiln@postgres` the host
+    echo "kiln: refusing to start: POSTGRES_PASSWORD goes into database URLs: use letters, digits, - and _ only" >&2
     status=1
   fi
 done

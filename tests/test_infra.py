@@ -256,6 +256,9 @@ def test_compose_secrets_have_no_defaults_and_example_values_are_refused(tmp_pat
     assert shouted.returncode == 1 and "MLFLOW_SECRET_KEY is still the example" in shouted.stderr
     strong = check_with(GOOD | {"PREFECT_AUTH_STRING": "kiln:a-long-enough-password"})
     assert strong.returncode == 0, strong.stderr
+    # was accepted, and the database URLs read `kLq91s@postgres` as the host
+    url = check_with(GOOD | {"POSTGRES_PASSWORD": "Zr8#mYp2@kLq91s"})
+    assert url.returncode == 1 and "goes into database URLs" in url.stderr, url.stderr
 
 
 def test_mlflow_auth_db_is_on_a_persisted_volume():
