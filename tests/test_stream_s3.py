@@ -174,3 +174,72 @@ def test_full_cache_disk_says_so(aws, data, small_disk, monkeypatch):
         split.take([0])
     split.close()
     assert not [p for p in (small_disk / "cache").rglob("*") if p.is_file()]  # no partial file
+
+
+def test_a_bucketed_split_streams_each_shard_once_an_epoch_through_its_budgeted_cache(
+    aws, tmp_path, monkeypatch
+):
+    """Found in review: a streamed split of 3 aspect-ratio buckets downloaded 1.5x its
+    shards an epoch, through a cache of even 8 blocks: its buckets' batches came in a
+    random order, jumping between blocks, and plain LRU evicted a bucket's next block
+    before it was read. At the budget ``check_fits`` asks (two blocks a bucket), every
+    shard is fetched once."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from training.engine.images import caption, decode_image
+    from training.intake import buckets, shards
+
+    sizes = [(8, 8), (16, 8), (8, 16)]
+    split = tmp_path / "train"
+    rng = np.random.default_rng(0)
+    with shards.BucketWriter(split, "train", 10, "8x8") as w:
+        for i in range(540):  # 180 a bucket, 18 shards each
+            size = sizes[i % 3]
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+                buf, format="PNG"
+            )
+            w.write(
+                shards.Record(f"{i:06d}", buf.getvalue(), "png", f"n {i}", {}), buckets.name(size)
+            )
+    client = S.s3_client()
+    for f in split.iterdir():
+        client.upload_file(str(f), BUCKET, f"buckets/train/{f.name}")
+    files = sorted(split.glob("*.tar"))
+    largest, total = max(f.stat().st_size for f in files), sum(f.stat().st_size for f in files)
+    fetched: list[str] = []
+
+    class Counted(S.Store):  # the real store, its downloads written down
+        def _download(self, url, entry, local):
+            fetched.append(entry.url)
+            return super()._download(url, entry, local)
+
+    store = Counted(tmp_path / "cache", 6 * largest)  # two blocks of one shard a bucket
+    source = f"s3://{BUCKET}/buckets/train"
+    with pytest.raises(S.UserError, match="cannot hold 6 blocks"):
+        S.Store(tmp_path / "small", 5 * largest).check_fits(store.index(source), 1)
+
+    def decode(sample):
+        return decode_image(sample, sizes), caption(sample)
+
+    def collate(samples):
+        return {"n": np.array([int(c.split()[-1]) for _, c in samples])}
+
+    stream = loaders.make("stream", source, decode, collate, 8, 0, 1, store)
+    try:
+        seen = [stream.batch(step)["n"] for step in range(stream.order.per_epoch)]
+    finally:
+        stream.close()
+    assert len(set(torch.cat(seen).tolist())) == 8 * len(seen)  # each sample once
+    o = stream.order  # the next epoch's first blocks are fetched ahead at the end: once more
+    ahead = {
+        stream.index.shards[o.shards[b][s]].url
+        for b in range(3)
+        for s in o.orders[b]._layout(1)[0][0].tolist()
+    }
+    twice = {u for u in fetched if fetched.count(u) > 1}
+    assert sorted(set(fetched)) == sorted(f.name for f in files)  # every shard
+    assert twice <= ahead, (twice, stream.downloaded / total)

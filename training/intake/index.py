@@ -50,8 +50,10 @@ class SplitIndex:
 
     def blocks_in_use(self, bucketed: bool = True) -> int:
         """Shuffle blocks a reader holds at once: two (the one being read and the next),
-        or, when batches keep to aspect-ratio buckets, one per bucket plus one."""
-        return len(self.buckets()) + 1 if bucketed and self.groups else 2
+        and when batches keep to aspect-ratio buckets, two per bucket (each bucket reads
+        its own blocks in turn; was budgeted one per bucket plus one, and an epoch of a
+        3-bucket split at that size downloaded 1.17x its shards)."""
+        return 2 * len(self.buckets()) if bucketed and self.groups else 2
 
     def buckets(self) -> list[str | None]:
         """The split's buckets, in shard order."""

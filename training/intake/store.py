@@ -26,6 +26,7 @@ import re
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 from training.disk import DiskFull, disk_full_code, free_bytes
@@ -104,6 +105,7 @@ class Store:
         self.dir = Path(root) / f"{host}-{os.environ.get('LOCAL_RANK', '0')}"
         self.limit = limit // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self._files: OrderedDict[Path, int] = OrderedDict()  # LRU of cached files
+        self._pinned: dict[object, set[Path]] = {}  # a reader's shards in use: evicted last
         self._lock = threading.Lock()
         self._busy: dict[Path, threading.Event] = {}
         self._reserved = 0  # bytes of downloads in flight
@@ -179,8 +181,9 @@ class Store:
 
     def check_fits(self, idx: SplitIndex, block_shards: int, bucketed: bool = True) -> None:
         """Fail before training if the blocks in use at once exceed the cache: two blocks
-        of the largest shards, or in a split of aspect-ratio buckets (whose batches
-        interleave, each bucket reading its own block) one block per bucket plus one."""
+        of the largest shards (the one being read and the next), two per bucket in a
+        split of aspect-ratio buckets (whose batches interleave, each bucket reading its
+        own blocks)."""
         if not is_remote(idx.base):
             return
         blocks = idx.blocks_in_use(bucketed)
@@ -194,13 +197,29 @@ class Store:
             )
 
     # ---- shards ---------------------------------------------------------------------
+    def _local(self, entry: ShardEntry) -> Path:
+        return self.dir / entry.sha256[:2] / f"{entry.sha256}{Path(entry.url).suffix}"
+
+    def pin(self, owner: object, idx: SplitIndex, shards: Iterable[int]) -> None:
+        """``owner``'s shards in use (a streamed split's current and next blocks, one pair
+        per aspect-ratio bucket): evicted only when nothing else is left to evict. Plain
+        LRU evicted them first in a split of buckets (a bucket's next block, fetched
+        early and not yet read, can be the least recently used file): an epoch of 3
+        buckets of 18 shards fetched 3 shards twice through the cache it is budgeted."""
+        with self._lock:
+            self._pinned[owner] = {self._local(idx.shards[i]) for i in shards}
+
+    def unpin(self, owner: object) -> None:
+        with self._lock:
+            self._pinned.pop(owner, None)
+
     def path(self, idx: SplitIndex, i: int, on_download=None) -> Path:
         """A local path of shard ``i``, downloading it if it lives in object storage
         (then ``on_download(bytes)`` is called)."""
         if not is_remote(idx.base):
             return Path(idx.url(i))
         entry = idx.shards[i]
-        local = self.dir / entry.sha256[:2] / f"{entry.sha256}{Path(entry.url).suffix}"
+        local = self._local(entry)
         while True:
             with self._lock:
                 if local in self._files:
@@ -256,10 +275,14 @@ class Store:
 
     def _evict(self, keep: Path | None) -> None:
         """Drop least recently used files until they and the downloads in flight fit
-        under the limit (called with the lock held). A reader that still has an evicted
-        shard open keeps reading it: the kernel frees the bytes when it closes."""
+        under the limit (called with the lock held): files no reader has pinned first,
+        then pinned ones. A reader that still has an evicted shard open keeps reading
+        it: the kernel frees the bytes when it closes."""
         total = sum(self._files.values())
-        for path in list(self._files):
+        pinned = set().union(*self._pinned.values()) if self._pinned else set()
+        order = [p for p in self._files if p not in pinned]
+        order += [p for p in self._files if p in pinned]
+        for path in order:
             if total + self._reserved <= self.limit:
                 break
             if path == keep:

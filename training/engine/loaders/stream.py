@@ -358,10 +358,15 @@ class Streaming(Split):
         self._fetch = ThreadPoolExecutor(2, thread_name_prefix="kiln-download")
         self._next: tuple[int, Future] | None = None
         self._fetched_blocks: set[tuple[int, int]] = set()
+        self._live: dict[int, list[int]] = {}  # bucket -> shards of its current and next block
 
     def _prepare(self, step: int, bucket: int) -> None:
         if is_remote(self.index.base):
-            for key, block in self.order.blocks_at(step, bucket):
+            blocks = self.order.blocks_at(step, bucket)
+            # every bucket's current and next block stays in the cache (Store.pin)
+            self._live[bucket] = [s for _, block in blocks for s in block.tolist()]
+            self.store.pin(self, self.index, {s for b in self._live.values() for s in b})
+            for key, block in blocks:
                 if key not in self._fetched_blocks:
                     self._fetched_blocks.add(key)
                     for s in block.tolist():
@@ -384,6 +389,7 @@ class Streaming(Split):
                 self._next[1].result()
         self._ahead.shutdown(wait=True)
         self._fetch.shutdown(wait=True, cancel_futures=True)
+        self.store.unpin(self)
         super().close()
 
 
