@@ -171,3 +171,15 @@ def test_a_run_on_a_built_in_set_clears_an_earlier_source(tmp_path):
     assert data_tags(kept.to_dict()) == {"kiln.dataset": "shapes"}
     assert source_state(kept) == source_state(config.resolve({"ingest": {"dataset": "shapes"}}))
     assert config.run_choices(profile="tiny") == {"profile": "tiny"}  # nothing else touched
+
+
+def test_near_duplicate_bits_reach_the_whole_hash():
+    """Was capped at 64, the old hash's width: the hash has 192 bits since 2026-12-06."""
+    from training.intake.checks import HASH_BITS
+
+    assert (
+        config.resolve({"validate": {"near_duplicate_bits": 100}}).validate_.near_duplicate_bits
+        == 100
+    )
+    with pytest.raises(ConfigError, match="less than or equal to 192"):
+        config.resolve({"validate": {"near_duplicate_bits": HASH_BITS + 1}})

@@ -114,7 +114,7 @@ class ValidateCfg(Section):
     # near_duplicate_bits; the built-in sets skip it (their jittered renders are near by
     # design: about 2,700 of 4,000 shapes would go).
     near_duplicates: Literal["image", "image+caption", "off"] = "image"
-    near_duplicate_bits: int = Field(6, ge=0, le=64)
+    near_duplicate_bits: int = Field(6, ge=0, le=192)  # of checks.HASH_BITS (was le=64)
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
     samples_per_shard: int = Field(1000, ge=10)
     chunk_rows: int = Field(2000, ge=10)  # rows per GX batch: memory is flat in data size
