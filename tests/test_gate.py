@@ -254,6 +254,13 @@ def test_components_follow_the_champion_pipeline_however_it_got_there(registry):
     assert champions() == ["1", "1", "1"]
     promote_by_hand(second, "preferred by eye", name="m")
     assert champions() == ["2", "2", "2"]
+    # the automatic gate's numbers against v1 go; the card says what happened (found in
+    # review: they stayed, and the card still read "Gate: @challenger")
+    mv = registry.get_model_version("m", second)
+    assert mv.tags["gate_source"] == "hand" and "gate_value" not in mv.tags
+    assert mv.tags["gate_champion_version"] == first and "gate_metric" not in mv.tags
+    assert mv.description.startswith("**Promoted by hand to @champion** ")
+    assert mv.description.split("\n")[0].endswith(f"replacing v{first}: preferred by eye.")
 
 
 def test_a_registry_that_fails_to_answer_is_not_read_as_no_champion(registry, monkeypatch):

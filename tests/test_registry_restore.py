@@ -199,3 +199,29 @@ def test_the_pipeline_names_its_components_by_this_registrys_numbers(root):
     assert components.built_from(root) == {"kiln-vae": "2"}
     _vae(root, 1.0)  # the stage's own weights again: the number it recorded holds them
     assert components.built_from(root) == {"kiln-vae": "1"}
+
+
+def test_a_restored_pipeline_gets_its_data_tags_and_model_card(root):
+    """Found in review: a version registered from the DVC cache (after ``make clean``, in
+    a fresh clone, against a new MLflow server) had no ``kiln.data``/``kiln.rows_*``
+    tags and no model card, though the README promises both for every version."""
+    _pipeline(root)
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "validate": {"outs": [{"path": "data/clean", "md5": "clean.dir"}]},
+            "evaluate": {"outs": [{"path": EVAL_OUT, "md5": "eval.dir"}]},
+        },
+    }
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+    (root / "data/metrics").mkdir(parents=True, exist_ok=True)
+    (root / "data/metrics/evaluate.json").write_text(json.dumps({"acc_all": 0.5}))
+    (root / "data/metrics/ingest.json").write_text(json.dumps({"rows_new": 7, "rows_kept": 0}))
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    assert _flow_ensures(root, "evaluate", gate=GATE, components={}) == "1"
+    version = _client(root).get_model_version("kiln-text2image", "1")
+    assert version.tags["kiln.restored_from"] == "dvc-cache"
+    assert version.tags["kiln.data"] == "clean.dir" and version.tags["kiln.rows_new"] == "7"
+    assert version.description.startswith("# kiln-text2image v1")
+    assert "**Gate: @champion.**" in version.description
+    assert version.tags[resume.FINISHED_TAG]

@@ -330,6 +330,8 @@ def test_a_rest_answer_says_when_a_prompt_or_negative_prompt_was_cut(served):
         ]},
     )  # fmt: skip
     assert [row["note"] for row in out][0] == ""
+    # the registered signature names it (was: prompt, seed, image only)
+    assert served.metadata.get_output_schema().input_names() == ["prompt", "seed", "image", "note"]
     assert (
         out[1]["note"].startswith("the prompt is ")
         and "reads 24, so only 'a large" in out[1]["note"]

@@ -23,6 +23,7 @@ from training.tracking.lineage import (
     flatten,
     git_commit,
     locked_md5,
+    tag_lineage,
 )
 from training.tracking.resume import (
     FINISHED_TAG,
@@ -335,13 +336,24 @@ def _register_restored(
         else:
             version = register_dir(tr, name, out, metrics)
         MlflowClient().set_model_version_tag(name, version, "kiln.restored_from", "dvc-cache")
+        # its data, as a stage-registered version's (was: none, and no card either)
+        tag_lineage(tr, name, version, metrics, root)
+        decision = None
         if gate is not None:
             metric, min_delta = gate
             # a metric the restored evaluation could not measure still goes through the
             # gate: it wins where there is no champion yet, as when it was measured
             if metric in metrics or f"{metric}_skipped" in metrics:
-                promote(name, version, metrics, metric, min_delta)
-        # finished as far as a restore goes (it writes no card): not one to resume
+                decision = promote(name, version, metrics, metric, min_delta)
+        if stage == "evaluate" and decision is not None and params.is_file():
+            from training.tracking.gate import model_card, publish_card
+
+            card = model_card(
+                name, version, metrics | decision, decision, config.load(params).to_dict(), root
+            )
+            images = [out / "samples.png", out / "champion_samples.png"]
+            publish_card(tr, name, version, card, images)  # tags it finished too
+        # finished as far as a restore goes: not one to resume
         MlflowClient().set_model_version_tag(name, version, FINISHED_TAG, run.info.run_id)
     return version
 

@@ -114,6 +114,11 @@ def text2image_signature():
             ]
         ),
         outputs=Schema(
-            [ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image")]
+            [
+                ColSpec("string", "prompt"),
+                ColSpec("long", "seed"),
+                ColSpec("string", "image"),
+                ColSpec("string", "note"),  # what the row should know ("" for nothing)
+            ]
         ),
     )

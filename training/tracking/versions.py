@@ -181,9 +181,26 @@ def promote_by_hand(version: str, reason: str, name: str = PIPELINE_MODEL) -> di
         "gate_decision": "champion",
         "gate_source": "hand",
         "gate_reason": reason,
-        "gate_champion_version": str(old),
+        "gate_champion_version": "" if old is None else str(old),  # was "None"
         "gate_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    mv = client.get_model_version(name, version)
+    # the automatic gate's numbers were against another champion: they went with its
+    # decision (was: kept, beside a gate_champion_version naming the one replaced now)
+    for k in STALE_GATE_TAGS:
+        if k in mv.tags:
+            client.delete_model_version_tag(name, version, k)
     for k, v in decision.items():
         client.set_model_version_tag(name, version, k, v)
+    replaced = f", replacing v{old}" if old else ""
+    line = f"**Promoted by hand to @champion** {decision['gate_time']}{replaced}: {reason}."
+    card = mv.description or ""  # the card's gate line is the automatic decision's
+    client.update_model_version(name, version, description=f"{line}\n\n{card}"[:5000])
     return decision
+
+
+# what gate.promote records that a promotion by hand makes stale
+STALE_GATE_TAGS = (
+    "gate_metric", "gate_value", "gate_champion_value", "gate_champion_source",
+    "gate_direction", "gate_skipped", "gate_incomparable",
+)  # fmt: skip
