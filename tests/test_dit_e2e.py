@@ -119,7 +119,7 @@ img = Image.open(io.BytesIO(base64.b64decode(res["image"][0])))
 print(list(res.columns), img.size, img.format)
 """,
     )
-    assert "['prompt', 'seed', 'image'] (32, 32) PNG" in out
+    assert "['prompt', 'seed', 'image', 'note'] (32, 32) PNG" in out
 
 
 def test_export_loads_in_plain_diffusers_and_draws_what_kiln_generate_draws(dit, tmp_path):

@@ -103,15 +103,22 @@ def test_processes_split_the_same_global_batch(tmp_path, monkeypatch, broken):
 def test_a_batch_cut_to_a_small_split_that_processes_cannot_share_is_refused(tmp_path, monkeypatch):
     """batch_size 8 on a 5-sample split: batches of 5, which 2 processes cannot share.
     Was: the preflight passed (8 splits over 2) and the stage died at its first step
-    with "global batch 5 does not split evenly"; now the loader refuses it when made."""
+    with "global batch 5 does not split evenly"; now a UserError says why, at the first
+    batch (a split made for scans only, a val split of one picture, is fine: it is read
+    whole by every process)."""
     from training.errors import UserError
 
     split = str(image_split(tmp_path / "train", n=5, per_shard=5))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    loader = loaders.make("stream", split, decode, collate, 8, 0, 2)
+    assert len(list(loader.scan(8))) == 1  # scans read the split whole
     with pytest.raises(UserError, match="cut to the 5 samples it holds, which do not split over 2"):
-        loaders.make("stream", split, decode, collate, 8, 0, 2)
-    loaders.make("stream", split, decode, collate, 4, 0, 2).close()  # 4 of 5: fine
+        loader.batch(0)
+    loader.close()
+    fine = loaders.make("stream", split, decode, collate, 4, 0, 2)  # 4 of 5
+    assert len(fine.batch(0)["n"]) == 2
+    fine.close()
 
 
 def test_truncated_shard_is_skipped_counted_and_said(tmp_path, capsys):

@@ -80,14 +80,7 @@ class Split:
             self.index.groups if by_bucket else None,
         )  # fmt: skip
         self.global_batch = self.order.batch_size
-        if self.global_batch % world_size():  # before any step, with the reason
-            raise UserError(
-                f"{source}: batch_size {batch_size} is cut to the {self.global_batch} samples "
-                f"it holds{' in its largest aspect-ratio bucket' if self.index.groups else ''}, "
-                f"which do not split over {world_size()} processes (KILN_NPROC); lower "
-                f"batch_size to a multiple of {world_size()} of at most that, or use fewer "
-                "processes"
-            )
+        self._asked = batch_size
         for note in orders.batch_notes(self.order, batch_size, source) if is_main() else ():
             say(note)
         self.members = frozenset(members) if members else None
@@ -299,8 +292,13 @@ class Split:
         given), and its stand-in walk: the epoch's order onwards from each sample's own
         position (the same on every rank; ``order.stand_in``)."""
         ids, w = self.order.step_ids(step, bucket), world_size()
-        if len(ids) % w:
-            raise ValueError(f"global batch {len(ids)} does not split evenly over {w} processes")
+        if len(ids) % w:  # a batch cut to a small split (the preflight saw batch_size)
+            where = " in its largest aspect-ratio bucket" if self.index.groups else ""
+            raise UserError(
+                f"{self.source}: batch_size {self._asked} is cut to the {len(ids)} samples it "
+                f"holds{where}, which do not split over {w} processes (KILN_NPROC); lower "
+                f"batch_size to a multiple of {w} of at most that, or use fewer processes"
+            )
         per = len(ids) // w
         first = rank() * per
         b = self.order.bucket_of(step) if bucket is None else bucket
