@@ -215,8 +215,9 @@ class BucketOrder:
         """The epoch's (bucket, batch number) pairs: the buckets' batches interleaved at
         random, each bucket's in its own order (its samples are already shuffled by its
         ``BlockOrder``). Was: every pair permuted, so a bucket's batches jumped between
-        its blocks, and a streamed split of 3 buckets downloaded 1.5x its shards an
-        epoch with a cache of 8 blocks (the two per bucket it is budgeted for, and more)."""
+        its blocks, and a streamed split of 3 buckets fetched 2.0x its shards an epoch
+        through the cache it is budgeted, 1.9x through twice that (RESULTS.md,
+        "Bucketed streaming")."""
         rng = np.random.default_rng([self.seed, epoch, _BATCH_ORDER])
         buckets = self._batches[rng.permutation(self.per_epoch), 0]
         out = np.empty_like(self._batches)
