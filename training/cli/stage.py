@@ -101,6 +101,11 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
     fresh = [] if spec.persist else outs  # what starts empty (and is removed on failure)
     t0 = time.perf_counter()
     failure_note(stage).unlink(missing_ok=True)
+
+    def empty_outs() -> None:  # as DVC does before a run; a resume keeps its previews
+        _stash_previews(stage, spec)
+        cleanup(fresh)
+
     try:
         params = load_params()
         # streamed inputs live in object storage when KILN_DATA_REMOTE is set: the
@@ -108,8 +113,7 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
         remote = os.environ.get("KILN_DATA_REMOTE", "").strip()
         require(*[p for p in inputs if not (remote and p in spec.streamed)])
         writable(*outs, P.METRICS)
-        _stash_previews(stage, spec)  # a resumed run keeps the ones it does not draw again
-        cleanup(fresh)  # DVC removes outs before a run (but persist ones); do the same
+        empty_outs()  # DVC removes outs before a run (but persist ones); do the same
         resolved = outs[0] / "resolved_params.json"  # every run records its config
         write_json(resolved, params.to_dict())
         with tracking.stage_run(stage, params.to_dict(), resolved) as tr:
@@ -136,29 +140,25 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
             shutil.rmtree(P.CKPT / stage, ignore_errors=True)
         return metrics
     except (config.ConfigError, UserError, TrainingDiverged) as exc:
-        _stash_previews(stage, spec)
-        cleanup(fresh)
+        empty_outs()
         record_failure(stage, str(exc), retry=False)
         fail(str(exc))
     except (OSError, ValueError, RuntimeError) as exc:
-        _stash_previews(stage, spec)
-        cleanup(fresh)
+        empty_outs()
         record_failure(stage, prefixed(stage, str(exc)), retry=transient(exc))
         if os.environ.get("KILN_DEBUG"):
             raise
         fail(prefixed(stage, str(exc)))
     except Exception as exc:  # none of the above: a library's own error class, or a bug
         # was: a traceback, no note (so the flow retried it) and half an output left
-        _stash_previews(stage, spec)
-        cleanup(fresh)
+        empty_outs()
         message = prefixed(stage, f"{type(exc).__name__}: {exc}".splitlines()[0])
         record_failure(stage, message, retry=False)
         if os.environ.get("KILN_DEBUG"):
             raise
         fail(f"{message} (KILN_DEBUG=1 shows where)")
     except KeyboardInterrupt:
-        _stash_previews(stage, spec)
-        cleanup(fresh)
+        empty_outs()
         record_failure(stage, "interrupted", retry=False)
         typer.echo(
             f"kiln: {stage}: interrupted (re-run it: training resumes from its last "

@@ -41,6 +41,15 @@ def cut_note(tokenizer: CLIPTokenizer, text: str, what: str = "the prompt") -> s
     return f"{what} is {n} tokens; the text encoder reads {limit}, so only {kept!r} is used"
 
 
+def cut_notes(tokenizer: CLIPTokenizer, prompt: str, negative: str = "") -> list[str]:
+    """``cut_note`` of a request's prompt and of its negative prompt, those that apply
+    (the REST model's and the playground's notes)."""
+    notes = [cut_note(tokenizer, prompt)]
+    if negative:
+        notes.append(cut_note(tokenizer, negative, "the negative prompt"))
+    return [n for n in notes if n]
+
+
 def load_text_encoder(clip_dir: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
     """The text half of the trained CLIPModel, as the pipeline will load it."""
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir)

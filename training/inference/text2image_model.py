@@ -350,14 +350,10 @@ class Text2Image(mlflow.pyfunc.PythonModel):
     def _note(self, request, control) -> str:
         """What a row's answer should say: its prompt or negative prompt cut to the text
         encoder's context (as ``kiln generate`` warns), what was done to its control."""
-        from training.inference.text import cut_note
+        from training.inference.text import cut_notes
 
-        tok = self.pipe.tokenizer
-        notes = [cut_note(tok, request.prompt)]
-        if request.negative:
-            notes.append(cut_note(tok, request.negative, "the negative prompt"))
-        notes.append(None if control is None else control[2])
-        return "; ".join(n for n in notes if n)
+        notes = cut_notes(self.pipe.tokenizer, request.prompt, request.negative)
+        return "; ".join([*notes, *([control[2]] if control and control[2] else [])])
 
 
 mlflow.models.set_model(Text2Image())

@@ -342,10 +342,7 @@ class Worker:
 
 def _truncation_note(pipe, s: Settings) -> str | None:
     """Say so when the text encoder reads only the start of the prompt or of the
-    negative prompt (``inference/text.cut_note``)."""
-    from training.inference.text import cut_note
+    negative prompt (``inference/text.cut_notes``)."""
+    from training.inference.text import cut_notes
 
-    notes = [cut_note(pipe.tokenizer, s.prompt)]
-    if s.negative:
-        notes.append(cut_note(pipe.tokenizer, s.negative, "the negative prompt"))
-    return "; ".join(n for n in notes if n) or None
+    return "; ".join(cut_notes(pipe.tokenizer, s.prompt, s.negative)) or None
