@@ -25,7 +25,7 @@ def prompt_set(params: Params, clean_dir: Path) -> list:
         # evaluate.max_prompts cap keeps them rather than the first captions in the
         # collection's order, which is often by category
         real = loaders.records(str(clean_dir / "val"), distribution.LIMIT)
-        first = [r.caption for r in real][1::2]
+        first = [real[i].caption for i in distribution.halves(distribution.picture_ids(real))[1]]
         # with their repeats: FD pairs one sample with each image of that half, so a
         # caption k images share needs k samples (was: distinct captions only, and class
         # captions, "a photo of a cat" x 20, fell back to 2 or 3 samples spread)
