@@ -408,3 +408,40 @@ def test_a_promotion_by_hand_that_stopped_halfway_can_be_run_again(registry, mon
     assert registry.get_model_version("m", second).tags["gate_source"] == "hand"
     with pytest.raises(UserError, match="already @champion"):  # a finished one still is
         promote_by_hand(second, "again", name="m")
+
+
+def test_the_champions_copies_are_judged_through_its_own_vae(registry, tmp_path, monkeypatch):
+    """The copy check renders training images through a VAE so that a perfect copy is
+    at ~0 whatever that VAE's error. The champion's samples were drawn through its own
+    VAE, and were judged against this run's renderings (a retrained VAE in scratch
+    mode): a champion that copies read far fewer copies than it makes."""
+    from tests.test_serving import build_tiny_pipeline
+    from training.evaluation import evaluate
+    from training.evaluation.metrics import METRICS, Samples
+    from training.inference import sampling
+    from training.stages import PIPELINE_MODEL
+
+    build_tiny_pipeline(tmp_path / "champ" / "artifacts")
+    registry.create_registered_model(PIPELINE_MODEL)
+    v = registry.create_model_version(PIPELINE_MODEL, source=f"file://{tmp_path / 'champ'}")
+    registry.set_registered_model_alias(PIPELINE_MODEL, "champion", v.version)
+    judged: dict = {}
+
+    def memorisation(s):  # what the real check is given, the check itself aside
+        judged["vae"] = Path(s.vae_dir)
+        return {"copies_frac": 0.0}
+
+    for name in evaluate.SAMPLE_METRICS:
+        monkeypatch.setitem(METRICS, name, memorisation if name == "memorisation" else _none)
+    params = config.resolve({"profile": "tiny"})
+    this_run = tmp_path / "this-run-vae"
+    samples = Samples(params, [], [], [], None, Path("."), this_run, Path("."))
+    requests = [sampling.Request("a red circle", 0, 2, 1.0)]
+    out = evaluate.champion_scores(samples, requests, batch_size=1)
+    assert "champion_skipped" not in out["metrics"], out["metrics"]
+    assert judged["vae"].parent.name == "pipeline" and judged["vae"].name == "vae"
+    assert (judged["vae"] / "config.json").is_file()
+
+
+def _none(samples) -> dict:
+    return {}

@@ -329,7 +329,13 @@ def champion_scores(samples, requests: list, batch_size: int, pipe_dir: Path | N
             for r in requests
         ]
         images = sampling.generate(pipe, requests, batch_size=batch_size)
-        theirs = dataclasses.replace(samples, images=images)
+        # its copies are judged against training images drawn through its own VAE: a
+        # perfect copy is ~0 from its own rendering, but ~0.03 from another VAE's, over
+        # the copy distance (was: this run's VAE, and a memorising champion read 0.05
+        # copies_frac where its own VAE reads 1.0)
+        theirs = dataclasses.replace(
+            samples, images=images, vae_dir=root / "artifacts" / "pipeline" / "vae"
+        )
         for name in SAMPLE_METRICS:
             for k, v in METRICS[name](theirs).items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
