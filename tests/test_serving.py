@@ -211,6 +211,29 @@ def test_generate_never_touches_the_shared_pipeline_and_honours_a_deadline(tiny)
         sampling.generate(pipe, [r], deadline=time.monotonic() - 1)
 
 
+def test_nan_pictures_are_an_error_not_black_images(tiny):
+    """diffusers turns NaN pixels into black ones without a word: a broken model (an
+    fp16 VAE's overflow, diverged weights) answered black pictures as a success, and
+    evaluate scored them (black samples: no copies, the best memorisation figure)."""
+    import torch
+
+    from training.errors import UserError
+
+    pipe = sampling.load(tiny)
+    ok = sampling.generate(pipe, [sampling.Request("a red circle", 1, 3)])
+    assert ok[0].mode == "RGB" and ok[0].size == (32, 32)
+    with torch.no_grad():
+        pipe.vae.post_quant_conv.weight.fill_(float("nan"))
+    with pytest.raises(sampling.NonFiniteSamples, match="1 of 2 samples|2 of 2 samples"):
+        sampling.generate(
+            pipe, [sampling.Request("a red circle", 1, 3), sampling.Request("a blue square", 2, 3)]
+        )
+    # one line from `kiln generate` and the stages (a UserError), a RuntimeError to
+    # the champion's re-score, which then falls back to the recorded number
+    assert issubclass(sampling.NonFiniteSamples, UserError)
+    assert issubclass(sampling.NonFiniteSamples, RuntimeError)
+
+
 def test_concurrent_generate_calls_on_one_pipeline_match_sequential_ones(tiny):
     """The bug's core without HTTP: threads sharing one pipeline, mixed step counts."""
     pipe = sampling.load(tiny)

@@ -12,3 +12,8 @@ class UserError(Exception):
 
 class TrainingDiverged(RuntimeError):
     """Loss became NaN/Inf: the stage stops and registers nothing."""
+
+
+class NonFiniteSamples(UserError, RuntimeError):
+    """A pipeline drew NaN or infinite pixels (``inference/sampling.py``): one line, as a
+    user error (no retry mends weights), and a RuntimeError to the champion re-score."""

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -41,6 +42,7 @@ from PIL import Image
 
 from training import backbones
 from training.config import SAMPLER
+from training.errors import NonFiniteSamples as NonFiniteSamples
 
 # re-exported (``X as X``): callers know them as sampling.X
 from training.inference.requests import MAX_PROMPT_CHARS as MAX_PROMPT_CHARS
@@ -357,11 +359,24 @@ def generate(
             width=width,
             height=height,
             generator=[torch.Generator().manual_seed(requests[i].seed) for i in chunk],
-            output_type="pil",
+            output_type="np",  # "pil" is these arrays made PIL, after the check below
             callback_on_step_end=callback,
             **extra,
             **_control_kwargs(control, len(chunk)),
         )
-        for i, img in zip(chunk, result.images, strict=True):
+        for i, img in zip(chunk, _finite(result.images, [requests[i] for i in chunk]), strict=True):
             out[i] = img
     return out  # type: ignore[return-value]
+
+
+def _finite(arrays: np.ndarray, requests: list[Request]) -> list[Image.Image]:
+    """The batch as PIL images, or ``NonFiniteSamples``: diffusers draws NaN as black
+    without a word, and a NaN picture of a broken model (fp16 VAE overflow, diverged
+    weights) scored as a black picture, the best possible copy check among them."""
+    bad = [r.prompt for r, a in zip(requests, arrays, strict=True) if not np.isfinite(a).all()]
+    if bad:
+        raise NonFiniteSamples(
+            f"{len(bad)} of {len(requests)} samples came out NaN or infinite (first prompt: "
+            f"{bad[0][:80]!r}): the model's weights or its precision are broken"
+        )
+    return DiffusionPipeline.numpy_to_pil(arrays)
