@@ -94,6 +94,7 @@ def test_a_registered_version_is_installed_measured_and_not_registered_again(tra
     # measured on this data all the same
     assert vae_m["val_samples"] == 16 and 0 < vae_m["val_psnr"] < 60
     assert clip_m["val_samples"] == 16 and 0 <= clip_m["val_i2t_r1"] <= 1
+    assert 1 / 16 <= clip_m["val_r1_chance"] <= 1
     assert clip_m["context_length"] > 0 and "the reused tokenizer's" in clip_run.stderr
     assert "train_seconds" not in vae_m and "train_seconds" not in clip_m  # none trained
     assert _registry(project) == {"kiln-vae": [1], "kiln-clip": [1]}  # nothing new

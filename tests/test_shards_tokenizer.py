@@ -133,6 +133,20 @@ def test_identical_captions_are_positives(tmp_path):
     assert clip.groups_of(ids).tolist() in ([0, 0, 1], [1, 1, 0])
 
 
+def test_recall_is_logged_beside_what_a_random_ranking_scores():
+    """Repeated captions count as positives, so a random CLIP's recall@1 is the share of
+    a query's positives among the keys, not 1/N: 1.0 on a split of one caption."""
+    import torch
+
+    one = torch.zeros(64, dtype=torch.long)
+    sim = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    assert clip.recall_at(sim, one, one, 1) == 1.0 == clip.chance_at1(one)
+    ten = torch.arange(10).repeat_interleave(20)  # 10 captions x 20 pictures
+    assert abs(clip.chance_at1(ten) - 0.1) < 1e-12
+    mixed = torch.tensor([0, 0, 0, 1])  # 3/4 of the queries see 3 of 4 keys positive
+    assert abs(clip.chance_at1(mixed) - (0.75 * 0.75 + 0.25 * 0.25)) < 1e-12
+
+
 def test_tokenizer_ids_are_the_same_in_every_process(tmp_path):
     """The BPE trainer numbers symbols in hash-set order, which differs per process;
     Kiln renumbers canonically, or CLIP training would not be reproducible."""
