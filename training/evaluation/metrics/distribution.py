@@ -3,7 +3,9 @@ Kiln's own CLIP image tower (no downloaded Inception or DINO weights): the run's
 fixed ruler ``evaluate.ruler`` names (``evaluation/ruler.py``).
 
 FD is Heusel et al.'s formula on those embeddings; CMMD is Jayasumana et al.'s MMD with a
-Gaussian kernel (sigma 10, result x 1000) on normalised CLIP embeddings. Both depend on
+Gaussian kernel (sigma 10, result x 1000) on normalised CLIP embeddings, estimated without
+bias (their code keeps the kernels' diagonals: about 0.18 where this reads 0.03 for two
+draws of one distribution at m = 128; near 0, and at times below it, is the point). Both depend on
 sample size, so the real set is split in halves and everything is compared at one size:
 the distance between the two real halves says how low the metric can go."""
 
