@@ -12,10 +12,26 @@ one stage in ``dvc.yaml``; the CLI command comes from the row.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from training import paths as P
+
+# Put before every registered model's name and the MLflow experiment's: projects that
+# share one MLflow server each set their own (KILN_REGISTRY_PREFIX=pets- makes
+# pets-kiln-text2image). Was: fixed names, and a second project's gate re-scored and
+# replaced the first's @champion, whose `kiln generate` then drew the other's pictures.
+# Read once, at import: every process of a project (stages, flows, workers, serving)
+# must be given the same value, as it is given MLFLOW_TRACKING_URI.
+REGISTRY_PREFIX_ENV = "KILN_REGISTRY_PREFIX"
+PREFIX = os.environ.get(REGISTRY_PREFIX_ENV, "").strip()
+if PREFIX and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", PREFIX):
+    raise SystemExit(
+        f"kiln: error: {REGISTRY_PREFIX_ENV}={PREFIX!r}: letters, digits, '.', '_' and '-' "
+        "only (at most 64, starting with a letter or digit), e.g. pets-"
+    )
 
 
 @dataclass(frozen=True)
@@ -64,7 +80,7 @@ STAGES: tuple[Stage, ...] = (
         "Stage 3: train the AutoencoderKL; registers kiln-vae.",
         (P.CLEAN,),
         (P.VAE,),
-        "kiln-vae",
+        f"{PREFIX}kiln-vae",
         data_parallel=True,
         checkpoints=True,
         streamed=(P.CLEAN,),
@@ -75,7 +91,7 @@ STAGES: tuple[Stage, ...] = (
         "Stage 4: train the tokenizer and CLIPModel; registers kiln-clip.",
         (P.CLEAN,),
         (P.CLIP,),
-        "kiln-clip",
+        f"{PREFIX}kiln-clip",
         data_parallel=True,
         checkpoints=True,
         streamed=(P.CLEAN,),
@@ -95,7 +111,7 @@ STAGES: tuple[Stage, ...] = (
         "Stage 6: train the conditional U-Net on the latents; registers kiln-unet.",
         (P.LATENTS, P.VAE),
         (P.UNET,),
-        "kiln-unet",
+        f"{PREFIX}kiln-unet",
         data_parallel=True,
         checkpoints=True,
         streamed=(P.LATENTS,),
@@ -107,7 +123,7 @@ STAGES: tuple[Stage, ...] = (
         "kiln-controlnet (train_controlnet.enabled; off by default).",
         (P.CLEAN, P.VAE, P.CLIP, P.UNET),
         (P.CONTROLNET,),
-        "kiln-controlnet",
+        f"{PREFIX}kiln-controlnet",
         data_parallel=True,
         checkpoints=True,
         streamed=(P.CLEAN,),
@@ -118,7 +134,7 @@ STAGES: tuple[Stage, ...] = (
         "Stage 8: sample the evaluation prompts, score them, register kiln-text2image.",
         (P.CLEAN, P.LATENTS, P.VAE, P.CLIP, P.UNET, P.CONTROLNET),
         (P.EVAL,),
-        "kiln-text2image",
+        f"{PREFIX}kiln-text2image",
     ),
 )
 BY_NAME = {s.name: s for s in STAGES}

@@ -207,6 +207,7 @@ def _register(stage: str) -> Callable | None:
         metrics.update(gate)
         gate_line = tracking.describe_gate(spec.model, version, gate)
         typer.echo(f"[kiln] {stage}: gate: {gate_line}", err=True)
+        _other_collection_warning(params, gate.get("gate_champion_version"))
         tracking.lineage.tag_lineage(tr, spec.model, version, metrics, Path.cwd())
         card = tracking.gate.model_card(
             spec.model, version, metrics, gate, params.to_dict(), Path.cwd()
@@ -217,6 +218,29 @@ def _register(stage: str) -> Callable | None:
         return version  # a promotion crowned its components (gate.crown_components)
 
     return register_pipeline
+
+
+def _other_collection_warning(params, champion: str | None) -> None:
+    """The champion this version was judged against was trained on another collection:
+    a change of data in this project, or another project writing to the same MLflow
+    server under the same model names, whose champion this run's gate may just have
+    replaced. Said, with the setting that keeps projects apart."""
+    from training.phases.continuing import other_collection
+    from training.stages import REGISTRY_PREFIX_ENV
+
+    if champion in (None, "None"):
+        return
+    try:
+        theirs = other_collection(params, str(champion))
+    except Exception:  # a warning only: the version is registered and judged already
+        return
+    if theirs:
+        typer.echo(
+            f"[kiln] evaluate: warning: the champion v{champion} was trained on {theirs}. "
+            f"If another project shares this MLflow server, give each its own "
+            f'{REGISTRY_PREFIX_ENV} (README, "Several projects on one server")',
+            err=True,
+        )
 
 
 def _stage_command(stage: str) -> Callable[[], None]:

@@ -105,26 +105,38 @@ def same_collection(params: Params, version: str) -> None:
     To build on a champion of another collection on purpose, name its models with
     ``mode: scratch`` (``train_vae.reuse``, ``train_clip.reuse``, ``train_unet.init_from``)."""
     from training.stages import PIPELINE_MODEL
+
+    ours = (params.ingest.dataset, params.ingest.source)
+    theirs = other_collection(params, version)
+    if theirs == "":
+        say(
+            f"mode continue: {PIPELINE_MODEL} v{version} (@champion) records no dataset; "
+            f"building on it for {_collection(*ours)} unchecked"
+        )
+    elif theirs is not None:
+        raise ReuseError(
+            f"the champion ({PIPELINE_MODEL} v{version}) was trained on "
+            f"{theirs}, this run is on {_collection(*ours)}: run --mode "
+            "scratch (mode: scratch) for a new collection"
+        )
+
+
+def other_collection(params: Params, version: str) -> str | None:
+    """What ``PIPELINE_MODEL`` version ``version`` was trained on, said as a phrase, if
+    that is not this run's collection (``same_collection``'s rule); None when it is the
+    same, "" when the version records none."""
+    from training.stages import PIPELINE_MODEL
     from training.tracking.lineage import recorded_data
 
     ours = (params.ingest.dataset, params.ingest.source)
     recorded = recorded_data(PIPELINE_MODEL, version)
     if recorded is None:
-        say(
-            f"mode continue: {PIPELINE_MODEL} v{version} (@champion) records no dataset; "
-            f"building on it for {_collection(*ours)} unchecked"
-        )
-        return
+        return ""
     theirs = (str(recorded["dataset"]), recorded.get("source"))
     same = theirs[0] == ours[0] and (
         ours[0] in BUILTIN_DATASETS or _source_key(theirs[1]) == _source_key(ours[1])
     )
-    if not same:
-        raise ReuseError(
-            f"the champion ({PIPELINE_MODEL} v{version}) was trained on "
-            f"{_collection(*theirs)}, this run is on {_collection(*ours)}: run --mode "
-            "scratch (mode: scratch) for a new collection"
-        )
+    return None if same else _collection(*theirs)
 
 
 def _collection(dataset: str, source: str | None) -> str:

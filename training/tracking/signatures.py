@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.stages import MODEL_NAMES
+from training.stages import MODEL_NAMES, PREFIX
 
-RULER_MODEL = "kiln-ruler"  # evaluation/ruler.py: the fixed CLIP for FD and CMMD
+RULER_MODEL = f"{PREFIX}kiln-ruler"  # evaluation/ruler.py: the fixed CLIP for FD and CMMD
 
 
 def component_model(name: str, directory: Path):

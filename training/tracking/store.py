@@ -10,7 +10,9 @@ import contextlib
 import os
 from pathlib import Path
 
-EXPERIMENT = "kiln"
+from training.stages import PREFIX
+
+EXPERIMENT = f"{PREFIX}kiln"  # one experiment a project (training/stages.py: PREFIX)
 PARENT_ENV = "KILN_PARENT_RUN_ID"
 # MLflow's error codes for "no such registered model" and "no such alias": only these
 # mean there is no champion; any other error is the registry failing to answer
