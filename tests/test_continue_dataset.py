@@ -209,3 +209,33 @@ def test_a_fine_tuning_unet_logs_the_steps_and_rate_it_trained_with(trained):  #
     assert (second["trained_steps"], second["trained_lr"]) == ("1", "0.0015")
     assert second["trained_from"] == init
     assert (second["mode"], second["dataset"]) == ("scratch", "shapes")
+
+
+def test_a_signed_source_is_recorded_without_its_signature(store: Path):
+    """A presigned source URL carries a credential until it expires: it was logged as
+    the runs' `source` param, tagged `kiln.source` on versions and printed on the model
+    card, all readable by every account of a shared server. The row keys already drop
+    it (``unsigned_url``); what Kiln records does now too."""
+    from mlflow import MlflowClient
+
+    from training.intake.canonical import public_params
+    from training.tracking.gate import model_card
+    from training.tracking.runs import loggable, run_params
+
+    signed = "https://h.example/part-{0000..0009}.tar?X-Amz-Date=1&X-Amz-Signature=SIG"
+    params = _params("shards", signed)
+    v = _register(store, params)
+    client = MlflowClient()
+    mv = client.get_model_version(PIPELINE_MODEL, v)
+    run = client.get_run(mv.run_id)
+    assert mv.tags["kiln.source"] == "https://h.example/part-{0000..0009}.tar"
+    assert run.data.params["source"] == "https://h.example/part-{0000..0009}.tar"
+    recorded = public_params(params.to_dict())
+    assert "SIG" not in json.dumps(recorded) and "SIG" in json.dumps(params.to_dict())
+    assert "SIG" not in loggable({"source": signed, **run_params(params.to_dict())})["source"]
+    gate = {"gate_decision": "champion", "gate_metric": "fd_clip_ratio", "gate_value": 1.0}
+    gate |= {"gate_champion_value": None, "gate_champion_version": None}
+    card = model_card(PIPELINE_MODEL, v, {}, gate, params.to_dict(), store)
+    assert "X-Amz-Signature" not in card and "h.example/part-" in card
+    # a local path or a plain URL is recorded as written
+    assert public_params({"ingest": {"source": "./data/pets"}})["ingest"]["source"] == "./data/pets"

@@ -96,6 +96,7 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
     from training import config, tracking
     from training.disk import disk_full_errors, write_json
     from training.errors import TrainingDiverged
+    from training.intake.canonical import public_params
 
     outs, inputs = list(spec.outs), list(spec.inputs)
     fresh = [] if spec.persist else outs  # what starts empty (and is removed on failure)
@@ -115,8 +116,9 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
         writable(*outs, P.METRICS)
         empty_outs()  # DVC removes outs before a run (but persist ones); do the same
         resolved = outs[0] / "resolved_params.json"  # every run records its config
-        write_json(resolved, params.to_dict())
-        with tracking.stage_run(stage, params.to_dict(), resolved) as tr:
+        recorded = public_params(params.to_dict())  # a signed source without its signature
+        write_json(resolved, recorded)
+        with tracking.stage_run(stage, recorded, resolved) as tr:
             with disk_full_errors(f"{stage} output", outs[0]):
                 metrics = body(params, tr)
                 _restore_previews(stage, outs[0], metrics.get("resumed_from_step", 0))

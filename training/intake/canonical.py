@@ -56,6 +56,23 @@ _SIGNING: tuple[tuple[frozenset[str], frozenset[str]], ...] = tuple(
 )
 
 
+def public_source(source: str | None) -> str | None:
+    """A source as Kiln records it (MLflow params and tags, the model card,
+    data/source.json): a signed URL without its signature, which anyone who can read
+    the registry could otherwise use until it expires (runs and versions are readable
+    by every account of a shared server). Rows are keyed the same way (``unsigned_url``)."""
+    return unsigned_url(source) if isinstance(source, str) else source
+
+
+def public_params(params: dict) -> dict:
+    """A params dict (``Params.to_dict()``) as Kiln records it: ``ingest.source`` through
+    ``public_source`` (the run's config artifact, resolved_params.json, the card)."""
+    ingest = params.get("ingest")
+    if isinstance(ingest, dict) and isinstance(ingest.get("source"), str):
+        return {**params, "ingest": {**ingest, "source": public_source(ingest["source"])}}
+    return params
+
+
 def unsigned_url(url: str) -> str:
     """``url`` without the query parameters that sign it (presigned S3, GCS, CloudFront
     and Azure SAS URLs), for what names a row: its id and its train/val key. A presigned

@@ -46,7 +46,7 @@ from training.config import BUILTIN_DATASETS, Params, fingerprint
 from training.console import say
 from training.disk import replace_dir, restore_dir, write_json
 from training.intake import sources, sync
-from training.intake.canonical import canonicalize_shard, stable_url
+from training.intake.canonical import canonicalize_shard, public_source, stable_url
 from training.intake.guard import is_transient, policy_for
 from training.intake.kinds import SOURCE_KINDS
 from training.intake.serve import LOOPBACK, serve_directory
@@ -221,7 +221,8 @@ def source_state(params: Params) -> dict:
     check_source(params)
     c = params.ingest
     identity = SOURCE_KINDS[c.dataset].identity(params)
-    source = None if c.dataset in BUILTIN_DATASETS else c.source  # a built-in set reads none
+    # a built-in set reads none; a signed URL is recorded without its signature
+    source = None if c.dataset in BUILTIN_DATASETS else public_source(c.source)
     return {
         "dataset": c.dataset,
         "source": source,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from training.intake.canonical import public_source
+
 # Gate metrics where lower is better (distances, losses, copy rates); all others: higher.
 GATE_LOWER_IS_BETTER = frozenset({"fd_clip", "cmmd_clip", "fd_clip_ratio", "copies_frac"})
 # Measured in a CLIP's image space: the run's own, or evaluate.ruler's (``ruler``)
@@ -285,7 +287,7 @@ def model_card(name: str, version: str, metrics: dict, gate: dict, params: dict,
         "",
         "## Data",
         f"- dataset `{data['dataset']}`"
-        + (f", source `{data['source']}`" if data["source"] else ""),
+        + (f", source `{public_source(data['source'])}`" if data["source"] else ""),
         f"- {_fmt(validate.get('train', '?'))} train / {_fmt(validate.get('val', '?'))} val "
         f"samples (data/clean {locked_md5('validate', 'data/clean', root) or 'not locked'})",
     ]

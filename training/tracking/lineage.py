@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from training.intake.canonical import public_source
 from training.tracking.store import EXPERIMENT, setup
 
 
@@ -73,7 +74,7 @@ def data_tags(params_dict: dict[str, Any]) -> dict[str, str]:
     ingest = params_dict.get("ingest", {})
     tags = {"kiln.dataset": str(ingest.get("dataset"))}
     if ingest.get("source") and ingest.get("dataset") not in BUILTIN_DATASETS:
-        tags["kiln.source"] = str(ingest["source"])
+        tags["kiln.source"] = str(public_source(ingest["source"]))
     return tags
 
 

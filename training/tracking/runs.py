@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from training.intake.canonical import public_source
 from training.tracking.lineage import data_tags, dvc_lineage, flatten, git_commit
 from training.tracking.store import EXPERIMENT, PARENT_ENV, setup
 
@@ -48,7 +49,7 @@ class StageRun:
 def loggable(params: dict[str, Any]) -> dict[str, str]:
     """Params as MLflow stores them: text, cut at its 500-character limit (a long source
     path or list would fail the whole call)."""
-    return {k: str(v)[:500] for k, v in params.items()}
+    return {k: str(public_source(v) if k == "source" else v)[:500] for k, v in params.items()}
 
 
 def run_params(params_dict: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +62,7 @@ def run_params(params_dict: dict[str, Any]) -> dict[str, Any]:
         "seed": params_dict["seed"],
         "mode": params_dict.get("mode", "scratch"),
         "dataset": ingest.get("dataset"),
-        "source": ingest.get("source"),
+        "source": public_source(ingest.get("source")),  # a signed URL without its signature
     }
 
 
