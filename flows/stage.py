@@ -77,10 +77,20 @@ def kiln_stage(
     stages = _dvc_yaml()
     if stage not in stages:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(stages)})")
-    with runlock.pipeline_lock(f"kiln-stage {stage}", ROOT):
-        if metrics is not None:
-            _take_metrics(stage, metrics)
-        return _stage_here(stage, params_yaml, lock, pipeline_run_id, profile, dataset, source)
+    try:
+        with runlock.pipeline_lock(f"kiln-stage {stage}", ROOT):
+            if metrics is not None:
+                _take_metrics(stage, metrics)
+            return _stage_here(stage, params_yaml, lock, pipeline_run_id, profile, dataset, source)
+    except runlock.PipelineBusy as exc:
+        # was: the caller read only "ended Failed", the reason in this worker's log
+        _publish({"stage": stage, "failed": f"this worker's checkout is busy: {exc} {BUSY_HINT}"})
+        raise
+
+
+# a worker runs one flow at a time in its checkout (`--limit 1`): a second stage then
+# waits in the pool's queue instead of failing on the checkout's lock
+BUSY_HINT = "Start each pool's workers with --limit 1 (README, 'Running at scale')."
 
 
 def _take_metrics(stage: str, metrics: dict[str, str]) -> None:

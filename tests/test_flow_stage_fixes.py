@@ -251,3 +251,52 @@ def test_a_fresh_worker_skips_a_stage_the_callers_lock_says_is_up_to_date(
     assert ran.read_text() == "x\n"  # not run again
     assert result["lock"] == lock["stages"]["train_vae"]
     assert (worker / "vae.txt").read_text() == "weights\n"
+
+
+BUSY = """
+import json
+from prefect.client.orchestration import get_client
+from flows.stage import RESULT_KEY, kiln_stage
+from training.runlock import PipelineBusy
+try:
+    kiln_stage(stage="validate")
+except PipelineBusy:
+    pass
+with get_client(sync_client=True) as client:
+    found = client.read_artifacts()
+print(json.dumps([a.data for a in found if a.key == RESULT_KEY]))
+"""
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from training import runlock
+with runlock.pipeline_lock("kiln-stage train_unet (another pipeline)", Path.cwd()):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_busy_worker_hands_its_caller_the_reason(tmp_path: Path):
+    """A stage sent to a worker whose checkout another pipeline's stage holds: the
+    caller read "ended Failed" and the reason was only in the worker's log. The result
+    artifact now says the checkout is busy, by whom, and what setting queues instead."""
+    project = copy_project(tmp_path / "kiln")
+    env = project_env(project)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD], cwd=project, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.run(
+            [sys.executable, "-c", BUSY], cwd=project, env=env,
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (artifact,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed = json.loads(artifact[artifact.index("{") : artifact.rindex("}") + 1])["failed"]
+    assert failed.startswith("this worker's checkout is busy: ")
+    assert "another pipeline" in failed and "--limit 1" in failed
