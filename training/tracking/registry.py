@@ -15,6 +15,7 @@ from typing import Any
 
 from training.paths import METRICS, SHIPPED_CONTROLNET
 from training.stages import MODEL_NAMES, STAGES
+from training.tracking.downloads import resolve_model_dir  # noqa: F401 (re-exported)
 from training.tracking.gate import COMPONENT_TAG, promote
 from training.tracking.lineage import (
     DATA_TAGS,
@@ -373,10 +374,3 @@ def model_version(uri: str) -> str:
         version = str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
     return f"{name}/{version}"
 
-
-def resolve_model_dir(uri: str) -> Path:
-    """Local directory of a registered model (``models:/name/version|@alias``)."""
-    setup()
-    import mlflow
-
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
