@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from training.tracking.store import setup, tracking_uri
@@ -47,7 +48,7 @@ def resolve_model_dir(uri: str) -> Path:
     if here.is_dir():
         return here
     here.parent.mkdir(parents=True, exist_ok=True)
-    part = here.with_name(f".{here.name}.{os.getpid()}.part")  # whole or not at all
+    part = here.with_name(f".{here.name}.{os.getpid()}.{threading.get_ident()}.part")
     shutil.rmtree(part, ignore_errors=True)
     got = Path(download_artifacts(artifact_uri=exact, dst_path=str(part)))
     try:
