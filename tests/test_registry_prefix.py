@@ -80,8 +80,8 @@ def registry(tmp_path: Path, monkeypatch):
 def test_a_champion_of_another_collection_is_named(registry):
     """What evaluate's warning reads: the champion's collection when it is not this
     run's (another project under the same names, or a change of data)."""
-    from training.phases.continuing import other_collection
     from training.stages import PIPELINE_MODEL
+    from training.tracking.lineage import other_collection
 
     registry.create_registered_model(PIPELINE_MODEL)
     v = registry.create_model_version(PIPELINE_MODEL, source="file:///nowhere").version

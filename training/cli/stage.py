@@ -227,8 +227,8 @@ def _other_collection_warning(params, champion: str | None) -> None:
     a change of data in this project, or another project writing to the same MLflow
     server under the same model names, whose champion this run's gate may just have
     replaced. Said, with the setting that keeps projects apart."""
-    from training.phases.continuing import other_collection
     from training.stages import REGISTRY_PREFIX_ENV
+    from training.tracking.lineage import other_collection
 
     if champion in (None, "None"):
         return

@@ -22,10 +22,8 @@ deps.
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
-from training.config import BUILTIN_DATASETS, Params
+from training.config import Params
 from training.console import say
 from training.phases.reuse import (
     UNET_WEIGHTS,
@@ -38,6 +36,7 @@ from training.phases.reuse import (
     same_objective,
     same_spaces,
 )
+from training.tracking.lineage import collection, other_collection
 
 STAGES = ("train_vae", "train_clip", "train_unet")
 
@@ -111,50 +110,14 @@ def same_collection(params: Params, version: str) -> None:
     if theirs == "":
         say(
             f"mode continue: {PIPELINE_MODEL} v{version} (@champion) records no dataset; "
-            f"building on it for {_collection(*ours)} unchecked"
+            f"building on it for {collection(*ours)} unchecked"
         )
     elif theirs is not None:
         raise ReuseError(
             f"the champion ({PIPELINE_MODEL} v{version}) was trained on "
-            f"{theirs}, this run is on {_collection(*ours)}: run --mode "
+            f"{theirs}, this run is on {collection(*ours)}: run --mode "
             "scratch (mode: scratch) for a new collection"
         )
-
-
-def other_collection(params: Params, version: str) -> str | None:
-    """What ``PIPELINE_MODEL`` version ``version`` was trained on, said as a phrase, if
-    that is not this run's collection (``same_collection``'s rule); None when it is the
-    same, "" when the version records none."""
-    from training.stages import PIPELINE_MODEL
-    from training.tracking.lineage import recorded_data
-
-    ours = (params.ingest.dataset, params.ingest.source)
-    recorded = recorded_data(PIPELINE_MODEL, version)
-    if recorded is None:
-        return ""
-    theirs = (str(recorded["dataset"]), recorded.get("source"))
-    same = theirs[0] == ours[0] and (
-        ours[0] in BUILTIN_DATASETS or _source_key(theirs[1]) == _source_key(ours[1])
-    )
-    return None if same else _collection(*theirs)
-
-
-def _collection(dataset: str, source: str | None) -> str:
-    if dataset in BUILTIN_DATASETS or not source:
-        return f"dataset {dataset}"
-    return f"dataset {dataset} from source {source}"
-
-
-def _source_key(source: str | None) -> str:
-    """What identifies a source while it grows: shard ranges' bounds left out, a local
-    path resolved, a URL without its signature (signed anew for each run) and its
-    trailing slash."""
-    from training.intake.canonical import unsigned_url
-
-    key = re.sub(r"\{\d+\.\.\d+\}", "{..}", (source or "").strip())
-    if not key or "://" in key:
-        return unsigned_url(key).rstrip("/")
-    return str(Path(key).expanduser().resolve())
 
 
 def _unet_fits(ref: str, dirs: dict, params: Params) -> None:

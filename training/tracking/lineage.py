@@ -4,12 +4,16 @@ the collection (dataset kind, source) a registered version was trained on."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.intake.canonical import public_source
 from training.tracking.store import EXPERIMENT, setup
+
+if TYPE_CHECKING:
+    from training.config import Params
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -105,6 +109,43 @@ def recorded_data(name: str, version: str) -> dict[str, str | None] | None:
     if not isinstance(ingest, dict) or not ingest.get("dataset"):
         return None
     return {"dataset": ingest["dataset"], "source": ingest.get("source")}
+
+
+def other_collection(params: Params, version: str) -> str | None:
+    """What ``PIPELINE_MODEL`` version ``version`` was trained on, said as a phrase, if
+    that is not this run's collection (``same_collection``'s rule); None when it is the
+    same, "" when the version records none."""
+    from training.config import BUILTIN_DATASETS
+    from training.stages import PIPELINE_MODEL
+
+    ours = (params.ingest.dataset, params.ingest.source)
+    recorded = recorded_data(PIPELINE_MODEL, version)
+    if recorded is None:
+        return ""
+    theirs = (str(recorded["dataset"]), recorded.get("source"))
+    same = theirs[0] == ours[0] and (
+        ours[0] in BUILTIN_DATASETS or _source_key(theirs[1]) == _source_key(ours[1])
+    )
+    return None if same else collection(*theirs)
+
+
+def collection(dataset: str, source: str | None) -> str:
+    """A collection as messages name it."""
+    from training.config import BUILTIN_DATASETS
+
+    if dataset in BUILTIN_DATASETS or not source:
+        return f"dataset {dataset}"
+    return f"dataset {dataset} from source {source}"
+
+
+def _source_key(source: str | None) -> str:
+    """What identifies a source while it grows: shard ranges' bounds left out, a local
+    path resolved, a URL without its signature (signed anew for each run) and its
+    trailing slash."""
+    key = re.sub(r"\{\d+\.\.\d+\}", "{..}", (source or "").strip())
+    if not key or "://" in key:
+        return public_source(key).rstrip("/")
+    return str(Path(key).expanduser().resolve())
 
 
 def tag_stage_outputs(parent_run_id: str, stage: str, root: Path | None = None) -> None:

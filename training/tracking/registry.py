@@ -373,4 +373,3 @@ def model_version(uri: str) -> str:
     if version in ("", "latest"):
         version = str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
     return f"{name}/{version}"
-
