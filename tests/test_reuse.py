@@ -285,12 +285,14 @@ def test_latents_made_by_other_code_are_not_reused(tmp_path: Path):
     made by the old code. Now the manifest records the row-making code too."""
     from safetensors.torch import save_file
 
+    from training.intake.index import write_index
     from training.phases.latent_cache import ROW_CODE, LatentCache, code_fingerprint
 
     old = tmp_path / "latents"
     (old / "train").mkdir(parents=True)
     save_file({"mean": torch.zeros(2, 4, 8, 8)}, old / "train" / "part-0.safetensors",
               metadata={"content": "k1,k2"})  # fmt: skip
+    write_index(old / "train", {"part-0.safetensors": 2}, "train")  # as the stage does
     manifest = {
         "vae": {"fingerprint": "v"},
         "clip": {"fingerprint": "c"},

@@ -75,6 +75,20 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def mismatch(path: Path, entry: ShardEntry) -> str | None:
+    """Why the file at ``path`` is not the shard ``entry`` names (missing, another size,
+    another sha256), or None when it is. Size first: a file cut short is told without
+    reading it."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != entry.filesize:
+        return f"{size} bytes where the index says {entry.filesize}"
+    if file_sha256(path) != entry.sha256:
+        return "its sha256 is not the index's"
+    return None
+
+
 def write_index(
     directory: Path, counts: dict[str, int], name: str, buckets: dict[str, str] | None = None
 ) -> Path:

@@ -9,6 +9,9 @@ row-making code (``code_fingerprint``), and the text states are stored in the sa
 type, a row whose content key is there is copied, and only the rest go through the VAE
 and the text encoder. A continuing run that reuses
 its VAE and CLIP (``phases/reuse.py``) so encodes only the samples the data gained.
+Rows are copied as they are, never decoded, so an old file is used only when it is the
+one its split's ``index.json`` names (size and sha256); one that is not, or does not
+open, is left out (``rejected``: said and counted) and its rows are encoded again.
 
 The new output is written beside the old one and swapped in at the end (the old one is
 the cache while it runs). Memory: the index holds one key per old row; one old file's
@@ -87,6 +90,8 @@ class LatentCache:
         self.hits = 0
         self._file: Path | None = None
         self._rows: dict[str, torch.Tensor] = {}
+        self.rejected: dict[Path, str] = {}  # old files left out, and why
+        self._index: dict[Path, dict | None] = {}  # each old split's index, by file name
         manifest = old_dir / "manifest.json"
         if not manifest.is_file():
             self.reason = "no earlier latents"
@@ -105,11 +110,49 @@ class LatentCache:
             self.reason = "the text states' type changed"
             return
         for f in sorted(old_dir.glob("*/*.safetensors")):
-            with safe_open(f, "pt") as fh:
-                content = (fh.metadata() or {}).get("content", "")
-            for i, key in enumerate(filter(None, content.split(","))):
+            content = self._content(f)
+            for i, key in enumerate(filter(None, (content or "").split(","))):
                 self.where[key] = (f, i)
         self.reason = f"{len(self.where)} rows encoded by the same models"
+        if self.rejected:
+            self.reason += (
+                f"; {len(self.rejected)} old latent files left out (not the files their "
+                "split's index.json names): their rows are encoded again"
+            )
+
+    def _content(self, f: Path) -> str | None:
+        """The content keys of the old file ``f``, once it is checked against its
+        split's ``index.json`` (size and sha256, as ``latents.check_clean`` checks the
+        clean shards) and opens; else None, and ``rejected`` says why. Its rows are
+        copied as they are, never decoded or checked again: an old file with a flipped
+        bit was copied into the new latents without a word, and one cut short stopped
+        the stage with safetensors' "incomplete metadata", naming no file."""
+        from training.intake.index import INDEX, mismatch, parse_index
+
+        split = f.parent
+        if split not in self._index:
+            path = split / INDEX
+            try:
+                shards = parse_index(path.read_text(), str(split), str(path)).shards
+                self._index[split] = {e.url: e for e in shards}
+            except (OSError, ValueError):  # missing or unreadable: nothing there is known
+                self._index[split] = None
+        entries = self._index[split]
+        entry = entries.get(f.name) if entries is not None else None
+        if entries is None:
+            why = f"no readable {INDEX} in {split.name}/"
+        elif entry is None:
+            why = f"not named in {split.name}/{INDEX}"
+        else:
+            why = mismatch(f, entry)
+        if why is None:
+            try:
+                with safe_open(f, "pt") as fh:
+                    return (fh.metadata() or {}).get("content", "")
+            except Exception as exc:  # noqa: BLE001 (safetensors' error is not exported)
+                why = f"cannot be opened ({exc})"
+        self.rejected[f] = why
+        return None
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         """One cached row (tensors of batch size 1), or None."""
@@ -121,3 +164,4 @@ class LatentCache:
             self._rows, self._file = load_file(path), path
         self.hits += 1
         return {name: t[i : i + 1] for name, t in self._rows.items()}
+

@@ -15,7 +15,8 @@ dtypes and the fingerprints of the models and data they came from;
 Incremental: ``data/latents`` persists, and a row already encoded by the same VAE and
 CLIP (by its image bytes and caption) is copied from the last output instead of encoded
 again (``phases/latent_cache.py``); the metrics count ``latents_encoded`` and
-``latents_reused``.
+``latents_reused``, and ``latents_cache_files_rejected`` the old files left out because
+they are not the files their split's ``index.json`` names (their rows are encoded again).
 """
 
 from __future__ import annotations
@@ -173,6 +174,8 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     cache = LatentCache(old_dir, *fps, c.text_dtype, bb.name)
     if E.is_main():
         E.say(f"precompute_latents: reusable: {cache.reason}")
+        for f, why in cache.rejected.items():  # checked against their index (latent_cache)
+            E.say(f"precompute_latents: not reusing {f}: {why}; its rows are encoded again")
     # what this process wrote: files, counts, captions, who; rows encoded and reused
     part: dict = {"truncated": {}, "encoded": 0}
     context = tokenizer.model_max_length
@@ -231,7 +234,7 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
             raise RuntimeError(f"latents: shards left unfinished: {sorted(writers)}")
         part[split] = files
         part["truncated"][split] = cut
-    part["reused"] = cache.hits
+    part["reused"], part["rejected"] = cache.hits, len(cache.rejected)
     E.write_json(out_dir / f".part-{E.rank()}.json", part)
     E.barrier()  # every process's files and part are written
     if not E.is_main():
@@ -253,8 +256,10 @@ def _write_manifest(params: Params, clean_dir: Path, models: tuple, out_dir: Pat
     merged: dict[str, dict] = {"train": {}, "val": {}}
     truncated = {"train": 0, "val": 0}
     counts = {"encoded": 0, "reused": 0}
+    rejected = 0  # old files left out: every process checks them all, so the same count
     for path in parts:
         part = json.loads(path.read_text())
+        rejected = max(rejected, part.pop("rejected"))
         for k in counts:
             counts[k] += part.pop(k)
         for split, n in part.pop("truncated").items():
@@ -325,10 +330,12 @@ def _write_manifest(params: Params, clean_dir: Path, models: tuple, out_dir: Pat
     E.say(
         f"precompute_latents: {counts['encoded']} encoded, {counts['reused']} reused from "
         "the last run"
+        + (f" ({rejected} old files left out: not as their index names)" if rejected else "")
     )
     return {
         "latents_encoded": counts["encoded"],
         "latents_reused": counts["reused"],
+        "latents_cache_files_rejected": rejected,
         "captions_truncated_train": truncated["train"],
         "captions_truncated_val": truncated["val"],
         "train_count": manifest["splits"]["train"]["count"],
@@ -346,13 +353,13 @@ def check_clean(split_dir: Path) -> None:
     and the manifest still named the whole split (was: the U-Net trained on fewer
     samples than the data has, and nothing counted them)."""
     from training.errors import UserError
-    from training.intake.index import INDEX, file_sha256, parse_index
+    from training.intake.index import INDEX, mismatch, parse_index
 
     path = split_dir / INDEX
     index = parse_index(path.read_text(), str(split_dir), str(path))
     for entry in index.shards:
         f = split_dir / entry.url
-        if not f.is_file() or f.stat().st_size != entry.filesize or file_sha256(f) != entry.sha256:
+        if mismatch(f, entry):
             raise UserError(
                 f"{f} is not the shard {path} names (missing, cut short or changed since "
                 "validate wrote it): run validate again (dvc repro --force validate)"

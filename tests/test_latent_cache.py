@@ -1,0 +1,122 @@
+"""precompute_latents reuses an old latent file's rows only when the file is the one its
+split's ``index.json`` names (size and sha256), as the clean shards are checked. The
+old rows are copied as they are, never decoded: an old file with one flipped bit was
+copied into the new latents without a word, and one cut short stopped the stage with
+safetensors' "incomplete metadata", which names no file."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from training.config import resolve
+
+from .loaderkit import image_split
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> tuple[Path, object]:
+    """A clean split (24 train pictures in 3 shards, 8 val) and a VAE and CLIP trained
+    one step on it: enough for real latents, in seconds."""
+    from training.phases import clip, vae
+
+    root = tmp_path_factory.mktemp("made")
+    image_split(root / "clean" / "train", n=24, per_shard=8, size=32)
+    image_split(root / "clean" / "val", n=8, per_shard=8, size=32, seed=1, prefix="val")
+    one = {"steps": 1, "batch_size": 8, "checkpoint_every": 1, "log_every": 1}
+    params = resolve({"ingest": {"image_size": 32}, "train_vae": one, "train_clip": one})
+    vae.run(params, root / "clean", root / "vae", root / "ck-vae")
+    clip.run(params, root / "clean", root / "clip", root / "ck-clip")
+    return root, params
+
+
+def _means(latents: Path) -> dict[str, torch.Tensor]:
+    """content key -> posterior mean, every train row."""
+    out = {}
+    for f in sorted((latents / "train").glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            keys = fh.metadata()["content"].split(",")
+            mean = fh.get_tensor("mean").clone()  # not a view of the file
+        out.update({k: mean[i] for i, k in enumerate(keys)})
+    return out
+
+
+def _flip_a_bit(f: Path) -> str:
+    """Flip one bit of the first row's posterior mean in ``f``; returns its content key
+    (the safetensors header is left whole: the file opens as before)."""
+    b = bytearray(f.read_bytes())
+    n = struct.unpack("<Q", bytes(b[:8]))[0]
+    header = json.loads(bytes(b[8 : 8 + n]))
+    b[8 + n + header["mean"]["data_offsets"][0] + 1] ^= 0x40  # row 0, first float
+    f.write_bytes(bytes(b))
+    return header["__metadata__"]["content"].split(",")[0]
+
+
+@pytest.mark.parametrize("damage", ["flipped bit", "cut short"])
+def test_an_old_latent_file_that_is_not_as_its_index_says_is_encoded_again(
+    made, tmp_path, capsys, damage
+):
+    from training.phases import latents
+
+    root, params = made
+    out = tmp_path / "latents"
+
+    def run() -> dict:
+        return latents.run(params, root / "clean", root / "vae", root / "clip", out)
+
+    assert run()["latents_encoded"] == 32
+    good = _means(out)
+    old = out / "train" / "train-00001-000.safetensors"
+    if damage == "flipped bit":
+        key = _flip_a_bit(old)
+        assert not torch.equal(_means(out)[key], good[key])  # it still opens, one row off
+    else:
+        old.write_bytes(old.read_bytes()[:-100])
+    capsys.readouterr()
+
+    m = run()
+    said = capsys.readouterr().err
+    # that file's 8 rows are encoded again (the same models: the same values), the other
+    # 24 reused; the stage names the file and counts it
+    assert (m["latents_encoded"], m["latents_reused"]) == (8, 24)
+    assert m["latents_cache_files_rejected"] == 1
+    assert f"not reusing {old}: " in said and "its rows are encoded again" in said
+    assert "1 old latent files left out" in said
+    again = _means(out)
+    assert again.keys() == good.keys()
+    for k, mean in good.items():
+        assert torch.allclose(again[k], mean, atol=1e-5), k
+    latents.check_clean(out / "train")  # the new output is whole
+
+
+def test_old_latents_without_an_index_are_not_reused(tmp_path):
+    """A file no index names (a split without its index, or a file beside the ones it
+    names) is not known to be whole: left out, and said."""
+    from safetensors.torch import save_file
+
+    from training.intake.index import write_index
+    from training.phases.latent_cache import LatentCache
+
+    old = tmp_path / "latents"
+    for split in ("train", "val"):
+        (old / split).mkdir(parents=True)
+        save_file({"mean": torch.zeros(2, 4)}, old / split / f"{split}-0.safetensors",
+                  metadata={"content": f"{split}1,{split}2"})  # fmt: skip
+    write_index(old / "train", {"train-0.safetensors": 2}, "train")
+    save_file({"mean": torch.zeros(1, 4)}, old / "train" / "stray.safetensors",
+              metadata={"content": "s1"})  # fmt: skip
+    manifest = {"vae": {"fingerprint": "v"}, "clip": {"fingerprint": "c"}, "code": "x",
+                "tensors": {"text": {"dtype": "torch.float16"}}}  # fmt: skip
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    cache = LatentCache(old, "v", "c", "float16", code_fp="x")
+    assert set(cache.where) == {"train1", "train2"}
+    assert {p.name: why for p, why in cache.rejected.items()} == {
+        "stray.safetensors": "not named in train/index.json",
+        "val-0.safetensors": "no readable index.json in val/",
+    }
+    assert cache.reason.startswith("2 rows encoded by the same models; 2 old latent files")
