@@ -243,3 +243,84 @@ def test_a_bucketed_split_streams_each_shard_once_an_epoch_through_its_budgeted_
     twice = {u for u in fetched if fetched.count(u) > 1}
     assert sorted(set(fetched)) == sorted(f.name for f in files)  # every shard
     assert twice <= ahead, (twice, stream.downloaded / total)
+
+
+def test_latents_published_by_other_models_stop_train_unet_before_a_step(
+    aws, tmp_path, monkeypatch
+):
+    """Found in review: with KILN_DATA_REMOTE set train_unet reads the latents published
+    under it, which may be an older VAE's (or CLIP's) than the local ones it ships the
+    U-Net with. It trained on them, recorded their fingerprints beside the weights, and
+    the U-Net went out paired with a VAE of another latent space. Now the latents'
+    manifest is held to the stage's models before anything loads or trains."""
+    import json
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPConfig, CLIPModel
+
+    from training.errors import UserError
+    from training.phases import unet
+    from training.phases.latent_cache import model_fingerprint
+    from training.phases.reuse import TRAINED_ON
+
+    from .loaderkit import latents_dir
+
+    monkeypatch.setenv(S.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    data, vae_dir, clip_dir = tmp_path / "local", tmp_path / "vae", tmp_path / "clip"
+    image_split(data / "clean" / "train", n=8, per_shard=8, size=8)
+    image_split(data / "clean" / "val", n=8, per_shard=8, size=8, seed=1, prefix="val")
+    AutoencoderKL(
+        latent_channels=4, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    ).save_pretrained(vae_dir)  # fmt: skip
+    small = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+             "num_attention_heads": 2}  # fmt: skip
+    CLIPModel(CLIPConfig(text_config=small, vision_config=small)).save_pretrained(clip_dir)
+    vae_fp, clip_fp = model_fingerprint(vae_dir), model_fingerprint(clip_dir)
+    params = resolve(
+        {"train_unet": {"steps": 2, "batch_size": 8, "block_shards": 1, "checkpoint_every": 2,
+                        "log_every": 1, "preview_every": 0, "val_samples": 0}}
+    )  # fmt: skip
+
+    def published(prefix: str, vae: str, clip: str) -> str:
+        """Latents whose manifest names these VAE and CLIP fingerprints, published with
+        the clean splits (kiln publish's code) to their own prefix, which
+        KILN_DATA_REMOTE then names; returns where train_unet reads."""
+        view = tmp_path / prefix  # the layout publish reads: clean/, latents/
+        shutil.copytree(data / "clean", view / "clean")
+        latents = latents_dir(view / "latents", n=64, per_shard=32, n_val=16)
+        manifest = json.loads((latents / "manifest.json").read_text())
+        manifest["vae"]["fingerprint"], manifest["clip"] = vae, {"fingerprint": clip}
+        (latents / "manifest.json").write_text(json.dumps(manifest))
+        S.publish(view, f"s3://{BUCKET}/{prefix}")
+        monkeypatch.setenv(S.REMOTE_ENV, f"s3://{BUCKET}/{prefix}")
+        return loaders.split_source(data / "latents", "latents")  # as the stage asks
+
+    def train(source: str) -> dict:
+        out, ckpt = tmp_path / "unet", tmp_path / "ck"
+        return unet.run(params, source, vae_dir, out, ckpt, clip_dir=clip_dir)
+
+    # an older VAE's latents: refused, naming both VAEs and what to do
+    source = published("old-vae", "0ld0ld0ld0ld0ld0", clip_fp)
+    assert source == f"s3://{BUCKET}/old-vae/latents"  # read from the store
+    with pytest.raises(UserError) as err:
+        train(source)
+    said = str(err.value)
+    assert f"VAE 0ld0ld0ld0ld0ld0 there, {vae_fp} in {vae_dir}" in said
+    assert "CLIP" not in said  # the same CLIP
+    assert "publish the new latents to a new prefix" in said and "KILN_DATA_REMOTE" in said
+    assert not (tmp_path / "unet").exists() and not (tmp_path / "ck").exists()  # no step
+
+    # the same VAE, an older CLIP's text states: refused too
+    source = published("old-clip", vae_fp, "c1c1c1c1c1c1c1c1")
+    with pytest.raises(UserError, match=f"CLIP c1c1c1c1c1c1c1c1 there, {clip_fp} in"):
+        train(source)
+    assert not (tmp_path / "unet").exists()
+
+    # made by these models: trains, and says so beside the weights
+    source = published("same", vae_fp, clip_fp)
+    train(source)
+    assert json.loads((tmp_path / "unet" / TRAINED_ON).read_text()) == {
+        "vae": vae_fp,
+        "clip": clip_fp,
+    }

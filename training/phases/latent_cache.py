@@ -165,3 +165,28 @@ class LatentCache:
         self.hits += 1
         return {name: t[i : i + 1] for name, t in self._rows.items()}
 
+
+def check_made_by(latents: str, manifest: dict, models: dict[str, Path | None]) -> None:
+    """``UserError`` unless the latents at ``latents`` were made by the models the stage
+    pairs its output with: ``models`` maps "vae" and "clip" to their folders (None: that
+    one is not checked), compared with the fingerprints the latents' ``manifest``
+    records (one it does not record, as benchmarks' manifests, is not checked). Latents
+    in object storage (``KILN_DATA_REMOTE``) are whatever was published there, possibly
+    by an older VAE or CLIP than the ones on local disk: a U-Net trained on them was
+    saved beside a VAE from another latent space and passed every shape check."""
+    from training.errors import UserError
+
+    differ = []
+    for name, directory in models.items():
+        theirs = (manifest.get(name) or {}).get("fingerprint")
+        if directory is not None and theirs and theirs != (ours := model_fingerprint(directory)):
+            differ.append(f"{name.upper()} {theirs} there, {ours} in {directory}")
+    if not differ:
+        return
+    todo = "run precompute_latents again (dvc repro precompute_latents)"
+    if "://" in latents:  # published: a prefix is never overwritten (intake/store.py)
+        todo += (
+            ", publish the new latents to a new prefix (kiln publish s3://bucket/new-prefix) "
+            "and point KILN_DATA_REMOTE at it"
+        )
+    raise UserError(f"{latents} were made by other models ({'; '.join(differ)}): {todo}")

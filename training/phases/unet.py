@@ -189,14 +189,20 @@ def run(
     out_dir: Path,
     ckpt_dir: Path,
     log: E.MetricLogger | None = None,
+    clip_dir: Path | None = None,
 ) -> dict:
-    """Train on the latents at ``latents`` (a directory or an ``s3://`` prefix)."""
+    """Train on the latents at ``latents`` (a directory or an ``s3://`` prefix), made by
+    the VAE in ``vae_dir`` and the CLIP in ``clip_dir`` (None: not checked), checked
+    before anything else (``latent_cache.check_made_by``)."""
     from safetensors.torch import load
+
+    from training.phases.latent_cache import check_made_by
 
     log = log or E.NullLogger()
     torch.manual_seed(params.seed)
     store = loaders.Store.shared()
     manifest = json.loads(store.read_bytes(f"{latents}/manifest.json"))
+    check_made_by(str(latents), manifest, {"vae": vae_dir, "clip": clip_dir})
     made_for = manifest.get("backbone", "unet2d")
     if made_for != params.train_unet.backbone:
         raise ValueError(
@@ -335,4 +341,7 @@ def stage(params: Params, log: E.MetricLogger) -> dict:
         P.UNET,
         P.CKPT / "train_unet",
         log,
+        # the CLIP evaluate pairs the U-Net with (no input of this stage: checked when
+        # there), so the latents' text states must be its own
+        clip_dir=P.CLIP if P.CLIP.is_dir() else None,
     )
