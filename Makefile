@@ -11,17 +11,58 @@ PROFILE ?= tiny
 # `mode: continue` in params.yaml, and `make run` trains from its initialisation
 MODE ?= scratch
 PYTEST_ARGS ?=
+
 # The suite runs on this many pytest-xdist workers: one takes the e2e run and the tests
 # built on it (the longest chain), the other the rest (tests/conftest.py groups them and
 # gives each worker its share of the CPUs). `make test TEST_WORKERS=0`: one process.
 TEST_WORKERS ?= 2
 
-.PHONY: browser postgres install run test lint clean
+# pyproject.toml's requires-python (">=3.11,<3.12"): pip installs Kiln on no other Python
+REQUIRES_PYTHON := $(shell sed -n 's/^requires-python *= *"\([^"]*\)".*/\1/p' pyproject.toml)
+
+# Exits 0 when the version v (e.g. 3.11.9) meets every clause of spec (e.g. ">=3.11,<3.12";
+# empty: any). Clauses: >=, >, <=, <, ==, != (the last two also with a trailing .*), ~=.
+define VERSION_FITS_AWK
+function cmp(a, b,    x, y, n, m, k, i) {
+	n = split(a, x, "."); m = split(b, y, "."); k = n > m ? n : m
+	for (i = 1; i <= k; i++) {
+		if (x[i] + 0 < y[i] + 0) return -1
+		if (x[i] + 0 > y[i] + 0) return 1
+	}
+	return 0
+}
+function starts(a, p,    x, y, m, i) {
+	split(a, x, "."); m = split(p, y, ".")
+	for (i = 1; i <= m; i++) if (x[i] + 0 != y[i] + 0) return 0
+	return 1
+}
+BEGIN {
+	n = split(spec, clauses, ",")
+	for (j = 1; j <= n; j++) {
+		c = clauses[j]; gsub(/[ \t]/, "", c)
+		if (c == "") continue
+		if (!match(c, /^(~=|==|!=|<=|>=|<|>)/)) exit 2
+		op = substr(c, 1, RLENGTH); w = substr(c, RLENGTH + 1)
+		star = sub(/\.\*$$/, "", w)
+		if (op == "==") ok = star ? starts(v, w) : cmp(v, w) == 0
+		else if (op == "!=") ok = star ? !starts(v, w) : cmp(v, w) != 0
+		else if (op == ">=") ok = cmp(v, w) >= 0
+		else if (op == ">") ok = cmp(v, w) > 0
+		else if (op == "<=") ok = cmp(v, w) <= 0
+		else if (op == "<") ok = cmp(v, w) < 0
+		else { p = w; sub(/\.[^.]*$$/, "", p); ok = cmp(v, w) >= 0 && starts(v, p) }
+		if (!ok) exit 1
+	}
+	exit 0
+}
+endef
+export VERSION_FITS_AWK
+
+.PHONY: browser postgres install run test lint clean venv
 
 # The stamp is rebuilt when pyproject.toml changes, so `make run` re-installs
 # only when the dependencies did.
-$(VENV)/.installed: pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+$(VENV)/.installed: pyproject.toml | venv
 	# Exactly 2.13.0: here that is the local CPU wheel; any looser spec would
 	# download the multi-GB CUDA build.
 	$(BIN)/pip install --quiet "torch==2.13.0"
@@ -33,6 +74,29 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 install: $(VENV)/.installed
+
+# The venv, on a Python that requires-python allows: $(PYTHON), else python3 if that one
+# fits. Was: any python3 (3.12 where python3.11 was missing), which `pip install -e .`
+# then refused, and the wrong venv was kept even after Python 3.11 was installed. A venv
+# on a Python that does not fit is refused, not deleted: it may hold more than Kiln.
+venv:
+	@fits() { v=$$("$$1" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null) \
+		&& [ -n "$$v" ] && awk -v v="$$v" -v spec='$(REQUIRES_PYTHON)' "$$VERSION_FITS_AWK"; }; \
+	if [ -e $(BIN)/python ] || [ -L $(BIN)/python ]; then \
+		fits $(BIN)/python && exit 0; \
+		echo "make: $(VENV) runs Python $${v:-(none: $(BIN)/python does not run)}, and pyproject.toml requires-python is '$(REQUIRES_PYTHON)'." >&2; \
+		echo "make: remove it (rm -rf $(VENV)) and run make again: it is rebuilt with $(PYTHON)." >&2; \
+		exit 1; \
+	fi; \
+	found=; \
+	for py in $(PYTHON) python3; do \
+		command -v "$$py" >/dev/null 2>&1 || { found="$$found $$py: not found;"; continue; }; \
+		if fits "$$py"; then echo "make: creating $(VENV) with $$py (Python $$v)"; exec "$$py" -m venv $(VENV); fi; \
+		found="$$found $$py: Python $${v:-that does not run};"; \
+	done; \
+	echo "make: no Python that pyproject.toml allows (requires-python '$(REQUIRES_PYTHON)'):$$found" >&2; \
+	echo "make: install one (e.g. python3.11, with its venv module), or run make PYTHON=/path/to/it" >&2; \
+	exit 1
 
 run: install
 	$(BIN)/kiln run --dataset $(DATASET) --profile $(PROFILE) --mode $(MODE)
