@@ -7,11 +7,16 @@ test_orchestration.py; test_infra_postgres.py runs compose's servers with their 
 
 from __future__ import annotations
 
+import asyncio
 import configparser
+import fnmatch
+import http.server
 import json
 import os
 import re
 import subprocess
+import threading
+from pathlib import Path
 
 import yaml
 from prefect.utilities.templating import apply_values, find_placeholders
@@ -95,16 +100,94 @@ def test_docker_gpu_template_is_docker_run_gpus_all():
 def test_compose_workers_share_minios_dvc_remote():
     """The stages on the two workers hand data over through the DVC remote only. The
     image's .dvc/config names a folder beside the checkout, which each container had to
-    itself, so the gpu stage's `dvc pull` found nothing the cpu worker had pushed."""
+    itself, so the gpu stage's `dvc pull` found nothing the cpu worker had pushed. Each
+    worker now starts through the image's entrypoint, which makes KILN_DVC_REMOTE its
+    default remote (the same script the gpu pools' jobs start through)."""
     compose = _compose()
     bucket_cmd = compose["services"]["minio-buckets"]["entrypoint"]
     for name in ("worker-cpu", "worker-gpu"):
-        command = " ".join(compose["services"][name]["command"])
-        assert "dvc remote add -f -d --local minio s3://kiln-dvc" in command, name
-        assert "endpointurl http://minio:9000" in command, name
-        assert command.rstrip().endswith(f"prefect worker start --pool {name[7:]} --type process")
+        svc = compose["services"][name]
+        env = svc["environment"]
+        assert env["KILN_DVC_REMOTE"] == "s3://kiln-dvc", name
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000", name
+        assert "entrypoint" not in svc, f"{name} would skip the image's entrypoint"
+        assert svc["command"] == ["prefect", "worker", "start", "--pool", name[7:], "--type",
+                                  "process"]  # fmt: skip
+        assert svc.get("image") == "kiln-worker:latest", name
+    assert compose["services"]["worker-cpu"]["build"]["dockerfile"] == "infra/Dockerfile"
     assert "kiln/kiln-dvc" in bucket_cmd  # the bucket exists
     assert "s3://kiln-dvc" in (INFRA / "README.md").read_text()
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    entry = 'ENTRYPOINT ["/bin/sh", "/opt/kiln/infra/kiln-entrypoint.sh"]'
+    assert entry in dockerfile.splitlines()
+    assert dockerfile.index("COPY . /opt/kiln") < dockerfile.index(entry)
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert not any(fnmatch.fnmatch("infra/kiln-entrypoint.sh", p) for p in ignored)
+
+
+def _entrypoint(checkout: Path, env: dict[str, str], *command: str):
+    """infra/kiln-entrypoint.sh as the image runs it, on `checkout` as KILN_HOME."""
+    base = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(checkout.parent),
+            "DVC_NO_ANALYTICS": "1", "KILN_HOME": str(checkout)}  # fmt: skip
+    return subprocess.run(
+        ["sh", str(INFRA / "kiln-entrypoint.sh"), *command], env=base | env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+KILN_REMOTE = "'remote \"kiln\"'"  # DVC's section name, quotes and all
+
+
+def _dvc_local(checkout: Path) -> configparser.ConfigParser:
+    local = configparser.ConfigParser()
+    local.read(checkout / ".dvc" / "config.local")
+    return local
+
+
+def test_entrypoint_sets_up_the_dvc_remote_and_refuses_a_job_without_mlflow(tmp_path):
+    """What compose's `sh -c` wrapper did for its workers only, the image now does for
+    every container, the gpu pools' jobs included (they never went through compose)."""
+    checkout = tmp_path / "kiln"
+    checkout.mkdir()
+    subprocess.run([str(BIN / "dvc"), "init", "--no-scm", "-q"], cwd=checkout, check=True,
+                   env={**os.environ, "DVC_NO_ANALYTICS": "1"})  # fmt: skip
+    project_config = (checkout / ".dvc" / "config").read_text()
+    listing = 'echo "args: $0 $1"; env | grep -E "^(AWS|MLFLOW|KILN)_" | sort'
+    show = ["sh", "-c", listing, "a", "b c"]
+    ran = _entrypoint(checkout, {
+        "KILN_DVC_REMOTE": "s3://kiln-dvc", "AWS_ENDPOINT_URL": "http://minio:9000",
+        "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "s3cret-key-value",
+        "MLFLOW_TRACKING_URI": "", "KILN_DATA_REMOTE": "",
+    }, *show)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert "args: a b c" in ran.stdout  # the command, exec'd with its arguments intact
+    # variables handed over empty (a `{{ $VAR }}` the worker lacked) are unset, not ""
+    assert "AWS_ACCESS_KEY_ID=" not in ran.stdout and "MLFLOW_TRACKING_URI=" not in ran.stdout
+    assert "KILN_DATA_REMOTE=" not in ran.stdout
+    assert "AWS_SECRET_ACCESS_KEY=s3cret-key-value" in ran.stdout
+    local = _dvc_local(checkout)
+    assert local["core"]["remote"] == "kiln"
+    assert dict(local[KILN_REMOTE]) == {"url": "s3://kiln-dvc",
+                                            "endpointurl": "http://minio:9000"}  # fmt: skip
+    assert "s3cret-key-value" not in (checkout / ".dvc" / "config.local").read_text()
+    assert (checkout / ".dvc" / "config").read_text() == project_config  # git's, untouched
+    # a later start with another remote and no endpoint (AWS S3): no stale endpoint left
+    again = _entrypoint(checkout, {"KILN_DVC_REMOTE": "s3://other/dvc"}, "true")
+    assert again.returncode == 0, again.stderr
+    assert dict(_dvc_local(checkout)[KILN_REMOTE]) == {"url": "s3://other/dvc"}
+    # a pool job (the templates set KILN_POOL_JOB=1) without MLflow: refused, not run
+    job = {"KILN_POOL_JOB": "1", "MLFLOW_TRACKING_URI": ""}
+    refused = _entrypoint(checkout, job, "sh", "-c", "echo stage-ran")
+    assert refused.returncode == 1 and "stage-ran" not in refused.stdout
+    assert "MLFLOW_TRACKING_URI is not set" in refused.stderr, refused.stderr
+    ok = _entrypoint(checkout, job | {"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+                     "sh", "-c", "echo stage-ran")  # fmt: skip
+    assert ok.returncode == 0 and "stage-ran" in ok.stdout, ok.stderr
+    # without KILN_DVC_REMOTE the checkout's DVC config is left alone
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert _entrypoint(bare, {}, "true").returncode == 0
+    assert not (bare / ".dvc").exists()
 
 
 def test_compose_has_the_stack_and_no_literal_secrets():
@@ -332,3 +415,221 @@ def test_workers_keep_what_runs_build_on_across_container_restarts():
             assert mounts.get(path) in compose["volumes"], (worker, path)
     cpu, gpu = (set(compose["services"][w]["volumes"]) for w in ("worker-cpu", "worker-gpu"))
     assert not cpu & gpu  # two checkouts: never one data/ written by both
+
+
+# ---- the gpu pools' jobs: what compose gives its workers, given by the templates --------
+
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID",
+               "AWS_SECRET_ACCESS_KEY")  # fmt: skip
+JOB_NEEDS = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "KILN_DVC_REMOTE", "KILN_DATA_REMOTE",
+             *CREDENTIALS)  # fmt: skip
+
+
+def _configure(name: str, values: dict | None = None) -> dict:
+    """The job configuration a worker builds for a flow run from the pool's template:
+    Prefect's own `from_template_and_values`, which the Kubernetes and Docker workers
+    inherit, after the server's validation of the template (as `work-pool create`)."""
+    from prefect.server.schemas.actions import validate_base_job_template
+    from prefect.workers.base import BaseJobConfiguration
+    from pydantic import ConfigDict
+
+    class AnyJob(BaseJobConfiguration):  # the base fields, and the template's others as they are
+        model_config = ConfigDict(extra="allow")
+
+    template = json.loads((INFRA / name).read_text())
+    validate_base_job_template(template)
+    # no block or Prefect-variable placeholders in these templates: the client is never used
+    job = asyncio.run(AnyJob.from_template_and_values(template, values or {}, client=object()))
+    return job.model_dump(mode="json")
+
+
+def test_docker_pool_jobs_get_mlflow_s3_and_the_dvc_remote(monkeypatch):
+    """A pool job gets only Prefect's settings and the template's env. Was: KILN_HOME
+    alone, so a stage logged into a SQLite file in the container ("Run with id=... not
+    found" when nesting under the pipeline's run) and could reach no S3."""
+    for key in JOB_NEEDS:
+        monkeypatch.delenv(key, raising=False)
+    # the docker worker's own environment: where the credentials come from
+    worker = {k: f"from-the-worker-{k.lower()}" for k in CREDENTIALS}
+    for key, value in worker.items():
+        monkeypatch.setenv(key, value)
+    env = _configure("gpu-pool-docker.json", {"env": {"KILN_DEVICE": "cuda"}})["env"]
+    # the stack's addresses on its kiln network, as compose gives its own workers
+    composed = _compose()["services"]["worker-gpu"]["environment"]
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "KILN_DVC_REMOTE"):
+        assert env[key] == composed[key], key
+    for key, value in worker.items():
+        assert env[key] == value, key
+    assert env["KILN_POOL_JOB"] == "1" and env["KILN_HOME"] == "/opt/kiln"
+    assert env["KILN_DEVICE"] == "cuda"  # a deployment's env adds to the defaults
+    assert env["KILN_DATA_REMOTE"] == ""  # the worker has none: unset by the entrypoint
+    monkeypatch.setenv("KILN_DATA_REMOTE", "s3://kiln-data/shapes-v1")
+    env = _configure("gpu-pool-docker.json")["env"]
+    assert env["KILN_DATA_REMOTE"] == "s3://kiln-data/shapes-v1"
+
+
+def test_kubernetes_pool_jobs_get_mlflow_s3_and_credentials_from_a_secret():
+    job = _configure(
+        "gpu-pool-kubernetes.json",
+        {"mlflow_tracking_uri": "https://mlflow.internal", "s3_endpoint_url": "https://s3.internal",
+         "data_remote": "s3://kiln-data/v1", "env": {"KILN_DEVICE": "cuda"}},
+    )  # fmt: skip
+    container = job["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    # a list, not `{{ env }}`: the Kubernetes worker then puts the `env` variable's entries
+    # and Prefect's settings before it instead of replacing it
+    assert isinstance(container["env"], list)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "https://mlflow.internal"
+    assert env["AWS_ENDPOINT_URL"]["value"] == "https://s3.internal"
+    assert env["KILN_DVC_REMOTE"]["value"] == "s3://kiln-dvc"
+    assert env["KILN_DATA_REMOTE"]["value"] == "s3://kiln-data/v1"
+    assert env["KILN_POOL_JOB"]["value"] == "1"
+    for key in CREDENTIALS:
+        assert env[key] == {
+            "name": key,
+            "valueFrom": {"secretKeyRef": {"name": "kiln-job-credentials", "key": key}},
+        }
+    assert job["env"] == {"KILN_HOME": "/opt/kiln", "KILN_DEVICE": "cuda"}
+    # no MLflow address given: no value (empty in the pod), and the entrypoint refuses it
+    bare = _configure("gpu-pool-kubernetes.json")
+    bare_env = bare["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "MLFLOW_TRACKING_URI"} in bare_env
+    assert "MLFLOW_TRACKING_URI" in (INFRA / "kiln-entrypoint.sh").read_text()
+
+
+def _strings(node) -> list[str]:
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def test_pool_templates_hold_no_credentials():
+    docker = json.loads((INFRA / "gpu-pool-docker.json").read_text())
+    defaults = docker["variables"]["properties"]["env"]["default"]
+    for key in CREDENTIALS:
+        assert defaults[key] == f"{{{{ ${key} }}}}", f"{key}: not the worker's own"
+    for key in defaults:
+        if SECRET_KEY.search(key) or "USERNAME" in key:
+            assert key in CREDENTIALS, key
+    kube = json.loads((INFRA / "gpu-pool-kubernetes.json").read_text())
+    container = kube["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    for entry in container["containers"][0]["env"]:
+        if SECRET_KEY.search(entry["name"]) or "USERNAME" in entry["name"]:
+            assert set(entry) == {"name", "valueFrom"}, entry
+            ref = entry["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "{{ credentials_secret }}", "key": entry["name"]}
+    assert {e["name"] for e in container["containers"][0]["env"]} >= set(JOB_NEEDS)
+    # nothing in either template is one of the stack's secrets or looks like a key
+    for template in (docker, kube):
+        for text in _strings(template):
+            for secret in env_example().values():  # `change-me...`, and the user names
+                assert secret not in text or len(secret) < 6, text
+            assert not re.search(r"AKIA[0-9A-Z]{12,}", text), text
+
+
+# ---- compose: restarts, health, the UI's API address ------------------------------------
+
+LONG_RUNNING = {"postgres", "minio", "prefect", "mlflow", "worker-cpu", "worker-gpu"}
+ONE_SHOT = {"secrets-check", "minio-buckets"}
+
+
+def test_compose_restarts_services_and_starts_workers_once_servers_are_healthy():
+    """Was: no restart policy (a worker exits after ~3 minutes without the Prefect API,
+    and stayed down) and the workers waited only for the servers' containers to start."""
+    services = _compose()["services"]
+    assert set(services) == LONG_RUNNING | ONE_SHOT
+    for name in LONG_RUNNING:
+        assert services[name].get("restart") == "unless-stopped", name
+    for name in ONE_SHOT:  # `unless-stopped` would run them again after they succeed
+        assert services[name].get("restart", "no") == "no", name
+    for name in ("postgres", "minio", "prefect", "mlflow"):
+        assert services[name]["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+    # what the images have: the prefect image and mlflow.Dockerfile are Python images
+    # without curl; MinIO's images dropped curl and ship mc
+    assert re.fullmatch(r"prefecthq/prefect:[\d.]+-python3\.11", services["prefect"]["image"])
+    assert (INFRA / "mlflow.Dockerfile").read_text().count("FROM python:3.11-slim") == 1
+    assert services["prefect"]["healthcheck"]["test"][:3] == ["CMD", "python", "-c"]
+    assert services["mlflow"]["healthcheck"]["test"][:3] == ["CMD", "python", "-c"]
+    assert services["minio"]["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    for name, svc in services.items():
+        if "healthcheck" in svc:
+            assert "curl" not in json.dumps(svc["healthcheck"]), name
+        deps = svc.get("depends_on") or {}
+        for dep, how in deps.items() if isinstance(deps, dict) else []:
+            if how.get("condition") == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits on {dep}, which has none"
+    for worker in ("worker-cpu", "worker-gpu"):
+        deps = services[worker]["depends_on"]
+        assert deps["prefect"] == {"condition": "service_healthy"}, worker
+        assert deps["mlflow"] == {"condition": "service_healthy"}, worker
+
+
+class _Probe(http.server.BaseHTTPRequestHandler):
+    status = 200
+    seen: list[tuple[str, str]] = []
+
+    def do_GET(self):  # noqa: N802
+        type(self).seen.append((self.path, self.headers.get("Host", "")))
+        self.send_response(type(self).status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_compose_health_checks_ask_the_right_paths():
+    """The Prefect and MLflow checks, run as the containers would (here against a stub
+    on loopback; test_infra_postgres.py runs them against the real servers)."""
+    services = _compose()["services"]
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Probe)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        for name, container_port, path, host in (
+            ("prefect", 4200, "/api/ready", None),
+            ("mlflow", 5000, "/health", "mlflow:5000"),  # a Host MLflow must always accept
+        ):
+            cmd, _, code = services[name]["healthcheck"]["test"][1:]
+            code = code.replace(f"127.0.0.1:{container_port}", f"127.0.0.1:{port}")
+            assert f"127.0.0.1:{port}" in code, name
+            for status, healthy in ((200, True), (503, False)):
+                _Probe.status, _Probe.seen = status, []
+                rc = subprocess.run([str(BIN / cmd), "-c", code], timeout=60).returncode
+                assert (rc == 0) is healthy, (name, status, rc)
+                assert _Probe.seen[0][0] == path, _Probe.seen
+                assert _Probe.seen[0][1] == (host or f"127.0.0.1:{port}"), _Probe.seen
+    finally:
+        server.shutdown()
+        server.server_close()
+    # nothing listening: unhealthy
+    rc = subprocess.run([str(BIN / "python"), "-c", code], timeout=60).returncode
+    assert rc != 0
+
+
+def test_prefect_ui_calls_the_api_where_browsers_reach_it(tmp_path):
+    """Was: compose set neither PREFECT_UI_API_URL nor PREFECT_API_URL on the server, so
+    /ui-settings answered a loopback address and a UI opened from another machine (with
+    KILN_BIND_ADDRESS set) called that machine's own loopback."""
+    default = _compose()["services"]["prefect"]["environment"]
+    assert default["PREFECT_UI_API_URL"] == "http://127.0.0.1:4200/api"
+    moved = _compose(KILN_BIND_ADDRESS="10.1.2.3", KILN_PREFECT_URL="https://prefect.internal")
+    server_env = moved["services"]["prefect"]["environment"]
+    assert server_env["PREFECT_UI_API_URL"] == "https://prefect.internal/api"
+    assert "KILN_PREFECT_URL" in (INFRA / "env.example").read_text()
+    # what the server's /ui-settings answers with compose's environment (the UI app alone:
+    # no database needed)
+    code = (
+        "from starlette.testclient import TestClient\n"
+        "from prefect.server.api.server import create_ui_app\n"
+        "print(TestClient(create_ui_app(ephemeral=False)).get('/ui-settings').json()['api_url'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({k: str(v) for k, v in server_env.items()}, PREFECT_HOME=str(tmp_path))
+    env["PREFECT_SERVER_API_HOST"] = "0.0.0.0"  # compose's `--host 0.0.0.0`
+    out = subprocess.run(
+        [str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "https://prefect.internal/api"

@@ -117,6 +117,14 @@ def _status(url: str, headers: dict | None = None) -> int:
         return e.code
 
 
+def _health_check(svc: dict, container_port: int, port: int) -> int:
+    """compose's health check command for `svc`, run here against `port`: its exit code."""
+    cmd, _, code = svc["healthcheck"]["test"][1:]
+    assert cmd == "python", svc["healthcheck"]  # the images have Python, not curl
+    code = code.replace(f"127.0.0.1:{container_port}", f"127.0.0.1:{port}")
+    return subprocess.run([str(BIN / "python"), "-c", code], timeout=60).returncode
+
+
 def _env(tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -142,6 +150,8 @@ def test_prefect_server_on_postgres_with_composes_settings(postgres, tmp_path):
     api = f"http://127.0.0.1:{port}/api"
     with background([*cmd, "--port", str(port)], env, tmp_path, tmp_path / "p.log") as proc:
         wait_http(f"{api}/health", proc, tmp_path / "p.log")  # open, for probes
+        # compose's health check (/api/ready, no auth string): healthy
+        assert _health_check(svc, 4200, port) == 0
         # anyone else who reaches the port: refused
         assert _status(f"{api}/work_pools/default-agent-pool") == 401
         wrong = base64.b64encode(b"kiln:guess").decode()
@@ -161,6 +171,7 @@ def test_prefect_server_on_postgres_with_composes_settings(postgres, tmp_path):
             client, tmp_path, str(BIN / "prefect"), "work-pool", "create", "gpu", "--type",
             "process",
         )  # fmt: skip
+    assert _health_check(svc, 4200, port) != 0  # and unhealthy once it is gone
     # the pool is a row in PostgreSQL, not in a SQLite file somewhere
     rows = subprocess.run(
         [*postgres["psql"], "-d", "prefect", "-tAc", "select name from work_pool"],
@@ -196,6 +207,8 @@ def test_mlflow_server_on_postgres_with_basic_auth(postgres, tmp_path):
     url = f"http://127.0.0.1:{port}"
     with background(cmd, env, tmp_path, tmp_path / "m.log") as proc:
         wait_http(f"{url}/health", proc, tmp_path / "m.log")
+        # compose's health check, with the workers' Host header: healthy
+        assert _health_check(svc, 5000, port) == 0
         search = f"{url}/api/2.0/mlflow/experiments/search?max_results=5"
         assert _status(search) == 401  # basic auth is on
         # the workers' Host header (compose's http://mlflow:5000) gets as far as auth;
