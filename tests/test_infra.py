@@ -111,8 +111,13 @@ def test_compose_workers_share_minios_dvc_remote():
         assert env["KILN_DVC_REMOTE"] == "s3://kiln-dvc", name
         assert env["AWS_ENDPOINT_URL"] == "http://minio:9000", name
         assert "entrypoint" not in svc, f"{name} would skip the image's entrypoint"
+        # --limit 1: a checkout runs one flow at a time; a second stage queues rather
+        # than failing on the checkout's run lock
         assert svc["command"] == ["prefect", "worker", "start", "--pool", name[7:], "--type",
-                                  "process"]  # fmt: skip
+                                  "process", "--limit", "1"]  # fmt: skip
+        assert env["KILN_REGISTRY_PREFIX"] == "", name  # Kiln's own model names
+        shared = _compose(KILN_REGISTRY_PREFIX="pets-")["services"][name]["environment"]
+        assert shared["KILN_REGISTRY_PREFIX"] == "pets-", name  # infra/.env's, when set
         assert svc.get("image") == "kiln-worker:latest", name
     assert compose["services"]["worker-cpu"]["build"]["dockerfile"] == "infra/Dockerfile"
     assert "kiln/kiln-dvc" in bucket_cmd  # the bucket exists
