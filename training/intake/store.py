@@ -4,8 +4,11 @@ read through a bounded on-disk cache.
 Local shards are read where they lie. ``s3://bucket/prefix`` shards are downloaded with
 boto3 into ``cache_dir``, named by their sha256 (so a re-published split is never served
 stale bytes, and two splits sharing a shard share its file), verified, and evicted least
-recently used first to keep the cache under ``limit`` bytes. The endpoint and credentials
-are boto3's usual ones (``AWS_ENDPOINT_URL`` for MinIO or any other S3-compatible store,
+recently used first to keep the cache under ``limit`` bytes. Each download goes through
+a hidden ``.<name>.<pid>.<thread>.tmp`` file Kiln opens itself; one that a kill cut short
+is removed by the next run (boto3's ``download_file`` named its own partial files, which
+stayed on disk for good, outside the budget). The endpoint and credentials are boto3's
+usual ones (``AWS_ENDPOINT_URL`` for MinIO or any other S3-compatible store,
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or a profile); none of them is ever
 written by Kiln. Where the bytes come from is not a parameter: the same split streamed
 from S3 trains bitwise the same weights as from local disk (``tests/test_stream_s3.py``).
@@ -114,7 +117,9 @@ class Store:
         old = [p for p in self.dir.glob("*/*") if p.is_file() and not p.name.startswith(".")]
         for p in sorted(old, key=lambda p: p.stat().st_mtime):
             self._files[p] = p.stat().st_size
-        for p in self.dir.glob("*/.*.tmp"):  # a download a killed run left half-done
+        # downloads a killed run left half-done: ``.<name>.<pid>.<thread>.tmp``, and
+        # ``...tmp.<8 random chars>``, the partial files of boto3's download_file
+        for p in self.dir.glob("*/.*.tmp*"):
             p.unlink(missing_ok=True)
         self._evict(keep=None)
 
@@ -245,11 +250,16 @@ class Store:
         return local
 
     def _download(self, url: str, entry: ShardEntry, local: Path) -> None:
+        """``url`` into ``local``, through a temporary file Kiln names and opens itself
+        (found in review: boto3's ``download_file`` wrote to ``<name>.<8 random chars>``,
+        which the startup clean-up never matched, so a download cut by a kill stayed on
+        disk for good, outside the budget)."""
         tmp = local.with_name(f".{local.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         bucket, key = split_url(url)
         try:
             local.parent.mkdir(parents=True, exist_ok=True)
-            self.client.download_file(bucket, key, str(tmp))
+            with open(tmp, "wb") as f:
+                self.client.download_fileobj(bucket, key, f)
         except Exception as exc:
             tmp.unlink(missing_ok=True)
             if _not_found(exc):

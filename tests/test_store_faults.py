@@ -1,0 +1,193 @@
+"""The shard cache and the object store when things go wrong (found in review): a
+download cut by a kill, two processes on one cache folder, a store that refuses or does
+not answer, a cached copy damaged between runs. Against moto's S3 server as its own
+process on loopback, through ``Faults``, a loopback proxy that breaks the requests it
+is told to: boto3 is the real client on real HTTP throughout."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from training.intake import store as S
+
+from .conftest import free_port, wait_http
+from .loaderkit import image_split
+
+BUCKET = "kiln-faults"
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Faults:
+    """A loopback HTTP proxy in front of ``upstream`` that breaks the requests whose
+    path holds ``rule["match"]`` (and whose method is in ``rule["methods"]``, GET and
+    HEAD unless said): answers ``rule["status"]`` with an S3 error ``rule["code"]``, or
+    sends the body in 32 KiB pieces ``rule["slow"]`` seconds apart, or cuts it after
+    ``rule["cut"]`` bytes. An empty rule passes everything through."""
+
+    def __init__(self, upstream: str):
+        self.rule: dict = {}
+        self.hits = 0
+        up = urllib.parse.urlsplit(upstream)
+        faults = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _any(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                rule = faults.rule
+                methods = rule.get("methods", ("GET", "HEAD"))
+                hit = bool(rule) and rule.get("match", "") in self.path and self.command in methods
+                faults.hits += hit
+                if hit and "status" in rule:
+                    error = f"<Error><Code>{rule['code']}</Code><Message>injected</Message></Error>"
+                    payload = b"" if self.command == "HEAD" else error.encode()
+                    self.send_response(rule["status"])
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "server", "date"):
+                        self.send_header(k, v)
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                with contextlib.suppress(OSError):  # the client hung up (or was killed)
+                    if hit and "cut" in rule:
+                        self.wfile.write(data[: rule["cut"]])
+                        self.close_connection = True
+                    elif hit and "slow" in rule:
+                        for i in range(0, len(data), 32768):
+                            self.wfile.write(data[i : i + 32768])
+                            self.wfile.flush()
+                            time.sleep(rule["slow"])
+                    else:
+                        self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory) -> str:
+    """moto's S3 server on a loopback port, with the split ``split/`` uploaded: 3
+    shards of 20 noise pictures of 128 px (~1 MB each, over s3transfer's 256 KiB write
+    chunk, so a slowed download is seen half-written)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    exe = Path(sys.executable).with_name("moto_server")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url, proc, log, timeout=60)
+        with pytest.MonkeyPatch.context() as mp:
+            _credentials(mp, url)
+            client = S.s3_client()
+            client.create_bucket(Bucket=BUCKET)
+            split = image_split(tmp_path_factory.mktemp("split"), n=60, per_shard=20, size=128)
+            for p in sorted(split.iterdir()):
+                client.upload_file(str(p), BUCKET, f"split/{p.name}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _credentials(mp: pytest.MonkeyPatch, endpoint: str) -> None:
+    mp.setenv("AWS_ENDPOINT_URL", endpoint)
+    mp.setenv("AWS_ACCESS_KEY_ID", "test")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture
+def faults(moto, monkeypatch):
+    """The proxy in front of moto, and boto3 pointed at it."""
+    proxy = Faults(moto)
+    _credentials(monkeypatch, proxy.url)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    yield proxy
+    proxy.close()
+
+
+SOURCE = f"s3://{BUCKET}/split"
+
+
+def _files(root: Path) -> list[str]:
+    """The cache's files (its directories' lock files aside)."""
+    return sorted(p.name for p in root.rglob("*") if p.is_file() and p.name != ".lock")
+
+
+# ---- 1. a download cut by a kill ---------------------------------------------------
+
+
+CHILD = """
+import sys
+from pathlib import Path
+from training.intake.store import Store
+store = Store(Path(sys.argv[1]), 10**9)
+store.path(store.index(sys.argv[2]), 0)
+"""
+
+
+def test_a_download_cut_by_a_kill_leaves_nothing_the_next_run_does_not_clear(faults, tmp_path):
+    """Found in review: boto3's ``download_file`` wrote to ``<name>.<8 random chars>``,
+    which the startup clean-up (``*/.*.tmp``) never matched: every killed download left
+    its partial file on disk for good, outside the cache's budget."""
+    cache = tmp_path / "cache"
+    faults.rule = {"match": ".tar", "methods": ("GET",), "slow": 0.1}  # ~3 s a shard
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(cache), SOURCE], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not [p for p in cache.rglob(".*.tmp*") if p.stat().st_size > 0]:
+            assert child.poll() is None and time.monotonic() < deadline, "no download seen"
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    left = _files(cache)
+    assert len(left) == 1 and left[0].startswith(".") and left[0].endswith(".tmp"), left
+    faults.rule = {}
+    S.Store(cache, 10**9)  # the next run
+    assert _files(cache) == []
+    # what a killed run of an earlier Kiln left: boto3's own partial-file name
+    legacy = next(cache.iterdir()) / "ab" / f".{'ab' * 32}.tar.123.456.tmp.a1B2c3D4"
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    legacy.write_bytes(b"half")
+    S.Store(cache, 10**9)
+    assert _files(cache) == []
