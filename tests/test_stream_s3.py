@@ -21,6 +21,7 @@ from training.config import resolve
 from training.disk import DiskFull
 from training.engine import loaders
 from training.intake import store as S
+from training.intake.publish import publish
 from training.intake.store import MissingShard
 
 from .conftest import free_port
@@ -120,8 +121,8 @@ def test_every_training_stage_streams_from_s3_as_from_disk(aws, data, tmp_path, 
     v = vae.run(params, data / "clean", local / "vae", local / "ck-vae")
     clip.run(params, data / "clean", local / "clip", local / "ck-clip")
     latents.run(params, data / "clean", local / "vae", local / "clip", data / "latents")
-    done = S.publish(data, remote)
-    assert done["uploaded"] > 0 and S.publish(data, remote)["uploaded"] == 0  # resumable
+    done = publish(data, remote)
+    assert done["uploaded"] > 0 and publish(data, remote)["uploaded"] == 0  # resumable
 
     # the same three trainings, streamed from the store
     s = vae.run(params, f"{remote}/clean", streamed / "vae", streamed / "ck-vae")

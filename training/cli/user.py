@@ -330,8 +330,8 @@ def publish(
 
     The endpoint and credentials are boto3's (AWS_ENDPOINT_URL for MinIO and other
     S3-compatible stores). Training reads them there when KILN_DATA_REMOTE is set."""
+    from training.intake.publish import publish as upload
     from training.intake.store import REMOTE_ENV
-    from training.intake.store import publish as upload
 
     target = remote or os.environ.get(REMOTE_ENV, "")
     if not target:
