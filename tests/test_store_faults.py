@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -191,3 +192,58 @@ def test_a_download_cut_by_a_kill_leaves_nothing_the_next_run_does_not_clear(fau
     legacy.write_bytes(b"half")
     S.Store(cache, 10**9)
     assert _files(cache) == []
+
+
+# ---- 2. two processes on one cache folder --------------------------------------------
+
+HOLDER = """
+import sys
+from pathlib import Path
+from training.intake.store import Store
+store = Store(Path(sys.argv[1]), 10**9)
+store.path(store.index(sys.argv[2]), 0)
+print(store.dir, flush=True)
+sys.stdin.read()  # holds its directory until the test lets it end
+"""
+
+
+def test_two_processes_on_one_cache_folder_keep_to_their_own_directories(faults, tmp_path):
+    """Found in review: two stages run by hand side by side (one host, one LOCAL_RANK)
+    shared ``<host>-0``, evicted each other's files and crashed with FileNotFoundError.
+    The second now takes ``<host>-0-1``; the next run takes ``<host>-0`` again, files and
+    all."""
+    cache = tmp_path / "cache"
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(cache), SOURCE],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        held = Path(first.stdout.readline().strip())
+        assert held.name == f"{socket.gethostname()}-0"
+        second = S.Store(cache, 10**9)
+        assert second.dir == cache / f"{held.name}-1"
+        idx = second.index(SOURCE)
+        mine = second.path(idx, 1)
+        assert mine.parent.parent == second.dir and len(_files(held)) == 1
+    finally:
+        first.communicate("", timeout=60)
+    second.close()
+    third, fetched = S.Store(cache, 10**9), []  # the next run: the first's files
+    assert third.dir == held and third.path(idx, 0, fetched.append).parent.parent == held
+    assert fetched == []
+    third.close()
+
+
+def test_a_listed_file_that_is_gone_is_fetched_again(faults, tmp_path):
+    """The store's list is not the disk: a file deleted under it (by hand, or by another
+    process before each had its own directory) is fetched again, not handed out."""
+    store = S.Store(tmp_path / "cache", 10**9)
+    idx = store.index(SOURCE)
+    store.path(idx, 0).unlink()
+    fetched: list[int] = []
+    again = store.path(idx, 0, fetched.append)
+    assert again.is_file() and fetched == [idx.shards[0].filesize]
+    store.close()

@@ -18,12 +18,21 @@ The environment says where the data lives, so moving it re-runs nothing:
 * ``KILN_DATA_REMOTE``: ``s3://bucket/prefix`` holding ``clean/`` and ``latents/`` as
   ``kiln publish`` uploads them; unset, training reads ``data/`` on local disk;
 * ``KILN_CACHE_DIR`` (default ``data/cache``) and ``KILN_CACHE_LIMIT`` (bytes, or with a
-  unit: ``500MB``, ``20GB``; default 10 GB): per node, shared out between its processes.
+  unit: ``500MB``, ``20GB``; default 10 GB): per node, shared out between the processes
+  torchrun starts on it (``LOCAL_WORLD_SIZE``).
+
+Each process keeps its files in a directory of its own, ``<host>-<LOCAL_RANK>``, which
+it holds (an exclusive ``flock`` on its ``.lock``) until it ends; a second process that
+finds it held, such as a stage run by hand beside another, takes ``<host>-<rank>-1``
+(then ``-2``, ...), and the next run takes the first again with its files. The limit
+applies per process directory: two stages side by side may hold twice it on disk.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import itertools
 import os
 import re
 import socket
@@ -32,6 +41,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
+from training.console import say
 from training.disk import DiskFull, disk_full_code, free_bytes
 from training.errors import UserError
 from training.intake.index import INDEX, ShardEntry, SplitIndex, file_sha256, parse_index
@@ -103,9 +113,10 @@ class Store:
         # One cache directory per process, named by host and local rank: a node's
         # processes never wait for, or evict under, one another (the limit is shared
         # out), and nodes that share a data/ folder keep apart. torchrun's variables are
-        # read here, not through the engine, so publishing stays torch-free.
+        # read here, not through the engine, so publishing stays torch-free. Held for
+        # the process's life (``_claim``): no other process evicts under it.
         host = socket.gethostname()
-        self.dir = Path(root) / f"{host}-{os.environ.get('LOCAL_RANK', '0')}"
+        self.dir, self._hold = _claim(Path(root), f"{host}-{os.environ.get('LOCAL_RANK', '0')}")
         self.limit = limit // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self._files: OrderedDict[Path, int] = OrderedDict()  # LRU of cached files
         self._pinned: dict[object, set[Path]] = {}  # a reader's shards in use: evicted last
@@ -220,7 +231,9 @@ class Store:
 
     def path(self, idx: SplitIndex, i: int, on_download=None) -> Path:
         """A local path of shard ``i``, downloading it if it lives in object storage
-        (then ``on_download(bytes)`` is called)."""
+        (then ``on_download(bytes)`` is called). A listed file that is gone (deleted
+        by hand; by another process, before directories were held) is fetched again:
+        trusted, it was a FileNotFoundError."""
         if not is_remote(idx.base):
             return Path(idx.url(i))
         entry = idx.shards[i]
@@ -228,8 +241,10 @@ class Store:
         while True:
             with self._lock:
                 if local in self._files:
-                    self._files.move_to_end(local)
-                    return local
+                    if local.exists():
+                        self._files.move_to_end(local)
+                        return local
+                    del self._files[local]
                 event = self._busy.get(local)
                 if event is None:
                     event = self._busy[local] = threading.Event()
@@ -283,6 +298,10 @@ class Store:
             )
         os.replace(tmp, local)
 
+    def close(self) -> None:
+        """Let go of the cache directory (the process's end does it too)."""
+        self._hold.close()
+
     def _evict(self, keep: Path | None) -> None:
         """Drop least recently used files until they and the downloads in flight fit
         under the limit (called with the lock held): files no reader has pinned first,
@@ -299,6 +318,26 @@ class Store:
                 continue
             total -= self._files.pop(path)
             path.unlink(missing_ok=True)
+
+
+def _claim(root: Path, name: str):
+    """The first of ``root/name``, ``root/name-1``, ... that no live process holds, and
+    the open ``.lock`` file that holds it (an exclusive ``flock``: the kernel lets go when
+    the process ends, however it ends, so a killed run leaves no stale lock). Found in
+    review: two stages run by hand side by side (one host, one LOCAL_RANK) shared a
+    directory, evicted each other's files and crashed with FileNotFoundError."""
+    for n in itertools.count():
+        d = root / (name if n == 0 else f"{name}-{n}")
+        d.mkdir(parents=True, exist_ok=True)
+        hold = open(d / ".lock", "a")  # noqa: SIM115 (held for the store's life)
+        try:
+            fcntl.flock(hold, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            hold.close()
+            continue
+        except OSError as exc:  # a filesystem without locks: run one process on it
+            say(f"shard cache {d}: cannot lock it ({exc}); keep to one process on it")
+        return d, hold
 
 
 class CorruptShard(Exception):
