@@ -20,7 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from training.cli.base import transient
+from training.engine import loaders
+from training.errors import UserError
 from training.intake import store as S
+from training.intake.store_errors import StoreRefused, StoreUnreachable
 
 from .conftest import free_port, wait_http
 from .loaderkit import image_split
@@ -247,3 +251,104 @@ def test_a_listed_file_that_is_gone_is_fetched_again(faults, tmp_path):
     again = store.path(idx, 0, fetched.append)
     assert again.is_file() and fetched == [idx.shards[0].filesize]
     store.close()
+
+
+# ---- 3. a store that refuses, or does not answer -------------------------------------
+
+
+def _names_once(exc: BaseException, url: str) -> str:
+    """``exc``'s message: one line that names ``url`` once."""
+    msg = str(exc)
+    assert "\n" not in msg and msg.count(url) == 1, msg
+    return msg
+
+
+def _take_first(store: S.Store):
+    split = loaders.Split(SOURCE, lambda s: s, lambda xs: {}, store=store)
+    try:
+        split.take([0])
+    finally:
+        split.close()
+    return split
+
+
+def test_a_refused_download_is_one_line_saying_to_check_credentials_and_endpoint(faults, tmp_path):
+    """Found in review: boto3's own "An error occurred (403) when calling the
+    HeadObject operation: Forbidden", naming neither the object nor the fix, and no
+    UserError (so not one clean line)."""
+    store = S.Store(tmp_path / "cache", 10**9)
+    faults.rule = {"match": ".tar", "status": 403, "code": "AccessDenied"}
+    with pytest.raises(UserError) as info:
+        _take_first(store)
+    msg = _names_once(info.value, f"{SOURCE}/train-00000.tar")
+    assert "refused" in msg and "AWS_ACCESS_KEY_ID" in msg and "AWS_ENDPOINT_URL" in msg
+    assert not transient(info.value) and faults.hits
+    store.close()
+
+
+def test_a_store_that_does_not_answer_is_a_retryable_error_naming_the_object_once(
+    faults, tmp_path, monkeypatch
+):
+    """Found in review: 500s past boto3's retries surfaced as a raw ClientError that the
+    flow recorded ``retry: false``. Now a ConnectionError (the flow retries the stage),
+    and the loader does not wrap it again: the object is named once."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    store = S.Store(tmp_path / "cache", 10**9)
+    faults.rule = {"match": ".tar", "status": 500, "code": "InternalError"}
+    with pytest.raises(ConnectionError) as info:
+        _take_first(store)
+    assert isinstance(info.value, StoreUnreachable) and transient(info.value)
+    msg = _names_once(info.value, f"{SOURCE}/train-00000.tar")
+    assert "did not answer after boto3's retries" in msg
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("rule", "where", "error"),
+    [
+        ({"match": "list-type", "status": 403, "code": "AccessDenied"}, "/", StoreRefused),
+        ({"match": "list-type", "status": 503, "code": "SlowDown"}, "/", StoreUnreachable),
+        ({"match": "index.json", "status": 500, "code": "InternalError"}, "/index.json", None),
+        ({"match": ".tar", "methods": ("GET",), "cut": 1000}, "/train-00000.tar", None),
+    ],
+    ids=["list-403", "list-503", "index-500", "shard-cut-on-every-try"],
+)
+def test_each_store_request_fails_as_one_line_naming_its_object(
+    faults, tmp_path, monkeypatch, rule, where, error
+):
+    """The split's index, its listing and a shard's download (cut short on each of
+    s3transfer's tries: RetriesExceededError) each say which object failed."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    store = S.Store(tmp_path / "cache", 10**9)
+    idx = store.index(SOURCE) if where.endswith(".tar") else None
+    faults.rule = rule
+    with pytest.raises(error or StoreUnreachable) as info:
+        store.path(idx, 0) if idx else store.index(SOURCE)
+    _names_once(info.value, SOURCE + where)
+    assert transient(info.value) == (error is not StoreRefused)
+    assert _files(tmp_path / "cache") == []  # no partial file
+    store.close()
+
+
+def test_no_credentials_or_no_server_say_what_to_check(faults, tmp_path, monkeypatch):
+    """NoCredentialsError and EndpointConnectionError, boto3's words, now name the index
+    they were reading and the variables to check."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import boto3
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps the keys it found
+    with pytest.raises(StoreRefused) as info:
+        S.Store(tmp_path / "a", 10**9).index(SOURCE)
+    msg = _names_once(info.value, f"{SOURCE}/index.json")
+    assert "no credentials" in msg and "AWS_ACCESS_KEY_ID" in msg and faults.url in msg
+
+    _credentials(monkeypatch, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    with pytest.raises(StoreUnreachable) as info:
+        S.Store(tmp_path / "b", 10**9).index(SOURCE)
+    msg = _names_once(info.value, f"{SOURCE}/index.json")
+    assert "EndpointConnectionError" in msg and transient(info.value)

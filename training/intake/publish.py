@@ -7,7 +7,8 @@ from pathlib import Path
 
 from training.errors import UserError
 from training.intake.index import INDEX, file_sha256, parse_index
-from training.intake.store import _not_found, is_remote, s3_client, split_url
+from training.intake.store import is_remote, s3_client, split_url
+from training.intake.store_errors import not_found
 
 # What `kiln publish` uploads: each split's shards and index, and the latents' metadata.
 PUBLISHED = ("clean/train", "clean/val", "latents/train", "latents/val")
@@ -70,7 +71,7 @@ def _remote_text(client, bucket: str, key: str) -> str | None:
     try:
         return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
     except Exception as exc:
-        if _not_found(exc):
+        if not_found(exc):
             return None
         raise
 
@@ -79,6 +80,6 @@ def _remote_sha(client, bucket: str, key: str) -> str | None:
     try:
         return client.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get("sha256")
     except Exception as exc:
-        if _not_found(exc):
+        if not_found(exc):
             return None
         raise

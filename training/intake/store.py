@@ -12,6 +12,10 @@ usual ones (``AWS_ENDPOINT_URL`` for MinIO or any other S3-compatible store,
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or a profile); none of them is ever
 written by Kiln. Where the bytes come from is not a parameter: the same split streamed
 from S3 trains bitwise the same weights as from local disk (``tests/test_stream_s3.py``).
+A request that fails is one line naming its ``s3://`` object (``store_errors``): access
+refused or no credentials, a ``UserError`` (check the ``AWS_*`` credentials and
+``AWS_ENDPOINT_URL``); no answer after boto3's retries, a ``ConnectionError`` the flow
+retries; a missing object, ``MissingShard``; a full cache disk, ``DiskFull``.
 
 The environment says where the data lives, so moving it re-runs nothing:
 
@@ -45,6 +49,7 @@ from training.console import say
 from training.disk import DiskFull, disk_full_code, free_bytes
 from training.errors import UserError
 from training.intake.index import INDEX, ShardEntry, SplitIndex, file_sha256, parse_index
+from training.intake.store_errors import MissingShard, not_found, store_error
 
 REMOTE_ENV, CACHE_DIR_ENV, CACHE_LIMIT_ENV = (
     "KILN_DATA_REMOTE",
@@ -53,10 +58,6 @@ REMOTE_ENV, CACHE_DIR_ENV, CACHE_LIMIT_ENV = (
 )
 DEFAULT_CACHE_DIR, DEFAULT_CACHE_LIMIT = "data/cache", 10 * 10**9
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-class MissingShard(UserError):
-    """A shard the index lists is not in the store: the split was not (fully) published."""
 
 
 def parse_bytes(text: str) -> int:
@@ -76,11 +77,15 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 def s3_client():
-    """boto3's S3 client, configured the usual way (AWS_ENDPOINT_URL, credentials chain)."""
+    """boto3's S3 client, configured the usual way (AWS_ENDPOINT_URL, credentials chain).
+    Each request is tried 6 times (5 retries, backing off), or AWS_MAX_ATTEMPTS in all."""
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+    retries = {"mode": "standard"}
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["max_attempts"] = 5
+    return boto3.client("s3", config=Config(retries=retries))
 
 
 def split_source(local: Path, relative: str) -> str:
@@ -161,11 +166,15 @@ class Store:
     def _listing(self, prefix: str) -> dict[str, int]:
         bucket, key = split_url(prefix.rstrip("/") + "/")
         sizes: dict[str, int] = {}
-        for page in self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=key
-        ):
-            for obj in page.get("Contents", []):
-                sizes[obj["Key"][len(key) :]] = obj["Size"]
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=key
+            ):
+                for obj in page.get("Contents", []):
+                    sizes[obj["Key"][len(key) :]] = obj["Size"]
+        except Exception as exc:
+            self._failed(exc, f"s3://{bucket}/{key}")
+            raise
         return sizes
 
     @staticmethod
@@ -185,8 +194,9 @@ class Store:
         try:
             return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as exc:
-            if _not_found(exc):
+            if not_found(exc):
                 raise MissingShard(f"{url}: not in the store (was it published?)") from None
+            self._failed(exc, url)
             raise
 
     @property
@@ -194,6 +204,14 @@ class Store:
         if self._client is None:
             self._client = s3_client()
         return self._client
+
+    def _failed(self, exc: Exception, url: str) -> None:
+        """Raise ``exc``, boto3's reading ``url``, as one line naming it (``store_errors``);
+        return if it is not the store's (the caller re-raises it as it is)."""
+        endpoint = self._client.meta.endpoint_url if self._client is not None else None
+        error = store_error(exc, url, endpoint)
+        if error is not None:
+            raise error from exc
 
     def check_fits(self, idx: SplitIndex, block_shards: int, bucketed: bool = True) -> None:
         """Fail before training if the blocks in use at once exceed the cache: two blocks
@@ -277,7 +295,7 @@ class Store:
                 self.client.download_fileobj(bucket, key, f)
         except Exception as exc:
             tmp.unlink(missing_ok=True)
-            if _not_found(exc):
+            if not_found(exc):
                 raise MissingShard(
                     f"{url}: shard missing from the store (it is in the index)"
                 ) from None
@@ -289,6 +307,7 @@ class Store:
                     f"point {CACHE_DIR_ENV} at a larger disk",
                     code,
                 ) from exc
+            self._failed(exc, url)
             raise
         got = file_sha256(tmp)
         if got != entry.sha256:
@@ -342,9 +361,3 @@ def _claim(root: Path, name: str):
 
 class CorruptShard(Exception):
     """A shard that cannot be read: the loader skips it, counts it and says why."""
-
-
-def _not_found(exc: Exception) -> bool:
-    response = getattr(exc, "response", None)
-    error = response.get("Error", {}) if isinstance(response, dict) else {}
-    return error.get("Code") in ("404", "NoSuchKey", "NotFound")

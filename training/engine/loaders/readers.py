@@ -20,7 +20,9 @@ gone (evicted from the cache) raises ``FileNotFoundError``: the loader fetches i
 Any other ``OSError`` (EIO, ESTALE, EMFILE, ...) says nothing about the data: it passes
 through, and the loader tries again a few times (``retrying``), then stops the stage
 with ``ShardUnreachable``. Found in review: taken for a corrupt shard, a moment's I/O
-error dropped a good shard for the rest of the run.
+error dropped a good shard for the rest of the run. An object store that did not answer
+(``StoreUnreachable``) is not tried again here: boto3 has retried it already, and its
+message names the object once (wrapped, it named it twice).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 from training.console import say
 from training.disk import DiskFull
 from training.intake.store import CorruptShard
+from training.intake.store_errors import StoreUnreachable
 
 T = TypeVar("T")
 RETRY_DELAYS = (0.2, 1.0, 5.0)  # seconds before the second, third and fourth try
@@ -61,12 +64,12 @@ def retrying(what: str, read: Callable[[], T], again: Callable[[], None] | None 
     file, which an ESTALE handle needs) up to ``len(RETRY_DELAYS)`` times, then
     ``ShardUnreachable``. A missing file passes through (the loader fetches it again),
     and so does a full cache disk (``DiskFull``: its own one-line error; no wait frees
-    it)."""
+    it) and a store that did not answer boto3's own retries (``StoreUnreachable``)."""
     tries = 0
     while True:
         try:
             return read()
-        except (FileNotFoundError, ShardUnreachable, DiskFull):
+        except (FileNotFoundError, ShardUnreachable, DiskFull, StoreUnreachable):
             raise
         except OSError as exc:
             if tries == len(RETRY_DELAYS):

@@ -42,6 +42,7 @@ from training.engine.loaders.unreadable import Unreadable, UnreadableBuckets
 from training.env import loader_threads
 from training.errors import UserError
 from training.intake.store import CorruptShard, Store, is_remote
+from training.intake.store_errors import STORE_FAILURES
 
 Decode = Callable[[dict], Any]  # one raw sample -> what collate takes
 # decoded samples -> {name: numpy array} (torch-free: it runs on the look-ahead thread)
@@ -172,7 +173,7 @@ class Split:
             if self.with_ids:
                 sample["__id__"] = int(self.order.starts[shard]) + i
             return self.decode(sample)  # an OSError here is the image's (PIL's)
-        except ShardUnreachable:
+        except (ShardUnreachable, *STORE_FAILURES):  # the storage's: the stage stops
             raise
         except Exception as exc:  # a bad sample must not end a three-day run
             name = self.index.shards[shard].url
