@@ -24,6 +24,7 @@ from training.cli.base import transient
 from training.engine import loaders
 from training.errors import UserError
 from training.intake import store as S
+from training.intake.index import file_sha256
 from training.intake.store_errors import StoreRefused, StoreUnreachable
 
 from .conftest import free_port, wait_http
@@ -352,3 +353,35 @@ def test_no_credentials_or_no_server_say_what_to_check(faults, tmp_path, monkeyp
         S.Store(tmp_path / "b", 10**9).index(SOURCE)
     msg = _names_once(info.value, f"{SOURCE}/index.json")
     assert "EndpointConnectionError" in msg and transient(info.value)
+
+
+# ---- 4. a cached copy damaged between runs -------------------------------------------
+
+
+def test_an_earlier_runs_damaged_copy_is_checked_and_fetched_again(faults, tmp_path, capsys):
+    """Found in review: a cached copy cut short or with a flipped bit (a crash before
+    the disk's writeback, a failing disk) was adopted unread, and the loader marked the
+    good shard bad for the whole run. An adopted file is checked (size, sha256) the
+    first time it is handed out; the intact one is not fetched again."""
+    cache = tmp_path / "cache"
+    first = S.Store(cache, 10**9)
+    idx = first.index(SOURCE)
+    flipped, cut, intact = (first.path(idx, i) for i in range(3))
+    first.close()
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    cut.write_bytes(cut.read_bytes()[:40_000])
+
+    store = S.Store(cache, 10**9)  # the next run
+    split = loaders.Split(SOURCE, lambda s: s, lambda xs: {"n": len(xs)}, store=store)
+    try:
+        assert split.take(list(range(60)))["n"] == 60
+    finally:
+        split.close()
+    assert split.bad_shards == {} and split.skipped_samples == 0
+    assert split.downloaded == idx.shards[0].filesize + idx.shards[1].filesize
+    for i, path in enumerate((flipped, cut, intact)):
+        assert file_sha256(path) == idx.shards[i].sha256
+    assert capsys.readouterr().err.count("in the index; fetching it again") == 2
+    store.close()

@@ -30,6 +30,9 @@ it holds (an exclusive ``flock`` on its ``.lock``) until it ends; a second proce
 finds it held, such as a stage run by hand beside another, takes ``<host>-<rank>-1``
 (then ``-2``, ...), and the next run takes the first again with its files. The limit
 applies per process directory: two stages side by side may hold twice it on disk.
+The files an earlier run left there are adopted, and checked against the index (size,
+then sha256) the first time this process hands each out: a copy cut short or with a
+flipped bit is fetched again. Files this process downloaded were checked as they came.
 """
 
 from __future__ import annotations
@@ -129,10 +132,12 @@ class Store:
         self._busy: dict[Path, threading.Event] = {}
         self._reserved = 0  # bytes of downloads in flight
         self._client = None
-        # files an earlier run left: adopted oldest first, then trimmed to the limit
+        # files an earlier run left: adopted oldest first, then trimmed to the limit;
+        # unchecked until first handed out (``_intact``)
         old = [p for p in self.dir.glob("*/*") if p.is_file() and not p.name.startswith(".")]
         for p in sorted(old, key=lambda p: p.stat().st_mtime):
             self._files[p] = p.stat().st_size
+        self._unchecked = set(self._files)
         # downloads a killed run left half-done: ``.<name>.<pid>.<thread>.tmp``, and
         # ``...tmp.<8 random chars>``, the partial files of boto3's download_file
         for p in self.dir.glob("*/.*.tmp*"):
@@ -251,36 +256,61 @@ class Store:
         """A local path of shard ``i``, downloading it if it lives in object storage
         (then ``on_download(bytes)`` is called). A listed file that is gone (deleted
         by hand; by another process, before directories were held) is fetched again:
-        trusted, it was a FileNotFoundError."""
+        trusted, it was a FileNotFoundError. So is an earlier run's copy that is
+        damaged (``_intact``)."""
         if not is_remote(idx.base):
             return Path(idx.url(i))
         entry = idx.shards[i]
         local = self._local(entry)
         while True:
             with self._lock:
-                if local in self._files:
-                    if local.exists():
-                        self._files.move_to_end(local)
-                        return local
-                    del self._files[local]
                 event = self._busy.get(local)
                 if event is None:
+                    if local in self._files and local not in self._unchecked and local.exists():
+                        self._files.move_to_end(local)
+                        return local
+                    adopted = local in self._unchecked
                     event = self._busy[local] = threading.Event()
-                    self._reserved += entry.filesize
-                    self._evict(keep=None)  # room for it, and for every download in flight
                     break
-            event.wait()  # another thread is fetching it
+            event.wait()  # another thread is fetching (or checking) it
+        reserved = 0
         try:
+            if adopted and self._intact(local, entry):
+                with self._lock:
+                    self._unchecked.discard(local)
+                    if local in self._files:  # not evicted while it was read
+                        self._files.move_to_end(local)
+                        return local
+            with self._lock:
+                if self._files.pop(local, None) is not None:  # damaged, or gone
+                    self._unchecked.discard(local)
+                    local.unlink(missing_ok=True)
+                reserved = entry.filesize
+                self._reserved += reserved
+                self._evict(keep=None)  # room for it, and for every download in flight
             self._download(idx.url(i), entry, local)
             with self._lock:
                 self._files[local] = entry.filesize
         finally:
             with self._lock:
-                self._reserved -= entry.filesize
+                self._reserved -= reserved
                 self._busy.pop(local).set()
         if on_download is not None:
             on_download(entry.filesize)
         return local
+
+    def _intact(self, local: Path, entry: ShardEntry) -> bool:
+        """Whether an earlier run's copy still matches the index (size, then sha256).
+        Found in review: a copy cut short or with a flipped bit (a crash before the
+        disk's writeback, a failing disk) was adopted unread, and the loader dropped the
+        good shard for the rest of the run."""
+        try:
+            if local.stat().st_size == entry.filesize and file_sha256(local) == entry.sha256:
+                return True
+        except FileNotFoundError:  # evicted meanwhile, or deleted
+            return False
+        say(f"shard cache: {local} differs from {entry.url} in the index; fetching it again")
+        return False
 
     def _download(self, url: str, entry: ShardEntry, local: Path) -> None:
         """``url`` into ``local``, through a temporary file Kiln names and opens itself
@@ -336,6 +366,7 @@ class Store:
             if path == keep:
                 continue
             total -= self._files.pop(path)
+            self._unchecked.discard(path)
             path.unlink(missing_ok=True)
 
 
