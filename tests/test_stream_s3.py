@@ -294,7 +294,7 @@ def test_latents_published_by_other_models_stop_train_unet_before_a_step(
         manifest = json.loads((latents / "manifest.json").read_text())
         manifest["vae"]["fingerprint"], manifest["clip"] = vae, {"fingerprint": clip}
         (latents / "manifest.json").write_text(json.dumps(manifest))
-        S.publish(view, f"s3://{BUCKET}/{prefix}")
+        publish(view, f"s3://{BUCKET}/{prefix}")
         monkeypatch.setenv(S.REMOTE_ENV, f"s3://{BUCKET}/{prefix}")
         return loaders.split_source(data / "latents", "latents")  # as the stage asks
 

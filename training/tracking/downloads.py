@@ -34,8 +34,6 @@ def resolve_model_dir(uri: str) -> Path:
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
-    from training.tracking.registry import model_version
-
     name_version = model_version(uri)
     exact = f"models:/{name_version}"
     server = tracking_uri()
@@ -58,3 +56,19 @@ def resolve_model_dir(uri: str) -> Path:
             raise
     shutil.rmtree(part, ignore_errors=True)
     return here
+
+
+def model_version(uri: str) -> str:
+    """``name/version`` a registry URI points at now (``models:/n/latest``, ``models:/n@a``)."""
+    from mlflow import MlflowClient
+
+    setup()
+    ref = uri.removeprefix("models:/")
+    client = MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
+    name, _, version = ref.partition("/")
+    if version in ("", "latest"):
+        version = str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
+    return f"{name}/{version}"

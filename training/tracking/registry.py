@@ -15,7 +15,7 @@ from typing import Any
 
 from training.paths import METRICS, SHIPPED_CONTROLNET
 from training.stages import MODEL_NAMES, STAGES
-from training.tracking.downloads import resolve_model_dir  # noqa: F401 (re-exported)
+from training.tracking.downloads import model_version, resolve_model_dir  # noqa: F401
 from training.tracking.gate import COMPONENT_TAG, promote
 from training.tracking.lineage import (
     DATA_TAGS,
@@ -357,19 +357,3 @@ def _register_restored(
         # finished as far as a restore goes: not one to resume
         MlflowClient().set_model_version_tag(name, version, FINISHED_TAG, run.info.run_id)
     return version
-
-
-def model_version(uri: str) -> str:
-    """``name/version`` a registry URI points at now (``models:/n/latest``, ``models:/n@a``)."""
-    from mlflow import MlflowClient
-
-    setup()
-    ref = uri.removeprefix("models:/")
-    client = MlflowClient()
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
-    name, _, version = ref.partition("/")
-    if version in ("", "latest"):
-        version = str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
-    return f"{name}/{version}"
