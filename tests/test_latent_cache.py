@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from training.config import resolve
+from training.phases.latent_cache import read_rows_meta
 
 from .loaderkit import image_split
 
@@ -40,7 +41,7 @@ def _means(latents: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted((latents / "train").glob("*.safetensors")):
         with safe_open(f, "pt") as fh:
-            keys = fh.metadata()["content"].split(",")
+            keys = read_rows_meta(fh.metadata())["content"]
             mean = fh.get_tensor("mean").clone()  # not a view of the file
         out.update({k: mean[i] for i, k in enumerate(keys)})
     return out
@@ -54,7 +55,7 @@ def _flip_a_bit(f: Path) -> str:
     header = json.loads(bytes(b[8 : 8 + n]))
     b[8 + n + header["mean"]["data_offsets"][0] + 1] ^= 0x40  # row 0, first float
     f.write_bytes(bytes(b))
-    return header["__metadata__"]["content"].split(",")[0]
+    return read_rows_meta(header["__metadata__"])["content"][0]
 
 
 @pytest.mark.parametrize("damage", ["flipped bit", "cut short"])
@@ -120,3 +121,41 @@ def test_old_latents_without_an_index_are_not_reused(tmp_path):
         "val-0.safetensors": "no readable index.json in val/",
     }
     assert cache.reason.startswith("2 rows encoded by the same models; 2 old latent files")
+
+
+WRITE = """
+import sys
+from pathlib import Path
+import torch
+from training.phases.latents import _ShardWriter
+w = _ShardWriter(Path(sys.argv[1]), "train", 0, 8)
+g = torch.Generator().manual_seed(0)
+mean = torch.randn(4, 4, 2, 2, generator=g)
+w.add([f"k{i}" for i in range(4)], [f"c{i}" for i in range(4)], mean=mean)
+w.flush()
+"""
+
+
+def test_the_same_rows_are_the_same_bytes_in_every_process(tmp_path: Path):
+    """safetensors writes its metadata map in each process's hash order: with two
+    entries the same rows were a file of other bytes in about half the runs, so an
+    unchanged precompute_latents changed its DVC hash and DVC retrained the U-Net on the
+    same data. One entry now; eight processes write one file, byte for byte."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    made = []
+    for run in range(8):
+        out = tmp_path / str(run)
+        (out / "train").mkdir(parents=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", WRITE, str(out)], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        made.append((out / "train" / "train-00000-000.safetensors").read_bytes())
+    assert all(b == made[0] for b in made[1:])
+    with safe_open(tmp_path / "0" / "train" / "train-00000-000.safetensors", "pt") as fh:
+        rows = read_rows_meta(fh.metadata())
+    assert rows == {"keys": ["k0", "k1", "k2", "k3"], "content": ["c0", "c1", "c2", "c3"]}

@@ -145,10 +145,12 @@ def test_what_cannot_be_reused_stops_the_stage_before_anything_is_written(
 
 def _rows(latents: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """content key -> (posterior mean, text states) of every train row."""
+    from training.phases import latent_cache
+
     out = {}
     for f in sorted((latents / "train").glob("*.safetensors")):
         with safe_open(f, "pt") as fh:
-            keys = fh.metadata()["content"].split(",")
+            keys = latent_cache.read_rows_meta(fh.metadata())["content"]
             mean, text = fh.get_tensor("mean"), fh.get_tensor("text")
         out.update({k: (mean[i], text[i]) for i, k in enumerate(keys)})
     return out

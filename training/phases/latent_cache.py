@@ -59,6 +59,28 @@ def code_fingerprint(root: Path = _REPO) -> str:
     return h.hexdigest()[:16]
 
 
+# The one metadata entry of a latents file: its rows' keys and content keys, as JSON.
+# One entry, because safetensors writes its metadata map in each process's hash order:
+# two entries ("keys", "content") made the same rows a file of other bytes in about
+# half the runs, so an unchanged precompute_latents changed its DVC hash and DVC
+# retrained the U-Net (or fine-tuned it again, in continue mode) on the same data.
+ROWS_META = "kiln.rows"
+
+
+def rows_meta(keys: list[str], content: list[str]) -> dict[str, str]:
+    """The ``metadata=`` of a latents file holding these rows."""
+    return {ROWS_META: json.dumps({"content": content, "keys": keys}, sort_keys=True)}
+
+
+def read_rows_meta(metadata: dict[str, str] | None) -> dict[str, list[str]]:
+    """``{"keys": [...], "content": [...]}`` of a latents file's metadata (also the
+    older two-entry form)."""
+    m = metadata or {}
+    if ROWS_META in m:
+        return json.loads(m[ROWS_META])
+    return {k: [v for v in m.get(k, "").split(",") if v] for k in ("keys", "content")}
+
+
 def content_key(image_bytes: bytes, caption: str) -> str:
     return hashlib.sha1(image_bytes + b"\0" + caption.encode("utf-8")).hexdigest()[:24]
 
@@ -110,8 +132,7 @@ class LatentCache:
             self.reason = "the text states' type changed"
             return
         for f in sorted(old_dir.glob("*/*.safetensors")):
-            content = self._content(f)
-            for i, key in enumerate(filter(None, (content or "").split(","))):
+            for i, key in enumerate(self._content(f) or []):
                 self.where[key] = (f, i)
         self.reason = f"{len(self.where)} rows encoded by the same models"
         if self.rejected:
@@ -120,7 +141,7 @@ class LatentCache:
                 "split's index.json names): their rows are encoded again"
             )
 
-    def _content(self, f: Path) -> str | None:
+    def _content(self, f: Path) -> list[str] | None:
         """The content keys of the old file ``f``, once it is checked against its
         split's ``index.json`` (size and sha256, as ``latents.check_clean`` checks the
         clean shards) and opens; else None, and ``rejected`` says why. Its rows are
@@ -148,7 +169,7 @@ class LatentCache:
         if why is None:
             try:
                 with safe_open(f, "pt") as fh:
-                    return (fh.metadata() or {}).get("content", "")
+                    return read_rows_meta(fh.metadata())["content"]
             except Exception as exc:  # noqa: BLE001 (safetensors' error is not exported)
                 why = f"cannot be opened ({exc})"
         self.rejected[f] = why

@@ -42,6 +42,7 @@ from training.phases.latent_cache import (
     code_fingerprint,
     content_key,
     model_fingerprint,
+    rows_meta,
 )
 
 PREVIEW_PROMPTS = 8
@@ -131,8 +132,7 @@ class _ShardWriter:
         tensors = {k: torch.cat(v).contiguous() for k, v in self.buf.items()}
         name = f"{self.prefix}-{len(self.files):03d}.safetensors"
         tmp = self.out_dir / f".{name}.tmp"
-        meta = {"keys": ",".join(self.keys), "content": ",".join(self.content)}
-        save_file(tensors, tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=rows_meta(self.keys, self.content))
         tmp.replace(self.out_dir / name)
         self.files[name] = len(self.keys)
         self.keys, self.content, self.buf = [], [], {}
