@@ -13,7 +13,7 @@ request is one image (one row, its own seed, ``--steps`` steps, guidance 4). For
 client count, every client sends its share of ``--requests`` back to back; the figures
 are images/s over the whole run and the p50/p95 of request latency. Each
 ``--concurrency`` value is a server of its own with that ``KILN_SERVE_CONCURRENCY`` (how
-many requests compute at once; 1 is the default the model ships with).
+many requests compute at once; 2 is the default the model ships with).
 """
 
 from __future__ import annotations

@@ -45,6 +45,8 @@ N = 2048  # latents held in host memory, as precompute_latents leaves them
 
 
 class NoCheckpoints:
+    extra: dict = {}  # Trainer.fit reads the last checkpoint's metrics (none here)
+
     def restore(self, *a, **k) -> int:
         return 0
 
