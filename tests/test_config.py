@@ -183,3 +183,21 @@ def test_near_duplicate_bits_reach_the_whole_hash():
     )
     with pytest.raises(ConfigError, match="less than or equal to 192"):
         config.resolve({"validate": {"near_duplicate_bits": HASH_BITS + 1}})
+
+
+def test_a_key_given_twice_is_refused_in_one_line(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word; DVC's parser refuses the
+    file. Kiln ran the second `max_prompts`, then the run failed inside `dvc repro`
+    after the flow's retries, naming no key; `kiln run --dataset` was a traceback."""
+    path = tmp_path / "params.yaml"
+    path.write_text("evaluate:\n  max_prompts: 4\n  steps: 3\n  max_prompts: 8\n")
+    with pytest.raises(config.ConfigError, match=r"'max_prompts' given twice \(lines 2 and 4\)"):
+        config.load(path)
+    with pytest.raises(config.ConfigError, match="given twice"):
+        config.set_values(path, {"seed": 3})
+    assert path.read_text().count("max_prompts") == 2  # left as it was
+    # anchors and merges are not duplicates
+    from training.params_file import load_yaml
+
+    merged = load_yaml("a: &x {b: 1}\nc:\n  <<: *x\n  d: 2\n")
+    assert merged == {"a": {"b": 1}, "c": {"b": 1, "d": 2}}

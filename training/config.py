@@ -337,8 +337,10 @@ def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file (run from the repository root)")
+    from training.params_file import load_yaml
+
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return resolve(raw, source=str(path))
@@ -381,4 +383,7 @@ def set_values(
         if check is not None:
             check(params)
 
-    return write_values(path, updates, validate)
+    try:
+        return write_values(path, updates, validate)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None

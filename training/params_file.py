@@ -17,6 +17,37 @@ if TYPE_CHECKING:
     from pydantic import ValidationError
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping. PyYAML keeps the
+    last silently; DVC's parser (ruamel) refuses the file: a params.yaml with
+    `max_prompts` twice under `evaluate` was run by Kiln with the second value, then
+    failed inside `dvc repro` after the flow's retries, naming no key."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                continue  # unhashable: PyYAML's own error says so
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} given twice (lines {seen[key]} and "
+                    f"{key_node.start_mark.line + 1}): keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load``, refusing duplicate keys (``_UniqueKeys``)."""
+    return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader subclass)
+
+
 def write_values(
     path: str | Path, updates: dict[str, Any], validate: Callable[[dict], object]
 ) -> dict[str, tuple[Any, Any]]:
@@ -28,7 +59,9 @@ def write_values(
     path = Path(path)
     rt = YAML()
     rt.preserve_quotes = True
-    doc = rt.load(path.read_text())
+    text = path.read_text()
+    load_yaml(text)  # duplicate keys: one line here (ruamel's own error is a traceback)
+    doc = rt.load(text)
     changed: dict[str, tuple[Any, Any]] = {}
     for dotted, value in updates.items():
         node = doc

@@ -73,11 +73,11 @@ def load_params(path: Path = P.PARAMS):
 
 def raw_params() -> dict:
     """params.yaml as a plain mapping ({} when there is none)."""
-    import yaml
+    from training.params_file import load_yaml
 
     if not P.PARAMS.exists():
         return {}
-    return yaml.safe_load(P.PARAMS.read_text()) or {}
+    return load_yaml(P.PARAMS.read_text()) or {}
 
 
 def require(*paths: Path) -> None:
