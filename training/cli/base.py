@@ -73,11 +73,17 @@ def load_params(path: Path = P.PARAMS):
 
 def raw_params() -> dict:
     """params.yaml as a plain mapping ({} when there is none)."""
+    import yaml
+
+    from training.config import ConfigError
     from training.params_file import load_yaml
 
     if not P.PARAMS.exists():
         return {}
-    return load_yaml(P.PARAMS.read_text()) or {}
+    try:
+        return load_yaml(P.PARAMS.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{P.PARAMS}: not valid YAML: {exc}") from None
 
 
 def require(*paths: Path) -> None:
