@@ -164,6 +164,33 @@ def py(project: Path, code: str, timeout: float = 600) -> str:
     return proc.stdout
 
 
+# ---- process state no test may leak ----------------------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def _shard_cache_outside_the_checkout(tmp_path_factory) -> Iterator[None]:
+    """The loaders' shard cache (``Store.shared()``) for tests that name none: a folder
+    of the session's (was: ``data/cache`` of the checkout the tests ran in, each worker
+    process holding its lock for the session, so a stage run there meanwhile got a cold
+    second cache folder). Commands run in project copies get their own (project_env)."""
+    if os.environ.get("KILN_CACHE_DIR"):
+        yield
+        return
+    os.environ["KILN_CACHE_DIR"] = str(tmp_path_factory.mktemp("shard-cache"))
+    yield
+    os.environ.pop("KILN_CACHE_DIR", None)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_reads_the_environment_again() -> Iterator[None]:
+    """``tracking.setup()`` pins MLflow's process-wide tracking URI; after a test that
+    ran it in-process, the next test's MLFLOW_TRACKING_URI was ignored by any client
+    made before its own ``setup()`` (a gate reading the previous test's registry)."""
+    yield
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils
+
+        utils._tracking_uri = None
+
+
 # ---- the end-to-end run (tests/test_e2e.py, tests/test_dit_e2e.py) ---------------------
 # make run's command with the U-Net's steps lowered (test_e2e.py's docstring says why)
 E2E_BUDGET = {"train_unet.steps": 900}

@@ -25,6 +25,14 @@ from PIL import Image
 from training import config
 from training.intake import shards, validate
 
+
+class Backlog128(http.server.ThreadingHTTPServer):
+    """A loopback server whose backlog holds many clients connecting at once (was: set
+    on the stdlib class itself, for every later server of the worker process)."""
+
+    request_queue_size = 128
+
+
 ROOT = Path(__file__).resolve().parents[1]
 STOP = threading.Event()
 
@@ -171,8 +179,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server():
     STOP.clear()
-    http.server.ThreadingHTTPServer.request_queue_size = 128  # 24 clients connect at once
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv = Backlog128(("127.0.0.1", 0), Handler)  # 24 clients connect at once
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", srv.server_address[1]

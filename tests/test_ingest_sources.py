@@ -26,6 +26,14 @@ from PIL import Image
 from training import config
 from training.intake import ingest, shards, sources, validate
 
+
+class Backlog128(http.server.ThreadingHTTPServer):
+    """A loopback server whose backlog holds many clients connecting at once (was: set
+    on the stdlib class itself, for every later server of the worker process)."""
+
+    request_queue_size = 128
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -197,8 +205,7 @@ def test_interrupted_ingest_resumes_without_refetching_done_shards(tmp_path: Pat
     _Gate.hits.clear()
     _Gate.release.clear()
     _Gate.images = {f"/{i}.jpg": _jpeg(i) for i in range(50)}
-    http.server.ThreadingHTTPServer.request_queue_size = 128
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Gate)
+    srv = Backlog128(("127.0.0.1", 0), _Gate)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{srv.server_address[1]}"

@@ -3,7 +3,7 @@
 import re
 import subprocess
 
-from .conftest import BIN, REPO
+from .conftest import REPO
 
 README = (REPO / "README.md").read_text()
 
@@ -43,10 +43,17 @@ def test_make_test_runs_pytest_and_ci_calls_make_test():
 
 
 def test_every_kiln_command_in_the_readme_exists():
-    help_text = subprocess.run(
-        [str(BIN / "kiln"), "--help"], capture_output=True, text=True, check=True
-    ).stdout
+    """Against the commands the CLI registers (was: a substring of `kiln --help`, which
+    other commands' descriptions also contain: `evaluate` passed with no such command)."""
+    import click
+    import typer
+
+    from training.cli.user import app
+
+    cli = typer.main.get_command(app)
+    commands = set(cli.list_commands(click.Context(cli)))
+    assert {"run", "evaluate", "generate", "source"} <= commands
     used = set(re.findall(r"`?kiln ([a-z][a-z-]+)", README))
     assert used, "README shows no kiln commands"
     for command in used:
-        assert command in help_text, f"README mentions `kiln {command}`, the CLI has none"
+        assert command in commands, f"README mentions `kiln {command}`, the CLI has none"
