@@ -37,7 +37,9 @@ TOLERANCE = 2  # of 255
 @pytest.fixture(scope="module")
 def two_versions(e2e_run, tmp_path_factory) -> Path:
     project = outputs_copy(e2e_run[0], tmp_path_factory.mktemp("playground") / "kiln")
-    quick = {"evaluate.max_prompts": 8, "evaluate.sweep_prompts": 0}
+    # v1's steps named here: test_e2e's param-change test leaves the shared project at
+    # 40 steps when it ran first, at the e2e budget when not (v1 was either)
+    quick = {"evaluate.max_prompts": 8, "evaluate.sweep_prompts": 0, "train_unet.steps": 40}
     config.set_values(project / "params.yaml", quick)
     kiln(project, "run", "--dataset", "shapes", "--profile", "tiny", timeout=1800)
     config.set_values(project / "params.yaml", {"train_unet.steps": 30})
