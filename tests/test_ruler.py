@@ -51,7 +51,7 @@ def test_without_a_ruler_each_run_measures_with_its_own_clip():
             lambda d: _folder(
                 d / "big", {"model_type": "clip", "vision_config": {"image_size": 64}}
             ),
-            "the CLIP sees 64 px images, the tiny profile 32 px",
+            "the CLIP sees 64 px images, this run's are 32 px (ingest.image_size)",
         ),
         (
             lambda d: _folder(

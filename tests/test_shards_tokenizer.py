@@ -166,3 +166,23 @@ def test_tokenizer_ids_are_the_same_in_every_process(tmp_path):
         subprocess.run([sys.executable, "-c", code, str(out)], check=True, timeout=120)
         vocabs.append(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
     assert vocabs[0] == vocabs[1] == vocabs[2]
+
+
+def test_a_reused_clips_cut_captions_point_at_what_can_change_them(capsys):
+    """A reused CLIP keeps its tokenizer's context: the note told the user to raise
+    `train_clip.context_coverage`, which a reused tokenizer never reads."""
+    from training import config
+
+    c = config.resolve({}).train_clip
+    text = {
+        "context_length": 24, "captions_truncated_frac": 0.027, "caption_tokens_p50": 12,
+        "caption_tokens_p95": 30, "caption_tokens_max": 40,
+    }  # fmt: skip
+    clip.say_context(text, c, how=clip.REUSED)
+    said = capsys.readouterr()
+    said = said.out + said.err
+    assert "2.7% of the captions" in said and "mode: scratch" in said
+    assert "context_coverage" not in said
+    clip.say_context(text, c)  # a CLIP trained here: its coverage setting is the knob
+    said = capsys.readouterr()
+    assert "context_coverage" in said.out + said.err

@@ -221,6 +221,9 @@ def run(
         val.close()
 
 
+REUSED = "the reused tokenizer's"
+
+
 def say_context(text: dict[str, float], c, how: str | None = None) -> None:
     """One line on the captions' lengths and the context; a warning when it cuts."""
     context, frac = int(text["context_length"]), text["captions_truncated_frac"]
@@ -232,7 +235,10 @@ def say_context(text: dict[str, float], c, how: str | None = None) -> None:
     )
     if frac == 0:
         return
-    if c.max_length != "auto":
+    if how == REUSED:  # its context is the reused tokenizer's: no setting of this run's
+        kind = "warning"
+        fix = "a reused CLIP keeps its context: train a new one (mode: scratch) to change it"
+    elif c.max_length != "auto":
         kind, fix = "warning", f"set train_clip.max_length: auto, or raise it (now {context})"
     elif context >= c.max_length_cap:
         kind, fix = "warning", f"raise train_clip.max_length_cap (now {c.max_length_cap})"
@@ -327,7 +333,7 @@ def reuse(params: Params, clean: str | Path, out_dir: Path, log, ref: str) -> di
     tokenizer = CLIPTokenizer.from_pretrained(out_dir)
     hist = token_lengths(tokenizer, captions_of(f"{clean}/train", c.tokenizer_samples, params.seed))
     text = caption_stats(hist, tokenizer.model_max_length)
-    say_context(text, c, how="the reused tokenizer's")
+    say_context(text, c, how=REUSED)
     model = CLIPModel.from_pretrained(out_dir).eval()
     val = pair_split(params, f"{clean}/val", tokenizer)
     try:

@@ -121,8 +121,9 @@ def check(stage: str, ref: str, directory: Path, params: Params) -> None:
         side = cfg["vision_config"]["image_size"]
         if side != params.ingest.image_size:
             raise ReuseError(
-                f"{ref}: the CLIP sees {side} px images, the {params.profile} profile "
-                f"{params.ingest.image_size} px"
+                f"{ref}: the CLIP sees {side} px images, this run's are "
+                f"{params.ingest.image_size} px (ingest.image_size); reuse a CLIP trained "
+                "at that size, or train a new one (mode: scratch)"
             )
         if not (directory / "tokenizer_config.json").is_file():
             raise ReuseError(f"{ref}: no tokenizer beside the CLIP model")
