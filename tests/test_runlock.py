@@ -198,3 +198,44 @@ def test_runs_of_dead_processes_are_marked_killed(tmp_path: Path):
         "still training": "RUNNING",
         "other machine": "RUNNING",
     }
+
+
+HOLD_AND_SPAWN = """
+import subprocess, sys, time
+from pathlib import Path
+from training import runlock
+with runlock.pipeline_lock("kiln run (shapes)", Path(sys.argv[1])):
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('training', flush=True); time.sleep(120)"],
+        pass_fds=runlock.held_fds(), stdout=sys.stdout,
+    )
+    print(child.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_what_is_left_of_a_killed_run_is_named(tmp_path, monkeypatch):
+    """`kill -9` of `kiln run`: the stage it started inherits the lock and trains on.
+    The refusal named no process; it names the stage still holding the checkout."""
+    monkeypatch.delenv(runlock.HOLDER_ENV, raising=False)
+    env = {k: v for k, v in os.environ.items() if k != runlock.HOLDER_ENV}
+    run = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_SPAWN, str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    lines = {run.stdout.readline().strip() for _ in range(2)}
+    child = int(next(x for x in lines if x.isdigit()))
+    assert "training" in lines
+    run.kill()  # SIGKILL: the child keeps the lock and trains on
+    run.wait()
+    try:
+        with (
+            pytest.raises(runlock.PipelineBusy) as busy,
+            runlock.pipeline_lock("kiln run (digits)", tmp_path),
+        ):
+            pass
+        said = str(busy.value)
+        assert f"what is left of a killed kiln run (shapes) (pid {run.pid}" in said, said
+        assert f"pid {child} (" in said and "wait for it or stop it" in said
+    finally:
+        os.kill(child, 9)

@@ -40,14 +40,46 @@ def _describe(path: Path) -> str:
         info = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
         info = {}
+    started = time.strftime("%H:%M:%S", time.localtime(info.get("started", 0)))
+    if info and _gone(info):
+        # the run was killed, but the stage it started (which inherited the lock) goes
+        # on: named by what holds the file now (was: no process named at all)
+        left = _holders(path, started_by=info["pid"])
+        if left:
+            return (
+                f"what is left of a killed {info.get('what', 'kiln run')} (pid {info['pid']}, "
+                f"started {started}): {', '.join(left[:3])}; wait for it or stop it"
+            )
     if not info or _gone(info):  # a stage run by hand holds it shared and records nothing
         # (a record whose process is gone was left by a killed run: was named as the holder)
         return "another kiln run or a stage run by hand"
-    started = time.strftime("%H:%M:%S", time.localtime(info.get("started", 0)))
     return (
         f"{info.get('what', 'a kiln run')} (pid {info.get('pid')} on {info.get('host')}, "
         f"started {started})"
     )
+
+
+def _holders(path: Path, started_by: int) -> list[str]:
+    """``pid N (command)`` of this host's processes that have ``path`` open and were
+    started by the run ``started_by`` (``HOLDER_ENV`` in their environment: a stage run
+    by hand meanwhile is not one). Linux's /proc; [] elsewhere or where unreadable."""
+    found = []
+    mark = f"{HOLDER_ENV}={started_by}".encode()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        pid = int(fd_dir.parent.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if not any(os.readlink(f) == str(path) for f in fd_dir.iterdir()):
+                continue
+            if mark not in (fd_dir.parent / "environ").read_bytes().split(b"\0"):
+                continue
+            argv = (fd_dir.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        command = " ".join(a.decode(errors="replace") for a in argv[:3] if a)
+        found.append(f"pid {pid} ({command[:60]})")
+    return found
 
 
 def _gone(info: dict) -> bool:
