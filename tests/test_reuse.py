@@ -87,6 +87,12 @@ def test_a_registered_version_is_installed_measured_and_not_registered_again(tra
     assert "train_vae: reusing models:/kiln-vae/1" in vae_run.stderr
     for k, f in weights.items():  # the very weights of version 1
         assert (project / "data" / "models" / k / f).read_bytes() == before[k], k
+        # and the config that made them (was: this run's, so the output's DVC hash moved
+        # with any train_vae edit and DVC fine-tuned the U-Net again on the same data)
+        made = project.parent / "v1" / k / "resolved_params.json"
+        assert (project / "data" / "models" / k / "resolved_params.json").read_bytes() == (
+            made.read_bytes()
+        ), k
     assert (project / "data" / "models" / "clip" / "tokenizer_config.json").is_file()
     vae_m, clip_m = _metrics(project, "train_vae"), _metrics(project, "train_clip")
     assert vae_m["reused_version"] == vae_m["registered_version"] == "1"

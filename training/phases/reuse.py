@@ -36,8 +36,12 @@ KINDS = {
     "train_clip": ("model.safetensors", ("model_type", "clip")),
 }
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
-# files of a registered folder that describe the old run, not the model
-NOT_COPIED = ("MLmodel", "resolved_params.json")
+# files of a registered folder that describe the registration, not the model. Its
+# resolved_params.json is copied: the config that made these weights, in place of this
+# run's (logged with this run in MLflow). Was: this run's, so a continuing run whose
+# train_vae settings changed reinstalled the same VAE as an output of other bytes, and
+# DVC fine-tuned the U-Net again on unchanged data and registered it.
+NOT_COPIED = ("MLmodel",)
 # beside a U-Net's weights: the fingerprints (``latent_cache.model_fingerprint``) of the
 # VAE and CLIP whose latents and text states it was trained on
 TRAINED_ON = "kiln_trained_on.json"

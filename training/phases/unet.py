@@ -251,6 +251,12 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
         # ... for fewer steps, at a lower peak rate: the parent is trained, and a restart
         # at the full rate undoes part of it (RESULTS.md, "Continuous training")
         tune = {"steps": c.finetune_steps or c.steps, "lr": c.lr * c.finetune_lr_scale}
+        if c.finetune_steps and E.is_main():  # was: a `steps` edit re-ran this, unsaid
+            E.say(
+                f"train_unet: fine-tuning {ref} for finetune_steps ({c.finetune_steps}) at "
+                f"lr x {c.finetune_lr_scale:g}; train_unet.steps ({c.steps}) and lr "
+                "apply from scratch only"
+            )
         c = c.model_copy(update=tune)
         start.update(finetune_steps=c.steps, finetune_lr=c.lr)
     if E.is_main():
