@@ -445,3 +445,41 @@ def test_the_champions_copies_are_judged_through_its_own_vae(registry, tmp_path,
 
 def _none(samples) -> dict:
     return {}
+
+
+def test_a_fine_tune_on_its_parents_very_data_says_so_on_its_card(registry, tmp_path: Path):
+    """A continuing run with no new rows (a settings edit re-ran the U-Net) printed the
+    last ingestion's counts, "rows new 47 ... since the last ingestion", on a version
+    that learnt nothing new: its parent U-Net was trained on the same data/clean."""
+    import json
+
+    from training.stages import MODEL_NAMES
+    from training.tracking.gate import model_card
+
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  validate:\n    outs:\n    - path: data/clean\n"
+        "      md5: abc.dir\n"
+    )
+    metrics_dir = tmp_path / "data" / "metrics"
+    metrics_dir.mkdir(parents=True)
+    stages = {
+        "ingest": {"rows_new": 47, "rows_kept": 108, "rows_removed": 12},
+        "train_unet": {"registered_version": "2", "init_from": "models:/kiln-unet@champion",
+                       "init_version": "1", "finetune_steps": 60},
+    }  # fmt: skip
+    for stage, m in stages.items():
+        (metrics_dir / f"{stage}.json").write_text(json.dumps(m))
+    unet = MODEL_NAMES["train_unet"]
+    registry.create_registered_model(unet)
+    parent = registry.create_model_version(unet, source="file:///nowhere").version
+    registry.set_model_version_tag(unet, parent, "kiln.data", "abc.dir")
+    params = config.resolve({"mode": "continue"}).to_dict()
+    gate = {"gate_metric": "acc_all", "gate_value": 0.5, "gate_champion_value": None,
+            "gate_champion_version": None, "gate_decision": "champion"}  # fmt: skip
+    card = model_card("kiln-text2image", "2", {"acc_all": 0.5}, gate, params, tmp_path)
+    assert "no new data since its parent U-Net v1: the same rows" in card
+    assert "rows new 47" not in card
+    # the parent was trained on other data: the ingestion's counts, as before
+    registry.set_model_version_tag(unet, parent, "kiln.data", "older.dir")
+    card = model_card("kiln-text2image", "2", {"acc_all": 0.5}, gate, params, tmp_path)
+    assert "rows new 47, kept 108, removed 12" in card

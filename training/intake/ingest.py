@@ -270,6 +270,7 @@ def _say_plan(plan: sync.Plan, total: int) -> None:
         f"ingest: {total} rows: {n['kept']} already fetched and kept, {n['new']} new"
         + (f", {n['retried']} that failed last time" if n["retried"] else "")
         + f"; {n['removed']} no longer in the source, dropped"
+        + (" (an edited caption or replaced picture is one of each)" if n["removed"] else "")
     )
 
 

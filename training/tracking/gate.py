@@ -271,6 +271,19 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _data_of(unet_version) -> str | None:
+    """The ``kiln.data`` a U-Net version was trained on (None where unknown)."""
+    from mlflow import MlflowClient
+
+    from training.stages import MODEL_NAMES
+
+    try:
+        mv = MlflowClient().get_model_version(MODEL_NAMES["train_unet"], str(unet_version))
+    except Exception:  # noqa: BLE001 (a card line, not worth failing a registration)
+        return None
+    return mv.tags.get("kiln.data")
+
+
 def model_card(name: str, version: str, metrics: dict, gate: dict, params: dict, root) -> str:
     """The version's model card (markdown): the decision with both numbers, what data,
     what it was built on (reused components, the parent U-Net), which metrics moved
@@ -279,7 +292,7 @@ def model_card(name: str, version: str, metrics: dict, gate: dict, params: dict,
     vae, clip, unet = _read(root, "train_vae"), _read(root, "train_clip"), _read(root, "train_unet")
     from training.tracking.lineage import locked_md5
 
-    data = params["ingest"]
+    data, clean = params["ingest"], locked_md5("validate", "data/clean", root)
     lines = [
         f"# {name} v{version}",
         "",
@@ -289,9 +302,14 @@ def model_card(name: str, version: str, metrics: dict, gate: dict, params: dict,
         f"- dataset `{data['dataset']}`"
         + (f", source `{public_source(data['source'])}`" if data["source"] else ""),
         f"- {_fmt(validate.get('train', '?'))} train / {_fmt(validate.get('val', '?'))} val "
-        f"samples (data/clean {locked_md5('validate', 'data/clean', root) or 'not locked'})",
+        f"samples (data/clean {clean or 'not locked'})",
     ]
-    if "rows_new" in ingest:
+    if clean and unet.get("init_version") and _data_of(unet["init_version"]) == clean:
+        # was: the last ingestion's counts, as if this version had new rows to learn
+        lines.append(
+            f"- no new data since its parent U-Net v{unet['init_version']}: the same rows"
+        )
+    elif "rows_new" in ingest:
         lines.append(
             f"- rows new {ingest['rows_new']}, kept {ingest.get('rows_kept', 0)}, "
             f"removed {ingest.get('rows_removed', 0)} since the last ingestion"
