@@ -124,4 +124,4 @@ lint: install
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf data/raw data/clean data/data_docs data/models data/latents data/eval data/checkpoints data/cache mlflow.db mlartifacts
+	rm -rf data/raw data/clean data/validation data/data_docs data/models data/latents data/eval data/checkpoints data/cache mlflow.db mlartifacts

@@ -69,7 +69,7 @@ def run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_each_picture_keeps_its_shape_in_its_bucket(run):
     project, proc = run
     clean = project / "data" / "clean"
-    report = json.loads((clean / "report.json").read_text())
+    report = json.loads((project / "data" / "validation" / "report.json").read_text())
     train = report["buckets"]["train"]
     assert set(train) == {"64x64", "96x48", "48x96", "80x48"}, train
     assert "train images per aspect-ratio bucket: " in proc.stdout + proc.stderr

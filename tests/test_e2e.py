@@ -63,7 +63,7 @@ def test_every_stage_produced_its_outputs(run):
     d = project / "data"
     assert list((d / "raw" / "shards").glob("*.tar")) and (d / "raw" / "report.json").is_file()
     assert list((d / "clean" / "train").glob("*.tar")) and list((d / "clean" / "val").glob("*.tar"))
-    assert (d / "clean" / "rejects.parquet").is_file()
+    assert (d / "validation" / "rejects.parquet").is_file()
     assert (d / "models" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     assert (d / "models" / "clip" / "model.safetensors").is_file()
     assert (d / "models" / "clip" / "tokenizer.json").is_file()

@@ -106,7 +106,7 @@ def test_duplicates_policy_and_pairs_page(run):
     """The default policy (``image``) drops Twemoji's skin-tone variants, which carry
     captions of their own: the page shows them side by side for the user to decide."""
     project, _, _ = run
-    report = json.loads((project / "data" / "clean" / "report.json").read_text())
+    report = json.loads((project / "data" / "validation" / "report.json").read_text())
     dup = report["duplicates"]
     assert dup["policy"] == "image" and dup["rejected"] > 0
     assert report["rejected_by_check"].get("near_duplicate", 0) > 0

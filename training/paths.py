@@ -11,7 +11,14 @@ STATE = Path(".kiln")  # the run lock and failure notes (git-ignored)
 DATA = Path("data")
 SOURCE = DATA / "source.json"  # the ingest source's fingerprint (DVC's probe, see stages.py)
 RAW = DATA / "raw"  # ingest: webdataset shards as fetched, report, rejects
-CLEAN = DATA / "clean"  # validate: train/ and val/ shards that passed the gate
+# validate: train/ and val/ shards that passed the gate, and nothing else. Every training
+# stage depends on all of it, so anything else written here re-ran them all.
+CLEAN = DATA / "clean"
+# validate's report.json, rejects.parquet and resolved config: they change when a rejected
+# sample comes or goes, or a setting that keeps every sample as it was, and no stage reads
+# them, so they are kept out of CLEAN's hash (was: inside, one truncated picture added to
+# the source retrained every model on byte-identical train/ and val/)
+VALIDATION = DATA / "validation"
 DOCS = DATA / "data_docs"  # validate's GX Data Docs (time-stamped: kept out of CLEAN's hash)
 MODELS = DATA / "models"
 VAE, CLIP, UNET = MODELS / "vae", MODELS / "clip", MODELS / "unet"

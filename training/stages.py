@@ -72,7 +72,9 @@ STAGES: tuple[Stage, ...] = (
         "training.intake.validate",
         "Stage 2: Great Expectations gate; writes clean train/val shards and rejects.",
         (P.RAW,),
-        (P.CLEAN, P.DOCS),
+        # the report first, so resolved_params.json goes there too: data/clean holds
+        # only train/ and val/, and its hash changes only with them (paths.VALIDATION)
+        (P.VALIDATION, P.CLEAN, P.DOCS),
     ),
     Stage(
         "train_vae",

@@ -48,14 +48,22 @@ from training.intake.split import (
 )
 
 
-def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = None) -> dict:
+def run(
+    params: Params,
+    raw_dir: Path,
+    out_dir: Path,
+    docs_dir: Path | None = None,
+    report_dir: Path | None = None,
+) -> dict:
     """Gate the shards under ``raw_dir/shards`` (ingest's output) into ``out_dir``:
-    ``train/`` and ``val/`` shards, ``rejects.parquet`` (ingest's rejects too, so one
-    table lists every sample that did not make it, and why) and ``report.json``, plus
-    the GX HTML in ``docs_dir`` (default ``out_dir/data_docs``). The pipeline keeps the
-    docs outside ``data/clean``: GX stamps them with the time, and the clean data's hash,
-    which every later stage depends on, must depend only on the data. Streams in chunks
-    of ``validate.chunk_rows``."""
+    ``train/`` and ``val/`` shards; ``rejects.parquet`` (ingest's rejects too, so one
+    table lists every sample that did not make it, and why) and ``report.json`` in
+    ``report_dir`` (default ``out_dir``); the GX HTML in ``docs_dir`` (default
+    ``out_dir/data_docs``). The pipeline keeps both outside ``data/clean``: the clean
+    data's hash, which every later stage depends on, must depend only on the data, and
+    GX stamps the docs with the time, while a picture the gate rejects changes the
+    rejects and the report but no clean shard (was: in data/clean, it retrained every
+    model on the same data). Streams in chunks of ``validate.chunk_rows``."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -79,11 +87,13 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
     n_samples = n_rejected = n_ingest = 0
     lowest: list[int] = []  # max-heap (negated) of the lowest split hashes of clean samples
     ingest_rejects = raw_dir / "rejects.parquet"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = report_dir or out_dir
+    for d in (out_dir, report_dir):
+        d.mkdir(parents=True, exist_ok=True)
     with (
         _writer(out_dir, "train", c.samples_per_shard, sizes) as tr,
         _writer(out_dir, "val", c.samples_per_shard, sizes) as va,
-        pq.ParquetWriter(out_dir / "rejects.parquet", schema) as rejects,
+        pq.ParquetWriter(report_dir / "rejects.parquet", schema) as rejects,
     ):
         if ingest_rejects.exists():  # carried over so the table is complete
             for batch in pq.ParquetFile(ingest_rejects).iter_batches():
@@ -212,12 +222,12 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
         # caption is at least words + 2 tokens (train_clip measures the tokens)
         "caption_chars": caption_lengths.summary(chars),
         "caption_words": caption_lengths.summary(words),
-        # relative to the stage's output, so the report is the same wherever it ran
-        "data_docs": Path(os.path.relpath(docs, out_dir)).as_posix(),
+        # relative to the report, so it is the same wherever it ran
+        "data_docs": Path(os.path.relpath(docs, report_dir)).as_posix(),
         "duplicates": {
             "policy": c.near_duplicates,
             "rejected": n_pairs,
-            "page": Path(os.path.relpath(page, out_dir)).as_posix(),
+            "page": Path(os.path.relpath(page, report_dir)).as_posix(),
             "first_pairs": pairs,
         },
     }
@@ -228,7 +238,7 @@ def run(params: Params, raw_dir: Path, out_dir: Path, docs_dir: Path | None = No
     )
     if warning:
         report["warning"] = warning
-    write_json(out_dir / "report.json", report)
+    write_json(report_dir / "report.json", report)
     say(f"validate: {report['train']} train, {report['val']} val, {n_rejected} rejected")
     w = report["caption_words"]
     say(
@@ -285,8 +295,9 @@ def metrics(report: dict) -> dict[str, float]:
 
 
 def stage(params: Params, log) -> dict:
-    """The DVC stage: ``data/raw`` -> ``data/clean`` (+ Data Docs, logged with the run)."""
-    report = run(params, P.RAW, P.CLEAN, P.DOCS)
+    """The DVC stage: ``data/raw`` -> ``data/clean`` (+ the report and rejects in
+    ``data/validation``, Data Docs, logged with the run)."""
+    report = run(params, P.RAW, P.CLEAN, P.DOCS, P.VALIDATION)
     log.log_metrics(metrics(report))
     log.log_artifacts(P.DOCS, "data_docs")
     return report
