@@ -188,6 +188,9 @@ def _register(stage: str) -> Callable | None:
             if metrics.get("reused_version"):  # a registry version, installed as it was
                 tr.mlflow.set_tag("kiln.reused_from", metrics["reused_from"])
                 return str(metrics["reused_version"])
+            twin = tracking.twins.component_twin(tr, spec.model, spec.outs[0])
+            if twin is not None:  # the same weights: that version (tracking/twins.py)
+                return twin
             version = tracking.register_dir(tr, spec.model, spec.outs[0], metrics)
             tracking.lineage.tag_lineage(tr, spec.model, version, metrics, Path.cwd())
             return version
@@ -197,6 +200,9 @@ def _register(stage: str) -> Callable | None:
     def register_pipeline(tr, metrics: dict) -> str:
         for name in ("report.html", "samples.png"):  # the pipeline is logged with the model
             tr.log_image(P.EVAL / name, "evaluation")
+        twin = tracking.twins.pipeline_twin(tr, spec.model, P.EVAL / "pipeline", metrics)
+        if twin is not None:  # served as that version: its recorded decision stands
+            return twin
         version = tracking.register_text2image(
             tr, spec.model, P.EVAL / "pipeline", metrics, tracking.components.built_from()
         )

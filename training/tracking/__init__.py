@@ -7,6 +7,7 @@
 * ``lineage``: git commit and DVC hashes as tags;
 * ``registry``: each phase's model as a registered version, the promotion gate, and
   re-registering what DVC restored from its cache (``signatures``: a component's MLmodel);
+* ``twins``: a stage that made a registered model again takes its version, no copy;
 * ``resume``: finishing a ``kiln-text2image`` registration a stop interrupted, instead
   of registering the same weights again;
 * ``components``: fetching a registered component to reuse, crowning a champion's;
@@ -15,7 +16,7 @@
 """
 
 from training.stages import MODEL_NAMES
-from training.tracking import components, gate, lineage
+from training.tracking import components, gate, lineage, twins
 from training.tracking.gate import describe_gate, promote
 from training.tracking.lineage import dvc_lineage, git_commit, tag_stage_outputs
 from training.tracking.registry import (
@@ -68,4 +69,5 @@ __all__ = [
     "stage_run",
     "tag_stage_outputs",
     "tracking_uri",
+    "twins",
 ]

@@ -37,6 +37,7 @@ from training.tracking.resume import (
 from training.tracking.runs import StageRun, process_tags
 from training.tracking.signatures import RULER_MODEL, component_model  # noqa: F401 (ruler.py)
 from training.tracking.store import EXPERIMENT, setup
+from training.tracking.twins import SERVED_TAG, served_fingerprint
 
 
 def _carried(tag: str) -> bool:
@@ -134,6 +135,7 @@ def register_text2image(
     tags.update({k: v for k, v in tr.run.data.tags.items() if _carried(k)})
     tags.update({f"{COMPONENT_TAG}{model}": str(v) for model, v in (components or {}).items()})
     tags[WEIGHTS_TAG] = weights_fingerprint(pipeline_dir)
+    tags[SERVED_TAG] = served_fingerprint(pipeline_dir)  # what a re-run matches (twins.py)
     pending = unfinished(name, tags[WEIGHTS_TAG])
     if pending is not None:
         return resume_registration(tr, name, pending, tags)
