@@ -306,9 +306,7 @@ def model_card(name: str, version: str, metrics: dict, gate: dict, params: dict,
     ]
     if clean and unet.get("init_version") and _data_of(unet["init_version"]) == clean:
         # was: the last ingestion's counts, as if this version had new rows to learn
-        lines.append(
-            f"- no new data since its parent U-Net v{unet['init_version']}: the same rows"
-        )
+        lines.append(f"- no new data since its parent U-Net v{unet['init_version']}: the same rows")
     elif "rows_new" in ingest:
         lines.append(
             f"- rows new {ingest['rows_new']}, kept {ingest.get('rows_kept', 0)}, "
