@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
+from tests.test_registry_restore import _client, _vae, _weights
 from training import tracking
 from training.cli.stage import _register
 from training.inference.control import CONTROL_FILE
@@ -37,27 +37,6 @@ def root(tmp_path: Path, monkeypatch) -> Path:
     (tmp_path / "resolved.json").write_text("{}")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     return tmp_path
-
-
-def _client(root: Path):
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _weights(folder: Path, value: float) -> None:
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"w": np.full((4, 4), value, np.float32)}, folder / "model.safetensors")
-
-
-def _vae(root: Path, value: float) -> None:
-    folder = root / "data/models/vae"
-    _weights(folder, value)
-    config = {"sample_size": 32, "block_out_channels": [8, 16], "in_channels": 3}
-    (folder / "config.json").write_text(json.dumps({**config, "latent_channels": 4}))
 
 
 def _pipeline(root: Path, guidance: float) -> None:

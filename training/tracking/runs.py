@@ -62,7 +62,7 @@ def run_params(params_dict: dict[str, Any]) -> dict[str, Any]:
         "seed": params_dict["seed"],
         "mode": params_dict.get("mode", "scratch"),
         "dataset": ingest.get("dataset"),
-        "source": public_source(ingest.get("source")),  # a signed URL without its signature
+        "source": ingest.get("source"),  # logged through loggable: without a signature
     }
 
 
