@@ -325,7 +325,7 @@ def test_the_control_evaluation_draws_each_sample_at_its_controls_size(tmp_path)
     pipe.set_progress_bar_config(disable=True)
     params = config.resolve({"evaluate": {"steps": 2, "batch_size": 2}})
     sizes = [(64, 32), (64, 32), (64, 32), (32, 64), (32, 32)]
-    images = _sample(pipe, ["a red circle"] * 5, list(range(5)), sizes, params)
+    images = _sample(pipe, ["a red circle"] * 5, list(range(5)), sizes, params, "the U-Net alone")
     assert [im.size for im in images] == sizes
 
 

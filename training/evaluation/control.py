@@ -26,7 +26,7 @@ from training.config import Params
 from training.engine.images import grid
 from training.evaluation.figures import _tag, table_html
 from training.inference.control import with_controlnet
-from training.inference.sampling import assemble
+from training.inference.sampling import assemble, finite_images
 
 ATTRS = ("shape", "size", "position")  # read from the control image
 SHOWN = 8  # rows of the grid and the report table
@@ -41,17 +41,18 @@ def other_colour(colour: str, shape: str, rng: np.random.Generator) -> str:
     return choices[int(rng.integers(len(choices)))]
 
 
-def _sample(pipe, prompts, seeds, sizes, params: Params, **extra) -> list[Image.Image]:
+def _sample(pipe, prompts, seeds, sizes, params: Params, arm: str, **extra) -> list[Image.Image]:
     """One picture a prompt at its control's size (``sizes``: (width, height) each; a
     batch never mixes sizes): a wide control drawn at the square default size would be
-    squashed, with and without the ControlNet."""
+    squashed, with and without the ControlNet. NaN pictures are ``NonFiniteSamples``
+    naming the ``arm`` that drew them (were: drawn black and scored as samples)."""
     e, out, i = params.evaluate, [], 0
     while i < len(prompts):
         n = 1
         while n < e.batch_size and i + n < len(prompts) and sizes[i + n] == sizes[i]:
             n += 1
         chunk = {k: v[i : i + n] for k, v in extra.items() if isinstance(v, list)}
-        out += pipe(
+        arrays = pipe(
             prompt=prompts[i : i + n],
             negative_prompt=[e.negative_prompt] * n,
             num_inference_steps=e.steps,
@@ -59,10 +60,11 @@ def _sample(pipe, prompts, seeds, sizes, params: Params, **extra) -> list[Image.
             generator=[torch.Generator().manual_seed(s) for s in seeds[i : i + n]],
             width=sizes[i][0],
             height=sizes[i][1],
-            output_type="pil",
+            output_type="np",  # made PIL by finite_images, once checked
             **{k: v for k, v in extra.items() if not isinstance(v, list)},
             **chunk,
         ).images
+        out += finite_images(arrays, prompts[i : i + n], f"train_controlnet evaluation, {arm}")
         i += n
     return out
 
@@ -106,11 +108,11 @@ def evaluate_control(
     seeds = [params.seed * 100_000 + i for i in range(len(rows))]
     E.say(f"train_controlnet: sampling {len(rows)} val controls with and without the ControlNet")
     sizes = [real.size for real, _, _ in rows]
-    without = _sample(base, prompts, seeds, sizes, params)
+    without = _sample(base, prompts, seeds, sizes, params, "the U-Net alone")
     pipe = with_controlnet(base, controlnet.eval().to(dev))
     controls = [m for _, m, _ in rows]
     steer = {"image": controls, "controlnet_conditioning_scale": c.conditioning_scale}
-    with_cn = _sample(pipe, prompts, seeds, sizes, params, **steer)
+    with_cn = _sample(pipe, prompts, seeds, sizes, params, "with the ControlNet", **steer)
     metrics: dict = {"control_eval_samples": len(rows)}
     if shapes is not None:
         metrics.update(_scores(shapes, truths, prompts, without, with_cn))

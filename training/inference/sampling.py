@@ -364,19 +364,24 @@ def generate(
             **extra,
             **_control_kwargs(control, len(chunk)),
         )
-        for i, img in zip(chunk, _finite(result.images, [requests[i] for i in chunk]), strict=True):
+        prompts = [requests[i].prompt for i in chunk]
+        for i, img in zip(chunk, finite_images(result.images, prompts), strict=True):
             out[i] = img
     return out  # type: ignore[return-value]
 
 
-def _finite(arrays: np.ndarray, requests: list[Request]) -> list[Image.Image]:
-    """The batch as PIL images, or ``NonFiniteSamples``: diffusers draws NaN as black
-    without a word, and a NaN picture of a broken model (fp16 VAE overflow, diverged
-    weights) scored as a black picture, the best possible copy check among them."""
-    bad = [r.prompt for r, a in zip(requests, arrays, strict=True) if not np.isfinite(a).all()]
+def finite_images(arrays: np.ndarray, prompts: list[str], where: str = "") -> list[Image.Image]:
+    """A pipeline's ``output_type="np"`` batch as PIL images, or ``NonFiniteSamples``
+    (its message led by ``where``, when given: which drawing it was): diffusers draws NaN
+    as black without a word, and a NaN picture of a broken model (fp16 VAE overflow,
+    diverged weights) scored as a black picture, the best possible copy check among
+    them. Every Kiln drawing goes through it (``generate``, the ControlNet evaluation,
+    the training previews)."""
+    bad = [p for p, a in zip(prompts, arrays, strict=True) if not np.isfinite(a).all()]
     if bad:
         raise NonFiniteSamples(
-            f"{len(bad)} of {len(requests)} samples came out NaN or infinite (first prompt: "
+            (f"{where}: " if where else "")
+            + f"{len(bad)} of {len(prompts)} samples came out NaN or infinite (first prompt: "
             f"{bad[0][:80]!r}): the model's weights or its precision are broken"
         )
     return DiffusionPipeline.numpy_to_pil(arrays)
