@@ -214,7 +214,7 @@ def _train(params, batches, text, dirs, out_dir, ckpt_dir, log, val) -> dict:
         # sampler: row 1 the controls, row 2 what the ControlNet makes of them
         from training.config import SAMPLER
         from training.inference.control import with_controlnet
-        from training.inference.sampling import make_scheduler
+        from training.inference.sampling import finite_images, make_scheduler
 
         ema = copy.deepcopy(model).eval()
         trainer.ema.copy_to(ema)
@@ -222,15 +222,17 @@ def _train(params, batches, text, dirs, out_dir, ckpt_dir, log, val) -> dict:
         pipe = with_controlnet(bb.assemble(vae, tokenizer, encoder, unet, sampler), ema)
         controls, captions = shown
         with torch.no_grad():
-            images = pipe(
+            arrays = pipe(
                 prompt=captions,
                 negative_prompt=[SAMPLER.negative_prompt] * len(captions),
                 image=controls,
                 num_inference_steps=SAMPLER.steps,
                 guidance_scale=SAMPLER.guidance,
                 generator=torch.Generator().manual_seed(params.seed),
-                output_type="pil",
+                output_type="np",  # was "pil": NaN drawn black, the run going on
             ).images
+        # the loss guard does not cover this: the VAE's decoder is no part of the loss
+        images = finite_images(arrays, captions, f"train_controlnet: the preview at step {step}")
         path = out_dir / "previews" / f"step-{step:06d}.png"
         grid([*controls, *images], nrow=len(images), scale=2).save(path)
         log.log_image(path, "previews")

@@ -289,7 +289,7 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
         # fed the precomputed text states, so the grid is what a user would get; and the
         # held-out loss of those weights.
         from training.config import SAMPLER
-        from training.inference.sampling import make_scheduler
+        from training.inference.sampling import finite_images, make_scheduler
 
         ema_model = copy.deepcopy(model).eval()
         trainer.ema.copy_to(ema_model)
@@ -303,14 +303,17 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
         prompt = {k: v.to(dev) for k, v in bb.prompt_kwargs(preview_text).items()}
         empty = {k: v.expand(n, *v.shape) for k, v in null_text.items()}  # one, unbatched
         negative = {f"negative_{k}": v.to(dev) for k, v in bb.prompt_kwargs(empty).items()}
-        images = pipe(
+        arrays = pipe(
             **prompt,
             **negative,
             num_inference_steps=SAMPLER.steps,
             guidance_scale=SAMPLER.guidance,
             generator=torch.Generator().manual_seed(params.seed),
-            output_type="pil",
+            output_type="np",  # was "pil": NaN drawn black, the run going on
         ).images
+        # the loss guard does not cover this: the VAE's decoder is no part of the loss
+        where = f"train_unet: the preview at step {step}"
+        images = finite_images(arrays, manifest["preview_prompts"], where)
         path = out_dir / "previews" / f"step-{step:06d}.png"
         grid(images, nrow=len(images), scale=2).save(path)
         log.log_image(path, "previews")
