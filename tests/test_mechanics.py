@@ -387,8 +387,24 @@ def test_networks_named_in_clip_groups_are_clipped_apart(tmp_path):
         p.grad = torch.full_like(p, 0.01)  # 6 values: norm 0.0245, under the clip
     for p in model.b.parameters():
         p.grad = torch.full_like(p, 100.0)  # a discriminator's spike
-    norm = trainer._clip()
-    assert float(norm) == pytest.approx(0.01 * 6**0.5)  # the first group's, as logged
+    norms = trainer._clip()  # each group's; the first is logged
+    assert float(norms[0]) == pytest.approx(0.01 * 6**0.5)
+    assert float(norms[1]) == pytest.approx(100.0 * 6**0.5)
     assert all(torch.allclose(p.grad, torch.full_like(p, 0.01)) for p in model.a.parameters())
     b = torch.cat([p.grad.flatten() for p in model.b.parameters()])
     assert float(b.norm()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_non_finite_gradients_of_a_finite_loss_stop_before_any_save(tmp_path):
+    """Was: the guard read the loss alone; sqrt at 0 is a finite loss (0) with an infinite
+    derivative, clipping scaled every gradient by NaN and the NaN weights were
+    checkpointed and returned as if trained."""
+    trainer, _ = _setup(tmp_path)
+    weight = next(trainer.model.parameters())
+
+    def sqrt_at_zero(step):
+        return torch.sqrt(weight.sum() * 0.0), {}
+
+    with pytest.raises(E.TrainingDiverged, match="gradient norm is nan at step 0"):
+        trainer.fit(sqrt_at_zero)
+    assert not list((tmp_path / "ck").glob("step-*"))

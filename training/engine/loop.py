@@ -11,6 +11,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -68,16 +69,17 @@ class Trainer:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def _clip(self) -> torch.Tensor:
-        """Clip the gradient norm at ``grad_clip``; the returned norm is logged. A model
-        made of networks that must not scale each other's steps (the VAE and its
-        discriminator) names them in ``clip_groups()``: each is clipped on its own, and
-        the first one's norm is returned. Clipped together, a large discriminator
-        gradient would shrink the VAE's step, and the other way round."""
+        """Clip the gradient norm at ``grad_clip``; returns every group's norm (the first
+        is logged; all are checked: a non-finite norm makes clipping scale every
+        gradient by NaN). A model made of networks that must not scale each other's
+        steps (the VAE and its discriminator) names them in ``clip_groups()``: each is
+        clipped on its own. Clipped together, a large discriminator gradient would
+        shrink the VAE's step, and the other way round."""
         clip = torch.nn.utils.clip_grad_norm_
         groups = getattr(self.model, "clip_groups", None)
         if groups is None:
-            return clip(self.model.parameters(), self.cfg.grad_clip)
-        return [clip(g, self.cfg.grad_clip) for g in groups()][0]
+            return clip(self.model.parameters(), self.cfg.grad_clip).reshape(1)
+        return torch.stack([clip(g, self.cfg.grad_clip) for g in groups()])
 
     def _same_start(self, start: int) -> None:
         """Every rank restores its own checkpoint folder; only rank 0 writes one. On
@@ -141,15 +143,19 @@ class Trainer:
         # The NaN/Inf guard records the first bad step on the device and is read only at
         # log, checkpoint and preview steps: reading it every step would make the CPU wait
         # for the GPU each step. A diverged run still stops with the exact step, before
-        # any checkpoint or preview of non-finite weights, and registers nothing.
+        # any checkpoint or preview of non-finite weights, and registers nothing. It reads
+        # the gradient norm as well as the loss: a finite loss can have non-finite
+        # gradients (a sqrt or log at 0), and their step makes every weight NaN.
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        bad_loss = torch.zeros((), device=self.device)
+        bad = torch.zeros(2, device=self.device)  # (loss, gradient norm) at that step
 
         def check_finite() -> None:
             if (at := int(first_bad)) >= 0:
                 bar.close()
+                loss, norm = bad.tolist()
+                what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
                 raise TrainingDiverged(
-                    f"{self.name}: loss is {bad_loss.item()} at step {at}; stopping "
+                    f"{self.name}: {what} at step {at}; stopping "
                     "(lower the learning rate or check the data). Nothing was registered."
                 )
 
@@ -161,13 +167,15 @@ class Trainer:
             with autocast(self.device):
                 loss, metrics = step_fn(step)
             global_loss = all_mean(loss)  # every rank sees the same value: stop together
-            new_bad = (first_bad < 0) & ~torch.isfinite(global_loss)
-            first_bad = torch.where(new_bad, step, first_bad)
-            bad_loss = torch.where(new_bad, global_loss.float(), bad_loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            sync_gradients(self.model)
-            grad_norm = self._clip()
+            sync_gradients(self.model)  # the same gradients, so the same norms, on every rank
+            norms = self._clip()
+            grad_norm = norms[0]
+            seen_now = torch.stack([global_loss.float().reshape(()), norms.float().sum()])
+            new_bad = (first_bad < 0) & ~torch.isfinite(seen_now).all()
+            first_bad = torch.where(new_bad, step, first_bad)
+            bad = torch.where(new_bad, seen_now, bad)
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.model)
