@@ -113,11 +113,13 @@ def test_compose_workers_share_minios_dvc_remote():
         assert "entrypoint" not in svc, f"{name} would skip the image's entrypoint"
         # --limit 1: a checkout runs one flow at a time; a second stage queues rather
         # than failing on the checkout's run lock
+        # --work-queue: the project's own runs only (prefect.yaml's queue), on a shared server
         assert svc["command"] == ["prefect", "worker", "start", "--pool", name[7:], "--type",
-                                  "process", "--limit", "1"]  # fmt: skip
+                                  "process", "--limit", "1", "--work-queue", "default"]  # fmt: skip
         assert env["KILN_REGISTRY_PREFIX"] == "", name  # Kiln's own model names
-        shared = _compose(KILN_REGISTRY_PREFIX="pets-")["services"][name]["environment"]
-        assert shared["KILN_REGISTRY_PREFIX"] == "pets-", name  # infra/.env's, when set
+        shared = _compose(KILN_REGISTRY_PREFIX="pets-")["services"][name]
+        assert shared["environment"]["KILN_REGISTRY_PREFIX"] == "pets-", name  # infra/.env's
+        assert shared["command"][-2:] == ["--work-queue", "pets-default"], name
         assert svc.get("image") == "kiln-worker:latest", name
     assert compose["services"]["worker-cpu"]["build"]["dockerfile"] == "infra/Dockerfile"
     assert "kiln/kiln-dvc" in bucket_cmd  # the bucket exists
