@@ -31,7 +31,14 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.stage import run_remote
-from flows.tasks import GPU_STAGES, ROOT, _NoTracebackForStageFailed, _set_params, run_local
+from flows.tasks import (
+    GPU_STAGES,
+    ROOT,
+    _NoTracebackForStageFailed,
+    _set_params,
+    refuse_other_project,
+    run_local,
+)
 from training import stages
 from training.paths import EVAL, METRICS
 
@@ -195,6 +202,7 @@ def kiln_pipeline(
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_NoTracebackForStageFailed())
+    refuse_other_project()
     with runlock.pipeline_lock("kiln-pipeline", ROOT):
         return _pipeline(profile, dataset, source, gpu_deployment, mode)
 

@@ -15,7 +15,16 @@ import os
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.tasks import ROOT, StageFailed, _dvc_cmd, _retryable, _set_params, retries, run_local
+from flows.tasks import (
+    ROOT,
+    StageFailed,
+    _dvc_cmd,
+    _retryable,
+    _set_params,
+    refuse_other_project,
+    retries,
+    run_local,
+)
 from training.paths import METRICS
 from training.stages import BY_NAME as STAGE_TABLE
 
@@ -74,6 +83,11 @@ def kiln_stage(
     a stage reads of earlier ones (ingest's row counts in the lineage tags)."""
     from training import runlock
 
+    try:
+        refuse_other_project()
+    except StageFailed as exc:  # said in the caller's result, not only this worker's log
+        _publish({"stage": stage, "failed": str(exc)})
+        raise
     stages = _dvc_yaml()
     if stage not in stages:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(stages)})")

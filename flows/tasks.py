@@ -43,6 +43,34 @@ class StageFailed(RuntimeError):
         self.retry, self.stage, self.said = retry, stage, said
 
 
+# prefect.yaml's deployment names, each behind the project's KILN_REGISTRY_PREFIX
+DEPLOYMENT_BASES = ("kiln-pipeline", "gpu", "cpu")
+
+
+def refuse_other_project() -> None:
+    """Refuse a run of another project's deployment. Projects on one Prefect server
+    share the pools (README, "Several projects on one server"); a worker started without
+    ``--work-queue`` takes any project's run and would run it in this checkout, under
+    this project's registry names. Only prefect.yaml's names are checked: a deployment
+    named otherwise is the user's own."""
+    from prefect.runtime import deployment
+
+    from training.stages import PREFIX, REGISTRY_PREFIX_ENV
+
+    name = deployment.name
+    if not name:
+        return
+    for base in DEPLOYMENT_BASES:
+        if name.endswith(base) and name != PREFIX + base:
+            raise StageFailed(
+                f"deployment {name!r} is another project's: this worker's "
+                f"{REGISTRY_PREFIX_ENV} is {PREFIX!r} (its deployments end in "
+                f"{PREFIX + base!r}); start each project's workers with --work-queue "
+                f"<prefix>default (README, 'Running at scale')",
+                retry=False,
+            )
+
+
 def _retryable(task, task_run, state) -> bool:
     """Prefect's retry condition: retry only what a retry can fix."""
     try:

@@ -88,6 +88,15 @@ def test_two_projects_keep_their_own_deployments_and_runs(tmp_path):
                 "kiln-stage/cpu", f"kiln-stage/{PREFIX}cpu", timeout=300,
             )  # fmt: skip
         found = json.loads(out.strip().splitlines()[-1])
+        # a worker that takes another project's queue (as one started without
+        # --work-queue takes every queue of its pool) refuses that project's run
+        stray = tmp_path / "worker-stray.log"
+        with background([*start, f"{PREFIX}default"], env_for(plain), plain, stray):
+            out = run_ok(
+                env_for(plain), plain, str(BIN / "python"), "-c", READ,
+                f"kiln-stage/{PREFIX}cpu", timeout=300,
+            )  # fmt: skip
+        strayed = json.loads(out.strip().splitlines()[-1])["runs"][f"kiln-stage/{PREFIX}cpu"]
 
     # both projects' deployments stay, the first's exactly as without a prefix, and each
     # pipeline sends its GPU stages to its own stage deployment
@@ -102,6 +111,9 @@ def test_two_projects_keep_their_own_deployments_and_runs(tmp_path):
         run = runs[deployment]
         assert run["state"] == "FAILED" and "unknown stage 'nope'" in run["message"], runs
         assert run["id"] in logs[mine] and run["id"] not in logs[other], (run, logs)
+    # was: run in the plain project's checkout under its registry names
+    assert strayed["state"] == "FAILED", strayed
+    assert f"deployment '{PREFIX}cpu' is another project's" in strayed["message"], strayed
 
 
 def _deployments(prefix: str) -> dict:
