@@ -44,6 +44,18 @@ def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict) 
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _fits(what: str, saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> None:
+    """``ValueError`` unless ``saved`` has exactly ``live``'s tensor names and shapes."""
+    if saved.keys() != live.keys():
+        diff = sorted(saved.keys() ^ live.keys())
+        raise ValueError(f"its {what} has other tensors than this one ({', '.join(diff[:3])})")
+    for name, t in saved.items():
+        if t.shape != live[name].shape:
+            raise ValueError(
+                f"its {what} tensor {name} is {tuple(t.shape)}, here {tuple(live[name].shape)}"
+            )
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, fingerprint: str, keep: int = 2):
         self.dir = Path(directory)
@@ -146,14 +158,26 @@ class Checkpointer:
                     shadow = load_file(ckpt / "ema.safetensors", device=dev)
                     updates = int(state["ema_updates"])
                 step = int(state["step"])
+                # a readable checkpoint of another model (the stage's code changed while
+                # it was interrupted: its fingerprint sees config and data, not code) is
+                # refused before anything is applied; load_state_dict copies every tensor
+                # that fits before it raises, which left a "fresh" run half-loaded
+                _fits("model", weights, model.state_dict())
+                if ema is not None:
+                    _fits("EMA", shadow, ema.shadow)
                 model.load_state_dict(weights)
                 _optimizer_from_flat(opt, flat, state["optimizer"])
                 if ema is not None:
                     ema.shadow, ema.updates = shadow, updates
                 self.extra = dict(state.get("extra") or {})
             except Exception as exc:  # corrupt/truncated files: fall back to the previous
-                say(f"WARNING: checkpoint {ckpt} is unreadable ({exc}); trying an older one")
+                say(
+                    f"WARNING: checkpoint {ckpt} is unreadable or not this model's ({exc}); "
+                    "trying an older one"
+                )
                 continue
             say(f"resuming from {ckpt.name}")
             return step
+        if self._complete():  # every one was refused: say where this run starts
+            say("WARNING: no checkpoint could be resumed; training from step 0")
         return 0
