@@ -159,3 +159,67 @@ def test_the_same_rows_are_the_same_bytes_in_every_process(tmp_path: Path):
     with safe_open(tmp_path / "0" / "train" / "train-00000-000.safetensors", "pt") as fh:
         rows = read_rows_meta(fh.metadata())
     assert rows == {"keys": ["k0", "k1", "k2", "k3"], "content": ["c0", "c1", "c2", "c3"]}
+
+
+KILLED = """
+import sys
+from pathlib import Path
+from training.config import resolve
+from training.phases import latents
+root, clean, out = map(Path, sys.argv[1:])
+params = resolve({"ingest": {"image_size": 32},
+                  "precompute_latents": {"samples_per_shard": 10, "batch_size": 10}})
+latents.run(params, clean, root / "vae", root / "clip", out)
+"""
+
+
+def test_a_killed_run_resumes_with_the_rows_it_finished(made, tmp_path: Path):
+    """The bug: a run killed partway left its finished files in the staging folder, and
+    the next run cleared it first: every row was encoded again (hours of GPU at 10 M
+    rows). Now they are reused, and the output is the uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from training.phases import latents
+
+    root, _ = made
+    clean = tmp_path / "clean"  # 240 rows, 10 a file: a run to be killed partway
+    image_split(clean / "train", n=240, per_shard=60, size=32)
+    image_split(clean / "val", n=8, per_shard=8, size=32, seed=1, prefix="val")
+    out, staging = tmp_path / "latents", tmp_path / ".latents.new"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED, str(root), str(clean), str(out)],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while len(list(staging.glob("train/*.safetensors"))) < 4:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(staging.glob("train/*.safetensors")))
+    assert 4 <= done < 24, done
+
+    one = {"samples_per_shard": 10, "batch_size": 10}
+    params = resolve({"ingest": {"image_size": 32}, "precompute_latents": one})
+    m = latents.run(params, clean, root / "vae", root / "clip", out)
+    assert m["latents_reused"] >= done, m
+    assert m["latents_encoded"] + m["latents_reused"] == 248
+    assert not (tmp_path / ".latents.partial").exists()  # done with: removed
+
+    full = tmp_path / "full" / "latents"
+    assert latents.run(params, clean, root / "vae", root / "clip", full)["latents_reused"] == 0
+    made_files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert made_files == sorted(p.relative_to(full) for p in full.rglob("*") if p.is_file())
+    for f in made_files:  # the same rows in the same files (up to a thread count's rounding)
+        if f.suffix == ".safetensors":
+            a, b = load_file(out / f), load_file(full / f)
+            assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in b), f

@@ -14,14 +14,19 @@ one its split's ``index.json`` names (size and sha256); one that is not, or does
 open, is left out (``rejected``: said and counted) and its rows are encoded again.
 
 The new output is written beside the old one and swapped in at the end (the old one is
-the cache while it runs). Memory: the index holds one key per old row; one old file's
-tensors at a time are loaded to copy rows from it.
+the cache while it runs). A run that is killed leaves its finished files there: the
+next run moves them aside (``keep_partial``) and takes their rows as it takes the old
+output's, so an interrupted stage resumes instead of encoding everything again.
+Memory: the index holds one key per old row; one old file's tensors at a time are
+loaded to copy rows from it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -95,6 +100,36 @@ def model_fingerprint(directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
+# in the staging folder and the interrupted runs' rows: which models and code made them
+MADE_BY = "made_by.json"
+
+
+def keep_partial(staging: Path, partial: Path, made_by: dict) -> None:
+    """Rank 0, before encoding: the files an interrupted run finished in ``staging``
+    (each written to a temp name and renamed: whole or absent) join ``partial`` when
+    that run's models, code and text type were ``made_by``; files of other models are
+    dropped. ``staging`` then starts empty, recording ``made_by``. Was: the staging
+    folder was cleared, and a run killed at 90 % encoded every row again."""
+
+    def made_so(folder: Path) -> bool:
+        try:
+            return json.loads((folder / MADE_BY).read_text()) == made_by
+        except (OSError, ValueError):
+            return False
+
+    if not made_so(partial):
+        shutil.rmtree(partial, ignore_errors=True)
+    if made_so(staging):
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / MADE_BY).write_text(json.dumps(made_by))  # first: it vouches for them
+        for f in staging.glob("*/*.safetensors"):
+            (partial / f.parent.name).mkdir(exist_ok=True)
+            os.replace(f, partial / f.parent.name / f.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / MADE_BY).write_text(json.dumps(made_by))
+
+
 class LatentCache:
     """The rows of an earlier output, by content key (empty when there is none, or it
     came from other models or another text type: ``reason`` says which)."""
@@ -107,39 +142,55 @@ class LatentCache:
         text_dtype: str,
         backbone: str = "unet2d",
         code_fp: str | None = None,
+        partial: Path | None = None,
     ):
+        """``partial``: an interrupted run's files (``keep_partial``: made by these
+        models), taken whole: they have no index, and none was ever cut short."""
         self.where: dict[str, tuple[Path, int]] = {}
         self.hits = 0
         self._file: Path | None = None
         self._rows: dict[str, torch.Tensor] = {}
         self.rejected: dict[Path, str] = {}  # old files left out, and why
         self._index: dict[Path, dict | None] = {}  # each old split's index, by file name
+        for f in sorted(partial.glob("*/*.safetensors")) if partial else []:
+            try:
+                with safe_open(f, "pt") as fh:
+                    keys = read_rows_meta(fh.metadata())["content"]
+            except Exception as exc:  # noqa: BLE001 (safetensors' error is not exported)
+                self.rejected[f] = f"cannot be opened ({exc})"
+                continue
+            self.where.update((key, (f, i)) for i, key in enumerate(keys))
+        resumed = len(self.where)
+        self.reason = self._old(old_dir, vae_fp, clip_fp, text_dtype, backbone, code_fp)
+        if resumed:
+            self.reason += f"; {resumed} rows of the interrupted last run"
+
+    def _old(self, old_dir: Path, vae_fp, clip_fp, text_dtype, backbone, code_fp) -> str:
+        """Index the old output's rows when the same models made them; says so, or why not."""
         manifest = old_dir / "manifest.json"
         if not manifest.is_file():
-            self.reason = "no earlier latents"
-            return
+            return "no earlier latents"
         old = json.loads(manifest.read_text())
         if (old["vae"]["fingerprint"], old["clip"]["fingerprint"]) != (vae_fp, clip_fp):
-            self.reason = "the VAE or CLIP changed"
-            return
+            return "the VAE or CLIP changed"
         if old.get("code") != (code_fp or code_fingerprint()):  # (older outputs: none)
-            self.reason = "the code that encodes a row changed"
-            return
+            return "the code that encodes a row changed"
         if old.get("backbone", "unet2d") != backbone:  # another pipeline's text states
-            self.reason = f"the text states were made for the {old['backbone']} backbone"
-            return
+            return f"the text states were made for the {old['backbone']} backbone"
         if old["tensors"]["text"]["dtype"] != f"torch.{text_dtype}":
-            self.reason = "the text states' type changed"
-            return
+            return "the text states' type changed"
+        n = 0
         for f in sorted(old_dir.glob("*/*.safetensors")):
             for i, key in enumerate(self._content(f) or []):
                 self.where[key] = (f, i)
-        self.reason = f"{len(self.where)} rows encoded by the same models"
+                n += 1
+        reason = f"{n} rows encoded by the same models"
         if self.rejected:
-            self.reason += (
+            reason += (
                 f"; {len(self.rejected)} old latent files left out (not the files their "
                 "split's index.json names): their rows are encoded again"
             )
+        return reason
 
     def _content(self, f: Path) -> list[str] | None:
         """The content keys of the old file ``f``, once it is checked against its

@@ -38,9 +38,11 @@ from training.disk import replace_dir
 from training.inference.text import encode_text
 from training.intake.index import write_index
 from training.phases.latent_cache import (
+    MADE_BY,
     LatentCache,
     code_fingerprint,
     content_key,
+    keep_partial,
     model_fingerprint,
     rows_meta,
 )
@@ -159,19 +161,21 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     c = params.precompute_latents
     # the old output is the cache (and stays whole until the new one is complete)
     old_dir, out_dir = out_dir, out_dir.with_name(f".{out_dir.name}.new")
-    if E.is_main():
-        shutil.rmtree(out_dir, ignore_errors=True)
+    partial = old_dir.with_name(f".{old_dir.name}.partial")  # an interrupted run's rows
+    bb = backbones.get(params.train_unet.backbone)  # which text states its pipeline feeds
+    fps = model_fingerprint(vae_dir), model_fingerprint(clip_dir)
+    made_by = {"vae": fps[0], "clip": fps[1], "code": code_fingerprint(), "backbone": bb.name}
+    if E.is_main():  # the staging folder empty, what a killed run finished kept aside
+        keep_partial(out_dir, partial, {**made_by, "text_dtype": c.text_dtype})
     E.barrier()  # rank 0 has cleared the staging folder before anyone writes
     dev = E.device()
     vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(dev)
-    bb = backbones.get(params.train_unet.backbone)  # which text states its pipeline feeds
     tokenizer, encoder = bb.text_encoder(clip_dir)
     encoder.to(dev)
     for split in ("train", "val"):
         (out_dir / split).mkdir(parents=True, exist_ok=True)
     text_dtype = getattr(torch, c.text_dtype)
-    fps = model_fingerprint(vae_dir), model_fingerprint(clip_dir)
-    cache = LatentCache(old_dir, *fps, c.text_dtype, bb.name)
+    cache = LatentCache(old_dir, *fps, c.text_dtype, bb.name, made_by["code"], partial)
     if E.is_main():
         E.say(f"precompute_latents: reusable: {cache.reason}")
         for f, why in cache.rejected.items():  # checked against their index (latent_cache)
@@ -241,7 +245,9 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
         return {}
     models = (vae_dir, clip_dir, fps, vae, tokenizer, encoder, bb)
     metrics = _write_manifest(params, clean_dir, models, out_dir)
+    (out_dir / MADE_BY).unlink()  # the manifest says it for the finished output
     replace_dir(out_dir, old_dir, old_dir.with_name(f".{old_dir.name}.old"))
+    shutil.rmtree(partial, ignore_errors=True)
     return metrics
 
 
