@@ -213,6 +213,14 @@ def sigkill_after_checkpoint(
     """Start ``kiln <command>`` in ``project``, SIGKILL it as soon as ``ckpt`` (a stage's
     checkpoint folder) holds a complete checkpoint at ``step`` or later, and return the
     last complete step: a training stage killed mid-run, as a crash would."""
+    return signal_after_checkpoint(project, command, ckpt, step, signal.SIGKILL, timeout)[0]
+
+
+def signal_after_checkpoint(
+    project: Path, command: str, ckpt: Path, step: int, sig: int, timeout: float = 300
+) -> tuple[int, int, str]:
+    """``sigkill_after_checkpoint`` with any signal: (the last complete step, the exit
+    code, stderr)."""
 
     def complete() -> list[int]:
         steps = (p for p in ckpt.glob("step-*") if (p / "COMPLETE").is_file())
@@ -220,16 +228,16 @@ def sigkill_after_checkpoint(
 
     proc = subprocess.Popen(
         [str(BIN / "kiln"), command], cwd=project, env=project_env(project),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + timeout
     while not any(s >= step for s in complete()):
-        assert proc.poll() is None, f"kiln {command} finished before it could be killed"
+        assert proc.poll() is None, f"kiln {command} finished before it could be signalled"
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return complete()[-1]
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    return complete()[-1], proc.returncode, err
 
 
 def outputs_copy(project: Path, dest: Path) -> Path:

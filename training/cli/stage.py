@@ -94,6 +94,7 @@ def _restore_previews(stage: str, out: Path, resumed: int) -> None:
 def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable | None) -> dict:
     """``run_stage``'s work, under the stage's hold on the run lock."""
     from training import config, tracking
+    from training.cli.interrupt import Terminated, terminate_like_interrupt
     from training.disk import disk_full_errors, write_json
     from training.errors import TrainingDiverged
     from training.intake.canonical import public_params
@@ -102,6 +103,7 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
     fresh = [] if spec.persist else outs  # what starts empty (and is removed on failure)
     t0 = time.perf_counter()
     failure_note(stage).unlink(missing_ok=True)
+    terminate_like_interrupt()
 
     def empty_outs() -> None:  # as DVC does before a run; a resume keeps its previews
         _stash_previews(stage, spec)
@@ -159,11 +161,16 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
         if os.environ.get("KILN_DEBUG"):
             raise
         fail(f"{message} (KILN_DEBUG=1 shows where)")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         empty_outs()
-        record_failure(stage, "interrupted", retry=False)
+        # SIGTERM (an evicted pod, a scheduler's stop) is worth a retry, which resumes;
+        # never in place of another rank's reason (torchrun terminates the rest)
+        terminated = isinstance(exc, Terminated)
+        said = "terminated (SIGTERM)" if terminated else "interrupted"
+        if not (terminated and failure_note(stage).exists()):
+            record_failure(stage, said, retry=terminated)
         typer.echo(
-            f"kiln: {stage}: interrupted (re-run it: training resumes from its last "
+            f"kiln: {stage}: {said} (re-run it: training resumes from its last "
             "checkpoint, ingest keeps its finished shards)",
             err=True,
         )
