@@ -60,14 +60,20 @@ def fraction_for(lowest: list[int], want: int, n_clean: int) -> float | None:
 
 
 def split_problem(
-    n_clean: int, n_train: int, n_val: int, fraction: float, lowest: list[int]
+    n_clean: int,
+    n_train: int,
+    n_val: int,
+    fraction: float,
+    lowest: list[int],
+    rejects: str = "rejects.parquet",
 ) -> tuple[str | None, str | None]:
     """(error, warning) about the split's sizes, each one line in words with what to
     change: an error when training or evaluation cannot run at all, a warning when
-    the evaluation will have to skip its distribution metrics."""
+    the evaluation will have to skip its distribution metrics. ``rejects`` is where
+    the rejects table will be once the stage has failed (its outputs are removed)."""
     more = "add images"
     if n_clean == 0:
-        return "no image passed the quality gate; see rejects.parquet for why", None
+        return f"no image passed the quality gate; see {rejects} for why", None
     if n_train == 0:
         return (
             f"0 of {n_clean} clean images went to train (validate.val_fraction is "

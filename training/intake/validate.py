@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -47,6 +48,11 @@ from training.intake.split import (
     split_problem,
 )
 
+# Where a failed validate leaves its report and rejects: the stage's outputs are removed
+# when it fails (training/cli/stage.py), so the error's "see rejects.parquet" named a
+# file that was gone (found in review). Outside data/: no DVC out, nothing hashes it.
+FAILED = P.STATE / "validate-failed"
+
 
 def run(
     params: Params,
@@ -54,6 +60,7 @@ def run(
     out_dir: Path,
     docs_dir: Path | None = None,
     report_dir: Path | None = None,
+    failed_dir: Path | None = None,
 ) -> dict:
     """Gate the shards under ``raw_dir/shards`` (ingest's output) into ``out_dir``:
     ``train/`` and ``val/`` shards; ``rejects.parquet`` (ingest's rejects too, so one
@@ -63,7 +70,9 @@ def run(
     data's hash, which every later stage depends on, must depend only on the data, and
     GX stamps the docs with the time, while a picture the gate rejects changes the
     rejects and the report but no clean shard (was: in data/clean, it retrained every
-    model on the same data). Streams in chunks of ``validate.chunk_rows``."""
+    model on the same data). Streams in chunks of ``validate.chunk_rows``. When the
+    split is unusable (``SplitError``), the report and rejects are also copied to
+    ``failed_dir``, which the error names: the failed stage's outputs do not survive."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -233,8 +242,14 @@ def run(
     }
     if sizes:
         report["buckets"] = {"train": tr.sizes(), "val": va.sizes()}
+    kept = failed_dir or report_dir
     error, warning = split_problem(
-        tr.total + va.total, tr.total, va.total, c.val_fraction, [-h for h in lowest]
+        tr.total + va.total,
+        tr.total,
+        va.total,
+        c.val_fraction,
+        [-h for h in lowest],
+        (kept / "rejects.parquet").as_posix(),
     )
     if warning:
         report["warning"] = warning
@@ -259,6 +274,12 @@ def run(
         )
     if warning:
         say(f"validate: warning: {warning}")
+    if failed_dir is not None:
+        shutil.rmtree(failed_dir, ignore_errors=True)  # an older failure's, now stale
+        if error:
+            failed_dir.mkdir(parents=True)
+            for name in ("report.json", "rejects.parquet"):
+                shutil.copy2(report_dir / name, failed_dir / name)
     if error:
         raise SplitError(error)
     return report
@@ -296,8 +317,9 @@ def metrics(report: dict) -> dict[str, float]:
 
 def stage(params: Params, log) -> dict:
     """The DVC stage: ``data/raw`` -> ``data/clean`` (+ the report and rejects in
-    ``data/validation``, Data Docs, logged with the run)."""
-    report = run(params, P.RAW, P.CLEAN, P.DOCS, P.VALIDATION)
+    ``data/validation``, Data Docs, logged with the run; on an unusable split, the
+    report and rejects in ``FAILED``)."""
+    report = run(params, P.RAW, P.CLEAN, P.DOCS, P.VALIDATION, FAILED)
     log.log_metrics(metrics(report))
     log.log_artifacts(P.DOCS, "data_docs")
     return report
