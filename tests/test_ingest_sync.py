@@ -23,7 +23,7 @@ from PIL import Image
 
 from tests.conftest import CountingImages, copy_project, counting_server
 from training import config
-from training.intake import ingest, shards, validate
+from training.intake import ingest, shards, split, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,3 +204,53 @@ def test_dvc_reruns_ingest_exactly_when_the_source_changed(tmp_path: Path):
     assert f"source: image folder {src} does not exist" in gone.stderr
     assert "Running stage 'ingest'" not in gone.stdout
     assert (project / "data" / "raw" / "shards").is_dir()  # the last dataset is kept
+
+
+def _sides(params: config.Params, raw: Path, clean: Path) -> dict[str, str]:
+    """caption -> "train" or "val" after validating ``raw`` into ``clean``."""
+    validate.run(params, raw, clean)
+    return {
+        r.caption: side
+        for side in ("train", "val")
+        for r in shards.read(shards.shard_paths(clean / side))
+    }
+
+
+def test_a_renamed_picture_keeps_its_side(tmp_path: Path):
+    """A folder's picture renamed between two ingests (its caption edited too) is a new
+    row, fetched again; it used to draw its side again from its new name, so a picture a
+    continuing model trained on could land in val. It keeps its first name's side, also
+    through a second rename; a picture new to the folder draws its own."""
+    src, raw = tmp_path / "pictures", tmp_path / "raw"
+    src.mkdir()
+    for i in range(12):
+        (src / f"p{i}.jpg").write_bytes(_jpeg(i))
+        (src / f"p{i}.txt").write_text(f"picture {i}")
+    params = _params(dataset="folder", source=str(src))
+    ingest.run(params, raw, tmp_path / "work")
+    before = _sides(params, raw, tmp_path / "clean1")
+    # pictures whose new names hash to the other side (picked with split.py's own hash)
+    moved = {}
+    for i in range(12):
+        side = before[f"picture {i}"]
+        new = next(
+            f"renamed-{i}-{n}"
+            for n in range(100)
+            if ("val" if split.in_val(f"/renamed-{i}-{n}.jpg", 0.3) else "train") != side
+        )
+        moved[i] = new
+    for i in (1, 2, 3):
+        (src / f"p{i}.jpg").rename(src / f"{moved[i]}.jpg")
+        (src / f"p{i}.txt").rename(src / f"{moved[i]}.txt")
+    (src / f"{moved[3]}.txt").write_text("picture 3, captioned anew")
+    report = ingest.run(params, raw, tmp_path / "work")
+    assert (report["rows_new"], report["rows_removed"]) == (3, 3)
+    after = _sides(params, raw, tmp_path / "clean2")
+    assert after["picture 1"] == before["picture 1"]
+    assert after["picture 2"] == before["picture 2"]
+    assert after["picture 3, captioned anew"] == before["picture 3"]
+    # a second rename keeps the first name's side
+    (src / f"{moved[1]}.jpg").rename(src / "again.jpg")
+    (src / f"{moved[1]}.txt").rename(src / "again.txt")
+    ingest.run(params, raw, tmp_path / "work")
+    assert _sides(params, raw, tmp_path / "clean3")["picture 1"] == before["picture 1"]

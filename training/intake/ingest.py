@@ -292,11 +292,16 @@ def _ingest(params: Params, out_dir: Path, work_dir: Path) -> dict:
             pq.write_table(table.take(plan.fetch), fetch_list)
             download(fetch_list, i2d_dir, params, policy_for(params), [sync.ROW_ID])
         return publish(params, i2d_dir, out_dir, work_dir, prep.report, plan)
-    ids = [
-        sync.file_row_id(r["path"], r["caption"], prep.folder / r["path"])
+    digests = [
+        sync.file_digest(prep.folder / r["path"])
         for r in tqdm(prep.rows, "ingest: hashing", unit="file", disable=len(prep.rows) < 5000)
     ]
+    ids = [
+        sync.file_row_id(r["path"], r["caption"], d)
+        for r, d in zip(prep.rows, digests, strict=True)
+    ]
     plan = sync.plan(params, out_dir, ids)
+    plan.carried = sync.carry(out_dir / "shards", ids, digests, [r["path"] for r in prep.rows])
     _say_plan(plan, len(ids))
     if plan.fetch:
         rows = [{**prep.rows[i], sync.ROW_ID: ids[i]} for i in plan.fetch]

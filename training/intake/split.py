@@ -6,6 +6,8 @@ enough to mean anything.
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from training.intake.canonical import unsigned_url
@@ -22,6 +24,18 @@ def split_key(url: str, key: str) -> str:
         return key
     parts = urlsplit(unsigned_url(url))
     return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+# In data/raw/shards/ (written by ingest's sync, swapped in with the shards): row id ->
+# the URL a renamed picture keeps splitting by, its first name's (``sync.carry``).
+# Absent when no picture was renamed, so data/raw is as it always was.
+CARRIED = "carried_splits.json"
+
+
+def carried_splits(shard_dir: Path) -> dict[str, str]:
+    """The URLs renamed pictures split by (``CARRIED``), {} when there are none."""
+    f = shard_dir / CARRIED
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def split_hash(url_or_key: str) -> int:

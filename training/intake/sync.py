@@ -36,6 +36,7 @@ from pathlib import Path
 
 from training.config import Params, fingerprint
 from training.intake.canonical import unsigned_url
+from training.intake.split import CARRIED, carried_splits, split_key
 
 # the ingest params a fetched sample's bytes (or its admission) depend on
 FETCH_KEYS = (
@@ -73,12 +74,63 @@ def url_row_id(url: str, caption: str) -> str:
     return hashlib.sha1(_id_bytes(f"url\0{unsigned_url(url)}\0{caption}")).hexdigest()[:24]
 
 
-def file_row_id(path: str, caption: str, file: Path) -> str:
+def file_digest(file: Path) -> str:
+    """The sha256 of a served file: part of its row id, and what img2dataset records
+    as the fetched sample's ``sha256`` (the bytes it downloaded are the file's)."""
     h = hashlib.sha256()
     with open(file, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return hashlib.sha1(_id_bytes(f"file\0{path}\0{caption}\0{h.hexdigest()}")).hexdigest()[:24]
+    return h.hexdigest()
+
+
+def file_row_id(path: str, caption: str, digest: str) -> str:
+    """A served row's id, from its path, caption and file digest (``file_digest``)."""
+    return hashlib.sha1(_id_bytes(f"file\0{path}\0{caption}\0{digest}")).hexdigest()[:24]
+
+
+def carry(shard_dir: Path, ids: list[str], digests: list[str], paths: list[str]) -> dict:
+    """Which of a served source's rows keep the split of a picture the base held under
+    another name: a row new to the base, at a path no base sample had, whose file's
+    sha256 is that of a base sample whose row left the source (a rename; a caption
+    edited at the same time too). Without this, a renamed picture's side was drawn
+    again from its new path, and a continuing model's training picture could land in
+    val. Rows already carried keep their carry, so a second rename, or a full fetch
+    after a settings change, keeps the first name's side. Returns row id -> URL."""
+    import pyarrow.parquet as pq
+
+    from training.intake.sources import url_path
+
+    if not shard_dir.is_dir():
+        return {}
+    old = carried_splits(shard_dir)
+    base: dict[str, tuple[str, str]] = {}  # row id -> (sha256, the URL it splits by)
+    names: set[str] = set()  # the split keys of the base's samples, by their own URLs
+    for p in sorted(shard_dir.glob("*.parquet")):
+        t = pq.read_table(p)
+        if not {ROW_ID, "sha256"} <= set(t.column_names):
+            continue  # a base from before row ids: nothing to match
+        d = t.select([ROW_ID, "status", "url", "sha256"]).to_pydict()
+        for rid, status, url, sha in zip(
+            d[ROW_ID], d["status"], d["url"], d["sha256"], strict=True
+        ):
+            if status == "success" and url:
+                names.add(split_key(url, ""))
+                base[rid] = (sha, old.get(rid, url))
+    source = set(ids)
+    gone: dict[str, list[str]] = {}  # sha256 -> URLs of the base's rows that left
+    for rid, (sha, url) in sorted(base.items(), key=lambda kv: kv[1][1]):
+        if rid not in source:
+            gone.setdefault(sha, []).append(url)
+    out: dict[str, str] = {}
+    for rid, digest, path in zip(ids, digests, paths, strict=True):
+        if rid in old:
+            out[rid] = old[rid]
+            continue
+        renamed = rid not in base and split_key(f"kiln://_/{url_path(path)}", "") not in names
+        if renamed and gone.get(digest):  # each removed sample lends its side once
+            out[rid] = gone[digest].pop(0)
+    return out
 
 
 @dataclass
@@ -93,6 +145,7 @@ class Plan:
     retried: int = 0
     next_shard: int = 0  # the first new shard's id
     full: str | None = None  # why nothing could be kept, if so
+    carried: dict[str, str] = field(default_factory=dict)  # row id -> URL (``carry``)
 
     def counts(self) -> dict:
         return {
@@ -232,6 +285,8 @@ def assemble(p: Plan, base_dir: Path, new_dir: Path, staged: Path, per_shard: in
     (numbered from ``p.next_shard`` on)."""
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
+    if p.carried:
+        (staged / CARRIED).write_text(json.dumps(p.carried, indent=1, sort_keys=True))
     for shard, keys in sorted(p.keep.items()):
         if len(keys) == p.rows[shard]:  # every row kept: the files as they are
             _link_shard(base_dir, shard, staged)

@@ -43,6 +43,7 @@ from training.intake.checks import (
 from training.intake.split import (
     MIN_VAL_FOR_DISTRIBUTION,
     SplitError,
+    carried_splits,
     split_hash,
     split_key,
     split_problem,
@@ -81,6 +82,7 @@ def run(
 
     c = params.validate_
     paths = shards.shard_paths(raw_dir / "shards")
+    carried = carried_splits(raw_dir / "shards")  # renamed pictures keep their side
     sizes = params.buckets()
     gate = Gate(params, docs_dir or out_dir / "data_docs")
     schema = shards.rejects_schema()
@@ -173,7 +175,8 @@ def run(
                     continue
                 chars[row["caption_chars"]] += 1
                 words[caption_lengths.words(rec.caption)] += 1
-                h = split_hash(split_key(row["url"], rec.key))
+                url = carried.get(rec.meta.get("row_id", ""), row["url"])
+                h = split_hash(split_key(url, rec.key))
                 _put(va if h < c.val_fraction * 0x100000000 else tr, rec, sizes)
                 # the lowest hashes say which val_fraction would give a usable split
                 if len(lowest) < MIN_VAL_FOR_DISTRIBUTION:
