@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
+import signal
 from pathlib import Path
 
 import typer
@@ -51,6 +52,23 @@ def transient(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a stage command: what a process manager, Kubernetes evicting a pod or
+    a batch scheduler sends. Raised like Ctrl-C's KeyboardInterrupt, so the stage cleans
+    up the same way (outs emptied, its MLflow run KILLED, checkpoints kept), where the
+    default action killed it on the spot with its run left RUNNING and half an output."""
+
+
+def terminate_like_interrupt() -> None:
+    """A stage command takes SIGTERM as it takes Ctrl-C (raising :class:`Terminated`)."""
+
+    def terminated(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def record_failure(stage: str, msg: str, retry: bool) -> None:

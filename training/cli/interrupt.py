@@ -13,23 +13,6 @@ INTERRUPTED = (
 )
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM in a stage command: what a process manager, Kubernetes evicting a pod or
-    a batch scheduler sends. Raised like Ctrl-C's KeyboardInterrupt, so the stage cleans
-    up the same way (outs emptied, its MLflow run KILLED, checkpoints kept), where the
-    default action killed it on the spot with its run left RUNNING and half an output."""
-
-
-def terminate_like_interrupt() -> None:
-    """A stage command takes SIGTERM as it takes Ctrl-C (raising :class:`Terminated`)."""
-
-    def terminated(signum, frame) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, terminated)
-
-
 def stop_on_interrupt() -> None:
     """Ctrl-C (or SIGTERM) stops ``kiln run`` within seconds, exit code 130.
 

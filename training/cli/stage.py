@@ -94,7 +94,7 @@ def _restore_previews(stage: str, out: Path, resumed: int) -> None:
 def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable | None) -> dict:
     """``run_stage``'s work, under the stage's hold on the run lock."""
     from training import config, tracking
-    from training.cli.interrupt import Terminated, terminate_like_interrupt
+    from training.cli.base import Terminated, terminate_like_interrupt
     from training.disk import disk_full_errors, write_json
     from training.errors import TrainingDiverged
     from training.intake.canonical import public_params
