@@ -94,7 +94,7 @@ def test_generate_compare_and_promote_in_the_browser(two_versions, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "playground.log"
-    cmd = [str(BIN / "kiln"), "playground", "--port", str(port), "--allow-promote", "--queue", "2"]
+    cmd = [str(BIN / "kiln"), "playground", "--port", str(port), "--allow-promote", "--queue", "4"]
     with background(cmd, project_env(project), project, log) as proc:
         wait_http(f"{url}/api/config", proc, log)
         code, listed = call(f"{url}/api/versions")
@@ -187,7 +187,8 @@ print(json.dumps({"champion": v.version, "challenger": old.version, "tags": v.ta
         assert code == 404 and "no registered model '7'" in body["error"]
         code, body = call(f"{url}/api/generate", {"models": ["1"], "prompt": "x", "steps": 0})
         assert code == 400 and body["error"].startswith("steps must be")
-        # requests that arrive while sampling queue, then get a clear busy answer
+        # requests that arrive while sampling queue, then get a clear busy answer (--queue
+        # 4: this client's share is 2, full on the 4th whether or not long has started)
         long = {"models": ["1"], "prompt": PROMPT, "steps": 250, "n": 8}  # the 2,000-step cap
         short = {"models": ["1"], "prompt": PROMPT, "steps": 1}
         answers = [call(f"{url}/api/generate", body) for body in (long, short, short, short)]

@@ -11,6 +11,11 @@ version (or job) that does not exist, 403 for promotion when it is off (or a can
 without the job's token), 429 when the queue is full, 503 when the registry does not
 answer. The server itself never goes down on a
 request.
+
+A client, for the queue's fair share (``fair.py``), is the address a request comes
+from: the playground has no login, and an address is what a script cannot change at
+will (uvicorn reads it from ``X-Forwarded-For`` only when the connection comes from a
+proxy on this machine).
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastapi import Body, FastAPI
+from fastapi import Body, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from training.playground.jobs import MAX_IMAGES, Busy, Settings, Worker
+from training.playground.fair import Busy
+from training.playground.jobs import MAX_IMAGES, Settings, Worker
 from training.tracking.versions import UnknownVersion
 
 STATIC = Path(__file__).parent / "static"
@@ -128,14 +134,16 @@ def create_app(
     allow_promote: bool = False,
     max_queue: int = 8,
     hosts: Sequence[str] | None = None,
+    max_per_client: int | None = None,
 ) -> FastAPI:
     """The app; its worker thread starts now and keeps ``gallery`` (``data/playground``).
-    ``hosts``: the ``Host`` headers it answers (``host_names``; default: loopback's)."""
+    ``hosts``: the ``Host`` headers it answers (``host_names``; default: loopback's);
+    ``max_per_client``: jobs one client may keep waiting (``Worker``'s default)."""
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     from training.tracking import versions as V
 
-    worker = Worker(gallery, max_queue=max_queue)
+    worker = Worker(gallery, max_queue=max_queue, max_per_client=max_per_client)
     app = FastAPI(title="Kiln playground", docs_url=None, redoc_url=None, openapi_url=None)
     allowed = host_names("127.0.0.1") if hosts is None else list(hosts)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed, www_redirect=False)
@@ -188,8 +196,11 @@ def create_app(
         }
 
     @app.post("/api/generate", response_model=None)
-    def generate(body: dict[str, Any] = Body(...)) -> dict[str, Any] | JSONResponse:
-        """Queue one job: ``models`` (one, or two to compare) and the settings."""
+    def generate(
+        request: Request, body: dict[str, Any] = Body(...)
+    ) -> dict[str, Any] | JSONResponse:
+        """Queue one job: ``models`` (one, or two to compare) and the settings; its
+        client is the address it came from (the queue's fair share)."""
         models = body.get("models")
         if (
             not isinstance(models, list)
@@ -198,7 +209,8 @@ def create_app(
         ):
             return _error(400, "models must be a list of one or two versions or aliases")
         try:
-            job = worker.submit([m.strip() for m in models], _settings(body))
+            client = request.client.host if request.client else ""
+            job = worker.submit([m.strip() for m in models], _settings(body), client)
         except Exception as exc:
             return _failure(exc)
         # the token cancels it (DELETE /api/jobs/{id}); only this answer carries it

@@ -2,8 +2,9 @@
 
 One worker, because one sampling job already uses every core torch was given: two at
 once would only thrash (RESULTS.md, "Torch threads"). A request that arrives while a
-job runs waits in the queue, its position shown; past ``max_queue`` waiting jobs the
-answer is a clear "busy" (HTTP 429), never an unbounded backlog.
+job runs waits in the queue, its position shown, taken round-robin across clients
+(``fair.py``); past ``max_queue`` waiting jobs, or a client's share of them, the answer
+is a clear "busy" (HTTP 429), never an unbounded backlog.
 
 Images are drawn by ``sampling.generate`` with the same requests, batching and
 scheduler construction as ``kiln generate``, so a playground image is the image ``kiln
@@ -15,7 +16,6 @@ kept under ``data/playground/``: the gallery.
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 import uuid
@@ -27,6 +27,7 @@ from typing import Any
 from training.config import SAMPLER
 from training.errors import UserError
 from training.inference.defaults import scheduler_name
+from training.playground.fair import FairQueue
 
 MAX_IMAGES = 8  # images per prompt in one job
 # A job's denoising steps (models x images x steps; the REST model's budget is 1,000):
@@ -116,10 +117,6 @@ class Job:
         }
 
 
-class Busy(Exception):
-    """The queue is full: the caller should try again later (HTTP 429)."""
-
-
 class Cancelled(Exception):
     """Raised at the next denoising step of a job its client cancelled."""
 
@@ -130,14 +127,19 @@ FINISHED = ("done", "error", "cancelled")
 class Worker:
     """The queue, the thread that empties it and the pipelines it keeps loaded."""
 
-    def __init__(self, gallery: Path, max_queue: int = 8) -> None:
+    def __init__(
+        self, gallery: Path, max_queue: int = 8, max_per_client: int | None = None
+    ) -> None:
+        """``max_per_client``: jobs one client may keep waiting (default: half of
+        ``max_queue``, rounded up, so one client cannot turn all others away)."""
         self.gallery = gallery
         self.images = gallery / "images"
         self.images.mkdir(parents=True, exist_ok=True)
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        share = (max_queue + 1) // 2 if max_per_client is None else max_per_client
+        self.waiting = FairQueue(max_queue, share)
         self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self.waiting: list[str] = []
-        self.lock = threading.Lock()
+        # guards jobs and waiting; the worker thread waits on it for a job
+        self.lock = threading.Condition()
         self.pipes: OrderedDict[str, tuple[Any, dict]] = OrderedDict()
         self.dirs: dict[str, Path] = {}  # version -> its pipeline folder (downloaded once)
         self.dirs_lock = threading.Lock()
@@ -146,9 +148,10 @@ class Worker:
         self.thread.start()
 
     # ---- the request side --------------------------------------------------------------
-    def submit(self, models: list[str], settings: Settings) -> Job:
-        """Check and queue a job; ``ValueError``/``UserError`` for bad input, ``Busy``
-        when ``max_queue`` jobs already wait, ``ConnectionError`` without a registry."""
+    def submit(self, models: list[str], settings: Settings, client: str = "") -> Job:
+        """Check and queue a job of ``client`` (its address); ``ValueError``/``UserError``
+        for bad input, ``Busy`` when ``max_queue`` jobs, or the client's share, already
+        wait, ``ConnectionError`` without a registry."""
         settings.check()
         if (cost := len(models) * settings.n * settings.steps) > MAX_JOB_STEPS:
             raise ValueError(
@@ -160,15 +163,10 @@ class Worker:
         versions = [resolve_version(m) for m in models]  # a missing version fails now
         job = Job(uuid.uuid4().hex[:12], models, settings, versions)
         with self.lock:
-            try:
-                self.queue.put_nowait(job)
-            except queue.Full:
-                raise Busy(
-                    f"busy: {self.queue.qsize()} jobs are waiting; try again when one is done"
-                ) from None
+            self.waiting.push(client, job)  # Busy when full
             self.jobs[job.id] = job
-            self.waiting.append(job.id)
             self._forget_finished()
+            self.lock.notify()
         return job
 
     def _forget_finished(self) -> None:
@@ -196,7 +194,7 @@ class Worker:
                 job.cancelled = True
                 if job.state == "queued":
                     job.state = "cancelled"
-                    self.waiting.remove(job_id)
+                    self.waiting.remove(job)
             return True
 
     def view(self, job_id: str) -> dict[str, Any] | None:
@@ -204,18 +202,15 @@ class Worker:
             job = self.jobs.get(job_id)
             if job is None:
                 return None
-            pos = self.waiting.index(job_id) + 1 if job_id in self.waiting else None
-            return job.view(pos)
+            return job.view(self.waiting.position(job))
 
     # ---- the worker thread -------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            job = self.queue.get()
             with self.lock:
-                if job.cancelled:  # cancelled while it waited
-                    continue
-                self.waiting.remove(job.id)
-                job.state = "running"
+                while (job := self.waiting.pop()) is None:
+                    self.lock.wait()
+                job.state = "running"  # a cancelled job has left the queue already
             try:
                 self._run(job)
                 job.state = "done"
