@@ -3,8 +3,8 @@ bounded, a client can cancel its own job (queued: skipped; running: stopped at i
 step), and one version's download does not hold the page loads of others.
 
 On a random-weight pipeline of the tiny profile's architectures
-(``test_serving.build_tiny_pipeline``: nothing trained, nothing downloaded); the
-registry lookups are replaced by that folder, as in ``test_serving_defaults.py``."""
+(``test_serving.build_tiny_pipeline``: nothing trained, nothing downloaded), registered
+as version 1 in a real SQLite MLflow registry, which the worker asks as it would in use."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.test_serving import build_tiny_pipeline
+from tests.test_serving import build_tiny_pipeline, register
 from training.playground import jobs
+from training.tracking.versions import UnknownVersion
 
 PROMPT = "a red circle at the top"
 
@@ -26,12 +27,25 @@ def tiny(tmp_path_factory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("jobs"))
 
 
+@pytest.fixture(scope="module")
+def store(tiny, tmp_path_factory) -> Path:
+    """A project root whose ``mlflow.db`` registry holds ``tiny`` as version 1."""
+    root = tmp_path_factory.mktemp("store")
+    assert register(root, tiny) == "1"
+    return root
+
+
 @pytest.fixture()
-def worker(tiny, tmp_path, monkeypatch) -> jobs.Worker:
-    monkeypatch.setattr("training.tracking.versions.resolve_version", lambda m: f"kiln/{m}")
-    w = jobs.Worker(tmp_path / "gallery")
-    monkeypatch.setattr(w, "pipeline_dir", lambda version: tiny)
-    return w
+def registry(store, monkeypatch) -> None:
+    """Point this process's registry lookups at ``store``'s SQLite registry."""
+    for var in ("MLFLOW_REGISTRY_URI", "KILN_REGISTRY_PREFIX"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+
+
+@pytest.fixture()
+def worker(registry, tmp_path) -> jobs.Worker:
+    return jobs.Worker(tmp_path / "gallery")
 
 
 def _wait(ready, job: jobs.Job, timeout: float = 120.0) -> None:
@@ -48,7 +62,10 @@ def test_a_job_past_the_step_budget_is_refused_before_it_is_queued(worker):
     with pytest.raises(ValueError, match="at most 2000 denoising steps .* this one is 16000"):
         worker.submit(["1", "2"], big)
     assert worker.jobs == {}
-    ok = worker.submit(["1", "2"], jobs.Settings(prompt=PROMPT, steps=1, n=8))  # the defaults' kind
+    with pytest.raises(UnknownVersion, match="no registered model '2'"):  # asked of the registry
+        worker.submit(["1", "2"], jobs.Settings(prompt=PROMPT, steps=1, n=8))
+    ok = worker.submit(["1", "1"], jobs.Settings(prompt=PROMPT, steps=1, n=8))  # 2 x 8
+    assert ok.versions == ["kiln-text2image/1", "kiln-text2image/1"]
     _wait(lambda: ok.state == "done", ok)
 
 
@@ -71,12 +88,10 @@ def test_a_client_cancels_its_own_job_queued_or_running(worker, tmp_path):
     ]
 
 
-def test_cancel_over_http_needs_the_token_only_the_submission_answered(tiny, tmp_path, monkeypatch):
+def test_cancel_over_http_needs_the_token_only_the_submission_answered(registry, tmp_path):
     from training.playground.app import create_app
 
-    monkeypatch.setattr("training.tracking.versions.resolve_version", lambda m: f"kiln/{m}")
     app = create_app(tmp_path / "gallery")
-    monkeypatch.setattr(app.state.worker, "pipeline_dir", lambda version: tiny)
     client = TestClient(app, base_url="http://127.0.0.1")
     job = client.post("/api/generate", json={"models": ["1"], "prompt": PROMPT, "steps": 900})
     job = job.json()
