@@ -8,12 +8,15 @@ are refused. It is then fully decoded (truncated files fail here, where OpenCV w
 return a half-grey picture), and what OpenCV gets wrong is normalised: EXIF orientation
 (OpenCV's ``IMREAD_UNCHANGED`` ignores it), CMYK, 16-bit, palette transparency and
 animated GIFs are re-encoded as an upright 8-bit RGB PNG (first frame; transparency
-composited on ``ingest.background``, white by default). Plain 8-bit RGB/grey
-JPEG/PNG/WebP pass through.
+composited on ``ingest.background``, white by default). A picture with an ICC colour
+profile other than sRGB (Display P3 phone photos) is converted to sRGB, as OpenCV would
+read its values as sRGB; an unreadable profile is refused. Plain 8-bit RGB/grey
+JPEG/PNG/WebP with no profile or an sRGB one pass through byte for byte.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -65,8 +68,12 @@ def normalize(
         )
     frames = getattr(img, "n_frames", 1)
     orientation = img.getexif().get(0x0112, 1)
+    icc = img.info.get("icc_profile") or None  # sRGB-equivalent ones change nothing
+    if icc is not None and _is_srgb(icc):
+        icc = None
     if (
-        img.format in _PASS_FORMATS
+        icc is None
+        and img.format in _PASS_FORMATS
         and img.mode in ("RGB", "L")
         and not _png_16bit(data)
         and orientation == 1
@@ -77,6 +84,8 @@ def normalize(
     if frames > 1:
         img.seek(0)
     img = ImageOps.exif_transpose(img)
+    if icc is not None:
+        img = _to_srgb(img, icc)
     img = _to_rgb8(img, background)
     out = io.BytesIO()
     img.save(out, format="PNG", compress_level=1)
@@ -89,6 +98,107 @@ def _png_16bit(data: bytes) -> bool:
     is then near-black and its shards hold 16-bit PNGs. 16-bit grey and RGBA never pass
     (modes "I;16", "RGBA"), so this is only asked of the "RGB" and "L" that would."""
     return data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[24:25] == b"\x10"
+
+
+# Colour profiles. OpenCV (img2dataset decodes with it) ignores a picture's ICC profile,
+# and the stored PNG carries none, so a Display P3 photo (phones shoot P3 by default) would
+# be trained on its raw values: a P3 green (60, 200, 80) is sRGB (0, 203, 58), not
+# (60, 200, 80). Such a picture is converted to sRGB here. Relative colourimetric, not
+# perceptual: every colour sRGB can show keeps its exact value and only the ones outside
+# sRGB are clipped to its edge (what browsers show); perceptual would shift in-gamut
+# colours too, and the matrix profiles phones and cameras embed define no perceptual
+# table, so it would mean the same thing or a table's house style. Black point
+# compensation maps a print profile's paper black (CMYK) to black instead of grey; for
+# RGB profiles both blacks are 0 and it changes nothing.
+_UNREADABLE_ICC = "unreadable colour profile (ICC); save the picture as sRGB"
+_ICC_SPACES = {
+    "RGB": ("RGB", "RGBA", "P", "PA"),
+    "GRAY": ("L", "LA", "1", "I;16", "I"),
+    "CMYK": ("CMYK",),
+}
+
+
+def _icc_profile(icc: bytes):
+    from PIL import ImageCms
+
+    try:
+        return ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    except Exception:  # PyCMSError, OSError: a cut or invented profile
+        raise Refused(_UNREADABLE_ICC) from None
+
+
+@functools.lru_cache(maxsize=64)
+def _is_srgb(icc: bytes) -> bool:
+    """Does this profile leave every colour where sRGB has it (within a level of
+    rounding)? Then the picture is kept as it is, byte for byte: an sRGB profile,
+    whoever wrote it, changes nothing, as before profiles were read. Tested on a cube of
+    colours and every grey and primary ramp, not by the profile's name."""
+    import numpy as np
+    from PIL import Image
+
+    src = _icc_profile(icc)
+    if src.profile.xcolor_space.strip() != "RGB":
+        return False
+    levels = np.linspace(0, 255, 17).round().astype(np.uint8)
+    cube = np.stack(np.meshgrid(levels, levels, levels), -1).reshape(-1, 3)
+    ramp = np.arange(256, dtype=np.uint8)
+    zero = np.zeros(256, np.uint8)
+    ramps = [
+        np.stack(c, -1)
+        for c in ((ramp, ramp, ramp), (ramp, zero, zero), (zero, ramp, zero), (zero, zero, ramp))
+    ]
+    px = np.concatenate([cube, *ramps])[None]
+    out = _convert(Image.fromarray(px, "RGB"), src)
+    return int(np.abs(np.asarray(out, np.int16) - px).max()) <= 1
+
+
+@functools.cache
+def _srgb_profile():
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _convert(img, src):
+    """``img`` (in ``src``'s colour space) as sRGB RGB, relative colourimetric with black
+    point compensation (see above)."""
+    from PIL import ImageCms
+
+    try:
+        return ImageCms.profileToProfile(
+            img,
+            src,
+            _srgb_profile(),
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+            outputMode="RGB",
+            flags=ImageCms.Flags.BLACKPOINTCOMPENSATION,
+        )
+    except Exception:  # PyCMSError: a profile lcms reads but cannot build a transform from
+        raise Refused(_UNREADABLE_ICC) from None
+
+
+def _to_srgb(img, icc: bytes):
+    """``img`` (upright) converted from its ICC profile to sRGB: mode RGB, or RGBA with
+    its alpha untouched. A profile for another kind of picture (a CMYK profile on an
+    RGB picture) is refused, not guessed around."""
+
+    src = _icc_profile(icc)
+    space = src.profile.xcolor_space.strip()
+    if img.mode not in _ICC_SPACES.get(space, ()):
+        raise Refused(f"colour profile (ICC) for another colour space ({space}) than the picture's")
+    alpha = None
+    if img.mode in ("P", "PA") or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        alpha = img.getchannel("A")
+        img = img.convert(img.mode[:-1])
+    if img.mode in ("1", "I;16", "I"):
+        img = _to_rgb8(img, (0, 0, 0)).convert("L")
+    out = _convert(img, src)
+    out.info.pop("icc_profile", None)  # the values are sRGB now, as untagged ones are read
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out
 
 
 def _to_rgb8(img, background: tuple[int, int, int]):
