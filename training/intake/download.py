@@ -45,8 +45,11 @@ def normalize(
         f"decompression bomb (declared size over ingest.max_pixels, {max_pixels:,}; "
         "raise it for photos that large)"
     )
+    _allow_pixels(max_pixels)
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the declared size is judged below, by max_pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         head = data[:64].lstrip().lower()
         kind = "html" if head.startswith((b"<!doctype html", b"<html")) else "unknown data"
@@ -90,6 +93,22 @@ def normalize(
     out = io.BytesIO()
     img.save(out, format="PNG", compress_level=1)
     return out.getvalue()
+
+
+def _allow_pixels(max_pixels: int) -> None:
+    """Let Pillow open and decode what ``ingest.max_pixels`` allows. Pillow has no
+    per-call limit: it reads its global ``MAX_IMAGE_PIXELS`` (89 M; refusing at twice
+    that) in ``Image.open`` and again while decoding (TIFF tiles, GIF frames), so a
+    ``max_pixels`` raised above 179 M still refused a 182 M picture, with a reason saying
+    it was over the raised limit. normalize refuses by the declared size itself, before
+    decoding, so the global is raised to ``max_pixels`` (Pillow then refuses only over
+    twice that); it is never lowered, and left alone while ``max_pixels`` is under it
+    (the default 40 M): no other code sees a change unless the user raised the limit,
+    and in img2dataset's workers nothing but normalize opens pictures with Pillow."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _png_16bit(data: bytes) -> bool:

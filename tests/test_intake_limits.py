@@ -1,0 +1,38 @@
+"""normalize's limits and failures: ``ingest.max_pixels`` is the limit even above
+Pillow's own, and every cut or corrupt picture gets the same reason."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from training.intake.download import Refused, normalize
+
+
+def _png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_max_pixels_above_pillows_own_limit_is_the_limit(monkeypatch):
+    """Was: Pillow refuses over twice its ``MAX_IMAGE_PIXELS`` (179 M) in open, and that
+    became "over ingest.max_pixels, 300,000,000" for a 182 M picture. Here Pillow's limit
+    is scaled down to 1,000 (refusing over 2,000) and max_pixels is 5,000."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = _png(60, 60)  # 3,600 px: over Pillow's 2,000, under max_pixels
+    assert normalize(data, 5000) is data
+    with pytest.raises(Refused, match=r"over ingest.max_pixels, 5,000; raise it"):
+        normalize(_png(80, 80), 5000)  # 6,400: over max_pixels itself
+    with pytest.raises(Refused, match=r"over ingest.max_pixels, 5,000; raise it"):
+        normalize(_png(120, 120), 5000)  # over twice it too: Pillow's own refusal
+
+
+def test_pillows_limit_is_never_lowered(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = _png(30, 30)
+    assert normalize(data, 10**8) is data
+    normalize(data, 900)
+    assert Image.MAX_IMAGE_PIXELS == 10**8
