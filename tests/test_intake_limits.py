@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -36,3 +37,16 @@ def test_pillows_limit_is_never_lowered(monkeypatch):
     assert normalize(data, 10**8) is data
     normalize(data, 900)
     assert Image.MAX_IMAGE_PIXELS == 10**8
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "PNG", "JPEG"])
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.95])
+def test_a_cut_picture_is_truncated_or_corrupt_in_every_format(fmt: str, keep: float):
+    """Was: a cut WebP (and a JPEG cut early) fails in Image.open with OSError, which
+    only the recorded exception name ("OSError") described."""
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, format=fmt)
+    data = buf.getvalue()
+    with pytest.raises(Refused, match="^truncated or corrupt image$"):
+        normalize(data[: int(len(data) * keep)], 10**8)

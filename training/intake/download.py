@@ -56,6 +56,8 @@ def normalize(
         raise Refused(f"not an image ({kind})") from None
     except Image.DecompressionBombError:
         raise Refused(too_big) from None
+    except Exception:  # a cut WebP fails in open (OSError), others in load (was: "OSError")
+        raise Refused("truncated or corrupt image") from None
     w, h = img.size
     if w * h > max_pixels:
         raise Refused(too_big)
