@@ -3,13 +3,17 @@ Pillow's own, and every cut or corrupt picture gets the same reason."""
 
 from __future__ import annotations
 
+import http.server
 import io
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from training.intake import download
 from training.intake.download import Refused, normalize
+from training.intake.guard import Policy
 
 
 def _png(w: int, h: int) -> bytes:
@@ -50,3 +54,35 @@ def test_a_cut_picture_is_truncated_or_corrupt_in_every_format(fmt: str, keep: f
     data = buf.getvalue()
     with pytest.raises(Refused, match="^truncated or corrupt image$"):
         normalize(data[: int(len(data) * keep)], 10**8)
+
+
+class _Big(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        self.send_response(200)
+        if self.path == "/sized":
+            self.send_header("Content-Length", "4096")
+        self.end_headers()
+        self.wfile.write(b"\0" * 4096)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("path", ["/sized", "/unsized"])
+def test_a_file_over_max_bytes_names_the_setting(monkeypatch, path: str):
+    """Was: "larger than max_bytes" alone, which names no setting (for a folder's own
+    pictures too: they are served to the same downloader on loopback)."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Big)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        policy = Policy(allow_networks=("127.0.0.1/32",), max_bytes=1024)
+        monkeypatch.setattr(download, "_policy", policy)
+        url = f"http://127.0.0.1:{server.server_port}{path}"
+        key, body, why = download.download_image((7, url), 5, "kiln", None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (key, body) == (7, None)
+    assert why == (
+        "larger than max_bytes (ingest.max_bytes, 1,024 bytes; raise it for files that large)"
+    )

@@ -258,9 +258,21 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives)
         data = normalize(body, policy.max_pixels, policy.background)
         return key, io.BytesIO(data), None
     except Refused as exc:
-        return key, None, str(exc)
+        return key, None, _worded(str(exc), policy)
     except Exception as exc:  # img2dataset records the message as the failure reason
         return key, None, reason(exc)
+
+
+def _worded(why: str, policy: Policy) -> str:
+    """The guard's byte-cap refusal naming the setting and its value, as the max_pixels
+    one does (was: "larger than max_bytes" alone, for a user's own 38 MiB TIFF too). The
+    limit is the same for every sample of a run, so reasons still add up in the report."""
+    if why == "larger than max_bytes":
+        return (
+            f"larger than max_bytes (ingest.max_bytes, {policy.max_bytes:,} bytes; "
+            "raise it for files that large)"
+        )
+    return why
 
 
 def install(policy: Policy) -> None:
