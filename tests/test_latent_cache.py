@@ -223,3 +223,20 @@ def test_a_killed_run_resumes_with_the_rows_it_finished(made, tmp_path: Path):
         if f.suffix == ".safetensors":
             a, b = load_file(out / f), load_file(full / f)
             assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in b), f
+
+
+def test_a_run_killed_between_the_swaps_renames_keeps_its_cache(made, tmp_path):
+    """Was: a kill between replace_dir's two renames left the old output at
+    data/.latents.old, which the next run deleted unread and encoded every row again."""
+    from training.phases import latents
+
+    root, params = made
+    out = tmp_path / "latents"
+    assert (
+        latents.run(params, root / "clean", root / "vae", root / "clip", out)["latents_encoded"]
+        == 32
+    )
+    out.rename(tmp_path / ".latents.old")  # the first rename done, the second not
+    m = latents.run(params, root / "clean", root / "vae", root / "clip", out)
+    assert (m["latents_encoded"], m["latents_reused"]) == (0, 32)
+    assert not (tmp_path / ".latents.old").exists()

@@ -34,7 +34,7 @@ from training import backbones
 from training import engine as E
 from training import paths as P
 from training.config import Params
-from training.disk import replace_dir
+from training.disk import replace_dir, restore_dir
 from training.inference.text import encode_text
 from training.intake.index import write_index
 from training.phases.latent_cache import (
@@ -166,6 +166,7 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     fps = model_fingerprint(vae_dir), model_fingerprint(clip_dir)
     made_by = {"vae": fps[0], "clip": fps[1], "code": code_fingerprint(), "backbone": bb.name}
     if E.is_main():  # the staging folder empty, what a killed run finished kept aside
+        restore_dir(old_dir, old_dir.with_name(f".{old_dir.name}.old"))  # killed mid-swap
         keep_partial(out_dir, partial, {**made_by, "text_dtype": c.text_dtype})
     E.barrier()  # rank 0 has cleared the staging folder before anyone writes
     dev = E.device()
