@@ -408,3 +408,19 @@ def test_non_finite_gradients_of_a_finite_loss_stop_before_any_save(tmp_path):
     with pytest.raises(E.TrainingDiverged, match="gradient norm is nan at step 0"):
         trainer.fit(sqrt_at_zero)
     assert not list((tmp_path / "ck").glob("step-*"))
+
+
+def test_a_preview_that_fails_closes_the_progress_bar(tmp_path):
+    """Was: left open, the bar printed its line again after the stage's error line."""
+    from tqdm.auto import tqdm
+
+    trainer, fn = _setup(tmp_path)
+    bars = []  # held here: a bar nobody holds is closed by the garbage collector
+
+    def broken_preview(step):
+        bars.extend(bar for bar in list(tqdm._instances) if bar.desc == "toy")
+        raise RuntimeError("preview")
+
+    with pytest.raises(RuntimeError, match="preview"):
+        trainer.fit(fn, every=4, on_every=broken_preview)
+    assert bars and all(bar.disable for bar in bars)  # tqdm.close() sets disable

@@ -214,7 +214,11 @@ class Trainer:
             if checkpoint and world_size() > 1:
                 torch.distributed.barrier()  # no rank runs ahead of the newest checkpoint
             if main and on_every and preview:
-                on_every(step + 1)
+                try:
+                    on_every(step + 1)
+                except BaseException:  # e.g. NonFiniteSamples: the bar ends before the error
+                    bar.close()
+                    raise
             if stop_now:
                 end = step + 1
                 break
