@@ -38,3 +38,7 @@ def test_no_clean_image_names_a_rejects_table_that_exists(tmp_path: Path):
     assert all("width" in checks for checks in rejects["failed_checks"]), rejects
     assert (project / named).with_name("report.json").is_file()
     assert not (project / "data" / "validation").exists()  # the stage's outs are still removed
+    # the Data Docs it pointed at are kept too (were: named, then removed with the outs)
+    (docs,) = [x for x in proc.stderr.splitlines() if "Great Expectations Data Docs:" in x]
+    assert (project / docs.split("Data Docs: ", 1)[1]).is_file(), docs
+    assert "per aspect-ratio bucket: \n" not in proc.stderr + "\n"  # no empty list

@@ -257,6 +257,14 @@ def run(
     if warning:
         report["warning"] = warning
     write_json(report_dir / "report.json", report)
+    if failed_dir is not None:
+        shutil.rmtree(failed_dir, ignore_errors=True)  # an older failure's, now stale
+        if error:  # the outs go with the failed stage: what the user reads, kept here
+            failed_dir.mkdir(parents=True)
+            for name in ("report.json", "rejects.parquet"):
+                shutil.copy2(report_dir / name, failed_dir / name)
+            shutil.copytree(docs.parent, failed_dir / docs.parent.name)
+            docs, page = (failed_dir / docs.parent.name / f.name for f in (docs, page))
     say(f"validate: {report['train']} train, {report['val']} val, {n_rejected} rejected")
     w = report["caption_words"]
     say(
@@ -266,7 +274,7 @@ def run(
     for name, n in counts.most_common():
         why = gate.described.get(name, "")
         say(f"validate:   {n:6d}  {name}{f' ({why})' if why else ''}")
-    if sizes:
+    if sizes and report["buckets"]["train"]:
         shown = ", ".join(f"{b} {n}" for b, n in report["buckets"]["train"].items())
         say(f"validate: train images per aspect-ratio bucket: {shown}")
     say(f"validate: Great Expectations Data Docs: {docs}")
@@ -277,12 +285,6 @@ def run(
         )
     if warning:
         say(f"validate: warning: {warning}")
-    if failed_dir is not None:
-        shutil.rmtree(failed_dir, ignore_errors=True)  # an older failure's, now stale
-        if error:
-            failed_dir.mkdir(parents=True)
-            for name in ("report.json", "rejects.parquet"):
-                shutil.copy2(report_dir / name, failed_dir / name)
     if error:
         raise SplitError(error)
     return report
