@@ -312,6 +312,7 @@ def fetch_bytes(
                         raise Refused("larger than max_bytes")
                     chunks.append(chunk)
                 body, resp_headers = b"".join(chunks), r.headers
+                expected = int(length) if length and length.isdigit() else None
         except urllib.error.HTTPError as exc:
             if exc.code in (301, 302, 303, 307, 308):
                 raise Refused("too many redirects") from None
@@ -328,6 +329,10 @@ def fetch_bytes(
             raise
         if fetch.expired:  # the watchdog cut the body short: never keep a partial image
             raise Refused("total deadline exceeded")
+        if expected is not None and len(body) < expected:
+            # http.client ends a body the server closed early without a word: the part
+            # was kept (half an image "corrupt", half a shard's samples silently gone)
+            raise Refused("incomplete body")
         return body, resp_headers
     finally:
         with _active_lock:

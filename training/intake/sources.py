@@ -22,8 +22,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -309,82 +307,3 @@ def shard_folder(shard: str) -> str:
     shard = shard_spelling(shard)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", shard.rstrip("/").rsplit("/", 1)[-1])[:40]
     return f"{stem}-{hashlib.sha1(shard.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
-
-
-def unpack_shards(spec: str, dest: Path, policy) -> dict:
-    """Unpack webdataset tars into ``dest`` as ``<shard>/<key>.<ext>`` + ``.txt``.
-
-    Remote shards are downloaded through the fetch guard; a shard already unpacked
-    (marker file) is skipped, so an interrupted unpack resumes."""
-    from training.intake import guard as fetch
-
-    shards = expand_shards(spec)
-    stats = {"shards": len(shards), "ignored_unsafe_members": 0, "ignored_other_members": 0}
-    from tqdm import tqdm
-
-    names = [shard_folder(shard) for shard in shards]
-    # a shard no longer in the source takes its pictures with it (sync then drops their
-    # rows); so does a folder of an older Kiln's positional names
-    if dest.is_dir():
-        for old in dest.iterdir():
-            if old.name not in names:
-                (shutil.rmtree if old.is_dir() else Path.unlink)(old)
-    for shard, name in zip(tqdm(shards, desc="unpack shards", unit="shard"), names, strict=True):
-        target = dest / name
-        done = target / ".unpacked"
-        if done.exists():
-            continue
-        target.mkdir(parents=True, exist_ok=True)
-        if "://" in shard:
-            try:
-                body, _ = fetch.fetch_bytes(shard, 60, policy)
-            except Exception as exc:  # noqa: BLE001 - one clear line, whatever went wrong
-                why = fetch.reason(exc)
-                if fetch.is_transient(why):  # the network's fault: a retry may succeed
-                    raise ConnectionError(f"shard {shard}: {why}") from None
-                raise SourceError(f"shard {shard}: {why}") from None
-            local = dest / f"{name}.tar"  # removed once unpacked
-            local.write_bytes(body)
-        else:
-            local = Path(shard)
-            if not local.is_file():
-                raise SourceError(f"shard {shard} does not exist")
-        counts = _unpack_one(local, target)
-        for k, v in counts.items():
-            stats[k] += v
-        if "://" in shard:
-            local.unlink()
-        done.write_text(json.dumps(counts))
-    return stats
-
-
-def _unpack_one(tar_path: Path, target: Path) -> dict:
-    """Group members by webdataset key (path up to the first dot of the file name)."""
-    counts = {"ignored_unsafe_members": 0, "ignored_other_members": 0}
-    try:
-        tf = tarfile.open(tar_path, "r")  # noqa: SIM115 - closed by the with below
-    except tarfile.TarError as exc:
-        # tarfile's message lists every compression it tried, one per line: keep what
-        # the plain tar reader said
-        found = re.search(r"method tar: \w+\('([^']*)'\)", str(exc))
-        why = found.group(1) if found else str(exc).strip().splitlines()[0]
-        raise SourceError(f"{tar_path}: not a tar shard ({why})") from None
-    with tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            dirname, _, fname = m.name.rpartition("/")
-            stem, dot, ext = fname.partition(".")
-            ext = "." + ext.lower() if dot else ""
-            if ext in UNSAFE_SUFFIXES:
-                counts["ignored_unsafe_members"] += 1
-                continue
-            if ext not in IMAGE_SUFFIXES and ext != ".txt":
-                counts["ignored_other_members"] += 1
-                continue
-            # a key's files keep their names, flattened to one safe file name
-            key = hashlib.sha1(f"{dirname}/{stem}".encode()).hexdigest()[:16]
-            fh = tf.extractfile(m)
-            if fh is not None:
-                (target / f"{key}{ext}").write_bytes(fh.read())
-    return counts

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from training.config import Params
 from training.console import say
-from training.intake import sources
+from training.intake import sources, unpack
 from training.intake.guard import policy_for
 from training.intake.kinds.base import Prepared, require_source
 
@@ -37,7 +37,7 @@ def prepare(params: Params, work_dir: Path) -> Prepared:
     folder = work_dir / "source"
     # whole tars, not images: the per-image byte cap and deadline do not apply
     remote = dataclasses.replace(policy_for(params), max_bytes=1 << 40, deadline_s=3600.0)
-    stats = sources.unpack_shards(c.source, folder, remote)
+    stats = unpack.unpack_shards(c.source, folder, remote)
     say(f"ingest: unpacked {stats['shards']} shards from {c.source}")
     try:
         rows = sources.folder_rows(folder)
