@@ -21,26 +21,24 @@ the rejects table.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import http.client
 import ipaddress
+import re
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from training.config import Params
+from training.intake.deadline import Fetch as _Fetch
+from training.intake.deadline import Refused, active, active_lock, start_watchdog
 
 ALLOWED_SCHEMES = ("http", "https")
 USER_AGENT = "Mozilla/5.0 (compatible; kiln-ingest; +img2dataset)"
-
-
-class Refused(Exception):
-    """A download Kiln will not make or keep; the message is the recorded reason."""
 
 
 @dataclass(frozen=True)
@@ -118,70 +116,9 @@ def refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, policy: Policy) -
     return None
 
 
-# ---- the deadline watchdog: one thread per process, shuts sockets of expired fetches ----
-class _Fetch:
-    """One download's deadline and the connections it opened.
-
-    It keeps a *duplicate* of each socket: ``shutdown`` acts on the connection, not the
-    file descriptor, so shutting the duplicate stops any read on the original. The
-    original itself would not do: for https, ``wrap_socket`` detaches it (its fd
-    becomes -1, ``shutdown`` fails) and the TLS socket takes over the connection, so a
-    dripping https server held a worker past ``deadline_s`` for as long as it liked."""
-
-    def __init__(self, deadline_s: float):
-        self.expires = time.monotonic() + deadline_s
-        self.expired = False
-        self.socks: list[socket.socket] = []
-        self.lock = threading.Lock()
-
-    def add(self, sock: socket.socket) -> None:
-        with self.lock:
-            if self.expired:
-                sock.close()
-                raise Refused("total deadline exceeded")
-            self.socks.append(sock.dup())
-
-    def expire(self) -> None:
-        with self.lock:
-            self.expired = True
-            for s in self.socks:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        """Close the duplicates (the connections close with their last descriptor)."""
-        with self.lock:
-            for s in self.socks:
-                s.close()
-            self.socks.clear()
-
-
-_active: set[_Fetch] = set()
-_active_lock = threading.Lock()
-_watchdog: threading.Thread | None = None
-_local = threading.local()
-
-
-def _watch() -> None:
-    while True:
-        time.sleep(0.1)
-        now = time.monotonic()
-        with _active_lock:
-            due = [f for f in _active if not f.expired and f.expires <= now]
-        for f in due:
-            f.expire()
-
-
-def _start_watchdog() -> None:
-    global _watchdog
-    with _active_lock:
-        if _watchdog is None or not _watchdog.is_alive():
-            _watchdog = threading.Thread(target=_watch, name="kiln-fetch-deadline", daemon=True)
-            _watchdog.start()
-
-
 # ---- guarded connections: the address check happens where the socket is opened ---------
 _DEFAULT_TIMEOUT = socket._GLOBAL_DEFAULT_TIMEOUT  # type: ignore[attr-defined]
+_local = threading.local()  # the fetch under way in this thread, and its policy
 
 
 def _guarded_create_connection(address, timeout=_DEFAULT_TIMEOUT, source_address=None):
@@ -274,6 +211,31 @@ def _opener(policy: Policy) -> urllib.request.OpenerDirector:
     return opener
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PATH_SAFE = "/%!$&'()*+,;=:@~"  # RFC 3986 pchar and "/": kept, "%" so as not to re-quote
+
+
+def wire_url(url: str) -> str:
+    """``url`` as it goes on the wire: spaces and non-ASCII characters of the path and
+    query percent-encoded (UTF-8), a non-ASCII host name in IDNA, as browsers and curl
+    send them (http.client refused the first with ``InvalidURL`` and could not encode
+    the second: such pictures were lost). What the user wrote stays the row's URL and
+    split key; a control character (a NUL, a tab) is refused, not encoded."""
+    if _CONTROL.search(url):
+        raise Refused("malformed URL (control character)")
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if not netloc.isascii():
+        try:
+            host = parts.hostname.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise Refused("malformed URL (host name)") from None
+        netloc = host + (f":{parts.port}" if parts.port else "")
+    path = quote(parts.path, safe=_PATH_SAFE)
+    query = quote(parts.query, safe=_PATH_SAFE + "?")
+    return urlunsplit((parts.scheme, netloc, path, query, ""))
+
+
 def fetch_bytes(
     url: str, timeout: float, policy: Policy, headers: dict | None = None
 ) -> tuple[bytes, object]:
@@ -290,11 +252,15 @@ def fetch_bytes(
         raise Refused(f"refused: scheme {scheme or 'missing'!r} (only http/https)")
     if not host:
         raise Refused("malformed URL (no host)")
-    _start_watchdog()
+    try:
+        url = wire_url(url)
+    except ValueError:  # a bad port
+        raise Refused("malformed URL") from None
+    start_watchdog()
     fetch = _Fetch(policy.deadline_s)
     _local.fetch, _local.policy = fetch, policy
-    with _active_lock:
-        _active.add(fetch)
+    with active_lock:
+        active.add(fetch)
     try:
         req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
         try:
@@ -335,8 +301,8 @@ def fetch_bytes(
             raise Refused("incomplete body")
         return body, resp_headers
     finally:
-        with _active_lock:
-            _active.discard(fetch)
+        with active_lock:
+            active.discard(fetch)
         fetch.close()
         _local.fetch = None
 
