@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from training.intake import sources
+from training.intake.checks import caption_is_text
 from training.intake.download import normalize
 
 
@@ -159,3 +160,34 @@ def test_a_picture_over_max_pixels_is_refused_naming_the_knob():
     with pytest.raises(Refused, match=r"over ingest.max_pixels, 5,000; raise it"):
         normalize(buf.getvalue(), 5000)
     assert normalize(buf.getvalue(), 10_000) == buf.getvalue()  # at the limit: fine
+
+
+@pytest.mark.parametrize("name, sep", [("l.csv", ","), ("l.tsv", "\t")])
+def test_a_nul_in_a_list_cuts_no_caption_or_url_short(tmp_path: Path, name: str, sep: str):
+    """Was: pandas' C parser ended the field at the NUL, and kept "a red car" and
+    "http://a.example/1": a silently wrong caption and URL. Kept whole, the gate rejects
+    the caption (control character) and the guard refuses the URL, each with its reason."""
+    cap = "a red car\x00 parked on a street at night"
+    text = (
+        f"url{sep}caption\nhttp://a.example/1\x00.jpg{sep}{cap}\nhttp://a.example/2.jpg{sep}two\n"
+    )
+    (tmp_path / name).write_text(text)
+    assert _read(tmp_path / name, tmp_path) == [
+        {"url": "http://a.example/1\x00.jpg", "caption": cap},
+        {"url": "http://a.example/2.jpg", "caption": "two"},
+    ]
+    assert not caption_is_text(cap)
+
+
+def test_a_utf16_list_is_read_or_named_as_utf16(tmp_path: Path):
+    """Was: ``no column 'url' (columns: ��u, Unnamed: 1)``, not a word of the encoding."""
+    text = "url\tcaption\nhttp://a.example/0.jpg\tnaïve café\n"
+    (tmp_path / "l.tsv").write_bytes(text.encode("utf-16"))  # Excel's "Unicode text"
+    rows = [{"url": "http://a.example/0.jpg", "caption": "naïve café"}]
+    assert _read(tmp_path / "l.tsv", tmp_path) == rows
+    (tmp_path / "l.csv").write_bytes(text.replace("\t", ",").encode("utf-16-le"))  # no BOM
+    with pytest.raises(sources.SourceError, match=r"l\.csv: not UTF-8 text \(UTF-16"):
+        _read(tmp_path / "l.csv", tmp_path)
+    (tmp_path / "l.jsonl").write_bytes('{"url": "u", "caption": "c"}\n'.encode("utf-16"))
+    with pytest.raises(sources.SourceError, match=r"l\.jsonl: UTF-16 text; save it as UTF-8"):
+        _read(tmp_path / "l.jsonl", tmp_path)

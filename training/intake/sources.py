@@ -101,9 +101,16 @@ def _chunks(path: Path, fmt: str, cols: list[str]) -> Iterator[dict[str, list]]:
         # line, fields verbatim. Read with CSV quoting, a caption starting with `"` lost
         # its quotes, and an unbalanced one swallowed the lines after it into one caption
         # (rows silently gone). A CSV keeps its real quoting.
+        encoding, nul = _text_encoding(path)
         reader = pd.read_csv(
             path,
             sep="," if fmt == "csv" else "\t",
+            encoding=encoding,
+            # pandas' C parser ends a field at a NUL byte: "a red car\0 parked" was kept
+            # as "a red car", a URL cut short the same way. The python parser keeps the
+            # NUL, which the gate then rejects (caption_printable) or the fetch guard
+            # refuses (a control character in a URL), each row with its reason.
+            engine="python" if nul else "c",
             quoting=csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE,
             dtype=str,
             keep_default_na=False,
@@ -115,6 +122,8 @@ def _chunks(path: Path, fmt: str, cols: list[str]) -> Iterator[dict[str, list]]:
                 _need(path, cols, list(df.columns))
             yield {c: df[c].tolist() for c in cols}
     else:
+        if _text_encoding(path)[0] != "utf-8":  # lines split on b"\n" would cut its text
+            raise SourceError(f"{path}: UTF-16 text; save it as UTF-8 (one JSON object a line)")
         rows: list[dict] = []
         checked = False
         with open(path, "rb") as fh:
@@ -138,6 +147,29 @@ def _chunks(path: Path, fmt: str, cols: list[str]) -> Iterator[dict[str, list]]:
                     rows = []
         if rows:
             yield {c: [_utf8(r.get(c)) for r in rows] for c in cols}
+
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _text_encoding(path: Path) -> tuple[str, bool]:
+    """(the encoding to read ``path`` with, whether it holds a NUL byte). A UTF-16 list
+    (Excel's "Unicode text") with its byte-order mark is read as UTF-16; without one,
+    it was read as UTF-8 into garbage column names (``no column 'url' (columns: ��u,
+    ...)``): refused, saying what the file is. One pass over the bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+        if head.startswith(_UTF16_BOMS):
+            return "utf-16", False
+        if head.count(0) * 4 >= len(head):  # ASCII text as UTF-16: every other byte 0
+            raise SourceError(
+                f"{path}: not UTF-8 text (UTF-16 without a byte-order mark?); save it as "
+                "UTF-8 (Excel: CSV UTF-8)"
+            )
+        nul = b"\0" in head
+        while not nul and (block := fh.read(1 << 20)):
+            nul = b"\0" in block
+    return "utf-8", nul
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
