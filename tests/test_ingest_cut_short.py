@@ -99,3 +99,25 @@ def test_a_partly_copied_local_shard_is_one_error_naming_it(tmp_path: Path, extr
     stats = unpack.unpack_shards(str(shard), tmp_path / "src", LOOPBACK)
     assert stats["ignored_other_members"] == 0
     assert len(list((tmp_path / "src").rglob("*.jpg"))) == 20
+
+
+def test_shard_messages_name_no_marker_and_say_what_is_left_out(tmp_path: Path, capfd):
+    """Was: the ``.unpacked`` marker was reported as a user's file on every shard
+    ingest, and members named ``cat.v2.jpg`` left out with a count in report.json only."""
+    from tests.test_ingest_sources import _params
+    from training.intake.kinds import tars
+
+    with wds.TarWriter(str(tmp_path / "a.tar")) as w:
+        w.write({"__key__": "dog", "jpg": _jpeg(1), "txt": "a dog"})
+    with tarfile.open(tmp_path / "a.tar", "a") as tf:
+        for name, data in (("cat.v2.jpg", _jpeg(2)), ("cat.v2.txt", b"a cat")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    capfd.readouterr()
+    prepared = tars.prepare(_params(dataset="shards", source=str(tmp_path / "a.tar")), tmp_path)
+    out = capfd.readouterr()
+    said = out.out + out.err
+    assert [r["caption"] for r in prepared.rows] == ["a dog"]
+    assert "not images" not in said and "(no suffix)" not in said
+    assert "2 tar members left out" in said and "'cat.v2.jpg'" in said

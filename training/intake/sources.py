@@ -246,14 +246,15 @@ def folder_files(folder: Path) -> list[Path]:
     return sorted(files)
 
 
-def folder_rows(folder: Path) -> list[dict]:
+def folder_rows(folder: Path, own: tuple[str, ...] = ()) -> list[dict]:
     """(path relative to ``folder``, caption) for each image; a missing sidecar gives an
     empty caption, which the quality gate rejects with its reason (never silently). The
     sidecar is the image's name with ``.txt`` in any case (``UP.TXT`` beside
     ``UP.JPG``). Files that are neither images by their suffix nor sidecars are counted
-    and named by suffix (was: skipped without a word)."""
+    and named by suffix (was: skipped without a word); Kiln's ``own`` file names (a
+    shard's unpacked marker) are not the user's and are not counted."""
     check_folder(folder)
-    files = folder_files(folder)
+    files = [p for p in folder_files(folder) if p.name not in own]
     sidecars = {(p.parent, p.stem): p for p in files if p.suffix.lower() == ".txt"}
     rows, uncaptioned, other = [], [], Counter()
     for p in files:

@@ -40,7 +40,7 @@ def prepare(params: Params, work_dir: Path) -> Prepared:
     stats = unpack.unpack_shards(c.source, folder, remote)
     say(f"ingest: unpacked {stats['shards']} shards from {c.source}")
     try:
-        rows = sources.folder_rows(folder)
+        rows = sources.folder_rows(folder, own=(unpack.DONE,))
     except sources.SourceError:
         raise sources.SourceError(
             f"shards {c.source}: no image members ({', '.join(sources.IMAGE_SUFFIXES)})"
