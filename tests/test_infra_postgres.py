@@ -185,6 +185,7 @@ def test_mlflow_server_on_postgres_with_basic_auth(postgres, tmp_path):
     port = free_port()
     cmd = _localise(svc["command"], postgres["port"]).split()
     assert cmd[:2] == ["mlflow", "server"] and "basic-auth" in cmd
+    assert "--backend-store-uri" not in cmd  # MLFLOW_BACKEND_STORE_URI, below
     cmd = [str(BIN / "mlflow"), *cmd[1:]]
     cmd[cmd.index("0.0.0.0")] = "127.0.0.1"
     cmd[cmd.index("--port") + 1] = str(port)
@@ -203,6 +204,10 @@ def test_mlflow_server_on_postgres_with_basic_auth(postgres, tmp_path):
     env = _env(tmp_path)
     server_env = {k: v for k, v in svc["environment"].items() if not k.startswith("AWS_")}
     server_env.pop("MLFLOW_S3_ENDPOINT_URL")
+    # the backend store from the environment, as compose gives it (not on the command line)
+    server_env["MLFLOW_BACKEND_STORE_URI"] = _localise(
+        server_env["MLFLOW_BACKEND_STORE_URI"], postgres["port"]
+    )
     env.update(server_env, MLFLOW_AUTH_CONFIG_PATH=str(auth))
     url = f"http://127.0.0.1:{port}"
     with background(cmd, env, tmp_path, tmp_path / "m.log") as proc:
