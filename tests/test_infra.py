@@ -663,3 +663,66 @@ def test_prefect_ui_calls_the_api_where_browsers_reach_it(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "https://prefect.internal/api"
+
+
+def test_containers_run_without_privileges():
+    """Found in review: every container ran as root, with the default capabilities and
+    setuid escalation open; a Kubernetes job also got the namespace's service-account
+    token, which nothing in a stage uses. A stage decodes images from the internet."""
+    services = _compose()["services"]
+    for name, svc in services.items():
+        assert svc.get("security_opt") == ["no-new-privileges:true"], name
+        assert "privileged" not in svc and "pid" not in svc, name
+        for volume in svc.get("volumes", []):
+            assert "docker.sock" not in volume, name
+        # postgres and minio start as root to chown their data, then drop to their user
+        if name not in ("postgres", "minio"):
+            assert svc.get("cap_drop") == ["ALL"], name
+    # the worker image's last USER is unprivileged, numeric (runAsNonRoot checks a number)
+    lines = (INFRA / "Dockerfile").read_text().splitlines()
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0] == "10001", users
+    after = "\n".join(lines[max(i for i, ln in enumerate(lines) if ln.startswith("USER ")) :])
+    assert "ENTRYPOINT" in after and "CMD" in after  # nothing after it runs as root again
+    # the folders compose mounts named volumes on exist in the image, owned by that user
+    mounts = {v.split(":")[1] for n in ("worker-cpu", "worker-gpu") for v in services[n]["volumes"]}
+    for mount in mounts:
+        assert mount in (INFRA / "Dockerfile").read_text(), mount
+    # Kubernetes: the pod as that user, no token, no escalation, no capabilities
+    manifest, _ = _render("gpu-pool-kubernetes.json")
+    pod = manifest["job_manifest"]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    context = pod["containers"][0]["securityContext"]
+    assert context == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    # Docker pool jobs: the same as compose's workers
+    docker, _ = _render("gpu-pool-docker.json")
+    assert docker["container_create_kwargs"]["security_opt"] == ["no-new-privileges:true"]
+    assert docker["container_create_kwargs"]["cap_drop"] == ["ALL"]
+
+
+def test_no_usage_telemetry_leaves_the_stack(monkeypatch):
+    """MLflow 3 sends usage telemetry unless MLFLOW_DISABLE_TELEMETRY is true or
+    DO_NOT_TRACK is "true"; found in review: the image's DO_NOT_TRACK=1 did not stop it,
+    and the MLflow server had no opt-out. Checked with MLflow's own reading."""
+    from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY
+
+    services = _compose()["services"]
+    text = (INFRA / "Dockerfile").read_text()
+    image = dict(re.findall(r"\b(MLFLOW_DISABLE_TELEMETRY|DO_NOT_TRACK)=(\S+)", text))
+    for name in ("mlflow", "worker-cpu", "worker-gpu"):
+        env = dict(services[name].get("environment") or {})
+        if name.startswith("worker"):
+            env = image | env
+        for key in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
+            monkeypatch.delenv(key, raising=False)
+        for key in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
+            if key in env:
+                monkeypatch.setenv(key, str(env[key]))
+        do_not_track = os.environ.get("DO_NOT_TRACK", "false").lower() == "true"
+        assert MLFLOW_DISABLE_TELEMETRY.get() or do_not_track, name
+    assert image.get("DO_NOT_TRACK") in (None, "true"), image  # "1" reads as tracking on
+    # Prefect's server sends none either
+    assert services["prefect"]["environment"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
