@@ -133,6 +133,31 @@ def test_a_request_for_another_host_name_is_refused(tmp_path, monkeypatch):
     assert host_names("::1")[-1] == "[::1]" and host_names("10.0.0.5")[-1] == "10.0.0.5"
 
 
+def test_a_write_from_another_sites_page_is_refused(tmp_path, monkeypatch):
+    """Found in review: nothing of Kiln's checked a write's Origin; a page of another site
+    was kept from @champion only by the browser's preflight and FastAPI's strict JSON
+    content type (a dependency's default). The page's own writes still pass."""
+    from fastapi.testclient import TestClient
+
+    from training.playground.app import create_app
+
+    promoted = []
+    monkeypatch.setattr(
+        "training.tracking.versions.promote_by_hand",
+        lambda version, reason: promoted.append(version) or {"gate_decision": "champion"},
+    )
+    app = create_app(tmp_path / "gallery", allow_promote=True)
+    here = TestClient(app, base_url="http://127.0.0.1:7860")
+    body = {"version": "1", "confirm": "1"}
+    evil = here.post("/api/promote", json=body, headers={"Origin": "https://evil.example"})
+    assert evil.status_code == 403 and "another site" in evil.json()["error"], evil.text
+    assert here.delete("/api/jobs/x", headers={"Origin": "https://evil.example"}).status_code == 403
+    assert promoted == []
+    own = here.post("/api/promote", json=body, headers={"Origin": "http://127.0.0.1:7860"})
+    assert own.status_code == 200 and promoted == ["1"], own.text
+    assert here.get("/api/gallery", headers={"Origin": "https://evil.example"}).status_code == 200
+
+
 def test_listening_on_every_interface_is_warned_of_however_it_is_spelt():
     """Was: only IP literals were looked at, so ``--host 0`` (every interface) or a LAN
     host name listened with no word of the missing login."""

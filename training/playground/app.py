@@ -26,6 +26,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Body, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -147,6 +148,19 @@ def create_app(
     app = FastAPI(title="Kiln playground", docs_url=None, redoc_url=None, openapi_url=None)
     allowed = host_names("127.0.0.1") if hosts is None else list(hosts)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed, www_redirect=False)
+
+    @app.middleware("http")
+    async def same_origin_writes(request: Request, call_next):
+        """A write (generate, cancel, promote) sent by a page of another site is refused
+        here, not only by the browser's CORS preflight and FastAPI's strict JSON content
+        type, which is what stood between a page anywhere and @champion with
+        --allow-promote (a default of a dependency, not of Kiln)."""
+        origin = request.headers.get("origin")
+        write = request.method not in ("GET", "HEAD", "OPTIONS")
+        if write and origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            return _error(403, f"a request from another site ({origin}) is refused")
+        return await call_next(request)
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/gallery", StaticFiles(directory=gallery), name="gallery")
     app.state.worker = worker
