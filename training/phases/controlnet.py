@@ -158,7 +158,7 @@ def run(
 
 def _train(params, batches, text, dirs, out_dir, ckpt_dir, log, val) -> dict:
     tokenizer, encoder = text
-    vae_dir, _, unet_dir = dirs
+    vae_dir, _, unet_dir = dirs  # (vae, clip, unet) folders
     c = params.train_controlnet
     bb = backbones.get("unet2d")
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
@@ -173,8 +173,10 @@ def _train(params, batches, text, dirs, out_dir, ckpt_dir, log, val) -> dict:
         f"ControlNet {n_params / 1e6:.2f} M parameters on the frozen U-Net"
     )
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.01)
-    # a checkpoint resumes only into a run on the same data and the same frozen models
-    data_id = [batches.index.fingerprint(), *map(model_fingerprint, (vae_dir, unet_dir))]
+    # a checkpoint resumes only into a run on the same data and the same frozen models,
+    # the text encoder included (was: VAE and U-Net only, so a run with another CLIP
+    # resumed a ControlNet trained on the first one's text states, and finished it)
+    data_id = [batches.index.fingerprint(), *map(model_fingerprint, dirs)]
     trainer = E.stage_trainer(
         "train_controlnet", model, opt, c, params.seed, ckpt_dir, data_id, log, c.ema_decay
     )
