@@ -3,9 +3,12 @@ and what ``kiln generate`` serves beside a retrained base model."""
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -51,3 +54,22 @@ def test_a_checkpoint_of_another_text_encoder_is_not_resumed(tmp_path):
     fresh_b = train(clip_b, "fresh_b", "ckpt_fresh")
     assert any(not torch.equal(on_a[k], on_b[k]) for k in on_a)  # was: all equal
     assert all(torch.equal(fresh_b[k], on_b[k]) for k in on_b)
+
+
+def test_a_32_bit_control_picture_out_of_16_bit_range_is_refused_with_its_range():
+    """Was: a 32-bit integer picture (mode I: a depth map in micrometres saved as a TIFF)
+    was clipped to 16 bits, so its shape and background were both white: no edge, and
+    the answer was silently the base model's."""
+    from PIL import Image
+
+    from training.inference.control import ControlImageError, load_control
+
+    depth = np.full((32, 32), 70_000, np.int32)
+    depth[8:24, 8:24] = 300_000
+    buf = io.BytesIO()
+    Image.fromarray(depth).save(buf, format="TIFF")
+    with pytest.raises(ControlImageError, match=r"depth.tif: .* values 70000..300000;"):
+        load_control(buf.getvalue(), (32, 32), False, 100, 200, name="depth.tif")
+    negative = np.full((32, 32), -5, np.int32) + np.eye(32, dtype=np.int32) * 260
+    with pytest.raises(ControlImageError, match="values -5..255;"):
+        load_control(Image.fromarray(negative), (32, 32), False, 100, 200)

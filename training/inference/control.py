@@ -92,8 +92,14 @@ def open_control(source: str | Path | bytes | Image.Image, name: str | None = No
         # Pillow's convert("RGB") clips these to 255, so nearly every pixel of a 16-bit
         # picture came out white and Canny found no edge: the answer was silently the
         # base model's. 0..65535 is scaled to 0..255 instead (65535 / 257 = 255).
-        grey = np.asarray(img, dtype=np.float64) / 257.0
-        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+        values = np.asarray(img, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        if low < 0 or high > 65535:  # mode I is 32-bit: clipped, its picture was lost
+            raise ControlImageError(
+                f"{name}: a 32-bit integer picture with values {low:g}..{high:g}; save it "
+                "as a 16-bit (0..65535) or 8-bit picture"
+            )
+        img = Image.fromarray(np.rint(values / 257.0).astype(np.uint8), "L")
     elif img.mode == "F":  # 32-bit float grey (TIFF, depth and edge maps saved by numpy)
         img = Image.fromarray(_float_to_grey(np.asarray(img, dtype=np.float64), name), "L")
     return img.convert("RGB")
