@@ -112,3 +112,23 @@ def test_each_family_keeps_its_samplers_through_switches():
     back = sampling.make_scheduler("euler", dpm.config)
     assert isinstance(back, FlowMatchEulerDiscreteScheduler) and back.config.shift == 2.0
     assert sampling.scheduler_names(dpm.config) == ("euler", "dpm++")
+
+
+def test_the_position_embedding_holds_the_widest_bucket():
+    """Was: made 4x the trained side, so a bucket wider than that (320x16 at 64 px, with
+    max_aspect_ratio 20) stopped train_unet after the VAE, CLIP and latents had trained
+    ("Width (40) cannot be greater than pos_embed_max_size: 32"). The square and 4x
+    sizes keep their embedding."""
+    raw = {"profile": "tiny64", "ingest": {"resize_mode": "buckets", "bucket_stride": 8},
+           "validate": {"max_aspect_ratio": 20}, **_dit()}  # fmt: skip
+    params = config.resolve({**raw, "evaluate": {"scheduler": "euler"}})
+    width, height = max(params.image_sizes())
+    assert (width, height) == (320, 16)
+    model = dit.build(params, 4, 16, TextDims(32, 16)).eval()
+    cond = {"text": torch.randn(1, 5, 32), "pooled": torch.randn(1, 16)}
+    with torch.no_grad():
+        for w, h in ((width, height), (16, 64), (64, 64)):
+            zt = torch.randn(1, 4, h // 4, w // 4)
+            assert dit.predict(model, zt, torch.tensor([500.0]), cond).shape == zt.shape
+    square = config.resolve({"profile": "tiny64", **_dit(), "evaluate": {"scheduler": "euler"}})
+    assert dit.pos_embed_side(square, 16) == 4 * 16 // 2

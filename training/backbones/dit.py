@@ -37,6 +37,17 @@ T5_TOKENS = 256
 MAX_SIZE_FACTOR = 4
 
 
+def pos_embed_side(params: Params, latent_size: int) -> int:
+    """Patches a side of the position embedding: ``MAX_SIZE_FACTOR`` times the trained
+    side, or the longest side of an aspect-ratio bucket when that is longer (was: 4x
+    only, so a wide bucket, e.g. 320x16 at 64 px with ``validate.max_aspect_ratio`` 20,
+    stopped train_unet after the VAE, CLIP and latents with diffusers' "Width (40)
+    cannot be greater than pos_embed_max_size: 32")."""
+    longest = max(max(size) for size in params.image_sizes())
+    side = max(MAX_SIZE_FACTOR * latent_size, longest * latent_size // params.ingest.image_size)
+    return side // params.train_unet.dit_patch_size
+
+
 def build(params: Params, latent_channels: int, latent_size: int, text: TextDims):
     c = params.train_unet
     assert c.dit_width and c.dit_heads and c.dit_layers  # UnetCfg checked them
@@ -51,7 +62,7 @@ def build(params: Params, latent_channels: int, latent_size: int, text: TextDims
         joint_attention_dim=2 * text.hidden,
         caption_projection_dim=c.dit_width,
         pooled_projection_dim=2 * text.pooled,
-        pos_embed_max_size=MAX_SIZE_FACTOR * latent_size // c.dit_patch_size,
+        pos_embed_max_size=pos_embed_side(params, latent_size),
         qk_norm="rms_norm",  # SD3.5's: keeps attention logits in range at higher rates
     )
     collapse_zeros(model)
