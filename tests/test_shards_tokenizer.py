@@ -186,3 +186,22 @@ def test_a_reused_clips_cut_captions_point_at_what_can_change_them(capsys):
     clip.say_context(text, c)  # a CLIP trained here: its coverage setting is the knob
     said = capsys.readouterr()
     assert "context_coverage" in said.out + said.err
+
+
+def test_captions_without_spaces_are_tokenized_by_character_not_by_caption(tmp_path):
+    """CLIP's pre-tokeniser makes a Chinese or Japanese caption one word, and BPE made
+    each caption seen twice one token (60 captions: 60 ids, nothing shared); a prompt
+    that was no caption fell apart into bytes. Each such character is one token now,
+    inside a run as at its end; words of spaced scripts merge as before."""
+    import itertools
+
+    colours, things = ["红色的", "蓝色的", "绿色的"], ["汽车", "猫", "狗", "房子"]
+    caps = [c + t + "在左边" for c, t in itertools.product(colours, things)] * 10
+    caps += ["ねこがいます", "a red car"] * 10
+    tok = clip.train_tokenizer(caps, 512, 32, tmp_path)
+    for prompt in ("蓝色的房子在左边", "红色的狗", "ねこがいます"):  # the first: no caption
+        pieces = [tok.decode([i]) for i in tok(prompt).input_ids[1:-1]]
+        assert pieces == list(prompt)
+    assert tok.convert_ids_to_tokens(tok("a red car").input_ids)[1:-1] == [
+        "a</w>", "red</w>", "car</w>"
+    ]  # fmt: skip

@@ -4,7 +4,9 @@ Tokenizer: CLIP's own normaliser and pre-tokeniser (lower-case, NFC, byte-level)
 BPE model trained on the captions by the ``tokenizers`` library, ``</w>`` word ends and
 ``<|startoftext|>``/``<|endoftext|>`` specials. Every byte symbol is in the vocabulary
 both bare and with ``</w>``, so no character ever falls back to the unknown (end-of-text)
-id. Saved so ``CLIPTokenizer.from_pretrained`` loads it.
+id. A character of a script written without spaces (Chinese, Japanese, Thai) is a token
+of its own, never merged with its neighbours (``clip_merges``). Saved so
+``CLIPTokenizer.from_pretrained`` loads it.
 
 Model: symmetric InfoNCE (Radford et al. 2021, eq. in Fig. 3) with one change: many
 images share a caption, so every pair with an identical caption is a positive (the
@@ -34,6 +36,7 @@ from training.inference.text import embed
 from training.intake.captions import percentile, summary
 from training.phases import clip_data
 from training.phases.clip_data import captions_of, pair_split
+from training.phases.clip_merges import isolate, with_inner
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -60,16 +63,16 @@ def train_tokenizer(
         show_progress=False,
         min_frequency=2,
     )
-    tok.train_from_iterator(captions, trainer=trainer)
+    tok.train_from_iterator(isolate(captions), trainer=trainer)  # no merge across 猫
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     # Ids in a canonical order: the trainer numbers its initial symbols in hash-set order,
     # which differs between runs and made CLIP training irreproducible. Specials, then
     # the single symbols sorted, then each merge's product in merge order.
-    merged = [a + b for a, b in merges]
-    singles = sorted(set(model["vocab"]) - {BOS, EOS} - set(merged))
+    singles = sorted(set(model["vocab"]) - {BOS, EOS} - {a + b for a, b in merges})
+    merges = with_inner(merges)  # a Chinese/Japanese... character inside a run too
     vocab: dict[str, int] = {}
-    for piece in [BOS, EOS, *singles, *merged]:
+    for piece in [BOS, EOS, *singles, *(a + b for a, b in merges)]:
         vocab.setdefault(piece, len(vocab))
     # Guarantee every byte symbol alone and word-final, whatever the corpus contained.
     for sym in sorted(alphabet):
