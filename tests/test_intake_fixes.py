@@ -115,6 +115,27 @@ def test_a_caption_of_invisible_characters_alone_is_empty(tmp_path: Path):
     assert set(kept) == {"zwj"}  # joined emoji are text
 
 
+def test_web_captions_are_stored_as_the_text_a_prompt_types(tmp_path: Path):
+    """Were kept as written: "Tom &amp; Jerry" trained the tokens & amp ; where a prompt
+    says "&", and full-width letters and ligatures other bytes than "red" and "fish".
+    Only references with their ";" are read, and none that would make a control
+    character (a caption of those is still rejected, not silently changed)."""
+    web = {
+        "amp": ("Tom &amp; Jerry &amp;amp; &quot;friends&quot;", 'Tom & Jerry & "friends"'),
+        "num": ("a car &#x1F697;&nbsp;&#233;t&#233;", "a car 🚗 été"),
+        "wide": ("ＲＥＤ ｃａｒ, ﬁsh", "RED car, fish"),
+        "legacy": ("a &notice AT&T", "a &notice AT&T"),  # html.unescape: "a ¬ice"
+        "control": ("a&#31;b", "a&#31;b"),
+    }
+    samples = [
+        (k, _png(_picture(40 + i)), cap, {"url": f"http://h/{k}"})
+        for i, (k, (cap, _)) in enumerate(web.items())
+    ]
+    _, rejected, kept = _gate(tmp_path, samples)
+    assert not rejected
+    assert kept == {k: plain for k, (_, plain) in web.items()}
+
+
 # ---- 2: a rejected sample claims no picture and no URL ---------------------------------
 def test_a_good_copy_of_a_rejected_sample_is_kept(tmp_path: Path):
     """The folder repro: a.png without a caption, b.png the same picture captioned."""

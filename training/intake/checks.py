@@ -19,6 +19,7 @@ import unicodedata
 from pathlib import Path
 
 from training.config import BUILTIN_DATASETS, Params
+from training.intake.captions import plain_text
 
 CAPTION_REPLACEMENT = "\ufffd"  # what undecodable caption bytes became on the way in
 
@@ -37,9 +38,10 @@ def clean_caption(caption: str) -> str:
     """``caption`` with every run of whitespace (newlines, tabs, NBSP, ideographic and
     thin spaces) as one plain space, stripped. validate applies it once, as it reads a
     sample, so the checks, the report, the rejects table and the clean shards that
-    training reads all hold the same caption."""
+    training reads all hold the same caption. HTML references, full-width letters and
+    ligatures are made plain text first (``captions.plain_text``)."""
     # strip(" "), not strip(): that would also drop the separators, hiding them
-    return _SPACE_RUN.sub(" ", caption).strip(" ")
+    return _SPACE_RUN.sub(" ", plain_text(caption)).strip(" ")
 
 
 def caption_is_text(caption: str) -> bool:
