@@ -205,3 +205,22 @@ def test_captions_without_spaces_are_tokenized_by_character_not_by_caption(tmp_p
     assert tok.convert_ids_to_tokens(tok("a red car").input_ids)[1:-1] == [
         "a</w>", "red</w>", "car</w>"
     ]  # fmt: skip
+
+
+def test_a_prompt_the_captions_never_had_is_named_and_survives_saving(tmp_path):
+    """Byte-level tokens never lose a character, but tokens no caption used were never
+    trained: "🚗🚗" to a model of shapes was drawn from untrained embeddings, with no
+    word said. The ids travel in the tokenizer's config, through a save and a load."""
+    from training import config
+    from training.phases import untrained
+
+    caps = ["a small red circle at the top", "a large blue square on the left"] * 50
+    tok = clip.train_tokenizer(caps, 320, 77, tmp_path / "a")
+    assert untrained.untrained_note(tok, "🚗🚗") is None  # not recorded: nothing to say
+    clip.fit_context(tok, caps, config.resolve({}).train_clip)
+    tok.save_pretrained(tmp_path / "b")
+    tok = CLIPTokenizer.from_pretrained(tmp_path / "b")
+    assert untrained.untrained_note(tok, "A large RED circle") is None
+    note = untrained.untrained_note(tok, "a red 🚗 at the top")
+    assert "'🚗'" in note and "never had" in note
+    assert "nothing in the prompt" in untrained.untrained_note(tok, "🚗🚗")

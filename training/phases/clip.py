@@ -34,7 +34,7 @@ from training.engine import loaders
 from training.engine.images import to_tensor
 from training.inference.text import embed
 from training.intake.captions import percentile, summary
-from training.phases import clip_data
+from training.phases import clip_data, untrained
 from training.phases.clip_data import captions_of, pair_split
 from training.phases.clip_merges import isolate, with_inner
 
@@ -90,13 +90,24 @@ def train_tokenizer(
     return CLIPTokenizer.from_pretrained(out_dir)
 
 
-def token_lengths(tokenizer: CLIPTokenizer, captions: Iterable[str], batch: int = 1024) -> Counter:
+def token_lengths(
+    tokenizer: CLIPTokenizer,
+    captions: Iterable[str],
+    batch: int = 1024,
+    first: dict[int, int] | None = None,
+) -> Counter:
     """How many captions have each length in tokens (specials included, nothing cut):
-    a histogram, so memory stays flat however many captions there are."""
+    a histogram, so memory stays flat however many captions there are. ``first``, if
+    given, gets each id's earliest position in any caption (inside the context or not)."""
     hist: Counter = Counter()
     it = iter(captions)
     while chunk := list(itertools.islice(it, batch)):
-        hist.update(len(ids) for ids in tokenizer(chunk, truncation=False).input_ids)
+        for ids in tokenizer(chunk, truncation=False).input_ids:
+            hist[len(ids)] += 1
+            if first is not None:
+                for pos, i in enumerate(ids):
+                    if first.get(i, pos + 1) > pos:
+                        first[i] = pos
     return hist
 
 
@@ -107,6 +118,18 @@ def choose_context(hist: Counter, c) -> int:
         return c.max_length
     need = percentile(hist, c.context_coverage)
     return min(c.max_length_cap, max(8, math.ceil(need / 8) * 8))
+
+
+def fit_context(tok: CLIPTokenizer, captions: Iterable[str], c) -> Counter:
+    """Measure the captions in ``tok``'s tokens, set its context from them
+    (``choose_context``) and record the tokens the context never holds (``untrained``):
+    the token-length histogram."""
+    first: dict[int, int] = {}
+    hist = token_lengths(tok, captions, first=first)
+    tok.model_max_length = choose_context(hist, c)
+    # the tokens CLIP trains: those inside the context (its last place is end of text)
+    untrained.record(tok, {i for i, pos in first.items() if pos < tok.model_max_length - 1})
+    return hist
 
 
 def context_bound(c) -> int:
@@ -202,8 +225,7 @@ def run(
         captions = captions_of(source, c.tokenizer_samples, params.seed)
         tok = train_tokenizer(captions, c.vocab_size, c.max_length_cap, out_dir)
         # the context from the data: the same captions, now measured in tokens
-        hist = token_lengths(tok, captions_of(source, c.tokenizer_samples, params.seed))
-        tok.model_max_length = choose_context(hist, c)
+        hist = fit_context(tok, captions_of(source, c.tokenizer_samples, params.seed), c)
         tok.save_pretrained(out_dir)
         text = caption_stats(hist, tok.model_max_length)
         say_context(text, c)
