@@ -83,3 +83,24 @@ def test_table_is_reused_until_split_tokenizer_or_context_changes(tmp_path):
     assert other.path != shorter.path and [p.name for p in (tmp_path / "tokens").iterdir()] == [
         other.path.name
     ]
+
+
+def test_a_checkpoint_of_another_tokenizer_is_not_taken_up(tmp_path, monkeypatch, capsys):
+    """A CLIP checkpoint was fingerprinted by its config, seed and data only: after a
+    Kiln whose tokenizer training changed (new merges shift the ids), the rerun stage
+    took the old finished checkpoint as done and saved its weights, trained on other
+    ids, beside the new tokenizer."""
+    image_split(tmp_path / "clean" / "train", n=24, per_shard=8, size=SIZE)
+    image_split(tmp_path / "clean" / "val", n=8, per_shard=8, size=SIZE, seed=1, prefix="val")
+    one = {"steps": 1, "batch_size": 8, "checkpoint_every": 1, "log_every": 1}
+    params = resolve({"ingest": {"image_size": SIZE}, "train_clip": one})
+    isolate = clip.isolate
+    with monkeypatch.context() as m:  # the older Kiln: its BPE learnt other merges
+        m.setattr(clip, "isolate", lambda caps: (f"{c} zq zq" for c in isolate(caps)))
+        clip.run(params, tmp_path / "clean", tmp_path / "old", tmp_path / "ck")
+    capsys.readouterr()
+    clip.run(params, tmp_path / "clean", tmp_path / "new", tmp_path / "ck")
+    said = capsys.readouterr()
+    assert "removing stale checkpoint" in said.out + said.err
+    vocab = [(tmp_path / d / "tokenizer.json").read_text() for d in ("old", "new")]
+    assert vocab[0] != vocab[1]  # the two Kilns' tokenizers did differ

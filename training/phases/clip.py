@@ -284,7 +284,7 @@ def _train(params, tokenizer, batches, val, out_dir: Path, ckpt_dir: Path, log) 
     )
     model = build(params, len(tokenizer), tokenizer.model_max_length)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.1)
-    data_fp = batches.index.fingerprint()
+    data_fp = f"{batches.index.fingerprint()}:{clip_data.tokenizer_digest(tokenizer)}"
     trainer = E.stage_trainer("train_clip", model, opt, c, params.seed, ckpt_dir, data_fp, log)
     dev = trainer.device
 

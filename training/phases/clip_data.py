@@ -55,17 +55,23 @@ class TokenTable:
             self.fd = -1
 
 
-def table_path(directory: Path, split: loaders.Split, tokenizer) -> Path:
-    """Where the table of this split and tokenizer lives (content-addressed)."""
+def tokenizer_digest(tokenizer) -> str:
+    """What makes ``tokenizer``'s ids: its vocabulary, merges, text handling and context.
+    A CLIP checkpoint is fingerprinted with it too (``clip._train``): a Kiln that trains
+    another tokenizer from the same captions (new merges shift the ids) must not resume,
+    nor take as finished, the weights of the old ids."""
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     for state in ("truncation", "padding"):  # set by each call, not part of the tokenizer
         backend.pop(state, None)
+    h = hashlib.sha256(json.dumps(backend, sort_keys=True).encode())
+    h.update(f"\0{tokenizer.model_max_length}".encode())
+    return h.hexdigest()
+
+
+def table_path(directory: Path, split: loaders.Split, tokenizer) -> Path:
+    """Where the table of this split and tokenizer lives (content-addressed)."""
     h = hashlib.sha256()
-    for part in (
-        split.index.fingerprint(),
-        json.dumps(backend, sort_keys=True),
-        str(tokenizer.model_max_length),
-    ):
+    for part in (split.index.fingerprint(), tokenizer_digest(tokenizer)):
         h.update(part.encode())
         h.update(b"\0")
     return Path(directory) / f"tokens-{h.hexdigest()[:20]}.tokens"  # raw rows, not weights
