@@ -66,6 +66,7 @@ import base64
 import binascii
 import io
 import math
+import numbers
 import os
 import threading
 import time
@@ -128,12 +129,20 @@ def _limit(name: str) -> int:
 
 
 def _missing(v: object) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
+    """Null in any of pandas' spellings: None, NaN (a float column's), and ``pd.NA``
+    (a nullable ``Int64``/``string`` column's, ``convert_dtypes()``; was: refused as
+    "seed must be a whole number, got <NA>" where a null means the default)."""
+    return v is None or (pd.api.types.is_scalar(v) and bool(pd.isna(v)))
 
 
 def _whole(v: object) -> object:
-    """JSON numbers arrive as float when a column has nulls; 4.0 means 4, 4.5 is refused
-    by ``check_request``."""
+    """A whole number as a Python int. JSON numbers arrive as float when a column has
+    nulls; 4.0 means 4, 4.5 is refused by ``check_request``. A numpy integer (a nullable
+    ``Int64`` column after MLflow's schema check, an object column) is made an int too:
+    torch's ``manual_seed`` refuses one (was: ``TypeError: an integer is required``
+    with a traceback, after the checks)."""
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return int(v)
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 

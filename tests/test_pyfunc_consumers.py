@@ -1,0 +1,50 @@
+"""``kiln-text2image`` as a user consumes it with ``mlflow.pyfunc.load_model`` in their own
+process (a notebook, a batch job): pandas' own nulls are nulls, and loading the model
+leaves the caller's process as it was.
+
+On a random-weight pipeline with the tiny profile's architectures
+(``test_serving.build_tiny_pipeline``), registered by the evaluate stage's own code
+(``test_serving.register``): nothing trained, nothing downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from tests.test_serving import MODEL, build_tiny_pipeline, register
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> tuple[Path, str]:
+    tiny = build_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
+    root = tmp_path_factory.mktemp("registry")
+    return root, register(root, tiny)
+
+
+def test_a_nullable_integer_column_s_null_gets_the_default(registry):
+    """``pd.NA`` (an ``Int64`` column, ``convert_dtypes()``) is a null like None and NaN:
+    the row gets the default seed (its row number), the others keep theirs (was: refused,
+    "seed must be a whole number ..., got <NA>")."""
+    root, version = registry
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}")
+    finally:
+        mlflow.set_tracking_uri(before)
+    rows = pd.DataFrame(
+        {
+            "prompt": ["a red circle", "a red circle", "a blue square"],
+            "seed": pd.array([7, None, 9], dtype="Int64"),
+            "steps": pd.array([1, 1, None], dtype="Int64"),
+        }
+    )
+    alone = model.predict(pd.DataFrame({"prompt": ["a red circle"], "seed": [1], "steps": [1]}))
+    out = model.predict(rows)
+    assert out["seed"].tolist() == [7, 1, 9]
+    assert out["image"][1] == alone["image"][0]  # seed 1 = its row number, as a None would
+    assert out.convert_dtypes()["seed"].tolist() == [7, 1, 9]
