@@ -9,12 +9,14 @@ On a random-weight pipeline with the tiny profile's architectures
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 
+from tests.conftest import BIN, project_env, run_ok
 from tests.test_serving import MODEL, build_tiny_pipeline, register
 
 
@@ -48,3 +50,43 @@ def test_a_nullable_integer_column_s_null_gets_the_default(registry):
     assert out["seed"].tolist() == [7, 1, 9]
     assert out["image"][1] == alone["image"][0]  # seed 1 = its row number, as a None would
     assert out.convert_dtypes()["seed"].tolist() == [7, 1, 9]
+
+
+# A user's script, without Kiln's checkout on its path (the venv's editable install of it
+# taken out): load the model, then check the process is as the user left it.
+USER = """
+import json, os, sys, warnings
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path_importer_cache.clear()
+env = dict(os.environ)
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(pd.DataFrame({"prompt": ["a red circle"], "seed": [1], "steps": [1]}))
+with warnings.catch_warnings(record=True) as seen:
+    warnings.warn("the user's own warning")
+import training
+print(json.dumps({
+    "changed": sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)),
+    "warnings": len(seen),
+    "training": training.__file__,
+    "rows": len(out),
+}))
+"""
+
+
+def test_loading_the_model_leaves_the_users_process_as_it_was(registry, tmp_path):
+    """Loading is not Kiln's entry point: its offline defaults are for its own commands and
+    ``mlflow models serve``'s process (was: after the load every warning of the user's
+    code was silenced, and HF_HUB_OFFLINE, PYTHONWARNINGS=ignore... were set for the
+    rest of the process and its children). The model needs no Kiln checkout: its code
+    comes with it."""
+    root, version = registry
+    env = {**project_env(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env.pop("PYTHONPATH")
+    env["OMP_NUM_THREADS"] = "1"
+    out = run_ok(env, tmp_path, str(BIN / "python"), "-c", USER, f"models:/{MODEL}/{version}")
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen["rows"] == 1
+    assert seen["warnings"] == 1
+    assert seen["changed"] == []
+    assert "/artifacts/code/training/" in seen["training"], seen["training"]

@@ -298,7 +298,12 @@ class Text2Image(mlflow.pyfunc.PythonModel):
         from training.inference.defaults import recommended
         from training.inference.sampling import Geometry, load
 
-        offline_defaults()  # never reach for a hub; no library progress bars in serving
+        if os.environ.get(TIMEOUT_ENV):  # MLflow's scoring server: a process of its own
+            offline_defaults()  # never reach for a hub; no library progress bars in serving
+        # Elsewhere the caller's own process (a notebook, a batch job): Kiln's process-wide
+        # defaults would stay after the load (was: every warning the user's code raised
+        # afterwards silenced, and HF_HUB_OFFLINE/PYTHONWARNINGS=ignore set for its
+        # children). The load needs none of them: it reads local files only.
 
         self.max_rows = _limit("KILN_SERVE_MAX_ROWS")
         self.max_steps_total = _limit("KILN_SERVE_MAX_STEPS_TOTAL")
