@@ -212,7 +212,7 @@ def test_a_prompt_the_captions_never_had_is_named_and_survives_saving(tmp_path):
     trained: "🚗🚗" to a model of shapes was drawn from untrained embeddings, with no
     word said. The ids travel in the tokenizer's config, through a save and a load."""
     from training import config
-    from training.phases import untrained
+    from training.inference import untrained
 
     caps = ["a small red circle at the top", "a large blue square on the left"] * 50
     tok = clip.train_tokenizer(caps, 320, 77, tmp_path / "a")
@@ -224,3 +224,23 @@ def test_a_prompt_the_captions_never_had_is_named_and_survives_saving(tmp_path):
     note = untrained.untrained_note(tok, "a red 🚗 at the top")
     assert "'🚗'" in note and "never had" in note
     assert "nothing in the prompt" in untrained.untrained_note(tok, "🚗🚗")
+
+
+def test_rest_the_playground_and_generate_name_a_prompts_untrained_text(tmp_path, capsys):
+    """Was: the note existed but nothing said it; REST rows, the playground and `kiln
+    generate` drew '🚗🚗' to a model of shapes as if it were a prompt."""
+    from training import config
+    from training.cli.outputs import warn_truncated
+    from training.inference.text import cut_notes
+
+    caps = ["a small red circle at the top", "a large blue square on the left"] * 50
+    tok = clip.train_tokenizer(caps, 320, 77, tmp_path / "a")
+    clip.fit_context(tok, caps, config.resolve({}).train_clip)
+    assert cut_notes(tok, "a red circle", "a blue square") == []
+    notes = cut_notes(tok, "🚗🚗", "a red 🦓")
+    assert "nothing in the prompt was in the training captions" in notes[0], notes
+    assert notes[1].startswith("the negative prompt has text the training captions"), notes
+    warn_truncated(tok, ["🚗🚗", "a red circle"])
+    err = capsys.readouterr().err
+    assert "kiln: warning: nothing in prompt '🚗🚗' was in the training captions" in err, err
+    assert "'a red circle'" not in err

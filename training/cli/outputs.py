@@ -75,9 +75,11 @@ def below_one(value: float | None) -> float | None:
 
 
 def warn_truncated(tokenizer, prompts: list[str]) -> int:
-    """Warn for each prompt longer than the text encoder's context: the model never sees
-    the rest. Returns how many were cut."""
+    """Warn for each prompt longer than the text encoder's context (the model never sees
+    the rest), and for each with text no training caption had (read as noise). Returns
+    how many were cut."""
     from training.inference.text import cut_note
+    from training.inference.untrained import untrained_note
 
     cut = 0
     for prompt in dict.fromkeys(prompts):
@@ -85,6 +87,8 @@ def warn_truncated(tokenizer, prompts: list[str]) -> int:
         if note is not None:
             cut += 1
             typer.echo(f"kiln: warning: {note}", err=True)
+        if (unknown := untrained_note(tokenizer, prompt, f"prompt {prompt!r}")) is not None:
+            typer.echo(f"kiln: warning: {unknown}", err=True)
     return cut
 
 

@@ -42,11 +42,14 @@ def cut_note(tokenizer: CLIPTokenizer, text: str, what: str = "the prompt") -> s
 
 
 def cut_notes(tokenizer: CLIPTokenizer, prompt: str, negative: str = "") -> list[str]:
-    """``cut_note`` of a request's prompt and of its negative prompt, those that apply
-    (the REST model's and the playground's notes)."""
-    notes = [cut_note(tokenizer, prompt)]
+    """``cut_note`` and ``untrained.untrained_note`` of a request's prompt and of its
+    negative prompt, those that apply (the REST model's and the playground's notes)."""
+    from training.inference.untrained import untrained_note
+
+    notes = [cut_note(tokenizer, prompt), untrained_note(tokenizer, prompt)]
     if negative:
-        notes.append(cut_note(tokenizer, negative, "the negative prompt"))
+        what = "the negative prompt"
+        notes += [cut_note(tokenizer, negative, what), untrained_note(tokenizer, negative, what)]
     return [n for n in notes if n]
 
 

@@ -32,9 +32,10 @@ from training import paths as P
 from training.config import Params
 from training.engine import loaders
 from training.engine.images import to_tensor
+from training.inference import untrained
 from training.inference.text import embed
 from training.intake.captions import percentile, summary
-from training.phases import clip_data, untrained
+from training.phases import clip_data
 from training.phases.clip_data import captions_of, pair_split
 from training.phases.clip_merges import isolate, with_inner
 
