@@ -253,3 +253,17 @@ def test_a_control_picture_handed_in_decoded_is_bounded_too(monkeypatch):
     with pytest.raises(control.ControlImageError, match="the control image: 65x64 pixels"):
         control.open_control(Image.new("L", (65, 64)))
     assert control.open_control(Image.new("L", (64, 64))).size == (64, 64)
+
+
+def test_a_pipeline_with_pickled_weights_is_refused(tiny, tmp_path):
+    """Found in review: a registry version whose U-Net came as diffusion_pytorch_model.bin
+    (a pickle) in place of safetensors loaded anyway; only safetensors are read now."""
+    import torch
+    from safetensors.torch import load_file
+
+    pipe_dir = shutil.copytree(tiny, tmp_path / "pickled")
+    weights = pipe_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
+    with pytest.raises(Exception, match="safetensors"):
+        sampling.load(pipe_dir)

@@ -246,7 +246,7 @@ def attach(pipe, cn_dir: str | Path) -> tuple:
     sample with."""
     from diffusers import ControlNetModel
 
-    net = ControlNetModel.from_pretrained(cn_dir).eval().to(pipe.device)
+    net = ControlNetModel.from_pretrained(cn_dir, use_safetensors=True).eval().to(pipe.device)
     return with_controlnet(pipe, net), detector(cn_dir)
 
 

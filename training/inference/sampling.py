@@ -163,7 +163,11 @@ def load(path: str | Path) -> DiffusionPipeline:
         "StableDiffusion3Pipeline": {"text_encoder_3": None, "tokenizer_3": None},
     }.get(index["_class_name"], {})
     with _LOADING:  # from_pretrained builds on the meta device, patching torch globally
-        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **extra)
+        # safetensors only: a registry version (anyone who can write to the registry)
+        # with a .bin in its place is refused, never unpickled, however restricted
+        pipe = DiffusionPipeline.from_pretrained(
+            str(path), local_files_only=True, use_safetensors=True, **extra
+        )
     pipe.set_progress_bar_config(disable=True)
     backbones.of_pipeline(pipe).prepare(pipe)
     return pipe.to(device())
