@@ -342,8 +342,12 @@ def test_generate_from_the_registry(run, tmp_path):
     # a prompt longer than the text encoder's context is cut: say so, and what is kept
     long = "a large red circle in the center of a plain black background, " * 3
     proc = kiln(project, "generate", long, "--steps", "4", "--out", str(tmp_path / "long"))
-    (warning,) = [x for x in proc.stderr.splitlines() if x.startswith("kiln: warning: prompt")]
-    assert "the text encoder reads" in warning and "so only 'a large red circle" in warning
+    warnings = [x for x in proc.stderr.splitlines() if x.startswith("kiln: warning: prompt")]
+    (warning,) = [x for x in warnings if "the text encoder reads" in x]
+    assert "so only 'a large red circle" in warning, warning
+    # and its words no shapes caption has are named: the model reads them as noise
+    (unknown,) = [x for x in warnings if "the training captions never had" in x]
+    assert "'plain'" in unknown and "'a large red circle" not in unknown, unknown
     # other sizes: multiples of the model's stride (16 px at tiny), checked before sampling
     wide = tmp_path / "wide"
     kiln(project, "generate", "a red circle", "--width", "48", "--height", "16",

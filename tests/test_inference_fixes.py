@@ -177,7 +177,7 @@ def test_playground_never_forgets_a_queued_or_running_job(tmp_path, monkeypatch)
         assert release.wait(60)
 
     monkeypatch.setattr(jobs.Worker, "_run", blocked)
-    worker = jobs.Worker(tmp_path / "gallery", max_queue=10)
+    worker = jobs.Worker(tmp_path / "gallery", max_queue=10, max_per_client=10)  # one client
     try:
         first = [worker.submit(["1"], jobs.Settings(prompt=PROMPT)) for _ in range(8)]
         _wait(lambda: ran)  # one runs, seven wait

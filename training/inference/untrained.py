@@ -33,18 +33,22 @@ def untrained_note(tokenizer: CLIPTokenizer, text: str, what: str = "the prompt"
         return None
     ids = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
     body = ids[1:-1]  # start and end of text: in every caption
-    runs: list[list[int]] = []
-    for j, i in enumerate(body):
-        if i in untrained:
-            if j and body[j - 1] in untrained:
-                runs[-1].append(i)
-            else:
-                runs.append([i])
+    # named by whole words ('plain', not the 'pla' of it): a word's last token ends in </w>
+    word, n = [], 0
+    for token in tokenizer.convert_ids_to_tokens(body):
+        word.append(n)
+        n += token.endswith("</w>")
+    bad = sorted({word[j] for j, i in enumerate(body) if i in untrained})
+    runs: list[list[int]] = []  # the ids of consecutive words with an untrained token
+    for k, w in enumerate(bad):
+        if not k or w != bad[k - 1] + 1:
+            runs.append([])
+        runs[-1] += [i for j, i in enumerate(body) if word[j] == w]
     if not runs:
         return None
     parts = ", ".join(repr(tokenizer.decode(r)) for r in runs[:5])
     more = f" and {len(runs) - 5} more" if len(runs) > 5 else ""
-    if sum(map(len, runs)) == len(body):
+    if all(i in untrained for i in body):
         return (
             f"nothing in {what} was in the training captions ({parts}{more}): "
             "the text encoder never learnt its tokens, so the picture follows no text"
