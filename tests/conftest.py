@@ -104,6 +104,16 @@ def project_env(project: Path) -> dict[str, str]:
     return env
 
 
+def prefect_server_settings(servers: Path) -> dict[str, str]:
+    """A loopback Prefect server's own settings: its SQLite file in ``servers``, no
+    analytics, no UI (the API is all a test reads)."""
+    return {
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{servers / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+
+
 def copy_project(dest: Path) -> Path:
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"],

@@ -37,6 +37,7 @@ from .conftest import (
     counting_server,
     free_port,
     kiln,
+    prefect_server_settings,
     project_env,
     run_ok,
     wait_http,
@@ -107,12 +108,7 @@ def test_a_scheduled_run_continues_from_the_champion_on_new_data(tmp_path):
         MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
         KILN_HOME=str(project),
     )
-    server_env = {
-        **env,
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{servers / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
+    server_env = {**env, **prefect_server_settings(servers)}
     prefect = str(BIN / "prefect")
     mlflow_cmd = [
         str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),

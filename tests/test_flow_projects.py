@@ -10,7 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .conftest import BIN, background, copy_project, free_port, project_env, run_ok, wait_http
+from .conftest import (
+    BIN,
+    background,
+    copy_project,
+    free_port,
+    prefect_server_settings,
+    project_env,
+    run_ok,
+    wait_http,
+)
 
 PREFIX = "pets-"
 
@@ -63,11 +72,7 @@ def test_two_projects_keep_their_own_deployments_and_runs(tmp_path):
         return env
 
     server_env = env_for(plain)
-    server_env.update(
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{servers / 'prefect.db'}",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-    )
+    server_env.update(prefect_server_settings(servers))
     prefect = str(BIN / "prefect")
     cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with background(cmd, server_env, servers, servers / "prefect.log") as server:

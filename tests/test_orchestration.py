@@ -16,7 +16,16 @@ import yaml
 
 from training import config
 
-from .conftest import BIN, background, copy_project, free_port, project_env, run_ok, wait_http
+from .conftest import (
+    BIN,
+    background,
+    copy_project,
+    free_port,
+    prefect_server_settings,
+    project_env,
+    run_ok,
+    wait_http,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -54,11 +63,7 @@ def test_deployed_pipeline_sends_gpu_stages_to_the_gpu_pool(tmp_path):
         return env
 
     server_env = env_for(cpu)
-    server_env.update(
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{servers / 'prefect.db'}",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-    )
+    server_env.update(prefect_server_settings(servers))
     prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1"]
     mlflow_cmd = [
         str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
