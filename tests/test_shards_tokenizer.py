@@ -230,7 +230,7 @@ def test_rest_the_playground_and_generate_name_a_prompts_untrained_text(tmp_path
     """Was: the note existed but nothing said it; REST rows, the playground and `kiln
     generate` drew '🚗🚗' to a model of shapes as if it were a prompt."""
     from training import config
-    from training.cli.outputs import warn_truncated
+    from training.cli.outputs import warn_prompts
     from training.inference.text import cut_notes
 
     caps = ["a small red circle at the top", "a large blue square on the left"] * 50
@@ -240,7 +240,7 @@ def test_rest_the_playground_and_generate_name_a_prompts_untrained_text(tmp_path
     notes = cut_notes(tok, "🚗🚗", "a red 🦓")
     assert "nothing in the prompt was in the training captions" in notes[0], notes
     assert notes[1].startswith("the negative prompt has text the training captions"), notes
-    warn_truncated(tok, ["🚗🚗", "a red circle"])
+    warn_prompts(tok, ["🚗🚗", "a red circle"])
     err = capsys.readouterr().err
     assert "kiln: warning: nothing in prompt '🚗🚗' was in the training captions" in err, err
     assert "'a red circle'" not in err

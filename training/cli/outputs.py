@@ -74,22 +74,14 @@ def below_one(value: float | None) -> float | None:
     return value
 
 
-def warn_truncated(tokenizer, prompts: list[str]) -> int:
-    """Warn for each prompt longer than the text encoder's context (the model never sees
-    the rest), and for each with text no training caption had (read as noise). Returns
-    how many were cut."""
-    from training.inference.text import cut_note
-    from training.inference.untrained import untrained_note
+def warn_prompts(tokenizer, prompts: list[str]) -> None:
+    """Warn once for each prompt longer than the text encoder's context (the model never
+    sees the rest) or with text no training caption had (read as noise)."""
+    from training.inference.text import prompt_notes
 
-    cut = 0
     for prompt in dict.fromkeys(prompts):
-        note = cut_note(tokenizer, prompt, f"prompt {prompt!r}")
-        if note is not None:
-            cut += 1
+        for note in prompt_notes(tokenizer, prompt, f"prompt {prompt!r}"):
             typer.echo(f"kiln: warning: {note}", err=True)
-        if (unknown := untrained_note(tokenizer, prompt, f"prompt {prompt!r}")) is not None:
-            typer.echo(f"kiln: warning: {unknown}", err=True)
-    return cut
 
 
 def check_new_folder(out: Path) -> None:

@@ -28,7 +28,7 @@ from training.cli.control import (
     own_controlnet,
     with_control,
 )
-from training.cli.outputs import below_one, can_create, claimed, next_index, warn_truncated
+from training.cli.outputs import below_one, can_create, claimed, next_index, warn_prompts
 from training.config import SAMPLER
 from training.inference.requests import MAX_GUIDANCE, MIN_GUIDANCE
 from training.stages import PIPELINE_MODEL
@@ -255,7 +255,7 @@ def generate(
             pipe, steer = with_control(pipe, cn, size, control_is_map, own_net if same else None)
     except (UserError, ValueError) as exc:
         fail(str(exc))
-    warn_truncated(pipe.tokenizer, [*prompts, negative] if negative else list(prompts))
+    warn_prompts(pipe.tokenizer, [*prompts, negative] if negative else list(prompts))
     if negative and g <= 1:
         typer.echo("kiln: warning: --negative does nothing at guidance 1 (none recorded)", err=True)
     images = sampling.generate(pipe, reqs, control=steer)

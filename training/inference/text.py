@@ -41,16 +41,22 @@ def cut_note(tokenizer: CLIPTokenizer, text: str, what: str = "the prompt") -> s
     return f"{what} is {n} tokens; the text encoder reads {limit}, so only {kept!r} is used"
 
 
-def cut_notes(tokenizer: CLIPTokenizer, prompt: str, negative: str = "") -> list[str]:
-    """``cut_note`` and ``untrained.untrained_note`` of a request's prompt and of its
-    negative prompt, those that apply (the REST model's and the playground's notes)."""
+def prompt_notes(tokenizer: CLIPTokenizer, text: str, what: str = "the prompt") -> list[str]:
+    """What a user is told of one prompt: cut to the context (``cut_note``), text no
+    training caption had (``untrained.untrained_note``); those that apply."""
     from training.inference.untrained import untrained_note
 
-    notes = [cut_note(tokenizer, prompt), untrained_note(tokenizer, prompt)]
-    if negative:
-        what = "the negative prompt"
-        notes += [cut_note(tokenizer, negative, what), untrained_note(tokenizer, negative, what)]
+    notes = (cut_note(tokenizer, text, what), untrained_note(tokenizer, text, what))
     return [n for n in notes if n]
+
+
+def cut_notes(tokenizer: CLIPTokenizer, prompt: str, negative: str = "") -> list[str]:
+    """``prompt_notes`` of a request's prompt and of its negative prompt (the REST
+    model's and the playground's notes)."""
+    notes = prompt_notes(tokenizer, prompt)
+    if negative:
+        notes += prompt_notes(tokenizer, negative, "the negative prompt")
+    return notes
 
 
 def load_text_encoder(clip_dir: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
