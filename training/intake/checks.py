@@ -124,17 +124,26 @@ class NearDuplicates:
     agrees exactly on at least one band, so only hashes sharing a band are compared.
     ``tag`` narrows a match to entries with the same tag (the caption, for the
     ``image+caption`` policy). Memory: the hash, tag and key of each kept image, and a
-    reference to them per band (~250 bytes an image at 6 bits)."""
+    reference to them per band (~250 bytes an image at 6 bits).
+
+    A band takes every (max_bits+1)-th bit, not a run of adjacent ones. The hash's
+    runs are regions of meaning (the last 64 bits are colour, the first 64 the rows of
+    the luma thumbnail), and a run that is all zeros for most pictures made one bucket
+    that every later picture was compared with, one by one: every greyscale picture
+    has no colour bits, so a collection of 20,000 black-and-white photos took minutes
+    and grew with the square of its size (found at scale). Spread over the whole hash,
+    each band holds some luma bits of every row and both directions. Any partition
+    into max_bits+1 bands keeps the pigeonhole guarantee, so what is rejected is
+    unchanged; only which earlier copy is named may differ when there are several."""
 
     def __init__(self, max_bits: int):
         self.k = max_bits
         n = max_bits + 1
-        edges = [round(i * HASH_BITS / n) for i in range(n + 1)]
-        self.bands = [(lo, hi - lo) for lo, hi in zip(edges, edges[1:], strict=False)]
-        self.index: list[dict[int, list[tuple[int, str, str]]]] = [{} for _ in self.bands]
+        self.masks = [sum(1 << b for b in range(i, HASH_BITS, n)) for i in range(n)]
+        self.index: list[dict[int, list[tuple[int, str, str]]]] = [{} for _ in self.masks]
 
     def _keys(self, h: int) -> list[int]:
-        return [(h >> lo) & ((1 << width) - 1) for lo, width in self.bands]
+        return [h & mask for mask in self.masks]
 
     def find(self, h: int, tag: str = "") -> tuple[str, int] | None:
         """(key of the earlier near-duplicate, bits apart), or None. Remembers nothing:
