@@ -40,7 +40,10 @@ def unpack_shards(spec: str, dest: Path, policy) -> dict:
     """Unpack webdataset tars into ``dest`` as ``<shard>/<key>.<ext>`` + ``.txt``.
 
     Remote shards are downloaded through the fetch guard; a shard already unpacked
-    (marker file) is skipped, so an interrupted unpack resumes."""
+    (marker file) is skipped, so an interrupted unpack resumes, and ``dest`` kept from
+    the last ingest (``kinds.tars``) makes a sync download and unpack only the shards
+    the source gained. The marker records the shard it was made from (``_identity``):
+    a local tar rewritten in place is unpacked again."""
     from tqdm import tqdm
 
     from training.intake import guard as fetch
@@ -58,9 +61,14 @@ def unpack_shards(spec: str, dest: Path, policy) -> dict:
     for shard, name in zip(tqdm(shards, desc="unpack shards", unit="shard"), names, strict=True):
         target = dest / name
         done = target / DONE
-        if done.exists():
+        marker = json.loads(done.read_text()) if done.exists() else None
+        if marker is not None and marker.get("shard") == _identity(shard):
+            for k in ("ignored_unsafe_members", "ignored_other_members"):
+                stats[k] += marker.get(k, 0)  # the report counts every shard, kept or not
+            other_example = other_example or marker.get("other_example", "")
             continue
-        target.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)  # another shard's files, or half of one
+        target.mkdir(parents=True)
         remote = "://" in shard
         if remote:
             try:
@@ -88,11 +96,10 @@ def unpack_shards(spec: str, dest: Path, policy) -> dict:
         finally:
             if remote:
                 local.unlink(missing_ok=True)
-        example = counts.pop("other_example", "")
-        other_example = other_example or example
-        for k, v in counts.items():
-            stats[k] += v
-        done.write_text(json.dumps(counts))
+        other_example = other_example or counts.get("other_example", "")
+        for k in ("ignored_unsafe_members", "ignored_other_members"):
+            stats[k] += counts[k]
+        done.write_text(json.dumps({**counts, "shard": _identity(shard)}))
     if stats["ignored_other_members"]:
         say(
             f"ingest: {stats['ignored_other_members']} tar members left out: their "
@@ -101,6 +108,20 @@ def unpack_shards(spec: str, dest: Path, policy) -> dict:
             "so that the only dot is the extension's (cat_v2.jpg + cat_v2.txt)"
         )
     return stats
+
+
+def _identity(shard: str) -> list | None:
+    """What says an unpacked shard is still the source's: a local tar's size and
+    modification time. A remote shard is known by its URL, as the source's identity
+    knows it (``kinds.tars.identity``: name shards immutably). A local path that is no
+    file matches no marker, and is then refused by name."""
+    if "://" in shard:
+        return None
+    path = Path(shard)
+    if not path.is_file():
+        return ["missing"]
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _unpack_one(tar_path: Path, target: Path) -> dict:
