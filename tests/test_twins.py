@@ -112,3 +112,20 @@ def test_the_shipped_controlnet_settings_are_the_served_ones():
     """twins.py names the detector file by value (importing inference/control.py would
     add it to every stage's DVC deps): the same name as the ControlNet writes."""
     assert CONTROL_FILE in twins.CONTROLNET_SERVED
+
+
+def test_a_component_an_older_kiln_registered_is_matched_by_its_files(root, capsys):
+    """After an upgrade every stage re-runs (its code changed) and trains the same
+    weights; a version registered before ``kiln.weights`` existed was never matched,
+    so kiln-vae v2 equal to v1 was registered (seen upgrading a 2026-12-04 project)."""
+    _vae(root, 1.0)
+    assert _stage("train_vae", {"loss": 0.1}) == "1"
+    client = _client(root)
+    client.delete_model_version_tag("kiln-vae", "1", "kiln.weights")  # as an older Kiln left it
+    capsys.readouterr()
+    assert _stage("train_vae", {"loss": 0.1}) == "1"  # was v2, the same weights
+    assert "kiln-vae: weights unchanged, same as v1" in capsys.readouterr().err
+    assert _numbers(root, "kiln-vae") == ["1"]
+    assert client.get_model_version("kiln-vae", "1").tags.get("kiln.weights")  # hashed once
+    _vae(root, 2.0)
+    assert _stage("train_vae", {"loss": 0.2}) == "2"  # other weights: still a new version

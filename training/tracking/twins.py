@@ -22,8 +22,13 @@ The decision: the same model is the same version.
   leaves it ``@champion``. Equal weights served otherwise (another guidance, another
   scheduler) are another model to serve: registered and judged, as before.
 * Of several equal versions (copies registered before this), the ``@champion`` if it
-  is one, else the newest. A version without these tags (registered before them) is
-  never matched: the weights are registered again, as they were.
+  is one, else the newest. A component version without ``kiln.weights`` (registered by
+  a Kiln before 2026-12-06) is hashed from its files when no tagged one matches (its
+  ``@champion`` and the newest ``UNTAGGED_LOOKUPS``, each once: then it carries the
+  tag). Was: never matched, so the first run after upgrading Kiln, which re-runs every
+  stage (their code changed) and trains the same weights, registered kiln-vae,
+  kiln-clip and kiln-unet v2 equal to v1. A pipeline version without the tags is still
+  never matched (it also lacks the sampler file that serving reads now).
 * A registration a stop interrupted is finished, not matched (``resume.py``).
 
 Either way the stage says so in one line: ``kiln-vae: weights unchanged, same as v3``.
@@ -46,6 +51,10 @@ from training.tracking.resume import (
 
 SERVED_TAG = "kiln.served"  # served_fingerprint of a pipeline version
 SAME_TAG = "kiln.same_weights_as"  # on a stage run that made a registered version again
+# untagged (pre-2026-12-06) versions a component's search hashes, besides its @champion:
+# the newest few, since a retrain after an upgrade remakes a recent model; each is
+# downloaded once at most (a remote registry's files), then tagged
+UNTAGGED_LOOKUPS = 2
 # what a shipped ControlNet is served with besides its weights: its config and detector
 # settings (inference/control.py's CONTROL_FILE, not imported: it would make every
 # stage's DVC deps include the inference code), not its previews or resolved params
@@ -92,10 +101,43 @@ def component_twin(tr, name: str, directory: Path) -> str | None:
     tagged on the stage run ``tr``; None (register them) when none has."""
     if not any(directory.rglob("*.safetensors")):  # nothing to tell versions apart by
         return None
-    version = twin(name, folder_fingerprint(directory))
+    weights = folder_fingerprint(directory)
+    version = twin(name, weights)
+    if version is None and tag_untagged(name):
+        version = twin(name, weights)
     if version is not None:
         _said(tr, name, version, "not registered again")
     return version
+
+
+def tag_untagged(name: str) -> int:
+    """Tag with ``kiln.weights`` the versions of component ``name`` that an older Kiln
+    registered without it: its ``@champion`` and the newest ``UNTAGGED_LOOKUPS``, hashed
+    from their registered files (``downloads.resolve_model_dir``: the embedded store's
+    are read where they lie). Returns how many were tagged; a version whose files are gone is
+    left as it is."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from training.tracking.downloads import resolve_model_dir
+
+    client = MlflowClient()
+    found = client.search_model_versions(f"name = '{name}'")
+    untagged = sorted((str(v.version) for v in found if WEIGHTS_TAG not in v.tags), key=int)
+    if not untagged:
+        return 0
+    champion = str(client.get_registered_model(name).aliases.get("champion"))
+    picks = {*untagged[-UNTAGGED_LOOKUPS:], *([champion] if champion in untagged else [])}
+    tagged = 0
+    for version in sorted(picks, key=int):
+        try:
+            root = resolve_model_dir(f"models:/{name}/{version}")
+        except (MlflowException, OSError, ValueError):  # its files are lost: nothing to compare
+            continue
+        if any(root.rglob("*.safetensors")):
+            client.set_model_version_tag(name, version, WEIGHTS_TAG, folder_fingerprint(root))
+            tagged += 1
+    return tagged
 
 
 def pipeline_twin(tr, name: str, pipeline_dir: Path, metrics: dict[str, Any]) -> str | None:
