@@ -201,3 +201,18 @@ def test_a_key_given_twice_is_refused_in_one_line(tmp_path):
 
     merged = load_yaml("a: &x {b: 1}\nc:\n  <<: *x\n  d: 2\n")
     assert merged == {"a": {"b": 1}, "c": {"b": 1, "d": 2}}
+
+
+def test_exponent_floats_are_numbers_as_dvc_reads_them(tmp_path):
+    """`lr: 1e-4` is a float to DVC's YAML 1.2 parser, which tracked 0.0001, and was the
+    string '1e-4' to PyYAML: Kiln refused the number with "Input should be a valid
+    number (got '1e-4')", and `kiln run --profile` could not write the file."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train_unet:\n  lr: 1e-4\n  min_snr_gamma: 5E0\ntrain_vae:\n  lr: 2.5e-3\n")
+    p = config.load(path)
+    assert (p.train_unet.lr, p.train_unet.min_snr_gamma, p.train_vae.lr) == (1e-4, 5.0, 2.5e-3)
+    assert config.set_values(path, {"profile": "tiny64"}) == {"profile": (None, "tiny64")}
+    assert config.load(path).train_unet.lr == 1e-4
+    path.write_text("train_unet:\n  steps: 1e3\n")  # a float still: no count of steps
+    with pytest.raises(ConfigError, match=r"train_unet.steps: .* integer \(got 1000.0\)"):
+        config.load(path)

@@ -280,7 +280,9 @@ class Params(BaseModel):
 @cache
 def profiles() -> dict[str, dict[str, dict[str, Any]]]:
     """The size profiles (``training/profiles.yaml``): ``{profile: {section: values}}``."""
-    return yaml.safe_load(PROFILES_FILE.read_text())
+    from training.params_file import load_yaml  # read as params.yaml is (1e-4 a number)
+
+    return load_yaml(PROFILES_FILE.read_text())
 
 
 # Which field of `Params` each params.yaml section fills.

@@ -7,6 +7,7 @@ parameters are. ``config.set_values`` is the entry point; it passes its validato
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,8 +44,19 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A float in exponent form without a dot (`1e-4`, `5E3`): YAML 1.2, DVC's parser
+# (ruamel), reads a number; PyYAML's YAML 1.1 reads the string '1e-4', so `lr: 1e-4`
+# was refused as "Input should be a valid number (got '1e-4')" while DVC tracked 0.0001
+_UniqueKeys.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_yaml(text: str):
-    """``yaml.safe_load``, refusing duplicate keys (``_UniqueKeys``)."""
+    """``yaml.safe_load``, refusing duplicate keys and reading exponent floats as DVC
+    does (``_UniqueKeys``)."""
     return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader subclass)
 
 
@@ -77,7 +89,7 @@ def write_values(
     if changed:
         buf = io.StringIO()
         rt.dump(doc, buf)
-        validate(yaml.safe_load(buf.getvalue()) or {})
+        validate(load_yaml(buf.getvalue()) or {})
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(buf.getvalue())
         tmp.replace(path)
