@@ -59,6 +59,10 @@ def test_repo_params_load_and_default_to_tiny():
         ({"train_unet": {"norm_num_groups": 24}}, "train_unet.norm_num_groups 24 does not"),
         ({"train_vae": {"norm_num_groups": 12}}, "train_vae.norm_num_groups 12 does not divide"),
         ({"train_clip": {"num_heads": 3}}, "train_clip.num_heads 3 does not divide"),
+        # were accepted, and evaluate's steps table, after all the training and its
+        # samples, stopped on "evaluate: ZeroDivisionError: division by zero"
+        ({"evaluate": {"sweep_steps": [5, 0]}}, "evaluate.sweep_steps.1: Input should be"),
+        ({"evaluate": {"sweep_steps": [-2]}}, "evaluate.sweep_steps.0: Input should be"),
         (
             {"ingest": {"dataset": "digits"}, "evaluate": {"gate_metric": "acc_all_held_out"}},
             "not an accuracy the digits oracle measures (choose acc_all, acc_all_seen, ",

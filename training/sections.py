@@ -351,7 +351,7 @@ class EvaluateCfg(Section):
     # Pictures and tables of the report: a guidance sweep, one denoising trajectory and
     # a steps-vs-quality table per scheduler over `sweep_prompts` prompts (0: skip them)
     sweep_prompts: int = Field(16, ge=0)
-    sweep_steps: tuple[int, ...] = (5, 10, 20, 40)
+    sweep_steps: tuple[Annotated[int, Field(ge=1)], ...] = (5, 10, 20, 40)
     sweep_guidance: tuple[Guidance, ...] = (1.0, 2.0, 4.0, 7.0)
     # Data without an oracle: sample `guidance_pool` training captions at each of these
     # scales, adopt the one closest (FD) to other training images, here and as the model's
