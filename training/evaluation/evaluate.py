@@ -78,7 +78,9 @@ def run(
     log = log or E.NullLogger()
     c = params.evaluate
     from training.evaluation import ruler as R
+    from training.phases.reuse import check_trained_on
 
+    check_trained_on(unet_dir, {"vae": vae_dir, "clip": clip_dir})  # a U-Net of this VAE's
     ruler = R.resolve(params)  # checked before any sampling
     if ruler is not None:
         E.say(f"evaluate: fd_clip and cmmd_clip measured with the fixed ruler {c.ruler}")

@@ -145,6 +145,9 @@ def run(
     c = params.train_controlnet
     if not c.enabled:
         return skip_note(out_dir, "train_controlnet.enabled is false")
+    from training.phases.reuse import check_trained_on
+
+    check_trained_on(unet_dir, {"vae": vae_dir, "clip": clip_dir})  # a U-Net of this VAE's
     torch.manual_seed(params.seed)
     bb = backbones.get("unet2d")
     tokenizer, encoder = bb.text_encoder(clip_dir)

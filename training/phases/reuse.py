@@ -242,6 +242,29 @@ def same_spaces(ref: str, directory: Path, ours: dict[str, str]) -> None:
         )
 
 
+def check_trained_on(unet_dir: Path, models: dict[str, Path]) -> None:
+    """``UserError`` unless the denoiser in ``unet_dir`` was trained on the latents and
+    text states of the VAE and CLIP folders in ``models`` ("vae", "clip"; its
+    ``TRAINED_ON``), for a stage that pairs them. Was: ``kiln train-vae`` after a VAE
+    edit, then ``kiln evaluate``, assembled and registered the old U-Net with the new
+    VAE (other latents, the same shapes), scored as this run's model."""
+    from training.errors import UserError
+    from training.phases.latent_cache import model_fingerprint
+
+    saved = unet_dir / TRAINED_ON
+    theirs = json.loads(saved.read_text()) if saved.is_file() else {}  # older: unchecked
+    differ = [
+        f"{k.upper()} {theirs[k]} there, {ours} in {d}"
+        for k, d in models.items()
+        if theirs.get(k) and theirs[k] != (ours := model_fingerprint(d))
+    ]
+    if differ:
+        raise UserError(
+            f"{unet_dir} was trained on the latents of other models ({'; '.join(differ)}): "
+            "run precompute_latents and train_unet again (dvc repro, or kiln run)"
+        )
+
+
 def warm_start(model, ref: str, params: Params, objective: dict, spaces: dict[str, str]) -> dict:
     """``train_unet.init_from``: load the U-Net ``ref`` names into ``model``, the
     profile's freshly built denoiser, before any step. It must be the same architecture
