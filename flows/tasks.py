@@ -225,8 +225,10 @@ def _set_params(
     """Write a run's profile / data / mode choices into params.yaml, where DVC tracks
     them."""
     from training import config
+    from training.params_file import read_value
 
-    updates = config.run_choices(dataset, source, profile, mode)
+    now = read_value(ROOT / "params.yaml", "ingest.dataset")
+    updates = config.run_choices(dataset, source, profile, mode, now)
     if updates:
         for key, (old, new) in config.set_values(ROOT / "params.yaml", updates).items():
             print(f"params.yaml: {key}: {old} -> {new}")

@@ -38,6 +38,22 @@ def test_a_refused_source_leaves_params_yaml_as_it_was(project: Path):
     assert (project / "params.yaml").read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    "args", [["--source", "pics"], ["--dataset", "digits", "--source", "pics"]]
+)
+def test_a_source_for_a_built_in_set_is_refused(project: Path, args):
+    """Was: written into params.yaml and the run started, on the built-in set's own
+    pictures: the folder named on the command line was never read (`--dataset folder`
+    forgotten, or shapes still params.yaml's dataset)."""
+    (project / "pics").mkdir()
+    before = (project / "params.yaml").read_bytes()
+    proc = kiln(project, "run", *args, check=False)
+    kind = "digits" if "digits" in args else "shapes"
+    _assert_one_line_error(proc, f"--source pics: ingest.dataset {kind} is a built-in set")
+    assert (project / "params.yaml").read_bytes() == before
+    assert not (project / "data" / "raw").exists()
+
+
 @pytest.mark.parametrize("name, value", [("KILN_LOADER_THREADS", "0"), ("KILN_THREADS", "two")])
 def test_a_bad_thread_setting_stops_the_run_before_any_work(project: Path, name, value):
     """Were: KILN_LOADER_THREADS=0 silently meant 1, and a bad KILN_THREADS stopped

@@ -353,10 +353,19 @@ def run_choices(
     source: str | None = None,
     profile: str | None = None,
     mode: str | None = None,
+    now: str | None = None,
 ) -> dict[str, Any]:
     """params.yaml's updates for a run's ``--dataset/--source/--profile/--mode``: the
     ones given, and a built-in set's ``ingest.source`` cleared (was: an earlier folder
-    run's source stayed, and the shapes model's lineage named that folder)."""
+    run's source stayed, and the shapes model's lineage named that folder). A
+    ``--source`` for a built-in set (``dataset``, else ``now``: params.yaml's) is
+    refused: it reads none (was: trained on its own pictures, the source unread)."""
+    kind = dataset or now or "shapes"
+    if source and kind in BUILTIN_DATASETS:
+        raise ConfigError(
+            f"--source {source}: ingest.dataset {kind} is a built-in set and reads no "
+            "source; for your own data give --dataset folder, url-list or shards"
+        )
     updates = {
         k: v
         for k, v in (

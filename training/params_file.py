@@ -60,6 +60,18 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader subclass)
 
 
+def read_value(path: str | Path, dotted: str) -> Any:
+    """The value at the dotted key of the params file at ``path``; None where it is
+    absent or unreadable (the file's own check, when it is loaded, says what is wrong)."""
+    try:
+        node: Any = load_yaml(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def write_values(
     path: str | Path, updates: dict[str, Any], validate: Callable[[dict], object]
 ) -> dict[str, tuple[Any, Any]]:

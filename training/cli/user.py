@@ -74,13 +74,15 @@ def run_pipeline(
 
     for problem in doctor.problems():  # fail in one line, not inside Prefect's server
         fail(f"environment: {problem}")
-    updates = config.run_choices(dataset, source, profile, mode)
     from training.intake.ingest import check_source
     from training.intake.sources import SourceError
+    from training.params_file import read_value
 
     with contextlib.ExitStack() as stack:
         try:  # before params.yaml changes: another run may be using it
             stack.enter_context(runlock.pipeline_lock("kiln run", Path.cwd()))
+            now = read_value(P.PARAMS, "ingest.dataset")  # kept by a run without --dataset
+            updates = config.run_choices(dataset, source, profile, mode, now)
             # a missing source or distributor fails now, not after the flow has started,
             # and before params.yaml changes (a refused --source must not stay there)
             changed = config.set_values(P.PARAMS, updates, check_source) if updates else {}
