@@ -424,3 +424,32 @@ def test_a_preview_that_fails_closes_the_progress_bar(tmp_path):
     with pytest.raises(RuntimeError, match="preview"):
         trainer.fit(fn, every=4, on_every=broken_preview)
     assert bars and all(bar.disable for bar in bars)  # tqdm.close() sets disable
+
+
+@pytest.mark.parametrize("edit", [{"log_every": 1}, {"checkpoint_every": 3}, {"lr": 1e-3}])
+def test_a_stage_stopped_to_log_or_save_more_often_resumes(tmp_path, edit):
+    """Was: a U-Net stopped at step 4, its checkpoint_every or log_every edited and run
+    again, had its checkpoints removed as "other config/data" and trained from step 0;
+    how often a loop logs and saves changes no weight. Its learning rate still does."""
+    from training.config import resolve
+
+    section = resolve({}).train_unet.model_copy(update={"steps": 6, "checkpoint_every": 2})
+
+    def trainer(section):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=section.lr)
+        return E.stage_trainer("toy", model, opt, section, 0, tmp_path, "data", E.NullLogger())
+
+    def step_fn(step):
+        if step == 4:
+            raise KeyboardInterrupt
+        x = torch.randn(8, 4, generator=E.step_generator(0, step))
+        return (first.model(x) ** 2).mean(), {}
+
+    first = trainer(section)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(step_fn)
+    again = trainer(section.model_copy(update=edit))
+    resumed = again.checkpoints.restore(again.model, again.optimizer, again.ema)
+    assert resumed == (0 if "lr" in edit else 4)

@@ -243,6 +243,10 @@ class Trainer:
         return summary
 
 
+# a section's knobs that say when a step is logged or checkpointed, not what it does
+OBSERVING = ("log_every", "checkpoint_every")
+
+
 def stage_trainer(
     name: str,
     model: torch.nn.Module,
@@ -262,7 +266,10 @@ def stage_trainer(
     dev = device()
     model.to(dev)
     knobs = {f.name: getattr(section, f.name) for f in dataclasses.fields(LoopCfg)}
-    fp = fingerprint(section.model_dump(mode="json"), seed, data_id)
+    # how often it logs and saves changes no weight: a run stopped to save more often
+    # resumes (was: its checkpoints removed as "other config", trained from step 0)
+    config = section.model_dump(mode="json", exclude=set(OBSERVING))
+    fp = fingerprint(config, seed, data_id)
     return Trainer(
         name=name,
         model=model,
