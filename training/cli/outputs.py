@@ -92,12 +92,23 @@ def check_new_folder(out: Path) -> None:
         raise UserError(f"{out} is not an empty folder; export writes a new one")
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, then put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def whole_folder(out: Path) -> Iterator[Path]:
     """A folder to write ``out``'s content in, beside it, renamed into place when the
-    block ends without an error: an interrupted export leaves no half pipeline."""
+    block ends without an error: an interrupted export leaves no half pipeline. Made
+    with the user's umask, as ``mkdir`` makes ``out``: ``tempfile.mkdtemp`` makes it
+    0700 whatever the umask, and the exported folder was unreadable to the rest of a
+    team sharing it (drwx------ under umask 022)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         os.replace(tmp, out)  # onto nothing, or onto the empty folder check_new_folder saw
