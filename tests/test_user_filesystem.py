@@ -1,13 +1,24 @@
 """What ``kiln export`` and ``kiln generate`` leave on the user's filesystem: folders with
-the user's permissions."""
+the user's permissions, and on a full disk one line with every picture written listed
+(README, "Reliability")."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
+from PIL import Image
+from typer.testing import CliRunner
 
+from tests.test_serving import build_tiny_pipeline
 from training.cli import outputs
+from training.cli.base import UserError
+from training.cli.user import app
 
 
 @pytest.fixture
@@ -31,3 +42,63 @@ def test_an_exported_folder_has_the_users_permissions(tmp_path, umask_022):
     with outputs.whole_folder(private) as tmp:
         (tmp / "model_index.json").write_text("{}")
     assert private.stat().st_mode & 0o777 == 0o700
+
+
+def _picture() -> Image.Image:
+    return Image.new("RGB", (8, 8), (200, 30, 30))
+
+
+def test_a_manifest_line_cut_by_a_full_disk_takes_its_picture_back(tmp_path, monkeypatch):
+    out = tmp_path / "samples"
+    with outputs.claimed(out) as (first, manifest):
+        outputs.save_picture(out / "0000-a-0.png", _picture(), manifest, {"file": "0000"}, 0)
+        real = os.write
+
+        def half_then_full(fd, data):
+            if len(data) > 4:
+                return real(fd, bytes(data[:4]))  # a short write, then no room
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "write", half_then_full)
+        with pytest.raises(UserError) as info:
+            outputs.save_picture(out / "0001-a-1.png", _picture(), manifest, {"file": "0001"}, 1)
+    assert "no space left for" in str(info.value) and "the 1 pictures" in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == ["0000-a-0.png", "manifest.jsonl"]
+    assert (out / "manifest.jsonl").read_text() == '{"file": "0000"}\n'
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A real 12 KiB filesystem (tmpfs): room for about three tiny pictures."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8); the faked test covers this")
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(disk)], capture_output=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_generate_onto_a_full_disk_says_so_and_lists_every_picture_written(tmp_path, tiny_disk):
+    """Was: a traceback, a 0-byte PNG under its final name, and an empty manifest.jsonl
+    (its buffered lines were lost when closing it failed too)."""
+    tiny = build_tiny_pipeline(tmp_path / "m")
+    out = tiny_disk / "samples"
+    args = ["generate", "a red circle", "-n", "8", "--steps", "2", "--model", str(tiny)]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.exception.__class__ is SystemExit
+    errors = [x for x in result.output.splitlines() if x.startswith("kiln: error:")]
+    assert len(errors) == 1 and "no space left for" in errors[0], result.output
+    lines = [json.loads(t) for t in (out / "manifest.jsonl").read_text().splitlines()]
+    pictures = sorted(p.name for p in out.glob("*.png"))
+    assert pictures and [x["file"] for x in lines] == pictures
+    assert all((out / name).stat().st_size > 0 for name in pictures)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert f"the {len(pictures)} pictures before it" in errors[0]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -261,14 +260,18 @@ def generate(
     if negative and g <= 1:
         typer.echo("kiln: warning: --negative does nothing at guidance 1 (none recorded)", err=True)
     images = sampling.generate(pipe, reqs, control=steer)
+    from training.cli.outputs import save_picture
+
     with claimed(out) as (first, manifest):  # numbering continues after what --out holds
         for i, (r, img) in enumerate(zip(reqs, images, strict=True)):
             name = f"{first + i:04d}-{sampling.slug(r.prompt)}-{r.seed}.png"
-            img.save(out / name)
             line = sampling.manifest_line(name, r, img, used, model, version)
             if cn is not None:
                 line |= {"control": str(control), "control_scale": cn.scale, "controlnet": cn.name}
-            manifest.write(json.dumps(line) + "\n")
+            try:  # a full disk: one line, and every picture written has its line
+                save_picture(out / name, img, manifest, line, i)
+            except UserError as exc:
+                fail(str(exc))
     from training.evaluation.guidance import describe
 
     how = "the model's" if guidance is None and guidance_start is None else "as asked"
