@@ -16,6 +16,7 @@ JPEG/PNG/WebP with no profile or an sRGB one pass through byte for byte.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
@@ -290,6 +291,8 @@ def guarded_downloader_class(policy: Policy):
     before downloading a shard."""
 
     def factory(*args, **kwargs):
+        if kwargs.get("sample_writer_class") is _writer_base():
+            kwargs["sample_writer_class"] = WholeShardWriter
         d = GuardedDownloader(*args, **kwargs)
         d.kiln_policy = policy
         return d
@@ -301,6 +304,40 @@ def _downloader_base():
     from img2dataset.downloader import Downloader
 
     return Downloader
+
+
+def _writer_base():
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    return WebDatasetSampleWriter
+
+
+class WholeShardWriter(_writer_base()):  # type: ignore[misc]
+    """img2dataset's webdataset writer, except that a shard one of whose writes failed
+    fails as a whole when it is closed. img2dataset counts a picture as a success
+    before writing it and takes a write's error (a full disk) as that one sample's:
+    the shard went on, was closed, got its stats file and was kept as finished, with
+    a tar cut at the failed member (tarfile reads up to there without a word). Found
+    with a disk full for a moment: "300/300 images" published as 78. Failing at close,
+    the shard gets no stats file, so img2dataset retries it and Kiln never takes it as
+    finished."""
+
+    failed: BaseException | None = None
+
+    def write(self, *args, **kwargs):
+        try:
+            return super().write(*args, **kwargs)
+        except Exception as exc:
+            self.failed = self.failed or exc
+            raise
+
+    def close(self):
+        super().close()
+        if self.failed is not None:
+            raise OSError(
+                getattr(self.failed, "errno", None) or errno.EIO,
+                f"shard {self.shard_id} not whole: a write failed ({self.failed})",
+            ) from self.failed
 
 
 class GuardedDownloader(_downloader_base()):  # type: ignore[misc]

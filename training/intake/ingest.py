@@ -45,7 +45,7 @@ from training import paths as P
 from training.config import BUILTIN_DATASETS, Params, fingerprint
 from training.console import say
 from training.disk import replace_dir, restore_dir, write_json
-from training.intake import sources, sync
+from training.intake import sources, sync, unfinished
 from training.intake.canonical import canonicalize_shard, public_source, stable_url
 from training.intake.guard import is_transient, policy_for
 from training.intake.kinds import SOURCE_KINDS
@@ -129,7 +129,9 @@ def _shard_ids(directory: Path, pattern: str) -> set[str]:
 
 def finished_shards(directory: Path) -> tuple[list[str], list[str]]:
     """(complete shard ids, incomplete ones): complete = img2dataset wrote its stats,
-    which it does only after closing the tar and its parquet."""
+    which it does only after closing the tar and its parquet. A stats file cut short
+    (a full disk) is removed: img2dataset redoes a shard only when it has none."""
+    unfinished.drop_cut_stats(directory)
     done = _shard_ids(directory, "*_stats.json")
     started = _shard_ids(directory, "*.tar") | _shard_ids(directory, "*.parquet")
     return sorted(done), sorted(started - done)
@@ -323,11 +325,10 @@ def publish(
     refuses to publish while any new shard is incomplete."""
     i2d_dir.mkdir(parents=True, exist_ok=True)
     done, incomplete = finished_shards(i2d_dir)
-    if incomplete:  # a network fault or a kill: a retry (or a re-run) may finish them
-        raise ConnectionError(
-            f"{len(incomplete)} shard(s) did not finish ({', '.join(incomplete[:5])}); "
-            f"re-run `kiln ingest` to retry them ({len(done)} finished shards are kept)"
-        )
+    if incomplete:  # a full disk, a network fault or a kill (a retry may finish those)
+        shard_bytes = min(params.ingest.samples_per_shard, len(plan.fetch) or 1)
+        shard_bytes *= params.ingest.image_size**2 * 3 + 2048  # a picture and its members
+        raise unfinished.error(i2d_dir, incomplete, len(done), shard_bytes)
     fix_url = stable_url(params.ingest.dataset)
     for shard_id in done:
         canonicalize_shard(i2d_dir, shard_id, fix_url)
