@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from flows import dvc_cache
 from training import stages
 from training.env import offline_defaults
 
@@ -156,11 +157,16 @@ def _run_dvc_stage(stage: str) -> None:
         _dvc_cmd("repro", "--single-item", stage, what=f"stage {stage}")
     except StageFailed as exc:
         if not note.is_file():
+            if dvc_cache.short_of_room(ROOT, stage):  # DVC's own failure: no retry
+                outs = [str(o) for o in stages.BY_NAME[stage].outs]
+                raise StageFailed(dvc_cache.not_stored(ROOT, stage, outs), False, stage) from exc
             raise StageFailed(str(exc), stage=stage) from exc
         info = json.loads(note.read_text())
         raise StageFailed(
             info["message"], retry=bool(info["retry"]), stage=stage, said=True
         ) from exc
+    if dvc_cache.short_of_room(ROOT, stage) and (lost := dvc_cache.uncached(ROOT, stage, _dvc())):
+        raise StageFailed(dvc_cache.not_stored(ROOT, stage, lost), retry=False, stage=stage)
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retryable)
