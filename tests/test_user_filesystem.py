@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.conftest import kiln
 from tests.test_serving import build_tiny_pipeline
 from training.cli import outputs
 from training.cli.base import UserError
@@ -102,3 +103,22 @@ def test_generate_onto_a_full_disk_says_so_and_lists_every_picture_written(tmp_p
     assert all((out / name).stat().st_size > 0 for name in pictures)
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
     assert f"the {len(pictures)} pictures before it" in errors[0]
+
+
+def test_evaluate_refuses_a_tmpdir_too_small_for_registering_before_its_work(project, tiny_disk):
+    """MLflow's log_model copies the whole pipeline into TMPDIR. On a small one,
+    registration failed after the evaluation, as "MlflowException: The following
+    failures occurred while downloading one or more artifacts", and the evaluation was
+    removed with the stage's outputs. Now refused before any work, naming TMPDIR."""
+    for folder in ("clean", "latents", "models/vae", "models/clip", "models/controlnet"):
+        (project / "data" / folder).mkdir(parents=True)
+        (project / "data" / folder / "x").write_bytes(b"x")
+    (project / "data" / "models" / "unet").mkdir(parents=True)
+    (project / "data" / "models" / "unet" / "weights").write_bytes(bytes(64 << 10))
+    proc = kiln(project, "evaluate", check=False, env={"TMPDIR": str(tiny_disk)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("kiln: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"registering the pipeline copies it to {tiny_disk}: needs" in errors[0], errors[0]
+    assert "point TMPDIR at a folder with room" in errors[0]
+    assert not (project / "mlflow.db").exists()  # nothing started

@@ -116,6 +116,8 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
         remote = os.environ.get("KILN_DATA_REMOTE", "").strip()
         require(*[p for p in inputs if not (remote and p in spec.streamed)])
         writable(*outs, P.METRICS)
+        if spec.model == PIPELINE_MODEL:  # MLflow stages the pipeline in TMPDIR
+            tracking.registry.check_staging_room([P.VAE, P.CLIP, P.UNET, P.CONTROLNET])
         empty_outs()  # DVC removes outs before a run (but persist ones); do the same
         resolved = outs[0] / "resolved_params.json"  # every run records its config
         recorded = public_params(params.to_dict())  # a signed source without its signature

@@ -161,6 +161,26 @@ def register_text2image(
     return str(mv.version)
 
 
+def check_staging_room(folders: list[Path]) -> None:
+    """Raise ``DiskFull`` now if the temporary folder (``TMPDIR``) has less room than the
+    model ``folders`` take: ``pyfunc.log_model`` copies the whole pipeline there before
+    logging it. Asked before evaluate's work: on a small TMPDIR registration failed at
+    the very end, as "MlflowException: The following failures occurred while
+    downloading one or more artifacts" (the full disk only in MLflow's log), and the
+    evaluation it had just made was removed with the stage's outputs."""
+    import errno
+    import tempfile
+
+    from training.disk import disk_full, free_bytes
+
+    tmp = Path(tempfile.gettempdir())
+    files = [f for d in folders if d.is_dir() for f in d.rglob("*") if f.is_file()]
+    needed = sum(f.stat().st_size for f in files)
+    if free_bytes(tmp) < needed:
+        hint = "point TMPDIR at a folder with room (checked before evaluating)"
+        raise disk_full("registering the pipeline copies it to", tmp, needed, hint, errno.ENOSPC)
+
+
 def _requirements() -> list[str]:
     import importlib.metadata as md
 
