@@ -63,7 +63,8 @@ def _metrics(stage: str) -> dict:
 
 
 def _preflight(params) -> None:
-    """``evaluate.ruler`` is a CLIP for this profile, and, in ``mode: continue``, the
+    """``evaluate.ruler`` is a CLIP for this profile; in ``mode: scratch`` the models
+    the params name to build on exist; in ``mode: continue``, the
     registry answers and the champion fits this profile; and under ``KILN_NPROC=N``
     every training stage's batch splits evenly over N processes; or the run stops here,
     before any stage (``training/evaluation/ruler.py``, ``training/phases/continuing.py``)."""
@@ -78,6 +79,12 @@ def _preflight(params) -> None:
         except (ValueError, ConnectionError) as exc:  # ReuseError is a ValueError
             raise PreflightFailed(str(exc)) from None
     if params.mode != "continue":
+        from training.phases.reuse import check_named
+
+        try:
+            check_named(params)
+        except (ValueError, ConnectionError) as exc:  # ReuseError is a ValueError
+            raise PreflightFailed(str(exc)) from None
         return
     from training.phases.continuing import preflight
 

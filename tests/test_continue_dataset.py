@@ -239,3 +239,20 @@ def test_a_signed_source_is_recorded_without_its_signature(store: Path):
     assert "X-Amz-Signature" not in card and "h.example/part-" in card
     # a local path or a plain URL is recorded as written
     assert public_params({"ingest": {"source": "./data/pets"}})["ingest"]["source"] == "./data/pets"
+
+
+def test_scratch_checks_the_models_its_params_name_before_any_stage(store: Path, tmp_path: Path):
+    """A misspelled ``train_unet.init_from`` (or a ``reuse`` folder that is not a VAE)
+    stops the pipeline in its preflight (was: found by train_unet after ingest,
+    validate, the VAE, CLIP and the latents)."""
+    from flows.pipeline import PreflightFailed, _preflight
+
+    params = _params()
+    _preflight(params)  # nothing named: nothing to check
+    unet = params.train_unet.model_copy(update={"init_from": "models:/kiln-unet@champon"})
+    with pytest.raises(PreflightFailed, match="kiln-unet@champon"):
+        _preflight(params.model_copy(update={"train_unet": unet}))
+    (tmp_path / "not_a_vae").mkdir()
+    vae = params.train_vae.model_copy(update={"reuse": str(tmp_path / "not_a_vae")})
+    with pytest.raises(PreflightFailed, match="not_a_vae: no .* and config.json"):
+        _preflight(params.model_copy(update={"train_vae": vae}))

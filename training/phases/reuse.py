@@ -92,6 +92,22 @@ def resolve(ref: str) -> tuple[Path, str | None]:
         raise ReuseError(str(exc)) from None
 
 
+def check_named(params: Params) -> None:
+    """In ``mode: scratch``, every model a param names (``train_vae.reuse``,
+    ``train_clip.reuse``, ``train_unet.init_from``) exists, and the VAE and CLIP are the
+    kind the profile can use: the pipeline's preflight calls it before any stage. Was: a
+    misspelled ``models:/kiln-unet@champon`` stopped train_unet after ingest, validate,
+    the VAE, CLIP and the latents. (``mode: continue`` checks them in
+    ``continuing.preflight``.) Raises ``ReuseError`` or ``ConnectionError``."""
+    for stage, key in BUILDS_ON.items():
+        ref = getattr(getattr(params, stage), key)
+        if not ref:
+            continue
+        directory, _ = resolve(ref)
+        if stage != "train_unet":
+            check(stage, ref, directory, params)
+
+
 def _config(ref: str, directory: Path, weights: str, what: str) -> dict:
     """A model folder's config.json, once its weights and config are known to be there."""
     cfg_path = directory / "config.json"
