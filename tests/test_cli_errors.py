@@ -167,7 +167,9 @@ def test_an_error_of_no_known_kind_is_one_line_a_note_and_nothing_half_written(
 
     monkeypatch.chdir(project)
     monkeypatch.delenv("KILN_DEBUG", raising=False)
-    spec = SimpleNamespace(outs=(out,), inputs=(), persist=False, streamed=(), checkpoints=False)
+    spec = SimpleNamespace(
+        outs=(out,), inputs=(), persist=False, streamed=(), checkpoints=False, model=None
+    )
     with pytest.raises(typer.Exit) as stopped:
         _run_stage("train_clip", spec, body, None)
     assert stopped.value.exit_code == 1
@@ -194,7 +196,9 @@ def test_a_resumed_training_stage_keeps_the_previews_drawn_before_its_checkpoint
     from training.cli.stage import _run_stage
 
     out = Path("data/models/fake")
-    spec = SimpleNamespace(outs=(out,), inputs=(), persist=False, streamed=(), checkpoints=True)
+    spec = SimpleNamespace(
+        outs=(out,), inputs=(), persist=False, streamed=(), checkpoints=True, model=None
+    )
 
     def trained(first: int, last: int, stop: int | None = None):
         def body(params, tr):
