@@ -1,7 +1,8 @@
 """The stage commands (what ``dvc.yaml`` runs), one thin adapter each: load the typed
 config, check inputs, open the MLflow run, call the phase's ``run()``, register what it
 made. The stage's partial outputs are removed on failure, so nothing half-written looks
-valid.
+valid; a run refused by the input checks (``require``, the phase's ``check_inputs``)
+never clears them, so the last good output stays as it was.
 
 This module imports only what a stage needs: ``kiln ingest`` and ``kiln validate`` never
 load torch, and an edit to a user command (``training/cli/user.py``) re-runs no stage.
@@ -43,10 +44,16 @@ offline_defaults()
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
-def run_stage(stage: str, body: Callable[..., dict], register: Callable | None = None) -> dict:
+def run_stage(
+    stage: str,
+    body: Callable[..., dict],
+    register: Callable | None = None,
+    check: Callable | None = None,
+) -> dict:
     """The shared adapter: config -> checks -> MLflow run -> phase -> metrics/registry.
     ``body(params, tracker)`` runs the phase; ``register(tracker, metrics)`` registers
-    what it made and returns the version."""
+    what it made and returns the version; ``check(params)`` refuses stale or mismatched
+    inputs before the outs are cleared."""
     from training import runlock
     from training.cli import launch
 
@@ -60,7 +67,7 @@ def run_stage(stage: str, body: Callable[..., dict], register: Callable | None =
             held.enter_context(runlock.stage_lock(stage))
         except runlock.PipelineBusy as exc:
             fail(str(exc))
-        return _run_stage(stage, spec, body, register)
+        return _run_stage(stage, spec, body, register, check)
 
 
 def _stash_previews(stage: str, spec) -> None:
@@ -91,7 +98,9 @@ def _restore_previews(stage: str, out: Path, resumed: int) -> None:
             shutil.copy2(f, out / "previews" / f.name)
 
 
-def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable | None) -> dict:
+def _run_stage(
+    stage: str, spec, body: Callable[..., dict], register: Callable | None, check=None
+) -> dict:
     """``run_stage``'s work, under the stage's hold on the run lock."""
     from training import config, tracking
     from training.cli.base import Terminated, terminate_like_interrupt
@@ -105,9 +114,19 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
     failure_note(stage).unlink(missing_ok=True)
     terminate_like_interrupt()
 
+    cleared: list[bool] = []
+
     def empty_outs() -> None:  # as DVC does before a run; a resume keeps its previews
+        cleared.append(True)
         _stash_previews(stage, spec)
         cleanup(fresh)
+
+    def undo() -> None:
+        # a failed run's half-written outs go; a run refused before they were cleared
+        # leaves the last good ones (was: `kiln train-unet` refusing latents of another
+        # VAE deleted data/models/unet, and `kiln generate` had no U-Net)
+        if cleared:
+            empty_outs()
 
     try:
         params = load_params()
@@ -118,6 +137,8 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
         writable(*outs, P.METRICS)
         if spec.model == PIPELINE_MODEL:  # MLflow stages the pipeline in TMPDIR
             tracking.registry.check_staging_room([P.VAE, P.CLIP, P.UNET, P.CONTROLNET])
+        if check is not None:  # the phase's own input checks, while the outs are whole
+            check(params)
         empty_outs()  # DVC removes outs before a run (but persist ones); do the same
         resolved = outs[0] / "resolved_params.json"  # every run records its config
         recorded = public_params(params.to_dict())  # a signed source without its signature
@@ -146,25 +167,25 @@ def _run_stage(stage: str, spec, body: Callable[..., dict], register: Callable |
             shutil.rmtree(P.CKPT / stage, ignore_errors=True)
         return metrics
     except (config.ConfigError, UserError, TrainingDiverged) as exc:
-        empty_outs()
+        undo()
         record_failure(stage, str(exc), retry=False)
         fail(str(exc))
     except (OSError, ValueError, RuntimeError) as exc:
-        empty_outs()
+        undo()
         record_failure(stage, prefixed(stage, str(exc)), retry=transient(exc))
         if os.environ.get("KILN_DEBUG"):
             raise
         fail(prefixed(stage, str(exc)))
     except Exception as exc:  # none of the above: a library's own error class, or a bug
         # was: a traceback, no note (so the flow retried it) and half an output left
-        empty_outs()
+        undo()
         message = prefixed(stage, f"{type(exc).__name__}: {exc}".splitlines()[0])
         record_failure(stage, message, retry=False)
         if os.environ.get("KILN_DEBUG"):
             raise
         fail(f"{message} (KILN_DEBUG=1 shows where)")
     except KeyboardInterrupt as exc:
-        empty_outs()
+        undo()
         # SIGTERM (an evicted pod, a scheduler's stop) is worth a retry, which resumes;
         # never in place of another rank's reason (torchrun terminates the rest)
         terminated = isinstance(exc, Terminated)
@@ -261,13 +282,14 @@ def _other_collection_warning(params, champion: str | None) -> None:
 
 
 def _stage_command(stage: str) -> Callable[[], None]:
-    """``kiln <stage>``: run the phase's ``stage(params, tracker)`` in the adapter. The
-    phase module is imported by name from the stage table, so this module imports no
-    phase (each stage's DVC deps list its own phase only)."""
+    """``kiln <stage>``: run the phase's ``stage(params, tracker)`` in the adapter, after
+    its ``check_inputs(params)`` if it has one. The phase module is imported by name from
+    the stage table, so this module imports no phase (each stage's DVC deps list its own
+    phase only)."""
 
     def command() -> None:
         phase = importlib.import_module(BY_NAME[stage].phase)
-        run_stage(stage, phase.stage, _register(stage))
+        run_stage(stage, phase.stage, _register(stage), getattr(phase, "check_inputs", None))
 
     command.__doc__ = BY_NAME[stage].help
     return command

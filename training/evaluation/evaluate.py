@@ -382,6 +382,16 @@ def _held_out(params: Params, pipe, unet_dir: Path, latents_dir: Path) -> dict:
     return denoising_loss(net, sched, batches, scaling, c.val_timesteps, pipe.device, bb.predict)
 
 
+def check_inputs(params: Params) -> None:
+    """What ``run`` refuses first, checked before the stage adapter clears
+    ``data/eval``: a refused run leaves the last evaluation as it was."""
+    from training.evaluation import ruler as R
+    from training.phases.reuse import check_trained_on
+
+    check_trained_on(P.UNET, {"vae": P.VAE, "clip": P.CLIP})
+    R.resolve(params)
+
+
 def stage(params: Params, log: E.MetricLogger) -> dict:
     E.init_distributed()  # torch's threads; the process group under torchrun
     return run(

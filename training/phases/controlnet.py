@@ -159,6 +159,15 @@ def run(
         batches.close()
 
 
+def check_inputs(params: Params) -> None:
+    """What ``run`` refuses first, checked before the stage adapter clears
+    ``data/models/controlnet``: a refused run leaves the last ControlNet as it was."""
+    from training.phases.reuse import check_trained_on
+
+    if params.train_controlnet.enabled:
+        check_trained_on(P.UNET, {"vae": P.VAE, "clip": P.CLIP})
+
+
 def _train(params, batches, text, dirs, out_dir, ckpt_dir, log, val) -> dict:
     tokenizer, encoder = text
     vae_dir, _, unet_dir = dirs  # (vae, clip, unet) folders

@@ -182,6 +182,24 @@ def held_out(params: Params, model, sched, val: str, scaling: float, dev) -> dic
     return denoising_loss(model, sched, batches, scaling, c.val_timesteps, dev, predict)
 
 
+def checked_manifest(
+    params: Params, latents: str | Path, vae_dir: Path, clip_dir: Path | None
+) -> dict:
+    """The manifest of the latents at ``latents``, once they are known to be made by the
+    VAE and CLIP in these folders (``latent_cache.check_made_by``) for this backbone."""
+    from training.phases.latent_cache import check_made_by
+
+    manifest = json.loads(loaders.Store.shared().read_bytes(f"{latents}/manifest.json"))
+    check_made_by(str(latents), manifest, {"vae": vae_dir, "clip": clip_dir})
+    made_for = manifest.get("backbone", "unet2d")
+    if made_for != params.train_unet.backbone:
+        raise ValueError(
+            f"{latents}: text states made for the {made_for} backbone, and train_unet.backbone "
+            f"is {params.train_unet.backbone}: run precompute_latents again"
+        )
+    return manifest
+
+
 def run(
     params: Params,
     latents: str | Path,
@@ -196,19 +214,10 @@ def run(
     before anything else (``latent_cache.check_made_by``)."""
     from safetensors.torch import load
 
-    from training.phases.latent_cache import check_made_by
-
     log = log or E.NullLogger()
     torch.manual_seed(params.seed)
     store = loaders.Store.shared()
-    manifest = json.loads(store.read_bytes(f"{latents}/manifest.json"))
-    check_made_by(str(latents), manifest, {"vae": vae_dir, "clip": clip_dir})
-    made_for = manifest.get("backbone", "unet2d")
-    if made_for != params.train_unet.backbone:
-        raise ValueError(
-            f"{latents}: text states made for the {made_for} backbone, and train_unet.backbone "
-            f"is {params.train_unet.backbone}: run precompute_latents again"
-        )
+    manifest = checked_manifest(params, latents, vae_dir, clip_dir)
     null_text = load(store.read_bytes(f"{latents}/null_text.safetensors"))
     preview_text = load(store.read_bytes(f"{latents}/preview_text.safetensors"))
     scaling = float(manifest["vae"]["scaling_factor"])
@@ -341,16 +350,20 @@ def _train(params, manifest, batches, texts, vae_dir, out_dir, ckpt_dir, log, va
     return {"params": sum(p.numel() for p in model.parameters()), **start, **summary}
 
 
+def _inputs() -> tuple[str | Path, Path, Path | None]:
+    """The stage's latents, VAE and CLIP: the CLIP evaluate pairs the U-Net with (no
+    input of this stage: checked when there), so the latents' text states must be its
+    own."""
+    return loaders.split_source(P.LATENTS, "latents"), P.VAE, P.CLIP if P.CLIP.is_dir() else None
+
+
+def check_inputs(params: Params) -> None:
+    """What ``run`` refuses first, checked before the stage adapter clears
+    ``data/models/unet``: a refused run leaves the last U-Net as it was."""
+    checked_manifest(params, *_inputs())
+
+
 def stage(params: Params, log: E.MetricLogger) -> dict:
     E.init_distributed()  # torch's threads; the process group under torchrun
-    return run(
-        params,
-        loaders.split_source(P.LATENTS, "latents"),
-        P.VAE,
-        P.UNET,
-        P.CKPT / "train_unet",
-        log,
-        # the CLIP evaluate pairs the U-Net with (no input of this stage: checked when
-        # there), so the latents' text states must be its own
-        clip_dir=P.CLIP if P.CLIP.is_dir() else None,
-    )
+    latents, vae, clip = _inputs()
+    return run(params, latents, vae, P.UNET, P.CKPT / "train_unet", log, clip_dir=clip)

@@ -1,0 +1,94 @@
+"""A stage command refused for a stale input leaves its last good output as it was.
+
+Found in review: after a by-hand ``kiln train-vae`` (a new VAE), ``kiln train-unet``
+rightly stopped with "data/latents were made by other models", but the stage adapter
+had emptied its outs before the phase checked its inputs: ``dvc status`` said
+``deleted: data/models/unet`` and ``kiln generate`` had no U-Net. The model folders
+here are configs and stand-in weights only: every refusal comes before a model loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.phases.latent_cache import model_fingerprint
+from training.phases.reuse import TRAINED_ON
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _stale_project(project: Path) -> dict[str, Path]:
+    """Every stage's inputs and a previous output, the U-Net and the latents made with
+    the VAE that ``kiln train-vae`` has since replaced."""
+    data = project / "data"
+    d = {k: data / "models" / k for k in ("vae", "clip", "unet", "controlnet")}
+    d.update(clean=data / "clean", latents=data / "latents", eval=data / "eval")
+    for name, folder in d.items():
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"name": name}))
+    old = {"vae": "0123456789abcdef", "clip": model_fingerprint(d["clip"])}  # the old VAE
+    manifest = {k: {"fingerprint": v} for k, v in old.items()}
+    (d["latents"] / "manifest.json").write_text(json.dumps(manifest))
+    (d["unet"] / TRAINED_ON).write_text(json.dumps(old))
+    for name in ("unet", "controlnet"):
+        (d[name] / "diffusion_pytorch_model.safetensors").write_bytes(b"the last good weights")
+        (d[name] / "resolved_params.json").write_text('{"the": "run that made them"}')
+    (d["eval"] / "report.html").write_text("<p>the last evaluation</p>")
+    return d
+
+
+@pytest.mark.parametrize(
+    ("stage", "out", "needle"),
+    [
+        ("train_unet", "unet", "data/latents were made by other models (VAE 0123456789abcdef"),
+        ("train_controlnet", "controlnet", "was trained on the latents of other models"),
+        ("evaluate", "eval", "was trained on the latents of other models"),
+    ],
+)
+def test_a_refused_stage_leaves_its_last_output_byte_identical(
+    project: Path, monkeypatch, capsys, stage: str, out: str, needle: str
+):
+    import typer
+
+    from training import config
+    from training.cli.stage import _stage_command
+
+    d = _stale_project(project)
+    config.set_values(project / "params.yaml", {"train_controlnet.enabled": True})
+    before = _files(d[out])
+    monkeypatch.chdir(project)
+    for name in ("KILN_NPROC", "KILN_DATA_REMOTE", "KILN_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(typer.Exit) as stopped:
+        _stage_command(stage)()  # what `kiln train-unet` runs
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("kiln: error:")]
+    assert stopped.value.exit_code == 1 and len(errors) == 1 and needle in errors[0], errors
+    assert _files(d[out]) == before
+    note = json.loads((project / ".kiln" / f"failed-{stage}.json").read_text())
+    assert note["retry"] is False  # the flow is told, as before
+
+
+def test_a_missing_input_leaves_the_last_output_too(project: Path, monkeypatch, capsys):
+    """``require`` refused before the outs were cleared, but the failure handler emptied
+    them anyway: ``kiln evaluate`` without data/models/controlnet deleted data/eval."""
+    import shutil
+
+    import typer
+
+    from training.cli.stage import _stage_command
+
+    d = _stale_project(project)
+    shutil.rmtree(d["controlnet"])
+    before = _files(d["eval"])
+    monkeypatch.chdir(project)
+    for name in ("KILN_NPROC", "KILN_DATA_REMOTE", "KILN_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(typer.Exit):
+        _stage_command("evaluate")()
+    assert "missing stage input data/models/controlnet" in capsys.readouterr().err
+    assert _files(d["eval"]) == before
