@@ -92,3 +92,61 @@ def test_a_missing_input_leaves_the_last_output_too(project: Path, monkeypatch, 
         _stage_command("evaluate")()
     assert "missing stage input data/models/controlnet" in capsys.readouterr().err
     assert _files(d["eval"]) == before
+
+
+def test_refused_precompute_latents_leaves_the_last_latents_byte_identical(
+    project: Path, monkeypatch, capsys
+):
+    """data/latents is kept between runs (DVC persist), and the adapter wrote this run's
+    resolved_params.json into it before the phase ran: a run refused for a clean shard
+    changed since validate left the old latents with a file they never had (the
+    finished run's swapped-in folder had none), and DVC called them modified."""
+    import typer
+
+    from training.cli.stage import _stage_command
+    from training.intake.index import write_index
+
+    d = _stale_project(project)
+    (d["latents"] / "train").mkdir()
+    (d["latents"] / "train" / "train-00000.safetensors").write_bytes(b"the last latents")
+    for split in ("train", "val"):
+        shard = d["clean"] / split / f"{split}-00000.tar"
+        shard.parent.mkdir()
+        shard.write_bytes(b"a shard as validate wrote it")
+        write_index(shard.parent, {shard.name: 1}, split)
+    (d["clean"] / "val" / "val-00000.tar").write_bytes(b"a shard changed since")
+    before = _files(d["latents"])
+    monkeypatch.chdir(project)
+    for name in ("KILN_NPROC", "KILN_DATA_REMOTE", "KILN_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(typer.Exit):
+        _stage_command("precompute_latents")()
+    assert "val-00000.tar is not the shard" in capsys.readouterr().err
+    assert _files(d["latents"]) == before
+
+
+def test_an_incremental_stage_records_its_config_once_it_finished(project: Path, monkeypatch):
+    """A persist out (data/raw) gets the run's resolved_params.json after the phase
+    finished: a failed run leaves the last one; a finished one writes its own."""
+    from types import SimpleNamespace
+
+    import typer
+
+    from training.cli.stage import _run_stage
+    from training.errors import UserError
+
+    out = Path("data/raw")
+    spec = SimpleNamespace(outs=(out,), inputs=(), persist=True, streamed=(),
+                           checkpoints=False, model=None, records_config=True)  # fmt: skip
+
+    def body(params, tr):
+        raise UserError("the source is gone")
+
+    monkeypatch.chdir(project)
+    out.mkdir(parents=True)
+    (out / "resolved_params.json").write_text('{"the": "last run"}')
+    with pytest.raises(typer.Exit):
+        _run_stage("ingest", spec, body, None)
+    assert (out / "resolved_params.json").read_text() == '{"the": "last run"}'
+    _run_stage("ingest", spec, lambda params, tr: {}, None)
+    assert json.loads((out / "resolved_params.json").read_text())["ingest"]

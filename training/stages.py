@@ -51,6 +51,10 @@ class Stage:
     # before one; the phase brings it up to date itself (ingest: intake/sync.py;
     # precompute_latents: phases/latent_cache.py)
     persist: bool = False
+    # its first out holds the run's resolved_params.json. Not precompute_latents': its
+    # rows are the same bytes whatever else the config says, and a copy of the whole
+    # config in them would make an encode of unchanged rows retrain the U-Net
+    records_config: bool = True
 
     @property
     def command(self) -> str:
@@ -106,6 +110,7 @@ STAGES: tuple[Stage, ...] = (
         (P.LATENTS,),
         data_parallel=True,
         persist=True,
+        records_config=False,
     ),
     Stage(
         "train_unet",

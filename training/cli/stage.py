@@ -140,12 +140,17 @@ def _run_stage(
         if check is not None:  # the phase's own input checks, while the outs are whole
             check(params)
         empty_outs()  # DVC removes outs before a run (but persist ones); do the same
-        resolved = outs[0] / "resolved_params.json"  # every run records its config
+        # every run records its config beside its outputs (for its MLflow run); a persist
+        # stage's only once it finished: a refused run leaves the old output's bytes
+        keep = P.STATE / "resolved" / stage if spec.persist else outs[0]
+        resolved = keep / "resolved_params.json"
         recorded = public_params(params.to_dict())  # a signed source without its signature
         write_json(resolved, recorded)
         with tracking.stage_run(stage, recorded, resolved) as tr:
             with disk_full_errors(f"{stage} output", outs[0]):
                 metrics = body(params, tr)
+                if spec.persist and spec.records_config:
+                    shutil.copy2(resolved, outs[0] / resolved.name)
                 _restore_previews(stage, outs[0], metrics.get("resumed_from_step", 0))
             if metrics.get("skipped"):
                 # a stage switched off (train_controlnet) made nothing from this config:

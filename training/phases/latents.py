@@ -159,6 +159,8 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     from training.intake import shards
 
     c = params.precompute_latents
+    for split in ("train", "val"):  # before any model loads or any file is moved
+        check_clean(clean_dir / split)
     # the old output is the cache (and stays whole until the new one is complete)
     old_dir, out_dir = out_dir, out_dir.with_name(f".{out_dir.name}.new")
     partial = old_dir.with_name(f".{old_dir.name}.partial")  # an interrupted run's rows
@@ -184,8 +186,6 @@ def run(params: Params, clean_dir: Path, vae_dir: Path, clip_dir: Path, out_dir:
     # what this process wrote: files, counts, captions, who; rows encoded and reused
     part: dict = {"truncated": {}, "encoded": 0}
     context = tokenizer.model_max_length
-    for split in ("train", "val"):
-        check_clean(clean_dir / split)
     for split in ("train", "val"):
         cut = 0  # captions longer than the text encoder's context: counted, never silent
         paths = shards.shard_paths(clean_dir / split)
