@@ -150,3 +150,29 @@ def test_an_incremental_stage_records_its_config_once_it_finished(project: Path,
     assert (out / "resolved_params.json").read_text() == '{"the": "last run"}'
     _run_stage("ingest", spec, lambda params, tr: {}, None)
     assert json.loads((out / "resolved_params.json").read_text())["ingest"]
+
+
+@pytest.mark.parametrize(("stage", "name"), [("train_vae", "vae"), ("train_clip", "clip")])
+def test_a_refused_reuse_leaves_the_last_model(project: Path, monkeypatch, capsys, stage, name):
+    """``train_vae.reuse`` naming a folder that holds no VAE was refused by the phase
+    after the adapter had emptied data/models/vae: the VAE every later stage and
+    ``kiln generate`` pair with was gone."""
+    import typer
+
+    from training import config
+    from training.cli.stage import _stage_command
+
+    d = _stale_project(project)
+    (d["clean"] / "x").write_bytes(b"x")
+    (d[name] / "model.safetensors").write_bytes(b"the last good weights")
+    not_a_model = project / "not-a-model"
+    not_a_model.mkdir()
+    config.set_values(project / "params.yaml", {f"{stage}.reuse": str(not_a_model)})
+    before = _files(d[name])
+    monkeypatch.chdir(project)
+    for var in ("KILN_NPROC", "KILN_DATA_REMOTE", "KILN_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(typer.Exit):
+        _stage_command(stage)()
+    assert f"{not_a_model}: no " in capsys.readouterr().err
+    assert _files(d[name]) == before

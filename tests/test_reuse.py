@@ -138,14 +138,16 @@ def test_what_cannot_be_reused_stops_the_stage_before_anything_is_written(
     (shifted / "config.json").write_text(json.dumps({**cfg, "shift_factor": 0.3}))
     ref = ref.format(v1=v1, other_profile=other, shifted=shifted)
     config.set_values(project / "params.yaml", {f"{stage}.reuse": ref})
-    out = "vae" if stage == "train_vae" else "clip"
+    out = project / "data" / "models" / ("vae" if stage == "train_vae" else "clip")
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
     try:
         proc = kiln(project, stage.replace("_", "-"), check=False)
     finally:
         config.set_values(project / "params.yaml", {f"{stage}.reuse": None})
     assert proc.returncode != 0
     assert says in proc.stderr, proc.stderr[-2000:]
-    assert not (project / "data" / "models" / out / "config.json").exists()  # removed
+    # refused before the adapter cleared it: the last model stays as it was (was: removed)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
     assert _registry(project) == {"kiln-vae": [1], "kiln-clip": [1]}
 
 

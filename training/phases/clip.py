@@ -368,6 +368,13 @@ def reuse(params: Params, clean: str | Path, out_dir: Path, log, ref: str) -> di
         val.close()
 
 
+def check_inputs(params: Params) -> None:
+    """A model to reuse that cannot be, refused while ``data/models/clip`` is whole."""
+    from training.phases.reuse import check_reused
+
+    check_reused("train_clip", params)
+
+
 def stage(params: Params, log: E.MetricLogger) -> dict:
     E.init_distributed()  # torch's threads; the process group under torchrun
     clean = loaders.split_source(P.CLEAN, "clean")

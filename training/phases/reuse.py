@@ -149,6 +149,15 @@ def check(stage: str, ref: str, directory: Path, params: Params) -> None:
             raise ReuseError(f"{ref}: no tokenizer beside the CLIP model")
 
 
+def check_reused(stage: str, params: Params) -> None:
+    """The model ``stage`` (train_vae, train_clip) would install (``builds_on``) is
+    there and fits, checked before the stage adapter clears its output: a refused
+    reuse leaves the last model as it was (``install`` checks again)."""
+    ref = builds_on(stage, params)
+    if ref:
+        check(stage, ref, resolve(ref)[0], params)
+
+
 def install(stage: str, ref: str, out_dir: Path, params: Params) -> dict:
     """Copy the model ``ref`` names into ``out_dir`` (checked first); returns the
     metrics that say what was reused."""
