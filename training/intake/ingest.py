@@ -50,6 +50,7 @@ from training.intake.canonical import canonicalize_shard, public_source, stable_
 from training.intake.guard import is_transient, policy_for
 from training.intake.kinds import SOURCE_KINDS
 from training.intake.serve import LOOPBACK, serve_directory
+from training.intake.url_plan import plan_url_list
 
 # ---- img2dataset -----------------------------------------------------------------------
 
@@ -284,14 +285,9 @@ def _ingest(params: Params, out_dir: Path, work_dir: Path) -> dict:
     prep = SOURCE_KINDS[params.ingest.dataset].prepare(params, work_dir)
     fetch_list = work_dir / "fetch.parquet"
     if prep.url_list is not None:  # web URLs: fetched as they are, through the guard
-        table = pq.read_table(prep.url_list)
-        cols = table.select(["url", "caption"]).to_pydict()
-        ids = [sync.url_row_id(u, c) for u, c in zip(cols["url"], cols["caption"], strict=True)]
-        plan = sync.plan(params, out_dir, ids)
-        _say_plan(plan, len(ids))
-        table = table.append_column(sync.ROW_ID, pa.array(ids, pa.string()))
-        if plan.fetch:
-            pq.write_table(table.take(plan.fetch), fetch_list)
+        plan, total = plan_url_list(params, out_dir, prep.url_list, fetch_list)
+        _say_plan(plan, total)
+        if plan.fetching:
             download(fetch_list, i2d_dir, params, policy_for(params), [sync.ROW_ID])
         return publish(params, i2d_dir, out_dir, work_dir, prep.report, plan)
     digests = [
@@ -326,7 +322,7 @@ def publish(
     i2d_dir.mkdir(parents=True, exist_ok=True)
     done, incomplete = finished_shards(i2d_dir)
     if incomplete:  # a full disk, a network fault or a kill (a retry may finish those)
-        shard_bytes = min(params.ingest.samples_per_shard, len(plan.fetch) or 1)
+        shard_bytes = min(params.ingest.samples_per_shard, plan.fetching or 1)
         shard_bytes *= params.ingest.image_size**2 * 3 + 2048  # a picture and its members
         raise unfinished.error(i2d_dir, incomplete, len(done), shard_bytes)
     fix_url = stable_url(params.ingest.dataset)

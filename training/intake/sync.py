@@ -19,8 +19,9 @@ What a fetched sample's bytes depend on besides its row (image size, resize mode
 background, limits: ``FETCH_KEYS``) is recorded in the base's report; when it changes,
 nothing is kept and the source is fetched again in full. The new ``shards/`` is
 assembled beside the old one and swapped in by two renames; a crash between them is
-repaired by the next run (``disk.restore_dir``). Memory: one id per source row and per base
-sample (about 100 bytes each).
+repaired by the next run (``disk.restore_dir``). Memory: one id per base sample (about
+100 bytes each), and per source row of a served source (whose rows are listed anyway); a
+URL list is planned in record batches (``url_plan``), whatever its length.
 """
 
 from __future__ import annotations
@@ -135,7 +136,9 @@ def carry(shard_dir: Path, ids: list[str], digests: list[str], paths: list[str])
 
 @dataclass
 class Plan:
-    """What a sync keeps and fetches. ``fetch`` indexes the source's rows."""
+    """What a sync keeps and fetches. ``fetch`` indexes the source's rows where they
+    are held in memory (a served source's); a URL list's are written to the fetch list
+    as they are planned (``url_plan``). ``fetching`` counts them either way."""
 
     fetch: list[int]
     keep: dict[str, set[str]] = field(default_factory=dict)  # base shard id -> keys kept
@@ -146,10 +149,11 @@ class Plan:
     next_shard: int = 0  # the first new shard's id
     full: str | None = None  # why nothing could be kept, if so
     carried: dict[str, str] = field(default_factory=dict)  # row id -> URL (``carry``)
+    fetching: int = 0  # how many source rows are fetched
 
     def counts(self) -> dict:
         return {
-            "new": len(self.fetch) - self.retried,
+            "new": self.fetching - self.retried,
             "retried": self.retried,
             "kept": self.kept,
             "removed": self.removed,
@@ -177,18 +181,20 @@ def base_state(out_dir: Path) -> str:
     return fingerprint([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
-def plan(params: Params, out_dir: Path, ids: list[str]) -> Plan:
-    """Match the source's row ids against the base in ``out_dir``."""
+def start(params: Params, out_dir: Path) -> tuple[Plan, Matcher | None]:
+    """A plan with nothing decided yet, and the matcher that decides each source row in
+    turn (None: every row is fetched, ``Plan.full`` says why). Reads the base's parquet
+    only; the source's rows are never held, so a URL list is planned batch by batch."""
     report = out_dir / "report.json"
     shard_dir = out_dir / "shards"
-    everything = list(range(len(ids)))
     if not shard_dir.is_dir() or not report.is_file():
-        return Plan(everything, full="first ingest")
+        return Plan([], full="first ingest"), None
     fetched_with = json.loads(report.read_text()).get("fetch_fingerprint")
     if fetched_with is None:
-        return Plan(everything, full="the base predates incremental ingestion")
+        return Plan([], full="the base predates incremental ingestion"), None
     if fetched_with != fetch_fingerprint(params):
-        return Plan(everything, full=f"ingest settings changed (one of {', '.join(FETCH_KEYS)})")
+        why = f"ingest settings changed (one of {', '.join(FETCH_KEYS)})"
+        return Plan([], full=why), None
     have: dict[str, list[tuple[str, str]]] = {}
     failed: set[str] = set()
     rows: dict[str, int] = {}
@@ -201,21 +207,46 @@ def plan(params: Params, out_dir: Path, ids: list[str]) -> Plan:
                 else:
                     failed.add(rid)
     except LookupError as exc:
-        return Plan(everything, full=str(exc))
+        return Plan([], full=str(exc)), None
     p = Plan(fetch=[], rows=rows, next_shard=max((int(s) for s in rows), default=-1) + 1)
-    used: Counter = Counter()
-    for i, rid in enumerate(ids):
-        spots = have.get(rid, ())
-        if used[rid] < len(spots):  # the same row twice is kept twice if fetched twice
-            shard, key = spots[used[rid]]
-            p.keep.setdefault(shard, set()).add(key)
-            used[rid] += 1
-        else:
-            p.fetch.append(i)
-            p.retried += rid in failed
-    p.kept = sum(used.values())
-    p.removed = sum(len(v) for v in have.values()) - p.kept
-    return p
+    return p, Matcher(p, have, failed)
+
+
+class Matcher:
+    """The base's successes matched against the source's rows, one at a time in the
+    source's order: a row the base holds is kept (in ``plan.keep``), any other is
+    fetched. Holds one entry per base sample, none per source row."""
+
+    def __init__(self, plan: Plan, have: dict, failed: set[str]) -> None:
+        self.plan, self.have, self.failed = plan, have, failed
+        self.used: Counter = Counter()
+
+    def fetches(self, rid: str) -> bool:
+        """Whether the source's next row, of id ``rid``, is fetched (else kept)."""
+        spots = self.have.get(rid, ())
+        if self.used[rid] < len(spots):  # the same row twice is kept twice if fetched twice
+            shard, key = spots[self.used[rid]]
+            self.plan.keep.setdefault(shard, set()).add(key)
+            self.used[rid] += 1
+            return False
+        self.plan.fetching += 1
+        self.plan.retried += rid in self.failed
+        return True
+
+    def finish(self) -> Plan:
+        """The plan, with what was kept and what left the source counted."""
+        self.plan.kept = sum(self.used.values())
+        self.plan.removed = sum(len(v) for v in self.have.values()) - self.plan.kept
+        return self.plan
+
+
+def plan(params: Params, out_dir: Path, ids: list[str]) -> Plan:
+    """Match the source's row ids against the base in ``out_dir``; ``fetch`` lists the
+    rows to fetch by index."""
+    p, match = start(params, out_dir)
+    p.fetch = [i for i, rid in enumerate(ids) if match is None or match.fetches(rid)]
+    p.fetching = len(p.fetch)
+    return match.finish() if match else p
 
 
 def _rename_key(offset: int, per_shard_digits: int):
