@@ -3,11 +3,13 @@
 The plan (what is fetched, what is kept, in which order) used to be made from the whole
 list read into Python lists, about 450 bytes a row (430 MB at 1M rows): here its
 memory is bounded on a 200k-row list, and the plan against a base holding kept, failed,
-twice-fetched and removed rows is checked row by row across batch boundaries.
+twice-fetched and removed rows is checked row by row across batch boundaries. After
+img2dataset's last shard, publishing says what it does.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import tracemalloc
 from pathlib import Path
@@ -15,7 +17,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from tests.conftest import counting_server
 from training import config
 from training.intake import ingest, sync, url_plan
 from training.intake.kinds.base import Prepared
@@ -135,3 +139,34 @@ def test_nothing_to_fetch_writes_no_fetch_list(tmp_path: Path, monkeypatch):
     ingest._ingest(params, raw, tmp_path / "work")
     assert got["fetch"] is None and got["plan"].counts()["kept"] == 1
     assert not (tmp_path / "work" / "fetch.parquet").exists()
+
+
+def test_publishing_says_what_it_does_after_the_last_shard(tmp_path: Path, capfd):
+    """Between img2dataset's last shard and the final count, ingest rewrites the new
+    shards, links the kept ones and re-reads every shard for the rejects: said."""
+    img = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(img, format="PNG")
+    lst = tmp_path / "urls.parquet"
+    with counting_server({"/0.png": img.getvalue()}) as base:
+        _write(lst, [f"{base}/0.png", f"{base}/gone.png"], ["a red square", "nothing"])
+        params = config.resolve(
+            {
+                "ingest": {
+                    "dataset": "url-list",
+                    "source": str(lst),
+                    "processes": 1,
+                    "threads": 2,
+                    "retries": 0,
+                    "allow_networks": ["127.0.0.1/32"],
+                }
+            }
+        )
+        capfd.readouterr()
+        ingest.run(params, tmp_path / "raw", tmp_path / "work")
+    said = [line for line in capfd.readouterr().err.splitlines() if "[kiln]" in line]
+    assert said[-4:] == [
+        "[kiln] ingest: publishing 1 new shard(s) in key order, 0 kept",
+        "[kiln] ingest: listing the rows that did not land, from 1 shard(s)",
+        "[kiln] ingest: 1/2 images in 1 shards",
+        "[kiln] ingest:        1  HTTP Error 404",
+    ], said

@@ -164,8 +164,10 @@ def collect_rejects(shard_dir: Path, out: Path) -> int:
 
     schema = rejects_schema()
     n = 0
+    files = sorted(shard_dir.glob("*.parquet"))
+    say(f"ingest: listing the rows that did not land, from {len(files)} shard(s)")
     with pq.ParquetWriter(out, schema) as writer:
-        for p in sorted(shard_dir.glob("*.parquet")):
+        for p in tqdm(files, "ingest: rejects", unit="shard", disable=len(files) < 20):
             t = pq.read_table(p, columns=["key", "url", "caption", "status", "error_message"])
             d = t.to_pydict()
             rows = [i for i, s in enumerate(d["status"]) if s != "success"]
@@ -326,7 +328,9 @@ def publish(
         shard_bytes *= params.ingest.image_size**2 * 3 + 2048  # a picture and its members
         raise unfinished.error(i2d_dir, incomplete, len(done), shard_bytes)
     fix_url = stable_url(params.ingest.dataset)
-    for shard_id in done:
+    # after img2dataset's last shard: what runs before the final line, said (was silent)
+    say(f"ingest: publishing {len(done)} new shard(s) in key order, {len(plan.keep)} kept")
+    for shard_id in tqdm(done, "ingest: key order", unit="shard", disable=len(done) < 20):
         canonicalize_shard(i2d_dir, shard_id, fix_url)
     shard_dir = out_dir / "shards"
     staged = work_dir / "staged"
