@@ -23,8 +23,8 @@ def plan_url_list(
     params: Params, out_dir: Path, url_list: Path, fetch_list: Path
 ) -> tuple[sync.Plan, int]:
     """(the plan against the base in ``out_dir``, the list's row count). The rows to
-    fetch are written to ``fetch_list`` (the list's columns and ``row_id``), which is
-    left absent when there are none."""
+    fetch are written to ``fetch_list`` (the list's columns and ``row_id``); none, and
+    it is not written (nothing is downloaded)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
