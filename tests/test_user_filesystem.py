@@ -1,6 +1,6 @@
-"""What ``kiln export`` and ``kiln generate`` leave on the user's filesystem: folders with
-the user's permissions, and on a full disk one line with every picture written listed
-(README, "Reliability")."""
+"""What ``kiln export``, ``kiln generate`` and the playground's gallery leave on the
+user's filesystem: folders with the user's permissions, and on a full disk one line with
+every picture written listed (README, "Reliability")."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,13 @@ from typer.testing import CliRunner
 
 from tests.conftest import kiln
 from tests.test_serving import build_tiny_pipeline
+from training import disk
 from training.cli import outputs
 from training.cli.base import UserError
 from training.cli.user import app
+from training.playground import jobs
+
+AGAIN = "run kiln generate again"
 
 
 @pytest.fixture
@@ -52,7 +57,7 @@ def _picture() -> Image.Image:
 def test_a_manifest_line_cut_by_a_full_disk_takes_its_picture_back(tmp_path, monkeypatch):
     out = tmp_path / "samples"
     with outputs.claimed(out) as (first, manifest):
-        outputs.save_picture(out / "0000-a-0.png", _picture(), manifest, {"file": "0000"}, 0)
+        disk.save_picture(out / "0000-a-0.png", _picture(), manifest, {"file": "0000"}, 0, AGAIN)
         real = os.write
 
         def half_then_full(fd, data):
@@ -62,7 +67,9 @@ def test_a_manifest_line_cut_by_a_full_disk_takes_its_picture_back(tmp_path, mon
 
         monkeypatch.setattr(os, "write", half_then_full)
         with pytest.raises(UserError) as info:
-            outputs.save_picture(out / "0001-a-1.png", _picture(), manifest, {"file": "0001"}, 1)
+            disk.save_picture(
+                out / "0001-a-1.png", _picture(), manifest, {"file": "0001"}, 1, AGAIN
+            )
     assert "no space left for" in str(info.value) and "the 1 pictures" in str(info.value)
     assert sorted(p.name for p in out.iterdir()) == ["0000-a-0.png", "manifest.jsonl"]
     assert (out / "manifest.jsonl").read_text() == '{"file": "0000"}\n'
@@ -122,3 +129,35 @@ def test_evaluate_refuses_a_tmpdir_too_small_for_registering_before_its_work(pro
     assert f"registering the pipeline copies it to {tiny_disk}: needs" in errors[0], errors[0]
     assert "point TMPDIR at a folder with room" in errors[0]
     assert not (project / "mlflow.db").exists()  # nothing started
+
+
+def test_the_playground_gallery_on_a_full_disk_says_so_and_lists_every_picture(tmp_path, tiny_disk):
+    """Was: the job's error "OSError: [Errno 28] No space left on device" and a 0-byte
+    PNG under its final name in the gallery (``Image.save`` fails at closing the file);
+    a manifest line went through a buffer flushed only at closing, so a full disk could
+    cut it short and the next line appended to it was unreadable too. The job is queued
+    as ``submit`` queues it once the registry has answered; the version is the tiny
+    pipeline."""
+    tiny = build_tiny_pipeline(tmp_path / "m")
+    gallery = tiny_disk / "gallery"
+    worker = jobs.Worker(gallery)
+    worker.dirs["kiln-text2image/1"] = tiny  # what pipeline_dir fetched from the registry
+    settings = jobs.Settings(prompt="a red circle", steps=1, n=8)
+    job = jobs.Job("j1", ["1"], settings, ["kiln-text2image/1"])
+    with worker.lock:
+        worker.waiting.push("", job)
+        worker.jobs[job.id] = job
+        worker.lock.notify()
+    end = time.monotonic() + 120
+    while job.state not in jobs.FINISHED:
+        assert time.monotonic() < end, job.state
+        time.sleep(0.05)
+    assert job.state == "error" and job.error.startswith("no space left for"), job.error
+    assert "\n" not in job.error and "free space and draw again" in job.error
+    lines = [json.loads(t) for t in (gallery / "manifest.jsonl").read_text().splitlines()]
+    pictures = sorted(f"images/{p.name}" for p in (gallery / "images").iterdir())
+    assert pictures and [x["file"] for x in lines] == pictures
+    assert all((gallery / name).stat().st_size > 0 for name in pictures)
+    assert not [p for p in (gallery / "images").iterdir() if p.name.startswith(".")]
+    assert f"the {len(pictures)} pictures before it" in job.error
+    assert [x["file"] for x in worker.recent()] == pictures[::-1]

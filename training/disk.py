@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 class DiskFull(OSError):
@@ -122,3 +122,48 @@ def restore_dir(target: Path, trash: Path) -> None:
     """After a crash between ``replace_dir``'s renames, the old folder goes back."""
     if trash.is_dir() and not target.exists():
         os.replace(trash, target)
+
+
+def _append_line(manifest: IO[bytes], line: str) -> None:
+    """Append ``line`` whole, or leave the manifest as it was (a write cut short by a
+    full disk is cut off again)."""
+    fd = manifest.fileno()
+    start = os.lseek(fd, 0, os.SEEK_END)
+    view = memoryview(line.encode("utf-8"))
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:
+        os.ftruncate(fd, start)
+        raise
+
+
+def save_picture(path: Path, image, manifest: IO[bytes], line: dict, done: int, again: str) -> None:
+    """Write one picture and its line in ``manifest`` (opened unbuffered, ``"ab"``), both
+    or neither: the PNG goes to a temp name and is renamed, then its line is appended.
+    A full disk is one ``UserError`` saying how many pictures (``done``) are whole and
+    listed, and ``again``: what to do once there is room. For ``kiln generate`` and the
+    playground's gallery. Was: a traceback, a 0-byte PNG under its final name
+    (``Image.save`` fails at closing the file, after its check for a failed write) and
+    the lines of the pictures already written lost with the manifest's buffer."""
+    from training.errors import UserError
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+        try:
+            _append_line(manifest, json.dumps(line) + "\n")
+        except OSError:
+            path.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        if disk_full_code(exc) is None:
+            raise
+        raise UserError(
+            f"no space left for {path} ({free_bytes(path) / 1e6:.1f} MB free on "
+            f"{mount_point(path)}); the {done} pictures before it are written and in "
+            f"{manifest.name}: free space and {again}"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -60,54 +59,11 @@ def claimed(out: Path) -> Iterator[tuple[int, IO[bytes]]]:
     an exclusive lock on manifest.jsonl until the block ends: two ``kiln generate`` runs
     into one folder at once take turns writing, so neither picks numbers the other took
     (same prompt and seed would have overwritten the other's picture). Unbuffered: each
-    line is on disk when ``save_picture`` returns, none waits for a close to fail."""
+    line is on disk when ``disk.save_picture`` returns, none waits for a close to fail."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "manifest.jsonl", "ab", buffering=0) as manifest:  # closing unlocks
         fcntl.flock(manifest, fcntl.LOCK_EX)
         yield next_index(out), manifest
-
-
-def _append_line(manifest: IO[bytes], line: str) -> None:
-    """Append ``line`` whole, or leave the manifest as it was (a write cut short by a
-    full disk is cut off again)."""
-    fd = manifest.fileno()
-    start = os.lseek(fd, 0, os.SEEK_END)
-    view = memoryview(line.encode("utf-8"))
-    try:
-        while view:
-            view = view[os.write(fd, view) :]
-    except OSError:
-        os.ftruncate(fd, start)
-        raise
-
-
-def save_picture(path: Path, image, manifest: IO[bytes], line: dict, done: int) -> None:
-    """Write one picture of ``kiln generate`` and its manifest line, both or neither:
-    the PNG goes to a temp name and is renamed, then its line is appended. A full disk
-    is one ``UserError`` saying how many pictures (``done``) are whole and listed. Was:
-    a traceback, a 0-byte PNG under its final name (numbered past forever after) and
-    the lines of the pictures already written lost with the manifest's buffer."""
-    from training.disk import disk_full_code, free_bytes, mount_point
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-        try:
-            _append_line(manifest, json.dumps(line) + "\n")
-        except OSError:
-            path.unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        if disk_full_code(exc) is None:
-            raise
-        raise UserError(
-            f"no space left for {path} ({free_bytes(path) / 1e6:.1f} MB free on "
-            f"{mount_point(path)}); the {done} pictures before it are written and in "
-            f"{path.parent / 'manifest.jsonl'}: free space and run kiln generate again"
-        ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def below_one(value: float | None) -> float | None:

@@ -260,7 +260,7 @@ def generate(
     if negative and g <= 1:
         typer.echo("kiln: warning: --negative does nothing at guidance 1 (none recorded)", err=True)
     images = sampling.generate(pipe, reqs, control=steer)
-    from training.cli.outputs import save_picture
+    from training.disk import save_picture
 
     with claimed(out) as (first, manifest):  # numbering continues after what --out holds
         for i, (r, img) in enumerate(zip(reqs, images, strict=True)):
@@ -269,7 +269,7 @@ def generate(
             if cn is not None:
                 line |= {"control": str(control), "control_scale": cn.scale, "controlnet": cn.name}
             try:  # a full disk: one line, and every picture written has its line
-                save_picture(out / name, img, manifest, line, i)
+                save_picture(out / name, img, manifest, line, i, "run kiln generate again")
             except UserError as exc:
                 fail(str(exc))
     from training.evaluation.guidance import describe

@@ -15,6 +15,7 @@ kept under ``data/playground/``: the gallery.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import threading
 import time
@@ -288,6 +289,7 @@ class Worker:
             if job.cancelled:
                 raise Cancelled
 
+        kept = 0  # the job's pictures in the gallery, for the message of a full disk
         for side, (model, version, (pipe, reqs, used)) in enumerate(
             zip(job.models, job.versions, loaded, strict=True)
         ):
@@ -295,16 +297,20 @@ class Worker:
             files = []
             for k, (r, img) in enumerate(zip(reqs, images, strict=True)):
                 name = f"{job.id}-{side}-{k}-{sampling.slug(r.prompt, 32)}-{r.seed}.png"
-                img.save(self.images / name)
+                self._keep(job, side, (model, version, used), r, img, name, kept)
                 files.append({"file": f"images/{name}", "seed": r.seed, "guidance": r.guidance,
                               "guidance_start": r.guidance_start, "scheduler": used})  # fmt: skip
-                self._record(job, side, (model, version, used), r, img, name)
+                kept += 1
             note = _truncation_note(pipe, s)
             job.results.append({"model": model, "version": version, "images": files, "note": note,
                                 "scheduler": used})  # fmt: skip
 
-    def _record(self, job: Job, side: int, drawn: tuple, r, img, name: str) -> None:
-        """``drawn``: (the model as asked, the version, the sampler it was drawn with)."""
+    def _keep(self, job: Job, side: int, drawn: tuple, r, img, name: str, kept: int) -> None:
+        """Write the picture ``name`` into the gallery and its manifest line, both or
+        neither (``disk.save_picture``, as ``kiln generate``): on a full disk the job's
+        error says so, and how many of its pictures (``kept``) are whole and listed.
+        ``drawn``: (the model as asked, the version, the sampler it was drawn with)."""
+        from training.disk import save_picture
         from training.inference.sampling import manifest_line
 
         model, version, used = drawn
@@ -314,8 +320,11 @@ class Worker:
             "side": side,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        with open(self.gallery / "manifest.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+        # unbuffered: the line is on disk or cut off again, never left in a buffer whose
+        # flush at closing fails; locked, as kiln generate's, while it is appended
+        with open(self.gallery / "manifest.jsonl", "ab", buffering=0) as manifest:
+            fcntl.flock(manifest, fcntl.LOCK_EX)
+            save_picture(self.images / name, img, manifest, line, kept, "draw again")
 
     def recent(self, limit: int = 24) -> list[dict[str, Any]]:
         """The gallery's newest pictures (manifest lines whose file still exists)."""
