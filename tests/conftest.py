@@ -380,21 +380,29 @@ def run_ok(env: dict, cwd: Path, *args: str, timeout: float = 300) -> str:
     return proc.stdout
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB filesystem (tmpfs), unmounted afterwards."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of ``size`` (mount's ``size=``: 2m, 128k) mounted on ``folder``
+    (made if missing) and unmounted afterwards: a full disk as the kernel makes one. The
+    test is skipped where mounting needs root or mount(8) is missing."""
+    folder.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a 2 MB tmpfs needs root and mount(8); the faked tests cover this")
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
     proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
         capture_output=True,
         text=True,
     )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); the faked tests cover it")
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
     try:
-        yield disk
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB filesystem (tmpfs), unmounted afterwards."""
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        yield disk

@@ -6,8 +6,6 @@ otherwise); the stages are two-line commands that write what Kiln's would."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from flows import dvc_cache, tasks
+from tests.conftest import tmpfs
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 # a stage's command: its output folder of SIZE random bytes and its metrics of METRIC
@@ -45,8 +44,6 @@ SIZES = {"train_vae": ("vae", 600_000, 2), "train_clip": ("clip", 2_000, 600_000
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch):
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
     root = tmp_path / "p"
     root.mkdir()
     (root / "write.py").write_text(WRITE)
@@ -61,21 +58,14 @@ def project(tmp_path: Path, monkeypatch):
         [DVC, "config", "core.analytics", "false"],
     ):
         subprocess.run(cmd, cwd=root, check=True)
-    cache = root / ".dvc" / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(cache)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
     monkeypatch.setattr(tasks, "ROOT", root)
     monkeypatch.setattr(tasks, "get_run_logger", lambda: logging.getLogger("test"))
     monkeypatch.chdir(root)
-    try:
-        yield root
-    finally:
-        subprocess.run(["umount", "-l", str(cache)], check=False)
-        dvc_cache.cache_dir.cache_clear()
+    with tmpfs(root / ".dvc" / "cache", "256k"):
+        try:
+            yield root
+        finally:
+            dvc_cache.cache_dir.cache_clear()
 
 
 @pytest.mark.parametrize("stage", ["train_vae", "train_clip"])

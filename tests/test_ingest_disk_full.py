@@ -7,8 +7,6 @@ On real tmpfs filesystems (root and mount(8); skipped otherwise), but the cut st
 from __future__ import annotations
 
 import errno
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from tests.conftest import tmpfs
 from training import config
 from training.intake import download, ingest, shards
 
@@ -31,19 +30,8 @@ def _mount(disk: Path, size: str, remount: bool = False) -> None:
 
 @pytest.fixture
 def disk(tmp_path: Path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)], capture_output=True
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
-    try:
+    with tmpfs(tmp_path / "disk", "128k") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def _folder(root: Path) -> Path:

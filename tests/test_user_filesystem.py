@@ -7,8 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import kiln
+from tests.conftest import kiln, tmpfs
 from tests.test_serving import build_tiny_pipeline
 from training import disk
 from training.cli import outputs
@@ -78,19 +76,8 @@ def test_a_manifest_line_cut_by_a_full_disk_takes_its_picture_back(tmp_path, mon
 @pytest.fixture
 def tiny_disk(tmp_path: Path):
     """A real 12 KiB filesystem (tmpfs): room for about three tiny pictures."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8); the faked test covers this")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(disk)], capture_output=True
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
-    try:
+    with tmpfs(tmp_path / "disk", "12k") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_generate_onto_a_full_disk_says_so_and_lists_every_picture_written(tmp_path, tiny_disk):
