@@ -42,6 +42,21 @@ def _stale_project(project: Path) -> dict[str, Path]:
     return d
 
 
+def _refused(project: Path, stage: str, monkeypatch):
+    """Run ``stage``'s command in ``project`` (one process, none of the suite's Kiln
+    environment) and expect it to stop: the ``typer.Exit`` it raised."""
+    import typer
+
+    from training.cli.stage import _stage_command
+
+    monkeypatch.chdir(project)
+    for name in ("KILN_NPROC", "KILN_DATA_REMOTE", "KILN_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(typer.Exit) as stopped:
+        _stage_command(stage)()
+    return stopped
+
+
 @pytest.mark.parametrize(
     ("stage", "out", "needle"),
     [
@@ -53,19 +68,12 @@ def _stale_project(project: Path) -> dict[str, Path]:
 def test_a_refused_stage_leaves_its_last_output_byte_identical(
     project: Path, monkeypatch, capsys, stage: str, out: str, needle: str
 ):
-    import typer
-
     from training import config
-    from training.cli.stage import _stage_command
 
     d = _stale_project(project)
     config.set_values(project / "params.yaml", {"train_controlnet.enabled": True})
     before = _files(d[out])
-    monkeypatch.chdir(project)
-    for name in ("KILN_NPROC", "KILN_DATA_REMOTE", "KILN_DEBUG"):
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(typer.Exit) as stopped:
-        _stage_command(stage)()  # what `kiln train-unet` runs
+    stopped = _refused(project, stage, monkeypatch)  # what `kiln train-unet` runs
     errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("kiln: error:")]
     assert stopped.value.exit_code == 1 and len(errors) == 1 and needle in errors[0], errors
     assert _files(d[out]) == before
@@ -78,18 +86,10 @@ def test_a_missing_input_leaves_the_last_output_too(project: Path, monkeypatch, 
     them anyway: ``kiln evaluate`` without data/models/controlnet deleted data/eval."""
     import shutil
 
-    import typer
-
-    from training.cli.stage import _stage_command
-
     d = _stale_project(project)
     shutil.rmtree(d["controlnet"])
     before = _files(d["eval"])
-    monkeypatch.chdir(project)
-    for name in ("KILN_NPROC", "KILN_DATA_REMOTE", "KILN_DEBUG"):
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(typer.Exit):
-        _stage_command("evaluate")()
+    _refused(project, "evaluate", monkeypatch)
     assert "missing stage input data/models/controlnet" in capsys.readouterr().err
     assert _files(d["eval"]) == before
 
@@ -101,9 +101,7 @@ def test_refused_precompute_latents_leaves_the_last_latents_byte_identical(
     resolved_params.json into it before the phase ran: a run refused for a clean shard
     changed since validate left the old latents with a file they never had (the
     finished run's swapped-in folder had none), and DVC called them modified."""
-    import typer
 
-    from training.cli.stage import _stage_command
     from training.intake.index import write_index
 
     d = _stale_project(project)
@@ -116,11 +114,7 @@ def test_refused_precompute_latents_leaves_the_last_latents_byte_identical(
         write_index(shard.parent, {shard.name: 1}, split)
     (d["clean"] / "val" / "val-00000.tar").write_bytes(b"a shard changed since")
     before = _files(d["latents"])
-    monkeypatch.chdir(project)
-    for name in ("KILN_NPROC", "KILN_DATA_REMOTE", "KILN_DEBUG"):
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(typer.Exit):
-        _stage_command("precompute_latents")()
+    _refused(project, "precompute_latents", monkeypatch)
     assert "val-00000.tar is not the shard" in capsys.readouterr().err
     assert _files(d["latents"]) == before
 
