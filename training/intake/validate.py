@@ -28,7 +28,7 @@ from training import paths as P
 from training.config import Params
 from training.console import say
 from training.disk import write_json
-from training.intake import buckets
+from training.intake import buckets, precedence
 from training.intake import captions as caption_lengths
 from training.intake import pairs as dup_pairs
 from training.intake.checks import (
@@ -120,7 +120,8 @@ def run(
             this one's picture and URL for the later ones only when it is kept itself:
             a first copy rejected for something else (an empty caption, a broken
             file) must not make the good copy after it a "duplicate" and lose the
-            picture. Runs in read order, so "earlier" still means earlier."""
+            picture. Runs in read order, so "earlier" still means earlier (of exact
+            copies, the one with the lowest split key is read first: precedence.py)."""
             nonlocal n_pairs
             tag = caption_tag(rec.caption) if by_caption else ""
             px = row["pixel_sha"] + tag
@@ -205,7 +206,9 @@ def run(
         say(f"validate: checking {len(paths)} shards with Great Expectations")
         from tqdm import tqdm
 
-        for rec in tqdm(shards.read(paths), desc="validate", unit="sample", mininterval=2):
+        # of exact copies, the one with the lowest split key first (``precedence.py``)
+        samples = precedence.ordered(paths, carried)
+        for rec in tqdm(samples, desc="validate", unit="sample", mininterval=2):
             # the one place captions are normalised (``checks.clean_caption``): the
             # checks, the report, the rejects and the clean shards all see this caption
             caption = clean_caption(rec.caption)
