@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shlex
+from collections.abc import Collection
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -128,8 +129,15 @@ class PreflightFailed(RuntimeError):
     """A continuing run that cannot build on its champion (said before any stage)."""
 
 
-def summarize(params: dict, versions: dict[str, str]) -> tuple[str, str]:
-    """(markdown for Prefect/MLflow, plain text for the terminal)."""
+def summarize(
+    params: dict, versions: dict[str, str], new: Collection[str] | None = None
+) -> tuple[str, str]:
+    """(markdown for Prefect/MLflow, plain text for the terminal). ``new``: the model
+    names this run registered a version of (None: all of ``versions``); the others'
+    versions were registered by an earlier run for the same outputs (a stage DVC found
+    unchanged, weights made again byte for byte), and the summary says so rather than
+    list them as this run's."""
+    new = set(versions) if new is None else set(new)
     ev = _metrics("evaluate")
     keys = [
         k
@@ -162,15 +170,25 @@ def summarize(params: dict, versions: dict[str, str]) -> tuple[str, str]:
         "|---|---|",
     ]
     md += [f"| {k} | {ev[k]:.3f} |" for k in keys]
-    md += ["", "| registered model | version |", "|---|---|"]
-    md += [f"| {name} | {v} |" for name, v in versions.items()]
+
+    def when(name: str) -> str:
+        return "this run" if name in new else "an earlier run (the same outputs)"
+
+    nothing = "no new model version: an earlier run registered every model these outputs make"
+    idle = bool(versions) and not new & set(versions)
+    md += ["", *([nothing, ""] if idle else [])]
+    md += ["| registered model | version | registered by |", "|---|---|---|"]
+    md += [f"| {name} | {v} | {when(name)} |" for name, v in versions.items()]
     text = [
         "",
         "Kiln pipeline finished.",
         f"  dataset {params['ingest']['dataset']}, profile {params['profile']}",
         "  registered models (MLflow registry):",
     ]
-    text += [f"    models:/{name}/{v}" for name, v in versions.items()]
+    width = max((len(f"models:/{n}/{v}") for n, v in versions.items()), default=0)
+    text += [f"    {f'models:/{n}/{v}':<{width}}  {when(n)}" for n, v in versions.items()]
+    if idle:
+        text.append(f"  {nothing}")
     text += ["  evaluation:"] + [f"    {k:<18} {ev[k]:.3f}" for k in keys]
     text += [
         "  report: data/eval/report.html",
@@ -238,6 +256,7 @@ def _pipeline(
         print(f"marked {len(closed)} MLflow run(s) of dead earlier runs KILLED")
     gate = (params.gate_metric(), params.evaluate.gate_min_delta)
     versions: dict[str, str] = {}
+    before = tracking.newest_versions(ROOT)  # a version above these is this run's
     done: list[str] = []
     with tracking.pipeline_run(params.to_dict(), ROOT) as parent:
         for stage in stages.NAMES:
@@ -258,15 +277,17 @@ def _pipeline(
                 )
                 if version is not None:
                     versions[tracking.MODEL_NAMES[stage]] = version
+        new = {n for n, v in versions.items() if int(v) > before.get(n, 0)}
         name = tracking.MODEL_NAMES["evaluate"]
         champion = tracking.champion_version(name, ROOT)
         if name in versions and champion not in (None, versions[name]):
             # e.g. this data's model was registered earlier and another has won since
+            whose = "this run's" if name in new else "these unchanged outputs'"
             print(
-                f"note: this run's {name} is v{versions[name]}; @champion is v{champion} "
+                f"note: {whose} {name} is v{versions[name]}; @champion is v{champion} "
                 "(the gate promotes only a version that beats it)"
             )
-        md, text = summarize(params.to_dict(), versions)
+        md, text = summarize(params.to_dict(), versions, new)
         tracking.log_pipeline_summary(_metrics("evaluate"), md)
     create_markdown_artifact(markdown=md, key="kiln-summary", description="Kiln pipeline summary")
     return {"markdown": md, "text": text, "versions": versions, "metrics": _metrics("evaluate")}

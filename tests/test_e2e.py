@@ -487,6 +487,22 @@ print(json.dumps({**champ.tags, "parts": parts}))
     kiln(copy, "generate", "a red circle", "--model", "champion", "--steps", "4",
          "--out", str(samples))  # fmt: skip
     assert len(list(samples.glob("*.png"))) == 1
+    # registered (restored) by that run, and said so
+    assert re.search(r"models:/kiln-unet/1 +this run", proc.stdout), proc.stdout[-3000:]
+    # A run with nothing changed registers nothing, and its summary says the versions
+    # are an earlier run's (was: listed under "registered models" as if this run's, as
+    # a week's sync that brought nothing to train printed last week's versions)
+    again = kiln(copy, "run", timeout=1200)
+    for name in ("kiln-vae", "kiln-clip", "kiln-unet", "kiln-text2image"):
+        assert re.search(rf"models:/{name}/1 +an earlier run \(the same outputs\)", again.stdout)
+    assert "no new model version" in again.stdout, again.stdout[-3000:]
+    count = _py(copy, """
+from mlflow import MlflowClient
+from training import tracking
+tracking.setup()
+print(len(MlflowClient().search_model_versions("name = 'kiln-text2image'")))
+""")  # fmt: skip
+    assert count.strip().splitlines()[-1] == "1"
 
 
 def test_unet_param_change_reruns_only_unet_and_evaluate(run):

@@ -308,6 +308,22 @@ def _metrics(root: Path, stage: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def newest_versions(root: Path | None = None) -> dict[str, int]:
+    """{model name: its highest version number now, 0 for none}. Taken before a run, it
+    tells the versions that run registered (higher) from those it found already
+    registered for unchanged outputs (``ensure_registered``'s steps 2 and 3)."""
+    from mlflow import MlflowClient
+
+    setup(root)
+    client = MlflowClient()
+    return {
+        name: max(
+            (int(v.version) for v in client.search_model_versions(f"name = '{name}'")), default=0
+        )  # fmt: skip
+        for name in dict.fromkeys(MODEL_NAMES.values())
+    }
+
+
 def champion_version(name: str, root: Path | None = None) -> str | None:
     """The version ``@champion`` points at, None when there is none."""
     from mlflow import MlflowClient
