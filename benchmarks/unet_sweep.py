@@ -72,8 +72,17 @@ def run_one(project: Path, name: str, overrides: dict, samples: int) -> dict:
         "train_s": round(train_s),
         "samples_per_s": round(m["samples_per_s"]),
         "final_loss": round(m["final_loss"], 4),
-        **{k: round(e[k], 3) for k in e if k.startswith("acc_") or k == "clip_score"},
+        **scores(e),
     }
+
+
+def scores(metrics: dict) -> dict:
+    """The evaluation's accuracies and CLIP score for a row, numbers rounded. An
+    accuracy evaluate could not measure (no held-out prompt among the samples) comes as
+    ``acc_..._skipped`` with its reason, a string: kept as it is, so the row says why
+    the figure is missing instead of the variant failing after its training."""
+    keep = {k: v for k, v in metrics.items() if k.startswith("acc_") or k == "clip_score"}
+    return {k: v if isinstance(v, str) else round(v, 3) for k, v in keep.items()}
 
 
 def main(argv: list[str]) -> None:

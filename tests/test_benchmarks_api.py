@@ -117,3 +117,14 @@ def api_errors(path: Path) -> list[str]:
 def test_benchmarks_use_only_what_exists_as_it_is_called():
     errors = [e for p in sorted((ROOT / "benchmarks").glob("*.py")) for e in api_errors(p)]
     assert not errors, "\n".join(errors)
+
+
+def test_unet_sweep_keeps_a_skipped_accuracy_as_its_reason():
+    """evaluate records an accuracy it could not measure (no held-out prompt among the
+    samples) as ``acc_..._skipped`` with a string; the sweep's row rounded every acc_
+    value, so the variant failed after its training (TypeError) and its row was lost."""
+    from benchmarks.unet_sweep import scores
+
+    why = "no held-out prompt among the 16 samples"
+    row = scores({"acc_all": 0.41666, "acc_all_held_out_skipped": why, "clip_score": 0.9, "x": 1})
+    assert row == {"acc_all": 0.417, "acc_all_held_out_skipped": why, "clip_score": 0.9}
