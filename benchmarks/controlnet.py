@@ -96,6 +96,17 @@ def hand_drawn(project: Path, grid_png: Path, seeds: int = 4) -> dict[str, float
     return grade(oracle, truths, prompts, samples) | {"samples": len(samples)}
 
 
+def base_line(ev: dict) -> str:
+    """The base model's oracle accuracies from its evaluate.json. A held-out figure
+    evaluate could not measure (no held-out prompt among its samples) is there only as
+    ``acc_all_held_out_skipped``, its reason: shown as such rather than a KeyError
+    before the ControlNet rows."""
+    held = ev.get("acc_all_held_out")
+    held_out = f"{held:.3f}" if held is not None else "— (" + ev["acc_all_held_out_skipped"] + ")"
+    seen = f"acc_all {ev['acc_all']:.3f}, seen {ev['acc_all_seen']:.3f}"
+    return f"base model: {seen}, held-out {held_out}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--unet-steps", type=int, default=None, help="default: the profile's")
@@ -122,11 +133,7 @@ def main() -> None:
         else:
             project = args.project
         ev = json.loads((project / "data/metrics/evaluate.json").read_text())
-        print(
-            f"base model: acc_all {ev['acc_all']:.3f}, seen {ev['acc_all_seen']:.3f},"
-            f" held-out {ev['acc_all_held_out']:.3f}",
-            flush=True,
-        )
+        print(base_line(ev), flush=True)
         for steps in args.steps:
             for lr in args.lr:
                 settings = {"train_controlnet.enabled": True, "train_controlnet.steps": steps,

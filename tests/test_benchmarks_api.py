@@ -128,3 +128,15 @@ def test_unet_sweep_keeps_a_skipped_accuracy_as_its_reason():
     why = "no held-out prompt among the 16 samples"
     row = scores({"acc_all": 0.41666, "acc_all_held_out_skipped": why, "clip_score": 0.9, "x": 1})
     assert row == {"acc_all": 0.417, "acc_all_held_out_skipped": why, "clip_score": 0.9}
+
+
+def test_controlnet_reads_a_base_model_without_a_held_out_figure():
+    """A base model whose evaluate drew no held-out prompt has no acc_all_held_out, only
+    its reason: controlnet.py stopped there with KeyError before training anything."""
+    from benchmarks.controlnet import base_line
+
+    why = "no held-out prompt among the 16 samples"
+    ev = {"acc_all": 0.5, "acc_all_seen": 0.5, "acc_all_held_out_skipped": why}
+    assert base_line(ev) == f"base model: acc_all 0.500, seen 0.500, held-out — ({why})"
+    ev = {"acc_all": 0.5, "acc_all_seen": 0.6, "acc_all_held_out": 0.25}
+    assert base_line(ev) == "base model: acc_all 0.500, seen 0.600, held-out 0.250"
