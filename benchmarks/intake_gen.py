@@ -41,4 +41,6 @@ def main(out: str, start: int, stop: int, grey: bool = False) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) not in (4, 5) or sys.argv[1] in ("-h", "--help"):
+        sys.exit(__doc__)
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:5] == ["grey"])

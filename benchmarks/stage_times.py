@@ -46,4 +46,6 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        sys.exit(__doc__)
     main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd())
