@@ -131,12 +131,18 @@ def test_url_list_sync_fetches_only_what_the_source_gained(tmp_path: Path, serve
     assert not work.exists() and not (tmp_path / ".work-replaced").exists()
 
 
-def test_folder_sync_notices_a_changed_picture_or_caption(tmp_path: Path):
-    src, raw = tmp_path / "pictures", tmp_path / "raw"
+def _picture_folder(tmp_path: Path, n: int = 8) -> Path:
+    """A folder source of ``n`` pictures ``p<i>.jpg`` captioned ``picture <i>``."""
+    src = tmp_path / "pictures"
     src.mkdir()
-    for i in range(8):
+    for i in range(n):
         (src / f"p{i}.jpg").write_bytes(_jpeg(i))
         (src / f"p{i}.txt").write_text(f"picture {i}")
+    return src
+
+
+def test_folder_sync_notices_a_changed_picture_or_caption(tmp_path: Path):
+    src, raw = _picture_folder(tmp_path), tmp_path / "raw"
     params = _params(dataset="folder", source=str(src))
     ingest.run(params, raw, tmp_path / "work")
     ingest.run(params, raw, tmp_path / "work")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.test_ingest_sync import _jpeg, _params, _sides
+from tests.test_ingest_sync import _jpeg, _params, _picture_folder, _sides
 from training.intake import ingest, split
 
 
@@ -22,11 +22,7 @@ def _name_on(side: str, stem: str) -> str:
 
 
 def test_an_edited_caption_beats_its_copy_and_keeps_its_side(tmp_path: Path):
-    src, raw = tmp_path / "pictures", tmp_path / "raw"
-    src.mkdir()
-    for i in range(8):
-        (src / f"p{i}.jpg").write_bytes(_jpeg(i))
-        (src / f"p{i}.txt").write_text(f"picture {i}")
+    src, raw = _picture_folder(tmp_path), tmp_path / "raw"
     # two pictures, each with a copy under a later name on the other side of the split
     twins = {}
     for i, side in ((20, "train"), (21, "val")):
